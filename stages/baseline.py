@@ -1,0 +1,48 @@
+"""DVC stage `baseline`: one linear probe on all train samples' projected features: the frozen-encoder ceiling.
+
+Only its test accuracy is kept (no weights), so this number carries no residue of deleted samples beyond itself.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("MKL_CBWR", "AVX2,STRICT")
+
+import numpy as np
+
+from pipeline.adapters import TrainParams, adapter_proba, adapter_seed, train_adapter
+from pipeline.dataset import read_embeddings
+from pipeline.keys import project
+from pipeline.lineage import stage_run
+from stages.evaluate import write_json
+from stages.project import ENCODED, ENCODED_TRAIN, METRICS, PROJECTION, load_params
+
+
+def main() -> None:
+    params = load_params()
+    classes, base = list(params["data"]["classes"]), params["baseline"]
+    threads = int(params["adapters"]["train"]["threads"])
+    test = ENCODED / "test.parquet"
+    used = {"baseline": base, "adapters.train.threads": threads, "data.classes": classes}
+    with stage_run("baseline", Path(), params["mlflow"], used, [ENCODED_TRAIN, test, PROJECTION],
+                   [METRICS / "baseline.json"]) as run:
+        projection = np.load(PROJECTION)
+        parts = [read_embeddings(p) for p in sorted(ENCODED_TRAIN.glob("part-*.parquet"))]
+        labels = np.concatenate([f["label"].to_numpy() for f, _ in parts])
+        features = project(np.concatenate([e for _, e in parts]), projection)
+        index = {c: i for i, c in enumerate(classes)}
+        train = TrainParams(hidden=0, threads=threads, **base)
+        weights = train_adapter(features, np.array([index[c] for c in labels]), len(classes),
+                                adapter_seed(0, -1), train)
+        test_frame, test_embeddings = read_embeddings(test)
+        proba = adapter_proba(weights, project(test_embeddings, projection))
+        accuracy = float((np.asarray(classes)[proba.argmax(axis=1)] == test_frame["label"].to_numpy()).mean())
+        METRICS.mkdir(exist_ok=True)
+        write_json(METRICS / "baseline.json", {"probe_accuracy": round(accuracy, 6), "train_samples": len(labels)})
+        run["probe_accuracy"] = accuracy
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""The `legonet` command. Each subcommand maps its errors to one line on stderr and a distinct exit code."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+
+from pipeline.dataset import DataError
+from stages.project import ParamsError
+
+console = Console(stderr=True)
+EXIT = {"usage": 2, "data": 3, "params": 4, "build": 5, "model": 6}
+
+
+def _parse_set(values: list[str]) -> dict[str, Any]:
+    out = {}
+    for item in values:
+        if "=" not in item:
+            raise ParamsError(f"--set {item!r}: expected KEY=VALUE, e.g. --set adapters.n=16")
+        key, value = item.split("=", 1)
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from stages.init import init_project
+
+    started = time.monotonic()
+    counts = init_project(Path(args.project), data=args.data, reference=args.reference, test=args.test,
+                          force=args.force, overrides=_parse_set(args.set))
+    for path, rows in counts.items():
+        console.print(f"  {path}: {rows} samples")
+    console.print(f"initialised {Path(args.project).resolve()} in {time.monotonic() - started:.1f} s; "
+                  f"next: cd {args.project} && legonet build")
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from stages.build import repro, summary, tag_build
+
+    root = Path.cwd()
+    started = time.monotonic()
+    ran = repro(root, force=args.force, console=console)
+    registered = tag_build(root) if ran else {}
+    metrics = summary(root)
+    elapsed = time.monotonic() - started
+    print(f"stages run: {len(ran)} ({elapsed:.1f} s)" if ran else "Data and pipelines are up to date.")
+    if "accuracy" in metrics:
+        print(f"test accuracy (LegoNet ensemble): {metrics['accuracy']:.4f}")
+    if "probe_accuracy" in metrics:
+        print(f"test accuracy (single linear probe, same features): {metrics['probe_accuracy']:.4f}")
+    if registered:
+        print(f"registered model version {registered['version']} aliases [{registered['aliases']}]: "
+              f"{registered['gate_reason']}")
+    print("look: `dvc metrics show`, `dvc plots show`, `mlflow ui --backend-store-uri sqlite:///mlflow.db`")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from stages.predict import predict_file
+
+    frame = predict_file(Path.cwd(), args.file, args.model)
+    if args.output:
+        frame.to_csv(args.output, index=False)
+        console.print(f"wrote {len(frame)} predictions to {args.output}")
+    else:
+        frame.to_csv(sys.stdout, index=False)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import subprocess
+
+    return subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=Path.cwd()).returncode
+
+
+def _errors() -> dict[type[BaseException], str]:
+    from stages.build import BuildError
+    from stages.init import InitError
+    from stages.predict import ModelError
+
+    return {DataError: "data", ParamsError: "params", InitError: "usage", BuildError: "build",
+            ModelError: "model"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="legonet", description=__doc__)
+    parser.add_argument("-C", dest="directory", default=".", help="run as if started in this project folder")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init", help="create a DVC project from the bundled MNIST digits or your own data")
+    p.add_argument("project", nargs="?", default=".", help="project folder (created if missing)")
+    p.add_argument("--data", type=Path, help="labelled samples (Parquet/CSV: sample_id, label, image|text)")
+    p.add_argument("--reference", type=Path, help="non-deletable reference split (else carved by hash)")
+    p.add_argument("--test", type=Path, help="test split (else carved by hash)")
+    p.add_argument("--force", action="store_true", help="replace the data of an existing project")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a param")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("build", help="dvc repro + registry: build the model")
+    p.add_argument("--force", action="store_true", help="rebuild every stage (dvc repro -f)")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("predict", help="predict a file of samples with the champion (or latest) model")
+    p.add_argument("file", type=Path)
+    p.add_argument("--model", help="model URI (default: models:/<registered_model>@champion, else latest)")
+    p.add_argument("--output", type=Path, help="CSV to write (default: stdout)")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("status", help="what `dvc repro` would rerun")
+    p.set_defaults(func=cmd_status)
+
+    args = parser.parse_args(argv)
+    if args.command != "init":
+        os.chdir(args.directory)
+    elif args.directory != ".":
+        args.project = str(Path(args.directory) / args.project)
+    errors = _errors()
+    handler: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return handler(args)
+    except tuple(errors) as exc:
+        kind = next(v for k, v in errors.items() if isinstance(exc, k))
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return EXIT[kind]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""DVC stage `encoder`: export the frozen pretrained encoder once; the exported file's digest is its identity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline.dataset import write_bytes_atomic
+from pipeline.encoder import export_encoder
+from pipeline.lineage import stage_run
+from stages.project import ENCODER, ENCODER_INFO, load_params
+
+
+def main() -> None:
+    params = load_params()
+    encoder = params["encoder"]
+    with stage_run("encoder", Path(), params["mlflow"], {"encoder": encoder}, [], [ENCODER, ENCODER_INFO]) as run:
+        ENCODER.parent.mkdir(parents=True, exist_ok=True)
+        info = export_encoder(encoder["name"], int(encoder["image_size"]), ENCODER)
+        write_bytes_atomic(ENCODER_INFO, (json.dumps(info, indent=1, sort_keys=True) + "\n").encode())
+        run["dim"] = info["dim"]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""DVC stage `keys`: fit the projection and the adapter keys on the non-deletable reference split only."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.dataset import read_embeddings, write_bytes_atomic
+from pipeline.keys import fit_keys, fit_projection, project
+from pipeline.lineage import stage_run
+from stages.project import ENCODED, KEYS, PROJECTION, load_params
+
+
+def save_array(path: Path, array: np.ndarray) -> None:
+    """np.save to bytes then an atomic write: .npy holds no timestamps, so equal arrays give equal files."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+def main() -> None:
+    params = load_params()
+    reference = ENCODED / "reference.parquet"
+    used = {"projection": params["projection"], "keys": params["keys"], "adapters.n": params["adapters"]["n"]}
+    with stage_run("keys", Path(), params["mlflow"], used, [reference], [PROJECTION, KEYS]) as run:
+        _, embeddings = read_embeddings(reference)
+        projection = fit_projection(embeddings, int(params["projection"]["dim"]))
+        keys = fit_keys(project(embeddings, projection), int(params["adapters"]["n"]),
+                        int(params["keys"]["seed"]), int(params["keys"]["iterations"]))
+        save_array(PROJECTION, projection)
+        save_array(KEYS, keys)
+        run["reference_samples"] = embeddings.shape[0]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,310 @@
+"""Audit log: keys, DSSE signing, and detection of real tampering on the files themselves."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from pipeline.audit import (
+    PAYLOAD_TYPE,
+    PREDICATE_TYPE,
+    STATEMENT_TYPE,
+    AuditError,
+    AuditLog,
+    canonical_json,
+    id_digest,
+    key_id,
+    load_or_create_audit_key,
+    load_or_create_signing_key,
+    sign_envelope,
+    statement,
+)
+
+DIGEST_A = "a" * 64
+DIGEST_B = "b" * 64
+FORGOTTEN = {"req-1": ["mnist-00001", "mnist-00002"], "req-2": ["mnist-00003"], "req-3": ["mnist-00004"]}
+
+
+@pytest.fixture()
+def signing_key(tmp_path: Path) -> Ed25519PrivateKey:
+    return load_or_create_signing_key(tmp_path / "secrets" / "signing.pem")
+
+
+@pytest.fixture()
+def audit_key(tmp_path: Path) -> bytes:
+    return load_or_create_audit_key(tmp_path / "secrets" / "audit.key")
+
+
+@pytest.fixture()
+def log(tmp_path: Path) -> AuditLog:
+    return AuditLog(tmp_path / "audit" / "records", tmp_path / "audit" / "public_key.pem")
+
+
+@pytest.fixture()
+def three(log: AuditLog, signing_key: Ed25519PrivateKey, audit_key: bytes) -> list[Path]:
+    """A log of three records, one per request in ``FORGOTTEN``."""
+    return [
+        log.append(
+            {"request_id": request_id, "forgotten_ids": [id_digest(audit_key, i) for i in ids]},
+            {"models/package/model.pkl": DIGEST_A, "models/adapters/adapter-0001.safetensors": DIGEST_B},
+            signing_key,
+        )
+        for request_id, ids in FORGOTTEN.items()
+    ]
+
+
+def payload_of(path: Path) -> dict:
+    return json.loads(base64.b64decode(json.loads(path.read_bytes())["payload"]))
+
+
+# --- keys ---
+
+
+def test_audit_key_is_created_once_private_and_stable(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "er" / "audit.key"
+    key = load_or_create_audit_key(path)
+    assert len(key) == 32
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert load_or_create_audit_key(path) == key
+    assert load_or_create_audit_key(tmp_path / "other.key") != key
+    assert [p.name for p in path.parent.iterdir()] == ["audit.key"]  # no temporary file left behind
+
+
+def test_signing_key_is_pem_pkcs8_private_and_stable(tmp_path: Path) -> None:
+    path = tmp_path / "keys" / "signing.pem"
+    key = load_or_create_signing_key(path)
+    assert path.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert key_id(load_or_create_signing_key(path).public_key()) == key_id(key.public_key())
+
+
+def test_keys_open_to_others_or_corrupt_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "audit.key"
+    load_or_create_audit_key(path)
+    path.chmod(0o644)
+    with pytest.raises(AuditError, match="chmod 600"):
+        load_or_create_audit_key(path)
+    path.chmod(0o600)
+    path.write_bytes(b"short")
+    with pytest.raises(AuditError, match="5 bytes, not 32"):
+        load_or_create_audit_key(path)
+    with pytest.raises(AuditError, match="not an unencrypted PEM private key"):
+        load_or_create_signing_key(path)
+
+
+def test_id_digest_is_keyed_hmac() -> None:
+    assert id_digest(b"k" * 32, "mnist-1") == id_digest(b"k" * 32, "mnist-1")
+    assert id_digest(b"k" * 32, "mnist-1") != id_digest(b"j" * 32, "mnist-1")
+    assert id_digest(b"k" * 32, "mnist-1") != hashlib.sha256(b"mnist-1").hexdigest()
+
+
+# --- statement and envelope ---
+
+
+def test_statement_is_in_toto_v1_with_sorted_subjects() -> None:
+    stmt = statement({"b.bin": DIGEST_B, "a.bin": DIGEST_A}, {"x": 1})
+    assert stmt == {
+        "_type": STATEMENT_TYPE,
+        "subject": [{"name": "a.bin", "digest": {"sha256": DIGEST_A}},
+                    {"name": "b.bin", "digest": {"sha256": DIGEST_B}}],
+        "predicateType": PREDICATE_TYPE,
+        "predicate": {"x": 1},
+    }
+    with pytest.raises(AuditError, match="not a lowercase SHA-256"):
+        statement({"a.bin": "A" * 64}, {})
+
+
+def test_envelope_is_dsse_over_pae(signing_key: Ed25519PrivateKey) -> None:
+    stmt = statement({"a.bin": DIGEST_A}, {"reason": "ünïcode"})
+    envelope = sign_envelope(stmt, signing_key)
+    payload = base64.b64decode(envelope["payload"])
+    expected = json.dumps(stmt, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    assert payload == expected and "ünïcode".encode() in payload
+    assert envelope["payloadType"] == PAYLOAD_TYPE == "application/vnd.in-toto+json"
+    [signature] = envelope["signatures"]
+    raw = signing_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    assert signature["keyid"] == hashlib.sha256(raw).hexdigest()
+    pae = b"DSSEv1 28 application/vnd.in-toto+json %d %b" % (len(payload), payload)
+    signing_key.public_key().verify(base64.b64decode(signature["sig"]), pae)  # raises if wrong
+
+
+def test_canonical_json_refuses_non_json() -> None:
+    with pytest.raises(AuditError, match="not plain JSON"):
+        canonical_json({"t": float("nan")})
+    with pytest.raises(AuditError, match="not plain JSON"):
+        canonical_json({"p": Path("x")})
+
+
+# --- the log: a clean history ---
+
+
+def test_append_chains_and_verifies(log: AuditLog, three: list[Path]) -> None:
+    assert [p.name for p in three] == ["000001-req-1.json", "000002-req-2.json", "000003-req-3.json"]
+    assert log.verify() == []
+    predicates = [s["predicate"] for s in log.records()]
+    assert [p["sequence"] for p in predicates] == [1, 2, 3]
+    assert predicates[0]["previous"] is None
+    assert predicates[1]["previous"] == hashlib.sha256(three[0].read_bytes()).hexdigest()
+    assert predicates[2]["previous"] == hashlib.sha256(three[1].read_bytes()).hexdigest()
+    envelope = json.loads(three[0].read_bytes())
+    assert three[0].read_bytes() == canonical_json(envelope) + b"\n"
+    assert log.public_key_path.read_bytes().startswith(b"-----BEGIN PUBLIC KEY-----")
+
+
+def test_append_does_not_modify_the_callers_predicate(log: AuditLog, signing_key: Ed25519PrivateKey) -> None:
+    predicate = {"request_id": "r1"}
+    log.append(predicate, {}, signing_key)
+    assert predicate == {"request_id": "r1"}
+
+
+def test_find_and_find_id(log: AuditLog, three: list[Path], audit_key: bytes) -> None:
+    found = log.find("req-2")
+    assert found is not None and found["predicate"]["sequence"] == 2
+    assert log.find("req-9") is None
+    assert log.find_id(audit_key, "mnist-00002") == ["req-1"]
+    assert log.find_id(audit_key, "mnist-00004") == ["req-3"]
+    assert log.find_id(audit_key, "mnist-00005") == []  # never forgotten
+    assert log.find_id(b"x" * 32, "mnist-00001") == []  # the wrong audit key finds nothing
+
+
+def test_files_never_hold_raw_sample_ids(tmp_path: Path, three: list[Path]) -> None:
+    stored = b"".join(p.read_bytes() for p in sorted(tmp_path.joinpath("audit").rglob("*")) if p.is_file())
+    decoded = b"".join(base64.b64decode(json.loads(p.read_bytes())["payload"]) for p in three)
+    for ids in FORGOTTEN.values():
+        for sample_id in ids:
+            assert sample_id.encode() not in stored
+            assert sample_id.encode() not in decoded
+            assert sample_id.encode("utf-16-le") not in stored
+
+
+def test_append_twice_for_one_request_is_refused(log: AuditLog, three: list[Path],
+                                                signing_key: Ed25519PrivateKey) -> None:
+    with pytest.raises(AuditError, match="'req-2' already has an audit record"):
+        log.append({"request_id": "req-2"}, {}, signing_key)
+    assert len(log.records()) == 3
+
+
+@pytest.mark.parametrize(
+    ("predicate", "expected"),
+    [
+        ({"request_id": "../x"}, "must match"),
+        ({}, "must match"),
+        ({"request_id": "r9", "sequence": 7}, "must not set"),
+        ({"request_id": "r9", "previous": None}, "must not set"),
+    ],
+)
+def test_append_validates_the_predicate(log: AuditLog, signing_key: Ed25519PrivateKey, predicate: dict,
+                                        expected: str) -> None:
+    with pytest.raises(AuditError, match=expected):
+        log.append(predicate, {}, signing_key)
+
+
+def test_append_with_an_unpublished_key_is_refused(log: AuditLog, three: list[Path]) -> None:
+    with pytest.raises(AuditError, match="lacks the signing key"):
+        log.append({"request_id": "req-4"}, {}, Ed25519PrivateKey.generate())
+
+
+def test_a_rotated_key_added_to_the_public_key_file_is_accepted(log: AuditLog, three: list[Path]) -> None:
+    new_key = Ed25519PrivateKey.generate()
+    pem = new_key.public_key().public_bytes(serialization.Encoding.PEM,
+                                            serialization.PublicFormat.SubjectPublicKeyInfo)
+    log.public_key_path.write_bytes(log.public_key_path.read_bytes() + pem)
+    log.append({"request_id": "req-4"}, {}, new_key)
+    assert log.verify() == []
+
+
+def test_empty_log(log: AuditLog) -> None:
+    assert (log.records(), log.verify(), log.find("r"), log.find_id(b"k" * 32, "x")) == ([], [], None, [])
+
+
+# --- the log: tampering ---
+
+
+def test_one_changed_payload_byte_is_a_bad_signature(log: AuditLog, three: list[Path]) -> None:
+    data = bytearray(three[1].read_bytes())
+    start = data.index(b'"payload":"') + len(b'"payload":"') + 40
+    data[start] = ord("A") if data[start] != ord("A") else ord("B")
+    three[1].write_bytes(bytes(data))
+    problems = log.verify()
+    assert any(p.startswith("000002-req-2.json: bad signature") for p in problems), problems
+    assert any(p.startswith("000003-req-3.json: chain broken") for p in problems), problems  # 2's digest
+    assert not [p for p in problems if p.startswith("000001")]
+
+
+def test_an_edited_and_re_encoded_statement_is_a_bad_signature(log: AuditLog, three: list[Path],
+                                                               audit_key: bytes) -> None:
+    envelope = json.loads(three[0].read_bytes())
+    stmt = payload_of(three[0])
+    stmt["predicate"]["forgotten_ids"] = [id_digest(audit_key, "mnist-00001")]  # hide mnist-00002
+    envelope["payload"] = base64.b64encode(canonical_json(stmt)).decode()
+    three[0].write_bytes(canonical_json(envelope) + b"\n")
+    assert any(p.startswith("000001-req-1.json: bad signature") for p in log.verify())
+
+
+def test_deleting_the_middle_record_breaks_chain_and_sequence(log: AuditLog, three: list[Path]) -> None:
+    three[1].unlink()
+    problems = log.verify()
+    assert "000003-req-3.json: sequence jumps to 3 after 000001-req-1.json; record(s) missing or renamed" \
+        in problems
+    assert any(p.startswith("000003-req-3.json: chain broken") and "000001-req-1.json" in p for p in problems)
+
+
+def test_swapping_record_contents_is_detected(log: AuditLog, three: list[Path]) -> None:
+    first, second = three[0].read_bytes(), three[1].read_bytes()
+    three[0].write_bytes(second)
+    three[1].write_bytes(first)
+    problems = log.verify()
+    assert "000001-req-1.json: file name says request 'req-1', the record 'req-2'" in problems
+    assert "000002-req-2.json: file name says sequence 2, the record 1" in problems
+    assert any(p.startswith("000003-req-3.json: chain broken") for p in problems)
+
+
+def test_renumbering_records_is_detected(log: AuditLog, three: list[Path]) -> None:
+    three[0].rename(three[0].with_name("000002-req-1.json"))
+    three[1].rename(three[1].with_name("000001-req-2.json"))
+    problems = log.verify()
+    assert any(p.startswith("000001-req-2.json: file name says sequence 1, the record 2") for p in problems)
+    assert any(p.startswith("000001-req-2.json: chain broken") for p in problems)
+
+
+def test_a_duplicated_sequence_number_is_detected(log: AuditLog, three: list[Path]) -> None:
+    three[2].rename(three[2].with_name("000002-req-3.json"))
+    problems = log.verify()
+    assert "000002-req-3.json: sequence number 2 is also used by 000002-req-2.json" in problems
+
+
+def test_re_signing_with_another_key_is_an_unknown_keyid(log: AuditLog, three: list[Path]) -> None:
+    stmt = payload_of(three[2])
+    stmt["predicate"]["reason"] = "rewritten"
+    three[2].write_bytes(canonical_json(sign_envelope(stmt, Ed25519PrivateKey.generate())) + b"\n")
+    problems = log.verify()
+    assert any(p.startswith("000003-req-3.json: signed by unknown key") for p in problems), problems
+
+
+def test_undecodable_and_stray_files_are_reported(log: AuditLog, three: list[Path]) -> None:
+    three[2].write_bytes(b"{not json")
+    (log.log_dir / "notes.json").write_text("{}")
+    problems = log.verify()
+    assert any(p.startswith("000003-req-3.json: undecodable audit record") for p in problems), problems
+    assert any("notes.json: not a record name" in p for p in problems), problems
+    with pytest.raises(AuditError, match=r"000003-req-3\.json: undecodable"):
+        log.records()
+
+
+def test_a_missing_public_key_is_reported(log: AuditLog, three: list[Path]) -> None:
+    log.public_key_path.unlink()
+    assert any("cannot read the audit public key" in p for p in log.verify())
+
+
+def test_append_refuses_a_tampered_log(log: AuditLog, three: list[Path],
+                                       signing_key: Ed25519PrivateKey) -> None:
+    three[1].unlink()
+    with pytest.raises(AuditError, match="refusing to append to a log that does not verify"):
+        log.append({"request_id": "req-4"}, {}, signing_key)
