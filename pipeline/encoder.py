@@ -176,7 +176,7 @@ def export_encoder(name: str, image_size: int, out_path: pathlib.Path) -> dict:
     torch.set_num_threads(1)
     try:
         with warnings.catch_warnings():
-            # The legacy exporter is what DESIGN.md section 8 measured; its deprecation and trace notes are noise.
+            # DESIGN.md section 8 measured the legacy exporter; its deprecation and trace notes are noise.
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             warnings.filterwarnings("ignore", message="Exporting aten::index operator", category=UserWarning)
@@ -231,7 +231,8 @@ def export_encoder(name: str, image_size: int, out_path: pathlib.Path) -> dict:
 class Encoder:
     """Batch-invariant encoder over an exported ONNX file: a payload's embedding bits depend on it alone.
 
-    `threads` is ONNX Runtime's intra-op thread count; pin it in params, as other counts may give other bits.
+    `image_size` must match the export for image encoders (it is ignored for text). `threads` is ONNX
+    Runtime's intra-op thread count: pin it in params, as other counts may give other bits on other CPUs.
     """
 
     def __init__(self, name: str, model_path: pathlib.Path, image_size: int, threads: int = 1) -> None:
@@ -259,6 +260,7 @@ class Encoder:
                     f"{model_path} was exported for image_size {meta['image_size']}, not {image_size}"
                 )
             self.image_size = image_size
+            self._mean, self._std = float(meta["image_mean"]), float(meta["image_std"])
         else:
             from tokenizers import Tokenizer
 
@@ -290,7 +292,7 @@ class Encoder:
         pixels = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
         if pixels.ndim == 2:
             pixels = np.repeat(pixels[:, :, None], 3, axis=2)
-        return ((pixels.astype(np.float32) - IMAGE_MEAN) / IMAGE_STD).transpose(2, 0, 1)
+        return ((pixels.astype(np.float32) - self._mean) / self._std).transpose(2, 0, 1)
 
     def _encode_images(
         self, images: Sequence, out: np.ndarray, progress: Callable[[int], None] | None
