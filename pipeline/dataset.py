@@ -20,10 +20,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.manifest import sample_id_problem
+
 SPLITS = ("reference", "test", "train")
 PAYLOAD_COLUMNS = {"image": "image", "text": "text"}  # modality -> column name
 _HASH_BUCKETS = 10_000
-_SAMPLE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,255}$")
 
 
 class DataError(ValueError):
@@ -151,7 +152,7 @@ def check_samples(
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; a {modality} table needs sample_id, label, {payload}")
     ids = frame["sample_id"]
-    bad_ids = [i for i in ids if not isinstance(i, str) or not _SAMPLE_ID.match(i)]
+    bad_ids = [i for i in ids if sample_id_problem(i) is not None]
     if bad_ids:
         raise DataError(
             f"{path}: sample_id must be a non-empty string of letters, digits and ._:@+=- "

@@ -67,9 +67,10 @@ def tag_build(root: Path) -> dict[str, str]:
 
     params = load_params(root)
     configure(params["mlflow"]["tracking_uri"], params["mlflow"]["experiment"], root)
-    version = latest_version(params["mlflow"]["registered_model"])
-    if version is None:
+    latest = latest_version(params["mlflow"]["registered_model"])
+    if latest is None:
         return {}
+    version = MlflowClient().get_model_version(latest.name, latest.version)  # search results carry no aliases
     tags = {"dvc_lock_sha256": dvc_lock_digest(root), "project": str(root.resolve())}
     for key, value in tags.items():
         MlflowClient().set_model_version_tag(version.name, version.version, key, value)

@@ -17,7 +17,7 @@ from pipeline.dataset import DataError
 from stages.project import ParamsError
 
 console = Console(stderr=True)
-EXIT = {"usage": 2, "data": 3, "params": 4, "build": 5, "model": 6}
+EXIT = {"usage": 2, "data": 3, "params": 4, "build": 5, "model": 6, "busy": 7, "exactness": 8, "audit": 9}
 
 
 def _parse_set(values: list[str]) -> dict[str, Any]:
@@ -82,13 +82,57 @@ def cmd_status(args: argparse.Namespace) -> int:
     return subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=Path.cwd()).returncode
 
 
+def cmd_forget(args: argparse.Namespace) -> int:
+    import json
+
+    from stages.forget import forget
+    from stages.project import load_params
+
+    summary = forget(Path.cwd(), args.manifests, load_params(), dry_run=args.dry_run, wait=not args.no_wait,
+                     allow_unknown=args.allow_unknown or None, say=lambda m: console.print(m, highlight=False))
+    if args.profile and "timings" in summary:
+        for phase, seconds in summary["timings"].items():
+            print(f"{phase:>14} {seconds:8.2f} s")
+    print(json.dumps({k: v for k, v in summary.items() if k != "timings"}, sort_keys=True))
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    import json
+
+    from stages import audit
+    from stages.project import load_params
+
+    root = Path.cwd()
+    if args.action == "verify":
+        for line in audit.verify(root, load_params(), rebuild=args.rebuild):
+            print(f"ok: {line}")
+    elif args.action == "show":
+        print(json.dumps(audit.show(root, args.request_id), indent=1, sort_keys=True))
+    elif args.action == "report":
+        print(f"wrote {audit.report(root, args.output)}")
+    else:
+        found = audit.check_id(root, load_params(), args.sample_id)
+        if not found:
+            print(f"no forget request in this project's audit log covers {args.sample_id!r}")
+            return 1
+        for item in found:
+            print(f"forgotten by request {item['request_id']} (recorded {item['recorded_at']})")
+    return 0
+
+
 def _errors() -> dict[type[BaseException], str]:
+    from pipeline.audit import AuditError
+    from pipeline.forget import ExactnessError, ForgetError, LockBusy
+    from pipeline.manifest import ManifestError
+    from stages.audit import AuditFailed
     from stages.build import BuildError
     from stages.init import InitError
     from stages.predict import ModelError
 
-    return {DataError: "data", ParamsError: "params", InitError: "usage", BuildError: "build",
-            ModelError: "model"}
+    return {LockBusy: "busy", DataError: "data", ParamsError: "params", InitError: "usage", BuildError: "build",
+            ModelError: "model", ManifestError: "data", ForgetError: "data", ExactnessError: "exactness",
+            AuditFailed: "audit", AuditError: "audit"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,6 +158,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="model URI (default: models:/<registered_model>@champion, else latest)")
     p.add_argument("--output", type=Path, help="CSV to write (default: stdout)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("forget", help="apply deletion manifests: remove, retrain what they touched, purge, audit")
+    p.add_argument("manifests", nargs="+", type=Path, help="JSON, YAML or CSV manifest(s); several = one rebuild")
+    p.add_argument("--dry-run", action="store_true", help="print what would be retrained and the cost; change nothing")
+    p.add_argument("--no-wait", action="store_true", help="fail at once if another forget holds the project lock")
+    p.add_argument("--allow-unknown", action="store_true", help="record unknown IDs as 'not present' instead of failing")
+    p.add_argument("--profile", action="store_true", help="print the time of each phase")
+    p.set_defaults(func=cmd_forget)
+
+    p = sub.add_parser("audit", help="verify the audit log, show or report records, check a sample ID")
+    actions = p.add_subparsers(dest="action", required=True)
+    a = actions.add_parser("verify", help="chain, signatures, artifacts vs last record, no forgotten ID present")
+    a.add_argument("--rebuild", action="store_true", help="also re-derive the affected adapters and compare bits")
+    a = actions.add_parser("show", help="print one request's record")
+    a.add_argument("request_id")
+    a = actions.add_parser("report", help="write an HTML report for a compliance officer")
+    a.add_argument("--output", type=Path, default=Path("audit-report.html"))
+    a = actions.add_parser("check-id", help="was this sample ID forgotten? (matched by HMAC)")
+    a.add_argument("sample_id")
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("status", help="what `dvc repro` would rerun")
     p.set_defaults(func=cmd_status)

@@ -1,0 +1,281 @@
+"""The forget flow (DESIGN.md section 5): a deletion request in, exactly-unlearned artifacts and a signed record out.
+
+The flow is a journalled state machine, ``received -> data-removed -> rebuilt -> registered -> purged ->
+audited``. The journal (outside git, in ``.legonet/``) is written before each step's effects are trusted, so a
+crash anywhere is finished by re-running the same command; every step is idempotent. One writer at a time holds
+the project lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.dataset import adapter_name, partition_name, read_table, write_table
+from pipeline.lineage import tree_digests
+from pipeline.manifest import DeletionRequest, merge_requests
+
+STATES = ("received", "data-removed", "rebuilt", "registered", "purged", "audited")
+STATE_DIR = Path(".legonet")
+JOURNAL = STATE_DIR / "journal.json"
+LOCK = STATE_DIR / "lock"
+CRASH_ENV = "LEGONET_CRASH_AFTER"  # fault injection: SIGKILL this process right after the named state
+
+
+class ForgetError(RuntimeError):
+    """The request cannot be applied as given; nothing has been changed."""
+
+
+class LockBusy(ForgetError):
+    """Another forget holds the project lock."""
+
+
+class ExactnessError(RuntimeError):
+    """A post-rebuild check failed: the flow stops before registering or purging anything."""
+
+
+@dataclass
+class Plan:
+    """What a batch of requests touches, computed from the routing index before anything changes."""
+
+    train_ids: list[str]
+    test_ids: list[str]
+    unknown_ids: list[str]
+    already_forgotten: dict[str, list[str]]  # sample_id -> request ids that forgot it earlier
+    partitions: list[int]
+    adapters: list[int]
+
+    @property
+    def stages(self) -> list[str]:
+        """The DVC stages that must rerun, and no others."""
+        stages = [f"encode@{partition_name(p)}" for p in self.partitions]
+        if self.test_ids:
+            stages.append("encode@test")
+        if self.partitions:
+            stages.append("assign")
+            stages += [f"train@{j:04d}" for j in self.adapters]
+        if self.train_ids or self.test_ids:
+            stages += ["baseline", "evaluate", "package"]
+        return stages
+
+    @property
+    def changes_data(self) -> bool:
+        return bool(self.train_ids or self.test_ids)
+
+
+@dataclass
+class Journal:
+    batch: str
+    request_ids: list[str]
+    manifest_digests: dict[str, str]
+    sample_ids: list[str]
+    request_samples: dict[str, list[str]]
+    request_meta: dict[str, dict[str, str]]
+    plan: dict[str, Any]
+    state: str = "received"
+    before: dict[str, Any] = field(default_factory=dict)
+    results: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def save(self, root: Path) -> None:
+        from pipeline.dataset import write_bytes_atomic
+
+        write_bytes_atomic(root / JOURNAL, (json.dumps(asdict(self), indent=1, sort_keys=True) + "\n").encode())
+
+    @classmethod
+    def load(cls, root: Path) -> Journal | None:
+        path = root / JOURNAL
+        return cls(**json.loads(path.read_text())) if path.is_file() else None
+
+
+@contextmanager
+def project_lock(root: Path, wait: bool, notify: Callable[[str], None]) -> Iterator[None]:
+    """One writer per project (flock: released by the kernel if the holder dies, so no stale locks)."""
+    (root / STATE_DIR).mkdir(exist_ok=True)
+    with open(root / LOCK, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            if not wait:
+                raise LockBusy(f"{root / LOCK}: another forget is running ({holder}); wait for it, "
+                               "or run without --no-wait to queue behind it") from None
+            notify(f"waiting for the project lock held by {holder} ...")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} since {datetime.now(UTC).isoformat(timespec='seconds')}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.seek(0)
+            handle.truncate()
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def plan_batch(root: Path, sample_ids: Sequence[str], reference_ids: set[str],
+               forgotten_before: Callable[[str], list[str]]) -> Plan:
+    """Look up each ID: train (routing index), test, reference (refused), forgotten earlier, or unknown."""
+    routing_path = root / "data" / "routing.parquet"
+    if not routing_path.is_file():
+        raise ForgetError(f"{routing_path}: missing; build the project (`legonet build`) before forgetting")
+    routing = read_table(routing_path).set_index("sample_id")
+    test_ids = set(read_table(root / "data" / "test" / "test.parquet")["sample_id"])
+    refused = sorted(set(sample_ids) & reference_ids)
+    if refused:
+        raise ForgetError(f"{len(refused)} ID(s) belong to the reference split, which keys and projection are "
+                          f"fitted on and which is not deletable: {refused[:5]}; remove them from the manifest")
+    train = sorted(i for i in sample_ids if i in routing.index)
+    test = sorted(i for i in sample_ids if i in test_ids)
+    rest = sorted(set(sample_ids) - set(train) - set(test))
+    earlier = {i: found for i in rest if (found := forgotten_before(i))}
+    rows = routing.loc[train]
+    adapters = sorted({int(a) for row in rows["adapters"] for a in row})
+    return Plan(train, test, sorted(set(rest) - set(earlier)), earlier,
+                sorted({int(p) for p in rows["partition"]}), adapters)
+
+
+def batch_id(requests: Sequence[DeletionRequest]) -> str:
+    return hashlib.sha256("".join(sorted(r.digest for r in requests)).encode()).hexdigest()[:16]
+
+
+def new_journal(requests: Sequence[DeletionRequest], plan: Plan) -> Journal:
+    return Journal(batch=batch_id(requests), request_ids=[r.request_id for r in requests],
+                   manifest_digests={r.request_id: r.digest for r in requests},
+                   sample_ids=list(merge_requests(requests)),
+                   request_samples={r.request_id: sorted(set(r.sample_ids)) for r in requests},
+                   request_meta={r.request_id: {"reason": r.reason, "received_at": r.received_at} for r in requests},
+                   plan=asdict(plan))
+
+
+def plan_of(journal: Journal) -> Plan:
+    return Plan(**journal.plan)
+
+
+def advance(journal: Journal, root: Path, state: str, started: float) -> None:
+    """Record that ``state`` is reached (durably), then honour the fault-injection hook."""
+    journal.timings[state] = journal.timings.get(state, 0.0) + round(time.monotonic() - started, 3)
+    journal.state = state
+    journal.save(root)
+    if os.environ.get(CRASH_ENV) == state:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def remove_rows(root: Path, plan: Plan, sample_ids: set[str]) -> list[str]:
+    """Rewrite the affected raw and test files without the forgotten rows (each write atomic), then `dvc add`.
+
+    Idempotent: filtering a file that no longer holds the IDs rewrites identical bytes.
+    """
+    files = [Path("data/raw") / f"{partition_name(p)}.parquet" for p in plan.partitions]
+    if plan.test_ids:
+        files.append(Path("data/test/test.parquet"))
+    for rel in files:
+        frame = read_table(root / rel)
+        write_table(frame[~frame["sample_id"].isin(sample_ids)].reset_index(drop=True), root / rel)
+    if files:
+        dvc(root, "add", "-q", *[f.as_posix() for f in files])
+    return [f.as_posix() for f in files]
+
+
+def dvc(root: Path, *args: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"`dvc {' '.join(args)}` failed:\n{result.stdout}{result.stderr}")
+    return result.stdout
+
+
+def lock_outputs(root: Path) -> dict[str, str]:
+    """path -> md5 of every output recorded in dvc.lock and in the .dvc files (directory outputs as .dir)."""
+    out: dict[str, str] = {}
+    lock = root / "dvc.lock"
+    if lock.is_file():
+        for stage in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values():
+            out.update({o["path"]: o["md5"] for o in stage.get("outs", []) if "md5" in o})
+    for dvc_file in sorted((root / "data").rglob("*.dvc")):
+        for o in (yaml.safe_load(dvc_file.read_text()) or {}).get("outs", []):
+            out[(dvc_file.parent.relative_to(root) / o["path"]).as_posix()] = o["md5"]
+    return dict(sorted(out.items()))
+
+
+def artifact_digests(root: Path) -> dict[str, str]:
+    """md5 of every file under data/ and models/ (the artifacts that decide a prediction), without DVC's own
+    ``.dvc`` pointer files and ``.gitignore`` files."""
+    found = tree_digests([p for p in (root / "data", root / "models") if p.exists()], root)
+    return {p: d for p, d in found.items() if not p.endswith((".dvc", ".gitignore"))}
+
+
+def expected_changes(plan: Plan) -> Callable[[str], bool]:
+    """Which artifact paths a plan is allowed to change; everything else must keep its digest."""
+    allowed = {f"data/raw/{partition_name(p)}.parquet" for p in plan.partitions}
+    allowed |= {f"data/encoded/train/{partition_name(p)}.parquet" for p in plan.partitions}
+    allowed |= {f"data/shards/{adapter_name(j)}.parquet" for j in plan.adapters}
+    allowed |= {f"models/adapters/{adapter_name(j)}.{ext}" for j in plan.adapters for ext in ("safetensors", "json")}
+    if plan.partitions:
+        allowed.add("data/routing.parquet")
+    if plan.test_ids:
+        allowed |= {"data/test/test.parquet", "data/encoded/test.parquet"}
+    return lambda path: path in allowed or path.startswith("models/package/")
+
+
+def check_rebuild(root: Path, plan: Plan, before: dict[str, str], ran: list[str] | None,
+                  sample_ids: set[str]) -> list[dict[str, Any]]:
+    """The post-rebuild checks of the audit record. Raises ExactnessError if any fails."""
+    after = artifact_digests(root)
+    may_change = expected_changes(plan)
+    moved = sorted(p for p in set(before) | set(after) if not may_change(p) and before.get(p) != after.get(p))
+    checks = [{"name": "unaffected artifacts kept their digests", "passed": not moved,
+               "detail": f"{len(before) - len(moved)} of {len(before)} files checked" if not moved
+               else f"changed: {moved[:10]}"}]
+    if ran is not None:  # None when the rebuild was resumed after a crash: DVC's record of that run is lost
+        extra = sorted(set(ran) - set(plan.stages))
+        missing = sorted(set(plan.stages) - set(ran))
+        checks.append({"name": "exactly the predicted stages ran", "passed": not extra and not missing,
+                       "detail": f"{len(ran)} stages" if not extra and not missing
+                       else f"unexpected: {extra}; missing: {missing}"})
+    residue = [p for p in after if p.endswith(".parquet") and _holds_ids(root / p, sample_ids)]
+    checks.append({"name": "no forgotten ID in any data artifact", "passed": not residue,
+                   "detail": f"{sum(p.endswith('.parquet') for p in after)} tables scanned" if not residue
+                   else f"found in {residue}"})
+    failed = [c for c in checks if not c["passed"]]
+    if failed:
+        raise ExactnessError("; ".join(f"{c['name']}: {c['detail']}" for c in failed))
+    return checks
+
+
+def _holds_ids(path: Path, sample_ids: set[str]) -> bool:
+    import pyarrow.parquet as pq
+
+    names = pq.read_schema(path).names
+    if "sample_id" not in names:
+        return False
+    return bool(sample_ids.intersection(pq.read_table(path, columns=["sample_id"]).column(0).to_pylist()))
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def subjects(root: Path) -> dict[str, str]:
+    """The in-toto subjects: every file of the packaged model and every adapter, by sha256."""
+    files = sorted(p for d in ("models/package", "models/adapters") for p in (root / d).rglob("*") if p.is_file())
+    return {p.relative_to(root).as_posix(): sha256_file(p) for p in files}

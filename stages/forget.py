@@ -1,0 +1,279 @@
+"""`legonet forget MANIFEST...`: apply deletion requests through the journalled flow of pipeline.forget.
+
+Steps (DESIGN.md section 5): lock -> validate -> journal -> remove rows -> `dvc repro` -> checks -> registry ->
+purge -> audit record -> git commit. Re-running the same command after a crash finishes the job.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from pipeline import forget as flow
+from pipeline.audit import AuditLog, id_digest, load_or_create_audit_key, load_or_create_signing_key
+from pipeline.dataset import read_table
+from pipeline.lineage import git_revision, platform_tags
+from pipeline.manifest import DeletionRequest, load_manifest
+from stages.build import dvc_lock_digest, repro
+from stages.project import params_digest
+
+AUDIT_DIR = Path("audit")
+RECORDS = AUDIT_DIR / "records"
+PUBLIC_KEY = AUDIT_DIR / "signing-key.pub"
+
+
+def key_dir(root: Path, params: dict[str, Any]) -> Path:
+    configured = os.environ.get("LEGONET_KEY_DIR") or params.get("audit", {}).get("key_dir", ".legonet/keys")
+    path = Path(configured).expanduser()
+    return path if path.is_absolute() else root / path
+
+
+def audit_log(root: Path) -> AuditLog:
+    return AuditLog(root / RECORDS, root / PUBLIC_KEY)
+
+
+def audit_key(root: Path, params: dict[str, Any]) -> bytes:
+    return load_or_create_audit_key(key_dir(root, params) / "audit.key")
+
+
+def forget(root: Path, manifests: Sequence[Path], params: dict[str, Any], *, dry_run: bool = False,
+           wait: bool = True, allow_unknown: bool | None = None, say: Callable[[str], None] = print
+           ) -> dict[str, Any]:
+    """Apply the requests in ``manifests`` as one batch (one rebuild for the union); return a summary."""
+    started = time.monotonic()
+    requests = [load_manifest(m) for m in manifests]  # all parsing errors surface before anything else
+    if allow_unknown is None:
+        allow_unknown = bool(params.get("audit", {}).get("allow_unknown_ids", False))
+    timings: dict[str, float] = {"validate": round(time.monotonic() - started, 3)}
+    if dry_run:
+        return _dry_run(root, requests, params, say)
+    lock_started = time.monotonic()
+    with flow.project_lock(root, wait, say):
+        timings["lock"] = round(time.monotonic() - lock_started, 3)
+        pending = flow.Journal.load(root)
+        if pending is not None and pending.batch != flow.batch_id(requests):
+            say(f"finishing the interrupted forget of {', '.join(pending.request_ids)} first")
+            _run(root, pending, params, say, resumed=True)
+            pending = None
+        if pending is None:
+            journal = _start(root, requests, params, allow_unknown, say)
+            if journal is None:
+                return {"status": "already-forgotten", "request_ids": [r.request_id for r in requests]}
+            journal.timings.update(timings)
+            resumed = False
+        else:
+            say(f"resuming the forget of {', '.join(pending.request_ids)} from state '{pending.state}'")
+            journal, resumed = pending, True
+        return _run(root, journal, params, say, resumed)
+
+
+def _already(root: Path, params: dict[str, Any]) -> Callable[[str], list[str]]:
+    log, key = audit_log(root), audit_key(root, params)
+    return lambda sample_id: log.find_id(key, sample_id)
+
+
+def _plan(root: Path, requests: Sequence[DeletionRequest], params: dict[str, Any]) -> flow.Plan:
+    from pipeline.manifest import merge_requests
+
+    reference = set(read_table(root / "data/reference/reference.parquet")["sample_id"])
+    return flow.plan_batch(root, merge_requests(requests), reference, _already(root, params))
+
+
+def _start(root: Path, requests: Sequence[DeletionRequest], params: dict[str, Any], allow_unknown: bool,
+           say: Callable[[str], None]) -> flow.Journal | None:
+    log = audit_log(root)
+    done = [r.request_id for r in requests if log.find(r.request_id) is not None]
+    if done and len(done) == len(requests):
+        say(f"request(s) {', '.join(done)} already forgotten (see `legonet audit show {done[0]}`); nothing to do")
+        return None
+    if done:
+        raise flow.ForgetError(f"request(s) {', '.join(done)} are already in the audit log; "
+                               "run them separately from the new requests")
+    plan = _plan(root, requests, params)
+    if plan.unknown_ids and not allow_unknown:
+        raise flow.ForgetError(
+            f"{len(plan.unknown_ids)} sample ID(s) are not in this project: {plan.unknown_ids[:5]}; check the "
+            "manifest, or pass --allow-unknown to record them as 'not present'")
+    journal = flow.new_journal(requests, plan)
+    journal.before = {"artifacts": flow.artifact_digests(root), "outputs": flow.lock_outputs(root),
+                      "dvc_lock": dvc_lock_digest(root)}
+    journal.save(root)
+    return journal
+
+
+def _run(root: Path, journal: flow.Journal, params: dict[str, Any], say: Callable[[str], None],
+         resumed: bool) -> dict[str, Any]:
+    plan = flow.plan_of(journal)
+    ids = set(journal.sample_ids)
+    step = STEPS.index(journal.state) if journal.state in STEPS else -1
+    for state, action in list(zip(STEPS, ACTIONS, strict=True))[step + 1:]:
+        started = time.monotonic()
+        action(root, journal, plan, ids, params, say, resumed)
+        flow.advance(journal, root, state, started)
+    summary = {"status": "forgotten" if plan.changes_data else "already-forgotten",
+               "request_ids": journal.request_ids, "retrained_adapters": plan.adapters,
+               "timings": journal.timings, **journal.results.get("registry", {})}
+    (root / flow.JOURNAL).unlink()  # holds raw IDs: gone once the record is written
+    return summary
+
+
+def _remove(root, journal, plan, ids, params, say, resumed) -> None:  # noqa: ANN001
+    files = flow.remove_rows(root, plan, ids) if plan.changes_data else []
+    say(f"removed {len(plan.train_ids)} train and {len(plan.test_ids)} test samples from {len(files)} file(s)")
+
+
+def _rebuild(root, journal, plan, ids, params, say, resumed) -> None:  # noqa: ANN001
+    if not plan.changes_data:
+        journal.results["checks"] = []
+        return
+    started = time.monotonic()
+    ran = repro(root)
+    journal.timings["repro"] = round(time.monotonic() - started, 3)
+    journal.results["stages_run"] = ran
+    say(f"retrained adapters {plan.adapters} ({len(ran)} stages)")
+    journal.results["checks"] = flow.check_rebuild(root, plan, journal.before["artifacts"],
+                                                   None if resumed else ran, ids)
+
+
+def _register(root, journal, plan, ids, params, say, resumed) -> None:  # noqa: ANN001
+    if not plan.changes_data:
+        return
+    from mlflow import MlflowClient
+
+    from pipeline.lineage import configure
+    from pipeline.registry import latest_version
+
+    configure(params["mlflow"]["tracking_uri"], params["mlflow"]["experiment"], root)
+    name = params["mlflow"]["registered_model"]
+    client = MlflowClient()
+    version = client.get_model_version(name, latest_version(name).version)
+    for key, value in {"dvc_lock_sha256": dvc_lock_digest(root),
+                       "legonet.forget_requests": ",".join(journal.request_ids)}.items():
+        client.set_model_version_tag(name, version.version, key, value)
+    journal.results["registry"] = {"model_version": version.version, "aliases": sorted(version.aliases),
+                                   "gate": version.tags.get("gate", ""), "gate_reason": version.tags.get(
+                                       "gate_reason", ""), "run_id": version.run_id or ""}
+    say(f"model version {version.version} @{','.join(sorted(version.aliases)) or '-'}: "
+        f"{version.tags.get('gate_reason', '')}")
+
+
+def _purge(root, journal, plan, ids, params, say, resumed) -> None:  # noqa: ANN001
+    from pipeline import purge
+
+    if not plan.changes_data:
+        journal.results["purge"] = {}
+        return
+    cache = root / ".dvc" / "cache"
+    keep = purge.referenced_objects(root, cache)
+    stale = purge.expand_dirs(cache, set(journal.before["outputs"].values()))
+    objects = purge.purge_objects(root, stale, keep, ids)
+    retention = int(params.get("purge", {}).get("retention_days", 0))
+    registry = journal.results.get("registry", {})
+    name = params["mlflow"]["registered_model"]
+    if retention > 0:
+        until = (datetime.now(UTC) + timedelta(days=retention)).date().isoformat()
+        models = {"retained_model_versions_until": until}
+    else:
+        models = purge.purge_models(params["mlflow"]["tracking_uri"], name, registry.get("model_version"),
+                                    journal.request_ids)
+        purge.vacuum_sqlite(params["mlflow"]["tracking_uri"])
+    journal.results["purge"] = {"dvc": objects, "mlflow": models}
+    say(f"purged {sum(v['deleted_objects'] for v in objects.values())} DVC object(s), "
+        f"{len(models.get('deleted_model_versions', []))} model version(s)")
+
+
+def _audit(root, journal, plan, ids, params, say, resumed) -> None:  # noqa: ANN001
+    log = audit_log(root)
+    keys = key_dir(root, params)
+    hmac_key = load_or_create_audit_key(keys / "audit.key")
+    signing = load_or_create_signing_key(keys / "signing.key")
+    after = flow.lock_outputs(root)
+    before = journal.before["outputs"]
+    touched = {p for p in set(before) | set(after) if before.get(p) != after.get(p)}
+    shared = {
+        "batch_request_ids": journal.request_ids,
+        "manifest_sha256": journal.manifest_digests,
+        "status": "forgotten" if plan.changes_data else "already-forgotten",
+        "affected": {"partitions": plan.partitions, "adapters": plan.adapters,
+                     "test_samples": len(plan.test_ids), "train_samples": len(plan.train_ids)},
+        "artifacts": {p: {"before": before.get(p), "after": after.get(p)} for p in sorted(touched)},
+        "untouched_adapters": {p: d for p, d in after.items() if p.startswith("models/adapters/")
+                               and p not in touched},
+        "dvc_lock": {"before": journal.before["dvc_lock"], "after": dvc_lock_digest(root)},
+        "code_revision": git_revision(root),
+        "params_sha256": params_digest(root),
+        "registry": journal.results.get("registry", {}),
+        "stages_run": journal.results.get("stages_run", []),
+        "checks": journal.results.get("checks", []),
+        "purge": journal.results.get("purge", {}),
+        "timings_seconds": journal.timings,
+        "platform": platform_tags(),
+        "recorded_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    removed = set(plan.train_ids) | set(plan.test_ids)
+    for request_id, sample_ids in journal.request_samples.items():
+        if log.find(request_id) is not None:  # written before a crash that lost the state change
+            continue
+        own = set(sample_ids)
+        predicate = {**shared, "request_id": request_id, **journal.request_meta[request_id],
+                     "forgotten_ids": _digests(hmac_key, own & removed),
+                     "already_forgotten_ids": _digests(hmac_key, own & set(plan.already_forgotten)),
+                     "not_present_ids": _digests(hmac_key, own & set(plan.unknown_ids))}
+        log.append(predicate, flow.subjects(root), signing)
+    _commit(root, journal)
+
+
+def _digests(key: bytes, sample_ids: set[str]) -> list[str]:
+    return sorted(id_digest(key, i) for i in sample_ids)
+
+
+def _commit(root: Path, journal: flow.Journal) -> None:
+    """Commit dvc.lock, .dvc files, params and the audit log when the project is a git repository."""
+    if not (root / ".git").exists():
+        return
+    paths = ["dvc.lock", "audit", "params.yaml", *[p.relative_to(root).as_posix()
+                                                    for p in (root / "data").rglob("*.dvc")]]
+    subprocess.run(["git", "add", "--", *[p for p in paths if (root / p).exists()]], cwd=root, check=True)
+    message = f"legonet forget {', '.join(journal.request_ids)}"
+    identity = ["-c", "user.name=legonet", "-c", "user.email=legonet@localhost"] if not _has_identity(root) else []
+    subprocess.run(["git", *identity, "commit", "-q", "-m", message], cwd=root, capture_output=True)
+
+
+def _has_identity(root: Path) -> bool:
+    return subprocess.run(["git", "config", "user.email"], cwd=root, capture_output=True).returncode == 0
+
+
+STEPS = flow.STATES[1:]
+ACTIONS = (_remove, _rebuild, _register, _purge, _audit)
+
+
+def _dry_run(root: Path, requests: Sequence[DeletionRequest], params: dict[str, Any], say: Callable[[str], None]
+             ) -> dict[str, Any]:
+    plan = _plan(root, requests, params)
+    estimate = _estimate(root, params, plan.stages)
+    say(f"would forget {len(plan.train_ids)} train and {len(plan.test_ids)} test samples "
+        f"({len(plan.unknown_ids)} unknown, {len(plan.already_forgotten)} already forgotten)")
+    say(f"partitions: {plan.partitions}; adapters retrained: {plan.adapters}")
+    say(f"stages: {' '.join(plan.stages) or '(none)'}")
+    say(f"expected compute: ~{estimate:.0f} s (from the last recorded duration of each stage)")
+    return {"status": "dry-run", "stages": plan.stages, "adapters": plan.adapters, "estimate_seconds": estimate}
+
+
+def _estimate(root: Path, params: dict[str, Any], stages: Sequence[str]) -> float:
+    import mlflow
+
+    from pipeline.lineage import configure
+
+    configure(params["mlflow"]["tracking_uri"], params["mlflow"]["experiment"], root)
+    runs = mlflow.search_runs(experiment_names=[params["mlflow"]["experiment"]], max_results=5000)
+    if runs.empty or "metrics.stage_seconds" not in runs:
+        return float("nan")
+    last = runs.sort_values("start_time").groupby("tags.mlflow.runName")["metrics.stage_seconds"].last()
+    kinds = last.groupby(lambda n: n.split("@")[0]).median()
+    return float(sum(last.get(s, kinds.get(s.split("@")[0], 0.0)) for s in stages))
+

@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny real projects (git + DVC + MLflow SQLite + torch) built through the CLI, as a user would."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.dataset import bundled_mnist, write_table
+
+# A small configuration so a full build is ~14 DVC stages: the same code paths as the default, less work.
+TINY = {
+    "data.partitions": 2,
+    "encoder.image_size": 32,
+    "projection.dim": 32,
+    "adapters.n": 4,
+    "adapters.k": 2,
+    "adapters.train.epochs": 8,
+    "baseline.epochs": 8,
+    "gate.min_accuracy": 0.5,
+}
+TINY_SAMPLES = 900
+
+
+def legonet(*args: str, cwd: Path, check: bool = True, env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess[str]:
+    """Run the real `legonet` console script in a subprocess, like a user at a shell."""
+    result = subprocess.run([sys.executable, "-m", "stages.cli", *args], cwd=cwd, capture_output=True, text=True,
+                            env={**os.environ, **(env or {})})
+    if check and result.returncode != 0:
+        raise AssertionError(f"legonet {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def init_args(data: Path, overrides: dict[str, object] | None = None) -> list[str]:
+    settings = {**TINY, **(overrides or {})}
+    return ["init", ".", "--data", str(data), *[a for k, v in settings.items() for a in ("--set", f"{k}={v}")]]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first TINY_SAMPLES bundled MNIST digits as a user's Parquet file."""
+    path = tmp_path_factory.mktemp("data") / "samples.parquet"
+    write_table(bundled_mnist().iloc[:TINY_SAMPLES], path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def built_project(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
+    """One tiny project, initialised and built once per session. Tests that change it must copy it first."""
+    root = tmp_path_factory.mktemp("built")
+    legonet(*init_args(tiny_data), cwd=root)
+    legonet("build", cwd=root)
+    return root
+
+
+def copy_project(src: Path, dst: Path) -> Path:
+    """A private copy of a built project (git, DVC cache, MLflow store and all) for a test that changes it."""
+    shutil.copytree(src, dst, symlinks=True)
+    return dst
