@@ -48,7 +48,7 @@ def train_adapter(
     torch.set_num_threads(params.threads)
     torch.use_deterministic_algorithms(True)
     generator = torch.Generator().manual_seed(seed)
-    x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+    x = torch.from_numpy(np.array(features, dtype=np.float32))  # a writable copy
     y = torch.from_numpy(labels.astype(np.int64))
     if params.hidden:
         model = torch.nn.Sequential(

@@ -30,6 +30,8 @@ from pipeline.lineage import tree_digests
 from pipeline.manifest import DeletionRequest, merge_requests
 
 STATES = ("received", "data-removed", "rebuilt", "registered", "purged", "audited")
+PHASES = {"data-removed": "remove", "rebuilt": "rebuild", "registered": "register", "purged": "purge",
+          "audited": "audit"}
 STATE_DIR = Path(".legonet")
 JOURNAL = STATE_DIR / "journal.json"
 LOCK = STATE_DIR / "lock"
@@ -170,7 +172,8 @@ def plan_of(journal: Journal) -> Plan:
 
 def advance(journal: Journal, root: Path, state: str, started: float) -> None:
     """Record that ``state`` is reached (durably), then honour the fault-injection hook."""
-    journal.timings[state] = journal.timings.get(state, 0.0) + round(time.monotonic() - started, 3)
+    phase = PHASES.get(state, state)
+    journal.timings[phase] = round(journal.timings.get(phase, 0.0) + time.monotonic() - started, 3)
     journal.state = state
     journal.save(root)
     if os.environ.get(CRASH_ENV) == state:

@@ -106,8 +106,8 @@ def _holding_ids(base: Path, keep: set[str], forgotten: set[str]) -> set[str]:
     return found
 
 
-def purge_models(tracking_uri: str, name: str, keep_version: str | None, request_ids: list[str]
-                 ) -> dict[str, Any]:
+def purge_models(tracking_uri: str, name: str, keep_version: str | None, request_ids: list[str],
+                 artifact_root: Path) -> dict[str, Any]:
     """Delete every registered version of ``name`` except ``keep_version``, their logged models, then gc.
 
     Every earlier version was trained on data that held the forgotten samples (data only ever shrinks by
@@ -126,23 +126,25 @@ def purge_models(tracking_uri: str, name: str, keep_version: str | None, request
         client.delete_model_version(name, version.version)
         deleted_versions.append(version.version)
         if model_id:
-            model = client.get_logged_model(model_id)
             client.delete_logged_model(model_id)
-            logged_models.append((model_id, model.artifact_location))
-    if logged_models:
-        ids = ",".join(m for m, _ in logged_models)
-        gc = subprocess.run([sys.executable, "-m", "mlflow", "gc", "--backend-store-uri", tracking_uri,
-                             "--tracking-uri", tracking_uri, "--logged-model-ids", ids], capture_output=True, text=True)
-        if gc.returncode != 0:
-            raise RuntimeError(f"mlflow gc failed: {gc.stderr[-2000:]}")
-        for model_id, location in logged_models:
-            path = Path(location.removeprefix("file://"))
-            if path.exists():  # gc could not resolve it: remove it ourselves and say so
-                shutil.rmtree(path)
-                leftovers.append(model_id)
+            logged_models.append(model_id)
+    # gc every logged model in the deleted stage (also those deleted by an attempt that crashed before gc)
+    gc = subprocess.run([sys.executable, "-m", "mlflow", "gc", "--backend-store-uri", tracking_uri,
+                         "--tracking-uri", tracking_uri], capture_output=True, text=True)
+    if gc.returncode != 0:
+        raise RuntimeError(f"mlflow gc failed: {gc.stderr[-2000:]}")
+    live = {m.model_id for m in client.search_logged_models(experiment_ids=experiment_ids(client))}
+    for folder in sorted(artifact_root.glob("m-*")) if artifact_root.is_dir() else []:
+        if folder.name not in live:  # gc could not resolve it (or never knew it): remove it and say so
+            shutil.rmtree(folder)
+            leftovers.append(folder.name)
     return {"deleted_model_versions": sorted(deleted_versions, key=int),
-            "deleted_logged_models": sorted(m for m, _ in logged_models),
+            "deleted_logged_models": sorted(logged_models),
             "removed_after_gc_skipped": leftovers}
+
+
+def experiment_ids(client: Any) -> list[str]:
+    return [e.experiment_id for e in client.search_experiments()]
 
 
 def _model_id(source: str) -> str | None:

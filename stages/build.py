@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -22,8 +23,11 @@ class BuildError(RuntimeError):
 
 
 def repro(root: Path, targets: list[str] | None = None, force: bool = False,
-          console: Console | None = None) -> list[str]:
-    """Run `dvc repro` in ``root``, streaming a progress bar; return the stages DVC actually ran, in order."""
+          console: Console | None = None, timings: dict[str, float] | None = None) -> list[str]:
+    """Run `dvc repro` in ``root``, streaming a progress bar; return the stages DVC actually ran, in order.
+
+    ``timings`` (if given) receives the wall time of each stage, DVC's own bookkeeping included.
+    """
     console = console or Console(stderr=True)
     if sync_generated(root):
         console.print("params.yaml: regenerated the encode/adapter lists from data.partitions and adapters.n")
@@ -36,13 +40,19 @@ def repro(root: Path, targets: list[str] | None = None, force: bool = False,
         task = progress.add_task("dvc repro", total=total)
         process = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         assert process.stdout is not None
+        mark = time.monotonic()
         for line in process.stdout:
             lines.append(line)
             match = RUNNING.match(line)
             if match:
+                if ran and timings is not None:
+                    timings[f"repro:{ran[-1]}"] = round(time.monotonic() - mark, 3)
+                mark = time.monotonic()
                 ran.append(match.group(1))
                 progress.update(task, completed=len(ran) - 1, description=f"stage {match.group(1)}")
         process.wait()
+        if ran and timings is not None:
+            timings[f"repro:{ran[-1]}"] = round(time.monotonic() - mark, 3)
     if process.returncode != 0:
         failing = ran[-1] if ran else "(before any stage)"
         raise BuildError(f"dvc repro failed in stage {failing}:\n{''.join(lines[-40:])}")

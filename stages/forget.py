@@ -131,9 +131,7 @@ def _rebuild(root, journal, plan, ids, params, say, resumed) -> None:  # noqa: A
     if not plan.changes_data:
         journal.results["checks"] = []
         return
-    started = time.monotonic()
-    ran = repro(root)
-    journal.timings["repro"] = round(time.monotonic() - started, 3)
+    ran = repro(root, timings=journal.timings)
     journal.results["stages_run"] = ran
     say(f"retrained adapters {plan.adapters} ({len(ran)} stages)")
     journal.results["checks"] = flow.check_rebuild(root, plan, journal.before["artifacts"],
@@ -180,7 +178,7 @@ def _purge(root, journal, plan, ids, params, say, resumed) -> None:  # noqa: ANN
         models = {"retained_model_versions_until": until}
     else:
         models = purge.purge_models(params["mlflow"]["tracking_uri"], name, registry.get("model_version"),
-                                    journal.request_ids)
+                                    journal.request_ids, root / "mlartifacts" / "models")
         purge.vacuum_sqlite(params["mlflow"]["tracking_uri"])
     journal.results["purge"] = {"dvc": objects, "mlflow": models}
     say(f"purged {sum(v['deleted_objects'] for v in objects.values())} DVC object(s), "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -67,18 +68,33 @@ def init_project(
     force: bool = False,
     overrides: dict[str, Any] | None = None,
 ) -> dict[str, int]:
-    """Create (or, with ``force``, reset) a project at ``root``; returns row counts per split."""
+    """Create (or, with ``force``, reset) a project at ``root``; returns row counts per split.
+
+    Everything is checked before anything is written: params (with the ``--set`` overrides) are staged in a
+    temporary file and the data fully validated and carved first, so bad input leaves the folder untouched (no
+    params.yaml, git, DVC or data files), and ``--force`` never deletes an existing project's data for bad input.
+    """
+    if ((root / "data").exists() or (root / "dvc.lock").exists()) and not force:
+        raise InitError(f"{root} already holds a legonet project (data/ or dvc.lock exists); "
+                        "pass --force to replace its data, or choose an empty folder")
+    overrides = dict(overrides or {})
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp) / PARAMS.name
+        current = root / PARAMS
+        shutil.copyfile(current if current.is_file() else TEMPLATE / PARAMS.name, staged)
+        if overrides:
+            set_params(staged, overrides)
+        files = _validated_files(staged, data, reference, test, user_classes="data.classes" in overrides)
+        params_text = staged.read_text()
+
     root.mkdir(parents=True, exist_ok=True)
-    if (root / "data").exists() or (root / "dvc.lock").exists():
-        if not force:
-            raise InitError(f"{root} already holds a legonet project (data/ or dvc.lock exists); "
-                            "pass --force to replace its data, or choose an empty folder")
+    if force:
         for stale in ("data", "models", "metrics", "dvc.lock"):
             target = root / stale
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-    for name in ("dvc.yaml", "params.yaml"):
-        if not (root / name).exists():
-            shutil.copyfile(TEMPLATE / name, root / name)
+    if not (root / "dvc.yaml").exists():
+        shutil.copyfile(TEMPLATE / "dvc.yaml", root / "dvc.yaml")
+    (root / PARAMS).write_text(params_text)
     if not (root / ".git").exists():
         run(["git", "init", "-q"], root)
     if not (root / ".dvc").exists():
@@ -91,27 +107,37 @@ def init_project(
         if missing:
             path.write_text(existing + ("" if existing.endswith("\n") or not existing else "\n")
                             + "\n".join(missing) + "\n")
+    for path, frame in files.items():
+        write_table(frame, root / path)
+    sync_generated(root)
+    run(["dvc", "add", "-q", *[p.as_posix() for p in files]], root)
+    return {path.as_posix(): len(frame) for path, frame in files.items()}
 
-    if overrides:
-        set_params(root / PARAMS, overrides)
-    params = YAML(typ="safe").load((root / PARAMS).read_text())
-    frames = {"data": bundled_mnist() if data is None else read_samples(data)}
-    if reference is not None:
-        frames["reference"] = read_samples(reference)
-    if test is not None:
-        frames["test"] = read_samples(test)
+
+def _validated_files(params_path: Path, data: Path | None, reference: Path | None, test: Path | None,
+                     user_classes: bool) -> dict[Path, pd.DataFrame]:
+    """Read and validate the samples against the staged params (updating their derived keys); carve the splits.
+
+    ``data.classes`` is derived from the labels only when the user did not give it with ``--set``: given classes
+    are a contract the labels are checked against.
+    """
+    sources: dict[str, Path | str] = {"data": data or "mnist (bundled)"}
+    sources.update({name: path for name, path in (("reference", reference), ("test", test)) if path is not None})
+    frames = {name: bundled_mnist() if data is None and name == "data" else read_samples(Path(path))
+              for name, path in sources.items()}
+    params = YAML(typ="safe").load(params_path.read_text())
     modality = "text" if "text" in frames["data"].columns and "image" not in frames["data"].columns else "image"
     derived: dict[str, Any] = {"data.modality": modality}
     if modality == "text" and params["encoder"]["name"] != "minilm":
         derived["encoder.name"] = "minilm"
-    labels = sorted({int(v) for f in frames.values() for v in pd.to_numeric(f["label"], errors="coerce").dropna()})
-    if data is not None:
-        derived["data.classes"] = labels
-    set_params(root / PARAMS, derived)
-    params = YAML(typ="safe").load((root / PARAMS).read_text())
+    if data is not None and not user_classes:  # a table without `label` is refused by check_samples below
+        derived["data.classes"] = sorted({int(v) for f in frames.values() if "label" in f.columns
+                                          for v in pd.to_numeric(f["label"], errors="coerce").dropna()})
+    set_params(params_path, derived)
+    params = YAML(typ="safe").load(params_path.read_text())
     shape = params["data"].get("image_shape")
-    checked = {name: check_samples(frame, path, modality, params["data"]["classes"], shape)
-               for (name, frame), path in zip(frames.items(), [data or "mnist (bundled)", reference, test])}
+    checked = {name: check_samples(frame, sources[name], modality, params["data"]["classes"], shape)
+               for name, frame in frames.items()}
     _refuse_overlap(checked)
     fractions = SplitFractions(float(params["data"]["reference_fraction"]), float(params["data"]["test_fraction"]))
     given = {name: frame for name, frame in checked.items() if name != "data"}
@@ -122,11 +148,7 @@ def init_project(
     if len(carved["reference"]) < int(params["adapters"]["n"]):
         raise InitError(f"the reference split has {len(carved['reference'])} samples, fewer than adapters.n="
                         f"{params['adapters']['n']}; give a larger --reference file or raise data.reference_fraction")
-    for path, frame in files.items():
-        write_table(frame, root / path)
-    sync_generated(root)
-    run(["dvc", "add", "-q", *[p.as_posix() for p in files]], root)
-    return {path.as_posix(): len(frame) for path, frame in files.items()}
+    return files
 
 
 def _refuse_overlap(frames: dict[str, pd.DataFrame]) -> None:
