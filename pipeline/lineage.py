@@ -8,6 +8,8 @@ here, never samples.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import platform
 import subprocess
 import time
@@ -77,56 +79,105 @@ def platform_tags() -> dict[str, str]:
     }
 
 
-def configure(tracking_uri: str, experiment: str, project: Path) -> None:
-    """Point MLflow at the project's store; create the experiment with its artifact root inside the project."""
+PENDING = Path(".legonet/lineage")
+
+
+def configure(tracking_uri: str, experiment: str, project: Path) -> str:
+    """Point MLflow at the project's store; create the experiment with its artifact root inside the project.
+
+    Returns the experiment id.
+    """
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
-    if mlflow.get_experiment_by_name(experiment) is None:
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is None:
         artifacts = (project / "mlartifacts").resolve().as_uri()
         try:
             mlflow.create_experiment(experiment, artifact_location=artifacts)
         except mlflow.exceptions.MlflowException:
             pass  # created by a concurrent process between the lookup and the create
+        found = mlflow.get_experiment_by_name(experiment)
     mlflow.set_experiment(experiment)
+    return found.experiment_id
 
 
 @contextmanager
 def stage_run(
     stage: str,
     project: Path,
-    mlflow_params: Mapping[str, Any],
     params: Mapping[str, Any],
     inputs: Sequence[Path],
     outputs: Sequence[Path],
     tags: Mapping[str, str] | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Wrap one stage execution in an MLflow run.
+    """Record one stage execution as a pending lineage record, turned into an MLflow run by ``flush``.
 
-    Inputs are logged as MLflow datasets (name = path, digest = md5) before the body runs; outputs' digests are
-    logged as tags after it succeeds. The yielded dict collects metrics the body wants logged.
+    Importing MLflow and opening its store costs ~3 s per process; a build runs dozens of stage processes, so
+    stages write a small JSON record (digests, params, tags, metrics, times) and the next process that talks
+    to MLflow anyway (the ``package`` stage, ``legonet build``, ``legonet forget``) logs them all as runs with
+    their real start and end times. The yielded dict collects metrics the body wants logged.
     """
-    import mlflow
+    started, wall = time.monotonic(), time.time()
+    collected: dict[str, Any] = {}
+    record: dict[str, Any] = {
+        "stage": stage,
+        "start_ms": int(wall * 1000),
+        "params": {k: str(v) for k, v in _flatten(params).items()},
+        "tags": {"legonet.stage": stage, "legonet.code_revision": git_revision(_code_root()),
+                 **platform_tags(), **(tags or {})},
+        "inputs": tree_digests(list(inputs), project),
+    }
+    yield collected
+    record["tags"].update({f"out.{name}": digest for name, digest in
+                           tree_digests([p for p in outputs if p.exists()], project).items()})
+    record["metrics"] = {k: float(v) for k, v in collected.items() if isinstance(v, int | float)}
+    record["metrics"]["stage_seconds"] = time.monotonic() - started
+    record["end_ms"] = int(time.time() * 1000)
+    pending = project / PENDING
+    pending.mkdir(parents=True, exist_ok=True)
+    name = f"{record['start_ms']:013d}-{os.getpid()}-{stage.replace('@', '_')}.json"
+    tmp = pending / f".{name}.tmp"
+    tmp.write_text(json.dumps(record, sort_keys=True))
+    os.replace(tmp, pending / name)
+
+
+def flush(project: Path, mlflow_params: Mapping[str, Any]) -> dict[str, str]:
+    """Log every pending lineage record as an MLflow run (inputs as datasets, outputs as tags); stage -> run id.
+
+    A record is deleted only after its run is complete, so a crash in between at worst logs it twice.
+    """
+    pending = sorted((project / PENDING).glob("*.json")) if (project / PENDING).is_dir() else []
+    if not pending:
+        return {}
+    from mlflow import MlflowClient
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.data.sources import LocalArtifactDatasetSource
+    from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 
-    configure(mlflow_params["tracking_uri"], mlflow_params["experiment"], project)
-    started = time.monotonic()
-    collected: dict[str, Any] = {}
-    with mlflow.start_run(run_name=stage) as run:
-        mlflow.set_tags({"legonet.stage": stage, "legonet.code_revision": git_revision(_code_root()),
-                         **platform_tags(), **(tags or {})})
-        mlflow.log_params(_flatten(params))
-        for name, digest in tree_digests(list(inputs), project).items():
-            source = LocalArtifactDatasetSource(name)
-            mlflow.log_input(MetaDataset(source=source, name=name, digest=digest), context="input")
-        yield collected
-        outs = tree_digests([p for p in outputs if p.exists()], project)
-        mlflow.set_tags({f"out.{name}": digest for name, digest in outs.items()})
-        metrics = {k: float(v) for k, v in collected.items() if isinstance(v, int | float)}
-        metrics["stage_seconds"] = time.monotonic() - started
-        mlflow.log_metrics(metrics)
-        collected["run_id"] = run.info.run_id
+    experiment = configure(mlflow_params["tracking_uri"], mlflow_params["experiment"], project)
+    client = MlflowClient()
+    runs = {}
+    for path in pending:
+        record = json.loads(path.read_text())
+        run = client.create_run(experiment, start_time=record["start_ms"], run_name=record["stage"])
+        run_id = run.info.run_id
+        client.log_batch(
+            run_id,
+            metrics=[Metric(k, v, record["end_ms"], 0) for k, v in sorted(record["metrics"].items())],
+            params=[Param(k, v) for k, v in sorted(record["params"].items())],
+            tags=[RunTag(k, v) for k, v in sorted(record["tags"].items())],
+        )
+        datasets = [DatasetInput(MetaDataset(source=LocalArtifactDatasetSource(name), name=name,
+                                             digest=digest)._to_mlflow_entity(),
+                                 [InputTag("mlflow.data.context", "input")])
+                    for name, digest in record["inputs"].items()]
+        if datasets:
+            client.log_inputs(run_id, datasets=datasets)
+        client.set_terminated(run_id, "FINISHED", end_time=record["end_ms"])
+        runs[record["stage"]] = run_id
+        path.unlink()
+    return runs
 
 
 def _code_root() -> Path:

@@ -121,8 +121,9 @@ def purge_models(tracking_uri: str, name: str, keep_version: str | None, request
         if version.version == keep_version:
             continue
         model_id = getattr(version, "model_id", None) or _model_id(version.source)
-        if version.run_id:
-            client.set_tag(version.run_id, "legonet.superseded_by", ",".join(request_ids))
+        run_id = version.tags.get("package_run_id") or version.run_id
+        if run_id:
+            client.set_tag(run_id, "legonet.superseded_by", ",".join(request_ids))
         client.delete_model_version(name, version.version)
         deleted_versions.append(version.version)
         if model_id:

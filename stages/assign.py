@@ -34,7 +34,7 @@ def main() -> None:
     n, k = int(params["adapters"]["n"]), int(params["adapters"]["k"])
     partitions = int(params["data"]["partitions"])
     used = {"adapters.n": n, "adapters.k": k, "data.partitions": partitions}
-    with stage_run("assign", Path(), params["mlflow"], used, [ENCODED_TRAIN, PROJECTION, KEYS],
+    with stage_run("assign", Path(), used, [ENCODED_TRAIN, PROJECTION, KEYS],
                    [SHARDS, ROUTING]) as run:
         projection, keys = np.load(PROJECTION), np.load(KEYS)
         frames, points = [], []

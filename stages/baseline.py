@@ -26,7 +26,7 @@ def main() -> None:
     threads = int(params["adapters"]["train"]["threads"])
     test = ENCODED / "test.parquet"
     used = {"baseline": base, "adapters.train.threads": threads, "data.classes": classes}
-    with stage_run("baseline", Path(), params["mlflow"], used, [ENCODED_TRAIN, test, PROJECTION],
+    with stage_run("baseline", Path(), used, [ENCODED_TRAIN, test, PROJECTION],
                    [METRICS / "baseline.json"]) as run:
         projection = np.load(PROJECTION)
         parts = [read_embeddings(p) for p in sorted(ENCODED_TRAIN.glob("part-*.parquet"))]

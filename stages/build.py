@@ -72,11 +72,12 @@ def tag_build(root: Path) -> dict[str, str]:
     """Link the newest registered version to this build: the sha256 of dvc.lock and the project path."""
     from mlflow import MlflowClient
 
-    from pipeline.lineage import configure
+    from pipeline.lineage import configure, flush
     from pipeline.registry import latest_version
 
     params = load_params(root)
     configure(params["mlflow"]["tracking_uri"], params["mlflow"]["experiment"], root)
+    flush(root, params["mlflow"])  # lineage of stages that ran without reaching `package`
     latest = latest_version(params["mlflow"]["registered_model"])
     if latest is None:
         return {}

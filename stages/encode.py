@@ -21,7 +21,7 @@ def main(name: str, src: Path, dst: Path) -> None:
     samples = check_samples(read_table(src), src, data["modality"], data["classes"], data.get("image_shape"))
     used = {"data": data, "encoder.threads": threads}
     tags = {"encoder.sha256": info.get("weights_sha256", ""), "encoder.name": info["name"]}
-    with stage_run(f"encode@{name}", Path(), params["mlflow"], used, [ENCODER, ENCODER_INFO, src], [dst],
+    with stage_run(f"encode@{name}", Path(), used, [ENCODER, ENCODER_INFO, src], [dst],
                    tags) as run:
         encoder = Encoder(info["name"], ENCODER, int(info.get("image_size") or 0), threads=threads)
         payloads = image_arrays(samples, data["image_shape"]) if data["modality"] == "image" else list(

@@ -23,7 +23,7 @@ def main() -> None:
     classes, k = list(params["data"]["classes"]), int(params["adapters"]["k"])
     test = ENCODED / "test.parquet"
     outputs = [METRICS / "evaluate.json", METRICS / "per_class.csv", METRICS / "adapter_load.csv"]
-    with stage_run("evaluate", Path(), params["mlflow"], {"adapters.k": k, "data.classes": classes},
+    with stage_run("evaluate", Path(), {"adapters.k": k, "data.classes": classes},
                    [test, PROJECTION, KEYS, ADAPTERS], outputs) as run:
         frame, embeddings = read_embeddings(test)
         ensemble = load_ensemble(PROJECTION, KEYS, ADAPTERS, k, classes)

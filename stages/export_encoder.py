@@ -14,7 +14,7 @@ from stages.project import ENCODER, ENCODER_INFO, load_params
 def main() -> None:
     params = load_params()
     encoder = params["encoder"]
-    with stage_run("encoder", Path(), params["mlflow"], {"encoder": encoder}, [], [ENCODER, ENCODER_INFO]) as run:
+    with stage_run("encoder", Path(), {"encoder": encoder}, [], [ENCODER, ENCODER_INFO]) as run:
         ENCODER.parent.mkdir(parents=True, exist_ok=True)
         info = export_encoder(encoder["name"], int(encoder["image_size"]), ENCODER)
         write_bytes_atomic(ENCODER_INFO, (json.dumps(info, indent=1, sort_keys=True) + "\n").encode())

@@ -143,10 +143,11 @@ def _register(root, journal, plan, ids, params, say, resumed) -> None:  # noqa: 
         return
     from mlflow import MlflowClient
 
-    from pipeline.lineage import configure
+    from pipeline.lineage import configure, flush
     from pipeline.registry import latest_version
 
     configure(params["mlflow"]["tracking_uri"], params["mlflow"]["experiment"], root)
+    flush(root, params["mlflow"])
     name = params["mlflow"]["registered_model"]
     client = MlflowClient()
     version = client.get_model_version(name, latest_version(name).version)
@@ -155,7 +156,7 @@ def _register(root, journal, plan, ids, params, say, resumed) -> None:  # noqa: 
         client.set_model_version_tag(name, version.version, key, value)
     journal.results["registry"] = {"model_version": version.version, "aliases": sorted(version.aliases),
                                    "gate": version.tags.get("gate", ""), "gate_reason": version.tags.get(
-                                       "gate_reason", ""), "run_id": version.run_id or ""}
+                                       "gate_reason", ""), "run_id": version.tags.get("package_run_id", "")}
     say(f"model version {version.version} @{','.join(sorted(version.aliases)) or '-'}: "
         f"{version.tags.get('gate_reason', '')}")
 

@@ -24,7 +24,7 @@ def main() -> None:
     params = load_params()
     reference = ENCODED / "reference.parquet"
     used = {"projection": params["projection"], "keys": params["keys"], "adapters.n": params["adapters"]["n"]}
-    with stage_run("keys", Path(), params["mlflow"], used, [reference], [PROJECTION, KEYS]) as run:
+    with stage_run("keys", Path(), used, [reference], [PROJECTION, KEYS]) as run:
         _, embeddings = read_embeddings(reference)
         projection = fit_projection(embeddings, int(params["projection"]["dim"]))
         keys = fit_keys(project(embeddings, projection), int(params["adapters"]["n"]),

@@ -1,14 +1,18 @@
-"""DVC stage `package`: the whole ensemble, encoder included, as an MLflow pyfunc model; register and gate it."""
+"""DVC stage `package`: the whole ensemble, encoder included, as an MLflow pyfunc model; register and gate it.
+
+This is also where pending lineage records of the build become MLflow runs (the stage imports MLflow anyway).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
 from pathlib import Path
 
 import pipeline
-from pipeline.lineage import file_md5, stage_run, tree_digests
+from pipeline.lineage import configure, file_md5, flush, stage_run, tree_digests
 from pipeline.package import SERVING_REQUIREMENTS, LegoNetModel, stage_artifacts
 from pipeline.registry import champion_accuracy, gate, promote
 from stages.project import ADAPTERS, ENCODER, ENCODER_INFO, KEYS, METRICS, PACKAGE, PROJECTION, load_params
@@ -25,7 +29,8 @@ def main() -> None:
              "adapters": ADAPTERS}
     metrics_file = METRICS / "evaluate.json"
     used = {"package": config, "gate": params["gate"], "registered_model": name}
-    with stage_run("package", Path(), params["mlflow"], used, [*files.values(), metrics_file], [PACKAGE]) as run, \
+    configure(params["mlflow"]["tracking_uri"], params["mlflow"]["experiment"], Path())
+    with stage_run("package", Path(), used, [*files.values(), metrics_file], [PACKAGE]) as run, \
             tempfile.TemporaryDirectory() as tmp:
         accuracy = float(json.loads(metrics_file.read_text())["accuracy"])
         artifacts = stage_artifacts(Path(tmp) / "artifacts", files, config)
@@ -37,24 +42,23 @@ def main() -> None:
             shutil.rmtree(PACKAGE)
         mlflow.pyfunc.save_model(path=str(PACKAGE), **model)
         previous = champion_accuracy(name)
-        info = mlflow.pyfunc.log_model(name="model", registered_model_name=name, **model)
-        version = str(info.registered_model_version)
-        client = mlflow.MlflowClient()
-        inputs = tree_digests(list(files.values()), Path())
-        for tag, value in {"accuracy": f"{accuracy:.6f}", "run_id": mlflow.active_run().info.run_id,
-                           "encoder.md5": file_md5(ENCODER), "adapters": str(len(list(ADAPTERS.glob("*.safetensors")))),
-                           "inputs.md5": _combined(inputs)}.items():
-            client.set_model_version_tag(name, version, tag, value)
+        version = str(mlflow.pyfunc.log_model(name="model", registered_model_name=name, **model)
+                      .registered_model_version)
         result = gate(accuracy, previous, params["gate"])
-        alias = promote(name, version, result)
         run.update({"accuracy": accuracy, "model_version": int(version)})
-        print(f"registered {name} version {version} as @{alias}: {result.reason}")
+    runs = flush(Path(), params["mlflow"])
+    client = mlflow.MlflowClient()
+    tags = {"accuracy": f"{accuracy:.6f}", "package_run_id": runs.get("package", ""),
+            "encoder.md5": file_md5(ENCODER), "adapters": str(len(list(ADAPTERS.glob("*.safetensors")))),
+            "inputs.md5": _combined(tree_digests(list(files.values()), Path()))}
+    for tag, value in tags.items():
+        client.set_model_version_tag(name, version, tag, value)
+    alias = promote(name, version, result)
+    print(f"registered {name} version {version} as @{alias}: {result.reason}")
 
 
 def _combined(digests: dict[str, str]) -> str:
     """One digest standing for many files: md5 of the sorted 'path digest' lines."""
-    import hashlib
-
     return hashlib.md5("".join(f"{p} {d}\n" for p, d in digests.items()).encode()).hexdigest()
 
 

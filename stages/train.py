@@ -26,7 +26,7 @@ def main(adapter: str) -> None:
     seed = adapter_seed(int(params["adapters"]["seed"]), j)
     used = {"adapters.seed": params["adapters"]["seed"], "adapters.train": train, "data.classes": classes}
     src, out, info = shard_path(j), adapter_path(j), adapter_info_path(j)
-    with stage_run(f"train@{adapter}", Path(), params["mlflow"], used, [src], [out, info],
+    with stage_run(f"train@{adapter}", Path(), used, [src], [out, info],
                    {"adapter": adapter, "adapter.seed": str(seed)}) as run:
         frame, features = read_embeddings(src)
         index = {c: i for i, c in enumerate(classes)}

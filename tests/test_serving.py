@@ -1,0 +1,120 @@
+"""Serving the built model: `legonet predict` on CSV and Parquet, the packaged pyfunc, and `mlflow models serve`
+of `models:/legonet@champion` all give the same predictions for the same samples (real processes, no mocks)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import legonet
+
+from pipeline.dataset import read_table, write_table
+
+SAMPLES = 8
+
+
+@pytest.fixture(scope="module")
+def test_samples(built_project: Path) -> pd.DataFrame:
+    """A few held-out test samples of the built project, with both labels present."""
+    frame = read_table(built_project / "data/test/test.parquet")
+    picked = pd.concat([frame[frame["label"] == c].head(SAMPLES // 2) for c in sorted(frame["label"].unique())])
+    return picked.sort_values("sample_id").reset_index(drop=True)
+
+
+def _predict_cli(project: Path, file: Path) -> pd.DataFrame:
+    result = legonet("predict", str(file), cwd=project)
+    return pd.read_csv(io.StringIO(result.stdout), dtype={"sample_id": str})
+
+
+def test_predict_cli_csv_and_parquet_agree_with_the_package(built_project: Path, test_samples: pd.DataFrame,
+                                                            tmp_path: Path) -> None:
+    parquet = tmp_path / "samples.parquet"
+    write_table(test_samples, parquet)
+    csv = tmp_path / "samples.csv"
+    test_samples.assign(image=[" ".join(str(b) for b in image) for image in test_samples["image"]]).to_csv(
+        csv, index=False)
+
+    from_parquet = _predict_cli(built_project, parquet)
+    from_csv = _predict_cli(built_project, csv)
+    assert list(from_parquet.columns[:2]) == ["sample_id", "prediction"]
+    assert {"proba_0", "proba_1", "adapters"} <= set(from_parquet.columns)
+    assert from_parquet["sample_id"].tolist() == test_samples["sample_id"].tolist()
+    assert set(from_parquet["prediction"]) <= {0, 1}
+    pd.testing.assert_frame_equal(from_parquet, from_csv)
+    assert (from_parquet["prediction"] == test_samples["label"]).mean() >= 0.75  # tiny build is ~97% accurate
+
+    import mlflow
+
+    # The DVC-tracked package (models/package) is the registered champion: same predictions, in this process.
+    packaged = mlflow.pyfunc.load_model(str(built_project / "models/package"))
+    direct = packaged.predict(test_samples[["image"]])
+    pd.testing.assert_frame_equal(direct, from_parquet.drop(columns=["sample_id"]), check_dtype=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for_ping(port: int, server: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise AssertionError(f"mlflow models serve exited {server.returncode}:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(0.5)
+    raise AssertionError(f"mlflow models serve did not answer /ping in {timeout} s:\n{log.read_text()}")
+
+
+def test_mlflow_serves_the_champion_like_legonet_predict(built_project: Path, test_samples: pd.DataFrame,
+                                                        tmp_path: Path) -> None:
+    write_table(test_samples, parquet := tmp_path / "samples.parquet")
+    expected = _predict_cli(built_project, parquet)
+
+    port = _free_port()
+    log = tmp_path / "serve.log"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{built_project / 'mlflow.db'}"}
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/legonet@champion",
+           "--env-manager", "local", "-p", str(port), "-h", "127.0.0.1"]
+    with open(log, "w") as out:
+        server = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    try:
+        _wait_for_ping(port, server, log)
+        rows = [[np.frombuffer(image, dtype=np.uint8).astype(int).tolist()] for image in test_samples["image"]]
+        assert all(len(row[0]) == 784 for row in rows)
+        body = json.dumps({"dataframe_split": {"columns": ["image"], "data": rows}}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            served = pd.DataFrame(json.loads(response.read())["predictions"])
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+    assert len(served) == len(test_samples)
+    assert served["prediction"].tolist() == expected["prediction"].tolist()
+    assert served["adapters"].tolist() == expected["adapters"].tolist()
+    for column in ("proba_0", "proba_1"):
+        np.testing.assert_allclose(served[column].to_numpy(), expected[column].to_numpy(), rtol=0, atol=1e-12)
