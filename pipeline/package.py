@@ -81,7 +81,7 @@ def stage_artifacts(workdir: Path, files: dict[str, Path], config: dict[str, Any
     for name, src in files.items():
         dst = workdir / src.name
         if src.is_dir():
-            shutil.copytree(src, dst, dirs_exist_ok=True)
+            shutil.copytree(src, dst, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".gitignore"))
         else:
             shutil.copyfile(src, dst)
         artifacts[name] = str(dst)

@@ -73,7 +73,10 @@ def forget(root: Path, manifests: Sequence[Path], params: dict[str, Any], *, dry
 
 
 def _already(root: Path, params: dict[str, Any]) -> Callable[[str], list[str]]:
-    log, key = audit_log(root), audit_key(root, params)
+    log = audit_log(root)
+    if not log.records():  # nothing forgotten yet: do not create the audit key just to look (input checks and
+        return lambda sample_id: []  # --dry-run must leave the project untouched)
+    key = audit_key(root, params)
     return lambda sample_id: log.find_id(key, sample_id)
 
 
@@ -122,12 +125,12 @@ def _run(root: Path, journal: flow.Journal, params: dict[str, Any], say: Callabl
     return summary
 
 
-def _remove(root, journal, plan, ids, params, say, resumed) -> None:  # noqa: ANN001
+def _remove(root, journal, plan, ids, params, say, resumed) -> None:
     files = flow.remove_rows(root, plan, ids) if plan.changes_data else []
     say(f"removed {len(plan.train_ids)} train and {len(plan.test_ids)} test samples from {len(files)} file(s)")
 
 
-def _rebuild(root, journal, plan, ids, params, say, resumed) -> None:  # noqa: ANN001
+def _rebuild(root, journal, plan, ids, params, say, resumed) -> None:
     if not plan.changes_data:
         journal.results["checks"] = []
         return
@@ -138,7 +141,7 @@ def _rebuild(root, journal, plan, ids, params, say, resumed) -> None:  # noqa: A
                                                    None if resumed else ran, ids)
 
 
-def _register(root, journal, plan, ids, params, say, resumed) -> None:  # noqa: ANN001
+def _register(root, journal, plan, ids, params, say, resumed) -> None:
     if not plan.changes_data:
         return
     from mlflow import MlflowClient
@@ -161,7 +164,7 @@ def _register(root, journal, plan, ids, params, say, resumed) -> None:  # noqa: 
         f"{version.tags.get('gate_reason', '')}")
 
 
-def _purge(root, journal, plan, ids, params, say, resumed) -> None:  # noqa: ANN001
+def _purge(root, journal, plan, ids, params, say, resumed) -> None:
     from pipeline import purge
 
     if not plan.changes_data:
@@ -186,7 +189,7 @@ def _purge(root, journal, plan, ids, params, say, resumed) -> None:  # noqa: ANN
         f"{len(models.get('deleted_model_versions', []))} model version(s)")
 
 
-def _audit(root, journal, plan, ids, params, say, resumed) -> None:  # noqa: ANN001
+def _audit(root, journal, plan, ids, params, say, resumed) -> None:
     log = audit_log(root)
     keys = key_dir(root, params)
     hmac_key = load_or_create_audit_key(keys / "audit.key")

@@ -24,7 +24,7 @@ from pipeline.dataset import (
     read_samples,
     write_table,
 )
-from stages.project import PARAMS, REFERENCE, TEST, raw_path, sync_generated
+from stages.project import PARAMS, REFERENCE, TEST, check_params, raw_path, sync_generated
 
 TEMPLATE = Path(__file__).resolve().parent.parent  # the checkout's dvc.yaml and params.yaml are the template
 GITIGNORE = "/mlflow.db\n/mlartifacts/\n/.legonet/\n"
@@ -130,11 +130,13 @@ def _validated_files(params_path: Path, data: Path | None, reference: Path | Non
     derived: dict[str, Any] = {"data.modality": modality}
     if modality == "text" and params["encoder"]["name"] != "minilm":
         derived["encoder.name"] = "minilm"
-    if data is not None and not user_classes:  # a table without `label` is refused by check_samples below
-        derived["data.classes"] = sorted({int(v) for f in frames.values() if "label" in f.columns
-                                          for v in pd.to_numeric(f["label"], errors="coerce").dropna()})
+    labels = sorted({int(v) for f in frames.values() if "label" in f.columns
+                     for v in pd.to_numeric(f["label"], errors="coerce").dropna()})
+    if data is not None and not user_classes and labels:  # no labels at all: check_samples names the problem
+        derived["data.classes"] = labels
     set_params(params_path, derived)
     params = YAML(typ="safe").load(params_path.read_text())
+    check_params(params)
     shape = params["data"].get("image_shape")
     checked = {name: check_samples(frame, sources[name], modality, params["data"]["classes"], shape)
                for name, frame in frames.items()}

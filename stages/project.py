@@ -50,6 +50,30 @@ def load_params(root: Path = Path()) -> dict[str, Any]:
     return params
 
 
+def check_params(params: dict[str, Any]) -> None:
+    """Catch impossible settings before any stage runs, with the key and the fix in the message."""
+    from pipeline.encoder import ENCODERS
+
+    try:
+        name, n, k = params["encoder"]["name"], int(params["adapters"]["n"]), int(params["adapters"]["k"])
+        modality, partitions = params["data"]["modality"], int(params["data"]["partitions"])
+        classes = list(params["data"]["classes"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ParamsError(f"params.yaml: missing or malformed key {exc}; compare with the template") from exc
+    if name not in ENCODERS:
+        raise ParamsError(f"params.yaml: encoder.name {name!r} is not an encoder legonet ships; "
+                          f"valid encoders: {', '.join(sorted(ENCODERS))}")
+    if ENCODERS[name] != modality:
+        raise ParamsError(f"params.yaml: encoder.name {name!r} encodes {ENCODERS[name]}, but data.modality is "
+                          f"{modality!r}")
+    if not 1 <= k <= n:
+        raise ParamsError(f"params.yaml: adapters.k={k} must be between 1 and adapters.n={n}")
+    if partitions < 1:
+        raise ParamsError(f"params.yaml: data.partitions={partitions} must be at least 1")
+    if len(classes) < 2 or len(set(classes)) != len(classes):
+        raise ParamsError(f"params.yaml: data.classes {classes} must list at least two distinct labels")
+
+
 def params_digest(root: Path = Path()) -> str:
     return hashlib.sha256((root / PARAMS).read_bytes()).hexdigest()
 
@@ -106,11 +130,13 @@ def sync_generated(root: Path = Path()) -> bool:
     path = root / PARAMS
     text = path.read_text()
     params = load_params(root)
+    check_params(params)
     lists = generated_lists(params)
     if all(params.get(k) == v for k, v in lists.items()):
         return False
     marker = f"# {GENERATED_NOTE}"
     head = text.split(marker)[0].rstrip() + "\n\n"
-    body = yaml.safe_dump(lists, sort_keys=True, default_flow_style=False)
+    # every ID double-quoted: YAML 1.2 (DVC's parser) reads a bare 0008 as the integer 8
+    body = yaml.dump(lists, sort_keys=True, default_flow_style=False, default_style='"', Dumper=yaml.SafeDumper)
     path.write_text(head + marker + "\n" + body)
     return True

@@ -34,7 +34,7 @@ def main(adapter: str) -> None:
         weights = train_adapter(features, labels, len(classes), seed, TrainParams(**train))
         # safetensors with no metadata is byte-stable (several metadata keys are written in random order)
         write_bytes_atomic(out, save(weights))
-        summary = {"adapter": j, "train_samples": int(len(frame)), "seed": seed,
+        summary = {"adapter": j, "train_samples": len(frame), "seed": seed,
                    "class_counts": {str(c): int((labels == i).sum()) for c, i in index.items()}}
         write_bytes_atomic(info, (json.dumps(summary, indent=1, sort_keys=True) + "\n").encode())
         run["train_samples"] = len(frame)

@@ -256,26 +256,28 @@ def test_mlflow_lineage_joins_dvc_lock(built_project: Path) -> None:
 # 6. bad input is refused before anything is written ----------------------------------------------------------------
 
 def _tiny_frame(tiny_data: Path) -> pd.DataFrame:
-    return read_table(tiny_data).iloc[:300].reset_index(drop=True)
+    return read_table(tiny_data).iloc[::4].reset_index(drop=True)  # 250 samples, every class
 
 
-def _missing_label(frame: pd.DataFrame) -> tuple[pd.DataFrame, str]:
-    return frame.drop(columns=["label"]), "'label'"
+def _missing_label(frame: pd.DataFrame) -> tuple[pd.DataFrame, str, dict]:
+    return frame.drop(columns=["label"]), "'label'", {}
 
 
-def _duplicate_id(frame: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+def _duplicate_id(frame: pd.DataFrame) -> tuple[pd.DataFrame, str, dict]:
     frame.loc[7, "sample_id"] = frame.loc[6, "sample_id"]
-    return frame, frame.loc[6, "sample_id"]
+    return frame, frame.loc[6, "sample_id"], {}
 
 
-def _unknown_label(frame: pd.DataFrame) -> tuple[pd.DataFrame, str]:
-    frame.loc[11, "label"] = 7
-    return frame, frame.loc[11, "sample_id"]
+def _unknown_label(frame: pd.DataFrame) -> tuple[pd.DataFrame, str, dict]:
+    """Classes given with --set are a contract: a label outside them is refused (not added to the classes)."""
+    frame = frame[frame["label"] != 9].reset_index(drop=True)
+    frame.loc[11, "label"] = 9
+    return frame, frame.loc[11, "sample_id"], {"data.classes": "[0,1,2,3,4,5,6,7,8]"}
 
 
-def _short_image(frame: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+def _short_image(frame: pd.DataFrame) -> tuple[pd.DataFrame, str, dict]:
     frame.at[5, "image"] = frame.at[5, "image"][:783]
-    return frame, frame.loc[5, "sample_id"]
+    return frame, frame.loc[5, "sample_id"], {}
 
 
 @pytest.mark.parametrize(("spoil", "suffix"), [
@@ -286,7 +288,7 @@ def _short_image(frame: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     (_short_image, ".csv"),
 ], ids=["missing-label", "duplicate-id", "label-not-in-classes", "image-783-bytes", "image-783-pixels-csv"])
 def test_init_refuses_bad_data_and_writes_nothing(tmp_path: Path, tiny_data: Path, spoil, suffix: str) -> None:
-    frame, named = spoil(_tiny_frame(tiny_data))
+    frame, named, overrides = spoil(_tiny_frame(tiny_data))
     bad = tmp_path / f"bad{suffix}"
     if suffix == ".csv":
         frame.assign(image=[" ".join(str(b) for b in image) for image in frame["image"]]).to_csv(bad, index=False)
@@ -295,7 +297,7 @@ def test_init_refuses_bad_data_and_writes_nothing(tmp_path: Path, tiny_data: Pat
     project = tmp_path / "project"
     project.mkdir()
 
-    result = legonet(*init_args(bad, {"data.classes": "[0,1]"}), cwd=project, check=False)
+    result = legonet(*init_args(bad, overrides), cwd=project, check=False)
     message = " ".join(result.stderr.split())  # rich may wrap a long line
     assert result.returncode == 3, (result.returncode, result.stderr)
     assert str(bad) in message and named in message, message
@@ -309,7 +311,7 @@ def test_init_force_with_bad_data_keeps_the_project(tmp_path: Path, tiny_data: P
     legonet(*init_args(tiny_data), cwd=project)
     before = project_digests(project)
     assert any(p.startswith("data/raw/") for p in before)
-    frame, named = _duplicate_id(_tiny_frame(tiny_data))
+    frame, named, _ = _duplicate_id(_tiny_frame(tiny_data))
     write_table(frame, bad := tmp_path / "bad.parquet")
 
     result = legonet(*init_args(bad), "--force", cwd=project, check=False)
@@ -317,12 +319,28 @@ def test_init_force_with_bad_data_keeps_the_project(tmp_path: Path, tiny_data: P
     assert project_digests(project) == before
 
 
-def test_unknown_encoder_fails_the_build_naming_valid_encoders(tmp_path: Path, tiny_data: Path) -> None:
-    legonet(*init_args(tiny_data, {"encoder.name": "resnet-9000"}), cwd=tmp_path)
-    result = legonet("build", cwd=tmp_path, check=False)
-    assert result.returncode == 5, (result.returncode, result.stdout, result.stderr)
+def test_unknown_encoder_is_refused_at_init_and_at_build(tmp_path: Path, tiny_data: Path) -> None:
+    valid = ("efficientnet-lite0", "minilm")
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    result = legonet(*init_args(tiny_data, {"encoder.name": "resnet-9000"}), cwd=fresh, check=False)
     message = " ".join(result.stderr.split())
-    assert "encoder" in message and "resnet-9000" in message, message
-    assert "efficientnet-lite0" in message and "minilm" in message, message
-    assert not (tmp_path / "models/encoder.onnx").exists()
-    assert not (tmp_path / "dvc.lock").exists()
+    assert result.returncode == 4 and "resnet-9000" in message and all(v in message for v in valid), message
+    assert list(fresh.iterdir()) == []
+
+    # A project whose params.yaml is edited afterwards: `legonet build` refuses before any stage runs, and plain
+    # `dvc repro` fails in the encoder stage; neither leaves an encoder file behind.
+    project = tmp_path / "project"
+    project.mkdir()
+    legonet(*init_args(tiny_data), cwd=project)
+    params = project / "params.yaml"
+    params.write_text(params.read_text().replace("name: efficientnet-lite0", "name: resnet-9000", 1))
+    assert "resnet-9000" in params.read_text()
+    build = legonet("build", cwd=project, check=False)
+    message = " ".join(build.stderr.split())
+    assert build.returncode != 0 and "resnet-9000" in message and all(v in message for v in valid), message
+    repro = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=project, capture_output=True, text=True)
+    output = repro.stdout + repro.stderr
+    assert repro.returncode != 0 and RUNNING.findall(output) == ["encoder"], output
+    assert "resnet-9000" in output and all(v in output for v in valid), output
+    assert not (project / "models/encoder.onnx").exists() and not (project / "dvc.lock").exists()

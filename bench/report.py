@@ -1,0 +1,468 @@
+"""Markdown tables, plots and the "where we stand" statement, rendered from one results JSON only.
+
+Every number written here is read from the results file; the paper's figures (issue 5) are quoted as such.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+PAPER = ("Paper (LegoNet, arXiv 2210.16023; CIFAR-10, ResNet-34 encoder), as quoted in issue 5: test accuracy full "
+         "fine-tune 95.97, SISA s=10 91.66, LegoNet n=100 k=10 90.11; frozen-encoder random shards (s=10) 88.32; "
+         "k=1/2/5/10 at n=100: 84.85/87.66/89.72/90.11; mean time of one unlearning: SISA s=10 951 s vs LegoNet "
+         "n=100 311 s (3.1x) and n=1000 123 s.")
+TITLES = {"mnist5k": "MNIST 5k (the pipeline's default data)", "fashion70k": "Fashion-MNIST 70k",
+          "wordnet": "WordNet noun glosses (26 lexicographer classes)", "mnist1k": "MNIST 1k (smoke)"}
+
+
+def pct(value: float) -> str:
+    return f"{100 * value:.2f}"
+
+
+def secs(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.3f}" if value < 1 else f"{value:.2f}" if value < 100 else f"{value:.0f}"
+
+
+def times(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}x" if value < 1000 else f"{value:.0f}x"
+
+
+def _systems(results: dict, dataset: str, kind: str | None = None) -> list[dict]:
+    return [s for s in results["datasets"][dataset]["systems"] if kind is None or s["system"] == kind]
+
+
+def _lego(results: dict, dataset: str, n: int, k: int) -> dict | None:
+    return next((s for s in _systems(results, dataset, "legonet") if s["n"] == n and s["k"] == k), None)
+
+
+def _sisa(results: dict, dataset: str, s: int) -> dict | None:
+    return next((x for x in _systems(results, dataset, "sisa") if x["s"] == s), None)
+
+
+def _acc(entry: dict) -> str:
+    a = entry["accuracy"]
+    spread = f" ± {pct(a['std'])}" if len(a["per_seed"]) > 1 else ""
+    rng = f" ({pct(a['min'])}-{pct(a['max'])})" if len(a["per_seed"]) > 1 else ""
+    return f"{pct(a['mean'])}{spread}{rng}"
+
+
+# ---------------------------------------------------------------------------------------------------- tables
+def system_table(results: dict, dataset: str) -> list[str]:
+    """Accuracy and the expected cost of forgetting one uniformly random sample (from per-head build times)."""
+    systems = _systems(results, dataset)
+    rebuild = any("speedup_vs_full_rebuild" in e["expected_forget_1"] for e in systems)
+    head = ["system", "heads", "test accuracy % (mean ± sd, min-max)", "rows per head (min-max)",
+            "E[forget 1]: heads / samples / params retrained", "E[forget 1]: compute s", "speedup vs probe"]
+    if rebuild:
+        head.append("speedup vs `dvc repro -f`")
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for e in systems:
+        x = e["expected_forget_1"]
+        cells = [e["label"], str(e["heads"]), _acc(e), f"{e['min_head_rows']:,}-{e['max_head_rows']:,}",
+                 f"{x['heads']:g} / {x['samples']:,} / {x['params']:,}", secs(x["seconds"]),
+                 "1x" if e["system"] == "probe" else times(x.get("speedup_vs_probe"))]
+        if rebuild:
+            cells.append(times(x.get("speedup_vs_full_rebuild")))
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
+def request_table(results: dict, dataset: str) -> list[str]:
+    """The measured forget of the same random requests in every system (seed 0)."""
+    sizes = list(results["config"]["request_sizes"])
+    systems = _systems(results, dataset)
+    rebuild = any("speedup_vs_full_rebuild" in f for e in systems for f in e["forget"].values())
+    head = ["system"]
+    for size in sizes:
+        head += [f"{size}: heads / samples / params retrained", f"{size}: compute s", f"{size}: vs probe"]
+        if rebuild:
+            head.append(f"{size}: vs `dvc repro -f`")
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for e in systems:
+        cells = [e["label"]]
+        for size in sizes:
+            f = e["forget"][str(size)]
+            cells += [f"{f['heads_retrained']} / {f['samples_retrained']:,} / {f['params_retrained']:,}",
+                      secs(f["retrain_seconds"]), "1x" if e["system"] == "probe" else times(f.get("speedup_vs_probe"))]
+            if rebuild:
+                cells.append(times(f.get("speedup_vs_full_rebuild")))
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
+def grid_table(results: dict, dataset: str) -> list[str]:
+    lego = _systems(results, dataset, "legonet")
+    ns = sorted({s["n"] for s in lego})
+    ks = sorted({s["k"] for s in lego})
+    rows = ["| n \\ k | " + " | ".join(f"k={k}" for k in ks) + " | SISA s=n |", "|" + "---|" * (len(ks) + 2)]
+    for n in ns:
+        cells = []
+        for k in ks:
+            e = _lego(results, dataset, n, k)
+            cells.append("-" if e is None else pct(e["accuracy"]["mean"]))
+        s = _sisa(results, dataset, n)
+        rows.append(f"| n={n} | " + " | ".join(cells) + f" | {'-' if s is None else pct(s['accuracy']['mean'])} |")
+    return rows
+
+
+def sequential_table(results: dict, dataset: str) -> list[str]:
+    seq = [s for s in _systems(results, dataset) if s.get("sequential")]
+    if not seq:
+        return []
+    rows = ["| system | requests | accuracy % before → after | heads retrained (total) | samples retrained (total) "
+            "| retrain compute s (total / mean per request) |", "|---|---|---|---|---|---|"]
+    for e in seq:
+        q = e["sequential"]
+        note = " (extrapolated: 1 measured full retrain x requests)" if q.get("extrapolated_total") else ""
+        rows.append(f"| {e['label']} | {q['requests']} | {pct(q['accuracy_before'])} → {pct(q['accuracy_after'])} | "
+                    f"{q['heads_retrained_total']:,} | {q['samples_retrained_total']:,} | "
+                    f"{secs(q['retrain_seconds_total'])} / {secs(q['retrain_seconds_mean'])}{note} |")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------- statement
+def statement(results: dict) -> list[str]:
+    out: list[str] = []
+    for dataset in results["datasets"]:
+        title = TITLES.get(dataset, dataset)
+        probe = _systems(results, dataset, "probe")[0]
+        lines = [f"**{title}.** Linear probe (ceiling on these frozen features): {pct(probe['accuracy']['mean'])}%."]
+        equal = []
+        for n in sorted({s["n"] for s in _systems(results, dataset, "legonet")}):
+            sisa = _sisa(results, dataset, n)
+            ks = [e for e in _systems(results, dataset, "legonet") if e["n"] == n]
+            if sisa is None or not ks:
+                continue
+            k1 = next((e for e in ks if e["k"] == 1), None)
+            best = max((e for e in ks if e["k"] > 1), key=lambda e: e["accuracy"]["mean"], default=None)
+            parts = [f"n={n}: SISA {pct(sisa['accuracy']['mean'])}"]
+            if k1 is not None:
+                parts.append(f"LegoNet k=1 {pct(k1['accuracy']['mean'])} "
+                             f"({100 * (k1['accuracy']['mean'] - sisa['accuracy']['mean']):+.2f} pt)")
+            if best is not None:
+                parts.append(f"best k>1 (k={best['k']}) {pct(best['accuracy']['mean'])} "
+                             f"({100 * (best['accuracy']['mean'] - sisa['accuracy']['mean']):+.2f} pt)")
+            equal.append((n, sisa, k1, best))
+            lines.append("  - " + ", ".join(parts))
+        if equal:
+            wins = sum(1 for _, s, _, b in equal if b is not None and b["accuracy"]["mean"] > s["accuracy"]["mean"])
+            k1wins = sum(1 for _, s, k1, _ in equal
+                         if k1 is not None and k1["accuracy"]["mean"] > s["accuracy"]["mean"])
+            lines.insert(1, f"At equal head count, the best k>1 LegoNet beats random shards (SISA) at {wins} of "
+                            f"{len(equal)} n; routing alone (k=1) beats them at {k1wins} of {len(equal)} n:")
+        n100 = [e for e in _systems(results, dataset, "legonet") if e["n"] == 100]
+        if n100:
+            lines.append("  - k sweep at n=100 (paper: 84.85/87.66/89.72/90.11 for k=1/2/5/10): "
+                         + "/".join(pct(e["accuracy"]["mean"]) for e in sorted(n100, key=lambda e: e["k"]))
+                         + " for k=" + "/".join(str(e["k"]) for e in sorted(n100, key=lambda e: e["k"])) + ".")
+        sisa10 = _sisa(results, dataset, 10)
+        if sisa10 is not None and n100:
+            f1 = sisa10["expected_forget_1"]["seconds"]
+            parts = [f"k={e['k']} {secs(e['expected_forget_1']['seconds'])} s "
+                     f"({f1 / e['expected_forget_1']['seconds']:.1f}x)"
+                     for e in sorted(n100, key=lambda e: e["k"]) if e["expected_forget_1"]["seconds"] > 0]
+            lines.append(f"  - mean compute of one unlearning (expected over a random sample), SISA s=10 {secs(f1)} s "
+                         f"vs LegoNet n=100: {', '.join(parts)} (paper: 951 s vs 311 s, 3.1x faster). LegoNet retrains "
+                         "k heads of about kN/n rows each, SISA one head of N/s rows.")
+        out += [*lines, ""]
+    project = results.get("project")
+    if project:
+        out += project_statement(project)
+    return out
+
+
+def project_statement(project: dict) -> list[str]:
+    repro = project["repro_force"]["seconds"]
+    lines = [f"**End to end (real project, {project['train_samples']} train samples, "
+             f"n={project['params']['adapters.n']}, k={project['params']['adapters.k']}).** "
+             f"`dvc repro -f` (retrain from scratch): {secs(repro)} s."]
+    for size, f in project["forget"].items():
+        floor = f.get("compute_floor", {})
+        t = f["breakdown"]["totals"]
+        kinds = f["breakdown"]["by_stage_kind"]
+        train = kinds.get("train", {})
+        package = kinds.get("package", {})
+        other_bodies = t["repro_stage_bodies"] - train.get("body", 0.0) - package.get("body", 0.0)
+        dvc = t["remove_rows_and_dvc_add"] + t["repro_dvc_per_stage"] - package.get("dvc", 0.0) + \
+            t["repro_dvc_outside_stages_and_checks"]
+        mlflow = package.get("wall", 0.0) + t["register_mlflow"]
+        startup = t["repro_stage_startup_imports"] - package.get("startup_imports", 0.0) + \
+            t["cli_startup_and_unaccounted"]
+        floor_s = floor.get("retrain_seconds")
+        wall = f["wall_seconds"]
+        parts = [f"`legonet forget` of {size} sample(s): {secs(wall)} s wall "
+                 f"({times(repro / wall)} faster than `dvc repro -f`), {len(f['retrained_adapters'])} adapter(s) "
+                 f"retrained, {len(f['stages_run'])} DVC stages run."]
+        if floor_s is not None:
+            parts.append(f"The compute floor (the same adapters retrained in-process) is {secs(floor_s)} s, "
+                         f"{100 * floor_s / wall:.1f}% of the wall time. The rest:")
+        train_extra = train.get("body", 0.0) - (floor_s or 0.0)
+        parts.append(
+            f"train stage bodies beyond the floor (torch import, shard read, digests, write) {secs(train_extra)} s; "
+            f"other stage bodies (re-encode partition(s), assign, baseline probe retrain, evaluate) "
+            f"{secs(other_bodies)} s, of which baseline {secs(kinds.get('baseline', {}).get('body', 0.0))} s; "
+            f"process start-up and imports {secs(startup)} s (stages, calibrated, plus the CLI's own); "
+            f"DVC (row removal + `dvc add`, per-stage hashing/caching/lock, repro start and checks) {secs(dvc)} s; "
+            f"MLflow (package stage + registration) {secs(mlflow)} s; purge (DVC objects + MLflow versions) "
+            f"{secs(t['purge_dvc_and_mlflow'])} s; audit record + git {secs(t['audit_sign_and_git'])} s.")
+        lines.append("- " + " ".join(parts))
+    return [*lines, ""]
+
+
+# ---------------------------------------------------------------------------------------------------- project
+def project_tables(project: dict) -> list[str]:
+    repro = project["repro_force"]
+    kinds: dict[str, list[float]] = {}
+    for stage, seconds in repro["stage_seconds"].items():
+        kinds.setdefault(stage.split("@")[0], []).append(seconds)
+    lines = [f"`legonet init` {secs(project['init_seconds'])} s; `dvc repro -f` {secs(repro['seconds'])} s for "
+             f"{repro['stages_run']} stages (test accuracy after it: {pct(project['accuracy_after_repro'])}%). "
+             f"Params: {project['params']}.", ""]
+    if project.get("workaround_quoted_adapter_ids"):
+        lines += ["*Workaround applied:* the generated adapter IDs in `params.yaml` were quoted before the build "
+                  "(`0008`, `0009`, `0018`, ... are read as integers by DVC's YAML 1.2 parser, so `train@8` fails "
+                  "with n >= 9; reported to the lead).", ""]
+    lines += ["| `dvc repro -f` stage kind | count | wall s (sum) | mean s |", "|---|---|---|---|"]
+    for kind, values in kinds.items():
+        lines.append(f"| {kind} | {len(values)} | {secs(sum(values))} | {secs(sum(values) / len(values))} |")
+    cal = project["calibration"]
+    lines += ["", f"Calibration (best of 2 fresh processes): python start-up {secs(cal['python_startup'])} s, "
+                  f"`import torch` {secs(cal['import_torch'])} s, `import mlflow` {secs(cal['import_mlflow'])} s, "
+                  f"`dvc --version` {secs(cal['dvc_version_cli'])} s, the `legonet forget` CLI's imports "
+                  f"{secs(cal['legonet_cli_imports'])} s; stage modules: "
+                  + ", ".join(f"{k} {secs(v)} s" for k, v in cal["stage_imports"].items()) + ".", ""]
+    sizes = list(project["forget"])
+    head = ["where the time goes (s)", *[f"forget {s}" for s in sizes]]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = [("wall time of `legonet forget --profile`", lambda f: f["wall_seconds"]),
+            ("compute floor: the same adapters retrained in-process",
+             lambda f: f.get("compute_floor", {}).get("retrain_seconds")),
+            ("CLI start-up + unaccounted (wall - phases)",
+             lambda f: f["breakdown"]["totals"]["cli_startup_and_unaccounted"]),
+            ("validate + lock", lambda f: f["breakdown"]["totals"]["validate_and_lock"]),
+            ("remove rows + `dvc add`", lambda f: f["breakdown"]["totals"]["remove_rows_and_dvc_add"]),
+            ("rebuild: stage bodies (MLflow `stage_seconds`)",
+             lambda f: f["breakdown"]["totals"]["repro_stage_bodies"]),
+            ("rebuild: stage process start-up + imports (calibrated)",
+             lambda f: f["breakdown"]["totals"]["repro_stage_startup_imports"]),
+            ("rebuild: rest of each stage's wall (DVC hashing/cache/lock; for package: MLflow import + flush)",
+             lambda f: f["breakdown"]["totals"]["repro_dvc_per_stage"]),
+            ("rebuild: DVC outside stages + exactness checks",
+             lambda f: f["breakdown"]["totals"]["repro_dvc_outside_stages_and_checks"]),
+            ("register (MLflow)", lambda f: f["breakdown"]["totals"]["register_mlflow"]),
+            ("purge (DVC cache/remote + MLflow versions)", lambda f: f["breakdown"]["totals"]["purge_dvc_and_mlflow"]),
+            ("audit record + git commit", lambda f: f["breakdown"]["totals"]["audit_sign_and_git"])]
+    for label, get in rows:
+        lines.append(f"| {label} | " + " | ".join(secs(get(project["forget"][s])) for s in sizes) + " |")
+    kinds_all = sorted({k for s in sizes for k in project["forget"][s]["breakdown"]["by_stage_kind"]})
+    lines += ["", "Per stage kind inside the forget's `dvc repro` (count: wall = body + start-up/imports + rest):", ""]
+    lines += ["| stage kind | " + " | ".join(f"forget {s}" for s in sizes) + " |", "|" + "---|" * (len(sizes) + 1)]
+    for kind in kinds_all:
+        cells = []
+        for s in sizes:
+            row = project["forget"][s]["breakdown"]["by_stage_kind"].get(kind)
+            cells.append("-" if row is None else f"{row['count']}: {secs(row['wall'])} = {secs(row['body'])} + "
+                                                 f"{secs(row['startup_imports'])} + {secs(row['dvc'])}")
+        lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for s in sizes:
+        floor = project["forget"][s].get("compute_floor")
+        if floor:
+            lines.append(f"- forget {s}: in-process routing picks the same adapters as the pipeline: "
+                         f"{floor['same_adapters_as_pipeline']}; in-process accuracy after equals the pipeline's "
+                         f"`metrics/evaluate.json`: {floor['same_accuracy_as_pipeline']} "
+                         f"({pct(floor['accuracy_after_in_process'])}% vs "
+                         f"{pct(project['forget'][s]['accuracy_after'])}%).")
+    return [*lines, ""]
+
+
+# ---------------------------------------------------------------------------------------------------- plots
+def plots(results: dict, out_dir: Path) -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(results["datasets"])
+    name = results["name"]
+    files: dict[str, Path] = {}
+    cmap = plt.get_cmap("viridis")
+
+    def grid(title: str) -> tuple:
+        fig, axes = plt.subplots(1, len(datasets), figsize=(5.2 * len(datasets), 4.2), squeeze=False)
+        fig.suptitle(title)
+        return fig, axes[0]
+
+    # accuracy vs forget compute time (1-sample request)
+    size = str(results["config"]["request_sizes"][0])
+    fig, axes = grid(f"test accuracy vs compute to forget {size} sample(s) (seed 0 timing, mean accuracy)")
+    for ax, dataset in zip(axes, datasets, strict=True):
+        ks = sorted({s["k"] for s in _systems(results, dataset, "legonet")}) or [1]
+        for e in _systems(results, dataset):
+            t = max(e["forget"][size]["retrain_seconds"], 1e-4)
+            acc = 100 * e["accuracy"]["mean"]
+            if e["system"] == "probe":
+                ax.scatter(t, acc, marker="*", s=160, color="black", label="probe (full retrain)", zorder=3)
+            elif e["system"] == "sisa":
+                ax.scatter(t, acc, marker="s", color="tab:red", label="SISA", zorder=3)
+                ax.annotate(f"s={e['s']}", (t, acc), fontsize=7, xytext=(3, -8), textcoords="offset points")
+            else:
+                color = cmap(ks.index(e["k"]) / max(1, len(ks) - 1))
+                ax.scatter(t, acc, color=color, s=12 + 4 * math.log2(e["n"]) ** 2, label=f"LegoNet k={e['k']}",
+                           zorder=2, alpha=0.85)
+        handles, labels = ax.get_legend_handles_labels()
+        unique = dict(zip(labels, handles, strict=True))
+        ax.legend(unique.values(), unique.keys(), fontsize=7)
+        ax.set_xscale("log")
+        ax.set_xlabel("retrain compute for the request (s, log)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(TITLES.get(dataset, dataset), fontsize=9)
+        ax.grid(alpha=0.3)
+    files["tradeoff"] = _save(fig, out_dir / f"{name}-accuracy-vs-forget-time.png")
+
+    # k sweep
+    fig, axes = grid("k sweep: accuracy vs k per n (error bars: sd over seeds; dotted: SISA with s=n)")
+    for ax, dataset in zip(axes, datasets, strict=True):
+        ns = sorted({s["n"] for s in _systems(results, dataset, "legonet")})
+        for i, n in enumerate(ns):
+            color = cmap(i / max(1, len(ns) - 1))
+            es = sorted((e for e in _systems(results, dataset, "legonet") if e["n"] == n), key=lambda e: e["k"])
+            ax.errorbar([e["k"] for e in es], [100 * e["accuracy"]["mean"] for e in es],
+                        yerr=[100 * e["accuracy"]["std"] for e in es], marker="o", color=color, label=f"n={n}",
+                        capsize=2)
+            sisa = _sisa(results, dataset, n)
+            if sisa is not None:
+                ax.axhline(100 * sisa["accuracy"]["mean"], color=color, linestyle=":", linewidth=1)
+        probe = _systems(results, dataset, "probe")[0]
+        ax.axhline(100 * probe["accuracy"]["mean"], color="black", linestyle="--", linewidth=1, label="probe")
+        ax.set_xlabel("k (adapters per sample)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(TITLES.get(dataset, dataset), fontsize=9)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    files["k_sweep"] = _save(fig, out_dir / f"{name}-k-sweep.png")
+
+    # n sweep
+    fig, axes = grid("n sweep: accuracy vs number of heads (LegoNet per k, SISA per s)")
+    for ax, dataset in zip(axes, datasets, strict=True):
+        ks = sorted({s["k"] for s in _systems(results, dataset, "legonet")})
+        for i, k in enumerate(ks):
+            es = sorted((e for e in _systems(results, dataset, "legonet") if e["k"] == k), key=lambda e: e["n"])
+            ax.errorbar([e["n"] for e in es], [100 * e["accuracy"]["mean"] for e in es],
+                        yerr=[100 * e["accuracy"]["std"] for e in es], marker="o",
+                        color=cmap(i / max(1, len(ks) - 1)), label=f"LegoNet k={k}", capsize=2)
+        sisa = sorted(_systems(results, dataset, "sisa"), key=lambda e: e["s"])
+        if sisa:
+            ax.errorbar([e["s"] for e in sisa], [100 * e["accuracy"]["mean"] for e in sisa],
+                        yerr=[100 * e["accuracy"]["std"] for e in sisa], marker="s", color="tab:red",
+                        label="SISA (s heads)", capsize=2)
+        probe = _systems(results, dataset, "probe")[0]
+        ax.axhline(100 * probe["accuracy"]["mean"], color="black", linestyle="--", linewidth=1, label="probe")
+        ax.set_xscale("log")
+        ax.set_xlabel("heads (n or s, log)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(TITLES.get(dataset, dataset), fontsize=9)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    files["n_sweep"] = _save(fig, out_dir / f"{name}-n-sweep.png")
+    return files
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------- document
+def write_report(results: dict, results_dir: Path, docs: Path) -> Path:
+    files = plots(results, results_dir)
+    docs.parent.mkdir(parents=True, exist_ok=True)
+    rel = {k: os.path.relpath(v, docs.parent) for k, v in files.items()}
+    m, v, cfg = results["machine"], results["versions"], results["config"]
+    json_rel = os.path.relpath(results_dir / f"{results['name']}.json", docs.parent)
+    lines = [
+        "# Benchmarks: exact unlearning speed and accuracy vs full retraining and SISA",
+        "",
+        f"Generated by `python -m bench` from [`{json_rel}`]({json_rel}); every number below comes from that run "
+        "(the paper's are quoted as the paper's). Issue 5.",
+        "",
+        "## How it was run",
+        "",
+        f"- Command: `{results['command']}` (mode `{results['mode']}`), from the repository root.",
+        f"- Date: {results['started_at']} → {results['finished_at']} (UTC); wall time "
+        f"{secs(results['wall_seconds'])} s "
+        f"(per part: {', '.join(f'{k} {secs(s)} s' for k, s in results.get('phase_seconds', {}).items())}).",
+        f"- Machine: {m['nproc']} CPUs (nproc), {m['cpu_model']} ({m['cpu_isa']}), {m['mem_gib']} GiB RAM, "
+        f"{m['platform']}, Python {m['python']}. Load average at start {results['load_average_start']}, at end "
+        f"{results['load_average_end']}: the machine is shared, so absolute times carry that noise; systems were "
+        "measured one after another in one process.",
+        f"- Versions: {', '.join(f'{k} {x}' for k, x in v.items() if x)}; code revision {results['git_revision']}.",
+        f"- Grid: seeds {cfg['seeds']} (a seed changes adapter/head seeds and the SISA assignment; keys and projection "
+        f"are fitted once on the reference split), LegoNet n ∈ {cfg['n']} x k ∈ {cfg['k']} (k ≤ n), SISA s ∈ "
+        f"{sorted(cfg['sisa'])}, forget requests of {cfg['request_sizes']} random train samples (timed on seed 0), "
+        f"{cfg['sequential']} sequential single-sample requests on {cfg['sequential_systems']} (seed 0).",
+        f"- Training params (from `params.yaml`): adapters/SISA heads {results['params']['adapters']['train']}; "
+        f"probe {results['params']['baseline']} (as the pipeline's `baseline` stage); projection "
+        f"{results['params']['projection']}; keys {results['params']['keys']}; splits reference "
+        f"{results['params']['data']['reference_fraction']} / test {results['params']['data']['test_fraction']} by "
+        "`pipeline.dataset.split_of`.",
+        "- Method: every dataset is encoded once with the pipeline's exported ONNX encoder (`pipeline.encoder`), "
+        "cached by encoder-file and dataset digest; projection and keys by `pipeline.keys` on the reference split "
+        "only; routing by `pipeline.routing.route`/`shard`; every head by `pipeline.adapters.train_adapter` with "
+        "`adapter_seed`; LegoNet prediction by `pipeline.ensemble.Ensemble`. All systems see the same projected "
+        "features. *Forget compute* is the time to retrain exactly the affected heads in-process on their rows minus "
+        "the forgotten ones (the exact unlearning of each system; for the probe a full retrain). *Samples retrained* "
+        "counts rows read by the retraining (a LegoNet sample sits in k heads).",
+        "",
+        "## Where we stand against the paper",
+        "",
+        PAPER,
+        "",
+        *statement(results),
+    ]
+    for dataset, block in results["datasets"].items():
+        info = block["info"]
+        lines += [
+            f"## {TITLES.get(dataset, dataset)}",
+            "",
+            f"{info['samples']:,} samples ({info['source']}): {info['train']:,} train, {info['reference']:,} "
+            f"reference, {info['test']:,} test; {len(info['classes'])} classes; encoder {info['encoder']}"
+            + (f" at {info['image_size']} px" if info.get("image_size") else "")
+            + f" ({info['encoder_dim']}-d, ONNX sha256 {info['encoder_onnx_sha256'][:12]}…) projected to "
+            f"{info['projection_dim']}-d. Embeddings {'from the cache' if info['cached'] else 'encoded in this run'}"
+            + (f" (encoding took {secs(info['encode_seconds_when_cached'])} s when first made)"
+               if info.get("encode_seconds_when_cached") is not None else "") + ".",
+            "",
+            "Accuracy, and the expected cost of forgetting one uniformly random train sample (head j is hit with "
+            "probability |S_j|/N; compute = that mix of the heads' measured training times, seed 0):",
+            "",
+            *system_table(results, dataset),
+            "",
+            "Measured: the same random requests forgotten in every system (seed 0; retrain compute only):",
+            "",
+            *request_table(results, dataset),
+            "",
+            "LegoNet accuracy (%) over the grid, with SISA at the same number of heads:",
+            "",
+            *grid_table(results, dataset),
+            "",
+        ]
+        seq = sequential_table(results, dataset)
+        if seq:
+            lines += ["Sequential single-sample requests (each retrains only the heads it touches):", "", *seq, ""]
+    if results.get("project"):
+        lines += ["## System 4: the real pipeline (DVC + MLflow) on the default data", "",
+                  *project_tables(results["project"])]
+    lines += ["## Plots", "", f"![accuracy vs forget time]({rel['tradeoff']})", "", f"![k sweep]({rel['k_sweep']})",
+              "", f"![n sweep]({rel['n_sweep']})", ""]
+    docs.write_text("\n".join(lines))
+    return docs

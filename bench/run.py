@@ -1,0 +1,401 @@
+"""One benchmark run: every dataset and system of the chosen mode, then the real project, into one JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from bench.data import LOADERS, encode
+from bench.systems import (
+    Features,
+    HeadSystem,
+    LegoNet,
+    Probe,
+    Request,
+    Sisa,
+    forget_once,
+    nearest_keys,
+    sequential,
+)
+from pipeline.adapters import TrainParams
+from pipeline.dataset import SplitFractions
+from pipeline.keys import fit_keys, fit_projection, project
+
+REPO = Path(__file__).resolve().parent.parent
+SCHEMA = "legonet-bench/1"
+
+
+@dataclass
+class Config:
+    """What one run measures. ``MODES`` holds the presets; the CLI can override single fields."""
+
+    mode: str
+    datasets: list[str]
+    seeds: int
+    n: list[int]
+    k: list[int]
+    sisa: list[int]
+    request_sizes: list[int]
+    sequential: int
+    sequential_systems: list[str]  # "sisa:10", "legonet:100:3", "probe"
+    project: bool
+    project_overrides: dict[str, object] = field(default_factory=dict)
+    project_request_sizes: list[int] = field(default_factory=lambda: [1, 100])
+    image_size: int | None = None  # None: params.yaml's encoder.image_size
+    request_seed: int = 20261127
+    checkpoints: int = 5
+    params_overrides: dict[str, object] = field(default_factory=dict)  # dotted params.yaml keys (smoke only)
+
+
+MODES: dict[str, Config] = {
+    "full": Config("full", ["mnist5k", "fashion70k", "wordnet"], 3, [16, 32, 100, 256], [1, 2, 3, 5, 10],
+                   [5, 10, 20, 16, 32, 100, 256], [1, 100], 500, ["sisa:10", "legonet:100:3", "probe"], True),
+    "quick": Config("quick", ["mnist5k"], 1, [16, 32], [1, 3], [5, 10, 16], [1, 100], 20,
+                    ["sisa:10", "legonet:32:3", "probe"], True,
+                    {"adapters.n": 8, "data.partitions": 2}, [1]),
+    "smoke": Config("smoke", ["mnist1k"], 1, [4, 8], [1, 2], [2, 4], [1, 20], 5, ["sisa:4", "legonet:8:2", "probe"],
+                    False, image_size=32, checkpoints=1, params_overrides={"projection.dim": 32}),
+}
+
+
+def load_params(overrides: dict[str, object] | None = None) -> dict:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for dotted, value in (overrides or {}).items():
+        node = params
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        if leaf not in node:
+            raise KeyError(f"params.yaml has no key {dotted}")
+        node[leaf] = value
+    return params
+
+
+def stats(values: list[float]) -> dict:
+    arr = np.asarray(values, dtype=np.float64)
+    return {"per_seed": [float(v) for v in arr], "mean": float(arr.mean()),
+            "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0, "min": float(arr.min()), "max": float(arr.max())}
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    flags: list[str] = []
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name") and cpu == "unknown":
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = [f for f in ("avx2", "avx512f", "fma") if f in line.split(":", 1)[1].split()]
+    mem = None
+    meminfo = Path("/proc/meminfo")
+    if meminfo.is_file():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem = round(int(line.split()[1]) / 1024**2, 1)
+    return {"nproc": os.cpu_count(), "cpu_model": cpu, "cpu_isa": ",".join(flags), "mem_gib": mem,
+            "platform": platform.platform(), "python": platform.python_version(), "hostname": platform.node()}
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "numpy", "onnxruntime", "onnx", "pandas", "pyarrow", "dvc", "mlflow", "safetensors",
+                 "matplotlib", "tokenizers", "efficientnet-lite-pytorch"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_revision() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return rev.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def load() -> list[float]:
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+class Runner:
+    def __init__(self, config: Config, cache: Path, say: Callable[[str], None]):
+        self.config, self.cache, self.say = config, cache, say
+        self.params = load_params(config.params_overrides)
+        self.adapter_params = TrainParams(**self.params["adapters"]["train"])
+        base = self.params["baseline"]
+        self.probe_params = TrainParams(hidden=0, threads=int(self.params["adapters"]["train"]["threads"]),
+                                        epochs=base["epochs"], lr=base["lr"], weight_decay=base["weight_decay"],
+                                        batch_size=base["batch_size"])
+        self.kept: dict[tuple, HeadSystem] = {}  # seed-0 systems kept for the sequential runs and the project
+
+    # ------------------------------------------------------------------ datasets
+    def features(self, name: str) -> tuple[Features, dict]:
+        data = self.params["data"]
+        fractions = SplitFractions(float(data["reference_fraction"]), float(data["test_fraction"]))
+        image_size = self.config.image_size or int(self.params["encoder"]["image_size"])
+        dataset = LOADERS[name]()
+        encoded = encode(dataset, self.cache, image_size, int(self.params["encoder"]["threads"]), fractions,
+                         self.say)
+        started = time.perf_counter()
+        split = encoded.split
+        projection = fit_projection(encoded.embeddings[split == "reference"], int(self.params["projection"]["dim"]))
+        points = project(encoded.embeddings, projection)
+        features = Features(name, len(dataset.class_names), encoded.sample_ids[split == "train"],
+                            points[split == "train"], encoded.labels[split == "train"],
+                            points[split == "test"], encoded.labels[split == "test"], points[split == "reference"])
+        info = {**encoded.info, "source": dataset.source, "modality": dataset.modality, "samples": len(split),
+                "reference": int((split == "reference").sum()), "test": int((split == "test").sum()),
+                "train": int((split == "train").sum()), "classes": dataset.class_names,
+                "projection_dim": int(points.shape[1]), "projection_seconds": round(time.perf_counter() - started, 3),
+                "train_class_counts": np.bincount(features.train_y, minlength=len(dataset.class_names)).tolist()}
+        return features, info
+
+    def requests(self, features: Features) -> tuple[dict[str, Request], np.ndarray]:
+        rng = np.random.default_rng(self.config.request_seed)
+        order = rng.permutation(len(features.train_y))
+        out, start = {}, 0
+        for size in self.config.request_sizes:
+            out[str(size)] = Request(str(size), np.sort(order[start:start + size]))
+            start += size
+        return out, order[start:start + self.config.sequential]
+
+    # ------------------------------------------------------------------ systems
+    def measure(self, label: str, make: Callable[[int], HeadSystem], requests: dict[str, Request],
+                probe_times: dict[str, float] | None, keep: tuple | None) -> dict:
+        accuracy, build = [], []
+        entry: dict = {}
+        for seed in range(self.config.seeds):
+            system = make(seed)
+            seconds = system.build()
+            accuracy.append(system.accuracy())
+            build.append(seconds)
+            if seed == 0:
+                entry.update(system.describe())
+                entry["expected_forget_1"] = system.expected_single()
+                if probe_times is not None and entry["expected_forget_1"]["seconds"] > 0:
+                    entry["expected_forget_1"]["speedup_vs_probe"] = round(
+                        probe_times["expected"] / entry["expected_forget_1"]["seconds"], 3)
+                entry["forget"] = {}
+                for size, request in requests.items():
+                    base = None if probe_times is None else probe_times.get(size)
+                    entry["forget"][size] = forget_once(system, request, base)
+                if keep is not None:
+                    self.kept[keep] = system
+        entry["accuracy"] = stats(accuracy)
+        entry["build_seconds"] = stats(build)
+        forget = ", ".join(f"{s}: {v['retrain_seconds']:.2f} s/{v['heads_retrained']} heads"
+                           for s, v in entry["forget"].items())
+        self.say(f"    {label:<22} acc {entry['accuracy']['mean']:.4f} ±{entry['accuracy']['std']:.4f}  "
+                 f"build {entry['build_seconds']['mean']:.1f} s  forget [{forget}]  load {load()}")
+        return entry
+
+    def dataset(self, name: str, project_config: tuple[int, int] | None) -> dict:
+        cfg = self.config
+        self.say(f"dataset {name}")
+        features, info = self.features(name)
+        self.say(f"  {info['samples']} samples: {info['train']} train, {info['reference']} reference, "
+                 f"{info['test']} test; {len(info['classes'])} classes; projected to {info['projection_dim']}")
+        requests, seq_rows = self.requests(features)
+        systems: list[dict] = []
+        want_seq = set(cfg.sequential_systems)
+
+        probe = self.measure("probe", lambda seed: Probe(features, self.probe_params, seed), requests, None,
+                             (name, "probe") if "probe" in want_seq else None)
+        probe_times = {size: v["retrain_seconds"] for size, v in probe["forget"].items()}
+        probe_times["expected"] = probe["expected_forget_1"]["seconds"]
+        systems.append({"system": "probe", "label": "linear probe (all data)", **probe})
+
+        for s in cfg.sisa:
+            if s > len(features.train_y):
+                continue
+            entry = self.measure(f"SISA s={s}", lambda seed, s=s: Sisa(features, self.adapter_params, seed, s),
+                                 requests, probe_times, (name, f"sisa:{s}"))
+            systems.append({"system": "sisa", "s": s, "label": f"SISA s={s}", **entry})
+
+        grid = {(n, k) for n in cfg.n for k in cfg.k if k <= n}
+        if project_config is not None:
+            grid.add(project_config)
+        kp = self.params["keys"]
+        for n in sorted({n for n, _ in grid}):
+            if n > len(features.reference_x):
+                self.say(f"  skip n={n}: only {len(features.reference_x)} reference samples")
+                continue
+            started = time.perf_counter()
+            keys = fit_keys(features.reference_x, n, int(kp["seed"]), int(kp["iterations"]))
+            keys_seconds = time.perf_counter() - started
+            ks = sorted(k for m, k in grid if m == n)
+            nearest = nearest_keys(features, keys, max(ks))
+            for k in ks:
+                entry = self.measure(f"LegoNet n={n} k={k}",
+                                     lambda seed, k=k, keys=keys, nearest=nearest: LegoNet(
+                                         features, self.adapter_params, seed, keys, k, nearest),
+                                     requests, probe_times, (name, f"legonet:{n}:{k}"))
+                systems.append({"system": "legonet", "n": n, "k": k, "label": f"LegoNet n={n} k={k}",
+                                "keys_seconds": round(keys_seconds, 3), **entry})
+
+        for spec in cfg.sequential_systems:
+            if cfg.sequential == 0:
+                break
+            system = self.kept.get((name, spec))
+            if system is None:
+                continue
+            target = next(e for e in systems if _spec(e) == spec)
+            self.say(f"  sequential: {cfg.sequential} single-sample requests on {target['label']} (seed 0)")
+            if spec == "probe":
+                target["sequential"] = self.probe_sequential(system, seq_rows, target)
+            else:
+                target["sequential"] = sequential(system, seq_rows, cfg.checkpoints, self.say)
+        for key in [k for k in self.kept if k != ("mnist5k", _spec_of(project_config))]:
+            del self.kept[key]
+        return {"info": info, "requests": {size: [str(features.train_ids[r]) for r in req.rows]
+                                           for size, req in requests.items()},
+                "sequential_request_ids": [str(features.train_ids[r]) for r in seq_rows], "systems": systems}
+
+    def probe_sequential(self, system: HeadSystem, rows: np.ndarray, entry: dict) -> dict:
+        """Every request of the probe is a full retrain from scratch on what remains, so its state after the
+        last request is one retrain on the final retained set (computed); its total time is per-request time
+        x requests (extrapolated from the measured 1-sample retrain, not run 500 times)."""
+        alive = np.ones(len(system.features.train_y), dtype=bool)
+        before = system.accuracy()
+        alive[rows] = False
+        new, seconds = system.retrain([0], alive)
+        per = entry["forget"].get("1", {}).get("retrain_seconds", seconds)
+        return {"requests": len(rows), "accuracy_before": before, "accuracy_after": system.accuracy(new),
+                "curve": [[0, before], [len(rows), system.accuracy(new)]],
+                "retrain_seconds_total": round(per * len(rows), 3), "retrain_seconds_mean": per,
+                "heads_retrained_total": len(rows),
+                "samples_retrained_total": int(len(rows) * alive.sum()), "extrapolated_total": True}
+
+    # ------------------------------------------------------------------ the real project
+    def project_floor(self, result: dict) -> None:
+        """The compute floor of each project forget: retrain, in-process, the same adapters on the same data."""
+        n, k = int(result["params"]["adapters.n"]), int(result["params"]["adapters.k"])
+        system = self.kept.get(("mnist5k", f"legonet:{n}:{k}"))
+        if system is None:
+            return
+        index = {sid: i for i, sid in enumerate(system.features.train_ids)}
+        alive = np.ones(len(system.features.train_y), dtype=bool)
+        for size, forget in result["forget"].items():
+            rows = np.array(sorted(index[s] for s in forget["sample_ids"] if s in index), dtype=np.int64)
+            alive[rows] = False
+            heads = system.affected(rows)
+            new, seconds = system.retrain(heads, alive)
+            system.weights.update(new)
+            forget["compute_floor"] = {
+                "retrain_seconds": round(seconds, 4), "heads": heads, "samples_retrained": system.rows_of(heads, alive),
+                "params_retrained": system.params_of(heads), "accuracy_after_in_process": system.accuracy(),
+                "same_adapters_as_pipeline": heads == sorted(forget["retrained_adapters"]),
+                "same_accuracy_as_pipeline": abs(system.accuracy() - float(forget["accuracy_after"])) < 5e-7}
+            self.say(f"  project forget {size}: wall {forget['wall_seconds']:.1f} s vs compute floor "
+                     f"{seconds:.2f} s ({len(heads)} adapters; same adapters as the pipeline: "
+                     f"{forget['compute_floor']['same_adapters_as_pipeline']})")
+
+
+def _spec(entry: dict) -> str:
+    if entry["system"] == "probe":
+        return "probe"
+    if entry["system"] == "sisa":
+        return f"sisa:{entry['s']}"
+    return f"legonet:{entry['n']}:{entry['k']}"
+
+
+def _spec_of(config: tuple[int, int] | None) -> str:
+    return "" if config is None else f"legonet:{config[0]}:{config[1]}"
+
+
+def run(config: Config, cache: Path, results_dir: Path, name: str, command: str, say: Callable[[str], None],
+        workdir: Path | None = None) -> dict:
+    started_at, started = datetime.now(UTC), time.perf_counter()
+    runner = Runner(config, cache, say)
+    out: dict = {"schema": SCHEMA, "name": name, "mode": config.mode, "command": command,
+                 "started_at": started_at.isoformat(timespec="seconds"), "machine": machine(), "versions": versions(),
+                 "git_revision": git_revision(), "config": asdict(config), "load_average_start": load(),
+                 "params": {key: runner.params[key] for key in ("data", "encoder", "projection", "keys", "adapters",
+                                                               "baseline")},
+                 "datasets": {}, "project": None}
+    for key in ("encode_inputs", "adapter_ids"):
+        out["params"].pop(key, None)
+    project_config = None
+    if config.project and "mnist5k" in config.datasets:
+        merged = {"adapters.n": runner.params["adapters"]["n"], "adapters.k": runner.params["adapters"]["k"],
+                  **config.project_overrides}
+        project_config = (int(merged["adapters.n"]), int(merged["adapters.k"]))
+    phases: dict[str, float] = {}
+    for dataset in config.datasets:
+        mark = time.perf_counter()
+        out["datasets"][dataset] = runner.dataset(dataset, project_config if dataset == "mnist5k" else None)
+        phases[dataset] = round(time.perf_counter() - mark, 1)
+        _save(out, results_dir, name)  # partial results survive a crash
+    if config.project:
+        from bench.project import run_project
+
+        mark = time.perf_counter()
+        say("project (system 4): a real legonet project through the CLI, DVC and MLflow")
+        overrides = [a for key, value in config.project_overrides.items() for a in ("--set", f"{key}={value}")]
+        out["project"] = run_project(workdir, config.project_request_sizes, config.request_seed, say,
+                                     init_args=overrides)
+        runner.project_floor(out["project"])
+        phases["project"] = round(time.perf_counter() - mark, 1)
+    add_speedups(out)
+    out["phase_seconds"] = phases
+    out["load_average_end"] = load()
+    out["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    out["wall_seconds"] = round(time.perf_counter() - started, 1)
+    _save(out, results_dir, name)
+    return out
+
+
+def add_speedups(out: dict) -> None:
+    """Speedup of each system's forget compute against the full pipeline rebuild (`dvc repro -f`), where the
+    dataset is the project's (mnist5k); against the probe it is filled in per dataset already."""
+    project = out.get("project")
+    if not project or "mnist5k" not in out["datasets"]:
+        return
+    repro = project["repro_force"]["seconds"]
+    for entry in out["datasets"]["mnist5k"]["systems"]:
+        for forget in [*entry["forget"].values(), entry["expected_forget_1"]]:
+            seconds = forget.get("retrain_seconds", forget.get("seconds", 0.0))
+            forget["speedup_vs_full_rebuild"] = round(repro / seconds, 1) if seconds > 0 else None
+    for forget in project["forget"].values():
+        forget["speedup_vs_full_rebuild"] = round(repro / forget["wall_seconds"], 2)
+
+
+def _save(out: dict, results_dir: Path, name: str) -> Path:
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / f"{name}.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(out, indent=1, sort_keys=True, default=_json_default) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def command_line() -> str:
+    return " ".join(["python -m bench", *sys.argv[1:]])

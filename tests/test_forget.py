@@ -1,0 +1,613 @@
+"""The forget flow end to end, for real (git + DVC + MLflow SQLite + ONNX Runtime + torch; no mocks).
+
+Issue 3's acceptance points:
+
+* exactness oracle: a project that forgot M in several requests (one emptying an adapter, one removing a test
+  sample) holds the same bytes as a fresh build on D \\ M; only the adapters the forgotten samples activated are
+  retrained, and predictions of test samples routed only to untouched adapters keep their exact probabilities;
+* residue: canary samples leave no trace of their ID, pixels or embedding anywhere (workspace, DVC cache, a local
+  DVC remote, MLflow store and artifacts, git objects);
+* bad input changes nothing; a crash in any state is finished by re-running; concurrent forgets serialise;
+  tampering is detected; re-running is idempotent; dry-run changes nothing; report and check-id.
+
+Runtime: `exactness` is one fresh init + build with canaries, three forgets, and (in parallel with the forgets)
+the from-scratch build on D \\ M. The other scenarios run on private clones of the session's `built_project`
+(cheap copies with MLflow's absolute artifact paths rewritten, so a clone never touches the original).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from conftest import TINY, copy_project, init_args, legonet
+
+from pipeline.dataset import SplitFractions, read_embeddings, read_table, split_of, write_table
+from pipeline.ensemble import load_ensemble
+from pipeline.forget import project_lock
+from pipeline.keys import project as project_points
+from pipeline.lineage import file_md5
+from pipeline.manifest import load_manifest
+
+STATES = ("data-removed", "rebuilt", "registered", "purged", "audited")
+RECEIVED = "2024-05-01T09:30:00Z"
+# Raw inputs: what the user gave (a from-scratch project is initialised from D \ M instead of forgetting).
+RAW_INPUTS = ("data/raw/", "data/reference/", "data/test/")
+# What MLflow writes into the package that is not a function of the model: MLmodel holds a fresh model_uuid, the
+# save time and the absolute path of the package stage's temporary staging folder. Every other package file
+# (weights, keys, projection, encoder, config, code, python_model.pkl, environment files) must be identical.
+PACKAGE_VOLATILE = ("models/package/MLmodel",)
+# Canaries: IDs whose stable hash puts them in the train split (two) and the test split (one).
+TRAIN_CANARIES = ("canary-5feceb", "canary-6b86b2")
+TEST_CANARY = "canary-4fc82b"
+CANARIES = (*TRAIN_CANARIES, TEST_CANARY)
+ADAPTERS = int(TINY["adapters.n"])
+
+
+# --- helpers ---
+
+
+def write_manifest(path: Path, request_id: str, sample_ids: Iterable[str], reason: str = "GDPR Art. 17") -> Path:
+    """A deletion request in the format the file extension names (.json, .yaml or .csv)."""
+    ids = list(sample_ids)
+    fields = {"request_id": request_id, "sample_ids": ids, "reason": reason, "received_at": RECEIVED}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".json":
+        path.write_text(json.dumps(fields))
+    elif path.suffix == ".yaml":
+        path.write_text(yaml.safe_dump(fields))
+    else:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["sample_id", "request_id", "reason", "received_at"])
+        writer.writerows([i, request_id, reason, RECEIVED] for i in ids)
+        path.write_text(buffer.getvalue())
+    return path
+
+
+def forget(root: Path, *manifests: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run `legonet forget` and return the JSON summary it prints as its last stdout line."""
+    result = legonet("forget", *map(str, manifests), cwd=root, env=env)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def record(root: Path, request_id: str) -> dict[str, Any]:
+    return json.loads(legonet("audit", "show", request_id, cwd=root).stdout)["predicate"]
+
+
+def audit_records(root: Path) -> list[str]:
+    return sorted(p.name for p in (root / "audit" / "records").glob("*.json"))
+
+
+def tree_md5(root: Path, skip: Iterable[str] = (".legonet/lock",)) -> dict[str, str]:
+    """md5 of every file under ``root`` (git, DVC cache, MLflow store and all), except the ``skip`` paths."""
+    skipped = set(skip)
+    return {rel: file_md5(p) for p in sorted(root.rglob("*"))
+            if p.is_file() and not p.is_symlink() and (rel := p.relative_to(root).as_posix()) not in skipped}
+
+
+def artifacts_md5(root: Path) -> dict[str, str]:
+    """The artifacts that decide a prediction: data/ and models/ without raw inputs, DVC pointer and .gitignore
+    files, and the MLflow metadata file of the package."""
+    files = [p for top in ("data", "models") for p in sorted((root / top).rglob("*")) if p.is_file()]
+    rels = {p.relative_to(root).as_posix(): p for p in files}
+    return {rel: file_md5(p) for rel, p in rels.items()
+            if not rel.startswith(RAW_INPUTS) and not rel.endswith((".dvc", ".gitignore"))
+            and rel not in PACKAGE_VOLATILE}
+
+
+def project_params(root: Path) -> dict[str, Any]:
+    return yaml.safe_load((root / "params.yaml").read_text())
+
+
+def test_predictions(root: Path) -> dict[str, tuple[bytes, frozenset[int]]]:
+    """sample_id -> (float32 probability bytes, the adapters consulted) for every test sample."""
+    params = project_params(root)
+    ensemble = load_ensemble(root / "models/projection.npy", root / "models/keys.npy", root / "models/adapters",
+                             int(params["adapters"]["k"]), list(params["data"]["classes"]))
+    frame, embeddings = read_embeddings(root / "data/encoded/test.parquet")
+    proba, activated = ensemble.predict_proba(embeddings)
+    return {sid: (proba[i].tobytes(), frozenset(int(a) for a in activated[i]))
+            for i, sid in enumerate(frame["sample_id"])}
+
+
+test_predictions.__test__ = False  # a helper, not a test
+
+
+def expected_stages(routing: pd.DataFrame, test_ids: set[str], ids: Iterable[str]) -> tuple[list[int], set[str]]:
+    """The adapters the samples activate (from the routing index) and the DVC stages that must rerun."""
+    ids = set(ids)
+    rows = routing[routing["sample_id"].isin(ids)]
+    adapters = sorted({int(a) for row in rows["adapters"] for a in row})
+    stages = {f"encode@part-{int(p):04d}" for p in rows["partition"]}
+    if ids & test_ids:
+        stages.add("encode@test")
+    if len(rows):
+        stages |= {"assign", *(f"train@{j:04d}" for j in adapters)}
+    return adapters, stages | {"baseline", "evaluate", "package"}
+
+
+def dvc(root: Path, *args: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True)
+    assert result.returncode == 0, f"dvc {' '.join(args)}: {result.stdout}{result.stderr}"
+    return result.stdout
+
+
+def clone_project(src: Path, dst: Path) -> Path:
+    """A private copy of a built project whose MLflow store points at the copy's own artifacts.
+
+    MLflow stores absolute artifact locations (experiment, runs, logged models, model versions); a plain copy
+    would log into, and `mlflow gc` delete from, the original's mlartifacts/. Rewrite them to the copy.
+    """
+    copy_project(src, dst)
+    old, new = str(src.resolve()), str(dst.resolve())
+    with sqlite3.connect(dst / "mlflow.db") as db:
+        tables = [t for (t,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        for table in tables:
+            for column in [c[1] for c in db.execute(f'PRAGMA table_info("{table}")')]:
+                db.execute(f'UPDATE "{table}" SET "{column}" = REPLACE("{column}", ?, ?) '
+                           f'WHERE typeof("{column}") = \'text\' AND instr("{column}", ?) > 0', (old, new, old))
+    with sqlite3.connect(dst / "mlflow.db") as db:
+        db.execute("VACUUM")
+    assert old.encode() not in (dst / "mlflow.db").read_bytes()
+    return dst
+
+
+def flip_byte(path: Path, offset: int | None = None) -> bytes:
+    """Change one byte of a file (the middle one by default); returns the original bytes to restore."""
+    data = path.read_bytes()
+    at = len(data) // 2 if offset is None else offset
+    path.write_bytes(data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1:])
+    return data
+
+
+# --- residue scan ---
+
+
+def parquet_plain(data: bytes) -> bytes:
+    """A Parquet file's columns as uncompressed Arrow IPC bytes, so compressed values can be searched too."""
+    try:
+        table = pq.read_table(io.BytesIO(data))
+    except (OSError, ValueError, pa.ArrowException):
+        return b""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def scan(roots: Iterable[Path], needles: dict[str, bytes], git_root: Path | None = None) -> dict[str, list[str]]:
+    """Where each needle occurs: every file under ``roots`` (Parquet files also decoded) and every git object."""
+    found: dict[str, list[str]] = {name: [] for name in needles}
+    blobs: list[tuple[str, bytes]] = []
+    for root in roots:
+        for path in sorted(root.rglob("*")):
+            if path.is_file() and not path.is_symlink():
+                data = path.read_bytes()
+                blobs.append((str(path), data))
+                if data[:4] == b"PAR1":
+                    blobs.append((f"{path} (decoded)", parquet_plain(data)))
+    if git_root is not None:
+        objects = subprocess.run(["git", "cat-file", "--batch-all-objects", "--batch"], cwd=git_root,
+                                 capture_output=True, check=True).stdout
+        blobs.append((f"{git_root}/.git (all objects)", objects))
+    for where, data in blobs:
+        for name, needle in needles.items():
+            if needle in data:
+                found[name].append(where)
+    return found
+
+
+def canary_frame(template: pd.DataFrame) -> pd.DataFrame:
+    """Three canaries: unique IDs and a unique pseudo-random pixel pattern each (not a digit anyone has)."""
+    fractions = SplitFractions(0.1, 0.2)  # the template params' data.reference_fraction / test_fraction
+    assert [split_of(c, fractions) for c in CANARIES] == ["train", "train", "test"]
+    size = len(template["image"].iloc[0])
+    rng = np.random.default_rng(0x7F3A9C)
+    return pd.DataFrame({"sample_id": list(CANARIES), "label": [int(template["label"].iloc[0])] * len(CANARIES),
+                         "image": [rng.integers(0, 256, size, dtype=np.uint8).tobytes() for _ in CANARIES]})
+
+
+def canary_needles(root: Path, canaries: pd.DataFrame) -> dict[str, bytes]:
+    """Byte strings that only a canary's data can produce: its ID, 64 pixel bytes, 16 floats of its encoder
+    embedding and of its projected embedding (what shards hold)."""
+    projection = np.load(root / "models/projection.npy")
+    frames = [read_embeddings(p) for p in sorted((root / "data/encoded").rglob("*.parquet"))]
+    needles = {}
+    for sid, image in zip(canaries["sample_id"], canaries["image"], strict=True):
+        found = [emb[np.flatnonzero(frame["sample_id"].to_numpy() == sid)] for frame, emb in frames]
+        embedding = np.concatenate(found)
+        assert embedding.shape[0] == 1, f"{sid}: expected one encoded row, found {embedding.shape[0]}"
+        needles[f"{sid}: id"] = sid.encode()
+        needles[f"{sid}: pixels"] = image[100:164]
+        needles[f"{sid}: embedding"] = embedding[0, :16].astype(np.float32).tobytes()
+        needles[f"{sid}: projected embedding"] = project_points(embedding, projection)[0, :16].tobytes()
+    return needles
+
+
+# --- the exactness sequence ---
+
+
+@pytest.fixture(scope="module")
+def exactness(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> dict[str, Any]:
+    """Init + build on D (tiny data + canaries), push to a local DVC remote, then forget in three requests:
+
+    1. (JSON) two train samples that activate the same adapters, chosen so that many test samples route
+       elsewhere, plus one test sample;
+    2. (YAML) the canaries (two train, one test);
+    3. (CSV) every remaining train sample of the smallest adapter, which becomes empty.
+
+    Meanwhile a second project is initialised with D \\ M and built from scratch: the oracle.
+    """
+    work = tmp_path_factory.mktemp("exactness")
+    root, oracle, remote, requests = work / "forgot", work / "scratch", work / "remote", work / "requests"
+    root.mkdir()
+    oracle.mkdir()
+    samples = read_table(tiny_data)
+    canaries = canary_frame(samples)
+    full = pd.concat([samples, canaries], ignore_index=True)
+    write_table(full, work / "d.parquet")
+    legonet(*init_args(work / "d.parquet"), cwd=root)
+    legonet("build", cwd=root)
+    dvc(root, "remote", "add", "-d", "local", str(remote))
+    dvc(root, "push", "-q")
+
+    routing = read_table(root / "data/routing.parquet")
+    test_ids = set(read_table(root / "data/test/test.parquet")["sample_id"])
+    assert set(TRAIN_CANARIES) <= set(routing["sample_id"]) and TEST_CANARY in test_ids
+    before = test_predictions(root)
+
+    # request 1: the adapter set of train samples that leaves the most test samples untouched
+    plain = routing[~routing["sample_id"].isin(CANARIES)]
+    sets = plain["adapters"].map(lambda a: frozenset(int(j) for j in a))
+    untouched = {s: sum(not (s & used) for _, used in before.values()) for s in set(sets)}
+    chosen = max(sorted(untouched, key=sorted), key=untouched.get)
+    first = sorted(plain["sample_id"][sets == chosen])[:2]
+    first_test = sorted(test_ids - set(CANARIES))[0]
+    m1 = [*first, first_test]
+    # request 3: the smallest adapter's remaining samples (its set does not depend on the other requests:
+    # routing is per sample)
+    gone = set(m1) | set(CANARIES)
+    rest = routing[~routing["sample_id"].isin(gone)]
+    members = {j: sorted(rest["sample_id"][rest["adapters"].map(lambda a, j=j: j in set(int(x) for x in a))])
+               for j in range(len(np.load(root / "models/keys.npy")))}
+    emptied = min((j for j in members if members[j]), key=lambda j: (len(members[j]), j))
+    m3 = members[emptied]
+    batches = [("req-0001-pair", write_manifest(requests / "r1.json", "req-0001-pair", m1)),
+               ("req-0002-canaries", write_manifest(requests / "r2.yaml", "req-0002-canaries", CANARIES)),
+               ("req-0003-empty-adapter", write_manifest(requests / "r3.csv", "req-0003-empty-adapter", m3))]
+    removed = set(m1) | set(CANARIES) | set(m3)
+
+    # the oracle: a fresh project on D \ M, built while the forgets run
+    write_table(full[~full["sample_id"].isin(removed)].reset_index(drop=True), work / "retained.parquet")
+    scratch_error: list[BaseException] = []
+
+    def build_scratch() -> None:
+        try:
+            legonet(*init_args(work / "retained.parquet"), cwd=oracle)
+            legonet("build", cwd=oracle)
+        except BaseException as exc:  # re-raised in the main thread
+            scratch_error.append(exc)
+
+    builder = threading.Thread(target=build_scratch)
+    builder.start()
+    needles = canary_needles(root, canaries)
+    scan_roots = [root, remote]
+    residue_before = scan(scan_roots, needles, root)
+
+    steps = []
+    for request_id, manifest in batches:
+        routing_now = read_table(root / "data/routing.parquet")
+        tests_now = set(read_table(root / "data/test/test.parquet")["sample_id"])
+        ids = set(load_manifest(manifest).sample_ids)
+        adapters, stages = expected_stages(routing_now, tests_now, ids)
+        predictions = test_predictions(root)
+        summary = forget(root, manifest)
+        steps.append({"request_id": request_id, "ids": ids, "adapters": adapters, "stages": stages,
+                      "summary": summary, "record": record(root, request_id),
+                      "before": predictions, "after": test_predictions(root)})
+    builder.join()
+    if scratch_error:
+        raise scratch_error[0]
+    return {"root": root, "oracle": oracle, "remote": remote, "steps": steps, "removed": removed,
+            "emptied": emptied, "needles": needles, "residue_before": residue_before,
+            "residue_after": scan(scan_roots, needles, root)}
+
+
+def test_forget_equals_a_from_scratch_build_on_the_retained_data(exactness: dict[str, Any]) -> None:
+    """THE oracle: every artifact that decides a prediction is bit-identical to a fresh build on D \\ M."""
+    forgot, scratch = artifacts_md5(exactness["root"]), artifacts_md5(exactness["oracle"])
+    assert sorted(forgot) == sorted(scratch)
+    assert len(forgot) > 20 and any(p.startswith("models/package/") for p in forgot)
+    differ = sorted(p for p in forgot if forgot[p] != scratch[p])
+    assert not differ, f"artifacts differ from the from-scratch build on D \\ M: {differ}"
+    # the raw inputs too: the retained rows, carved by hash, written byte-deterministically
+    raw = [p.relative_to(exactness["root"]).as_posix() for p in (exactness["root"] / "data").rglob("*.parquet")
+           if p.relative_to(exactness["root"]).as_posix().startswith(RAW_INPUTS)]
+    assert raw and all(file_md5(exactness["root"] / p) == file_md5(exactness["oracle"] / p) for p in raw)
+    # and the package's MLmodel differs only in MLflow's own bookkeeping
+    mlmodels = [yaml.safe_load((r / PACKAGE_VOLATILE[0]).read_text()) for r in (exactness["root"],
+                                                                                   exactness["oracle"])]
+    for doc in mlmodels:
+        doc.pop("model_uuid")
+        doc.pop("utc_time_created")
+        for artifact in doc["flavors"]["python_function"]["artifacts"].values():
+            artifact.pop("uri")
+    assert mlmodels[0] == mlmodels[1]
+    # one adapter is now empty, in both projects, and the ensemble skips it
+    info = json.loads((exactness["root"] / f"models/adapters/adapter-{exactness['emptied']:04d}.json").read_text())
+    assert info["train_samples"] == 0
+    assert not (set(read_table(exactness["root"] / "data/routing.parquet")["sample_id"]) & exactness["removed"])
+
+
+def test_only_the_activated_adapters_are_retrained(exactness: dict[str, Any]) -> None:
+    for step in exactness["steps"]:
+        summary, predicate = step["summary"], step["record"]
+        assert summary["status"] == "forgotten" and summary["request_ids"] == [step["request_id"]]
+        assert summary["retrained_adapters"] == step["adapters"], step["request_id"]
+        assert set(predicate["stages_run"]) == step["stages"], step["request_id"]
+        assert predicate["affected"]["adapters"] == step["adapters"]
+        assert all(check["passed"] for check in predicate["checks"]) and len(predicate["checks"]) == 3
+        assert predicate["status"] == "forgotten" and len(predicate["forgotten_ids"]) == len(step["ids"])
+        assert len(predicate["untouched_adapters"]) == 2 * (ADAPTERS - len(step["adapters"]))  # weights + json
+    emptying = exactness["steps"][-1]
+    assert exactness["emptied"] in emptying["adapters"]
+
+
+def test_predictions_of_untouched_regions_are_bit_identical(exactness: dict[str, Any]) -> None:
+    """Test samples whose k adapters were all left alone keep their exact probabilities; the others move."""
+    for index, step in enumerate(exactness["steps"]):
+        retrained = set(step["adapters"])
+        kept = sorted(set(step["before"]) & set(step["after"]))
+        assert set(step["before"]) - set(step["after"]) == step["ids"] & set(step["before"])
+        untouched = [s for s in kept if not step["before"][s][1] & retrained]
+        if index == 0:
+            assert len(untouched) >= 5, "request 1 was chosen to leave test samples untouched"
+        changed = [s for s in untouched if step["before"][s] != step["after"][s]]
+        assert not changed, f"{step['request_id']}: untouched test samples changed: {changed[:5]}"
+
+
+def test_no_residue_of_canaries_anywhere(exactness: dict[str, Any]) -> None:
+    """ID, pixel and embedding bytes of the canaries: present before (the scan works), gone after."""
+    before, after = exactness["residue_before"], exactness["residue_after"]
+    root, remote = str(exactness["root"]), str(exactness["remote"])
+    for name, places in before.items():
+        assert places, f"{name}: not found before forgetting; the scan would prove nothing"
+        if name.endswith(": id") or name.endswith(": pixels"):
+            assert any(p.startswith(f"{root}/.dvc/cache") for p in places), name
+            assert any(p.startswith(remote) for p in places), name
+    leftovers = {name: places for name, places in after.items() if places}
+    assert not leftovers, f"canary residue after forgetting: {leftovers}"
+
+
+def test_tampering_is_detected(exactness: dict[str, Any]) -> None:
+    """One changed byte of an adapter, a shard or a record, or a missing middle record: verify names it."""
+    root = exactness["root"]
+    assert legonet("audit", "verify", cwd=root).returncode == 0
+    records = sorted((root / "audit/records").glob("*.json"))
+    assert len(records) == 3
+    adapter = root / "models/adapters/adapter-0000.safetensors"
+    shard = root / "data/shards/adapter-0000.parquet"
+    payload_at = records[1].read_bytes().index(b'"payload":"') + 40
+    cases = [(adapter, None, "models/adapters/adapter-0000.safetensors"),
+             (shard, None, "data/shards/adapter-0000.parquet"),
+             (records[1], payload_at, records[1].name)]
+    for path, offset, name in cases:
+        original = flip_byte(path, offset)
+        try:
+            result = legonet("audit", "verify", cwd=root, check=False)
+        finally:
+            path.write_bytes(original)
+        assert result.returncode == 9, f"{name}: tampering not detected:\n{result.stdout}{result.stderr}"
+        assert name in result.stderr and "Traceback" not in result.stderr, result.stderr
+    middle = records[1].read_bytes()
+    records[1].unlink()
+    try:
+        result = legonet("audit", "verify", cwd=root, check=False)
+    finally:
+        records[1].write_bytes(middle)
+    assert result.returncode == 9 and records[2].name in result.stderr, result.stderr
+    assert "missing" in result.stderr and "chain broken" in result.stderr, result.stderr
+    assert legonet("audit", "verify", cwd=root).returncode == 0
+
+
+# --- scenarios on clones of the session's built project ---
+
+
+@pytest.fixture(scope="module")
+def idle_project(tmp_path_factory: pytest.TempPathFactory, built_project: Path) -> Path:
+    """A clone that only sees commands which must change nothing."""
+    return clone_project(built_project, tmp_path_factory.mktemp("idle") / "project")
+
+
+def _bad_manifests(root: Path, folder: Path) -> dict[str, tuple[Path, str]]:
+    """name -> (manifest, a phrase the error message must hold)."""
+    train = sorted(read_table(root / "data/routing.parquet")["sample_id"])
+    reference = sorted(read_table(root / "data/reference/reference.parquet")["sample_id"])
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "malformed.json").write_text('{"request_id": "r-1", "sample_ids": ["' + train[0] + '"],')
+    (folder / "malformed.yaml").write_text("request_id: r-1\nsample_ids: [" + train[0] + "\nreason: x\n")
+    (folder / "malformed.csv").write_text("sample_id,request_id,reason,received_at\n"
+                                          f"{train[0]},r-1,GDPR,{RECEIVED},extra\n")
+    return {
+        "malformed JSON": (folder / "malformed.json", "malformed JSON"),
+        "malformed YAML": (folder / "malformed.yaml", "malformed YAML"),
+        "malformed CSV": (folder / "malformed.csv", "line 2 has 5 field(s)"),
+        "empty sample_ids": (write_manifest(folder / "empty.json", "r-1", []), "sample_ids is empty"),
+        "duplicate IDs": (write_manifest(folder / "dup.yaml", "r-1", [train[0], train[1], train[0]]),
+                          "duplicate sample ID"),
+        "unknown IDs": (write_manifest(folder / "unknown.json", "r-1", [train[0], "nobody-00001"]),
+                        "not in this project"),
+        "reference ID": (write_manifest(folder / "reference.csv", "r-1", [train[0], reference[0]]),
+                         "reference split"),
+        "path for an ID": (write_manifest(folder / "path.json", "r-1", ["data/raw/part-0000.parquet"]),
+                           "looks like a path"),
+    }
+
+
+BAD = ("malformed JSON", "malformed YAML", "malformed CSV", "empty sample_ids", "duplicate IDs", "unknown IDs",
+       "reference ID", "path for an ID")
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_changes_nothing(idle_project: Path, tmp_path: Path, case: str) -> None:
+    manifest, phrase = _bad_manifests(idle_project, tmp_path)[case]
+    before = tree_md5(idle_project)
+    result = legonet("forget", str(manifest), cwd=idle_project, check=False)
+    assert result.returncode == 3, f"{case}: exit {result.returncode}\n{result.stdout}{result.stderr}"
+    message = result.stderr.strip()
+    assert message.startswith("error:") and message.count("error") == 1 and len(message.splitlines()) == 1, message
+    assert phrase in message and "Traceback" not in message, message
+    assert result.stdout == ""
+    assert tree_md5(idle_project) == before, f"{case}: the project changed"
+
+
+def test_no_wait_fails_fast_while_another_forget_holds_the_lock(idle_project: Path, tmp_path: Path) -> None:
+    sample = sorted(read_table(idle_project / "data/routing.parquet")["sample_id"])[0]
+    manifest = write_manifest(tmp_path / "m.json", "r-busy", [sample])
+    before = tree_md5(idle_project)
+    with project_lock(idle_project, wait=False, notify=print):
+        result = legonet("forget", "--no-wait", str(manifest), cwd=idle_project, check=False)
+    assert result.returncode == 7, result.stderr
+    assert "another forget is running" in result.stderr and f"pid {os.getpid()}" in result.stderr, result.stderr
+    assert tree_md5(idle_project) == before
+
+
+@pytest.fixture(scope="module")
+def small_request(built_project: Path) -> list[str]:
+    """One train sample and one test sample of the built project."""
+    train = sorted(read_table(built_project / "data/routing.parquet")["sample_id"])
+    test = sorted(read_table(built_project / "data/test/test.parquet")["sample_id"])
+    return [train[len(train) // 2], test[len(test) // 2]]
+
+
+@pytest.fixture(scope="module")
+def crash_runs(tmp_path_factory: pytest.TempPathFactory, built_project: Path,
+               small_request: list[str]) -> dict[str, Any]:
+    """The same request three ways, two at a time: uninterrupted (after a dry run), killed after every state in
+    turn (each re-run resumes and is killed after the next state), and killed once right after data-removed."""
+    work = tmp_path_factory.mktemp("crash")
+    manifest = write_manifest(work / "requests" / "x.json", "req-x", small_request)
+    projects = {name: clone_project(built_project, work / name) for name in ("plain", "chain", "once")}
+
+    def plain() -> dict[str, Any]:
+        root = projects["plain"]
+        digests = tree_md5(root)
+        dry = legonet("forget", "--dry-run", str(manifest), cwd=root)
+        out = {"dry_run": dry, "dry_run_unchanged": tree_md5(root) == digests,
+               "routing": read_table(root / "data/routing.parquet"),
+               "test_ids": set(read_table(root / "data/test/test.parquet")["sample_id"])}
+        out["summary"] = forget(root, manifest)
+        return out
+
+    def crashed(states: tuple[str, ...]) -> list[subprocess.CompletedProcess[str]]:
+        root = projects["chain" if len(states) > 1 else "once"]
+        runs = [legonet("forget", str(manifest), cwd=root, check=False, env={"LEGONET_CRASH_AFTER": s})
+                for s in states]
+        runs.append(legonet("forget", str(manifest), cwd=root))
+        return runs
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        jobs = {"plain": pool.submit(plain), "chain": pool.submit(crashed, STATES),
+                "once": pool.submit(crashed, ("data-removed",))}
+        results = {name: job.result() for name, job in jobs.items()}
+    return {"manifest": manifest, "projects": projects, "ids": small_request,
+            "final": {name: (artifacts_md5(root), (root / "dvc.lock").read_bytes(), audit_records(root))
+                      for name, root in projects.items()}, **results}
+
+
+def test_dry_run_changes_nothing_and_names_adapters_and_stages(crash_runs: dict[str, Any]) -> None:
+    adapters, stages = expected_stages(crash_runs["plain"]["routing"], crash_runs["plain"]["test_ids"],
+                                       crash_runs["ids"])
+    dry = crash_runs["plain"]["dry_run"]
+    summary = json.loads(dry.stdout.strip().splitlines()[-1])
+    assert summary["status"] == "dry-run" and summary["adapters"] == adapters and set(summary["stages"]) == stages
+    assert f"adapters retrained: {adapters}" in dry.stderr and "stages: " in dry.stderr
+    assert all(stage in dry.stderr for stage in stages)
+    assert crash_runs["plain"]["dry_run_unchanged"], "`legonet forget --dry-run` changed the project"
+    assert crash_runs["plain"]["summary"]["retrained_adapters"] == adapters
+
+
+def test_a_crash_in_any_state_is_finished_by_rerunning(crash_runs: dict[str, Any]) -> None:
+    assert [r.returncode for r in crash_runs["chain"]] == [-signal.SIGKILL] * len(STATES) + [0]
+    assert [r.returncode for r in crash_runs["once"]] == [-signal.SIGKILL, 0]
+    for runs in (crash_runs["chain"], crash_runs["once"]):
+        assert "resuming the forget of req-x" in runs[1].stderr
+        assert json.loads(runs[-1].stdout.strip().splitlines()[-1])["status"] == "forgotten"
+    plain_artifacts, plain_lock, _ = crash_runs["final"]["plain"]
+    for name in ("chain", "once"):
+        artifacts, lock, records = crash_runs["final"][name]
+        moved = sorted(p for p in set(artifacts) | set(plain_artifacts) if artifacts.get(p) != plain_artifacts.get(p))
+        assert not moved, f"{name}: differs from the uninterrupted forget: {moved}"
+        assert lock == plain_lock
+        assert records == ["000001-req-x.json"]
+        root = crash_runs["projects"][name]
+        assert not (root / ".legonet/journal.json").exists()
+        assert legonet("audit", "verify", cwd=root).returncode == 0
+        assert not (set(read_table(root / "data/routing.parquet")["sample_id"]) & set(crash_runs["ids"]))
+
+
+def test_rerunning_is_idempotent(crash_runs: dict[str, Any], tmp_path: Path) -> None:
+    root, manifest = crash_runs["projects"]["plain"], crash_runs["manifest"]
+    lock = (root / "dvc.lock").read_bytes()
+    before = tree_md5(root)
+    again = legonet("forget", str(manifest), cwd=root)
+    assert "already forgotten" in again.stderr
+    assert json.loads(again.stdout.strip().splitlines()[-1])["status"] == "already-forgotten"
+    assert tree_md5(root) == before, "re-running a finished request changed the project"
+    # a new request holding only IDs forgotten before: recorded as such, nothing retrained
+    artifacts = artifacts_md5(root)
+    summary = forget(root, write_manifest(tmp_path / "y.yaml", "req-y", crash_runs["ids"]))
+    assert summary["status"] == "already-forgotten" and summary["retrained_adapters"] == []
+    predicate = record(root, "req-y")
+    assert predicate["status"] == "already-forgotten" and predicate["stages_run"] == []
+    assert len(predicate["already_forgotten_ids"]) == 2 and predicate["forgotten_ids"] == []
+    assert (root / "dvc.lock").read_bytes() == lock and artifacts_md5(root) == artifacts
+    assert audit_records(root) == ["000001-req-x.json", "000002-req-y.json"]
+
+
+def test_report_and_check_id(crash_runs: dict[str, Any], tmp_path: Path) -> None:
+    root = crash_runs["projects"]["plain"]
+    out = tmp_path / "report.html"
+    legonet("audit", "report", "--output", str(out), cwd=root)
+    assert "req-x" in out.read_text() and out.read_text().startswith("<!doctype html>")
+    found = legonet("audit", "check-id", crash_runs["ids"][0], cwd=root)
+    assert "forgotten by request req-x" in found.stdout
+    kept = sorted(read_table(root / "data/routing.parquet")["sample_id"])[0]
+    missing = legonet("audit", "check-id", kept, cwd=root, check=False)
+    assert missing.returncode == 1 and "no forget request" in missing.stdout
+
+
+def test_concurrent_forgets_are_serialised(tmp_path: Path, built_project: Path) -> None:
+    root = clone_project(built_project, tmp_path / "project")
+    train = sorted(read_table(root / "data/routing.parquet")["sample_id"])
+    manifests = [write_manifest(tmp_path / f"c{i}.json", f"req-c{i}", [train[i]]) for i in (0, 1)]
+    processes = [subprocess.Popen([sys.executable, "-m", "stages.cli", "forget", str(m)], cwd=root, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for m in manifests]
+    outputs = [p.communicate(timeout=900) for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs
+    assert sum("waiting for the project lock" in err for _, err in outputs) == 1, outputs
+    assert all(json.loads(out.strip().splitlines()[-1])["status"] == "forgotten" for out, _ in outputs)
+    names = audit_records(root)
+    assert len(names) == 2 and {n.split("-", 1)[1] for n in names} == {"req-c0.json", "req-c1.json"}
+    assert not (set(read_table(root / "data/routing.parquet")["sample_id"]) & {train[0], train[1]})
+    assert legonet("audit", "verify", cwd=root).returncode == 0
+    shutil.rmtree(root)
