@@ -16,6 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_const", dest="mode", const="quick",
                       help="CI mode: bundled MNIST 5k only, small grids, 1 seed, a reduced real project (< 5 min)")
+    mode.add_argument("--complete", action="store_const", dest="mode", const="complete",
+                      help="the full grid, seeds and requests on every dataset (about 3x the default's training)")
     mode.add_argument("--smoke", action="store_const", dest="mode", const="smoke",
                       help="test mode: 1,000 MNIST digits, tiny grids, no DVC project (structure only)")
     parser.add_argument("--name", help="results name: bench/results/NAME.json (default: the mode)")
@@ -28,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docs", type=Path, help="Markdown report (default: docs/benchmarks.md for the full mode, "
                                                   "else RESULTS_DIR/NAME.md)")
     parser.add_argument("--workdir", type=Path, help="where the temporary project is created (default: $TMPDIR)")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the finished parts of an interrupted run with the same name and configuration")
+    parser.add_argument("--prepare", action="store_true",
+                        help="only export the encoders and encode the mode's datasets into the cache, then stop")
     parser.add_argument("--report", type=Path, metavar="RESULTS_JSON",
                         help="only re-render the Markdown and plots from an earlier results file")
     args = parser.parse_args(argv)
@@ -38,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         import json
 
         results = json.loads(args.report.read_text())
-        docs = args.docs or (REPO / "docs" / "benchmarks.md" if results["mode"] == "full"
+        docs = args.docs or (REPO / "docs" / "benchmarks.md" if results["mode"] in ("full", "complete")
                              else args.report.with_suffix(".md"))
         print(f"wrote {write_report(results, args.report.parent, docs)}")
         return 0
@@ -53,14 +59,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_project:
         config = replace(config, project=False)
     name = args.name or config.mode
-    docs = args.docs or (REPO / "docs" / "benchmarks.md" if config.mode == "full" else args.results_dir / f"{name}.md")
+    docs = args.docs or (REPO / "docs" / "benchmarks.md" if config.mode in ("full", "complete")
+                         else args.results_dir / f"{name}.md")
 
     def say(message: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
+    if args.prepare:
+        from bench.run import Runner
+
+        runner = Runner(config, args.cache, say)
+        for dataset in config.datasets:
+            _, info = runner.features(dataset)
+            say(f"{dataset}: {info['samples']} samples cached in {info['embedding_cache']}")
+        return 0
     say(f"bench: mode {config.mode}, datasets {config.datasets}, seeds {config.seeds}, results "
         f"{args.results_dir / (name + '.json')}")
-    results = run(config, args.cache, args.results_dir, name, command_line(), say, args.workdir)
+    results = run(config, args.cache, args.results_dir, name, command_line(), say, args.workdir, args.resume)
     report = write_report(results, args.results_dir, docs)
     say(f"done in {results['wall_seconds']:.0f} s: {args.results_dir / (name + '.json')}, {report}")
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -24,12 +25,17 @@ import numpy as np
 import yaml
 
 RUNNING = re.compile(r"^Running stage '([^']+)'")
-UNQUOTED_ID = re.compile(r"^- (\d+)$", re.MULTILINE)
 PROFILE_LINE = re.compile(r"^\s*(\S+)\s+([0-9.]+) s$")
 
 
 class ProjectError(RuntimeError):
     """A step of the real-project benchmark failed; the message carries the command's output."""
+
+
+def children_cpu() -> float:
+    """CPU seconds (user + system) of every finished child process tree so far (all waited-for descendants)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _run(cmd: list[str], cwd: Path, what: str) -> tuple[subprocess.CompletedProcess[str], float]:
@@ -48,7 +54,7 @@ def legonet(*args: str, cwd: Path, what: str) -> tuple[subprocess.CompletedProce
 
 def repro_force(root: Path, say: Callable[[str], None]) -> dict:
     """`dvc repro -f`, streamed: wall time of each stage (DVC's bookkeeping included) and of the whole."""
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), children_cpu()
     process = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "-f"], cwd=root, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     assert process.stdout is not None
@@ -71,7 +77,8 @@ def repro_force(root: Path, say: Callable[[str], None]) -> dict:
         stages[current] = round(end - mark, 3)
     if process.returncode != 0:
         raise ProjectError(f"dvc repro -f exited {process.returncode}:\n{''.join(lines[-40:])}")
-    return {"seconds": round(end - started, 3), "stages_run": len(stages),
+    return {"seconds": round(end - started, 3), "cpu_seconds": round(children_cpu() - cpu, 3),
+            "stages_run": len(stages),
             "before_first_stage_seconds": round(end - started - sum(stages.values()), 3), "stage_seconds": stages}
 
 
@@ -136,8 +143,9 @@ def _manifest(root: Path, request_id: str, sample_ids: list[str]) -> Path:
 def forget(root: Path, request_id: str, sample_ids: list[str], calibration: dict) -> dict:
     """`legonet forget --profile` of one manifest; its wall time and where it went."""
     manifest = _manifest(root, request_id, sample_ids)
-    since_ms = int(time.time() * 1000)
+    since_ms, cpu = int(time.time() * 1000), children_cpu()
     result, wall = legonet("forget", manifest.name, "--profile", cwd=root, what=f"forget {request_id}")
+    cpu = children_cpu() - cpu
     lines = result.stdout.strip().splitlines()
     summary = json.loads(lines[-1])
     shown, _ = legonet("audit", "show", request_id, cwd=root, what="audit show")
@@ -150,6 +158,7 @@ def forget(root: Path, request_id: str, sample_ids: list[str], calibration: dict
             timings[match.group(1)] = float(match.group(2))
     bodies = _stage_runs(root, since_ms)
     return {"request_id": request_id, "samples": len(sample_ids), "wall_seconds": round(wall, 3),
+            "cpu_seconds": round(cpu, 3),
             "summary": summary, "timings_seconds": timings, "stages_run": record.get("stages_run", []),
             "stage_body_seconds": bodies, "retrained_adapters": record["affected"]["adapters"],
             "breakdown": breakdown(wall, timings, bodies, calibration)}
@@ -191,37 +200,20 @@ def breakdown(wall: float, timings: dict[str, float], bodies: dict[str, float], 
     return {"totals": totals, "by_stage_kind": by_kind, "stages": stage_rows}
 
 
-def quote_generated_ids(root: Path) -> bool:
-    """Work around a pipeline bug seen while writing this benchmark: ``sync_generated`` dumps adapter IDs like
-    ``0008`` unquoted (a string to PyYAML's YAML 1.1), which DVC's YAML 1.2 reads as the int 8, so ``train@8``
-    looks for ``adapter-8.parquet`` and any n >= 9 fails. Quoting them keeps the same params; returns True if
-    the file needed it (reported in the results)."""
-    path = root / "params.yaml"
-    text = path.read_text()
-    fixed = UNQUOTED_ID.sub(lambda m: f"- '{m.group(1)}'", text)
-    if fixed == text:
-        return False
-    path.write_text(fixed)
-    return True
-
-
 def run_project(workdir: Path | None, request_sizes: list[int], seed: int, say: Callable[[str], None],
-                keep: bool = False, init_args: list[str] | None = None) -> dict:
+                keep: bool = False, init_args: list[str] | None = None, calibration_repeats: int = 2) -> dict:
     """Init a default project, rebuild it from scratch, forget requests of each size in turn; all timed."""
     base = Path(tempfile.mkdtemp(prefix="legonet-bench-", dir=workdir))
     root = base / "project"
     try:
         say(f"  project: legonet init {root} {' '.join(init_args or [])}".rstrip())
         _, init_seconds = legonet("init", str(root), *(init_args or []), cwd=base, what="init")
-        workaround = quote_generated_ids(root)
-        if workaround:
-            say("  project: WORKAROUND applied: quoted the generated adapter IDs in params.yaml (see report)")
         params = yaml.safe_load((root / "params.yaml").read_text())
         say("  project: dvc repro -f (the full pipeline rebuild, i.e. retrain from scratch)")
         repro = repro_force(root, say)
         say(f"  project: dvc repro -f took {repro['seconds']:.1f} s for {repro['stages_run']} stages")
         accuracy = json.loads((root / "metrics/evaluate.json").read_text())["accuracy"]
-        calibration = calibrate(root)
+        calibration = calibrate(root, calibration_repeats)
         import pandas as pd
 
         train_ids = sorted(pd.concat([pd.read_parquet(p, columns=["sample_id"])
@@ -244,7 +236,7 @@ def run_project(workdir: Path | None, request_sizes: list[int], seed: int, say: 
                            "data.partitions": params["data"]["partitions"],
                            "encoder.image_size": params["encoder"]["image_size"],
                            "adapters.train": params["adapters"]["train"]},
-                "workaround_quoted_adapter_ids": workaround, "repro_force": repro, "accuracy_after_repro": accuracy,
+                "repro_force": repro, "accuracy_after_repro": accuracy,
                 "calibration": calibration, "forget": forgets, "train_samples": len(train_ids)}
     finally:
         if not keep:

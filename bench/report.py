@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from pathlib import Path
 
 PAPER = ("Paper (LegoNet, arXiv 2210.16023; CIFAR-10, ResNet-34 encoder), as quoted in issue 5: test accuracy full "
@@ -43,8 +44,10 @@ def _sisa(results: dict, dataset: str, s: int) -> dict | None:
     return next((x for x in _systems(results, dataset, "sisa") if x["s"] == s), None)
 
 
-def _acc(entry: dict) -> str:
+def _acc(entry: dict, seeds: int = 1) -> str:
     a = entry["accuracy"]
+    if len(a["per_seed"]) < seeds:
+        return f"{pct(a['mean'])} (seed 0 only)"
     spread = f" ± {pct(a['std'])}" if len(a["per_seed"]) > 1 else ""
     rng = f" ({pct(a['min'])}-{pct(a['max'])})" if len(a["per_seed"]) > 1 else ""
     return f"{pct(a['mean'])}{spread}{rng}"
@@ -56,14 +59,16 @@ def system_table(results: dict, dataset: str) -> list[str]:
     systems = _systems(results, dataset)
     rebuild = any("speedup_vs_full_rebuild" in e["expected_forget_1"] for e in systems)
     head = ["system", "heads", "test accuracy % (mean ± sd, min-max)", "rows per head (min-max)",
-            "E[forget 1]: heads / samples / params retrained", "E[forget 1]: compute s", "speedup vs probe"]
+            "E[forget 1]: heads / samples / params retrained", "E[forget 1]: compute s wall (CPU)", "speedup vs probe"]
     if rebuild:
         head.append("speedup vs `dvc repro -f`")
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in systems:
         x = e["expected_forget_1"]
-        cells = [e["label"], str(e["heads"]), _acc(e), f"{e['min_head_rows']:,}-{e['max_head_rows']:,}",
-                 f"{x['heads']:g} / {x['samples']:,} / {x['params']:,}", secs(x["seconds"]),
+        cells = [e["label"], str(e["heads"]), _acc(e, results["config"]["seeds"]),
+                 f"{e['min_head_rows']:,}-{e['max_head_rows']:,}",
+                 f"{x['heads']:g} / {x['samples']:,} / {x['params']:,}",
+                 f"{secs(x['seconds'])} ({secs(x.get('cpu_seconds'))})",
                  "1x" if e["system"] == "probe" else times(x.get("speedup_vs_probe"))]
         if rebuild:
             cells.append(times(x.get("speedup_vs_full_rebuild")))
@@ -78,16 +83,20 @@ def request_table(results: dict, dataset: str) -> list[str]:
     rebuild = any("speedup_vs_full_rebuild" in f for e in systems for f in e["forget"].values())
     head = ["system"]
     for size in sizes:
-        head += [f"{size}: heads / samples / params retrained", f"{size}: compute s", f"{size}: vs probe"]
+        head += [f"{size}: heads / samples / params retrained", f"{size}: compute s wall (CPU)", f"{size}: vs probe"]
         if rebuild:
             head.append(f"{size}: vs `dvc repro -f`")
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in systems:
         cells = [e["label"]]
         for size in sizes:
-            f = e["forget"][str(size)]
+            f = e["forget"].get(str(size))
+            if f is None:
+                cells += ["not run (plan)", "", "", *([""] if rebuild else [])]
+                continue
             cells += [f"{f['heads_retrained']} / {f['samples_retrained']:,} / {f['params_retrained']:,}",
-                      secs(f["retrain_seconds"]), "1x" if e["system"] == "probe" else times(f.get("speedup_vs_probe"))]
+                      f"{secs(f['retrain_seconds'])} ({secs(f.get('retrain_cpu_seconds'))})",
+                      "1x" if e["system"] == "probe" else times(f.get("speedup_vs_probe"))]
             if rebuild:
                 cells.append(times(f.get("speedup_vs_full_rebuild")))
         rows.append("| " + " | ".join(cells) + " |")
@@ -113,15 +122,49 @@ def sequential_table(results: dict, dataset: str) -> list[str]:
     seq = [s for s in _systems(results, dataset) if s.get("sequential")]
     if not seq:
         return []
-    rows = ["| system | requests | accuracy % before → after | heads retrained (total) | samples retrained (total) "
-            "| retrain compute s (total / mean per request) |", "|---|---|---|---|---|---|"]
+    rows = ["| system | requests (one by one) | accuracy % before → after | heads retrained (total) "
+            "| samples retrained (total) | retrain compute s: total (measured + estimated) / mean per request |",
+            "|---|---|---|---|---|---|"]
+    notes = []
     for e in seq:
         q = e["sequential"]
-        note = " (extrapolated: 1 measured full retrain x requests)" if q.get("extrapolated_total") else ""
-        rows.append(f"| {e['label']} | {q['requests']} | {pct(q['accuracy_before'])} → {pct(q['accuracy_after'])} | "
-                    f"{q['heads_retrained_total']:,} | {q['samples_retrained_total']:,} | "
-                    f"{secs(q['retrain_seconds_total'])} / {secs(q['retrain_seconds_mean'])}{note} |")
+        if q.get("extrapolated_total"):
+            literal = "none: each is a full retrain"
+            compute = (f"{secs(q['retrain_seconds_total'])} (0 + {secs(q['retrain_seconds_total'])}) / "
+                       f"{secs(q['retrain_seconds_mean'])}")
+        else:
+            literal = str(q.get("literal_requests", q["requests"]))
+            rest = q.get("retrain_seconds_estimated_rest", 0.0)
+            compute = (f"{secs(q['retrain_seconds_total'])} ({secs(q.get('retrain_seconds_literal', 0.0))} + "
+                       f"{secs(rest)}) / {secs(q['retrain_seconds_mean'])}")
+            if "exactness_bit_identical" in q:
+                notes.append(f"{e['label']}: after the {literal} literal requests, retraining the "
+                             f"{q['exactness_checked_heads']} touched heads once on their current rows gave "
+                             f"bit-identical weights: {q['exactness_bit_identical']}; the final state retrained "
+                             f"{q['final_state_heads_retrained_once']} heads once "
+                             f"({secs(q['final_state_retrain_seconds'])} s).")
+        rows.append(f"| {e['label']} | {q['requests']} ({literal}) | {pct(q['accuracy_before'])} → "
+                    f"{pct(q['accuracy_after'])} | {q['heads_retrained_total']:,} | {q['samples_retrained_total']:,} "
+                    f"| {compute} |")
+    rows += ["", "How: requests run one by one retrain only the heads they touch (timed). The probe's every request is "
+             "a full retrain, so its state after the last one is one retrain on the final retained set (computed) and "
+             "its total is the measured 1-sample retrain x requests. Where fewer requests ran one by one than were "
+             "asked (the plan for large datasets), the state after the last request is exact by construction: every "
+             "head is a pure function of its rows, so it is computed by retraining each touched head once on its "
+             "final rows; the remaining requests' heads and rows are counted exactly and their compute estimated from "
+             "the heads' measured training times scaled by rows."]
+    rows += [f"- {n}" for n in notes]
     return rows
+
+
+def plan_lines(plan: dict | None, config: dict) -> list[str]:
+    if not plan:
+        return []
+    grid = ", ".join(f"({n},{k})" for n, k in plan["grid"])
+    return [f"*Plan for this dataset (cheaper than the full specification; absent cells were not run):* LegoNet "
+            f"(n,k) cells {grid}; all {config['seeds']} seeds for {', '.join(plan['all_seeds'])} (others seed 0 only); "
+            f"every request size for {', '.join(plan['all_requests'])} (others the first size only); "
+            f"{plan['sequential_literal']} of the {config['sequential']} sequential requests one by one.", ""]
 
 
 # ---------------------------------------------------------------------------------------------------- statement
@@ -160,6 +203,23 @@ def statement(results: dict) -> list[str]:
                          + "/".join(pct(e["accuracy"]["mean"]) for e in sorted(n100, key=lambda e: e["k"]))
                          + " for k=" + "/".join(str(e["k"]) for e in sorted(n100, key=lambda e: e["k"])) + ".")
         sisa10 = _sisa(results, dataset, 10)
+        paper = _lego(results, dataset, 100, 10)
+        if sisa10 is not None and paper is not None:
+            gap = 100 * (paper["accuracy"]["mean"] - sisa10["accuracy"]["mean"])
+            lines.append(f"  - the paper's headline pair on a frozen encoder (LegoNet n=100 k=10 90.11 vs random "
+                         f"shards s=10 88.32, +1.79 pt): here {pct(paper['accuracy']['mean'])} vs "
+                         f"{pct(sisa10['accuracy']['mean'])} ({gap:+.2f} pt); probe ceiling "
+                         f"{pct(probe['accuracy']['mean'])}.")
+        balance = _lego(results, dataset, 100, 3) or next(iter(_systems(results, dataset, "legonet")), None)
+        if balance is not None:
+            n_train = results["datasets"][dataset]["info"]["train"]
+            n, k = balance["n"], balance["k"]
+            even = k * n_train / n
+            lines.append(f"  - routing balance (n={n}, k={k}): heads hold {balance['min_head_rows']:,} to "
+                         f"{balance['max_head_rows']:,} rows (even split: {even:,.0f}); forgetting one random sample "
+                         f"retrains {balance['expected_forget_1']['samples']:,} rows on average, "
+                         f"{balance['expected_forget_1']['samples'] / (k * even):.1f}x the {k * even:,.0f} of an even "
+                         "split, because a random sample more likely sits in a big head.")
         if sisa10 is not None and n100:
             f1 = sisa10["expected_forget_1"]["seconds"]
             parts = [f"k={e['k']} {secs(e['expected_forget_1']['seconds'])} s "
@@ -219,13 +279,10 @@ def project_tables(project: dict) -> list[str]:
     kinds: dict[str, list[float]] = {}
     for stage, seconds in repro["stage_seconds"].items():
         kinds.setdefault(stage.split("@")[0], []).append(seconds)
-    lines = [f"`legonet init` {secs(project['init_seconds'])} s; `dvc repro -f` {secs(repro['seconds'])} s for "
+    lines = [f"`legonet init` {secs(project['init_seconds'])} s; `dvc repro -f` {secs(repro['seconds'])} s wall "
+             f"({secs(repro.get('cpu_seconds'))} s CPU over all its processes) for "
              f"{repro['stages_run']} stages (test accuracy after it: {pct(project['accuracy_after_repro'])}%). "
              f"Params: {project['params']}.", ""]
-    if project.get("workaround_quoted_adapter_ids"):
-        lines += ["*Workaround applied:* the generated adapter IDs in `params.yaml` were quoted before the build "
-                  "(`0008`, `0009`, `0018`, ... are read as integers by DVC's YAML 1.2 parser, so `train@8` fails "
-                  "with n >= 9; reported to the lead).", ""]
     lines += ["| `dvc repro -f` stage kind | count | wall s (sum) | mean s |", "|---|---|---|---|"]
     for kind, values in kinds.items():
         lines.append(f"| {kind} | {len(values)} | {secs(sum(values))} | {secs(sum(values) / len(values))} |")
@@ -239,6 +296,7 @@ def project_tables(project: dict) -> list[str]:
     head = ["where the time goes (s)", *[f"forget {s}" for s in sizes]]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     rows = [("wall time of `legonet forget --profile`", lambda f: f["wall_seconds"]),
+            ("CPU time of it and all its child processes", lambda f: f.get("cpu_seconds")),
             ("compute floor: the same adapters retrained in-process",
              lambda f: f.get("compute_floor", {}).get("retrain_seconds")),
             ("CLI start-up + unaccounted (wall - phases)",
@@ -292,18 +350,27 @@ def plots(results: dict, out_dir: Path) -> dict[str, Path]:
     files: dict[str, Path] = {}
     cmap = plt.get_cmap("viridis")
 
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter, ScalarFormatter
+
     def grid(title: str) -> tuple:
-        fig, axes = plt.subplots(1, len(datasets), figsize=(5.2 * len(datasets), 4.2), squeeze=False)
-        fig.suptitle(title)
+        width = max(7.0, 5.2 * len(datasets))
+        fig, axes = plt.subplots(1, len(datasets), figsize=(width, 4.4), squeeze=False)
+        fig.suptitle(textwrap.fill(title, int(width * 13)), fontsize=10)
         return fig, axes[0]
 
-    # accuracy vs forget compute time (1-sample request)
-    size = str(results["config"]["request_sizes"][0])
-    fig, axes = grid(f"test accuracy vs compute to forget {size} sample(s) (seed 0 timing, mean accuracy)")
+    def log_x(ax) -> None:
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+
+    # accuracy vs forget compute time (expected over one random sample)
+    fig, axes = grid("test accuracy (mean over seeds) vs mean compute to forget one random train sample "
+                     "(expected from the heads' measured training times, seed 0); marker size grows with n")
     for ax, dataset in zip(axes, datasets, strict=True):
         ks = sorted({s["k"] for s in _systems(results, dataset, "legonet")}) or [1]
         for e in _systems(results, dataset):
-            t = max(e["forget"][size]["retrain_seconds"], 1e-4)
+            t = max(e["expected_forget_1"]["seconds"], 1e-4)
             acc = 100 * e["accuracy"]["mean"]
             if e["system"] == "probe":
                 ax.scatter(t, acc, marker="*", s=160, color="black", label="probe (full retrain)", zorder=3)
@@ -314,11 +381,12 @@ def plots(results: dict, out_dir: Path) -> dict[str, Path]:
                 color = cmap(ks.index(e["k"]) / max(1, len(ks) - 1))
                 ax.scatter(t, acc, color=color, s=12 + 4 * math.log2(e["n"]) ** 2, label=f"LegoNet k={e['k']}",
                            zorder=2, alpha=0.85)
+                ax.annotate(f"{e['n']}", (t, acc), fontsize=6, xytext=(4, 3), textcoords="offset points")
         handles, labels = ax.get_legend_handles_labels()
         unique = dict(zip(labels, handles, strict=True))
         ax.legend(unique.values(), unique.keys(), fontsize=7)
-        ax.set_xscale("log")
-        ax.set_xlabel("retrain compute for the request (s, log)")
+        log_x(ax)
+        ax.set_xlabel("compute to forget one sample (s, log)")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(TITLES.get(dataset, dataset), fontsize=9)
         ax.grid(alpha=0.3)
@@ -339,7 +407,11 @@ def plots(results: dict, out_dir: Path) -> dict[str, Path]:
                 ax.axhline(100 * sisa["accuracy"]["mean"], color=color, linestyle=":", linewidth=1)
         probe = _systems(results, dataset, "probe")[0]
         ax.axhline(100 * probe["accuracy"]["mean"], color="black", linestyle="--", linewidth=1, label="probe")
-        ax.set_xlabel("k (adapters per sample)")
+        ax.set_xscale("log")
+        ax.set_xticks(sorted({e["k"] for e in _systems(results, dataset, "legonet")}))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("k (adapters per sample, log)")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(TITLES.get(dataset, dataset), fontsize=9)
         ax.legend(fontsize=7)
@@ -362,7 +434,7 @@ def plots(results: dict, out_dir: Path) -> dict[str, Path]:
                         label="SISA (s heads)", capsize=2)
         probe = _systems(results, dataset, "probe")[0]
         ax.axhline(100 * probe["accuracy"]["mean"], color="black", linestyle="--", linewidth=1, label="probe")
-        ax.set_xscale("log")
+        log_x(ax)
         ax.set_xlabel("heads (n or s, log)")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(TITLES.get(dataset, dataset), fontsize=9)
@@ -421,7 +493,9 @@ def write_report(results: dict, results_dir: Path, docs: Path) -> Path:
         "`adapter_seed`; LegoNet prediction by `pipeline.ensemble.Ensemble`. All systems see the same projected "
         "features. *Forget compute* is the time to retrain exactly the affected heads in-process on their rows minus "
         "the forgotten ones (the exact unlearning of each system; for the probe a full retrain). *Samples retrained* "
-        "counts rows read by the retraining (a LegoNet sample sits in k heads).",
+        "counts rows read by the retraining (a LegoNet sample sits in k heads). Times are wall seconds with the "
+        "process CPU seconds in brackets (training is single-threaded, so CPU time is what the work costs without "
+        "the other load on this shared machine; wall time is what a user waits).",
         "",
         "## Where we stand against the paper",
         "",
@@ -442,6 +516,7 @@ def write_report(results: dict, results_dir: Path, docs: Path) -> Path:
             + (f" (encoding took {secs(info['encode_seconds_when_cached'])} s when first made)"
                if info.get("encode_seconds_when_cached") is not None else "") + ".",
             "",
+            *plan_lines(block.get("plan"), results["config"]),
             "Accuracy, and the expected cost of forgetting one uniformly random train sample (head j is hit with "
             "probability |S_j|/N; compute = that mix of the heads' measured training times, seed 0):",
             "",

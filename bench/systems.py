@@ -63,6 +63,9 @@ class HeadSystem:
         self.membership = membership  # (N_train, m): the heads each train row is in (-1 = none)
         self.weights: dict[int, dict[str, np.ndarray]] = {}
         self.head_seconds: list[float] = []
+        self.head_cpu: list[float] = []
+        self.build_cpu = 0.0
+        self.last_cpu = 0.0  # process CPU seconds of the last retrain() (torch runs on this one thread)
 
     def _train(self, j: int, alive: np.ndarray | None) -> dict[str, np.ndarray]:
         rows = self.rows[j] if alive is None else self.rows[j][alive[self.rows[j]]]
@@ -71,12 +74,14 @@ class HeadSystem:
 
     def build(self) -> float:
         """Train every head; per-head compute seconds are kept for the expected cost of a request."""
-        started = time.perf_counter()
-        self.head_seconds = []
+        started, cpu = time.perf_counter(), time.process_time()
+        self.head_seconds, self.head_cpu = [], []
         for j in range(len(self.rows)):
-            mark = time.perf_counter()
+            mark, mark_cpu = time.perf_counter(), time.process_time()
             self.weights[j] = self._train(j, None)
             self.head_seconds.append(time.perf_counter() - mark)
+            self.head_cpu.append(time.process_time() - mark_cpu)
+        self.build_cpu = time.process_time() - cpu
         return time.perf_counter() - started
 
     def expected_single(self) -> dict:
@@ -90,7 +95,8 @@ class HeadSystem:
         return {"heads": round(float(share.sum()), 3),
                 "samples": round(float((share * np.maximum(sizes - 1, 0)).sum())),
                 "params": round(float(sum(p * self.head_params(j) for j, p in enumerate(share)))),
-                "seconds": round(float((share * np.array(self.head_seconds)).sum()), 4)}
+                "seconds": round(float((share * np.array(self.head_seconds)).sum()), 4),
+                "cpu_seconds": round(float((share * np.array(self.head_cpu)).sum()), 4)}
 
     def affected(self, rows: np.ndarray) -> list[int]:
         heads = self.membership[rows].reshape(-1)
@@ -98,8 +104,9 @@ class HeadSystem:
 
     def retrain(self, heads: Sequence[int], alive: np.ndarray) -> tuple[dict[int, dict[str, np.ndarray]], float]:
         """Retrain ``heads`` on their rows still alive; returns the new weights and the compute seconds."""
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         new = {j: self._train(j, alive) for j in heads}
+        self.last_cpu = time.process_time() - cpu
         return new, time.perf_counter() - started
 
     def rows_of(self, heads: Sequence[int], alive: np.ndarray) -> int:
@@ -195,33 +202,73 @@ def forget_once(system: HeadSystem, request: Request, baseline_seconds: float | 
     merged = {**system.weights, **new}
     out = {"request_samples": len(request.rows), "heads_retrained": len(heads),
            "samples_retrained": system.rows_of(heads, alive), "params_retrained": system.params_of(heads),
-           "retrain_seconds": round(seconds, 4), "accuracy_after": system.accuracy(merged)}
+           "retrain_seconds": round(seconds, 4), "retrain_cpu_seconds": round(system.last_cpu, 4),
+           "accuracy_after": system.accuracy(merged)}
     if baseline_seconds is not None:
         out["speedup_vs_probe"] = round(baseline_seconds / seconds, 3) if seconds > 0 else None
     return out
 
 
-def sequential(system: HeadSystem, rows: np.ndarray, checkpoints: int, say: Callable[[str], None]) -> dict:
-    """Forget ``rows`` one request at a time, each retraining only the heads it touches."""
+def sequential(system: HeadSystem, rows: np.ndarray, checkpoints: int, say: Callable[[str], None],
+               literal: int | None = None) -> dict:
+    """Forget ``rows`` one request at a time, each retraining only the heads it touches.
+
+    With ``literal`` < len(rows), only the first ``literal`` requests run one by one (timed). The rest use
+    exactness: a head's weights are a pure function of its rows, so after the last request every head equals one
+    training on its final rows; that is computed once (after checking, on the literal prefix, that retraining every
+    touched head on its current rows gives bit-identical weights), and the remaining requests' heads and rows are
+    counted exactly while their compute is estimated from the heads' measured training times (scaled by rows).
+    """
+    literal = len(rows) if literal is None else min(literal, len(rows))
     alive = np.ones(len(system.features.train_y), dtype=bool)
     weights = dict(system.weights)
     before = system.accuracy(weights)
     curve = [[0, before]]
-    total, heads_total, samples_total = 0.0, 0, 0
-    every = max(1, len(rows) // max(1, checkpoints))
+    total, cpu, heads_total, samples_total = 0.0, 0.0, 0, 0
+    touched: set[int] = set()
+    every = max(1, literal // max(1, checkpoints))
     started = time.perf_counter()
-    for i, row in enumerate(rows, start=1):
+    for i, row in enumerate(rows[:literal], start=1):
         alive[row] = False
         heads = system.affected(np.array([row]))
         new, seconds = system.retrain(heads, alive)
         weights.update(new)
+        touched.update(heads)
         total += seconds
+        cpu += system.last_cpu
         heads_total += len(heads)
         samples_total += system.rows_of(heads, alive)
-        if i % every == 0 or i == len(rows):
+        if i % every == 0 or i == literal:
             curve.append([i, system.accuracy(weights)])
             say(f"      {i}/{len(rows)} requests: accuracy {curve[-1][1]:.4f}, retrain {total:.1f} s "
                 f"(wall {time.perf_counter() - started:.0f} s)")
-    return {"requests": len(rows), "accuracy_before": before, "accuracy_after": curve[-1][1], "curve": curve,
-            "retrain_seconds_total": round(total, 3), "retrain_seconds_mean": round(total / len(rows), 4),
-            "heads_retrained_total": heads_total, "samples_retrained_total": samples_total}
+    out = {"requests": len(rows), "literal_requests": literal, "accuracy_before": before,
+           "retrain_seconds_literal": round(total, 3), "retrain_cpu_seconds_literal": round(cpu, 3),
+           "retrain_seconds_mean_literal": round(total / max(1, literal), 4)}
+    if literal < len(rows):
+        check, _ = system.retrain(sorted(touched), alive)
+        out["exactness_checked_heads"] = len(check)
+        out["exactness_bit_identical"] = all(
+            set(check[j]) == set(weights[j]) and all(np.array_equal(check[j][n], weights[j][n]) for n in check[j])
+            for j in check)
+        estimate, sizes = 0.0, [max(1, len(r)) for r in system.rows]
+        for row in rows[literal:]:
+            alive[row] = False
+            heads = system.affected(np.array([row]))
+            heads_total += len(heads)
+            counts = [int(alive[system.rows[j]].sum()) for j in heads]
+            samples_total += sum(counts)
+            estimate += sum(system.head_seconds[j] * c / sizes[j] for j, c in zip(heads, counts, strict=True))
+        final = system.affected(rows)
+        new, seconds = system.retrain(final, alive)
+        weights.update(new)
+        curve.append([len(rows), system.accuracy(weights)])
+        out.update({"final_state_heads_retrained_once": len(final), "final_state_retrain_seconds": round(seconds, 3),
+                    "retrain_seconds_estimated_rest": round(estimate, 3)})
+        total += estimate
+        say(f"      {len(rows)}/{len(rows)} requests (exact final state, {len(final)} heads retrained once; "
+            f"prefix bit-identical: {out['exactness_bit_identical']}): accuracy {curve[-1][1]:.4f}")
+    out.update({"accuracy_after": curve[-1][1], "curve": curve, "retrain_seconds_total": round(total, 3),
+                "retrain_seconds_mean": round(total / len(rows), 4), "heads_retrained_total": heads_total,
+                "samples_retrained_total": samples_total})
+    return out

@@ -11,7 +11,7 @@ from pipeline import forget as flow
 from pipeline.audit import id_digest
 from pipeline.dataset import adapter_name
 from pipeline.lineage import file_md5
-from pipeline.purge import object_path
+from pipeline.purge import local_remotes, object_path
 from stages.build import dvc_lock_digest
 from stages.forget import audit_key, audit_log
 
@@ -83,7 +83,8 @@ def _forgotten_present(root: Path, records: list[dict[str, Any]], key: bytes) ->
     if not owners:
         return []
     tables = [p for p in (root / "data").rglob("*.parquet")]
-    tables += [p for p in (root / ".dvc" / "cache" / "files").rglob("*") if p.is_file() and _is_parquet(p)]
+    stores = [root / ".dvc" / "cache", *local_remotes(root).values()]  # the remotes too, as verify promises
+    tables += [p for store in stores for p in (store / "files").rglob("*") if p.is_file() and _is_parquet(p)]
     found = []
     for table in tables:
         try:
@@ -92,7 +93,7 @@ def _forgotten_present(root: Path, records: list[dict[str, Any]], key: bytes) ->
             continue
         hits = sorted({r for i in ids for r in owners.get(id_digest(key, i), [])})
         if hits:
-            found.append((table.relative_to(root).as_posix(), hits))
+            found.append((table.relative_to(root).as_posix() if table.is_relative_to(root) else str(table), hits))
     return found
 
 

@@ -10,9 +10,10 @@ Issue 3's acceptance points:
 * bad input changes nothing; a crash in any state is finished by re-running; concurrent forgets serialise;
   tampering is detected; re-running is idempotent; dry-run changes nothing; report and check-id.
 
-Runtime: `exactness` is one fresh init + build with canaries, three forgets, and (in parallel with the forgets)
-the from-scratch build on D \\ M. The other scenarios run on private clones of the session's `built_project`
-(cheap copies with MLflow's absolute artifact paths rewritten, so a clone never touches the original).
+Runtime (2 cores): `exactness` is one fresh init + build with canaries, two forgets, and (in parallel with the
+forgets) the from-scratch build on D \\ M. The other scenarios run on private clones of the session's
+`built_project` (cheap copies with MLflow's absolute artifact paths rewritten, so a clone never touches the
+original); `clone_runs` runs their forgets two at a time.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import csv
 import io
 import json
 import os
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -114,11 +114,19 @@ def artifacts_md5(root: Path) -> dict[str, str]:
             and rel not in PACKAGE_VOLATILE}
 
 
+def lock_without_package_listing(root: Path) -> dict[str, Any]:
+    """dvc.lock, without the hash of the models/package listing: that listing includes MLmodel (see above)."""
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    for out in lock["stages"]["package"]["outs"]:
+        assert out["path"] == "models/package" and out.pop("md5").endswith(".dir")
+    return lock
+
+
 def project_params(root: Path) -> dict[str, Any]:
     return yaml.safe_load((root / "params.yaml").read_text())
 
 
-def test_predictions(root: Path) -> dict[str, tuple[bytes, frozenset[int]]]:
+def split_predictions(root: Path) -> dict[str, tuple[bytes, frozenset[int]]]:
     """sample_id -> (float32 probability bytes, the adapters consulted) for every test sample."""
     params = project_params(root)
     ensemble = load_ensemble(root / "models/projection.npy", root / "models/keys.npy", root / "models/adapters",
@@ -128,8 +136,6 @@ def test_predictions(root: Path) -> dict[str, tuple[bytes, frozenset[int]]]:
     return {sid: (proba[i].tobytes(), frozenset(int(a) for a in activated[i]))
             for i, sid in enumerate(frame["sample_id"])}
 
-
-test_predictions.__test__ = False  # a helper, not a test
 
 
 def expected_stages(routing: pd.DataFrame, test_ids: set[str], ids: Iterable[str]) -> tuple[list[int], set[str]]:
@@ -226,9 +232,21 @@ def canary_frame(template: pd.DataFrame) -> pd.DataFrame:
                          "image": [rng.integers(0, 256, size, dtype=np.uint8).tobytes() for _ in CANARIES]})
 
 
+def distinctive(vector: np.ndarray) -> bytes:
+    """The float32 bytes of ``vector`` from its first to its last non-zero value.
+
+    Encoder embeddings of these tiny images are ~98% zeros (ReLU), so a fixed slice would often be all zeros and
+    match any file; the non-zero span, zeros inside it included, is what only this sample's row holds.
+    """
+    values = np.asarray(vector, dtype=np.float32)
+    nonzero = np.flatnonzero(values)
+    assert len(set(values[nonzero].tolist())) >= 4, "too few distinct non-zero values to recognise the row"
+    return values[nonzero[0]:nonzero[-1] + 1].tobytes()
+
+
 def canary_needles(root: Path, canaries: pd.DataFrame) -> dict[str, bytes]:
-    """Byte strings that only a canary's data can produce: its ID, 64 pixel bytes, 16 floats of its encoder
-    embedding and of its projected embedding (what shards hold)."""
+    """Byte strings that only a canary's data can produce: its ID, 64 pixel bytes, its encoder embedding and
+    (train canaries) its projected embedding, which the shards hold."""
     projection = np.load(root / "models/projection.npy")
     frames = [read_embeddings(p) for p in sorted((root / "data/encoded").rglob("*.parquet"))]
     needles = {}
@@ -238,8 +256,9 @@ def canary_needles(root: Path, canaries: pd.DataFrame) -> dict[str, bytes]:
         assert embedding.shape[0] == 1, f"{sid}: expected one encoded row, found {embedding.shape[0]}"
         needles[f"{sid}: id"] = sid.encode()
         needles[f"{sid}: pixels"] = image[100:164]
-        needles[f"{sid}: embedding"] = embedding[0, :16].astype(np.float32).tobytes()
-        needles[f"{sid}: projected embedding"] = project_points(embedding, projection)[0, :16].tobytes()
+        needles[f"{sid}: embedding"] = distinctive(embedding[0])
+        if sid in TRAIN_CANARIES:  # shards hold projected train embeddings; test embeddings are stored raw
+            needles[f"{sid}: projected embedding"] = distinctive(project_points(embedding, projection)[0])
     return needles
 
 
@@ -248,12 +267,12 @@ def canary_needles(root: Path, canaries: pd.DataFrame) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def exactness(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> dict[str, Any]:
-    """Init + build on D (tiny data + canaries), push to a local DVC remote, then forget in three requests:
+    """Init + build on D (tiny data + canaries), push to a local DVC remote, then forget in two requests:
 
     1. (JSON) two train samples that activate the same adapters, chosen so that many test samples route
        elsewhere, plus one test sample;
-    2. (YAML) the canaries (two train, one test);
-    3. (CSV) every remaining train sample of the smallest adapter, which becomes empty.
+    2. (CSV) the canaries (two train, one test) and every remaining train sample of the smallest adapter, which
+       becomes empty.
 
     Meanwhile a second project is initialised with D \\ M and built from scratch: the oracle.
     """
@@ -273,7 +292,7 @@ def exactness(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> dict
     routing = read_table(root / "data/routing.parquet")
     test_ids = set(read_table(root / "data/test/test.parquet")["sample_id"])
     assert set(TRAIN_CANARIES) <= set(routing["sample_id"]) and TEST_CANARY in test_ids
-    before = test_predictions(root)
+    before = split_predictions(root)
 
     # request 1: the adapter set of train samples that leaves the most test samples untouched
     plain = routing[~routing["sample_id"].isin(CANARIES)]
@@ -283,18 +302,18 @@ def exactness(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> dict
     first = sorted(plain["sample_id"][sets == chosen])[:2]
     first_test = sorted(test_ids - set(CANARIES))[0]
     m1 = [*first, first_test]
-    # request 3: the smallest adapter's remaining samples (its set does not depend on the other requests:
+    # request 2: the smallest adapter's remaining samples (its set does not depend on the other requests:
     # routing is per sample)
     gone = set(m1) | set(CANARIES)
     rest = routing[~routing["sample_id"].isin(gone)]
     members = {j: sorted(rest["sample_id"][rest["adapters"].map(lambda a, j=j: j in set(int(x) for x in a))])
                for j in range(len(np.load(root / "models/keys.npy")))}
     emptied = min((j for j in members if members[j]), key=lambda j: (len(members[j]), j))
-    m3 = members[emptied]
+    m2 = [*CANARIES, *members[emptied]]
     batches = [("req-0001-pair", write_manifest(requests / "r1.json", "req-0001-pair", m1)),
-               ("req-0002-canaries", write_manifest(requests / "r2.yaml", "req-0002-canaries", CANARIES)),
-               ("req-0003-empty-adapter", write_manifest(requests / "r3.csv", "req-0003-empty-adapter", m3))]
-    removed = set(m1) | set(CANARIES) | set(m3)
+               ("req-0002-canaries-and-adapter", write_manifest(requests / "r2.csv", "req-0002-canaries-and-adapter",
+                                                                 m2))]
+    removed = set(m1) | set(m2)
 
     # the oracle: a fresh project on D \ M, built while the forgets run
     write_table(full[~full["sample_id"].isin(removed)].reset_index(drop=True), work / "retained.parquet")
@@ -319,11 +338,11 @@ def exactness(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> dict
         tests_now = set(read_table(root / "data/test/test.parquet")["sample_id"])
         ids = set(load_manifest(manifest).sample_ids)
         adapters, stages = expected_stages(routing_now, tests_now, ids)
-        predictions = test_predictions(root)
+        predictions = split_predictions(root)
         summary = forget(root, manifest)
         steps.append({"request_id": request_id, "ids": ids, "adapters": adapters, "stages": stages,
                       "summary": summary, "record": record(root, request_id),
-                      "before": predictions, "after": test_predictions(root)})
+                      "before": predictions, "after": split_predictions(root)})
     builder.join()
     if scratch_error:
         raise scratch_error[0]
@@ -352,6 +371,8 @@ def test_forget_equals_a_from_scratch_build_on_the_retained_data(exactness: dict
         for artifact in doc["flavors"]["python_function"]["artifacts"].values():
             artifact.pop("uri")
     assert mlmodels[0] == mlmodels[1]
+    # dvc.lock too: same params, same dependency and output digests
+    assert lock_without_package_listing(exactness["root"]) == lock_without_package_listing(exactness["oracle"])
     # one adapter is now empty, in both projects, and the ensemble skips it
     info = json.loads((exactness["root"] / f"models/adapters/adapter-{exactness['emptied']:04d}.json").read_text())
     assert info["train_samples"] == 0
@@ -391,6 +412,8 @@ def test_no_residue_of_canaries_anywhere(exactness: dict[str, Any]) -> None:
     root, remote = str(exactness["root"]), str(exactness["remote"])
     for name, places in before.items():
         assert places, f"{name}: not found before forgetting; the scan would prove nothing"
+        assert all("(decoded)" in p or "/files/md5/" in p or p.endswith(".parquet") for p in places), \
+            f"{name}: found outside data tables, so the needle is not specific to the canary: {places}"
         if name.endswith(": id") or name.endswith(": pixels"):
             assert any(p.startswith(f"{root}/.dvc/cache") for p in places), name
             assert any(p.startswith(remote) for p in places), name
@@ -398,18 +421,20 @@ def test_no_residue_of_canaries_anywhere(exactness: dict[str, Any]) -> None:
     assert not leftovers, f"canary residue after forgetting: {leftovers}"
 
 
-def test_tampering_is_detected(exactness: dict[str, Any]) -> None:
-    """One changed byte of an adapter, a shard or a record, or a missing middle record: verify names it."""
+def test_tampering_is_detected(exactness: dict[str, Any], tmp_path: Path) -> None:
+    """One changed byte of an adapter, a shard or a record, a missing middle record, or a forgotten sample back in
+    the DVC remote: `legonet audit verify` fails naming it."""
     root = exactness["root"]
+    # a third record, so that one is in the middle (a request of forgotten IDs: recorded, nothing rebuilt)
+    assert forget(root, write_manifest(tmp_path / "again.json", "req-0003-again", CANARIES))["status"] == \
+        "already-forgotten"
     assert legonet("audit", "verify", cwd=root).returncode == 0
     records = sorted((root / "audit/records").glob("*.json"))
     assert len(records) == 3
-    adapter = root / "models/adapters/adapter-0000.safetensors"
-    shard = root / "data/shards/adapter-0000.parquet"
+    j = 1 if exactness["emptied"] == 0 else 0
+    adapter, shard = f"models/adapters/adapter-{j:04d}.safetensors", f"data/shards/adapter-{j:04d}.parquet"
     payload_at = records[1].read_bytes().index(b'"payload":"') + 40
-    cases = [(adapter, None, "models/adapters/adapter-0000.safetensors"),
-             (shard, None, "data/shards/adapter-0000.parquet"),
-             (records[1], payload_at, records[1].name)]
+    cases = [(root / adapter, None, adapter), (root / shard, None, shard), (records[1], payload_at, records[1].name)]
     for path, offset, name in cases:
         original = flip_byte(path, offset)
         try:
@@ -426,6 +451,15 @@ def test_tampering_is_detected(exactness: dict[str, Any]) -> None:
         records[1].write_bytes(middle)
     assert result.returncode == 9 and records[2].name in result.stderr, result.stderr
     assert "missing" in result.stderr and "chain broken" in result.stderr, result.stderr
+    # a forgotten sample put back into the DVC remote (e.g. pushed from a stale clone)
+    stale = exactness["remote"] / "files" / "md5" / "00" / "0000000000000000000000000000aa"
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    write_table(pd.DataFrame({"sample_id": [TRAIN_CANARIES[0]], "label": [0]}), stale)
+    try:
+        result = legonet("audit", "verify", cwd=root, check=False)
+    finally:
+        stale.unlink()
+    assert result.returncode == 9 and str(stale) in result.stderr and "req-0002" in result.stderr, result.stderr
     assert legonet("audit", "verify", cwd=root).returncode == 0
 
 
@@ -500,13 +534,32 @@ def small_request(built_project: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def crash_runs(tmp_path_factory: pytest.TempPathFactory, built_project: Path,
+def clone_runs(tmp_path_factory: pytest.TempPathFactory, built_project: Path,
                small_request: list[str]) -> dict[str, Any]:
-    """The same request three ways, two at a time: uninterrupted (after a dry run), killed after every state in
-    turn (each re-run resumes and is killed after the next state), and killed once right after data-removed."""
-    work = tmp_path_factory.mktemp("crash")
+    """Every forget that runs on a clone of the built project, two at a time (one process per core).
+
+    * plain: a dry run, then the small request, uninterrupted;
+    * chain: the same request killed after every state in turn (each re-run resumes and is killed after the next
+      state), then re-run to the end;
+    * once: the same request killed right after data-removed, then re-run once;
+    * concurrent: two requests started at the same moment (one of them waits for the lock, so this job uses
+      about one core).
+    """
+    work = tmp_path_factory.mktemp("clones")
     manifest = write_manifest(work / "requests" / "x.json", "req-x", small_request)
-    projects = {name: clone_project(built_project, work / name) for name in ("plain", "chain", "once")}
+    names = ("concurrent", "plain", "chain", "once")
+    projects = {name: clone_project(built_project, work / name) for name in names}
+
+    def concurrent() -> dict[str, Any]:
+        root = projects["concurrent"]
+        train = sorted(set(read_table(root / "data/routing.parquet")["sample_id"]) - set(small_request))[:2]
+        manifests = [write_manifest(work / "requests" / f"c{i}.json", f"req-c{i}", [sid])
+                     for i, sid in enumerate(train)]
+        processes = [subprocess.Popen([sys.executable, "-m", "stages.cli", "forget", str(m)], cwd=root,
+                                      text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                     for m in manifests]
+        outputs = [p.communicate(timeout=1200) for p in processes]
+        return {"ids": train, "returncodes": [p.returncode for p in processes], "outputs": outputs}
 
     def plain() -> dict[str, Any]:
         root = projects["plain"]
@@ -518,55 +571,53 @@ def crash_runs(tmp_path_factory: pytest.TempPathFactory, built_project: Path,
         out["summary"] = forget(root, manifest)
         return out
 
-    def crashed(states: tuple[str, ...]) -> list[subprocess.CompletedProcess[str]]:
-        root = projects["chain" if len(states) > 1 else "once"]
-        runs = [legonet("forget", str(manifest), cwd=root, check=False, env={"LEGONET_CRASH_AFTER": s})
+    def crashed(name: str, states: tuple[str, ...]) -> list[subprocess.CompletedProcess[str]]:
+        runs = [legonet("forget", str(manifest), cwd=projects[name], check=False, env={"LEGONET_CRASH_AFTER": s})
                 for s in states]
-        runs.append(legonet("forget", str(manifest), cwd=root))
-        return runs
+        return [*runs, legonet("forget", str(manifest), cwd=projects[name])]
 
     with ThreadPoolExecutor(max_workers=2) as pool:
-        jobs = {"plain": pool.submit(plain), "chain": pool.submit(crashed, STATES),
-                "once": pool.submit(crashed, ("data-removed",))}
+        jobs = {"concurrent": pool.submit(concurrent), "plain": pool.submit(plain),
+                "chain": pool.submit(crashed, "chain", STATES), "once": pool.submit(crashed, "once", STATES[:1])}
         results = {name: job.result() for name, job in jobs.items()}
     return {"manifest": manifest, "projects": projects, "ids": small_request,
-            "final": {name: (artifacts_md5(root), (root / "dvc.lock").read_bytes(), audit_records(root))
+            "final": {name: (artifacts_md5(root), lock_without_package_listing(root), audit_records(root))
                       for name, root in projects.items()}, **results}
 
 
-def test_dry_run_changes_nothing_and_names_adapters_and_stages(crash_runs: dict[str, Any]) -> None:
-    adapters, stages = expected_stages(crash_runs["plain"]["routing"], crash_runs["plain"]["test_ids"],
-                                       crash_runs["ids"])
-    dry = crash_runs["plain"]["dry_run"]
+def test_dry_run_changes_nothing_and_names_adapters_and_stages(clone_runs: dict[str, Any]) -> None:
+    adapters, stages = expected_stages(clone_runs["plain"]["routing"], clone_runs["plain"]["test_ids"],
+                                       clone_runs["ids"])
+    dry = clone_runs["plain"]["dry_run"]
     summary = json.loads(dry.stdout.strip().splitlines()[-1])
     assert summary["status"] == "dry-run" and summary["adapters"] == adapters and set(summary["stages"]) == stages
     assert f"adapters retrained: {adapters}" in dry.stderr and "stages: " in dry.stderr
     assert all(stage in dry.stderr for stage in stages)
-    assert crash_runs["plain"]["dry_run_unchanged"], "`legonet forget --dry-run` changed the project"
-    assert crash_runs["plain"]["summary"]["retrained_adapters"] == adapters
+    assert clone_runs["plain"]["dry_run_unchanged"], "`legonet forget --dry-run` changed the project"
+    assert clone_runs["plain"]["summary"]["retrained_adapters"] == adapters
 
 
-def test_a_crash_in_any_state_is_finished_by_rerunning(crash_runs: dict[str, Any]) -> None:
-    assert [r.returncode for r in crash_runs["chain"]] == [-signal.SIGKILL] * len(STATES) + [0]
-    assert [r.returncode for r in crash_runs["once"]] == [-signal.SIGKILL, 0]
-    for runs in (crash_runs["chain"], crash_runs["once"]):
+def test_a_crash_in_any_state_is_finished_by_rerunning(clone_runs: dict[str, Any]) -> None:
+    assert [r.returncode for r in clone_runs["chain"]] == [-signal.SIGKILL] * len(STATES) + [0]
+    assert [r.returncode for r in clone_runs["once"]] == [-signal.SIGKILL, 0]
+    for runs in (clone_runs["chain"], clone_runs["once"]):
         assert "resuming the forget of req-x" in runs[1].stderr
         assert json.loads(runs[-1].stdout.strip().splitlines()[-1])["status"] == "forgotten"
-    plain_artifacts, plain_lock, _ = crash_runs["final"]["plain"]
+    plain_artifacts, plain_lock, _ = clone_runs["final"]["plain"]
     for name in ("chain", "once"):
-        artifacts, lock, records = crash_runs["final"][name]
+        artifacts, lock, records = clone_runs["final"][name]
         moved = sorted(p for p in set(artifacts) | set(plain_artifacts) if artifacts.get(p) != plain_artifacts.get(p))
         assert not moved, f"{name}: differs from the uninterrupted forget: {moved}"
         assert lock == plain_lock
         assert records == ["000001-req-x.json"]
-        root = crash_runs["projects"][name]
+        root = clone_runs["projects"][name]
         assert not (root / ".legonet/journal.json").exists()
         assert legonet("audit", "verify", cwd=root).returncode == 0
-        assert not (set(read_table(root / "data/routing.parquet")["sample_id"]) & set(crash_runs["ids"]))
+        assert not (set(read_table(root / "data/routing.parquet")["sample_id"]) & set(clone_runs["ids"]))
 
 
-def test_rerunning_is_idempotent(crash_runs: dict[str, Any], tmp_path: Path) -> None:
-    root, manifest = crash_runs["projects"]["plain"], crash_runs["manifest"]
+def test_rerunning_is_idempotent(clone_runs: dict[str, Any], tmp_path: Path) -> None:
+    root, manifest = clone_runs["projects"]["plain"], clone_runs["manifest"]
     lock = (root / "dvc.lock").read_bytes()
     before = tree_md5(root)
     again = legonet("forget", str(manifest), cwd=root)
@@ -575,7 +626,7 @@ def test_rerunning_is_idempotent(crash_runs: dict[str, Any], tmp_path: Path) -> 
     assert tree_md5(root) == before, "re-running a finished request changed the project"
     # a new request holding only IDs forgotten before: recorded as such, nothing retrained
     artifacts = artifacts_md5(root)
-    summary = forget(root, write_manifest(tmp_path / "y.yaml", "req-y", crash_runs["ids"]))
+    summary = forget(root, write_manifest(tmp_path / "y.yaml", "req-y", clone_runs["ids"]))
     assert summary["status"] == "already-forgotten" and summary["retrained_adapters"] == []
     predicate = record(root, "req-y")
     assert predicate["status"] == "already-forgotten" and predicate["stages_run"] == []
@@ -584,30 +635,25 @@ def test_rerunning_is_idempotent(crash_runs: dict[str, Any], tmp_path: Path) -> 
     assert audit_records(root) == ["000001-req-x.json", "000002-req-y.json"]
 
 
-def test_report_and_check_id(crash_runs: dict[str, Any], tmp_path: Path) -> None:
-    root = crash_runs["projects"]["plain"]
+def test_report_and_check_id(clone_runs: dict[str, Any], tmp_path: Path) -> None:
+    root = clone_runs["projects"]["plain"]
     out = tmp_path / "report.html"
     legonet("audit", "report", "--output", str(out), cwd=root)
     assert "req-x" in out.read_text() and out.read_text().startswith("<!doctype html>")
-    found = legonet("audit", "check-id", crash_runs["ids"][0], cwd=root)
+    found = legonet("audit", "check-id", clone_runs["ids"][0], cwd=root)
     assert "forgotten by request req-x" in found.stdout
     kept = sorted(read_table(root / "data/routing.parquet")["sample_id"])[0]
     missing = legonet("audit", "check-id", kept, cwd=root, check=False)
     assert missing.returncode == 1 and "no forget request" in missing.stdout
 
 
-def test_concurrent_forgets_are_serialised(tmp_path: Path, built_project: Path) -> None:
-    root = clone_project(built_project, tmp_path / "project")
-    train = sorted(read_table(root / "data/routing.parquet")["sample_id"])
-    manifests = [write_manifest(tmp_path / f"c{i}.json", f"req-c{i}", [train[i]]) for i in (0, 1)]
-    processes = [subprocess.Popen([sys.executable, "-m", "stages.cli", "forget", str(m)], cwd=root, text=True,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for m in manifests]
-    outputs = [p.communicate(timeout=900) for p in processes]
-    assert [p.returncode for p in processes] == [0, 0], outputs
-    assert sum("waiting for the project lock" in err for _, err in outputs) == 1, outputs
-    assert all(json.loads(out.strip().splitlines()[-1])["status"] == "forgotten" for out, _ in outputs)
+def test_concurrent_forgets_are_serialised(clone_runs: dict[str, Any]) -> None:
+    """Two forgets at once: one waits for the lock; both end applied, each audited once."""
+    root, run = clone_runs["projects"]["concurrent"], clone_runs["concurrent"]
+    assert run["returncodes"] == [0, 0], run["outputs"]
+    assert sum("waiting for the project lock" in err for _, err in run["outputs"]) == 1, run["outputs"]
+    assert all(json.loads(out.strip().splitlines()[-1])["status"] == "forgotten" for out, _ in run["outputs"])
     names = audit_records(root)
     assert len(names) == 2 and {n.split("-", 1)[1] for n in names} == {"req-c0.json", "req-c1.json"}
-    assert not (set(read_table(root / "data/routing.parquet")["sample_id"]) & {train[0], train[1]})
+    assert not (set(read_table(root / "data/routing.parquet")["sample_id"]) & set(run["ids"]))
     assert legonet("audit", "verify", cwd=root).returncode == 0
-    shutil.rmtree(root)

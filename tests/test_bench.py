@@ -1,0 +1,94 @@
+"""Smoke test of the benchmark (issue 5): `python -m bench --smoke` runs every in-process system on 1,000 digits and
+writes a complete results file, report and plots. Structure only: no timing or accuracy thresholds."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SYSTEM_KEYS = {"system", "label", "heads", "params_per_head", "params_total", "rows_total", "empty_heads",
+               "max_head_rows", "min_head_rows", "accuracy", "build_seconds", "expected_forget_1", "forget"}
+FORGET_KEYS = {"request_samples", "heads_retrained", "samples_retrained", "params_retrained", "retrain_seconds",
+               "accuracy_after"}
+
+
+def _numbers(value: object) -> list[float]:
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return []
+    if isinstance(value, int | float):
+        return [float(value)]
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in _numbers(v)]
+    if isinstance(value, list):
+        return [x for v in value for x in _numbers(v)]
+    return []
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("bench")
+    docs = out / "benchmarks.md"
+    result = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--results-dir", str(out), "--cache",
+                             str(out / "cache"), "--docs", str(docs)], cwd=REPO, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads((out / "smoke.json").read_text()), out
+
+
+def test_every_system_ran(smoke: tuple[dict, Path]) -> None:
+    results, _ = smoke
+    assert results["schema"] == "legonet-bench/1"
+    for key in ("command", "started_at", "finished_at", "machine", "versions", "config", "params", "datasets",
+                "wall_seconds", "load_average_start", "load_average_end", "git_revision"):
+        assert key in results, key
+    assert {"nproc", "cpu_model"} <= set(results["machine"])
+    config = results["config"]
+    assert list(results["datasets"]) == config["datasets"]
+    for block in results["datasets"].values():
+        assert {"info", "requests", "systems", "sequential_request_ids"} <= set(block)
+        systems = block["systems"]
+        kinds = [s["system"] for s in systems]
+        assert kinds.count("probe") == 1
+        assert sorted(s["s"] for s in systems if s["system"] == "sisa") == sorted(config["sisa"])
+        grid = {(s["n"], s["k"]) for s in systems if s["system"] == "legonet"}
+        assert grid == {(n, k) for n in config["n"] for k in config["k"] if k <= n}
+        for entry in systems:
+            assert set(entry) >= SYSTEM_KEYS, SYSTEM_KEYS - set(entry)
+            assert len(entry["accuracy"]["per_seed"]) == config["seeds"]
+            assert set(entry["forget"]) == {str(size) for size in config["request_sizes"]}
+            for forget in entry["forget"].values():
+                assert set(forget) >= FORGET_KEYS
+                assert forget["heads_retrained"] >= 1
+        sequential = [s for s in systems if s.get("sequential")]
+        assert len(sequential) == len(config["sequential_systems"])
+        for entry in sequential:
+            assert entry["sequential"]["requests"] == config["sequential"]
+            assert {"accuracy_before", "accuracy_after", "retrain_seconds_total", "curve"} <= set(entry["sequential"])
+        literal = [e for e in sequential if e["system"] != "probe"]
+        assert any("exactness_bit_identical" in e["sequential"] for e in literal)  # the exactness shortcut ran
+
+
+def test_every_figure_is_finite(smoke: tuple[dict, Path]) -> None:
+    results, _ = smoke
+    numbers = _numbers(results["datasets"])
+    assert numbers and all(math.isfinite(x) for x in numbers)
+    for block in results["datasets"].values():
+        for entry in block["systems"]:
+            assert 0.0 <= entry["accuracy"]["mean"] <= 1.0
+
+
+def test_report_and_plots_written(smoke: tuple[dict, Path]) -> None:
+    _, out = smoke
+    text = (out / "benchmarks.md").read_text()
+    assert "## How it was run" in text and "## Where we stand against the paper" in text
+    assert "python -m bench --smoke" in text
+    for plot in ("accuracy-vs-forget-time", "k-sweep", "n-sweep"):
+        path = out / f"smoke-{plot}.png"
+        assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert path.name in text
