@@ -19,6 +19,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.layout import partition_name
 from pipeline.manifest import sample_id_problem
 
 SPLITS = ("reference", "test", "train")
@@ -62,13 +63,6 @@ def partition_of(sample_id: str, partitions: int) -> int:
     """The raw partition of a train sample, from bytes 8..16 of sha256(sample_id) (independent of the split)."""
     return int.from_bytes(_id_hash(sample_id)[8:16], "big") % partitions
 
-
-def partition_name(index: int) -> str:
-    return f"part-{index:04d}"
-
-
-def adapter_name(index: int) -> str:
-    return f"adapter-{index:04d}"
 
 
 def bundled_mnist() -> pd.DataFrame:

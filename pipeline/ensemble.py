@@ -9,6 +9,7 @@ import numpy as np
 
 from pipeline.adapters import adapter_proba
 from pipeline.keys import project
+from pipeline.layout import adapter_index
 from pipeline.routing import route
 
 
@@ -47,5 +48,8 @@ def load_ensemble(projection: Path, keys: Path, adapters: Path, k: int, classes:
     from safetensors.numpy import load_file
 
     key_array = np.load(keys)
-    weights = {j: load_file(adapters / f"adapter-{j:04d}.safetensors") for j in range(key_array.shape[0])}
+    weights = {adapter_index(p): load_file(p) for p in adapters.rglob("adapter-*.safetensors")}
+    missing = sorted(set(range(key_array.shape[0])) - set(weights))
+    if missing:
+        raise FileNotFoundError(f"{adapters}: no weights for adapter(s) {missing[:5]}; run `dvc repro`")
     return Ensemble(np.load(projection), key_array, weights, k, classes)

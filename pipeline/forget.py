@@ -25,7 +25,20 @@ from typing import Any
 
 import yaml
 
-from pipeline.dataset import adapter_name, partition_name, read_table, write_table
+from pipeline.dataset import read_table, write_table
+from pipeline.layout import (
+    ENCODED_TEST,
+    PACKAGE,
+    ROUTING,
+    TEST,
+    adapter_info_path,
+    adapter_path,
+    block_of,
+    encoded_path,
+    partition_name,
+    raw_path,
+    shard_path,
+)
 from pipeline.lineage import tree_digests
 from pipeline.manifest import DeletionRequest, merge_requests
 
@@ -60,6 +73,12 @@ class Plan:
     already_forgotten: dict[str, list[str]]  # sample_id -> request ids that forgot it earlier
     partitions: list[int]
     adapters: list[int]
+    n: int  # adapters.n and adapters.blocks of the build the plan was made against
+    blocks: int
+
+    @property
+    def train_blocks(self) -> list[int]:
+        return sorted({block_of(j, self.n, self.blocks) for j in self.adapters})
 
     @property
     def stages(self) -> list[str]:
@@ -69,7 +88,7 @@ class Plan:
             stages.append("encode@test")
         if self.partitions:
             stages.append("assign")
-            stages += [f"train@{j:04d}" for j in self.adapters]
+            stages += [f"train@{b:04d}" for b in self.train_blocks]
         if self.train_ids or self.test_ids:
             stages += ["baseline", "evaluate", "package"]
         return stages
@@ -132,13 +151,13 @@ def project_lock(root: Path, wait: bool, notify: Callable[[str], None]) -> Itera
 
 
 def plan_batch(root: Path, sample_ids: Sequence[str], reference_ids: set[str],
-               forgotten_before: Callable[[str], list[str]]) -> Plan:
+               forgotten_before: Callable[[str], list[str]], n: int, blocks: int) -> Plan:
     """Look up each ID: train (routing index), test, reference (refused), forgotten earlier, or unknown."""
-    routing_path = root / "data" / "routing.parquet"
+    routing_path = root / ROUTING
     if not routing_path.is_file():
         raise ForgetError(f"{routing_path}: missing; build the project (`legonet build`) before forgetting")
     routing = read_table(routing_path).set_index("sample_id")
-    test_ids = set(read_table(root / "data" / "test" / "test.parquet")["sample_id"])
+    test_ids = set(read_table(root / TEST)["sample_id"])
     refused = sorted(set(sample_ids) & reference_ids)
     if refused:
         raise ForgetError(f"{len(refused)} ID(s) belong to the reference split, which keys and projection are "
@@ -150,7 +169,7 @@ def plan_batch(root: Path, sample_ids: Sequence[str], reference_ids: set[str],
     rows = routing.loc[train]
     adapters = sorted({int(a) for row in rows["adapters"] for a in row})
     return Plan(train, test, sorted(set(rest) - set(earlier)), earlier,
-                sorted({int(p) for p in rows["partition"]}), adapters)
+                sorted({int(p) for p in rows["partition"]}), adapters, n, blocks)
 
 
 def batch_id(requests: Sequence[DeletionRequest]) -> str:
@@ -185,9 +204,9 @@ def remove_rows(root: Path, plan: Plan, sample_ids: set[str]) -> list[str]:
 
     Idempotent: filtering a file that no longer holds the IDs rewrites identical bytes.
     """
-    files = [Path("data/raw") / f"{partition_name(p)}.parquet" for p in plan.partitions]
+    files = [raw_path(p) for p in plan.partitions]
     if plan.test_ids:
-        files.append(Path("data/test/test.parquet"))
+        files.append(TEST)
     for rel in files:
         frame = read_table(root / rel)
         write_table(frame[~frame["sample_id"].isin(sample_ids)].reset_index(drop=True), root / rel)
@@ -225,15 +244,15 @@ def artifact_digests(root: Path) -> dict[str, str]:
 
 def expected_changes(plan: Plan) -> Callable[[str], bool]:
     """Which artifact paths a plan is allowed to change; everything else must keep its digest."""
-    allowed = {f"data/raw/{partition_name(p)}.parquet" for p in plan.partitions}
-    allowed |= {f"data/encoded/train/{partition_name(p)}.parquet" for p in plan.partitions}
-    allowed |= {f"data/shards/{adapter_name(j)}.parquet" for j in plan.adapters}
-    allowed |= {f"models/adapters/{adapter_name(j)}.{ext}" for j in plan.adapters for ext in ("safetensors", "json")}
+    paths = [raw_path(p) for p in plan.partitions] + [encoded_path(p) for p in plan.partitions]
+    for j in plan.adapters:
+        paths += [f(j, plan.n, plan.blocks) for f in (shard_path, adapter_path, adapter_info_path)]
     if plan.partitions:
-        allowed.add("data/routing.parquet")
+        paths.append(ROUTING)
     if plan.test_ids:
-        allowed |= {"data/test/test.parquet", "data/encoded/test.parquet"}
-    return lambda path: path in allowed or path.startswith("models/package/")
+        paths += [TEST, ENCODED_TEST]
+    allowed = {p.as_posix() for p in paths}
+    return lambda path: path in allowed or path.startswith(f"{PACKAGE.as_posix()}/")
 
 
 def check_rebuild(root: Path, plan: Plan, before: dict[str, str], ran: list[str] | None,

@@ -13,27 +13,18 @@ import pandas as pd
 
 from pipeline.dataset import read_embeddings, write_embeddings, write_table
 from pipeline.keys import project
+from pipeline.layout import ENCODED_TRAIN, KEYS, PROJECTION, ROUTING, SHARDS, encoded_path, shard_path
 from pipeline.lineage import stage_run
 from pipeline.routing import route, routing_index, shard
-from stages.project import (
-    ENCODED_TRAIN,
-    KEYS,
-    PROJECTION,
-    ROUTING,
-    SHARDS,
-    check_generated,
-    encoded_path,
-    load_params,
-    shard_path,
-)
+from stages.project import check_generated, load_params
 
 
 def main() -> None:
     params = load_params()
     check_generated(params)
-    n, k = int(params["adapters"]["n"]), int(params["adapters"]["k"])
+    n, k, blocks = int(params["adapters"]["n"]), int(params["adapters"]["k"]), int(params["adapters"]["blocks"])
     partitions = int(params["data"]["partitions"])
-    used = {"adapters.n": n, "adapters.k": k, "data.partitions": partitions}
+    used = {"adapters.n": n, "adapters.k": k, "adapters.blocks": blocks, "data.partitions": partitions}
     with stage_run("assign", Path(), used, [ENCODED_TRAIN, PROJECTION, KEYS],
                    [SHARDS, ROUTING]) as run:
         projection, keys = np.load(PROJECTION), np.load(KEYS)
@@ -46,7 +37,7 @@ def main() -> None:
         features = np.concatenate(points) if points else np.zeros((0, keys.shape[1]), np.float32)
         assignment = route(features, keys, k)
         for j, rows in enumerate(shard(frame.assign(row=np.arange(len(frame))), assignment, n)):
-            write_embeddings(shard_path(j), rows[["sample_id", "label"]], features[rows["row"].to_numpy()])
+            write_embeddings(shard_path(j, n, blocks), rows[["sample_id", "label"]], features[rows["row"].to_numpy()])
         write_table(routing_index(frame["sample_id"].to_numpy(), frame["partition"].to_numpy(), assignment),
                     ROUTING)
         run["train_samples"] = len(frame)

@@ -9,7 +9,7 @@ from typing import Any
 
 from pipeline import forget as flow
 from pipeline.audit import id_digest
-from pipeline.dataset import adapter_name
+from pipeline.layout import ENCODED_TRAIN, KEYS, PROJECTION, adapter_name, adapter_path, shard_path
 from pipeline.lineage import file_md5
 from pipeline.purge import local_remotes, object_path
 from stages.build import dvc_lock_digest
@@ -118,9 +118,10 @@ def rebuild_adapters(root: Path, params: dict[str, Any], adapters: list[int]) ->
     from pipeline.keys import project
     from pipeline.routing import route, shard
 
-    projection, keys = np.load(root / "models/projection.npy"), np.load(root / "models/keys.npy")
+    projection, keys = np.load(root / PROJECTION), np.load(root / KEYS)
+    n, blocks = int(params["adapters"]["n"]), int(params["adapters"]["blocks"])
     frames, points = [], []
-    for part in sorted((root / "data/encoded/train").glob("part-*.parquet")):
+    for part in sorted((root / ENCODED_TRAIN).glob("part-*.parquet")):
         frame, embeddings = read_embeddings(part)
         frames.append(frame)
         points.append(project(embeddings, projection))
@@ -136,19 +137,18 @@ def rebuild_adapters(root: Path, params: dict[str, Any], adapters: list[int]) ->
     with tempfile.TemporaryDirectory() as tmp:
         for j in adapters:
             rows = shards[j]
-            shard_file = Path(tmp) / f"{adapter_name(j)}.parquet"
+            shard_file, stored_shard = Path(tmp) / f"{adapter_name(j)}.parquet", shard_path(j, n, blocks)
             write_embeddings(shard_file, rows[["sample_id", "label"]], features[rows["row"].to_numpy()])
-            if shard_file.read_bytes() != (root / "data/shards" / shard_file.name).read_bytes():
-                problems.append(f"data/shards/{shard_file.name}: differs from a from-scratch re-derivation")
+            if shard_file.read_bytes() != (root / stored_shard).read_bytes():
+                problems.append(f"{stored_shard}: differs from a from-scratch re-derivation")
             _, shard_features = read_embeddings(shard_file)
             labels = np.array([index[c] for c in rows["label"]], dtype=np.int64)
             weights = train_adapter(shard_features, labels, len(classes),
                                     adapter_seed(int(params["adapters"]["seed"]), j),
                                     TrainParams(**params["adapters"]["train"]))
-            stored = (root / "models/adapters" / f"{adapter_name(j)}.safetensors").read_bytes()
-            if save(weights) != stored:
-                problems.append(f"models/adapters/{adapter_name(j)}.safetensors: retraining from scratch gives "
-                                "different bits")
+            stored = adapter_path(j, n, blocks)
+            if save(weights) != (root / stored).read_bytes():
+                problems.append(f"{stored}: retraining from scratch gives different bits")
     return problems
 
 

@@ -15,16 +15,17 @@ import numpy as np
 from pipeline.adapters import TrainParams, adapter_proba, adapter_seed, train_adapter
 from pipeline.dataset import read_embeddings
 from pipeline.keys import project
+from pipeline.layout import ENCODED_TEST, ENCODED_TRAIN, METRICS, PROJECTION
 from pipeline.lineage import stage_run
 from stages.evaluate import write_json
-from stages.project import ENCODED, ENCODED_TRAIN, METRICS, PROJECTION, load_params
+from stages.project import load_params
 
 
 def main() -> None:
     params = load_params()
     classes, base = list(params["data"]["classes"]), params["baseline"]
     threads = int(params["adapters"]["train"]["threads"])
-    test = ENCODED / "test.parquet"
+    test = ENCODED_TEST
     used = {"baseline": base, "adapters.train.threads": threads, "data.classes": classes}
     with stage_run("baseline", Path(), used, [ENCODED_TRAIN, test, PROJECTION],
                    [METRICS / "baseline.json"]) as run:

@@ -13,7 +13,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from stages.project import METRICS, load_params, sync_generated
+from pipeline.layout import METRICS, block_count
+from stages.project import load_params, sync_generated
 
 RUNNING = re.compile(r"^Running stage '([^']+)'")
 
@@ -61,7 +62,8 @@ def repro(root: Path, targets: list[str] | None = None, force: bool = False,
 
 def _stage_count(root: Path) -> int:
     params = load_params(root)
-    return 6 + int(params["data"]["partitions"]) + 2 + int(params["adapters"]["n"])
+    blocks = block_count(int(params["adapters"]["n"]), int(params["adapters"]["blocks"]))
+    return 6 + int(params["data"]["partitions"]) + 2 + blocks
 
 
 def dvc_lock_digest(root: Path) -> str:

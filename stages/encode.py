@@ -10,8 +10,9 @@ from rich.progress import Progress
 
 from pipeline.dataset import check_samples, image_arrays, read_table, write_embeddings
 from pipeline.encoder import Encoder
+from pipeline.layout import ENCODER, ENCODER_INFO
 from pipeline.lineage import stage_run
-from stages.project import ENCODER, ENCODER_INFO, load_params
+from stages.project import load_params
 
 
 def main(name: str, src: Path, dst: Path) -> None:

@@ -10,8 +10,9 @@ import pandas as pd
 
 from pipeline.dataset import read_embeddings, write_bytes_atomic
 from pipeline.ensemble import load_ensemble
+from pipeline.layout import ADAPTERS, ENCODED_TEST, KEYS, METRICS, PROJECTION
 from pipeline.lineage import stage_run
-from stages.project import ADAPTERS, ENCODED, KEYS, METRICS, PROJECTION, load_params
+from stages.project import load_params
 
 
 def write_json(path: Path, payload: dict) -> None:
@@ -21,7 +22,7 @@ def write_json(path: Path, payload: dict) -> None:
 def main() -> None:
     params = load_params()
     classes, k = list(params["data"]["classes"]), int(params["adapters"]["k"])
-    test = ENCODED / "test.parquet"
+    test = ENCODED_TEST
     outputs = [METRICS / "evaluate.json", METRICS / "per_class.csv", METRICS / "adapter_load.csv"]
     with stage_run("evaluate", Path(), {"adapters.k": k, "data.classes": classes},
                    [test, PROJECTION, KEYS, ADAPTERS], outputs) as run:
@@ -33,7 +34,7 @@ def main() -> None:
         accuracy = float((predicted == truth).mean()) if len(truth) else float("nan")
         recall = [float((predicted[truth == c] == c).mean()) if (truth == c).any() else float("nan")
                   for c in classes]
-        infos = [json.loads(p.read_text()) for p in sorted(ADAPTERS.glob("adapter-*.json"))]
+        infos = [json.loads(p.read_text()) for p in sorted(ADAPTERS.rglob("adapter-*.json"))]
         load = pd.DataFrame({
             "adapter": [i["adapter"] for i in infos],
             "train_samples": [i["train_samples"] for i in infos],

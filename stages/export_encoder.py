@@ -7,8 +7,9 @@ from pathlib import Path
 
 from pipeline.dataset import write_bytes_atomic
 from pipeline.encoder import export_encoder
+from pipeline.layout import ENCODER, ENCODER_INFO
 from pipeline.lineage import stage_run
-from stages.project import ENCODER, ENCODER_INFO, load_params
+from stages.project import load_params
 
 
 def main() -> None:

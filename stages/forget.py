@@ -17,6 +17,7 @@ from typing import Any
 from pipeline import forget as flow
 from pipeline.audit import AuditLog, id_digest, load_or_create_audit_key, load_or_create_signing_key
 from pipeline.dataset import read_table
+from pipeline.layout import REFERENCE
 from pipeline.lineage import git_revision, platform_tags
 from pipeline.manifest import DeletionRequest, load_manifest
 from stages.build import dvc_lock_digest, repro
@@ -83,8 +84,9 @@ def _already(root: Path, params: dict[str, Any]) -> Callable[[str], list[str]]:
 def _plan(root: Path, requests: Sequence[DeletionRequest], params: dict[str, Any]) -> flow.Plan:
     from pipeline.manifest import merge_requests
 
-    reference = set(read_table(root / "data/reference/reference.parquet")["sample_id"])
-    return flow.plan_batch(root, merge_requests(requests), reference, _already(root, params))
+    reference = set(read_table(root / REFERENCE)["sample_id"])
+    return flow.plan_batch(root, merge_requests(requests), reference, _already(root, params),
+                           int(params["adapters"]["n"]), int(params["adapters"]["blocks"]))
 
 
 def _start(root: Path, requests: Sequence[DeletionRequest], params: dict[str, Any], allow_unknown: bool,

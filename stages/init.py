@@ -24,7 +24,8 @@ from pipeline.dataset import (
     read_samples,
     write_table,
 )
-from stages.project import PARAMS, REFERENCE, TEST, check_params, raw_path, sync_generated
+from pipeline.layout import REFERENCE, TEST, raw_path
+from stages.project import PARAMS, check_params, sync_generated
 
 TEMPLATE = Path(__file__).resolve().parent.parent  # the checkout's dvc.yaml and params.yaml are the template
 GITIGNORE = "/mlflow.db\n/mlartifacts/\n/.legonet/\n"

@@ -9,8 +9,9 @@ import numpy as np
 
 from pipeline.dataset import read_embeddings, write_bytes_atomic
 from pipeline.keys import fit_keys, fit_projection, project
+from pipeline.layout import ENCODED_REFERENCE, KEYS, PROJECTION
 from pipeline.lineage import stage_run
-from stages.project import ENCODED, KEYS, PROJECTION, load_params
+from stages.project import load_params
 
 
 def save_array(path: Path, array: np.ndarray) -> None:
@@ -22,7 +23,7 @@ def save_array(path: Path, array: np.ndarray) -> None:
 
 def main() -> None:
     params = load_params()
-    reference = ENCODED / "reference.parquet"
+    reference = ENCODED_REFERENCE
     used = {"projection": params["projection"], "keys": params["keys"], "adapters.n": params["adapters"]["n"]}
     with stage_run("keys", Path(), used, [reference], [PROJECTION, KEYS]) as run:
         _, embeddings = read_embeddings(reference)

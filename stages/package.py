@@ -12,10 +12,11 @@ import tempfile
 from pathlib import Path
 
 import pipeline
+from pipeline.layout import ADAPTERS, ENCODER, ENCODER_INFO, KEYS, METRICS, PACKAGE, PROJECTION
 from pipeline.lineage import configure, file_md5, flush, stage_run, tree_digests
 from pipeline.package import SERVING_REQUIREMENTS, LegoNetModel, stage_artifacts
 from pipeline.registry import champion_accuracy, gate, promote
-from stages.project import ADAPTERS, ENCODER, ENCODER_INFO, KEYS, METRICS, PACKAGE, PROJECTION, load_params
+from stages.project import load_params
 
 
 def main() -> None:
@@ -49,7 +50,7 @@ def main() -> None:
     runs = flush(Path(), params["mlflow"])
     client = mlflow.MlflowClient()
     tags = {"accuracy": f"{accuracy:.6f}", "package_run_id": runs.get("package", ""),
-            "encoder.md5": file_md5(ENCODER), "adapters": str(len(list(ADAPTERS.glob("*.safetensors")))),
+            "encoder.md5": file_md5(ENCODER), "adapters": str(len(list(ADAPTERS.rglob("*.safetensors")))),
             "inputs.md5": _combined(tree_digests(list(files.values()), Path()))}
     for tag, value in tags.items():
         client.set_model_version_tag(name, version, tag, value)

@@ -1,43 +1,84 @@
-"""DVC stage `train@JJJJ`: train adapter j on its shard alone and write its weights (safetensors) and a summary."""
+"""DVC stage `train@BBBB`: train the stale adapters of block b, each on its shard alone (safetensors + summary).
+
+A block stage reruns when any shard of its block changed, but it retrains only the adapters whose inputs
+changed: each adapter's summary records the md5 of the shard and the digest of the training params it was
+trained from, and an adapter is kept only when both match and its weights still have the recorded digest.
+Training is a pure function of (shard, params, seed_j), so a kept adapter is exactly what retraining would give.
+The block's outputs persist between runs (``persist: true`` in dvc.yaml) for that reason.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("MKL_CBWR", "AVX2,STRICT")  # before anything imports torch: thread-independent matmuls
 
 import numpy as np
-from safetensors.numpy import save
 
 from pipeline.adapters import TrainParams, adapter_seed, train_adapter
 from pipeline.dataset import read_embeddings, write_bytes_atomic
-from pipeline.lineage import stage_run
-from stages.project import adapter_info_path, adapter_path, load_params, shard_path
+from pipeline.layout import adapter_dir, adapter_info_path, adapter_path, block_adapters, shard_dir, shard_path
+from pipeline.lineage import file_md5, stage_run
+from stages.project import load_params
 
 
-def main(adapter: str) -> None:
+def train_digest(used: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(used, sort_keys=True).encode()).hexdigest()
+
+
+def is_current(info_file: Path, weights_file: Path, shard_md5: str, params_sha256: str) -> bool:
+    """True when the adapter on disk was trained from exactly this shard and these params, and is intact."""
+    if not info_file.is_file() or not weights_file.is_file():
+        return False
+    info = json.loads(info_file.read_text())
+    return (info.get("shard_md5") == shard_md5 and info.get("train_params_sha256") == params_sha256
+            and info.get("weights_md5") == file_md5(weights_file))
+
+
+def main(block_id: str) -> None:
     params = load_params()
-    j = int(adapter)
+    block = int(block_id)
+    n, blocks = int(params["adapters"]["n"]), int(params["adapters"]["blocks"])
     classes = list(params["data"]["classes"])
     train = params["adapters"]["train"]
-    seed = adapter_seed(int(params["adapters"]["seed"]), j)
     used = {"adapters.seed": params["adapters"]["seed"], "adapters.train": train, "data.classes": classes}
-    src, out, info = shard_path(j), adapter_path(j), adapter_info_path(j)
-    with stage_run(f"train@{adapter}", Path(), used, [src], [out, info],
-                   {"adapter": adapter, "adapter.seed": str(seed)}) as run:
-        frame, features = read_embeddings(src)
+    params_sha256 = train_digest(used)
+    members = block_adapters(block, n, blocks)
+    out_dir = adapter_dir(block)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    expected = {p.name for j in members for p in (adapter_path(j, n, blocks), adapter_info_path(j, n, blocks))}
+    for stray in out_dir.iterdir():  # adapters that left this block (n or blocks changed)
+        if stray.name not in expected:
+            stray.unlink()
+    with stage_run(f"train@{block_id}", Path(), {**used, "adapters.n": n, "adapters.blocks": blocks},
+                   [shard_dir(block)], [out_dir], {"block": block_id}) as run:
+        retrained = []
         index = {c: i for i, c in enumerate(classes)}
-        labels = np.array([index[c] for c in frame["label"]], dtype=np.int64)
-        weights = train_adapter(features, labels, len(classes), seed, TrainParams(**train))
-        # safetensors with no metadata is byte-stable (several metadata keys are written in random order)
-        write_bytes_atomic(out, save(weights))
-        summary = {"adapter": j, "train_samples": len(frame), "seed": seed,
-                   "class_counts": {str(c): int((labels == i).sum()) for c, i in index.items()}}
-        write_bytes_atomic(info, (json.dumps(summary, indent=1, sort_keys=True) + "\n").encode())
-        run["train_samples"] = len(frame)
+        for j in members:
+            src, out, info = shard_path(j, n, blocks), adapter_path(j, n, blocks), adapter_info_path(j, n, blocks)
+            shard_md5 = file_md5(src)
+            if is_current(info, out, shard_md5, params_sha256):
+                continue
+            frame, features = read_embeddings(src)
+            labels = np.array([index[c] for c in frame["label"]], dtype=np.int64)
+            seed = adapter_seed(int(params["adapters"]["seed"]), j)
+            weights = train_adapter(features, labels, len(classes), seed, TrainParams(**train))
+            from safetensors.numpy import save
+
+            # safetensors with no metadata is byte-stable (several metadata keys are written in random order)
+            write_bytes_atomic(out, save(weights))
+            summary = {"adapter": j, "train_samples": len(frame), "seed": seed, "shard_md5": shard_md5,
+                       "train_params_sha256": params_sha256, "weights_md5": file_md5(out),
+                       "class_counts": {str(c): int((labels == i).sum()) for c, i in index.items()}}
+            write_bytes_atomic(info, (json.dumps(summary, indent=1, sort_keys=True) + "\n").encode())
+            retrained.append(j)
+        run["retrained_adapters"] = len(retrained)
+        print(f"block {block_id}: retrained adapters {retrained} of {list(members)}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,108 @@
+"""Data contracts: a pandera schema for every table that crosses a stage boundary.
+
+Stages validate what they read and what they write (``lazy=True``: every rule is checked), and a failure becomes
+one ``ContractError`` naming the file, the rule and the first failing sample IDs, so a bad table stops the
+pipeline at the stage that would have consumed or produced it, before anything is written. Schemas are built
+from params (classes, embedding width, n, k) because the rules depend on them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pandera.pandas as pa
+
+from pipeline.dataset import DataError
+from pipeline.manifest import SAMPLE_ID_PATTERN
+
+
+class ContractError(DataError):
+    """A table broke its contract: the message names the file, the rule and the first failing sample IDs."""
+
+
+def _sample_id() -> pa.Column:
+    return pa.Column(str, pa.Check.str_matches(SAMPLE_ID_PATTERN), unique=True, nullable=False)
+
+
+def _label(classes: Sequence[int]) -> pa.Column:
+    return pa.Column("int64", pa.Check.isin(list(classes)), nullable=False)
+
+
+def _embedding(dim: int | None) -> pa.Column:
+    def ok(value: object) -> bool:
+        return (isinstance(value, np.ndarray) and value.dtype == np.float32 and value.ndim == 1
+                and (dim is None or value.shape[0] == dim) and bool(np.isfinite(value).all()))
+
+    rule = f"embedding is a finite float32 vector of width {dim}" if dim else "embedding is a finite float32 vector"
+    return pa.Column(object, pa.Check(ok, element_wise=True, error=rule), nullable=False)
+
+
+def samples_schema(modality: str, classes: Sequence[int], image_bytes: int | None) -> pa.DataFrameSchema:
+    """Raw partitions, reference and test splits: sample_id, label and the payload."""
+    if modality == "image":
+        payload = pa.Column(object, pa.Check(lambda b: isinstance(b, bytes) and len(b) == image_bytes,
+                                             element_wise=True, error=f"image is {image_bytes} uint8 pixels"),
+                            nullable=False)
+    else:
+        payload = pa.Column(str, pa.Check(lambda t: bool(t.strip()), element_wise=True, error="text is not empty"),
+                            nullable=False)
+    return pa.DataFrameSchema({"sample_id": _sample_id(), "label": _label(classes), modality: payload},
+                              strict=True, name="samples")
+
+
+def encoded_schema(classes: Sequence[int], dim: int | None, extra: dict[str, pa.Column] | None = None
+                   ) -> pa.DataFrameSchema:
+    """Encoded partitions and shards: sample_id, label, embedding (width ``dim``, finite, float32)."""
+    columns = {"sample_id": _sample_id(), "label": _label(classes), "embedding": _embedding(dim), **(extra or {})}
+    return pa.DataFrameSchema(columns, strict=True, name="encoded")
+
+
+def routing_schema(n: int, k: int, partitions: int) -> pa.DataFrameSchema:
+    """The routing index: each train sample once, its partition, its k distinct adapters in range."""
+    def adapters_ok(value: object) -> bool:
+        array = np.asarray(value)
+        return array.shape == (k,) and len(set(array.tolist())) == k and bool(((array >= 0) & (array < n)).all())
+
+    return pa.DataFrameSchema({
+        "sample_id": _sample_id(),
+        "partition": pa.Column("int32", pa.Check.in_range(0, partitions - 1)),
+        "adapters": pa.Column(object, pa.Check(adapters_ok, element_wise=True,
+                                               error=f"{k} distinct adapters in 0..{n - 1}")),
+    }, strict=True, name="routing")
+
+
+def adapter_load_schema(n: int) -> pa.DataFrameSchema:
+    """metrics/adapter_load.csv: one row per adapter with non-negative counts."""
+    return pa.DataFrameSchema({
+        "adapter": pa.Column("int64", pa.Check.in_range(0, n - 1), unique=True),
+        "train_samples": pa.Column("int64", pa.Check.ge(0)),
+        "test_activations": pa.Column("int64", pa.Check.ge(0)),
+    }, strict=True, name="adapter_load")
+
+
+def validate(frame: pd.DataFrame, schema: pa.DataFrameSchema, path: Path | str, embeddings: np.ndarray | None = None
+             ) -> pd.DataFrame:
+    """Check ``frame`` (plus its ``embeddings`` as a column, if given) against ``schema``; raise ContractError."""
+    checked = frame if embeddings is None else frame.assign(embedding=list(embeddings))
+    try:
+        schema.validate(checked, lazy=True)
+    except pa.errors.SchemaErrors as exc:
+        raise ContractError(_summary(exc.failure_cases, checked, path, schema.name)) from None
+    return frame
+
+
+def _summary(cases: pd.DataFrame, frame: pd.DataFrame, path: Path | str, name: str | None) -> str:
+    lines = []
+    for (column, check), group in cases.groupby(["column", "check"], sort=False, dropna=False):
+        rows = [int(i) for i in group["index"].dropna()]
+        ids = [str(frame["sample_id"].iloc[i]) for i in rows[:5]] if "sample_id" in frame and rows else []
+        if ids:
+            shown = ", ".join(repr(i) for i in ids) + (f" (and {len(rows) - len(ids)} more)" if len(rows) > 5 else "")
+            where = f"samples {shown}"
+        else:
+            where = f"{', '.join(str(c) for c in group['failure_case'].head(5))}"
+        lines.append(f"{column if isinstance(column, str) else 'table'}: {check} fails for {where}")
+    return f"{path}: breaks the {name or 'table'} contract: " + "; ".join(lines)

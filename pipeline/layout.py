@@ -1,0 +1,88 @@
+"""Where a legonet project keeps each artifact (DESIGN.md section 3), spelt once for stages, forget and audit.
+
+Paths are relative to the project root (the folder of dvc.yaml), which is the working directory of every stage.
+Adapters are grouped into blocks: one DVC stage trains one block, so the number of stages (and DVC's bookkeeping)
+does not grow with the number of adapters, while every adapter stays its own file with its own hash.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+RAW = Path("data/raw")
+REFERENCE = Path("data/reference/reference.parquet")
+TEST = Path("data/test/test.parquet")
+ENCODED = Path("data/encoded")
+ENCODED_TRAIN = ENCODED / "train"
+ENCODED_REFERENCE = ENCODED / "reference.parquet"
+ENCODED_TEST = ENCODED / "test.parquet"
+SHARDS = Path("data/shards")
+ROUTING = Path("data/routing.parquet")
+ENCODER = Path("models/encoder.onnx")
+ENCODER_INFO = Path("models/encoder.json")
+PROJECTION = Path("models/projection.npy")
+KEYS = Path("models/keys.npy")
+ADAPTERS = Path("models/adapters")
+PACKAGE = Path("models/package")
+METRICS = Path("metrics")
+
+
+def partition_name(index: int) -> str:
+    return f"part-{index:04d}"
+
+
+def adapter_name(index: int) -> str:
+    return f"adapter-{index:04d}"
+
+
+def block_name(index: int) -> str:
+    return f"block-{index:04d}"
+
+
+def block_count(n: int, blocks: int) -> int:
+    """Number of train blocks: ``adapters.blocks``, but never more than there are adapters."""
+    return max(1, min(n, blocks))
+
+
+def block_of(adapter: int, n: int, blocks: int) -> int:
+    """The block of adapter j: contiguous ranges of ceil(n / blocks) adapters."""
+    size = -(-n // block_count(n, blocks))
+    return adapter // size
+
+
+def block_adapters(block: int, n: int, blocks: int) -> range:
+    size = -(-n // block_count(n, blocks))
+    return range(block * size, min(n, (block + 1) * size))
+
+
+def raw_path(index: int) -> Path:
+    return RAW / f"{partition_name(index)}.parquet"
+
+
+def encoded_path(index: int) -> Path:
+    return ENCODED_TRAIN / f"{partition_name(index)}.parquet"
+
+
+def shard_dir(block: int) -> Path:
+    return SHARDS / block_name(block)
+
+
+def adapter_dir(block: int) -> Path:
+    return ADAPTERS / block_name(block)
+
+
+def shard_path(adapter: int, n: int, blocks: int) -> Path:
+    return shard_dir(block_of(adapter, n, blocks)) / f"{adapter_name(adapter)}.parquet"
+
+
+def adapter_path(adapter: int, n: int, blocks: int) -> Path:
+    return adapter_dir(block_of(adapter, n, blocks)) / f"{adapter_name(adapter)}.safetensors"
+
+
+def adapter_info_path(adapter: int, n: int, blocks: int) -> Path:
+    return adapter_dir(block_of(adapter, n, blocks)) / f"{adapter_name(adapter)}.json"
+
+
+def adapter_index(path: Path) -> int:
+    """adapter-0042.safetensors -> 42."""
+    return int(path.stem.split("-")[1])
