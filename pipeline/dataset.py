@@ -101,8 +101,8 @@ def read_samples(path: Path) -> pd.DataFrame:
             raise
         raise DataError(f"{path}: cannot be read as {suffix[1:]}: {exc}") from exc
     if "image" in frame.columns:
-        frame = frame.assign(image=[_image_bytes(value, path, sid) for value, sid in zip(frame["image"],
-                                                                                         frame["sample_id"])])
+        pairs = zip(frame["image"], frame["sample_id"], strict=True)
+        frame = frame.assign(image=[_image_bytes(value, path, sid) for value, sid in pairs])
     return frame
 
 

@@ -97,6 +97,13 @@ class Plan:
     def changes_data(self) -> bool:
         return bool(self.train_ids or self.test_ids)
 
+    @property
+    def status(self) -> str:
+        """What the audit record says happened: data removed, or nothing left to remove and why."""
+        if self.changes_data:
+            return "forgotten"
+        return "already-forgotten" if self.already_forgotten else "not-present"
+
 
 @dataclass
 class Journal:

@@ -7,6 +7,7 @@ here, never samples.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -93,10 +94,8 @@ def configure(tracking_uri: str, experiment: str, project: Path) -> str:
     found = mlflow.get_experiment_by_name(experiment)
     if found is None:
         artifacts = (project / "mlartifacts").resolve().as_uri()
-        try:
+        with contextlib.suppress(mlflow.exceptions.MlflowException):  # a concurrent process created it first
             mlflow.create_experiment(experiment, artifact_location=artifacts)
-        except mlflow.exceptions.MlflowException:
-            pass  # created by a concurrent process between the lookup and the create
         found = mlflow.get_experiment_by_name(experiment)
     mlflow.set_experiment(experiment)
     return found.experiment_id

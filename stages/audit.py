@@ -39,8 +39,8 @@ def verify(root: Path, params: dict[str, Any], rebuild: bool = False) -> list[st
         passed.append("affected adapters re-derived from scratch: bit-identical")
     if problems:
         raise AuditFailed("audit verification failed:\n" + "\n".join(f"  - {p}" for p in problems))
-    return passed + ["current model and adapters match the last record", "workspace matches dvc.lock",
-                     "no forgotten ID in data, DVC cache or remote tables"]
+    return [*passed, "current model and adapters match the last record", "workspace matches dvc.lock",
+            "no forgotten ID in data, DVC cache or remote tables"]
 
 
 def _subject_problems(root: Path, record: dict[str, Any]) -> list[str]:
@@ -48,7 +48,8 @@ def _subject_problems(root: Path, record: dict[str, Any]) -> list[str]:
     current = flow.subjects(root)
     problems = [f"{name}: changed since the last record" for name in sorted(expected)
                 if name in current and current[name] != expected[name]]
-    problems += [f"{name}: missing (recorded in the last audit record)" for name in sorted(set(expected) - set(current))]
+    problems += [f"{name}: missing (recorded in the last audit record)"
+                 for name in sorted(set(expected) - set(current))]
     problems += [f"{name}: not in the last audit record" for name in sorted(set(current) - set(expected))]
     return problems
 

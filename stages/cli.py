@@ -163,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("manifests", nargs="+", type=Path, help="JSON, YAML or CSV manifest(s); several = one rebuild")
     p.add_argument("--dry-run", action="store_true", help="print what would be retrained and the cost; change nothing")
     p.add_argument("--no-wait", action="store_true", help="fail at once if another forget holds the project lock")
-    p.add_argument("--allow-unknown", action="store_true", help="record unknown IDs as 'not present' instead of failing")
+    p.add_argument("--allow-unknown", action="store_true",
+                   help="record unknown IDs as 'not present' instead of failing")
     p.add_argument("--profile", action="store_true", help="print the time of each phase")
     p.set_defaults(func=cmd_forget)
 

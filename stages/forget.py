@@ -6,6 +6,7 @@ purge -> audit record -> git commit. Re-running the same command after a crash f
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -104,6 +105,9 @@ def _start(root: Path, requests: Sequence[DeletionRequest], params: dict[str, An
         raise flow.ForgetError(
             f"{len(plan.unknown_ids)} sample ID(s) are not in this project: {plan.unknown_ids[:5]}; check the "
             "manifest, or pass --allow-unknown to record them as 'not present'")
+    if plan.changes_data and json.loads(flow.dvc(root, "status", "--json") or "{}"):
+        raise flow.ForgetError("the project has changes that are not built yet (`dvc status` is not clean): run "
+                               "`legonet build` first, so the forget rebuilds only what the request touches")
     journal = flow.new_journal(requests, plan)
     journal.before = {"artifacts": flow.artifact_digests(root), "outputs": flow.lock_outputs(root),
                       "dvc_lock": dvc_lock_digest(root)}
@@ -120,7 +124,7 @@ def _run(root: Path, journal: flow.Journal, params: dict[str, Any], say: Callabl
         started = time.monotonic()
         action(root, journal, plan, ids, params, say, resumed)
         flow.advance(journal, root, state, started)
-    summary = {"status": "forgotten" if plan.changes_data else "already-forgotten",
+    summary = {"status": plan.status,
                "request_ids": journal.request_ids, "retrained_adapters": plan.adapters,
                "timings": journal.timings, **journal.results.get("registry", {})}
     (root / flow.JOURNAL).unlink()  # holds raw IDs: gone once the record is written
@@ -202,7 +206,7 @@ def _audit(root, journal, plan, ids, params, say, resumed) -> None:
     shared = {
         "batch_request_ids": journal.request_ids,
         "manifest_sha256": journal.manifest_digests,
-        "status": "forgotten" if plan.changes_data else "already-forgotten",
+        "status": plan.status,
         "affected": {"partitions": plan.partitions, "adapters": plan.adapters,
                      "test_samples": len(plan.test_ids), "train_samples": len(plan.train_ids)},
         "artifacts": {p: {"before": before.get(p), "after": after.get(p)} for p in sorted(touched)},

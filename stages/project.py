@@ -61,7 +61,8 @@ def check_params(params: dict[str, Any]) -> None:
         raise ParamsError(f"params.yaml: encoder.name {name!r} encodes {ENCODERS[name]}, but data.modality is "
                           f"{modality!r}")
     if int(params["adapters"].get("blocks", 0)) < 1:
-        raise ParamsError("params.yaml: adapters.blocks must be at least 1 (adapters trained per DVC stage = n / blocks)")
+        raise ParamsError("params.yaml: adapters.blocks must be at least 1 (each DVC train stage trains "
+                          "n / blocks adapters)")
     if not 1 <= k <= n:
         raise ParamsError(f"params.yaml: adapters.k={k} must be between 1 and adapters.n={n}")
     if partitions < 1:

@@ -19,6 +19,7 @@ TINY = {
     "projection.dim": 32,
     "adapters.n": 4,
     "adapters.k": 2,
+    "adapters.blocks": 2,  # two adapters per train stage: exercises retraining only the stale ones of a block
     "adapters.train.epochs": 8,
     "baseline.epochs": 8,
     "gate.min_accuracy": 0.5,

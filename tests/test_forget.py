@@ -44,6 +44,7 @@ from pipeline.dataset import SplitFractions, read_embeddings, read_table, split_
 from pipeline.ensemble import load_ensemble
 from pipeline.forget import project_lock
 from pipeline.keys import project as project_points
+from pipeline.layout import adapter_info_path, adapter_path, block_of, shard_path
 from pipeline.lineage import file_md5
 from pipeline.manifest import load_manifest
 
@@ -60,6 +61,7 @@ TRAIN_CANARIES = ("canary-5feceb", "canary-6b86b2")
 TEST_CANARY = "canary-4fc82b"
 CANARIES = (*TRAIN_CANARIES, TEST_CANARY)
 ADAPTERS = int(TINY["adapters.n"])
+BLOCKS = int(TINY["adapters.blocks"])
 
 
 # --- helpers ---
@@ -147,7 +149,7 @@ def expected_stages(routing: pd.DataFrame, test_ids: set[str], ids: Iterable[str
     if ids & test_ids:
         stages.add("encode@test")
     if len(rows):
-        stages |= {"assign", *(f"train@{j:04d}" for j in adapters)}
+        stages |= {"assign", *(f"train@{block_of(j, ADAPTERS, BLOCKS):04d}" for j in adapters)}
     return adapters, stages | {"baseline", "evaluate", "package"}
 
 
@@ -374,7 +376,7 @@ def test_forget_equals_a_from_scratch_build_on_the_retained_data(exactness: dict
     # dvc.lock too: same params, same dependency and output digests
     assert lock_without_package_listing(exactness["root"]) == lock_without_package_listing(exactness["oracle"])
     # one adapter is now empty, in both projects, and the ensemble skips it
-    info = json.loads((exactness["root"] / f"models/adapters/adapter-{exactness['emptied']:04d}.json").read_text())
+    info = json.loads((exactness["root"] / adapter_info_path(exactness["emptied"], ADAPTERS, BLOCKS)).read_text())
     assert info["train_samples"] == 0
     assert not (set(read_table(exactness["root"] / "data/routing.parquet")["sample_id"]) & exactness["removed"])
 
@@ -432,7 +434,7 @@ def test_tampering_is_detected(exactness: dict[str, Any], tmp_path: Path) -> Non
     records = sorted((root / "audit/records").glob("*.json"))
     assert len(records) == 3
     j = 1 if exactness["emptied"] == 0 else 0
-    adapter, shard = f"models/adapters/adapter-{j:04d}.safetensors", f"data/shards/adapter-{j:04d}.parquet"
+    adapter, shard = adapter_path(j, ADAPTERS, BLOCKS).as_posix(), shard_path(j, ADAPTERS, BLOCKS).as_posix()
     payload_at = records[1].read_bytes().index(b'"payload":"') + 40
     cases = [(root / adapter, None, adapter), (root / shard, None, shard), (records[1], payload_at, records[1].name)]
     for path, offset, name in cases:

@@ -24,14 +24,24 @@ import yaml
 from conftest import TINY, init_args, legonet
 
 from pipeline.dataset import read_table, write_table
+from pipeline.layout import adapter_path, block_of, shard_path
 from pipeline.lineage import file_md5
 
 UP_TO_DATE = "Data and pipelines are up to date."
 RUNNING = re.compile(r"^Running stage '([^']+)':", re.MULTILINE)
 PARTITIONS = int(TINY["data.partitions"])
 ADAPTERS = int(TINY["adapters.n"])
+BLOCKS = int(TINY["adapters.blocks"])
 ALL_STAGES = {"encoder", *(f"encode@part-{p:04d}" for p in range(PARTITIONS)), "encode@reference", "encode@test",
-              "keys", "assign", *(f"train@{j:04d}" for j in range(ADAPTERS)), "baseline", "evaluate", "package"}
+              "keys", "assign", *(f"train@{b:04d}" for b in range(BLOCKS)), "baseline", "evaluate", "package"}
+
+
+def shard(j: int) -> str:
+    return shard_path(j, ADAPTERS, BLOCKS).as_posix()
+
+
+def adapter(j: int, ext: str = "safetensors") -> str:
+    return adapter_path(j, ADAPTERS, BLOCKS).with_suffix(f".{ext}").as_posix()
 # What MLflow writes into MLmodel that is not a function of the model: a fresh uuid, the save time, and the
 # temporary staging folder the artifacts were copied from (stages/package.py uses a new TemporaryDirectory).
 MLMODEL_VOLATILE = ("model_uuid", "utc_time_created")
@@ -171,25 +181,25 @@ def test_incremental_rebuild_runs_exactly_the_affected_stages(second_build: dict
     ran = RUNNING.findall(repro.stdout)
     after = digests(root, "data", "models")
 
-    shards = {j: f"data/shards/adapter-{j:04d}.parquet" for j in range(ADAPTERS)}
+    shards = {j: shard(j) for j in range(ADAPTERS)}
     changed_shards = {j for j, path in shards.items() if before[path] != after[path]}
     assert changed_shards == set(pair), "routing.parquet predicts which shards a removal touches"
-    expected = {"encode@part-0001", "assign", *(f"train@{j:04d}" for j in changed_shards), "baseline", "evaluate",
-                "package"}
+    expected = {"encode@part-0001", "assign", *(f"train@{block_of(j, ADAPTERS, BLOCKS):04d}" for j in changed_shards),
+                "baseline", "evaluate", "package"}
     assert len(ran) == len(set(ran)) and set(ran) == expected, f"ran {ran}, expected {sorted(expected)}"
 
     unchanged = ["data/encoded/train/part-0000.parquet", "data/encoded/reference.parquet", "data/encoded/test.parquet",
                  "models/encoder.onnx", "models/encoder.json", "models/keys.npy", "models/projection.npy",
-                 *(f"data/shards/adapter-{j:04d}.parquet" for j in range(ADAPTERS) if j not in changed_shards),
-                 *(f"models/adapters/adapter-{j:04d}.{ext}" for j in range(ADAPTERS) if j not in changed_shards
+                 *(shard(j) for j in range(ADAPTERS) if j not in changed_shards),
+                 *(adapter(j, ext) for j in range(ADAPTERS) if j not in changed_shards
                    for ext in ("safetensors", "json"))]
     assert [p for p in unchanged if before[p] != after[p]] == []
     must_change = ["data/encoded/train/part-0001.parquet", "data/routing.parquet",
-                   *(f"models/adapters/adapter-{j:04d}.json" for j in changed_shards)]
+                   *(adapter(j, "json") for j in changed_shards)]
     assert [p for p in must_change if before[p] == after[p]] == []
 
     for path in ("data/encoded/train/part-0001.parquet", "data/routing.parquet",
-                 *(f"data/shards/adapter-{j:04d}.parquet" for j in range(ADAPTERS))):
+                 *(shard(j) for j in range(ADAPTERS))):
         ids = set(pd.read_parquet(root / path, columns=["sample_id"])["sample_id"])
         assert not ids & set(removed), f"{path} still holds a removed sample"
     assert UP_TO_DATE in dvc("repro", cwd=root).stdout
