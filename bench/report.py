@@ -477,7 +477,8 @@ def write_report(results: dict, results_dir: Path, docs: Path) -> Path:
         f"{m['platform']}, Python {m['python']}. Load average at start {results['load_average_start']}, at end "
         f"{results['load_average_end']}: the machine is shared, so absolute times carry that noise; systems were "
         "measured one after another in one process.",
-        f"- Versions: {', '.join(f'{k} {x}' for k, x in v.items() if x)}; code revision {results['git_revision']}.",
+        f"- Versions: {', '.join(f'{k} {x}' for k, x in v.items() if x)}; code revision {results['git_revision']} "
+        f"(bench/ + pipeline/ sources sha256 {results.get('code_sha256', '?')[:16]}).",
         f"- Grid: seeds {cfg['seeds']} (a seed changes adapter/head seeds and the SISA assignment; keys and projection "
         f"are fitted once on the reference split), LegoNet n ∈ {cfg['n']} x k ∈ {cfg['k']} (k ≤ n), SISA s ∈ "
         f"{sorted(cfg['sisa'])}, forget requests of {cfg['request_sizes']} random train samples (timed on seed 0), "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import os
 import platform
@@ -87,9 +88,8 @@ MODES: dict[str, Config] = {
     # training work; the full grid there is `--complete`, roughly 10 hours on 2 shared cores).
     "full": Config("full", **_FULL, reduced={"fashion70k": BIG, "wordnet": BIG}),
     "complete": Config("complete", **_FULL),
-    "quick": Config("quick", ["mnist5k"], 1, [32], [1, 3], [8, 10, 32], [1, 100], 10,
-                    ["sisa:10", "legonet:32:3", "probe"], True, {"adapters.n": 8, "data.partitions": 1}, [1],
-                    calibration_repeats=1),
+    "quick": Config("quick", ["mnist5k"], 1, [32], [1, 3], [10, 32], [1], 10, ["sisa:10", "legonet:32:3", "probe"],
+                    True, {"adapters.n": 4, "data.partitions": 1}, [1], calibration_repeats=1),
     # the grid as a Reduced plan too, so the smoke test also runs the exactness shortcut of the sequential requests
     "smoke": Config("smoke", ["mnist1k"], 1, [4, 8], [1, 2], [2, 4], [1, 20], 6, ["sisa:4", "legonet:8:2", "probe"],
                     False, image_size=32, checkpoints=1, params_overrides={"projection.dim": 32},
@@ -157,6 +157,14 @@ def git_revision() -> str:
         return rev.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def code_digest() -> str:
+    """sha256 over bench/*.py and pipeline/*.py (sorted): the exact code of a run, committed or not."""
+    digest = hashlib.sha256()
+    for path in sorted([*(REPO / "bench").glob("*.py"), *(REPO / "pipeline").glob("*.py")]):
+        digest.update(path.relative_to(REPO).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def load() -> list[float]:
@@ -383,7 +391,8 @@ def run(config: Config, cache: Path, results_dir: Path, name: str, command: str,
     runner = Runner(config, cache, say)
     out: dict = {"schema": SCHEMA, "name": name, "mode": config.mode, "command": command,
                  "started_at": started_at.isoformat(timespec="seconds"), "machine": machine(), "versions": versions(),
-                 "git_revision": git_revision(), "config": asdict(config), "load_average_start": load(),
+                 "git_revision": git_revision(), "code_sha256": code_digest(), "config": asdict(config),
+                 "load_average_start": load(),
                  "params": {key: runner.params[key] for key in ("data", "encoder", "projection", "keys", "adapters",
                                                                "baseline")},
                  "datasets": {}, "project": None, "phase_seconds": {}, "resumed_parts": []}

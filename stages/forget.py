@@ -200,8 +200,8 @@ def _audit(root, journal, plan, ids, params, say, resumed) -> None:
     keys = key_dir(root, params)
     hmac_key = load_or_create_audit_key(keys / "audit.key")
     signing = load_or_create_signing_key(keys / "signing.key")
-    after = flow.lock_outputs(root)
-    before = journal.before["outputs"]
+    after = flow.artifact_digests(root)  # per file: an adapter block is one directory output in dvc.lock
+    before = journal.before["artifacts"]
     touched = {p for p in set(before) | set(after) if before.get(p) != after.get(p)}
     shared = {
         "batch_request_ids": journal.request_ids,
