@@ -107,16 +107,21 @@ def _holding_ids(base: Path, keep: set[str], forgotten: set[str]) -> set[str]:
 
 
 def purge_models(tracking_uri: str, name: str, keep_version: str | None, request_ids: list[str],
-                 artifact_root: Path) -> dict[str, Any]:
+                 artifact_root: Path, retain_until: str | None = None) -> dict[str, Any]:
     """Delete every registered version of ``name`` except ``keep_version``, their logged models, then gc.
 
     Every earlier version was trained on data that held the forgotten samples (data only ever shrinks by
     forgetting), so all of them are residue. Run metadata that holds only digests stays, tagged as superseded.
+    With ``retain_until`` (an ISO date, from ``purge.retention_days``) superseded versions are kept and tagged
+    ``legonet.purge_after``; any forget on or after that date deletes them.
     """
+    from datetime import UTC, datetime
+
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    deleted_versions, logged_models, leftovers = [], [], []
+    today = datetime.now(UTC).date().isoformat()
+    deleted_versions, logged_models, leftovers, retained = [], [], [], {}
     for version in client.search_model_versions(f"name='{name}'"):
         if version.version == keep_version:
             continue
@@ -124,6 +129,11 @@ def purge_models(tracking_uri: str, name: str, keep_version: str | None, request
         run_id = version.tags.get("package_run_id") or version.run_id
         if run_id:
             client.set_tag(run_id, "legonet.superseded_by", ",".join(request_ids))
+        due = version.tags.get("legonet.purge_after") or retain_until
+        if due is not None and due > today:
+            client.set_model_version_tag(name, version.version, "legonet.purge_after", due)
+            retained[version.version] = due
+            continue
         client.delete_model_version(name, version.version)
         deleted_versions.append(version.version)
         if model_id:
@@ -141,7 +151,7 @@ def purge_models(tracking_uri: str, name: str, keep_version: str | None, request
             leftovers.append(folder.name)
     return {"deleted_model_versions": sorted(deleted_versions, key=int),
             "deleted_logged_models": sorted(logged_models),
-            "removed_after_gc_skipped": leftovers}
+            "removed_after_gc_skipped": leftovers, "retained_model_versions": retained}
 
 
 def experiment_ids(client: Any) -> list[str]:

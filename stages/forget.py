@@ -131,12 +131,14 @@ def _run(root: Path, journal: flow.Journal, params: dict[str, Any], say: Callabl
     return summary
 
 
-def _remove(root, journal, plan, ids, params, say, resumed) -> None:
+def _remove(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str], params: dict[str, Any],
+        say: Callable[[str], None], resumed: bool) -> None:
     files = flow.remove_rows(root, plan, ids) if plan.changes_data else []
     say(f"removed {len(plan.train_ids)} train and {len(plan.test_ids)} test samples from {len(files)} file(s)")
 
 
-def _rebuild(root, journal, plan, ids, params, say, resumed) -> None:
+def _rebuild(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str], params: dict[str, Any],
+        say: Callable[[str], None], resumed: bool) -> None:
     if not plan.changes_data:
         journal.results["checks"] = []
         return
@@ -147,7 +149,8 @@ def _rebuild(root, journal, plan, ids, params, say, resumed) -> None:
                                                    None if resumed else ran, ids)
 
 
-def _register(root, journal, plan, ids, params, say, resumed) -> None:
+def _register(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str], params: dict[str, Any],
+        say: Callable[[str], None], resumed: bool) -> None:
     if not plan.changes_data:
         return
     from mlflow import MlflowClient
@@ -170,7 +173,8 @@ def _register(root, journal, plan, ids, params, say, resumed) -> None:
         f"{version.tags.get('gate_reason', '')}")
 
 
-def _purge(root, journal, plan, ids, params, say, resumed) -> None:
+def _purge(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str], params: dict[str, Any],
+        say: Callable[[str], None], resumed: bool) -> None:
     from pipeline import purge
 
     if not plan.changes_data:
@@ -183,19 +187,17 @@ def _purge(root, journal, plan, ids, params, say, resumed) -> None:
     retention = int(params.get("purge", {}).get("retention_days", 0))
     registry = journal.results.get("registry", {})
     name = params["mlflow"]["registered_model"]
-    if retention > 0:
-        until = (datetime.now(UTC) + timedelta(days=retention)).date().isoformat()
-        models = {"retained_model_versions_until": until}
-    else:
-        models = purge.purge_models(params["mlflow"]["tracking_uri"], name, registry.get("model_version"),
-                                    journal.request_ids, root / "mlartifacts" / "models")
-        purge.vacuum_sqlite(params["mlflow"]["tracking_uri"])
+    until = (datetime.now(UTC) + timedelta(days=retention)).date().isoformat() if retention > 0 else None
+    models = purge.purge_models(params["mlflow"]["tracking_uri"], name, registry.get("model_version"),
+                                journal.request_ids, root / "mlartifacts" / "models", retain_until=until)
+    purge.vacuum_sqlite(params["mlflow"]["tracking_uri"])
     journal.results["purge"] = {"dvc": objects, "mlflow": models}
     say(f"purged {sum(v['deleted_objects'] for v in objects.values())} DVC object(s), "
         f"{len(models.get('deleted_model_versions', []))} model version(s)")
 
 
-def _audit(root, journal, plan, ids, params, say, resumed) -> None:
+def _audit(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str], params: dict[str, Any],
+        say: Callable[[str], None], resumed: bool) -> None:
     log = audit_log(root)
     keys = key_dir(root, params)
     hmac_key = load_or_create_audit_key(keys / "audit.key")
