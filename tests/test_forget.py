@@ -149,7 +149,7 @@ def expected_stages(routing: pd.DataFrame, test_ids: set[str], ids: Iterable[str
     if ids & test_ids:
         stages.add("encode@test")
     if len(rows):
-        stages |= {"assign", *(f"train@{block_of(j, ADAPTERS, BLOCKS):04d}" for j in adapters)}
+        stages |= {"assign", "quality", *(f"train@{block_of(j, ADAPTERS, BLOCKS):04d}" for j in adapters)}
     return adapters, stages | {"baseline", "evaluate", "package"}
 
 
