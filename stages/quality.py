@@ -31,7 +31,6 @@ from pipeline.layout import ENCODED_REFERENCE, PROJECTION, ROUTING, SHARDS, shar
 from pipeline.lineage import stage_run
 from pipeline.quality import (
     DATA_DOCS,
-    QUALITY_DIR,
     RESULT,
     SUITES,
     TABLE_OF_SUITE,
@@ -130,11 +129,21 @@ def checkpoint(table_dir: Path, docs_dir: Path, expectations: dict[str, list[Any
         name="legonet_quality", validation_definitions=definitions,
         actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=["reports"])],
         result_format={"result_format": "SUMMARY"}))
-    result = check.run()
+    from great_expectations.core.run_identifier import RunIdentifier
+
+    result = check.run(run_id=RunIdentifier(run_name="legonet-quality"))
     described = result.describe_dict()
     for validation, suite_name in zip(described["validation_results"], SUITES, strict=True):
         validation["suite"] = suite_name  # describe_dict keeps the order of the validation definitions
     return described
+
+
+def _remove(paths: list[Path]) -> None:
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def main() -> None:
@@ -144,7 +153,8 @@ def main() -> None:
     partitions, classes = int(params["data"]["partitions"]), list(params["data"]["classes"])
     used = {"quality": params["quality"], "adapters.n": n, "adapters.k": k, "data.classes": classes}
     inputs = [SHARDS, ROUTING, ENCODED_REFERENCE, PROJECTION]
-    with stage_run("quality", Path(), used, inputs, [QUALITY_DIR]) as run:
+    outputs = [RESULT, TABLES, DATA_DOCS]
+    with stage_run("quality", Path(), used, inputs, outputs) as run:
         projection = np.load(PROJECTION)
         width = projection.shape[0] - 1 if projection.shape[0] else projection.shape[1]
         routing = validate(read_table(ROUTING), routing_schema(n, k, partitions), ROUTING)
@@ -158,14 +168,13 @@ def main() -> None:
         norms = norm_range(project(reference_embeddings, projection), q.norm_margin)
         found = tables(shards, routing["sample_id"].tolist(), classes, forgotten_ids(Path(), params))
 
-        if QUALITY_DIR.exists():
-            shutil.rmtree(QUALITY_DIR)
+        _remove(outputs)
         try:
             for name, table in found.items():
                 write_table(table, TABLES / f"{name}.parquet")
             described = checkpoint(TABLES, DATA_DOCS, suites(q, n, k, classes, norms, len(routing)))
         except BaseException:
-            shutil.rmtree(QUALITY_DIR, ignore_errors=True)  # a stage that fails leaves no output behind
+            _remove(outputs)  # a stage that fails leaves no output behind
             raise
         failed = failures(described, {"adapters": ("adapters", list(range(n))),
                                       "training_classes": ("classes", classes)})
