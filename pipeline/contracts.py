@@ -32,12 +32,20 @@ def _label(classes: Sequence[int]) -> pa.Column:
 
 
 def _embedding(dim: int | None) -> pa.Column:
-    def ok(value: object) -> bool:
-        return (isinstance(value, np.ndarray) and value.dtype == np.float32 and value.ndim == 1
-                and (dim is None or value.shape[0] == dim) and bool(np.isfinite(value).all()))
+    """One rule per property, so a message says which one broke (dtype, width or finite values)."""
+    def vector(value: object) -> bool:
+        return isinstance(value, np.ndarray) and value.ndim == 1
 
-    rule = f"embedding is a finite float32 vector of width {dim}" if dim else "embedding is a finite float32 vector"
-    return pa.Column(object, pa.Check(ok, element_wise=True, error=rule), nullable=False)
+    checks = [
+        pa.Check(lambda v: vector(v) and v.dtype == np.float32, element_wise=True,
+                 error="embedding is a float32 vector"),
+        pa.Check(lambda v: vector(v) and bool(np.isfinite(v).all()), element_wise=True,
+                 error="embedding values are finite (no NaN or inf)"),
+    ]
+    if dim is not None:
+        checks.append(pa.Check(lambda v: vector(v) and v.shape[0] == dim, element_wise=True,
+                               error=f"embedding width is {dim}"))
+    return pa.Column(object, checks, nullable=False)
 
 
 def samples_schema(modality: str, classes: Sequence[int], image_bytes: int | None) -> pa.DataFrameSchema:
@@ -95,14 +103,35 @@ def validate(frame: pd.DataFrame, schema: pa.DataFrameSchema, path: Path | str, 
 
 
 def _summary(cases: pd.DataFrame, frame: pd.DataFrame, path: Path | str, name: str | None) -> str:
+    """One line per broken rule: the column, the rule, and the first failing sample IDs (and how many more).
+
+    A column-level rule (dtype, a missing column) fails for every row: the message says so and names the first rows.
+    """
+    ids = frame["sample_id"].astype(str).tolist() if "sample_id" in frame.columns else None
     lines = []
     for (column, check), group in cases.groupby(["column", "check"], sort=False, dropna=False):
-        rows = [int(i) for i in group["index"].dropna()]
-        ids = [str(frame["sample_id"].iloc[i]) for i in rows[:5]] if "sample_id" in frame and rows else []
-        if ids:
-            shown = ", ".join(repr(i) for i in ids) + (f" (and {len(rows) - len(ids)} more)" if len(rows) > 5 else "")
-            where = f"samples {shown}"
+        rows = sorted({int(i) for i in group["index"].dropna()})
+        found = ", ".join(repr(str(c)) for c in group["failure_case"].drop_duplicates().head(5))
+        if rows and ids is not None:
+            where = f"for {_first([ids[i] for i in rows])}"
+        elif rows:
+            where = f"for rows {_first(rows)}"
+        elif ids:
+            where = f"(found {found}) for every sample: {_first(ids)}"
         else:
-            where = f"{', '.join(str(c) for c in group['failure_case'].head(5))}"
-        lines.append(f"{column if isinstance(column, str) else 'table'}: {check} fails for {where}")
+            where = f"(found {found})"
+        lines.append(f"{column if isinstance(column, str) else name or 'table'}: rule {check} fails {where}")
     return f"{path}: breaks the {name or 'table'} contract: " + "; ".join(lines)
+
+
+def _first(values: Sequence[object], limit: int = 5) -> str:
+    unique = list(dict.fromkeys(values))
+    shown = ", ".join(repr(str(v)) for v in unique[:limit])
+    rest = len(unique) - limit
+    return f"{len(unique)} sample(s) {shown}" + (f" (and {rest} more)" if rest > 0 else "")
+
+
+def check_encoded(frame: pd.DataFrame, embeddings: np.ndarray, path: Path | str, classes: Sequence[int],
+                  dim: int | None) -> pd.DataFrame:
+    """Validate an encoded table or shard (as ``read_embeddings`` returns it) against ``encoded_schema``."""
+    return validate(frame, encoded_schema(classes, dim), path, embeddings)

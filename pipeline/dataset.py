@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute
 import pyarrow.parquet as pq
 
 from pipeline.layout import partition_name
-from pipeline.manifest import sample_id_problem
 
 SPLITS = ("reference", "test", "train")
 PAYLOAD_COLUMNS = {"image": "image", "text": "text"}  # modality -> column name
@@ -134,10 +134,16 @@ def check_samples(
     classes: Sequence[int] | None,
     image_shape: Sequence[int] | None,
 ) -> pd.DataFrame:
-    """Validate a sample table at the boundary and return it in canonical form (sorted, typed, fresh index).
+    """Validate a user's sample table and return it in canonical form (sorted, typed, fresh index).
 
-    Raises ``DataError`` naming the file, the rule and the first failing sample IDs.
+    Only parsing happens here (the payload column for the modality must exist; labels must be integers); every
+    rule on the parsed table (sample_id form and uniqueness, labels in ``classes``, image size, non-empty text)
+    is the pandera contract ``pipeline.contracts.samples_schema``, the same one the ``encode`` stage checks.
+    Raises ``DataError`` (``ContractError`` for a broken rule) naming the file, the rule and the first failing
+    sample IDs.
     """
+    from pipeline.contracts import samples_schema, validate
+
     payload = PAYLOAD_COLUMNS.get(modality)
     if payload is None:
         raise DataError(f"{path}: unknown modality {modality!r}; use one of {sorted(PAYLOAD_COLUMNS)}")
@@ -145,41 +151,16 @@ def check_samples(
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; a {modality} table needs sample_id, label, {payload}")
     ids = frame["sample_id"]
-    bad_ids = [i for i in ids if sample_id_problem(i) is not None]
-    if bad_ids:
-        raise DataError(
-            f"{path}: sample_id must be a non-empty string of letters, digits and ._:@+=- "
-            f"(no spaces or path separators): {_first(bad_ids)}"
-        )
-    duplicated = sorted(set(ids[ids.duplicated()]))
-    if duplicated:
-        raise DataError(f"{path}: duplicate sample_id {_first(duplicated)}; sample IDs must be unique")
     labels = pd.to_numeric(frame["label"], errors="coerce")
     non_int = ids[labels.isna() | (labels != labels.round())].tolist()
     if non_int:
         raise DataError(f"{path}: label must be an integer class index, samples {_first(non_int)}")
-    labels = labels.astype(np.int64)
-    if classes is not None:
-        unknown = ids[~labels.isin(list(classes))].tolist()
-        if unknown:
-            raise DataError(
-                f"{path}: label not in data.classes {list(classes)} for samples {_first(unknown)}; "
-                "fix the labels or the classes in params.yaml"
-            )
-    if modality == "image":
-        expected = int(np.prod(image_shape)) if image_shape else None
-        sizes = frame[payload].map(lambda b: len(b) if isinstance(b, bytes) else -1)
-        wrong = ids[sizes != expected].tolist() if expected else ids[sizes <= 0].tolist()
-        if wrong:
-            raise DataError(
-                f"{path}: image of samples {_first(wrong)} is not {'x'.join(map(str, image_shape or []))} "
-                "uint8 pixels; every image must have data.image_shape"
-            )
-    else:
-        empty = ids[frame[payload].map(lambda t: not isinstance(t, str) or not t.strip())].tolist()
-        if empty:
-            raise DataError(f"{path}: text is empty or not a string for samples {_first(empty)}")
-    canonical = pd.DataFrame({"sample_id": ids.astype(str), "label": labels, payload: frame[payload]})
+    text_ids = ids.map(lambda i: isinstance(i, str)).all()
+    canonical = pd.DataFrame({"sample_id": ids.astype(str) if text_ids else ids,
+                              "label": labels.astype(np.int64), payload: frame[payload]})
+    image_bytes = int(np.prod(image_shape)) if modality == "image" and image_shape else None
+    all_classes = classes if classes is not None else sorted(set(canonical["label"].tolist()))
+    validate(canonical, samples_schema(modality, all_classes, image_bytes), path)
     return canonical.sort_values("sample_id", kind="stable").reset_index(drop=True)
 
 
@@ -270,7 +251,20 @@ def read_embeddings(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
     if "embedding" not in table.column_names:
         raise DataError(f"{path}: has no `embedding` column; it is not an encoded table")
     column = table.column("embedding").combine_chunks()
-    width = column.type.list_size if pa.types.is_fixed_size_list(column.type) else 0
-    values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    embeddings = values.reshape(len(table), width) if len(table) else np.zeros((0, width), np.float32)
+    if pa.types.is_fixed_size_list(column.type):
+        width = column.type.list_size
+    elif pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        widths = pa.compute.list_value_length(column).to_numpy(zero_copy_only=False)
+        if len(widths) and (widths != widths[0]).any():
+            from pipeline.contracts import ContractError
+
+            ids = table.column("sample_id").to_pylist() if "sample_id" in table.column_names else []
+            odd = [str(ids[i]) if ids else str(i) for i in np.flatnonzero(widths != np.bincount(widths).argmax())]
+            raise ContractError(f"{path}: breaks the encoded contract: embedding: rule every embedding has the same "
+                                f"width fails for {len(odd)} sample(s) {_first(odd)}")
+        width = int(widths[0]) if len(widths) else 0
+    else:
+        raise DataError(f"{path}: `embedding` is {column.type}, not a list of floats; it is not an encoded table")
+    values = column.flatten().to_numpy(zero_copy_only=False)  # dtype kept: the contract checks float32
+    embeddings = values.reshape(len(table), width) if len(table) else np.zeros((0, width), values.dtype)
     return table.drop_columns(["embedding"]).to_pandas(), embeddings

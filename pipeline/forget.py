@@ -41,6 +41,7 @@ from pipeline.layout import (
 )
 from pipeline.lineage import tree_digests
 from pipeline.manifest import DeletionRequest, merge_requests
+from pipeline.quality import QUALITY_DIR
 
 STATES = ("received", "data-removed", "rebuilt", "registered", "purged", "audited")
 PHASES = {"data-removed": "remove", "rebuilt": "rebuild", "registered": "register", "purged": "purge",
@@ -86,9 +87,10 @@ class Plan:
         stages = [f"encode@{partition_name(p)}" for p in self.partitions]
         if self.test_ids:
             stages.append("encode@test")
-        if self.partitions:
+        if self.partitions:  # train data changes: routing and shards are rewritten, so the checkpoint reruns
             stages.append("assign")
             stages += [f"train@{b:04d}" for b in self.train_blocks]
+            stages.append("quality")
         if self.train_ids or self.test_ids:
             stages += ["baseline", "evaluate", "package"]
         return stages
@@ -259,7 +261,8 @@ def expected_changes(plan: Plan) -> Callable[[str], bool]:
     if plan.test_ids:
         paths += [TEST, ENCODED_TEST]
     allowed = {p.as_posix() for p in paths}
-    return lambda path: path in allowed or path.startswith(f"{PACKAGE.as_posix()}/")
+    rebuilt = [f"{PACKAGE.as_posix()}/", *([f"{QUALITY_DIR.as_posix()}/"] if plan.partitions else [])]
+    return lambda path: path in allowed or path.startswith(tuple(rebuilt))
 
 
 def check_rebuild(root: Path, plan: Plan, before: dict[str, str], ran: list[str] | None,

@@ -13,12 +13,13 @@ os.environ.setdefault("MKL_CBWR", "AVX2,STRICT")
 import numpy as np
 
 from pipeline.adapters import TrainParams, adapter_proba, adapter_seed, train_adapter
+from pipeline.contracts import check_encoded
 from pipeline.dataset import read_embeddings
 from pipeline.keys import project
 from pipeline.layout import ENCODED_TEST, ENCODED_TRAIN, METRICS, PROJECTION
 from pipeline.lineage import stage_run
 from stages.evaluate import write_json
-from stages.project import load_params
+from stages.project import load_params, run_stage
 
 
 def main() -> None:
@@ -30,14 +31,18 @@ def main() -> None:
     with stage_run("baseline", Path(), used, [ENCODED_TRAIN, test, PROJECTION],
                    [METRICS / "baseline.json"]) as run:
         projection = np.load(PROJECTION)
+        width = projection.shape[1]
         parts = [read_embeddings(p) for p in sorted(ENCODED_TRAIN.glob("part-*.parquet"))]
+        for path, (frame, embeddings) in zip(sorted(ENCODED_TRAIN.glob("part-*.parquet")), parts, strict=True):
+            check_encoded(frame, embeddings, path, classes, width)
+        test_frame, test_embeddings = read_embeddings(test)
+        check_encoded(test_frame, test_embeddings, test, classes, width)
         labels = np.concatenate([f["label"].to_numpy() for f, _ in parts])
         features = project(np.concatenate([e for _, e in parts]), projection)
         index = {c: i for i, c in enumerate(classes)}
         train = TrainParams(hidden=0, threads=threads, **base)
         weights = train_adapter(features, np.array([index[c] for c in labels]), len(classes),
                                 adapter_seed(0, -1), train)
-        test_frame, test_embeddings = read_embeddings(test)
         proba = adapter_proba(weights, project(test_embeddings, projection))
         accuracy = float((np.asarray(classes)[proba.argmax(axis=1)] == test_frame["label"].to_numpy()).mean())
         METRICS.mkdir(exist_ok=True)
@@ -46,4 +51,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -63,7 +63,7 @@ def repro(root: Path, targets: list[str] | None = None, force: bool = False,
 def _stage_count(root: Path) -> int:
     params = load_params(root)
     blocks = block_count(int(params["adapters"]["n"]), int(params["adapters"]["blocks"]))
-    return 6 + int(params["data"]["partitions"]) + 2 + blocks
+    return 7 + int(params["data"]["partitions"]) + 2 + blocks  # encoder keys assign quality baseline evaluate package
 
 
 def dvc_lock_digest(root: Path) -> str:

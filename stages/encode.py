@@ -1,4 +1,8 @@
-"""DVC stage `encode@NAME`: validate one sample table and write its embeddings (sample_id, label, embedding)."""
+"""DVC stage `encode@NAME`: validate one sample table and write its embeddings (sample_id, label, embedding).
+
+Contracts: the sample table is checked against ``samples_schema`` when read and the embeddings against
+``encoded_schema`` (the encoder's width, finite float32) before anything is written.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +10,23 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 from rich.progress import Progress
 
-from pipeline.dataset import check_samples, image_arrays, read_table, write_embeddings
+from pipeline.contracts import check_encoded, samples_schema, validate
+from pipeline.dataset import image_arrays, read_table, write_embeddings
 from pipeline.encoder import Encoder
 from pipeline.layout import ENCODER, ENCODER_INFO
 from pipeline.lineage import stage_run
-from stages.project import load_params
+from stages.project import load_params, run_stage
 
 
 def main(name: str, src: Path, dst: Path) -> None:
     params = load_params()
     data, threads = params["data"], int(params["encoder"]["threads"])
     info = json.loads(ENCODER_INFO.read_text())
-    samples = check_samples(read_table(src), src, data["modality"], data["classes"], data.get("image_shape"))
+    image_bytes = int(np.prod(data["image_shape"])) if data["modality"] == "image" else None
+    samples = validate(read_table(src), samples_schema(data["modality"], data["classes"], image_bytes), src)
     used = {"data": data, "encoder.threads": threads}
     tags = {"encoder.sha256": info.get("weights_sha256", ""), "encoder.name": info["name"]}
     with stage_run(f"encode@{name}", Path(), used, [ENCODER, ENCODER_INFO, src], [dst],
@@ -30,9 +37,10 @@ def main(name: str, src: Path, dst: Path) -> None:
         with Progress(transient=True) as progress:
             task = progress.add_task(f"encode {name}", total=len(payloads))
             embeddings = encoder.encode(payloads, progress=lambda done: progress.advance(task, done))
+        check_encoded(samples[["sample_id", "label"]], embeddings, dst, data["classes"], info.get("dim"))
         write_embeddings(dst, samples[["sample_id", "label"]], embeddings)
         run["samples"] = len(samples)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]))
+    run_stage(main, sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]))

@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.contracts import adapter_load_schema, check_encoded, validate
 from pipeline.dataset import read_embeddings, write_bytes_atomic
 from pipeline.ensemble import load_ensemble
 from pipeline.layout import ADAPTERS, ENCODED_TEST, KEYS, METRICS, PROJECTION
 from pipeline.lineage import stage_run
-from stages.project import load_params
+from stages.project import load_params, run_stage
 
 
 def write_json(path: Path, payload: dict) -> None:
@@ -27,6 +28,7 @@ def main() -> None:
     with stage_run("evaluate", Path(), {"adapters.k": k, "data.classes": classes},
                    [test, PROJECTION, KEYS, ADAPTERS], outputs) as run:
         frame, embeddings = read_embeddings(test)
+        check_encoded(frame, embeddings, test, classes, np.load(PROJECTION).shape[1])
         ensemble = load_ensemble(PROJECTION, KEYS, ADAPTERS, k, classes)
         proba, activated = ensemble.predict_proba(embeddings)
         predicted = np.asarray(classes)[proba.argmax(axis=1)]
@@ -40,6 +42,7 @@ def main() -> None:
             "train_samples": [i["train_samples"] for i in infos],
             "test_activations": [int((activated == i["adapter"]).sum()) for i in infos],
         })
+        validate(load, adapter_load_schema(len(np.load(KEYS))), outputs[2])  # before any output is written
         METRICS.mkdir(exist_ok=True)
         pd.DataFrame({"label": classes, "recall": recall}).to_csv(outputs[1], index=False)
         load.to_csv(outputs[2], index=False)
@@ -52,4 +55,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

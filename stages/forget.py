@@ -168,7 +168,8 @@ def _register(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str],
         client.set_model_version_tag(name, version.version, key, value)
     journal.results["registry"] = {"model_version": version.version, "aliases": sorted(version.aliases),
                                    "gate": version.tags.get("gate", ""), "gate_reason": version.tags.get(
-                                       "gate_reason", ""), "run_id": version.tags.get("package_run_id", "")}
+                                       "gate_reason", ""), "run_id": version.tags.get("package_run_id", ""),
+                                   "quality": version.tags.get("quality", "")}
     say(f"model version {version.version} @{','.join(sorted(version.aliases)) or '-'}: "
         f"{version.tags.get('gate_reason', '')}")
 
@@ -192,6 +193,9 @@ def _purge(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str], pa
                                 journal.request_ids, root / "mlartifacts" / "models", retain_until=until)
     purge.vacuum_sqlite(params["mlflow"]["tracking_uri"])
     journal.results["purge"] = {"dvc": objects, "mlflow": models}
+    if retention == 0 and "champion" not in registry.get("aliases", []):
+        say("no version is champion now: the previous champion was trained on the forgotten samples and is purged; "
+            "the new version stays candidate until a build passes the gate")
     say(f"purged {sum(v['deleted_objects'] for v in objects.values())} DVC object(s), "
         f"{len(models.get('deleted_model_versions', []))} model version(s)")
 
@@ -218,6 +222,7 @@ def _audit(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str], pa
         "code_revision": git_revision(root),
         "params_sha256": params_digest(root),
         "registry": journal.results.get("registry", {}),
+        "quality": _quality(root),
         "stages_run": journal.results.get("stages_run", []),
         "checks": journal.results.get("checks", []),
         "purge": journal.results.get("purge", {}),
@@ -236,6 +241,16 @@ def _audit(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str], pa
                      "not_present_ids": _digests(hmac_key, own & set(plan.unknown_ids))}
         log.append(predicate, flow.subjects(root), signing)
     _commit(root, journal)
+
+
+def _quality(root: Path) -> dict[str, Any]:
+    """The quality checkpoint of the build this forget produced: its result file's sha256, pass/fail, failures."""
+    from pipeline.quality import RESULT, read_result
+
+    path = root / RESULT
+    result = read_result(path)
+    return {"result": RESULT.as_posix(), "result_sha256": flow.sha256_file(path) if path.is_file() else None,
+            "passed": bool(result["success"]), "failed_expectations": result["failed"]}
 
 
 def _digests(key: bytes, sample_ids: set[str]) -> list[str]:

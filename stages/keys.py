@@ -7,11 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.contracts import check_encoded
 from pipeline.dataset import read_embeddings, write_bytes_atomic
 from pipeline.keys import fit_keys, fit_projection, project
 from pipeline.layout import ENCODED_REFERENCE, KEYS, PROJECTION
 from pipeline.lineage import stage_run
-from stages.project import load_params
+from stages.project import load_params, run_stage
 
 
 def save_array(path: Path, array: np.ndarray) -> None:
@@ -24,9 +25,12 @@ def save_array(path: Path, array: np.ndarray) -> None:
 def main() -> None:
     params = load_params()
     reference = ENCODED_REFERENCE
-    used = {"projection": params["projection"], "keys": params["keys"], "adapters.n": params["adapters"]["n"]}
+    classes = list(params["data"]["classes"])
+    used = {"projection": params["projection"], "keys": params["keys"], "adapters.n": params["adapters"]["n"],
+            "data.classes": classes}
     with stage_run("keys", Path(), used, [reference], [PROJECTION, KEYS]) as run:
-        _, embeddings = read_embeddings(reference)
+        frame, embeddings = read_embeddings(reference)
+        check_encoded(frame, embeddings, reference, classes, None)
         projection = fit_projection(embeddings, int(params["projection"]["dim"]))
         keys = fit_keys(project(embeddings, projection), int(params["adapters"]["n"]),
                         int(params["keys"]["seed"]), int(params["keys"]["iterations"]))
@@ -36,4 +40,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -1,5 +1,8 @@
 """DVC stage `package`: the whole ensemble, encoder included, as an MLflow pyfunc model; register and gate it.
 
+The gate: alias `champion` moves only when the quality checkpoint (reports/quality/result.json) passed and the
+accuracy gate passed; otherwise the version is `candidate`, tagged with every failed expectation or gate.
+
 This is also where pending lineage records of the build become MLflow runs (the stage imports MLflow anyway).
 """
 
@@ -13,10 +16,11 @@ from pathlib import Path
 
 import pipeline
 from pipeline.layout import ADAPTERS, ENCODER, ENCODER_INFO, KEYS, METRICS, PACKAGE, PROJECTION
-from pipeline.lineage import configure, file_md5, flush, stage_run, tree_digests
+from pipeline.lineage import configure, file_md5, file_sha256, flush, stage_run, tree_digests
 from pipeline.package import SERVING_REQUIREMENTS, LegoNetModel, stage_artifacts
+from pipeline.quality import RESULT, read_result
 from pipeline.registry import champion_accuracy, gate, promote
-from stages.project import load_params
+from stages.project import load_params, run_stage
 
 
 def main() -> None:
@@ -31,7 +35,7 @@ def main() -> None:
     metrics_file = METRICS / "evaluate.json"
     used = {"package": config, "gate": params["gate"], "registered_model": name}
     configure(params["mlflow"]["tracking_uri"], params["mlflow"]["experiment"], Path())
-    with stage_run("package", Path(), used, [*files.values(), metrics_file], [PACKAGE]) as run, \
+    with stage_run("package", Path(), used, [*files.values(), metrics_file, RESULT], [PACKAGE]) as run, \
             tempfile.TemporaryDirectory() as tmp:
         accuracy = float(json.loads(metrics_file.read_text())["accuracy"])
         artifacts = stage_artifacts(Path(tmp) / "artifacts", files, config)
@@ -45,13 +49,17 @@ def main() -> None:
         previous = champion_accuracy(name)
         version = str(mlflow.pyfunc.log_model(name="model", registered_model_name=name, **model)
                       .registered_model_version)
-        result = gate(accuracy, previous, params["gate"])
+        quality = read_result(RESULT)
+        held = [] if quality["success"] else [f"quality checkpoint failed: {line}" for line in quality["failed"]]
+        result = gate(accuracy, previous, params["gate"], held)
         run.update({"accuracy": accuracy, "model_version": int(version)})
     runs = flush(Path(), params["mlflow"])
     client = mlflow.MlflowClient()
     tags = {"accuracy": f"{accuracy:.6f}", "package_run_id": runs.get("package", ""),
             "encoder.md5": file_md5(ENCODER), "adapters": str(len(list(ADAPTERS.rglob("*.safetensors")))),
-            "inputs.md5": _combined(tree_digests(list(files.values()), Path()))}
+            "inputs.md5": _combined(tree_digests(list(files.values()), Path())),
+            "quality": "passed" if quality["success"] else "failed",
+            "quality_result_sha256": file_sha256(RESULT) if RESULT.is_file() else ""}
     for tag, value in tags.items():
         client.set_model_version_tag(name, version, tag, value)
     alias = promote(name, version, result)
@@ -64,4 +72,4 @@ def _combined(digests: dict[str, str]) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -118,3 +118,20 @@ def sync_generated(root: Path = Path()) -> bool:
     body = yaml.dump(lists, sort_keys=True, default_flow_style=False, default_style='"', Dumper=yaml.SafeDumper)
     path.write_text(head + marker + "\n" + body)
     return True
+
+
+def run_stage(main: Any, *args: Any) -> None:
+    """Entry point of a DVC stage script: bad data or params end the process with one clear line on stderr
+    (exit 3 or 4, the CLI's codes) instead of a traceback; DVC then stops the pipeline at this stage."""
+    import sys
+
+    from pipeline.dataset import DataError
+
+    try:
+        main(*args)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(3)
+    except ParamsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(4)

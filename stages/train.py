@@ -21,10 +21,11 @@ os.environ.setdefault("MKL_CBWR", "AVX2,STRICT")  # before anything imports torc
 import numpy as np
 
 from pipeline.adapters import TrainParams, adapter_seed, train_adapter
+from pipeline.contracts import check_encoded
 from pipeline.dataset import read_embeddings, write_bytes_atomic
 from pipeline.layout import adapter_dir, adapter_info_path, adapter_path, block_adapters, shard_dir, shard_path
 from pipeline.lineage import file_md5, stage_run
-from stages.project import load_params
+from stages.project import load_params, run_stage
 
 
 def train_digest(used: dict[str, Any]) -> str:
@@ -59,12 +60,15 @@ def main(block_id: str) -> None:
                    [shard_dir(block)], [out_dir], {"block": block_id}) as run:
         retrained = []
         index = {c: i for i, c in enumerate(classes)}
-        for j in members:
+        stale = {}
+        for j in members:  # every stale shard is checked against its contract before any adapter is written
             src, out, info = shard_path(j, n, blocks), adapter_path(j, n, blocks), adapter_info_path(j, n, blocks)
             shard_md5 = file_md5(src)
-            if is_current(info, out, shard_md5, params_sha256):
-                continue
-            frame, features = read_embeddings(src)
+            if not is_current(info, out, shard_md5, params_sha256):
+                frame, features = read_embeddings(src)
+                stale[j] = (shard_md5, check_encoded(frame, features, src, classes, None), features)
+        for j, (shard_md5, frame, features) in stale.items():
+            out, info = adapter_path(j, n, blocks), adapter_info_path(j, n, blocks)
             labels = np.array([index[c] for c in frame["label"]], dtype=np.int64)
             seed = adapter_seed(int(params["adapters"]["seed"]), j)
             weights = train_adapter(features, labels, len(classes), seed, TrainParams(**train))
@@ -82,4 +86,4 @@ def main(block_id: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    run_stage(main, sys.argv[1])

@@ -33,7 +33,8 @@ PARTITIONS = int(TINY["data.partitions"])
 ADAPTERS = int(TINY["adapters.n"])
 BLOCKS = int(TINY["adapters.blocks"])
 ALL_STAGES = {"encoder", *(f"encode@part-{p:04d}" for p in range(PARTITIONS)), "encode@reference", "encode@test",
-              "keys", "assign", *(f"train@{b:04d}" for b in range(BLOCKS)), "baseline", "evaluate", "package"}
+              "keys", "assign", *(f"train@{b:04d}" for b in range(BLOCKS)), "quality", "baseline", "evaluate",
+              "package"}
 
 
 def shard(j: int) -> str:
@@ -155,6 +156,9 @@ def test_two_fresh_builds_are_bit_identical(built_project: Path, second_build: d
         (out,) = lock["stages"]["package"]["outs"]
         assert out["path"] == "models/package" and out.pop("md5").endswith(".dir")
         out.pop("size")
+        (docs,) = [o for o in lock["stages"]["quality"]["outs"] if o["path"] == "reports/quality/data_docs"]
+        assert docs.pop("md5").endswith(".dir")  # its pages carry the validation time; result.json is compared
+        docs.pop("size"), docs.pop("nfiles")
     assert set(lock_a["stages"]) == ALL_STAGES
     assert lock_a == lock_b
 
@@ -185,7 +189,7 @@ def test_incremental_rebuild_runs_exactly_the_affected_stages(second_build: dict
     changed_shards = {j for j, path in shards.items() if before[path] != after[path]}
     assert changed_shards == set(pair), "routing.parquet predicts which shards a removal touches"
     expected = {"encode@part-0001", "assign", *(f"train@{block_of(j, ADAPTERS, BLOCKS):04d}" for j in changed_shards),
-                "baseline", "evaluate", "package"}
+                "quality", "baseline", "evaluate", "package"}
     assert len(ran) == len(set(ran)) and set(ran) == expected, f"ran {ran}, expected {sorted(expected)}"
 
     unchanged = ["data/encoded/train/part-0000.parquet", "data/encoded/reference.parquet", "data/encoded/test.parquet",

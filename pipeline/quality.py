@@ -1,0 +1,129 @@
+"""The tables the `quality` stage hands to Great Expectations, and the gate's reading of its result.
+
+Great Expectations validates three small tables derived from the shards and the routing index (built here, without
+importing GX, so they can be tested and reused cheaply):
+
+* ``samples``: one row per training sample: its label, in how many shards it is, whether the routing index holds
+  it, the norm of its (projected) embedding, and whether its ID is one the audit log says was forgotten;
+* ``classes``: one row per class of ``data.classes``: training samples and share;
+* ``adapters``: one row per adapter: samples, classes present, the largest class's share.
+
+No table holds a sample ID: the reports are DVC outputs whose old versions must never carry the ID of a sample
+forgotten later (the residue guarantee), and a plain hash of a guessable ID would be no better.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+QUALITY_DIR = Path("reports/quality")
+RESULT = QUALITY_DIR / "result.json"
+TABLES = QUALITY_DIR / "tables"
+DATA_DOCS = QUALITY_DIR / "data_docs"
+SUITES = ("training_data", "training_classes", "adapters")
+TABLE_OF_SUITE = {"training_data": "samples", "training_classes": "classes", "adapters": "adapters"}
+
+
+@dataclass(frozen=True)
+class QualityParams:
+    min_samples: int  # every adapter trains on at least this many samples
+    min_class_samples: int  # every class keeps at least this many training samples
+    max_class_share: float  # no class is more than this share of one adapter's samples
+    min_adapter_classes: int  # every adapter sees at least this many classes
+    norm_margin: float  # the reference split's norm range widened by this fraction of its span, each side
+    norm_mostly: float  # share of training samples whose norm must fall in that range
+
+    @classmethod
+    def of(cls, params: dict[str, Any]) -> QualityParams:
+        q = params["quality"]
+        return cls(int(q["min_samples"]), int(q["min_class_samples"]), float(q["max_class_share"]),
+                   int(q["min_adapter_classes"]), float(q["norm_margin"]), float(q["norm_mostly"]))
+
+
+def norm_range(reference_features: np.ndarray, margin: float) -> tuple[float, float]:
+    """[min, max] of the reference split's embedding norms, widened by ``margin`` times the span on each side."""
+    norms = np.linalg.norm(reference_features.astype(np.float64), axis=1)
+    if not len(norms):
+        return 0.0, float("inf")
+    low, high = float(norms.min()), float(norms.max())
+    span = high - low
+    return round(max(0.0, low - margin * span), 6), round(high + margin * span, 6)
+
+
+def tables(shards: Sequence[tuple[pd.DataFrame, np.ndarray]], routed_ids: Sequence[str], classes: Sequence[int],
+           forgotten: Callable[[Sequence[str]], np.ndarray]) -> dict[str, pd.DataFrame]:
+    """The three tables from the shards (each ``(frame with sample_id and label, features)``, adapter order) and the
+    sample IDs of the routing index; ``forgotten(ids)`` says which IDs the audit log lists as forgotten."""
+    rows = []
+    adapters = []
+    for j, (frame, features) in enumerate(shards):
+        norms = np.linalg.norm(features.astype(np.float64), axis=1) if len(frame) else np.zeros(0)
+        rows.append(pd.DataFrame({"sample_id": frame["sample_id"].astype(str).to_numpy(),
+                                  "label": frame["label"].to_numpy(), "norm": norms}))
+        counts = frame["label"].value_counts()
+        adapters.append({"adapter": j, "samples": len(frame), "classes_present": int((counts > 0).sum()),
+                         "max_class_share": round(float(counts.max() / len(frame)), 6) if len(frame) else 0.0})
+    every = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(
+        {"sample_id": pd.Series(dtype=str), "label": pd.Series(dtype="int64"), "norm": pd.Series(dtype=float)})
+    per_sample = every.groupby("sample_id", sort=True).agg(label=("label", "first"), shards=("label", "size"),
+                                                          norm=("norm", "first"))
+    routed = pd.Index(sorted(set(map(str, routed_ids))), name="sample_id")
+    per_sample = per_sample.reindex(per_sample.index.union(routed))
+    per_sample["in_routing"] = per_sample.index.isin(routed)
+    per_sample["shards"] = per_sample["shards"].fillna(0).astype(np.int64)
+    ids = per_sample.index.to_list()
+    per_sample["forgotten"] = np.asarray(forgotten(ids), dtype=bool) if ids else np.zeros(0, dtype=bool)
+    samples = per_sample.reset_index(drop=True)  # no IDs leave this function
+    samples["label"] = samples["label"].astype("Int64")
+    counts = samples["label"].value_counts()
+    total = max(1, len(samples))
+    class_table = pd.DataFrame({"label": list(classes),
+                                "samples": [int(counts.get(c, 0)) for c in classes]})
+    class_table["share"] = (class_table["samples"] / total).round(6)
+    return {"samples": samples[["label", "shards", "in_routing", "norm", "forgotten"]],
+            "classes": class_table, "adapters": pd.DataFrame(adapters)}
+
+
+def failures(result: dict[str, Any], row_names: dict[str, tuple[str, list[Any]]] | None = None) -> list[str]:
+    """One line per failed expectation of a checkpoint result (``CheckpointResult.describe_dict()`` with the
+    suite names added): suite, expectation, its arguments and what was found. ``row_names`` maps a suite to
+    (what a row is, the name of each row), e.g. ``{"adapters": ("adapter", [0, 1, ...])}``."""
+    row_names = row_names or {}
+    lines = []
+    for validation in result.get("validation_results", []):
+        suite = validation.get("suite", "?")
+        for item in validation.get("expectations", []):
+            if item.get("success"):
+                continue
+            kwargs = {k: v for k, v in item.get("kwargs", {}).items() if k != "batch_id"}
+            args = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+            found = item.get("result", {})
+            if found.get("partial_unexpected_index_list"):
+                rows = found["partial_unexpected_index_list"][:10]
+                if suite in row_names:
+                    kind, names = row_names[suite]
+                    what = f"failing {kind} {[names[i] for i in rows]}"
+                else:
+                    what = f"{found.get('unexpected_count', len(rows))} failing row(s)"
+                if found.get("partial_unexpected_list"):
+                    what += f" (values {found['partial_unexpected_list'][:10]})"
+            elif found.get("partial_missing_list"):
+                what = f"missing {found['partial_missing_list'][:10]}"
+            else:
+                what = f"observed {found.get('observed_value')}"
+            lines.append(f"{suite}: {item.get('expectation_type')}({args}): {what}")
+    return lines
+
+
+def read_result(path: Path = RESULT) -> dict[str, Any]:
+    """The quality stage's result: ``{"success": bool, "failed": [...], ...}``; a missing file is a failure."""
+    if not path.is_file():
+        return {"success": False, "failed": [f"{path}: missing; the quality stage did not run"]}
+    return json.loads(path.read_text())

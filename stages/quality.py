@@ -1,0 +1,190 @@
+"""DVC stage `quality`: a Great Expectations checkpoint over the training data as a whole and per adapter.
+
+Runs after `assign`. Three suites (``pipeline.quality``): ``training_data`` (one row per training sample: row count,
+label set, in at most k shards, embedding norm within the range learned on the reference split, no forgotten ID),
+``training_classes`` (every class keeps ``quality.min_class_samples``) and ``adapters`` (one row per adapter: at
+least ``quality.min_samples``, class balance, classes present). Writes ``reports/quality/result.json`` (the
+checkpoint result without run times or random ids: the `package` stage gates promotion on it, and the forget
+flow's audit record holds its sha256), the tables validated, and Data Docs (static HTML).
+
+The stage itself succeeds when the checkpoint fails: the data is what it is (a forget must still finish); the
+`package` stage keeps the new version `candidate` and says which expectation failed. Only this stage imports
+Great Expectations (~5 s). The GX context is ephemeral: nothing but the reports is written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.contracts import check_encoded, routing_schema, validate
+from pipeline.dataset import read_embeddings, read_table, write_bytes_atomic, write_table
+from pipeline.keys import project
+from pipeline.layout import ENCODED_REFERENCE, PROJECTION, ROUTING, SHARDS, shard_path
+from pipeline.lineage import stage_run
+from pipeline.quality import (
+    DATA_DOCS,
+    RESULT,
+    SUITES,
+    TABLE_OF_SUITE,
+    TABLES,
+    QualityParams,
+    failures,
+    norm_range,
+    tables,
+)
+from stages.project import load_params, run_stage
+
+
+def forgotten_ids(root: Path, params: dict[str, Any]) -> Any:
+    """A function ids -> bool array: which IDs the audit log (or the forget in progress) says are forgotten.
+
+    Compared by HMAC under the project's audit key (outside git); with no audit log and no forget in progress
+    there is nothing to compare and the key is not created.
+    """
+    from pipeline.audit import id_digest, load_or_create_audit_key
+    from pipeline.forget import JOURNAL
+    from stages.forget import audit_log, key_dir
+
+    records = audit_log(root).records()
+    journal = root / JOURNAL
+    pending = json.loads(journal.read_text()).get("sample_ids", []) if journal.is_file() else []
+    if not records and not pending:
+        return lambda ids: np.zeros(len(ids), dtype=bool)
+    key = load_or_create_audit_key(key_dir(root, params) / "audit.key")
+    digests = {d for r in records for d in r["predicate"].get("forgotten_ids", [])}
+    digests |= {id_digest(key, i) for i in pending}
+    return lambda ids: np.array([id_digest(key, i) in digests for i in ids], dtype=bool)
+
+
+def suites(q: QualityParams, n: int, k: int, classes: list[int], norms: tuple[float, float],
+           samples: int) -> dict[str, list[Any]]:
+    import great_expectations.expectations as gxe
+
+    low, high = norms
+    return {
+        "training_data": [
+            gxe.ExpectTableRowCountToEqual(value=samples, meta={"rule": "one row per sample of the routing index"}),
+            gxe.ExpectColumnValuesToBeInSet(column="in_routing", value_set=[True],
+                                            meta={"rule": "every sample in a shard is in the routing index"}),
+            gxe.ExpectColumnValuesToBeInSet(column="label", value_set=classes),
+            gxe.ExpectColumnDistinctValuesToEqualSet(column="label", value_set=classes,
+                                                     meta={"rule": "every class of data.classes has samples"}),
+            gxe.ExpectColumnValuesToBeBetween(column="shards", min_value=1, max_value=k,
+                                              meta={"rule": "no sample in more than adapters.k shards"}),
+            gxe.ExpectColumnValuesToBeBetween(column="norm", min_value=low, max_value=high, mostly=q.norm_mostly,
+                                              meta={"rule": "embedding norm in the range of the reference split"}),
+            gxe.ExpectColumnValuesToBeInSet(column="forgotten", value_set=[False],
+                                            meta={"rule": "no ID the audit log lists as forgotten"}),
+        ],
+        "training_classes": [
+            gxe.ExpectTableRowCountToEqual(value=len(classes)),
+            gxe.ExpectColumnValuesToBeBetween(column="samples", min_value=q.min_class_samples,
+                                              meta={"rule": "quality.min_class_samples per class"}),
+        ],
+        "adapters": [
+            gxe.ExpectTableRowCountToEqual(value=n),
+            gxe.ExpectColumnValuesToBeBetween(column="samples", min_value=q.min_samples,
+                                              meta={"rule": "quality.min_samples per adapter (no empty adapter)"}),
+            gxe.ExpectColumnValuesToBeBetween(column="max_class_share", max_value=q.max_class_share,
+                                              meta={"rule": "class balance: quality.max_class_share"}),
+            gxe.ExpectColumnValuesToBeBetween(column="classes_present", min_value=q.min_adapter_classes,
+                                              meta={"rule": "quality.min_adapter_classes per adapter"}),
+        ],
+    }
+
+
+def checkpoint(table_dir: Path, docs_dir: Path, expectations: dict[str, list[Any]]) -> dict[str, Any]:
+    """Run one checkpoint (a validation definition per suite, each on its table) and build Data Docs."""
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    warnings.filterwarnings("ignore")
+    logging.getLogger("great_expectations").setLevel(logging.ERROR)
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    context.add_data_docs_site("reports", {
+        "class_name": "SiteBuilder",
+        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir.resolve())},
+        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+    })
+    source = context.data_sources.add_pandas("legonet")
+    definitions = []
+    for suite_name in SUITES:
+        table = TABLE_OF_SUITE[suite_name]
+        batch = source.add_parquet_asset(table, path=(table_dir / f"{table}.parquet").resolve()) \
+            .add_batch_definition_whole_dataframe(table)
+        suite = context.suites.add(gx.ExpectationSuite(name=suite_name, expectations=expectations[suite_name]))
+        definitions.append(context.validation_definitions.add(
+            gx.ValidationDefinition(name=suite_name, data=batch, suite=suite)))
+    check = context.checkpoints.add(gx.Checkpoint(
+        name="legonet_quality", validation_definitions=definitions,
+        actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=["reports"])],
+        result_format={"result_format": "SUMMARY"}))
+    from great_expectations.core.run_identifier import RunIdentifier
+
+    result = check.run(run_id=RunIdentifier(run_name="legonet-quality"))
+    described = result.describe_dict()
+    for validation, suite_name in zip(described["validation_results"], SUITES, strict=True):
+        validation["suite"] = suite_name  # describe_dict keeps the order of the validation definitions
+    return described
+
+
+def _remove(paths: list[Path]) -> None:
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def main() -> None:
+    params = load_params()
+    q = QualityParams.of(params)
+    n, k, blocks = int(params["adapters"]["n"]), int(params["adapters"]["k"]), int(params["adapters"]["blocks"])
+    partitions, classes = int(params["data"]["partitions"]), list(params["data"]["classes"])
+    used = {"quality": params["quality"], "adapters.n": n, "adapters.k": k, "data.classes": classes}
+    inputs = [SHARDS, ROUTING, ENCODED_REFERENCE, PROJECTION]
+    outputs = [RESULT, TABLES, DATA_DOCS]
+    with stage_run("quality", Path(), used, inputs, outputs) as run:
+        projection = np.load(PROJECTION)
+        width = projection.shape[0] - 1 if projection.shape[0] else projection.shape[1]
+        routing = validate(read_table(ROUTING), routing_schema(n, k, partitions), ROUTING)
+        shards = []
+        for j in range(n):
+            path = shard_path(j, n, blocks)
+            frame, features = read_embeddings(path)
+            shards.append((check_encoded(frame, features, path, classes, width), features))
+        reference, reference_embeddings = read_embeddings(ENCODED_REFERENCE)
+        check_encoded(reference, reference_embeddings, ENCODED_REFERENCE, classes, projection.shape[1])
+        norms = norm_range(project(reference_embeddings, projection), q.norm_margin)
+        found = tables(shards, routing["sample_id"].tolist(), classes, forgotten_ids(Path(), params))
+
+        _remove(outputs)
+        try:
+            for name, table in found.items():
+                write_table(table, TABLES / f"{name}.parquet")
+            described = checkpoint(TABLES, DATA_DOCS, suites(q, n, k, classes, norms, len(routing)))
+        except BaseException:
+            _remove(outputs)  # a stage that fails leaves no output behind
+            raise
+        failed = failures(described, {"adapters": ("adapters", list(range(n))),
+                                      "training_classes": ("classes", classes)})
+        payload = {"success": bool(described["success"]), "failed": failed,
+                   "norm_range_from_reference": list(norms), "checkpoint": described}
+        write_bytes_atomic(RESULT, (json.dumps(payload, indent=1, sort_keys=True, default=str) + "\n").encode())
+        run.update({"quality_passed": int(payload["success"]), "quality_failed_expectations": len(failed)})
+        print(f"quality checkpoint {'passed' if payload['success'] else 'FAILED'}"
+              + "".join(f"\n  {line}" for line in failed))
+
+
+if __name__ == "__main__":
+    run_stage(main)

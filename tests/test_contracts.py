@@ -1,0 +1,167 @@
+"""Data contracts at every stage boundary (issue 4), for real: a file that breaks one rule stops `dvc repro` at the
+stage that reads it, with a message naming the file, the rule and the first failing sample; the stages downstream
+do not run and the failed stage leaves no output behind.
+
+Runtime: each case is a copy of the session's `built_project`, one tampered file and a `dvc repro` that runs up to
+the failing stage (~5-15 s each); the schema cases at the top need no project.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import copy_project
+
+from pipeline.contracts import ContractError, adapter_load_schema, routing_schema, validate
+from pipeline.dataset import DataError, check_samples, read_table, write_table
+from pipeline.lineage import file_md5
+
+RUNNING = re.compile(r"^Running stage '([^']+)'", re.MULTILINE)
+# what runs after each stage that can fail here (dvc.yaml): none of it may run once the stage failed
+DOWNSTREAM = {
+    "encode@part-0001": {"assign", "train@0000", "train@0001", "quality", "baseline", "evaluate", "package"},
+    "encode@test": {"baseline", "evaluate", "package"},
+    "keys": {"assign", "train@0000", "train@0001", "quality", "baseline", "evaluate", "package"},
+    "assign": {"train@0000", "train@0001", "quality", "evaluate", "package"},
+    "train@0000": {"evaluate", "package"},
+    "quality": {"package"},
+    "baseline": set(),
+    "evaluate": {"package"},
+}
+OUTPUTS = {  # what the stage writes (train's block folder persists between runs: it must stay unchanged)
+    "encode@part-0001": ["data/encoded/train/part-0001.parquet"],
+    "encode@test": ["data/encoded/test.parquet"],
+    "keys": ["models/keys.npy", "models/projection.npy"],
+    "assign": ["data/shards", "data/routing.parquet"],
+    "train@0000": [],
+    "quality": ["reports/quality/result.json", "reports/quality/tables", "reports/quality/data_docs"],
+    "baseline": ["metrics/baseline.json"],
+    "evaluate": ["metrics/evaluate.json", "metrics/per_class.csv", "metrics/adapter_load.csv"],
+}
+
+
+# --- the schemas themselves (no project needed) ---
+
+def test_check_samples_delegates_to_the_contract() -> None:
+    frame = pd.DataFrame({"sample_id": ["a-1", "a-2", "a-2"], "label": [0, 1, 7], "text": ["x", "y", " "]})
+    with pytest.raises(ContractError) as caught:
+        check_samples(frame, "user.csv", "text", [0, 1], None)
+    message = str(caught.value)
+    assert isinstance(caught.value, DataError) and message.startswith("user.csv: breaks the samples contract")
+    assert "field_uniqueness" in message and "'a-2'" in message
+    assert "isin([0, 1])" in message and "text is not empty" in message
+
+
+def test_routing_and_adapter_load_contracts_name_rule_and_row() -> None:
+    routing = pd.DataFrame({"sample_id": ["s-1", "s-2"], "partition": np.array([0, 1], dtype=np.int32),
+                            "adapters": [np.array([0, 1], np.int32), np.array([2, 2], np.int32)]})
+    with pytest.raises(ContractError, match=r"data/routing.parquet: .*adapters: rule 2 distinct adapters in 0\.\.3 "
+                                            r"fails for 1 sample\(s\) 's-2'"):
+        validate(routing, routing_schema(n=4, k=2, partitions=2), "data/routing.parquet")
+    load = pd.DataFrame({"adapter": [0, 1], "train_samples": [3, -1], "test_activations": [1, 1]})
+    with pytest.raises(ContractError, match=r"adapter_load.csv: .*train_samples: rule greater_than_or_equal_to\(0\)"):
+        validate(load, adapter_load_schema(2), "metrics/adapter_load.csv")
+
+
+# --- each stage refuses a file that breaks one rule ---
+
+def _embeddings_table(path: Path, change: Callable[[np.ndarray], np.ndarray]) -> str:
+    """Rewrite an encoded table with its embeddings changed; returns the first sample ID."""
+    table = pq.read_table(path)
+    values = np.stack(table.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
+    values = change(values)
+    column = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
+    pq.write_table(table.set_column(table.column_names.index("embedding"), "embedding", column), path)
+    return str(table.column("sample_id")[0])
+
+
+def wrong_dtype(root: Path) -> tuple[str, str, str]:
+    """Raw partition with float labels -> encode@part-0001."""
+    path = root / "data/raw/part-0001.parquet"
+    frame = read_table(path)
+    write_table(frame.assign(label=frame["label"].astype(np.float64)), path)
+    return "data/raw/part-0001.parquet", "dtype('int64')", frame["sample_id"].iloc[0]
+
+
+def unknown_label(root: Path) -> tuple[str, str, str]:
+    """Test split with a label outside data.classes -> encode@test."""
+    path = root / "data/test/test.parquet"
+    frame = read_table(path)
+    frame.loc[3, "label"] = 42
+    write_table(frame, path)
+    return "data/test/test.parquet", "isin([0, 1, 2, 3, 4, 5, 6, 7, 8, 9])", frame["sample_id"].iloc[3]
+
+
+def nan_embedding(root: Path) -> tuple[str, str, str]:
+    """Encoded reference split with a NaN -> keys."""
+    def spoil(values: np.ndarray) -> np.ndarray:
+        values[0, 5] = np.nan
+        return values
+    return "data/encoded/reference.parquet", "finite", _embeddings_table(root / "data/encoded/reference.parquet",
+                                                                         spoil)
+
+
+def wrong_width(root: Path) -> tuple[str, str, str]:
+    """Encoded train partition one float short -> assign (or baseline, whichever DVC runs first)."""
+    sample = _embeddings_table(root / "data/encoded/train/part-0000.parquet", lambda v: v[:, :-1])
+    return "data/encoded/train/part-0000.parquet", "embedding width is", sample
+
+
+def duplicate_id(root: Path) -> tuple[str, str, str]:
+    """A shard holding one sample twice -> train@0000 (or quality, which reads the shards too)."""
+    path = root / "data/shards/block-0000/adapter-0000.parquet"
+    table = pq.read_table(path)
+    pq.write_table(pa.concat_tables([table.slice(0, 1), table]), path)
+    return "data/shards/block-0000/adapter-0000.parquet", "field_uniqueness", str(table.column("sample_id")[0])
+
+
+CASES = {
+    # name: (spoil, how DVC is told the file is the stage's input, the stages that may be the one to refuse it)
+    "wrong-dtype": (wrong_dtype, ["add", "data/raw/part-0001.parquet"], {"encode@part-0001"}),
+    "unknown-label": (unknown_label, ["add", "data/test/test.parquet"], {"encode@test"}),
+    "nan-embedding": (nan_embedding, ["commit", "-f", "encode@reference"], {"keys"}),
+    "wrong-embedding-width": (wrong_width, ["commit", "-f", "encode@part-0000"], {"assign", "baseline"}),
+    "duplicate-sample-id": (duplicate_id, ["commit", "-f", "assign"], {"train@0000", "quality"}),
+}
+
+
+def _tree(root: Path, rel: str) -> dict[str, str]:
+    path = root / rel
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {f.relative_to(root).as_posix(): file_md5(f) for f in files}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_stage_refuses_a_file_that_breaks_its_contract(built_project: Path, tmp_path: Path, case: str) -> None:
+    spoil, tell_dvc, refusers = CASES[case]
+    root = copy_project(built_project, tmp_path / "project")
+    named, rule, sample = spoil(root)
+    subprocess.run([sys.executable, "-m", "dvc", *tell_dvc, "-q"], cwd=root, check=True, capture_output=True)
+    adapters_before = _tree(root, "models/adapters")
+    lineage_before = set((root / ".legonet/lineage").glob("*.json")) if (root / ".legonet/lineage").is_dir() else set()
+
+    result = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=root, capture_output=True, text=True)
+    output = result.stdout + result.stderr
+    ran = RUNNING.findall(output)
+    assert result.returncode != 0 and ran, output
+    failed = ran[-1]
+    assert failed in refusers, f"{case}: expected one of {refusers} to refuse the file, {failed} failed:\n{output}"
+    message = " ".join(output.split())
+    assert f"error: {named}: breaks the" in message, message
+    assert rule in message and repr(sample) in message, message
+    assert "Traceback" not in output, output
+    assert not set(ran) & DOWNSTREAM[failed], f"stages downstream of {failed} ran: {ran}"
+    for rel in OUTPUTS[failed]:
+        assert not (root / rel).exists(), f"{failed} failed but left {rel} behind"
+    assert _tree(root, "models/adapters") == adapters_before, "no adapter may be written by a failing build"
+    written = {p.name for p in (root / ".legonet/lineage").glob("*.json")} - {p.name for p in lineage_before}
+    assert not [n for n in written if failed.replace("@", "_") in n], "a failed stage must not record lineage"
