@@ -123,6 +123,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 def _errors() -> dict[type[BaseException], str]:
     from pipeline.audit import AuditError
+    from pipeline.executor import ExecutorError
     from pipeline.forget import ExactnessError, ForgetError, LockBusy
     from pipeline.manifest import ManifestError
     from stages.audit import AuditFailed
@@ -132,7 +133,7 @@ def _errors() -> dict[type[BaseException], str]:
 
     return {LockBusy: "busy", DataError: "data", ParamsError: "params", InitError: "usage", BuildError: "build",
             ModelError: "model", ManifestError: "data", ForgetError: "data", ExactnessError: "exactness",
-            AuditFailed: "audit", AuditError: "audit"}
+            AuditFailed: "audit", AuditError: "audit", ExecutorError: "params"}
 
 
 def main(argv: list[str] | None = None) -> int:
