@@ -70,12 +70,19 @@ def worker_env(threads: int) -> dict[str, str]:
     return {"MKL_CBWR": "AVX2,STRICT", "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
 
+def _ray_address() -> str | None:
+    """``RAY_ADDRESS``, or None; an empty value is dropped so Ray itself does not read it either."""
+    if os.environ.get("RAY_ADDRESS") == "":
+        del os.environ["RAY_ADDRESS"]
+    return os.environ.get("RAY_ADDRESS")
+
+
 def connect(threads: int) -> Any:
     """Attach this process to Ray (``RAY_ADDRESS``, else a private local Ray with the machine's cores)."""
     ray = import_ray()
     if ray.is_initialized():
         return ray
-    address = os.environ.get("RAY_ADDRESS") or None
+    address = _ray_address()
     options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
                                "logging_level": logging.WARNING,
                                "runtime_env": {"env_vars": worker_env(threads)}}
@@ -97,7 +104,7 @@ def cluster(params: Mapping[str, Any]) -> Iterator[dict[str, str]]:
     ``ray stop`` would kill every Ray on the machine, and ``ray start --block`` leaves processes behind on
     SIGTERM (measured on Ray 2.60).
     """
-    if executor_of(params) != "ray" or os.environ.get("RAY_ADDRESS"):
+    if executor_of(params) != "ray" or _ray_address():
         yield {}
         return
     ray = import_ray()
