@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 from rich.console import Console
+from rich.markup import escape
 
 from pipeline.dataset import DataError
 from stages.project import ParamsError
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         return handler(args)
     except tuple(errors) as exc:
         kind = next(v for k, v in errors.items() if isinstance(exc, k))
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return EXIT[kind]
 
 
