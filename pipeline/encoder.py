@@ -233,9 +233,10 @@ class Encoder:
 
     `image_size` must match the export for image encoders (it is ignored for text). `threads` is ONNX
     Runtime's intra-op thread count: pin it in params, as other counts may give other bits on other CPUs.
+    `model_path` may also be the file's bytes (a Ray worker gets the encoder through the object store).
     """
 
-    def __init__(self, name: str, model_path: pathlib.Path, image_size: int, threads: int = 1) -> None:
+    def __init__(self, name: str, model_path: pathlib.Path | bytes, image_size: int, threads: int = 1) -> None:
         self.name = name
         self.modality = _check_name(name)
         if threads < 1:
@@ -245,7 +246,11 @@ class Encoder:
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.log_severity_level = 3  # errors only: callers own the console
-        self._session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        # bytes: the exported file's content, as a Ray worker receives it (pipeline.executor)
+        model = model_path if isinstance(model_path, bytes) else str(model_path)
+        if isinstance(model_path, bytes):
+            model_path = pathlib.Path("<encoder bytes>")
+        self._session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         meta = {
             k.removeprefix(_META_PREFIX): v
             for k, v in self._session.get_modelmeta().custom_metadata_map.items()

@@ -83,6 +83,15 @@ def platform_tags() -> dict[str, str]:
 PENDING = Path(".legonet/lineage")
 
 
+class StageMetrics(dict):
+    """What a stage body collects: metrics (the dict itself) and ``children``, the lineage records of work that
+    ran elsewhere (Ray tasks), each logged as an MLflow run nested under the stage's run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.children: list[dict[str, Any]] = []
+
+
 def configure(tracking_uri: str, experiment: str, project: Path) -> str:
     """Point MLflow at the project's store; create the experiment with its artifact root inside the project.
 
@@ -93,7 +102,10 @@ def configure(tracking_uri: str, experiment: str, project: Path) -> str:
     mlflow.set_tracking_uri(tracking_uri)
     found = mlflow.get_experiment_by_name(experiment)
     if found is None:
-        artifacts = (project / "mlartifacts").resolve().as_uri()
+        # a server (http) keeps artifacts where it was told (`--artifacts-destination`, shared storage); a local
+        # store keeps them inside the project
+        remote = tracking_uri.startswith(("http://", "https://"))
+        artifacts = None if remote else (project / "mlartifacts").resolve().as_uri()
         with contextlib.suppress(mlflow.exceptions.MlflowException):  # a concurrent process created it first
             mlflow.create_experiment(experiment, artifact_location=artifacts)
         found = mlflow.get_experiment_by_name(experiment)
@@ -109,16 +121,17 @@ def stage_run(
     inputs: Sequence[Path],
     outputs: Sequence[Path],
     tags: Mapping[str, str] | None = None,
-) -> Iterator[dict[str, Any]]:
+) -> Iterator[StageMetrics]:
     """Record one stage execution as a pending lineage record, turned into an MLflow run by ``flush``.
 
     Importing MLflow and opening its store costs ~3 s per process; a build runs dozens of stage processes, so
     stages write a small JSON record (digests, params, tags, metrics, times) and the next process that talks
     to MLflow anyway (the ``package`` stage, ``legonet build``, ``legonet forget``) logs them all as runs with
-    their real start and end times. The yielded dict collects metrics the body wants logged.
+    their real start and end times. The yielded dict collects metrics the body wants logged, and its
+    ``children`` the records of its Ray tasks (name, params, tags, metrics, inputs, start_ms, end_ms).
     """
     started, wall = time.monotonic(), time.time()
-    collected: dict[str, Any] = {}
+    collected = StageMetrics()
     record: dict[str, Any] = {
         "stage": stage,
         "start_ms": int(wall * 1000),
@@ -135,20 +148,36 @@ def stage_run(
     record["end_ms"] = int(time.time() * 1000)
     pending = project / PENDING
     pending.mkdir(parents=True, exist_ok=True)
-    name = f"{record['start_ms']:013d}-{os.getpid()}-{stage.replace('@', '_')}.json"
-    tmp = pending / f".{name}.tmp"
+    record_id = f"{record['start_ms']:013d}-{os.getpid()}-{stage.replace('@', '_')}"
+    record["id"] = record_id
+    _write_pending(pending / f"{record_id}.json", record)
+    for i, child in enumerate(collected.children):
+        _write_pending(pending / f"{record_id}.task-{i:05d}.json", {
+            "stage": f"{stage}/{child['name']}", "parent": record_id, "start_ms": child["start_ms"],
+            "end_ms": child["end_ms"], "params": {k: str(v) for k, v in child.get("params", {}).items()},
+            "tags": {"legonet.stage": stage, "legonet.task": child["name"], **child.get("tags", {})},
+            "metrics": {k: float(v) for k, v in child.get("metrics", {}).items()},
+            "inputs": child.get("inputs", {})})
+
+
+def _write_pending(path: Path, record: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(record, sort_keys=True))
-    os.replace(tmp, pending / name)
+    os.replace(tmp, path)
 
 
 def flush(project: Path, mlflow_params: Mapping[str, Any]) -> dict[str, str]:
     """Log every pending lineage record as an MLflow run (inputs as datasets, outputs as tags); stage -> run id.
 
-    A record is deleted only after its run is complete, so a crash in between at worst logs it twice.
+    Task records (work a stage ran on Ray) become child runs of their stage's run (tag ``mlflow.parentRunId``),
+    so stages are logged first. A record is deleted only after its run is complete, so a crash in between at
+    worst logs it twice; a task whose stage run is not found is logged top-level with ``legonet.parent_record``.
     """
-    pending = sorted((project / PENDING).glob("*.json")) if (project / PENDING).is_dir() else []
-    if not pending:
+    found = sorted((project / PENDING).glob("*.json")) if (project / PENDING).is_dir() else []
+    if not found:
         return {}
+    records = [(path, json.loads(path.read_text())) for path in found]
+    records.sort(key=lambda item: ("parent" in item[1], item[0].name))  # stages before their tasks
     from mlflow import MlflowClient
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.data.sources import LocalArtifactDatasetSource
@@ -156,16 +185,22 @@ def flush(project: Path, mlflow_params: Mapping[str, Any]) -> dict[str, str]:
 
     experiment = configure(mlflow_params["tracking_uri"], mlflow_params["experiment"], project)
     client = MlflowClient()
-    runs = {}
-    for path in pending:
-        record = json.loads(path.read_text())
+    runs: dict[str, str] = {}
+    by_record: dict[str, str] = {}
+    for path, record in records:
+        tags = dict(record["tags"])
+        if "parent" in record:
+            if record["parent"] in by_record:
+                tags["mlflow.parentRunId"] = by_record[record["parent"]]
+            else:
+                tags["legonet.parent_record"] = record["parent"]
         run = client.create_run(experiment, start_time=record["start_ms"], run_name=record["stage"])
         run_id = run.info.run_id
         client.log_batch(
             run_id,
             metrics=[Metric(k, v, record["end_ms"], 0) for k, v in sorted(record["metrics"].items())],
             params=[Param(k, v) for k, v in sorted(record["params"].items())],
-            tags=[RunTag(k, v) for k, v in sorted(record["tags"].items())],
+            tags=[RunTag(k, v) for k, v in sorted(tags.items())],
         )
         datasets = [DatasetInput(MetaDataset(source=LocalArtifactDatasetSource(name), name=name,
                                              digest=digest)._to_mlflow_entity(),
@@ -175,6 +210,8 @@ def flush(project: Path, mlflow_params: Mapping[str, Any]) -> dict[str, str]:
             client.log_inputs(run_id, datasets=datasets)
         client.set_terminated(run_id, "FINISHED", end_time=record["end_ms"])
         runs[record["stage"]] = run_id
+        if "id" in record:
+            by_record[record["id"]] = run_id
         path.unlink()
     return runs
 

@@ -107,7 +107,7 @@ def _holding_ids(base: Path, keep: set[str], forgotten: set[str]) -> set[str]:
 
 
 def purge_models(tracking_uri: str, name: str, keep_version: str | None, request_ids: list[str],
-                 artifact_root: Path, retain_until: str | None = None) -> dict[str, Any]:
+                 artifact_root: Path, backend_store_uri: str = "", retain_until: str | None = None) -> dict[str, Any]:
     """Delete every registered version of ``name`` except ``keep_version``, their logged models, then gc.
 
     Every earlier version was trained on data that held the forgotten samples (data only ever shrinks by
@@ -140,7 +140,8 @@ def purge_models(tracking_uri: str, name: str, keep_version: str | None, request
             client.delete_logged_model(model_id)
             logged_models.append(model_id)
     # gc every logged model in the deleted stage (also those deleted by an attempt that crashed before gc)
-    gc = subprocess.run([sys.executable, "-m", "mlflow", "gc", "--backend-store-uri", tracking_uri,
+    # with an `mlflow server`, gc needs its backend store (the database) and resolves artifacts through it
+    gc = subprocess.run([sys.executable, "-m", "mlflow", "gc", "--backend-store-uri", backend_store_uri or tracking_uri,
                          "--tracking-uri", tracking_uri], capture_output=True, text=True)
     if gc.returncode != 0:
         raise RuntimeError(f"mlflow gc failed: {gc.stderr[-2000:]}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from pipeline import executor
 from pipeline.layout import METRICS, block_count
 from stages.project import load_params, sync_generated
 
@@ -36,10 +38,13 @@ def repro(root: Path, targets: list[str] | None = None, force: bool = False,
     cmd = [sys.executable, "-m", "dvc", "repro", *(["-f"] if force else []), *(targets or [])]
     ran: list[str] = []
     lines: list[str] = []
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console, transient=True) as progress:
+    # executor: ray -> one local Ray for every stage of this repro (unless RAY_ADDRESS names a cluster)
+    with executor.cluster(load_params(root)) as ray_env, \
+            Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                     TimeElapsedColumn(), console=console, transient=True) as progress:
         task = progress.add_task("dvc repro", total=total)
-        process = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        process = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   env={**os.environ, **ray_env})
         assert process.stdout is not None
         mark = time.monotonic()
         for line in process.stdout:

@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 from rich.console import Console
+from rich.markup import escape
 
 from pipeline.dataset import DataError
 from stages.project import ParamsError
@@ -123,6 +124,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 def _errors() -> dict[type[BaseException], str]:
     from pipeline.audit import AuditError
+    from pipeline.executor import ExecutorError
     from pipeline.forget import ExactnessError, ForgetError, LockBusy
     from pipeline.manifest import ManifestError
     from stages.audit import AuditFailed
@@ -132,7 +134,7 @@ def _errors() -> dict[type[BaseException], str]:
 
     return {LockBusy: "busy", DataError: "data", ParamsError: "params", InitError: "usage", BuildError: "build",
             ModelError: "model", ManifestError: "data", ForgetError: "data", ExactnessError: "exactness",
-            AuditFailed: "audit", AuditError: "audit"}
+            AuditFailed: "audit", AuditError: "audit", ExecutorError: "params"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         return handler(args)
     except tuple(errors) as exc:
         kind = next(v for k, v in errors.items() if isinstance(exc, k))
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return EXIT[kind]
 
 

@@ -16,6 +16,7 @@ from rich.progress import Progress
 from pipeline.contracts import check_encoded, samples_schema, validate
 from pipeline.dataset import image_arrays, read_table, write_embeddings
 from pipeline.encoder import Encoder
+from pipeline.executor import executor_of, run_encode
 from pipeline.layout import ENCODER, ENCODER_INFO
 from pipeline.lineage import stage_run
 from stages.project import load_params, run_stage
@@ -29,16 +30,21 @@ def main(name: str, src: Path, dst: Path) -> None:
     samples = validate(read_table(src), samples_schema(data["modality"], data["classes"], image_bytes), src)
     used = {"data": data, "encoder.threads": threads}
     tags = {"encoder.sha256": info.get("weights_sha256", ""), "encoder.name": info["name"]}
+    tags["legonet.executor"] = executor_of(params)
     with stage_run(f"encode@{name}", Path(), used, [ENCODER, ENCODER_INFO, src], [dst],
                    tags) as run:
-        encoder = Encoder(info["name"], ENCODER, int(info.get("image_size") or 0), threads=threads)
+        model = ENCODER.read_bytes()
+        encoder = Encoder(info["name"], model, int(info.get("image_size") or 0), threads=threads)
         payloads = image_arrays(samples, data["image_shape"]) if data["modality"] == "image" else list(
             samples["text"])
         with Progress(transient=True) as progress:
             task = progress.add_task(f"encode {name}", total=len(payloads))
-            embeddings = encoder.encode(payloads, progress=lambda done: progress.advance(task, done))
+            # locally in this process, or as Ray tasks over fixed chunks: the encoder is batch-invariant
+            embeddings, chunks = run_encode(params, encoder, model, info["sha256"], payloads,
+                                            progress=lambda done: progress.advance(task, done))
         check_encoded(samples[["sample_id", "label"]], embeddings, dst, data["classes"], info.get("dim"))
         write_embeddings(dst, samples[["sample_id", "label"]], embeddings)
+        run.children.extend(chunks)
         run["samples"] = len(samples)
 
 

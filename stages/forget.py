@@ -189,9 +189,10 @@ def _purge(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str], pa
     registry = journal.results.get("registry", {})
     name = params["mlflow"]["registered_model"]
     until = (datetime.now(UTC) + timedelta(days=retention)).date().isoformat() if retention > 0 else None
+    backend = params["mlflow"].get("backend_store_uri") or params["mlflow"]["tracking_uri"]
     models = purge.purge_models(params["mlflow"]["tracking_uri"], name, registry.get("model_version"),
-                                journal.request_ids, root / "mlartifacts" / "models", retain_until=until)
-    purge.vacuum_sqlite(params["mlflow"]["tracking_uri"])
+                                journal.request_ids, root / "mlartifacts" / "models", backend, retain_until=until)
+    purge.vacuum_sqlite(backend)
     journal.results["purge"] = {"dvc": objects, "mlflow": models}
     if retention == 0 and "champion" not in registry.get("aliases", []):
         say("no version is champion now: the previous champion was trained on the forgotten samples and is purged; "
@@ -298,6 +299,8 @@ def _estimate(root: Path, params: dict[str, Any], stages: Sequence[str]) -> floa
     runs = mlflow.search_runs(experiment_names=[params["mlflow"]["experiment"]], max_results=5000)
     if runs.empty or "metrics.stage_seconds" not in runs:
         return float("nan")
+    if "tags.mlflow.parentRunId" in runs:  # Ray task runs nested under a stage run are not stages
+        runs = runs[runs["tags.mlflow.parentRunId"].isna()]
     last = runs.sort_values("start_time").groupby("tags.mlflow.runName")["metrics.stage_seconds"].last()
     kinds = last.groupby(lambda n: n.split("@")[0]).median()
     return float(sum(last.get(s, kinds.get(s.split("@")[0], 0.0)) for s in stages))

@@ -7,6 +7,7 @@ DVC runs every stage with the project root (the folder of dvc.yaml) as working d
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,11 @@ def check_params(params: dict[str, Any]) -> None:
         classes = list(params["data"]["classes"])
     except (KeyError, TypeError, ValueError) as exc:
         raise ParamsError(f"params.yaml: missing or malformed key {exc}; compare with the template") from exc
+    from pipeline.executor import EXECUTORS
+
+    if str(params.get("executor", "local")) not in EXECUTORS:
+        raise ParamsError(f"params.yaml: executor {params.get('executor')!r} must be one of "
+                          f"{', '.join(EXECUTORS)} (ray needs `pip install '.[ray]'`)")
     if name not in ENCODERS:
         raise ParamsError(f"params.yaml: encoder.name {name!r} is not an encoder legonet ships; "
                           f"valid encoders: {', '.join(sorted(ENCODERS))}")
@@ -72,7 +78,15 @@ def check_params(params: dict[str, Any]) -> None:
 
 
 def params_digest(root: Path = Path()) -> str:
-    return hashlib.sha256((root / PARAMS).read_bytes()).hexdigest()
+    """sha256 of the params that determine artifacts: canonical JSON of params.yaml without the keys that only
+    choose where work runs (``executor``, ``ray``) or where lineage is logged (``mlflow.tracking_uri``,
+    ``mlflow.backend_store_uri``), so a build on Ray with an MLflow server records the same digest as a local one."""
+    from pipeline.executor import EXECUTION_KEYS
+
+    params = {k: v for k, v in load_params(root).items() if k not in EXECUTION_KEYS}
+    params["mlflow"] = {k: v for k, v in (params.get("mlflow") or {}).items()
+                        if k not in ("tracking_uri", "backend_store_uri")}
+    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def generated_lists(params: dict[str, Any]) -> dict[str, Any]:

@@ -20,9 +20,10 @@ os.environ.setdefault("MKL_CBWR", "AVX2,STRICT")  # before anything imports torc
 
 import numpy as np
 
-from pipeline.adapters import TrainParams, adapter_seed, train_adapter
+from pipeline.adapters import adapter_seed
 from pipeline.contracts import check_encoded
 from pipeline.dataset import read_embeddings, write_bytes_atomic
+from pipeline.executor import executor_of, run_train
 from pipeline.layout import adapter_dir, adapter_info_path, adapter_path, block_adapters, shard_dir, shard_path
 from pipeline.lineage import file_md5, stage_run
 from stages.project import load_params, run_stage
@@ -57,30 +58,35 @@ def main(block_id: str) -> None:
         if stray.name not in expected:
             stray.unlink()
     with stage_run(f"train@{block_id}", Path(), {**used, "adapters.n": n, "adapters.blocks": blocks},
-                   [shard_dir(block)], [out_dir], {"block": block_id}) as run:
-        retrained = []
+                   [shard_dir(block)], [out_dir], {"block": block_id, "legonet.executor": executor_of(params)}
+                   ) as run:
         index = {c: i for i, c in enumerate(classes)}
-        stale = {}
+        stale, jobs = [], []
         for j in members:  # every stale shard is checked against its contract before any adapter is written
             src, out, info = shard_path(j, n, blocks), adapter_path(j, n, blocks), adapter_info_path(j, n, blocks)
             shard_md5 = file_md5(src)
-            if not is_current(info, out, shard_md5, params_sha256):
-                frame, features = read_embeddings(src)
-                stale[j] = (shard_md5, check_encoded(frame, features, src, classes, None), features)
-        for j, (shard_md5, frame, features) in stale.items():
-            out, info = adapter_path(j, n, blocks), adapter_info_path(j, n, blocks)
+            if is_current(info, out, shard_md5, params_sha256):
+                continue
+            frame, features = read_embeddings(src)
+            frame = check_encoded(frame, features, src, classes, None)
             labels = np.array([index[c] for c in frame["label"]], dtype=np.int64)
             seed = adapter_seed(int(params["adapters"]["seed"]), j)
-            weights = train_adapter(features, labels, len(classes), seed, TrainParams(**train))
-            from safetensors.numpy import save
-
-            # safetensors with no metadata is byte-stable (several metadata keys are written in random order)
-            write_bytes_atomic(out, save(weights))
-            summary = {"adapter": j, "train_samples": len(frame), "seed": seed, "shard_md5": shard_md5,
+            stale.append((j, src, shard_md5, labels))
+            jobs.append((j, features, labels, len(classes), seed, dict(train)))
+        # the same pure function in this process or as Ray tasks: the same bytes either way
+        results = run_train(params, jobs, int(train["threads"]))
+        for (j, src, shard_md5, labels), job, (blob, lineage) in zip(stale, jobs, results, strict=True):
+            out, info = adapter_path(j, n, blocks), adapter_info_path(j, n, blocks)
+            write_bytes_atomic(out, blob)
+            summary = {"adapter": j, "train_samples": len(labels), "seed": job[4], "shard_md5": shard_md5,
                        "train_params_sha256": params_sha256, "weights_md5": file_md5(out),
                        "class_counts": {str(c): int((labels == i).sum()) for c, i in index.items()}}
             write_bytes_atomic(info, (json.dumps(summary, indent=1, sort_keys=True) + "\n").encode())
-            retrained.append(j)
+            if executor_of(params) == "ray":
+                lineage["inputs"] = {src.as_posix(): shard_md5}
+                lineage["tags"][f"out.{out.as_posix()}"] = summary["weights_md5"]
+                run.children.append(lineage)
+        retrained = [j for j, *_ in stale]
         run["retrained_adapters"] = len(retrained)
         print(f"block {block_id}: retrained adapters {retrained} of {list(members)}")
 
