@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from bench.systems import (
 from pipeline.adapters import TrainParams, train_adapter
 from pipeline.dataset import SplitFractions
 from pipeline.keys import fit_keys, fit_projection, project
+from pipeline.lineage import git_revision
 
 REPO = Path(__file__).resolve().parent.parent
 SCHEMA = "legonet-bench/1"
@@ -147,16 +147,6 @@ def versions() -> dict:
         except PackageNotFoundError:
             out[name] = None
     return out
-
-
-def git_revision() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return rev.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def code_digest() -> str:
@@ -391,7 +381,7 @@ def run(config: Config, cache: Path, results_dir: Path, name: str, command: str,
     runner = Runner(config, cache, say)
     out: dict = {"schema": SCHEMA, "name": name, "mode": config.mode, "command": command,
                  "started_at": started_at.isoformat(timespec="seconds"), "machine": machine(), "versions": versions(),
-                 "git_revision": git_revision(), "code_sha256": code_digest(), "config": asdict(config),
+                 "git_revision": git_revision(REPO), "code_sha256": code_digest(), "config": asdict(config),
                  "load_average_start": load(),
                  "params": {key: runner.params[key] for key in ("data", "encoder", "projection", "keys", "adapters",
                                                                "baseline")},

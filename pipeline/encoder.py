@@ -13,7 +13,6 @@ digest covers them too.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -24,6 +23,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import onnxruntime as ort
 from PIL import Image
+
+from pipeline.lineage import file_sha256
 
 ENCODERS: dict[str, str] = {"efficientnet-lite0": "image", "minilm": "text"}
 
@@ -53,14 +54,6 @@ def _check_name(name: str) -> str:
 def modality(name: str) -> str:
     """Return "image" or "text" for an encoder name, so callers can pick the payload decoding."""
     return _check_name(name)
-
-
-def _sha256_file(path: pathlib.Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _efficientnet_weights() -> pathlib.Path:
@@ -217,8 +210,8 @@ def export_encoder(name: str, image_size: int, out_path: pathlib.Path) -> dict:
         "name": name,
         "modality": kind,
         "dim": dim,
-        "weights_sha256": _sha256_file(weights),
-        "sha256": _sha256_file(out_path),
+        "weights_sha256": file_sha256(weights),
+        "sha256": file_sha256(out_path),
         "engine": "onnxruntime",
         "onnxruntime": ort.__version__,
         "torch": torch.__version__,

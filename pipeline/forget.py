@@ -39,7 +39,7 @@ from pipeline.layout import (
     raw_path,
     shard_path,
 )
-from pipeline.lineage import tree_digests
+from pipeline.lineage import file_sha256, tree_digests
 from pipeline.manifest import DeletionRequest, merge_requests
 from pipeline.quality import QUALITY_DIR
 
@@ -299,15 +299,7 @@ def _holds_ids(path: Path, sample_ids: set[str]) -> bool:
     return bool(sample_ids.intersection(pq.read_table(path, columns=["sample_id"]).column(0).to_pylist()))
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def subjects(root: Path) -> dict[str, str]:
     """The in-toto subjects: every file of the packaged model and every adapter, by sha256."""
     files = sorted(p for d in ("models/package", "models/adapters") for p in (root / d).rglob("*") if p.is_file())
-    return {p.relative_to(root).as_posix(): sha256_file(p) for p in files}
+    return {p.relative_to(root).as_posix(): file_sha256(p) for p in files}

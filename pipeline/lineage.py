@@ -20,21 +20,23 @@ from pathlib import Path
 from typing import Any
 
 
-def file_md5(path: Path) -> str:
-    """md5 of a file's bytes, as DVC records it for a file output."""
-    digest = hashlib.md5()
+def file_digest(path: Path, algorithm: str = "md5") -> str:
+    """Hex digest of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def file_md5(path: Path) -> str:
+    """md5 of a file's bytes, as DVC records it for a file output."""
+    return file_digest(path, "md5")
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """sha256 of a file's bytes: the digest in-toto subjects and the audit record use."""
+    return file_digest(path, "sha256")
 
 
 def tree_digests(paths: Sequence[Path], root: Path) -> dict[str, str]:

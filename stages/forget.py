@@ -19,7 +19,7 @@ from pipeline import forget as flow
 from pipeline.audit import AuditLog, id_digest, load_or_create_audit_key, load_or_create_signing_key
 from pipeline.dataset import read_table
 from pipeline.layout import REFERENCE
-from pipeline.lineage import git_revision, platform_tags
+from pipeline.lineage import file_sha256, git_revision, platform_tags
 from pipeline.manifest import DeletionRequest, load_manifest
 from stages.build import dvc_lock_digest, repro
 from stages.project import params_digest
@@ -250,7 +250,7 @@ def _quality(root: Path) -> dict[str, Any]:
 
     path = root / RESULT
     result = read_result(path)
-    return {"result": RESULT.as_posix(), "result_sha256": flow.sha256_file(path) if path.is_file() else None,
+    return {"result": RESULT.as_posix(), "result_sha256": file_sha256(path) if path.is_file() else None,
             "passed": bool(result["success"]), "failed_expectations": result["failed"]}
 
 
