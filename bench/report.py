@@ -173,7 +173,13 @@ def statement(results: dict) -> list[str]:
     for dataset in results["datasets"]:
         title = TITLES.get(dataset, dataset)
         probe = _systems(results, dataset, "probe")[0]
-        lines = [f"**{title}.** Linear probe (ceiling on these frozen features): {pct(probe['accuracy']['mean'])}%."]
+        lines = [f"**{title}.** Single linear probe on all train data: {pct(probe['accuracy']['mean'])}%."]
+        best = max(_systems(results, dataset, "legonet"), key=lambda e: e["accuracy"]["mean"], default=None)
+        if best is not None:
+            gap = 100 * (best["accuracy"]["mean"] - probe["accuracy"]["mean"])
+            lines[0] += (f" Best LegoNet: {best['label']} {pct(best['accuracy']['mean'])}% ({gap:+.2f} pt vs the "
+                         "probe" + ("; routing to local linear heads makes a non-linear classifier, so the probe is "
+                                    "no ceiling here)." if gap > 0 else ")."))
         equal = []
         for n in sorted({s["n"] for s in _systems(results, dataset, "legonet")}):
             sisa = _sisa(results, dataset, n)
@@ -197,6 +203,11 @@ def statement(results: dict) -> list[str]:
                          if k1 is not None and k1["accuracy"]["mean"] > s["accuracy"]["mean"])
             lines.insert(1, f"At equal head count, the best k>1 LegoNet beats random shards (SISA) at {wins} of "
                             f"{len(equal)} n; routing alone (k=1) beats them at {k1wins} of {len(equal)} n:")
+        front = pareto(_systems(results, dataset))
+        lines.append("  - Pareto front of accuracy vs expected rows retrained to forget one random sample "
+                     "(no other system is both more accurate and cheaper): " + "; ".join(
+                         f"{e['label']} {pct(e['accuracy']['mean'])}% / {e['expected_forget_1']['samples']:,} rows"
+                         for e in front) + ".")
         n100 = [e for e in _systems(results, dataset, "legonet") if e["n"] == 100]
         if n100:
             lines.append("  - k sweep at n=100 (paper: 84.85/87.66/89.72/90.11 for k=1/2/5/10): "
@@ -208,7 +219,7 @@ def statement(results: dict) -> list[str]:
             gap = 100 * (paper["accuracy"]["mean"] - sisa10["accuracy"]["mean"])
             lines.append(f"  - the paper's headline pair on a frozen encoder (LegoNet n=100 k=10 90.11 vs random "
                          f"shards s=10 88.32, +1.79 pt): here {pct(paper['accuracy']['mean'])} vs "
-                         f"{pct(sisa10['accuracy']['mean'])} ({gap:+.2f} pt); probe ceiling "
+                         f"{pct(sisa10['accuracy']['mean'])} ({gap:+.2f} pt); probe "
                          f"{pct(probe['accuracy']['mean'])}.")
         balance = _lego(results, dataset, 100, 3) or next(iter(_systems(results, dataset, "legonet")), None)
         if balance is not None:
@@ -235,6 +246,16 @@ def statement(results: dict) -> list[str]:
     return out
 
 
+def pareto(systems: list[dict]) -> list[dict]:
+    """Systems no other system beats on both accuracy (higher) and expected rows retrained (lower), cheapest first."""
+    def dominated(e: dict) -> bool:
+        a, c = e["accuracy"]["mean"], e["expected_forget_1"]["samples"]
+        return any(o is not e and o["accuracy"]["mean"] >= a and o["expected_forget_1"]["samples"] <= c
+                   and (o["accuracy"]["mean"] > a or o["expected_forget_1"]["samples"] < c) for o in systems)
+
+    return sorted((e for e in systems if not dominated(e)), key=lambda e: e["expected_forget_1"]["samples"])
+
+
 def project_statement(project: dict) -> list[str]:
     repro = project["repro_force"]["seconds"]
     lines = [f"**End to end (real project, {project['train_samples']} train samples, "
@@ -254,17 +275,21 @@ def project_statement(project: dict) -> list[str]:
             t["cli_startup_and_unaccounted"]
         floor_s = floor.get("retrain_seconds")
         wall = f["wall_seconds"]
+        ratio = repro / wall
+        versus = (f"{times(ratio)} faster than" if ratio >= 1.05 else "about as long as" if ratio > 0.95
+                  else f"{times(1 / ratio)} slower than")
         parts = [f"`legonet forget` of {size} sample(s): {secs(wall)} s wall "
-                 f"({times(repro / wall)} faster than `dvc repro -f`), {len(f['retrained_adapters'])} adapter(s) "
+                 f"({versus} `dvc repro -f`), {len(f['retrained_adapters'])} adapter(s) "
                  f"retrained, {len(f['stages_run'])} DVC stages run."]
         if floor_s is not None:
             parts.append(f"The compute floor (the same adapters retrained in-process) is {secs(floor_s)} s, "
                          f"{100 * floor_s / wall:.1f}% of the wall time. The rest:")
         train_extra = train.get("body", 0.0) - (floor_s or 0.0)
+        ranked = sorted(kinds.items(), key=lambda kv: -kv[1]["body"])
+        others = ", ".join(f"{kind} {secs(row['body'])}" for kind, row in ranked if kind not in ("train", "package"))
         parts.append(
             f"train stage bodies beyond the floor (torch import, shard read, digests, write) {secs(train_extra)} s; "
-            f"other stage bodies (re-encode partition(s), assign, baseline probe retrain, evaluate) "
-            f"{secs(other_bodies)} s, of which baseline {secs(kinds.get('baseline', {}).get('body', 0.0))} s; "
+            f"the other stages that the deletion invalidates {secs(other_bodies)} s ({others} s); "
             f"process start-up and imports {secs(startup)} s (stages, calibrated, plus the CLI's own); "
             f"DVC (row removal + `dvc add`, per-stage hashing/caching/lock, repro start and checks) {secs(dvc)} s; "
             f"MLflow (package stage + registration) {secs(mlflow)} s; purge (DVC objects + MLflow versions) "
