@@ -94,8 +94,10 @@ def adapter_load_schema(n: int) -> pa.DataFrameSchema:
 def validate(frame: pd.DataFrame, schema: pa.DataFrameSchema, path: Path | str, embeddings: np.ndarray | None = None
              ) -> pd.DataFrame:
     """Check ``frame`` (plus its ``embeddings`` as a column, if given) against ``schema``; raise ContractError."""
-    checked = frame if embeddings is None else frame.assign(
-        embedding=pd.Series(list(embeddings), index=frame.index, dtype=object))  # object even when empty
+    if embeddings is None:
+        checked = frame
+    else:  # object dtype even when empty (an adapter may have no samples): one vector per row
+        checked = frame.assign(embedding=pd.Series(list(embeddings), index=frame.index, dtype=object))
     try:
         schema.validate(checked, lazy=True)
     except pa.errors.SchemaErrors as exc:

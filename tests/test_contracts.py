@@ -165,3 +165,11 @@ def test_a_stage_refuses_a_file_that_breaks_its_contract(built_project: Path, tm
     assert _tree(root, "models/adapters") == adapters_before, "no adapter may be written by a failing build"
     written = {p.name for p in (root / ".legonet/lineage").glob("*.json")} - {p.name for p in lineage_before}
     assert not [n for n in written if failed.replace("@", "_") in n], "a failed stage must not record lineage"
+
+
+def test_an_empty_shard_keeps_its_contract() -> None:
+    """An adapter may lose every sample (forget): its empty shard is still a valid encoded table."""
+    from pipeline.contracts import check_encoded
+
+    empty = pd.DataFrame({"sample_id": pd.Series([], dtype=str), "label": pd.Series([], dtype="int64")})
+    check_encoded(empty, np.zeros((0, 8), np.float32), "data/shards/block-0000/adapter-0003.parquet", [0, 1], 8)
