@@ -230,7 +230,9 @@ def write_embeddings(path: Path, frame: pd.DataFrame, embeddings: np.ndarray) ->
     order = np.argsort(frame["sample_id"].to_numpy(), kind="stable")
     frame = frame.iloc[order].reset_index(drop=True)
     embeddings = np.ascontiguousarray(embeddings[order], dtype=np.float32)
-    columns = {name: pa.array(frame[name].to_numpy()) for name in frame.columns}
+    # explicit types: an empty table (an adapter that lost every sample) must not write a `null` column
+    types = {"sample_id": pa.string(), "label": pa.int64()}
+    columns = {name: pa.array(frame[name].to_numpy(), type=types.get(name)) for name in frame.columns}
     width = embeddings.shape[1] if embeddings.ndim == 2 else 0
     columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), width)
     table = pa.table(columns)
