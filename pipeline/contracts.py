@@ -8,6 +8,7 @@ from params (classes, embedding width, n, k) because the rules depend on them.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -98,6 +99,9 @@ def validate(frame: pd.DataFrame, schema: pa.DataFrameSchema, path: Path | str, 
         checked = frame
     else:  # object dtype even when empty (an adapter may have no samples): one vector per row
         checked = frame.assign(embedding=pd.Series(list(embeddings), index=frame.index, dtype=object))
+    if not len(checked):  # an empty column read back from Parquet may come as object dtype: no value can break it
+        schema = copy.deepcopy(schema)
+        schema.coerce = True
     try:
         schema.validate(checked, lazy=True)
     except pa.errors.SchemaErrors as exc:

@@ -167,9 +167,13 @@ def test_a_stage_refuses_a_file_that_breaks_its_contract(built_project: Path, tm
     assert not [n for n in written if failed.replace("@", "_") in n], "a failed stage must not record lineage"
 
 
-def test_an_empty_shard_keeps_its_contract() -> None:
-    """An adapter may lose every sample (forget): its empty shard is still a valid encoded table."""
+def test_an_empty_shard_keeps_its_contract(tmp_path: Path) -> None:
+    """An adapter may lose every sample (forget): its empty shard, written and read back, is still valid."""
     from pipeline.contracts import check_encoded
+    from pipeline.dataset import read_embeddings, write_embeddings
 
+    path = tmp_path / "adapter-0003.parquet"
     empty = pd.DataFrame({"sample_id": pd.Series([], dtype=str), "label": pd.Series([], dtype="int64")})
-    check_encoded(empty, np.zeros((0, 8), np.float32), "data/shards/block-0000/adapter-0003.parquet", [0, 1], 8)
+    write_embeddings(path, empty, np.zeros((0, 8), np.float32))
+    frame, embeddings = read_embeddings(path)
+    check_encoded(frame, embeddings, path, [0, 1], 8)
