@@ -438,7 +438,9 @@ def _previous(results_dir: Path, name: str, out: dict) -> dict | None:
     if not path.is_file():
         return None
     previous = json.loads(path.read_text())
-    same = all(previous.get(k) == out[k] for k in ("config", "params", "versions"))
+    # Compare as JSON: the config holds tuples, which come back from the file as lists.
+    same = all(previous.get(k) == json.loads(json.dumps(out[k], default=_json_default))
+               for k in ("config", "params", "versions"))
     return previous if same else None
 
 
