@@ -178,8 +178,15 @@ def write_table(frame: pd.DataFrame, path: Path) -> None:
     write_bytes_atomic(path, buffer.getvalue())
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write bytes via a temporary file in the same directory and ``os.replace``: readers never see a partial file."""
+def write_bytes_atomic(path: Path, data: bytes, *, keep_identical: bool = False) -> bool:
+    """Write bytes via a temporary file in the same directory and ``os.replace``: readers never see a partial file.
+
+    ``keep_identical`` leaves a file that already holds exactly ``data`` untouched (no write, no fsync, same mtime,
+    so DVC need not hash it again): `assign` rewrites n shards of which a forget changes a handful. Returns whether
+    the file was written.
+    """
+    if keep_identical and path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
+        return False
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as handle:
@@ -187,6 +194,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+    return True
 
 
 def read_table(path: Path) -> pd.DataFrame:
@@ -224,9 +232,11 @@ def carve(frame: pd.DataFrame, fractions: SplitFractions, partitions: int,
     return out
 
 
-def write_embeddings(path: Path, frame: pd.DataFrame, embeddings: np.ndarray) -> None:
+def write_embeddings(path: Path, frame: pd.DataFrame, embeddings: np.ndarray, *, keep_identical: bool = False
+                     ) -> bool:
     """Write ``sample_id``, ``label`` (and any other small columns of ``frame``) plus a fixed-width float32
-    ``embedding`` column, sorted by sample_id, byte-deterministically."""
+    ``embedding`` column, sorted by sample_id, byte-deterministically. ``keep_identical``: see
+    ``write_bytes_atomic``; returns whether the file was written."""
     order = np.argsort(frame["sample_id"].to_numpy(), kind="stable")
     frame = frame.iloc[order].reset_index(drop=True)
     embeddings = np.ascontiguousarray(embeddings[order], dtype=np.float32)
@@ -239,7 +249,7 @@ def write_embeddings(path: Path, frame: pd.DataFrame, embeddings: np.ndarray) ->
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd", compression_level=3, write_statistics=False,
                    row_group_size=1 << 20)
-    write_bytes_atomic(path, buffer.getvalue())
+    return write_bytes_atomic(path, buffer.getvalue(), keep_identical=keep_identical)
 
 
 def read_embeddings(path: Path) -> tuple[pd.DataFrame, np.ndarray]:

@@ -49,6 +49,20 @@ def tree_digests(paths: Sequence[Path], root: Path) -> dict[str, str]:
     return dict(sorted(found.items()))
 
 
+def dvc_digest(path: Path, root: Path) -> str:
+    """The md5 DVC records in ``dvc.lock`` for a file or directory dep/out.
+
+    A directory's is DVC's ``.dir`` digest: md5 of the JSON list of its files' ``{"md5", "relpath"}`` sorted by
+    relpath (``dvc_data.hashfile.tree.Tree``), so lineage holds one entry per dvc.lock line, not one per file
+    (a block of adapters, or n = 1,024 shards, is one entry).
+    """
+    if not path.is_dir():
+        return file_md5(path)
+    files = tree_digests([path], path)
+    listing = [{"md5": md5, "relpath": relpath} for relpath, md5 in sorted(files.items())]
+    return hashlib.md5(json.dumps(listing, sort_keys=True).encode()).hexdigest() + ".dir"
+
+
 def git_revision(root: Path) -> str:
     """The code revision of the checkout that holds the ``pipeline`` package, or 'unknown' outside git."""
     try:
@@ -140,11 +154,11 @@ def stage_run(
         "params": {k: str(v) for k, v in _flatten(params).items()},
         "tags": {"legonet.stage": stage, "legonet.code_revision": git_revision(_code_root()),
                  **platform_tags(), **(tags or {})},
-        "inputs": tree_digests(list(inputs), project),
+        "inputs": {Path(path).as_posix(): dvc_digest(project / path, project) for path in inputs},
     }
     yield collected
-    record["tags"].update({f"out.{name}": digest for name, digest in
-                           tree_digests([p for p in outputs if p.exists()], project).items()})
+    record["tags"].update({f"out.{Path(path).as_posix()}": dvc_digest(project / path, project) for path in outputs
+                           if (project / path).exists()})
     record["metrics"] = {k: float(v) for k, v in collected.items() if isinstance(v, int | float)}
     record["metrics"]["stage_seconds"] = time.monotonic() - started
     record["end_ms"] = int(time.time() * 1000)

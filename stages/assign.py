@@ -1,7 +1,9 @@
 """DVC stage `assign`: route every train sample to its k nearest keys; write one shard per adapter and the index.
 
-DVC clears and rewrites the shard directory on every run, but equal content gives equal bytes (same md5), so DVC
-keeps `train@j` cached for every adapter whose samples did not change.
+The shard directory is a `persist` output: DVC leaves it in place, and this stage rewrites only the shards whose
+bytes change (a forget touches k of n) and deletes shards of adapters that no longer exist. The others keep their
+bytes and their mtime, so DVC does not hash them again, and every `train@block` whose shards did not change
+stays cached. Equal content always gives equal bytes, so the result is the same as writing every shard anew.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.contracts import check_encoded, routing_schema, validate
+from pipeline.contracts import check_encoded, check_shards, routing_schema, validate
 from pipeline.dataset import read_embeddings, write_embeddings, write_table
 from pipeline.keys import project
 from pipeline.layout import ENCODED_TRAIN, KEYS, PROJECTION, ROUTING, SHARDS, encoded_path, shard_path
@@ -43,12 +45,18 @@ def main() -> None:
                   for j, rows in enumerate(shard(frame.assign(row=np.arange(len(frame))), assignment, n))]
         index = routing_index(frame["sample_id"].to_numpy(), frame["partition"].to_numpy(), assignment)
         # every output checked before the first is written: a broken contract leaves nothing behind
-        for path, rows, shard_features in shards:
-            check_encoded(rows, shard_features, path, classes, keys.shape[1])
+        check_shards(shards, classes, keys.shape[1])
         validate(index, routing_schema(n, k, partitions), ROUTING)
-        for path, rows, shard_features in shards:
-            write_embeddings(path, rows, shard_features)
+        written = sum(write_embeddings(path, rows, shard_features, keep_identical=True)
+                      for path, rows, shard_features in shards)
+        expected = {path for path, _, _ in shards}
+        for stray in sorted(p for p in SHARDS.rglob("*") if p.is_file() and p not in expected):
+            stray.unlink()  # shards of adapters that left (adapters.n or adapters.blocks changed), stale temp files
+        for folder in sorted((p for p in SHARDS.rglob("*") if p.is_dir()), reverse=True):
+            if not any(folder.iterdir()):
+                folder.rmdir()
         write_table(index, ROUTING)
+        run["shards_written"] = written
         run["train_samples"] = len(frame)
         run["empty_adapters"] = int(n - len(np.unique(assignment)))
 

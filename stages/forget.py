@@ -218,8 +218,8 @@ def _audit(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str], pa
                      "test_samples": len(plan.test_ids), "train_samples": len(plan.train_ids)},
         "artifacts": {p: {"before": before.get(p), "after": after.get(p)} for p in sorted(touched)},
         # per adapter file (weights and summary), not per train block: a block holds retrained and kept adapters
-        "untouched_adapters": {p: d for p, d in flow.artifact_digests(root).items()
-                               if p.startswith("models/adapters/") and journal.before["artifacts"].get(p) == d},
+        "untouched_adapters": {p: d for p, d in after.items()
+                               if p.startswith("models/adapters/") and before.get(p) == d},
         "dvc_lock": {"before": journal.before["dvc_lock"], "after": dvc_lock_digest(root)},
         "code_revision": git_revision(root),
         "params_sha256": params_digest(root),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,6 +25,8 @@ from stages.project import load_params, run_stage
 
 
 def main() -> None:
+    # MLflow copies each of the 2n adapter files with a progress bar per file group: thousands of lines in DVC's log
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
 
     params = load_params()

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.contracts import check_encoded, routing_schema, validate
+from pipeline.contracts import check_encoded, check_shards, routing_schema, validate
 from pipeline.dataset import read_embeddings, read_table, write_bytes_atomic, write_table
 from pipeline.keys import project
 from pipeline.layout import ENCODED_REFERENCE, PROJECTION, ROUTING, SHARDS, shard_path
@@ -158,11 +158,9 @@ def main() -> None:
         projection = np.load(PROJECTION)
         width = projection.shape[0] - 1 if projection.shape[0] else projection.shape[1]
         routing = validate(read_table(ROUTING), routing_schema(n, k, partitions), ROUTING)
-        shards = []
-        for j in range(n):
-            path = shard_path(j, n, blocks)
-            frame, features = read_embeddings(path)
-            shards.append((check_encoded(frame, features, path, classes, width), features))
+        read = [(shard_path(j, n, blocks), *read_embeddings(shard_path(j, n, blocks))) for j in range(n)]
+        check_shards(read, classes, width)
+        shards = [(frame, features) for _, frame, features in read]
         reference, reference_embeddings = read_embeddings(ENCODED_REFERENCE)
         check_encoded(reference, reference_embeddings, ENCODED_REFERENCE, classes, projection.shape[1])
         norms = norm_range(project(reference_embeddings, projection), q.norm_margin)

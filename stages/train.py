@@ -21,7 +21,7 @@ os.environ.setdefault("MKL_CBWR", "AVX2,STRICT")  # before anything imports torc
 import numpy as np
 
 from pipeline.adapters import adapter_seed
-from pipeline.contracts import check_encoded
+from pipeline.contracts import check_shards
 from pipeline.dataset import read_embeddings, write_bytes_atomic
 from pipeline.executor import executor_of, run_train
 from pipeline.layout import adapter_dir, adapter_info_path, adapter_path, block_adapters, shard_dir, shard_path
@@ -61,14 +61,16 @@ def main(block_id: str) -> None:
                    [shard_dir(block)], [out_dir], {"block": block_id, "legonet.executor": executor_of(params)}
                    ) as run:
         index = {c: i for i, c in enumerate(classes)}
-        stale, jobs = [], []
-        for j in members:  # every stale shard is checked against its contract before any adapter is written
+        read = []
+        for j in members:
             src, out, info = shard_path(j, n, blocks), adapter_path(j, n, blocks), adapter_info_path(j, n, blocks)
             shard_md5 = file_md5(src)
-            if is_current(info, out, shard_md5, params_sha256):
-                continue
-            frame, features = read_embeddings(src)
-            frame = check_encoded(frame, features, src, classes, None)
+            if not is_current(info, out, shard_md5, params_sha256):
+                read.append((j, src, shard_md5, *read_embeddings(src)))
+        # every stale shard is checked against its contract before any adapter is written
+        check_shards([(src, frame, features) for _, src, _, frame, features in read], classes, None)
+        stale, jobs = [], []
+        for j, src, shard_md5, frame, features in read:
             labels = np.array([index[c] for c in frame["label"]], dtype=np.int64)
             seed = adapter_seed(int(params["adapters"]["seed"]), j)
             stale.append((j, src, shard_md5, labels))

@@ -177,3 +177,30 @@ def test_an_empty_shard_keeps_its_contract(tmp_path: Path) -> None:
     write_embeddings(path, empty, np.zeros((0, 8), np.float32))
     frame, embeddings = read_embeddings(path)
     check_encoded(frame, embeddings, path, [0, 1], 8)
+
+
+def test_shards_are_checked_together_and_a_broken_one_is_named(tmp_path: Path) -> None:
+    """`assign`, `quality` and `train` check all their shards in one pandera call (a sample may sit in several
+    shards, never twice in one); a broken shard is still named by file, rule and sample."""
+    from pipeline.contracts import check_shards
+
+    def shard(ids: list[str], labels: list[int], dim: int = 4) -> tuple[pd.DataFrame, np.ndarray]:
+        frame = pd.DataFrame({"sample_id": ids, "label": np.array(labels, dtype=np.int64)})
+        return frame, np.ones((len(ids), dim), np.float32)
+
+    empty = (pd.DataFrame({"sample_id": pd.Series([], dtype=str), "label": pd.Series([], dtype="int64")}),
+             np.zeros((0, 4), np.float32))
+    good = [(Path("s/a-0.parquet"), *shard(["x-1", "x-2"], [0, 1])), (Path("s/a-1.parquet"), *shard(["x-1"], [0])),
+            (Path("s/a-2.parquet"), *empty)]
+    check_shards(good, [0, 1], 4)  # x-1 in two shards is fine
+
+    cases = {
+        "duplicate": ((["x-3", "x-3"], [0, 0], 4), r"s/a-3\.parquet: breaks the encoded contract: sample_id: "
+                                                   r"rule field_uniqueness fails for 1 sample\(s\) 'x-3'"),
+        "width": ((["x-4"], [1], 5), r"s/a-3\.parquet: .*embedding width is 4 fails for 1 sample\(s\) 'x-4'"),
+        "label": ((["x-5"], [7], 4), r"s/a-3\.parquet: .*label: rule isin\(\[0, 1\]\) fails for 1 sample\(s\) 'x-5'"),
+    }
+    for (ids, labels, dim), message in cases.values():
+        broken = (Path("s/a-3.parquet"), *shard(ids, labels, dim))
+        with pytest.raises(ContractError, match=message):
+            check_shards([*good, broken], [0, 1], 4)

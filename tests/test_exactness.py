@@ -131,3 +131,25 @@ def test_writers_are_byte_stable_for_equal_content(tmp_path: Path) -> None:
     write_table(frame[keep], tmp_path / "a.parquet")
     write_table(fresh, tmp_path / "b.parquet")
     assert _md5(tmp_path / "a.parquet") == _md5(tmp_path / "b.parquet")
+
+
+def test_lineage_digest_of_a_directory_is_dvcs(tmp_path: Path) -> None:
+    """Lineage logs one digest per dvc.lock entry; a directory's is DVC's own `.dir` md5 (dvc-data's Tree)."""
+    from dvc_data.hashfile.hash_info import HashInfo
+    from dvc_data.hashfile.meta import Meta
+    from dvc_data.hashfile.tree import Tree
+
+    from pipeline.lineage import dvc_digest, file_md5
+
+    folder = tmp_path / "shards"
+    for relpath, data in {"block-0001/adapter-0010.parquet": b"a", "block-0000/adapter-0002.parquet": b"bb",
+                          "block-0000/adapter-0001.parquet": b"", ".gitignore": b"/x\n"}.items():
+        (folder / relpath).parent.mkdir(parents=True, exist_ok=True)
+        (folder / relpath).write_bytes(data)
+    tree = Tree()
+    for path in folder.rglob("*"):
+        if path.is_file():
+            tree.add(path.relative_to(folder).parts, Meta(), HashInfo("md5", file_md5(path)))
+    tree.digest()
+    assert dvc_digest(folder, tmp_path) == tree.hash_info.value and tree.hash_info.value.endswith(".dir")
+    assert dvc_digest(folder / ".gitignore", tmp_path) == hashlib.md5(b"/x\n").hexdigest()

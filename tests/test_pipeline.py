@@ -212,8 +212,8 @@ def test_incremental_rebuild_runs_exactly_the_affected_stages(second_build: dict
 # 4. MLflow lineage -------------------------------------------------------------------------------------------------
 
 def _dvc_digests(entries: list[dict], root: Path) -> dict[str, str]:
-    """dvc.lock deps/outs as per-file md5s: a directory entry is expanded to its files and checked against DVC's
-    own directory digest (computed by dvc-data from the per-file md5s, as DVC does)."""
+    """dvc.lock deps/outs as path -> md5; a directory's ``.dir`` digest is first checked against its files on disk
+    (recomputed by dvc-data from the per-file md5s, as DVC does)."""
     from dvc_data.hashfile.hash_info import HashInfo
     from dvc_data.hashfile.meta import Meta
     from dvc_data.hashfile.tree import Tree
@@ -229,7 +229,7 @@ def _dvc_digests(entries: list[dict], root: Path) -> dict[str, str]:
             tree.add(tuple(Path(path).relative_to(entry["path"]).parts), Meta(), HashInfo("md5", md5))
         tree.digest()
         assert tree.hash_info.value == entry["md5"], f"{entry['path']}: files on disk do not match dvc.lock"
-        out.update(files)
+        out[entry["path"]] = entry["md5"]
     return out
 
 
