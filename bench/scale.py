@@ -2,7 +2,8 @@
 
 Builds the default data at n = 32, 256 and 1,024 adapters (k = 3, the same ``adapters.blocks`` for all) in
 fresh projects, one after the other in one run, and times: the initial ``legonet build``, ``dvc status`` and a
-no-op ``dvc repro`` afterwards, and ``legonet forget`` of one random train sample. Prints the ratios against
+no-op ``dvc repro`` afterwards (median of 3 runs each), and ``legonet forget`` of one random train sample (with the
+time of each of its phases and DVC stages). Prints the ratios against
 n = 32 and writes ``bench/results/scale.json``.
 
     python -m bench.scale [--sizes 32,256,1024] [--blocks 32] [--out bench/results/scale.json]
@@ -17,6 +18,7 @@ import json
 import os
 import platform
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,7 +26,10 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from bench.project import PROFILE_LINE
+
 TARGETS = {"forget": 1.5, "build": 3.0, "status": 3.0, "noop_repro": 3.0}
+REPEATS = 3
 
 
 def timed(cmd: list[str], cwd: Path) -> tuple[float, str]:
@@ -45,9 +50,11 @@ def measure(n: int, blocks: int, workdir: Path, seed: int) -> dict[str, object]:
     settings = {"adapters.n": n, "adapters.k": 3, "adapters.blocks": blocks, "data.reference_fraction": 0.25}
     timed(legonet("init", str(root), *[a for k, v in settings.items() for a in ("--set", f"{k}={v}")]), workdir)
     build, _ = timed(legonet("build"), root)
-    status, _ = timed([sys.executable, "-m", "dvc", "status"], root)
-    noop, out = timed([sys.executable, "-m", "dvc", "repro"], root)
-    assert "up to date" in out, out
+    # median of REPEATS: one run of a few seconds on a shared 2-core machine is mostly noise
+    status = statistics.median(timed([sys.executable, "-m", "dvc", "status"], root)[0] for _ in range(REPEATS))
+    noops = [timed([sys.executable, "-m", "dvc", "repro"], root) for _ in range(REPEATS)]
+    assert all("up to date" in out for _, out in noops), noops
+    noop = statistics.median(seconds for seconds, _ in noops)
     import pyarrow.parquet as pq
 
     ids = sorted(pq.read_table(root / "data/routing.parquet", columns=["sample_id"]).column(0).to_pylist())
@@ -55,11 +62,14 @@ def measure(n: int, blocks: int, workdir: Path, seed: int) -> dict[str, object]:
     manifest = root.parent / f"forget-n{n}.json"
     manifest.write_text(json.dumps({"request_id": f"scale-{n}", "sample_ids": [sample], "reason": "benchmark",
                                     "received_at": datetime.now(UTC).isoformat(timespec="seconds")}))
-    forget, out = timed(legonet("forget", str(manifest)), root)
+    forget, out = timed(legonet("forget", "--profile", str(manifest)), root)
+    phases = {m.group(1): float(m.group(2)) for m in map(PROFILE_LINE.match, out.splitlines()) if m}
     summary = json.loads(out.strip().splitlines()[-1])
     return {"n": n, "blocks": blocks, "build_seconds": round(build, 2), "status_seconds": round(status, 2),
             "noop_repro_seconds": round(noop, 2), "forget_seconds": round(forget, 2),
-            "retrained_adapters": summary.get("retrained_adapters")}
+            "retrained_adapters": summary.get("retrained_adapters"), "forget_phases": phases,
+            "files": {d: sum(1 for p in (root / d).rglob("*") if p.is_file()) for d in ("data", "models")},
+            "load_average": [round(v, 2) for v in os.getloadavg()]}
 
 
 def main(argv: list[str] | None = None) -> int:
