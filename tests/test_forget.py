@@ -58,9 +58,9 @@ RAW_INPUTS = ("data/raw/", "data/reference/", "data/test/")
 PACKAGE_VOLATILE = ("models/package/MLmodel",)
 ADAPTERS = int(TINY["adapters.n"])
 BLOCKS = int(TINY["adapters.blocks"])
-# The oracle runs at n = 256 (issue 6): 32 adapters per train block, so a forget retrains a few adapters of a
+# The oracle runs at n = 256 (issue 6): 64 adapters per train block, so a forget retrains a few adapters of a
 # block and keeps the rest. 256 keys need 256 reference samples: 30 % of the tiny data.
-ORACLE = {"adapters.n": 256, "adapters.blocks": 8, "data.reference_fraction": 0.3}
+ORACLE = {"adapters.n": 256, "adapters.blocks": 4, "data.reference_fraction": 0.3}
 ORACLE_N, ORACLE_BLOCKS = int(ORACLE["adapters.n"]), int(ORACLE["adapters.blocks"])
 ORACLE_SPLITS = SplitFractions(float(ORACLE["data.reference_fraction"]), 0.2)  # test_fraction: the default
 
