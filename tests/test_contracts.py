@@ -37,11 +37,13 @@ DOWNSTREAM = {
     "baseline": set(),
     "evaluate": {"package"},
 }
-OUTPUTS = {  # what the stage writes (train's block folder persists between runs: it must stay unchanged)
+# What the stage writes. The shard folder (assign) and train's block folders persist between runs: a failing stage
+# must leave them unchanged, which the test checks for every case.
+OUTPUTS = {
     "encode@part-0001": ["data/encoded/train/part-0001.parquet"],
     "encode@test": ["data/encoded/test.parquet"],
     "keys": ["models/keys.npy", "models/projection.npy"],
-    "assign": ["data/shards", "data/routing.parquet"],
+    "assign": ["data/routing.parquet"],
     "train@0000": [],
     "quality": ["reports/quality/result.json", "reports/quality/tables", "reports/quality/data_docs"],
     "baseline": ["metrics/baseline.json"],
@@ -146,7 +148,7 @@ def test_a_stage_refuses_a_file_that_breaks_its_contract(built_project: Path, tm
     root = copy_project(built_project, tmp_path / "project")
     named, rule, sample = spoil(root)
     subprocess.run([sys.executable, "-m", "dvc", *tell_dvc, "-q"], cwd=root, check=True, capture_output=True)
-    adapters_before = _tree(root, "models/adapters")
+    adapters_before, shards_before = _tree(root, "models/adapters"), _tree(root, "data/shards")
     lineage_before = set((root / ".legonet/lineage").glob("*.json")) if (root / ".legonet/lineage").is_dir() else set()
 
     result = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=root, capture_output=True, text=True)
@@ -163,6 +165,7 @@ def test_a_stage_refuses_a_file_that_breaks_its_contract(built_project: Path, tm
     for rel in OUTPUTS[failed]:
         assert not (root / rel).exists(), f"{failed} failed but left {rel} behind"
     assert _tree(root, "models/adapters") == adapters_before, "no adapter may be written by a failing build"
+    assert _tree(root, "data/shards") == shards_before, "no shard may be written by a failing build"
     written = {p.name for p in (root / ".legonet/lineage").glob("*.json")} - {p.name for p in lineage_before}
     assert not [n for n in written if failed.replace("@", "_") in n], "a failed stage must not record lineage"
 
