@@ -1,12 +1,12 @@
 """Scale benchmark (issue 6): does a forget cost follow the work it touches, not the number of adapters?
 
 Builds the default data at n = 32, 256 and 1,024 adapters (k = 3, the same ``adapters.blocks`` for all) in
-fresh projects, one after the other in one run, and times: the initial ``legonet build``, ``dvc status`` and a
-no-op ``dvc repro`` afterwards (median of 3 runs each), and ``legonet forget`` of one random train sample (with the
-time of each of its phases and DVC stages). Prints the ratios against
-n = 32 and writes ``bench/results/scale.json``.
+fresh projects, one after the other, then measures in rounds: each round runs ``dvc status`` and a no-op
+``dvc repro`` in every project, then ``legonet forget --profile`` of one random train sample in every project
+(sizes in turn, so a change in the shared machine's load hits all sizes alike). Reports the median over the rounds
+per size, the ratios against the smallest size, and every forget's phases; writes ``bench/results/scale.json``.
 
-    python -m bench.scale [--sizes 32,256,1024] [--blocks 32] [--out bench/results/scale.json]
+    python -m bench.scale [--sizes 32,256,1024] [--blocks 32] [--rounds 3] [--out bench/results/scale.json]
 
 The reference split is raised to 25 % of the data for every size, because n keys need n reference samples.
 """
@@ -23,13 +23,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.project import PROFILE_LINE
 
 TARGETS = {"forget": 1.5, "build": 3.0, "status": 3.0, "noop_repro": 3.0}
-REPEATS = 3
 
 
 def timed(cmd: list[str], cwd: Path) -> tuple[float, str]:
@@ -45,31 +45,64 @@ def legonet(*args: str) -> list[str]:
     return [sys.executable, "-m", "stages.cli", *args]
 
 
-def measure(n: int, blocks: int, workdir: Path, seed: int) -> dict[str, object]:
+def build(n: int, blocks: int, workdir: Path, extra: dict[str, str]) -> tuple[Path, float]:
+    """`legonet init` + `legonet build` of the default data at n adapters: (project, build seconds)."""
     root = workdir / f"n{n}"
-    settings = {"adapters.n": n, "adapters.k": 3, "adapters.blocks": blocks, "data.reference_fraction": 0.25}
+    settings = {"adapters.n": n, "adapters.k": 3, "adapters.blocks": blocks, "data.reference_fraction": 0.25,
+                **extra}
     timed(legonet("init", str(root), *[a for k, v in settings.items() for a in ("--set", f"{k}={v}")]), workdir)
-    build, _ = timed(legonet("build"), root)
-    # median of REPEATS: one run of a few seconds on a shared 2-core machine is mostly noise
-    status = statistics.median(timed([sys.executable, "-m", "dvc", "status"], root)[0] for _ in range(REPEATS))
-    noops = [timed([sys.executable, "-m", "dvc", "repro"], root) for _ in range(REPEATS)]
-    assert all("up to date" in out for _, out in noops), noops
-    noop = statistics.median(seconds for seconds, _ in noops)
+    return root, timed(legonet("build"), root)[0]
+
+
+def status_and_noop(root: Path) -> tuple[float, float]:
+    """One `dvc status` and one no-op `dvc repro` (asserted to do nothing)."""
+    status, _ = timed([sys.executable, "-m", "dvc", "status"], root)
+    noop, out = timed([sys.executable, "-m", "dvc", "repro"], root)
+    assert "up to date" in out, out
+    return status, noop
+
+
+def forget_one(root: Path, n: int, rng: random.Random, request: int) -> dict[str, object]:
+    """`legonet forget --profile` of one random train sample: wall time, phases, adapters retrained."""
     import pyarrow.parquet as pq
 
     ids = sorted(pq.read_table(root / "data/routing.parquet", columns=["sample_id"]).column(0).to_pylist())
-    sample = random.Random(seed).choice(ids)
-    manifest = root.parent / f"forget-n{n}.json"
-    manifest.write_text(json.dumps({"request_id": f"scale-{n}", "sample_ids": [sample], "reason": "benchmark",
+    manifest = root.parent / f"forget-n{n}-{request}.json"
+    manifest.write_text(json.dumps({"request_id": f"scale-{n}-{request}", "sample_ids": [rng.choice(ids)],
+                                    "reason": "benchmark",
                                     "received_at": datetime.now(UTC).isoformat(timespec="seconds")}))
-    forget, out = timed(legonet("forget", "--profile", str(manifest)), root)
+    seconds, out = timed(legonet("forget", "--profile", str(manifest)), root)
     phases = {m.group(1): float(m.group(2)) for m in map(PROFILE_LINE.match, out.splitlines()) if m}
     summary = json.loads(out.strip().splitlines()[-1])
-    return {"n": n, "blocks": blocks, "build_seconds": round(build, 2), "status_seconds": round(status, 2),
-            "noop_repro_seconds": round(noop, 2), "forget_seconds": round(forget, 2),
-            "retrained_adapters": summary.get("retrained_adapters"), "forget_phases": phases,
-            "files": {d: sum(1 for p in (root / d).rglob("*") if p.is_file()) for d in ("data", "models")},
-            "load_average": [round(v, 2) for v in os.getloadavg()]}
+    return {"seconds": round(seconds, 2), "retrained_adapters": summary.get("retrained_adapters"),
+            "phases": phases, "load_average": [round(v, 2) for v in os.getloadavg()]}
+
+
+def measure(sizes: list[int], blocks: int, workdir: Path, seed: int, rounds: int, extra: dict[str, str],
+            say: Callable[[str], None]) -> list[dict[str, object]]:
+    """Build every size, then measure in rounds that visit every size in turn, so a change in the machine's load
+    hits all sizes alike; each figure is the median over the rounds."""
+    roots, builds = {}, {}
+    for n in sizes:
+        roots[n], builds[n] = build(n, blocks, workdir, extra)
+        say(f"n={n}: built in {builds[n]:.1f} s")
+    checks: dict[int, list[tuple[float, float]]] = {n: [] for n in sizes}
+    forgets: dict[int, list[dict[str, object]]] = {n: [] for n in sizes}
+    rngs = {n: random.Random(f"{seed}-{n}") for n in sizes}
+    for request in range(rounds):
+        for n in sizes:
+            checks[n].append(status_and_noop(roots[n]))
+        for n in sizes:
+            forgets[n].append(forget_one(roots[n], n, rngs[n], request))
+            say(f"round {request + 1}/{rounds}, n={n}: forget {forgets[n][-1]['seconds']} s, adapters "
+                f"{forgets[n][-1]['retrained_adapters']}")
+    return [{"n": n, "blocks": blocks, "build_seconds": round(builds[n], 2),
+             "status_seconds": round(statistics.median(s for s, _ in checks[n]), 2),
+             "noop_repro_seconds": round(statistics.median(x for _, x in checks[n]), 2),
+             "forget_seconds": round(statistics.median(f["seconds"] for f in forgets[n]), 2),
+             "status_and_noop_runs": [[round(s, 2), round(x, 2)] for s, x in checks[n]], "forgets": forgets[n],
+             "files": {d: sum(1 for p in (roots[n] / d).rglob("*") if p.is_file()) for d in ("data", "models")}}
+            for n in sizes]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,18 +110,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="32,256,1024")
     parser.add_argument("--blocks", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=3, help="forgets (and status/no-op checks) per size")
     parser.add_argument("--out", type=Path, default=Path("bench/results/scale.json"))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra params for every project (e.g. a smaller encoder.image_size for a quick look)")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     command = " ".join(["python -m bench.scale", *(argv if argv is not None else sys.argv[1:])])
     print(f"# {command}\n# {datetime.now(UTC).isoformat(timespec='seconds')} on {platform.node()}: "
           f"{os.cpu_count()} CPUs, python {platform.python_version()}", flush=True)
-    rows = []
     with tempfile.TemporaryDirectory(prefix="legonet-scale-") as tmp:
-        for n in sizes:
-            row = measure(n, args.blocks, Path(tmp), args.seed)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+        extra = dict(item.split("=", 1) for item in args.set)
+        rows = measure(sizes, args.blocks, Path(tmp), args.seed, args.rounds, extra, lambda m: print(m, flush=True))
+    for row in rows:
+        print(json.dumps({k: v for k, v in row.items() if k != "forgets"}), flush=True)
     base = rows[0]
     ratios = {f"n={r['n']}": {k: round(r[f"{k}_seconds"] / base[f"{k}_seconds"], 2) for k in TARGETS}
               for r in rows}
