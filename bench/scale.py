@@ -105,22 +105,39 @@ def measure(sizes: list[int], blocks: int, workdir: Path, seed: int, rounds: int
             for n in sizes]
 
 
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated adapter counts, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"adapter counts must be at least 1, got {text!r}")
+    return sizes
+
+
+def _setting(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="32,256,1024")
+    parser.add_argument("--sizes", type=_sizes, default=[32, 256, 1024], help="comma-separated, e.g. 32,256,1024")
     parser.add_argument("--blocks", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=3, help="forgets (and status/no-op checks) per size")
     parser.add_argument("--out", type=Path, default=Path("bench/results/scale.json"))
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--set", action="append", type=_setting, default=[], metavar="KEY=VALUE",
                         help="extra params for every project (e.g. a smaller encoder.image_size for a quick look)")
     args = parser.parse_args(argv)
-    sizes = [int(s) for s in args.sizes.split(",")]
+    sizes = args.sizes
     command = " ".join(["python -m bench.scale", *(argv if argv is not None else sys.argv[1:])])
     print(f"# {command}\n# {datetime.now(UTC).isoformat(timespec='seconds')} on {platform.node()}: "
           f"{os.cpu_count()} CPUs, python {platform.python_version()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="legonet-scale-") as tmp:
-        extra = dict(item.split("=", 1) for item in args.set)
+        extra = dict(args.set)
         rows = measure(sizes, args.blocks, Path(tmp), args.seed, args.rounds, extra, lambda m: print(m, flush=True))
     for row in rows:
         print(json.dumps({k: v for k, v in row.items() if k != "forgets"}), flush=True)

@@ -158,7 +158,7 @@ def main() -> None:
         projection = np.load(PROJECTION)
         width = projection.shape[0] - 1 if projection.shape[0] else projection.shape[1]
         routing = validate(read_table(ROUTING), routing_schema(n, k, partitions), ROUTING)
-        read = [(shard_path(j, n, blocks), *read_embeddings(shard_path(j, n, blocks))) for j in range(n)]
+        read = [(path, *read_embeddings(path)) for path in (shard_path(j, n, blocks) for j in range(n))]
         check_shards(read, classes, width)
         shards = [(frame, features) for _, frame, features in read]
         reference, reference_embeddings = read_embeddings(ENCODED_REFERENCE)
