@@ -22,7 +22,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import yaml
+
+from pipeline.dataset import write_table
 
 RUNNING = re.compile(r"^Running stage '([^']+)'")
 PROFILE_LINE = re.compile(r"^\s*(\S+)\s+([0-9.]+) s$")
@@ -112,6 +115,7 @@ def calibrate(root: Path, repeats: int = 2) -> dict:
     out["stage_imports"] = {stage: best([sys.executable, "-c", f"import {module}"])
                             for stage, module in sorted(_stage_modules(root).items())}
     out["legonet_cli_imports"] = best([sys.executable, "-c", "import stages.cli, stages.forget"])
+    out["repeats"] = repeats
     return out
 
 
@@ -201,21 +205,26 @@ def breakdown(wall: float, timings: dict[str, float], bodies: dict[str, float], 
 
 
 def run_project(workdir: Path | None, request_sizes: list[int], seed: int, say: Callable[[str], None],
-                keep: bool = False, init_args: list[str] | None = None, calibration_repeats: int = 2) -> dict:
-    """Init a default project, rebuild it from scratch, forget requests of each size in turn; all timed."""
+                keep: bool = False, init_args: list[str] | None = None, calibration_repeats: int = 2,
+                data: pd.DataFrame | None = None) -> dict:
+    """Init a project (on ``data``, else the bundled default data), rebuild it from scratch, forget requests of each
+    size in turn; all timed."""
     base = Path(tempfile.mkdtemp(prefix="legonet-bench-", dir=workdir))
     root = base / "project"
     try:
-        say(f"  project: legonet init {root} {' '.join(init_args or [])}".rstrip())
-        _, init_seconds = legonet("init", str(root), *(init_args or []), cwd=base, what="init")
+        args = [*(init_args or [])]
+        if data is not None:
+            samples = base / "samples.parquet"
+            write_table(data, samples)
+            args = ["--data", str(samples), *args]
+        say(f"  project: legonet init {root} {' '.join(args)}".rstrip())
+        _, init_seconds = legonet("init", str(root), *args, cwd=base, what="init")
         params = yaml.safe_load((root / "params.yaml").read_text())
         say("  project: dvc repro -f (the full pipeline rebuild, i.e. retrain from scratch)")
         repro = repro_force(root, say)
         say(f"  project: dvc repro -f took {repro['seconds']:.1f} s for {repro['stages_run']} stages")
         accuracy = json.loads((root / "metrics/evaluate.json").read_text())["accuracy"]
         calibration = calibrate(root, calibration_repeats)
-        import pandas as pd
-
         train_ids = sorted(pd.concat([pd.read_parquet(p, columns=["sample_id"])
                                       for p in sorted((root / "data/raw").glob("*.parquet"))])["sample_id"])
         rng = np.random.default_rng(seed)

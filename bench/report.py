@@ -258,7 +258,8 @@ def pareto(systems: list[dict]) -> list[dict]:
 
 def project_statement(project: dict) -> list[str]:
     repro = project["repro_force"]["seconds"]
-    lines = [f"**End to end (real project, {project['train_samples']} train samples, "
+    lines = [f"**End to end (real project on {TITLES.get(project.get('data', 'mnist5k'))}, "
+             f"{project['train_samples']} train samples, "
              f"n={project['params']['adapters.n']}, k={project['params']['adapters.k']}).** "
              f"`dvc repro -f` (retrain from scratch): {secs(repro)} s."]
     for size, f in project["forget"].items():
@@ -312,7 +313,8 @@ def project_tables(project: dict) -> list[str]:
     for kind, values in kinds.items():
         lines.append(f"| {kind} | {len(values)} | {secs(sum(values))} | {secs(sum(values) / len(values))} |")
     cal = project["calibration"]
-    lines += ["", f"Calibration (best of 2 fresh processes): python start-up {secs(cal['python_startup'])} s, "
+    lines += ["", f"Calibration (best of {cal.get('repeats', 2)} fresh process(es)): "
+                  f"python start-up {secs(cal['python_startup'])} s, "
                   f"`import torch` {secs(cal['import_torch'])} s, `import mlflow` {secs(cal['import_mlflow'])} s, "
                   f"`dvc --version` {secs(cal['dvc_version_cli'])} s, the `legonet forget` CLI's imports "
                   f"{secs(cal['legonet_cli_imports'])} s; stage modules: "
@@ -568,7 +570,8 @@ def write_report(results: dict, results_dir: Path, docs: Path) -> Path:
         if seq:
             lines += ["Sequential single-sample requests (each retrains only the heads it touches):", "", *seq, ""]
     if results.get("project"):
-        lines += ["## System 4: the real pipeline (DVC + MLflow) on the default data", "",
+        data = results["project"].get("data", "mnist5k")
+        lines += [f"## System 4: the real pipeline (DVC + MLflow) on {TITLES.get(data, data)}", "",
                   *project_tables(results["project"])]
     lines += ["## Plots", "", f"![accuracy vs forget time]({rel['tradeoff']})", "", f"![k sweep]({rel['k_sweep']})",
               "", f"![n sweep]({rel['n_sweep']})", ""]

@@ -10,7 +10,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -72,6 +72,9 @@ class Config:
     project: bool
     project_overrides: dict[str, object] = field(default_factory=dict)
     project_request_sizes: list[int] = field(default_factory=lambda: [1, 100])
+    # the dataset the project is initialised on (`legonet init --data`); its in-process run gives the compute floor.
+    # "mnist5k" is the bundled default data, so that project is `legonet init` without --data.
+    project_data: str = "mnist5k"
     image_size: int | None = None  # None: params.yaml's encoder.image_size
     request_seed: int = 20261127
     checkpoints: int = 5
@@ -91,8 +94,13 @@ MODES: dict[str, Config] = {
     "quick": Config("quick", ["mnist5k"], 1, [32], [1, 3], [10, 32], [1], 10, ["sisa:10", "legonet:32:3", "probe"],
                     True, {"adapters.n": 4, "data.partitions": 1}, [1], calibration_repeats=1),
     # the grid as a Reduced plan too, so the smoke test also runs the exactness shortcut of the sequential requests
+    # System (4) too: a real project on the same 1,000 digits with the same params as the in-process systems, so
+    # its forget is checked against the in-process retrain of the same adapters (the compute floor).
     "smoke": Config("smoke", ["mnist1k"], 1, [4, 8], [1, 2], [2, 4], [1, 20], 6, ["sisa:4", "legonet:8:2", "probe"],
-                    False, image_size=32, checkpoints=1, params_overrides={"projection.dim": 32},
+                    True, {"adapters.n": 4, "adapters.k": 2, "adapters.blocks": 1, "data.partitions": 1,
+                           "encoder.image_size": 32, "projection.dim": 32, "gate.min_accuracy": 0.5}, [1],
+                    project_data="mnist1k",
+                    image_size=32, checkpoints=1, params_overrides={"projection.dim": 32}, calibration_repeats=1,
                     reduced={"mnist1k": Reduced([(4, 1), (4, 2), (8, 1), (8, 2)], ["*"], ["*"], 3)}),
 }
 
@@ -306,7 +314,7 @@ class Runner:
             else:
                 target["sequential"] = sequential(system, seq_rows, cfg.checkpoints, self.say,
                                                   None if plan is None else plan.sequential_literal)
-        for key in [k for k in self.kept if k != ("mnist5k", _spec_of(project_config))]:
+        for key in [k for k in self.kept if k != (name, _spec_of(project_config))]:
             del self.kept[key]
         return {"info": info, "plan": None if plan is None else asdict(plan),
                 "requests": {size: [str(features.train_ids[r]) for r in req.rows] for size, req in requests.items()},
@@ -328,10 +336,10 @@ class Runner:
                 "samples_retrained_total": int(len(rows) * alive.sum()), "extrapolated_total": True}
 
     # ------------------------------------------------------------------ the real project
-    def project_floor(self, result: dict) -> None:
+    def project_floor(self, result: dict, dataset: str) -> None:
         """The compute floor of each project forget: retrain, in-process, the same adapters on the same data."""
         n, k = int(result["params"]["adapters.n"]), int(result["params"]["adapters.k"])
-        system = self.kept.get(("mnist5k", f"legonet:{n}:{k}"))
+        system = self.kept.get((dataset, f"legonet:{n}:{k}"))
         if system is None:
             return
         index = {sid: i for i, sid in enumerate(system.features.train_ids)}
@@ -373,7 +381,8 @@ def run(config: Config, cache: Path, results_dir: Path, name: str, command: str,
         workdir: Path | None = None, resume: bool = False) -> dict:
     """Measure everything ``config`` asks for, in one process (the project's CLI, DVC and MLflow in children).
 
-    Order: mnist5k, then the real project (its compute floor reuses mnist5k's in-process system), then the rest.
+    Order: the project's dataset (mnist5k), then the real project (its compute floor reuses that dataset's
+    in-process system), then the rest.
     Results are saved after every part; ``resume`` reuses the finished parts of an interrupted run of the same
     configuration (recorded in ``resumed_parts``).
     """
@@ -387,18 +396,18 @@ def run(config: Config, cache: Path, results_dir: Path, name: str, command: str,
                                                                "baseline")},
                  "datasets": {}, "project": None, "phase_seconds": {}, "resumed_parts": []}
     previous = _previous(results_dir, name, out) if resume else None
-    project_config = None
-    if config.project and "mnist5k" in config.datasets:
+    project_config, home = None, config.project_data
+    if config.project and home in config.datasets:
         merged = {"adapters.n": runner.params["adapters"]["n"], "adapters.k": runner.params["adapters"]["k"],
                   **config.project_overrides}
         project_config = (int(merged["adapters.n"]), int(merged["adapters.k"]))
-    order = sorted(config.datasets, key=lambda d: d != "mnist5k")
+    order = sorted(config.datasets, key=lambda d: d != home)
     parts = [*order[:1], *(["project"] if config.project else []), *order[1:]]
-    if config.project and order[0] != "mnist5k":
+    if config.project and order[0] != home:
         parts = ["project", *order]
     for part in parts:
         if previous is not None and _finished(previous, part) and not (
-                part == "mnist5k" and config.project and not _finished(previous, "project")):
+                part == home and config.project and not _finished(previous, "project")):
             if part == "project":
                 out["project"] = previous["project"]
             else:
@@ -413,11 +422,14 @@ def run(config: Config, cache: Path, results_dir: Path, name: str, command: str,
 
             say("project (system 4): a real legonet project through the CLI, DVC and MLflow")
             overrides = [a for key, value in config.project_overrides.items() for a in ("--set", f"{key}={value}")]
+            data = None if home == "mnist5k" else LOADERS[home]().frame
             out["project"] = run_project(workdir, config.project_request_sizes, config.request_seed, say,
-                                         init_args=overrides, calibration_repeats=config.calibration_repeats)
-            runner.project_floor(out["project"])
+                                         init_args=overrides, calibration_repeats=config.calibration_repeats,
+                                         data=data)
+            out["project"]["data"] = home
+            runner.project_floor(out["project"], home)
         else:
-            out["datasets"][part] = runner.dataset(part, project_config if part == "mnist5k" else None)
+            out["datasets"][part] = runner.dataset(part, project_config if part == home else None)
         out["phase_seconds"][part] = round(time.perf_counter() - mark, 1)
         _save(out, results_dir, name)  # partial results survive a crash
     out["datasets"] = {d: out["datasets"][d] for d in config.datasets}
@@ -438,9 +450,18 @@ def _previous(results_dir: Path, name: str, out: dict) -> dict | None:
     if not path.is_file():
         return None
     previous = json.loads(path.read_text())
-    # Compare as JSON: the config holds tuples, which come back from the file as lists.
-    same = all(previous.get(k) == json.loads(json.dumps(out[k], default=_json_default))
-               for k in ("config", "params", "versions"))
+    # Compare as JSON: the config holds tuples, which come back from the file as lists. A config field added since
+    # that run matches when it holds its default (the run measured what the default means).
+    now = json.loads(json.dumps({k: out[k] for k in ("config", "params", "versions")}, default=_json_default))
+    defaults = json.loads(json.dumps({f.name: f.default_factory() if f.default is MISSING else f.default
+                                      for f in fields(Config)
+                                      if f.default is not MISSING or f.default_factory is not MISSING},
+                                     default=_json_default))
+    was = dict(previous.get("config") or {})
+    for key, value in now["config"].items():
+        if key not in was and value == defaults.get(key):
+            was[key] = value
+    same = was == now["config"] and all(previous.get(k) == now[k] for k in ("params", "versions"))
     return previous if same else None
 
 
@@ -452,12 +473,13 @@ def _finished(previous: dict, part: str) -> bool:
 
 def add_speedups(out: dict) -> None:
     """Speedup of each system's forget compute against the full pipeline rebuild (`dvc repro -f`), where the
-    dataset is the project's (mnist5k); against the probe it is filled in per dataset already."""
+    dataset is the project's; against the probe it is filled in per dataset already."""
     project = out.get("project")
-    if not project or "mnist5k" not in out["datasets"]:
+    home = (project or {}).get("data", "mnist5k")  # results from before the field: the bundled data
+    if not project or home not in out["datasets"]:
         return
     repro = project["repro_force"]["seconds"]
-    for entry in out["datasets"]["mnist5k"]["systems"]:
+    for entry in out["datasets"][home]["systems"]:
         for forget in [*entry["forget"].values(), entry["expected_forget_1"]]:
             seconds = forget.get("retrain_seconds", forget.get("seconds", 0.0))
             forget["speedup_vs_full_rebuild"] = round(repro / seconds, 1) if seconds > 0 else None

@@ -1,5 +1,6 @@
-"""Smoke test of the benchmark (issue 5): `python -m bench --smoke` runs every in-process system on 1,000 digits and
-writes a complete results file, report and plots. Structure only: no timing or accuracy thresholds."""
+"""Smoke test of the benchmark (issue 5): `python -m bench --smoke` runs every in-process system on 1,000 digits, and
+system (4), a real project (CLI, DVC, MLflow) on the same digits, and writes a complete results file, report and
+plots. Structure only: no timing or accuracy thresholds."""
 
 from __future__ import annotations
 
@@ -74,9 +75,27 @@ def test_every_system_ran(smoke: tuple[dict, Path]) -> None:
         assert any("exactness_bit_identical" in e["sequential"] for e in literal)  # the exactness shortcut ran
 
 
+def test_the_real_project_ran_and_matches_the_in_process_retrain(smoke: tuple[dict, Path]) -> None:
+    """System (4): `dvc repro -f` and a `legonet forget` per request size, each with its time breakdown. The project
+    holds the same digits and params as the in-process LegoNet, so the pipeline's forget must retrain the adapters
+    the in-process routing picks and end at the same test accuracy (the compute floor is a like-for-like retrain)."""
+    results, _ = smoke
+    project, config = results["project"], results["config"]
+    assert project["data"] == config["project_data"] and project["train_samples"] > 0
+    assert project["repro_force"]["stages_run"] >= 1 and project["repro_force"]["seconds"] > 0
+    assert set(project["forget"]) == {str(size) for size in config["project_request_sizes"]}
+    for forget in project["forget"].values():
+        assert forget["retrained_adapters"] and forget["wall_seconds"] > 0
+        assert {"totals", "by_stage_kind", "stages"} <= set(forget["breakdown"])
+        floor = forget["compute_floor"]
+        assert floor["same_adapters_as_pipeline"] is True
+        assert floor["same_accuracy_as_pipeline"] is True
+        assert forget["speedup_vs_full_rebuild"] > 0
+
+
 def test_every_figure_is_finite(smoke: tuple[dict, Path]) -> None:
     results, _ = smoke
-    numbers = _numbers(results["datasets"])
+    numbers = _numbers([results["datasets"], results["project"]])
     assert numbers and all(math.isfinite(x) for x in numbers)
     for block in results["datasets"].values():
         for entry in block["systems"]:
@@ -87,6 +106,7 @@ def test_report_and_plots_written(smoke: tuple[dict, Path]) -> None:
     _, out = smoke
     text = (out / "benchmarks.md").read_text()
     assert "## How it was run" in text and "## Where we stand against the paper" in text
+    assert "## System 4: the real pipeline (DVC + MLflow) on MNIST 1k" in text
     assert "python -m bench --smoke" in text
     for plot in ("accuracy-vs-forget-time", "k-sweep", "n-sweep"):
         path = out / f"smoke-{plot}.png"
