@@ -168,6 +168,46 @@ def plan_lines(plan: dict | None, config: dict) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------- statement
+def equal_heads(results: dict, dataset: str) -> list[tuple[int, dict, dict | None, dict | None]]:
+    """(n, SISA s=n, LegoNet k=1, the most accurate LegoNet k>1) for every n where SISA and LegoNet both ran."""
+    out = []
+    for n in sorted({s["n"] for s in _systems(results, dataset, "legonet")}):
+        sisa = _sisa(results, dataset, n)
+        ks = [e for e in _systems(results, dataset, "legonet") if e["n"] == n]
+        if sisa is None or not ks:
+            continue
+        k1 = next((e for e in ks if e["k"] == 1), None)
+        best = max((e for e in ks if e["k"] > 1), key=lambda e: e["accuracy"]["mean"], default=None)
+        out.append((n, sisa, k1, best))
+    return out
+
+
+def summary(results: dict) -> list[str]:
+    """One row per dataset: the figures the paper's claims rest on, each from this run."""
+    def gap(a: dict | None, b: dict | None) -> str:
+        return "-" if a is None or b is None else f"{100 * (a['accuracy']['mean'] - b['accuracy']['mean']):+.2f} pt"
+
+    lines = ["| dataset | probe % | best LegoNet % | LegoNet n=100 k=10 vs SISA s=10 (paper +1.79 pt) | best k>1 vs "
+             "SISA s=n, over n | one unlearning, LegoNet n=100 k=3 vs SISA s=10 (compute) |",
+             "|---|---|---|---|---|---|"]
+    for dataset in results["datasets"]:
+        probe = _systems(results, dataset, "probe")[0]
+        best = max(_systems(results, dataset, "legonet"), key=lambda e: e["accuracy"]["mean"], default=None)
+        margins = [100 * (b["accuracy"]["mean"] - s["accuracy"]["mean"])
+                   for _, s, _, b in equal_heads(results, dataset) if b is not None]
+        over = (f"{min(margins):+.2f} to {max(margins):+.2f} pt (wins {sum(m > 0 for m in margins)} of "
+                f"{len(margins)})" if margins else "-")
+        sisa10, lego3 = _sisa(results, dataset, 10), _lego(results, dataset, 100, 3)
+        cost = "-"
+        if sisa10 is not None and lego3 is not None:
+            a, b = lego3["expected_forget_1"]["seconds"], sisa10["expected_forget_1"]["seconds"]
+            cost = f"{secs(a)} s vs {secs(b)} s"
+        lines.append(f"| {TITLES.get(dataset, dataset)} | {pct(probe['accuracy']['mean'])} | "
+                     + (f"{pct(best['accuracy']['mean'])} ({best['label']})" if best else "-")
+                     + f" | {gap(_lego(results, dataset, 100, 10), _sisa(results, dataset, 10))} | {over} | {cost} |")
+    return [*lines, ""]
+
+
 def statement(results: dict) -> list[str]:
     out: list[str] = []
     for dataset in results["datasets"]:
@@ -180,14 +220,8 @@ def statement(results: dict) -> list[str]:
             lines[0] += (f" Best LegoNet: {best['label']} {pct(best['accuracy']['mean'])}% ({gap:+.2f} pt vs the "
                          "probe" + ("; routing to local linear heads makes a non-linear classifier, so the probe is "
                                     "no ceiling here)." if gap > 0 else ")."))
-        equal = []
-        for n in sorted({s["n"] for s in _systems(results, dataset, "legonet")}):
-            sisa = _sisa(results, dataset, n)
-            ks = [e for e in _systems(results, dataset, "legonet") if e["n"] == n]
-            if sisa is None or not ks:
-                continue
-            k1 = next((e for e in ks if e["k"] == 1), None)
-            best = max((e for e in ks if e["k"] > 1), key=lambda e: e["accuracy"]["mean"], default=None)
+        equal = equal_heads(results, dataset)
+        for n, sisa, k1, best in equal:
             parts = [f"n={n}: SISA {pct(sisa['accuracy']['mean'])}"]
             if k1 is not None:
                 parts.append(f"LegoNet k=1 {pct(k1['accuracy']['mean'])} "
@@ -195,7 +229,6 @@ def statement(results: dict) -> list[str]:
             if best is not None:
                 parts.append(f"best k>1 (k={best['k']}) {pct(best['accuracy']['mean'])} "
                              f"({100 * (best['accuracy']['mean'] - sisa['accuracy']['mean']):+.2f} pt)")
-            equal.append((n, sisa, k1, best))
             lines.append("  - " + ", ".join(parts))
         if equal:
             wins = sum(1 for _, s, _, b in equal if b is not None and b["accuracy"]["mean"] > s["accuracy"]["mean"])
@@ -536,6 +569,10 @@ def write_report(results: dict, results_dir: Path, docs: Path) -> Path:
         "",
         PAPER,
         "",
+        "In short (details below; mean test accuracy over the seeds run; one unlearning = the expected retraining "
+        "compute for one uniformly random train sample):",
+        "",
+        *summary(results),
         *statement(results),
     ]
     for dataset, block in results["datasets"].items():
