@@ -167,6 +167,18 @@ def plan_lines(plan: dict | None, config: dict) -> list[str]:
             f"{plan['sequential_literal']} of the {config['sequential']} sequential requests one by one.", ""]
 
 
+def provenance(results: dict) -> list[str]:
+    """For a resumed run: which process and code measured each part (each part's figures come from one process)."""
+    if not results.get("resumed_parts"):
+        return []
+    rows = [f"{part}: revision {p['git_revision']}, sources sha256 {(p.get('code_sha256') or '?')[:16]}"
+            + (f", process started {p['process_started_at']}" if p.get("process_started_at") else "")
+            for part, p in results.get("parts", {}).items()]
+    return [f"- Resumed run (`--resume`; reused parts: {', '.join(results['resumed_parts'])}): each part was measured "
+            "by one process; the parts were not all measured by the same process or code"
+            + (": " + "; ".join(rows) + "." if rows else ".")]
+
+
 # ---------------------------------------------------------------------------------------------------- statement
 def equal_heads(results: dict, dataset: str) -> list[tuple[int, dict, dict | None, dict | None]]:
     """(n, SISA s=n, LegoNet k=1, the most accurate LegoNet k>1) for every n where SISA and LegoNet both ran."""
@@ -546,6 +558,7 @@ def write_report(results: dict, results_dir: Path, docs: Path) -> Path:
         "noise; systems were measured one after another in one process.",
         f"- Versions: {', '.join(f'{k} {x}' for k, x in v.items() if x)}; code revision {results['git_revision']} "
         f"(bench/ + pipeline/ sources sha256 {results.get('code_sha256', '?')[:16]}).",
+        *provenance(results),
         f"- Grid: seeds {cfg['seeds']} (a seed changes adapter/head seeds and the SISA assignment; keys and projection "
         f"are fitted once on the reference split), LegoNet n ∈ {cfg['n']} x k ∈ {cfg['k']} (k ≤ n), SISA s ∈ "
         f"{sorted(cfg['sisa'])}, forget requests of {cfg['request_sizes']} random train samples (timed on seed 0), "

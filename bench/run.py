@@ -394,7 +394,10 @@ def run(config: Config, cache: Path, results_dir: Path, name: str, command: str,
                  "load_average_start": load(),
                  "params": {key: runner.params[key] for key in ("data", "encoder", "projection", "keys", "adapters",
                                                                "baseline")},
-                 "datasets": {}, "project": None, "phase_seconds": {}, "resumed_parts": []}
+                 "datasets": {}, "project": None, "phase_seconds": {}, "resumed_parts": [], "parts": {}}
+    # Which code and process measured each part: a resumed run joins parts measured by different processes.
+    here = {"git_revision": out["git_revision"], "code_sha256": out["code_sha256"], "process_started_at": out[
+        "started_at"]}
     previous = _previous(results_dir, name, out) if resume else None
     project_config, home = None, config.project_data
     if config.project and home in config.datasets:
@@ -413,6 +416,9 @@ def run(config: Config, cache: Path, results_dir: Path, name: str, command: str,
             else:
                 out["datasets"][part] = previous["datasets"][part]
             out["phase_seconds"][part] = previous["phase_seconds"].get(part)
+            out["parts"][part] = previous.get("parts", {}).get(part) or {
+                "git_revision": previous["git_revision"], "code_sha256": previous.get("code_sha256"),
+                "process_started_at": None}  # a run from before per-part records: the revision it recorded
             out["resumed_parts"].append(part)
             say(f"{part}: reused from the interrupted run started {previous['started_at']}")
             continue
@@ -431,6 +437,7 @@ def run(config: Config, cache: Path, results_dir: Path, name: str, command: str,
         else:
             out["datasets"][part] = runner.dataset(part, project_config if part == home else None)
         out["phase_seconds"][part] = round(time.perf_counter() - mark, 1)
+        out["parts"][part] = here
         _save(out, results_dir, name)  # partial results survive a crash
     out["datasets"] = {d: out["datasets"][d] for d in config.datasets}
     add_speedups(out)
