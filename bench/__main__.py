@@ -19,7 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--complete", action="store_const", dest="mode", const="complete",
                       help="the full grid, seeds and requests on every dataset (about 3x the default's training)")
     mode.add_argument("--smoke", action="store_const", dest="mode", const="smoke",
-                      help="test mode: 1,000 MNIST digits, tiny grids, no DVC project (structure only)")
+                      help="test mode: 1,000 MNIST digits, tiny grids, a real project on the same digits "
+                           "(structure only, about 2 min)")
     parser.add_argument("--name", help="results name: bench/results/NAME.json (default: the mode)")
     parser.add_argument("--datasets", help="comma-separated subset of the mode's datasets")
     parser.add_argument("--seeds", type=int, help="seeds per accuracy figure (mode default)")
@@ -32,11 +33,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, help="where the temporary project is created (default: $TMPDIR)")
     parser.add_argument("--resume", action="store_true",
                         help="reuse the finished parts of an interrupted run with the same name and configuration")
+    parser.add_argument("--rerun", default="", metavar="PARTS",
+                        help="with --resume: measure these finished parts again (comma-separated, e.g. "
+                             "mnist5k,project after a code change that affects them)")
     parser.add_argument("--prepare", action="store_true",
                         help="only export the encoders and encode the mode's datasets into the cache, then stop")
     parser.add_argument("--report", type=Path, metavar="RESULTS_JSON",
                         help="only re-render the Markdown and plots from an earlier results file")
     args = parser.parse_args(argv)
+    rerun = [p for p in args.rerun.split(",") if p]
+    if rerun and not args.resume:
+        parser.error("--rerun needs --resume (it names finished parts of the run to measure again)")
 
     from bench.report import write_report
 
@@ -75,7 +82,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     say(f"bench: mode {config.mode}, datasets {config.datasets}, seeds {config.seeds}, results "
         f"{args.results_dir / (name + '.json')}")
-    results = run(config, args.cache, args.results_dir, name, command_line(), say, args.workdir, args.resume)
+    unknown = sorted(set(rerun) - {*config.datasets, *(["project"] if config.project else [])})
+    if unknown:
+        parser.error(f"--rerun {','.join(unknown)}: not a part of this run (parts: {', '.join(config.datasets)}"
+                     f"{', project' if config.project else ''})")
+    results = run(config, args.cache, args.results_dir, name, command_line(), say, args.workdir, args.resume,
+                  rerun)
     report = write_report(results, args.results_dir, docs)
     say(f"done in {results['wall_seconds']:.0f} s: {args.results_dir / (name + '.json')}, {report}")
     return 0

@@ -378,13 +378,13 @@ def _spec_of(config: tuple[int, int] | None) -> str:
 
 
 def run(config: Config, cache: Path, results_dir: Path, name: str, command: str, say: Callable[[str], None],
-        workdir: Path | None = None, resume: bool = False) -> dict:
+        workdir: Path | None = None, resume: bool = False, rerun: list[str] | None = None) -> dict:
     """Measure everything ``config`` asks for, in one process (the project's CLI, DVC and MLflow in children).
 
     Order: the project's dataset (mnist5k), then the real project (its compute floor reuses that dataset's
     in-process system), then the rest.
     Results are saved after every part; ``resume`` reuses the finished parts of an interrupted run of the same
-    configuration (recorded in ``resumed_parts``).
+    configuration (recorded in ``resumed_parts``); the parts named in ``rerun`` are measured again all the same.
     """
     started_at, started = datetime.now(UTC), time.perf_counter()
     runner = Runner(config, cache, say)
@@ -409,8 +409,7 @@ def run(config: Config, cache: Path, results_dir: Path, name: str, command: str,
     if config.project and order[0] != home:
         parts = ["project", *order]
     for part in parts:
-        if previous is not None and _finished(previous, part) and not (
-                part == home and config.project and not _finished(previous, "project")):
+        if _reusable(previous, part, rerun or [], home if config.project else None):
             if part == "project":
                 out["project"] = previous["project"]
             else:
@@ -470,6 +469,15 @@ def _previous(results_dir: Path, name: str, out: dict) -> dict | None:
             was[key] = value
     same = was == now["config"] and all(previous.get(k) == now[k] for k in ("params", "versions"))
     return previous if same else None
+
+
+def _reusable(previous: dict | None, part: str, rerun: list[str], home: str | None) -> bool:
+    """Whether a resumed run takes ``part`` from ``previous``: finished there and not to be measured again. The
+    project's dataset (``home``) is measured again with the project: the project's compute floor needs its
+    in-process systems."""
+    if previous is None or not _finished(previous, part) or part in rerun:
+        return False
+    return part != home or (_finished(previous, "project") and "project" not in rerun)
 
 
 def _finished(previous: dict, part: str) -> bool:

@@ -112,3 +112,29 @@ def test_report_and_plots_written(smoke: tuple[dict, Path]) -> None:
         path = out / f"smoke-{plot}.png"
         assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert path.name in text
+
+
+def test_resume_reuses_finished_parts_unless_told_to_measure_them_again(tmp_path: Path) -> None:
+    """`--resume` takes a finished part from the interrupted run; `--rerun` measures it again, and the project's
+    dataset is measured again with the project (the project's compute floor needs its in-process systems)."""
+    from dataclasses import asdict
+
+    from bench.run import MODES, _previous, _reusable
+
+    previous = {"datasets": {"mnist5k": {}, "fashion70k": {}}, "project": {"forget": {}},
+                "phase_seconds": {"mnist5k": 1.0, "fashion70k": 1.0, "project": 1.0}}
+    assert _reusable(previous, "mnist5k", [], "mnist5k") and _reusable(previous, "fashion70k", ["project"], "mnist5k")
+    assert not _reusable(previous, "wordnet", [], "mnist5k")  # never finished
+    assert not _reusable(previous, "fashion70k", ["fashion70k"], "mnist5k")
+    assert not _reusable(previous, "project", ["project"], "mnist5k")
+    assert not _reusable(previous, "mnist5k", ["project"], "mnist5k")
+    assert not _reusable(None, "mnist5k", [], "mnist5k")
+
+    # A run recorded before a config field existed resumes when the field holds its default, and not otherwise.
+    config = json.loads(json.dumps(asdict(MODES["full"])))
+    out = {"config": config, "params": {"adapters": {"n": 32}}, "versions": {"torch": "2.13.0"}}
+    old = {**out, "config": {k: v for k, v in config.items() if k != "project_data"}, "started_at": "then"}
+    (tmp_path / "full.json").write_text(json.dumps(old))
+    assert _previous(tmp_path, "full", out) == old
+    assert _previous(tmp_path, "full", {**out, "config": {**config, "project_data": "mnist1k"}}) is None
+    assert _previous(tmp_path, "full", {**out, "params": {"adapters": {"n": 64}}}) is None
