@@ -11,7 +11,7 @@ from pipeline import forget as flow
 from pipeline.audit import id_digest
 from pipeline.layout import ENCODED_TRAIN, KEYS, PROJECTION, adapter_name, adapter_path, shard_path
 from pipeline.lineage import file_md5
-from pipeline.purge import local_remotes, object_path
+from pipeline.purge import local_remotes, object_path, remote_residue
 from stages.build import dvc_lock_digest
 from stages.forget import audit_key, audit_log
 
@@ -34,6 +34,7 @@ def verify(root: Path, params: dict[str, Any], rebuild: bool = False) -> list[st
     problems += _workspace_problems(root)
     found = _forgotten_present(root, records, audit_key(root, params))
     problems += [f"forgotten sample of request(s) {', '.join(r)} is present in {p}" for p, r in found]
+    problems += remote_residue(root, records)  # superseded objects in any configured DVC remote (S3 included)
     if rebuild and records:
         problems += rebuild_adapters(root, params, records[-1]["predicate"]["affected"]["adapters"])
         passed.append("affected adapters re-derived from scratch: bit-identical")

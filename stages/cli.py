@@ -18,7 +18,8 @@ from pipeline.dataset import DataError
 from stages.project import ParamsError
 
 console = Console(stderr=True)
-EXIT = {"usage": 2, "data": 3, "params": 4, "build": 5, "model": 6, "busy": 7, "exactness": 8, "audit": 9}
+EXIT = {"usage": 2, "data": 3, "params": 4, "build": 5, "model": 6, "busy": 7, "exactness": 8, "audit": 9,
+        "store": 10}
 
 
 def _parse_set(values: list[str]) -> dict[str, Any]:
@@ -127,6 +128,7 @@ def _errors() -> dict[type[BaseException], str]:
     from pipeline.executor import ExecutorError
     from pipeline.forget import ExactnessError, ForgetError, LockBusy
     from pipeline.manifest import ManifestError
+    from pipeline.purge import StoreError
     from stages.audit import AuditFailed
     from stages.build import BuildError
     from stages.init import InitError
@@ -134,7 +136,8 @@ def _errors() -> dict[type[BaseException], str]:
 
     return {LockBusy: "busy", DataError: "data", ParamsError: "params", InitError: "usage", BuildError: "build",
             ModelError: "model", ManifestError: "data", ForgetError: "data", ExactnessError: "exactness",
-            AuditFailed: "audit", AuditError: "audit", ExecutorError: "params"}
+            AuditFailed: "audit", AuditError: "audit", ExecutorError: "params",
+            StoreError: "store"}
 
 
 def main(argv: list[str] | None = None) -> int:

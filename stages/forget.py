@@ -181,23 +181,30 @@ def _purge(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str], pa
     if not plan.changes_data:
         journal.results["purge"] = {}
         return
+    settings = params["mlflow"]
+    destination = settings.get("artifacts_destination", "")
+    purge.check_stores(root, settings["tracking_uri"], destination)  # before deleting anything anywhere
+    pushed = purge.push_remotes(root)
     cache = root / ".dvc" / "cache"
+    if "stale_objects" not in journal.results:  # kept: a retry finds the .dir listings gone from the cache
+        journal.results["stale_objects"] = sorted(purge.expand_dirs(cache, set(journal.before["outputs"].values())))
+        journal.save(root)
     keep = purge.referenced_objects(root, cache)
-    stale = purge.expand_dirs(cache, set(journal.before["outputs"].values()))
-    objects = purge.purge_objects(root, stale, keep, ids)
+    objects = purge.purge_objects(root, set(journal.results["stale_objects"]), keep, ids)
     retention = int(params.get("purge", {}).get("retention_days", 0))
     registry = journal.results.get("registry", {})
-    name = params["mlflow"]["registered_model"]
+    name = settings["registered_model"]
     until = (datetime.now(UTC) + timedelta(days=retention)).date().isoformat() if retention > 0 else None
-    backend = params["mlflow"].get("backend_store_uri") or params["mlflow"]["tracking_uri"]
-    models = purge.purge_models(params["mlflow"]["tracking_uri"], name, registry.get("model_version"),
-                                journal.request_ids, root / "mlartifacts" / "models", backend, retain_until=until)
+    backend = settings.get("backend_store_uri") or settings["tracking_uri"]
+    models = purge.purge_models(settings["tracking_uri"], name, registry.get("model_version"),
+                                journal.request_ids, root / "mlartifacts" / "models", backend, retain_until=until,
+                                artifacts_destination=destination)
     purge.vacuum_sqlite(backend)
-    journal.results["purge"] = {"dvc": objects, "mlflow": models}
+    journal.results["purge"] = {"dvc": objects, "dvc_pushed_to": pushed, "mlflow": models}
     if retention == 0 and "champion" not in registry.get("aliases", []):
         say("no version is champion now: the previous champion was trained on the forgotten samples and is purged; "
             "the new version stays candidate until a build passes the gate")
-    say(f"purged {sum(v['deleted_objects'] for v in objects.values())} DVC object(s), "
+    say(f"purged {sum(v['deleted_objects'] for v in objects.values())} DVC object(s) from {len(objects)} store(s), "
         f"{len(models.get('deleted_model_versions', []))} model version(s)")
 
 

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -63,3 +69,44 @@ def copy_project(src: Path, dst: Path) -> Path:
     """A private copy of a built project (git, DVC cache, MLflow store and all) for a test that changes it."""
     shutil.copytree(src, dst, symlinks=True)
     return dst
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def mlflow_server(home: Path, artifacts_destination: str, env: dict[str, str] | None = None
+                  ) -> Iterator[dict[str, str]]:
+    """A real `mlflow server` on 127.0.0.1 (SQLite backend in ``home``, proxied artifacts); stopped by process
+    group. ``env`` adds variables for the server, e.g. MLFLOW_S3_ENDPOINT_URL for an S3 destination."""
+    port, backend = free_port(), f"sqlite:///{home / 'server.db'}"
+    log = open(home / "server.log", "w")  # noqa: SIM115 (closed below, after the server is gone)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", backend, "--artifacts-destination", artifacts_destination],
+        cwd=home, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **(env or {})})
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow server did not start:\n{(home / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield {"uri": uri, "backend": backend, "log": str(home / "server.log")}
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(30)
+        log.close()

@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +26,7 @@ from typing import Any
 import pytest
 import yaml
 from conftest import TINY, init_args, legonet
+from conftest import mlflow_server as start_mlflow_server
 from test_forget import artifacts_md5, clone_project, forget, lock_without_package_listing, record, write_manifest
 from test_pipeline import ALL_STAGES, digests, mlmodel_without_volatile
 
@@ -40,44 +38,12 @@ pytest.importorskip("ray", reason="executor: ray needs the optional extra: pip i
 ADAPTERS = int(TINY["adapters.n"])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """`mlflow server` on 127.0.0.1 with a SQLite backend and proxied artifacts; stopped by process group."""
+    """`mlflow server` on 127.0.0.1 with a SQLite backend and proxied artifacts on the local disk."""
     home = tmp_path_factory.mktemp("mlflow-server")
-    port, backend = _free_port(), f"sqlite:///{home / 'server.db'}"
-    log = open(home / "server.log", "w")  # noqa: SIM115 (closed below, after the server is gone)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", backend, "--artifacts-destination", str(home / "artifacts")],
-        cwd=home, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not start:\n{(home / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield {"uri": uri, "backend": backend, "log": str(home / "server.log")}
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(30)
-        log.close()
+    with start_mlflow_server(home, str(home / "artifacts")) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
