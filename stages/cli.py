@@ -90,7 +90,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
     from stages.project import load_params
 
     summary = forget(Path.cwd(), args.manifests, load_params(), dry_run=args.dry_run, wait=not args.no_wait,
-                     allow_unknown=args.allow_unknown or None, say=lambda m: console.print(m, highlight=False, soft_wrap=True))
+                     allow_unknown=args.allow_unknown or None,
+                     say=lambda m: console.print(m, highlight=False, soft_wrap=True))  # a checkpoint must not wrap
     if args.profile and "timings" in summary:
         for phase, seconds in summary["timings"].items():
             print(f"{phase:>14} {seconds:8.2f} s")
