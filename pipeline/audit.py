@@ -354,13 +354,17 @@ class AuditLog:
 
     ``public_key_path`` (git-tracked) supplies key *material* only; a key is trusted when its fingerprint is in
     ``trusted`` (given by the reader, from outside the repository) or was introduced by a rotation record signed
-    by a trusted key. Appends are not locked here: the forget flow holds the project lock, so there is one writer.
+    by a trusted key. ``anchors`` are signed checkpoints kept outside the log: a log that does not extend each
+    one (records dropped, rolled back or rewritten) does not verify. Appends are not locked here: the forget
+    flow holds the project lock, so there is one writer.
     """
 
-    def __init__(self, log_dir: Path, public_key_path: Path, trusted: Collection[str] = ()) -> None:
+    def __init__(self, log_dir: Path, public_key_path: Path, trusted: Collection[str] = (),
+                 anchors: Collection[tuple[str, str]] = ()) -> None:
         self.log_dir = Path(log_dir)
         self.public_key_path = Path(public_key_path)
         self.trusted = frozenset(trusted)
+        self.anchors = tuple(anchors)  # (where it was kept, signed checkpoint): the log must extend each
 
     def append(self, predicate: dict[str, Any], subjects: dict[str, str], key: Ed25519PrivateKey) -> Path:
         """Sign and write the next record; return its path. ``predicate`` is copied, not modified.
@@ -451,30 +455,15 @@ class AuditLog:
         return Checkpoint(origin, len(leaves), root_hash(leaves)).sign(key)
 
     def extends(self, note: str) -> list[str]:
-        """Problems proving that the log extends the signed checkpoint ``note`` (consistency proof); empty if so.
-
-        The note must be signed by a key this log trusts (any of them: it may predate a rotation).
-        """
+        """Problems proving that the log extends the signed checkpoint ``note`` (consistency proof); empty if so."""
         scan = self._scan()
-        try:
-            old = _open_checkpoint(note, scan.keys, self.trusted | scan.active)
-        except (AuditError, TransparencyError) as exc:
-            return [f"checkpoint: {exc}"]
-        leaves = [leaf_hash(data) for data in self.leaf_data()]
-        if old.size > len(leaves):
-            return [f"checkpoint: the log has {len(leaves)} record(s), but a checkpoint signed for it has "
-                    f"{old.size}: records were deleted (truncated or rolled back)"]
-        if old.size and not verify_consistency(old.size, len(leaves), old.root, root_hash(leaves),
-                                               consistency_proof(leaves, old.size)):
-            return [f"checkpoint: the first {old.size} record(s) are not those the checkpoint signed: the log was "
-                    "rewritten (records changed, removed or reordered)"]
-        return []
+        return _extension_problems(note, scan.keys, self.trusted | scan.active, self.leaf_data())
 
     def _scan(self) -> _Scan:
         problems = [f"{path}: not a record name (NNNNNN-<request_id>.json)" for path in self._strays()]
         entries = self._entries()
         keys: dict[str, Ed25519PublicKey] = {}
-        if entries:
+        if entries or self.anchors:
             try:
                 keys = read_public_keys(self.public_key_path)
             except AuditError as exc:
@@ -508,6 +497,9 @@ class AuditLog:
                 statements.append(stmt)
             problems += [f"{entry.path.name}: {problem}" for problem in found]
             before, before_digest = entry, sha256_hex(data)
+        leaves = [entry.path.read_bytes() for entry in entries]
+        for where, note in self.anchors:
+            problems += [f"{where}: {p}" for p in _extension_problems(note, keys, self.trusted | active, leaves)]
         return _Scan(problems, statements, entries, active, keys)
 
     def _publish(self, public_key: Ed25519PublicKey, known: dict[str, Ed25519PublicKey]) -> None:
@@ -544,6 +536,24 @@ def _open_checkpoint(note: str, keys: dict[str, Ed25519PublicKey], trusted: Coll
                 if "no signature by" not in str(exc):
                     raise
     raise AuditError(f"not signed by a trusted key ({_short(trusted)})")
+
+
+def _extension_problems(note: str, keys: dict[str, Ed25519PublicKey], trusted: Collection[str],
+                        leaf_data: list[bytes]) -> list[str]:
+    """Why the log (``leaf_data``) does not extend the signed checkpoint ``note``; a consistency proof decides."""
+    try:
+        old = _open_checkpoint(note, keys, trusted)
+    except (AuditError, TransparencyError) as exc:
+        return [f"checkpoint: {exc}"]
+    leaves = [leaf_hash(data) for data in leaf_data]
+    if old.size > len(leaves):
+        return [f"checkpoint: the log has {len(leaves)} record(s), but a checkpoint signed for it has "
+                f"{old.size}: records were deleted (truncated or rolled back)"]
+    if old.size and not verify_consistency(old.size, len(leaves), old.root, root_hash(leaves),
+                                           consistency_proof(leaves, old.size)):
+        return [f"checkpoint: the first {old.size} record(s) are not those the checkpoint signed: the log was "
+                "rewritten (records changed, removed or reordered)"]
+    return []
 
 
 def _signature_problems(envelope: dict[str, Any], payload: bytes, keys: dict[str, Ed25519PublicKey],

@@ -22,7 +22,7 @@ from pipeline.lineage import file_md5
 from pipeline.purge import local_remotes, object_path
 from pipeline.receipt import make_receipt, verify_receipt
 from stages.build import dvc_lock_digest
-from stages.keyring import anchored_checkpoint, audit_key, audit_log, key_dir, origin, signing_key
+from stages.keyring import audit_key, audit_log, key_dir, origin, signing_key
 
 _MD5 = re.compile(r"[0-9a-f]{32}(\.dir)?")
 
@@ -34,8 +34,8 @@ class AuditFailed(RuntimeError):
 def verify(root: Path, params: dict[str, Any], rebuild: bool = False, trusted: Sequence[str] = (),
            checkpoints: Sequence[Path] = ()) -> list[str]:
     """Every check an auditor needs, as a list of passed-check lines; raises AuditFailed listing the problems."""
-    log = audit_log(root, params, trusted)
-    problems = log.verify()
+    log = audit_log(root, params, trusted, checkpoints)
+    problems = log.verify()  # also proves, by consistency proofs, that the log extends every kept checkpoint
     records = [] if problems else log.records()
     key: bytes | None = None
     if log.leaf_data() and not problems:
@@ -43,12 +43,8 @@ def verify(root: Path, params: dict[str, Any], rebuild: bool = False, trusted: S
             key = audit_key(root, params, log)
         except AuditError as exc:
             problems.append(f"audit key: {exc}")
-    anchors = [("the checkpoint kept in the key dir", anchored_checkpoint(root, params))]
-    anchors += [(str(path), _read_text(path)) for path in checkpoints]
-    for name, note in anchors:
-        problems += [f"{name}: {p}" for p in log.extends(note)] if note is not None else []
     passed = [f"{len(records)} forget record(s): trusted signatures, hash chain and Merkle tree intact"]
-    passed += [f"the log extends {name}" for name, note in anchors if note is not None]
+    passed += [f"the log extends {where} (consistency proof)" for where, _ in log.anchors]
     if records:
         last = records[-1]
         problems += _subject_problems(root, last)
@@ -65,13 +61,6 @@ def verify(root: Path, params: dict[str, Any], rebuild: bool = False, trusted: S
         raise AuditFailed("audit verification failed:\n" + "\n".join(f"  - {p}" for p in problems))
     return [*passed, "current model and adapters match the last record", "workspace matches dvc.lock",
             "`dvc status`: up to date", "no forgotten ID in data, DVC cache or remote tables"]
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise AuditError(f"{path}: cannot read the checkpoint ({exc})") from exc
 
 
 def _dvc_status_problems(root: Path) -> list[str]:
@@ -202,9 +191,10 @@ def rebuild_adapters(root: Path, params: dict[str, Any], adapters: list[int]) ->
     return problems
 
 
-def show(root: Path, params: dict[str, Any], request_id: str, trusted: Sequence[str] = ()) -> dict[str, Any]:
+def show(root: Path, params: dict[str, Any], request_id: str, trusted: Sequence[str] = (),
+         checkpoints: Sequence[Path] = ()) -> dict[str, Any]:
     """The verified record of one request; with the audit key at hand, its sealed fields opened."""
-    log = audit_log(root, params, trusted)
+    log = audit_log(root, params, trusted, checkpoints)
     record = log.find(request_id)
     if record is None:
         raise AuditFailed(f"no audit record for request {request_id!r}; `legonet audit report` lists them")
@@ -221,25 +211,28 @@ def _opener(root: Path, params: dict[str, Any], log: AuditLog) -> Any:
     return lambda sealed: unseal(key, sealed)
 
 
-def check_id(root: Path, params: dict[str, Any], sample_id: str, trusted: Sequence[str] = ()
-             ) -> list[dict[str, Any]]:
+def check_id(root: Path, params: dict[str, Any], sample_id: str, trusted: Sequence[str] = (),
+             checkpoints: Sequence[Path] = ()) -> list[dict[str, Any]]:
     """The records that forgot this ID (matched by HMAC; the log never stores the ID itself)."""
-    log = audit_log(root, params, trusted)
+    log = audit_log(root, params, trusted, checkpoints)
     key = audit_key(root, params, log)
     found = set(log.find_id(key, sample_id))
     return [{"request_id": r["predicate"]["request_id"], "recorded_at": r["predicate"]["recorded_at"]}
             for r in log.records() if r["predicate"]["request_id"] in found]
 
 
-def checkpoint(root: Path, params: dict[str, Any], trusted: Sequence[str] = ()) -> str:
+def checkpoint(root: Path, params: dict[str, Any], trusted: Sequence[str] = (),
+               checkpoints: Sequence[Path] = ()) -> str:
     """The current signed checkpoint (tree size and root of the verified log), signed with the project's key."""
-    log = audit_log(root, params, trusted)
+    log = audit_log(root, params, trusted, checkpoints)
     return log.checkpoint(origin(audit_key(root, params, log)), signing_key(root, params, log))
 
 
-def receipt(root: Path, params: dict[str, Any], request_id: str, trusted: Sequence[str] = ()) -> dict[str, Any]:
+def receipt(root: Path, params: dict[str, Any], request_id: str, trusted: Sequence[str] = (),
+            checkpoints: Sequence[Path] = ()) -> dict[str, Any]:
     """A data subject's self-contained receipt for one request (see pipeline.receipt)."""
-    return make_receipt(audit_log(root, params, trusted), request_id, checkpoint(root, params, trusted))
+    return make_receipt(audit_log(root, params, trusted, checkpoints), request_id,
+                        checkpoint(root, params, trusted, checkpoints))
 
 
 def check_receipt(path: Path, trusted_key: str) -> list[str]:
@@ -262,9 +255,10 @@ def check_receipt(path: Path, trusted_key: str) -> list[str]:
             f"{p.get('registry', {}).get('model_version', '-')}"]
 
 
-def report(root: Path, params: dict[str, Any], out: Path, trusted: Sequence[str] = ()) -> Path:
+def report(root: Path, params: dict[str, Any], out: Path, trusted: Sequence[str] = (),
+           checkpoints: Sequence[Path] = ()) -> Path:
     """A self-contained HTML page for a compliance officer: one section per request, of a verified log only."""
-    log = audit_log(root, params, trusted)
+    log = audit_log(root, params, trusted, checkpoints)
     records = log.records()
     opened = _opener(root, params, log)
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>legonet audit report</title>",

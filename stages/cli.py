@@ -109,22 +109,22 @@ def cmd_audit(args: argparse.Namespace) -> int:
         for line in audit.check_receipt(args.file, args.trusted_key):
             print(f"ok: {line}")
         return 0
-    root, params, trusted = Path.cwd(), load_params(), args.trusted_key
+    root, params, reader = Path.cwd(), load_params(), (args.trusted_key, args.checkpoint)
     if args.action == "verify":
-        for line in audit.verify(root, params, rebuild=args.rebuild, trusted=trusted, checkpoints=args.checkpoint):
+        for line in audit.verify(root, params, args.rebuild, *reader):
             print(f"ok: {line}")
     elif args.action == "show":
-        print(json.dumps(audit.show(root, params, args.request_id, trusted), indent=1, sort_keys=True))
+        print(json.dumps(audit.show(root, params, args.request_id, *reader), indent=1, sort_keys=True))
     elif args.action == "report":
-        print(f"wrote {audit.report(root, params, args.output, trusted)}")
+        print(f"wrote {audit.report(root, params, args.output, *reader)}")
     elif args.action == "checkpoint":
-        _emit(audit.checkpoint(root, params, trusted), args.output, "checkpoint")
+        _emit(audit.checkpoint(root, params, *reader), args.output, "checkpoint")
     elif args.action == "receipt":
         from pipeline.receipt import receipt_json
 
-        _emit(receipt_json(audit.receipt(root, params, args.request_id, trusted)), args.output, "receipt")
+        _emit(receipt_json(audit.receipt(root, params, args.request_id, *reader)), args.output, "receipt")
     else:
-        found = audit.check_id(root, params, args.sample_id, trusted)
+        found = audit.check_id(root, params, args.sample_id, *reader)
         if not found:
             print(f"no forget request in this project's audit log covers {args.sample_id!r}")
             return 1
@@ -195,11 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     trust.add_argument("--trusted-key", action="append", default=[], metavar="KEY",
                        help="trust this signing key (fingerprint or PEM file) instead of LEGONET_TRUSTED_KEYS or "
                             "the key dir's trusted-keys file; repeatable")
+    trust.add_argument("--checkpoint", action="append", default=[], type=Path, metavar="FILE",
+                       help="a signed checkpoint you kept: refuse a log that does not extend it (repeatable)")
     a = actions.add_parser("verify", parents=[trust],
                            help="signatures, chain, checkpoints, artifacts vs last record, no forgotten ID present")
     a.add_argument("--rebuild", action="store_true", help="also re-derive the affected adapters and compare bits")
-    a.add_argument("--checkpoint", action="append", default=[], type=Path, metavar="FILE",
-                   help="a signed checkpoint you kept: prove the log extends it (repeatable)")
     a = actions.add_parser("show", parents=[trust], help="print one request's record")
     a.add_argument("request_id")
     a = actions.add_parser("report", parents=[trust], help="write an HTML report for a compliance officer")

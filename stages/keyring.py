@@ -82,9 +82,22 @@ def _fingerprints(item: str, source: str) -> list[str]:
     raise AuditError(f"{source}: {item!r} is neither a 64-hex-digit key fingerprint nor a PEM public key file")
 
 
-def audit_log(root: Path, params: dict[str, Any], trusted: Sequence[str] = ()) -> AuditLog:
-    """The project's audit log, trusting the fingerprints from outside the repository (see module doc)."""
-    return AuditLog(root / RECORDS, root / PUBLIC_KEY, trusted_fingerprints(root, params, trusted))
+def audit_log(root: Path, params: dict[str, Any], trusted: Sequence[str] = (),
+              checkpoints: Sequence[Path] = ()) -> AuditLog:
+    """The project's audit log, trusting the fingerprints from outside the repository (see module doc), and
+    anchored to the checkpoint kept in the key dir and to any checkpoint files a reader kept."""
+    anchors = [(f"{path}", _read_checkpoint(path)) for path in checkpoints]
+    kept = key_dir(root, params) / CHECKPOINT
+    if kept.is_file():
+        anchors.insert(0, ("the checkpoint kept in the key dir", _read_checkpoint(kept)))
+    return AuditLog(root / RECORDS, root / PUBLIC_KEY, trusted_fingerprints(root, params, trusted), anchors)
+
+
+def _read_checkpoint(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AuditError(f"{path}: cannot read the checkpoint ({exc})") from exc
 
 
 def audit_key(root: Path, params: dict[str, Any], log: AuditLog) -> bytes:
@@ -129,8 +142,4 @@ def anchor(root: Path, params: dict[str, Any], note: str) -> None:
     """Keep the newest signed checkpoint beside the keys: `audit verify` proves the log still extends it."""
     write_bytes_atomic(key_dir(root, params) / CHECKPOINT, note.encode("utf-8"))
 
-
-def anchored_checkpoint(root: Path, params: dict[str, Any]) -> str | None:
-    path = key_dir(root, params) / CHECKPOINT
-    return path.read_text(encoding="utf-8") if path.is_file() else None
 
