@@ -45,12 +45,14 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    from pipeline.forget import project_lock
     from stages.build import repro, summary, tag_build
 
     root = Path.cwd()
     started = time.monotonic()
-    ran = repro(root, force=args.force, console=console)
-    registered = tag_build(root) if ran else {}
+    with project_lock(root, wait=True, notify=lambda m: console.print(m, highlight=False)):  # not under a forget
+        ran = repro(root, force=args.force, console=console)
+        registered = tag_build(root) if ran else {}
     metrics = summary(root)
     elapsed = time.monotonic() - started
     print(f"stages run: {len(ran)} ({elapsed:.1f} s)" if ran else "Data and pipelines are up to date.")

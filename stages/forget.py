@@ -278,7 +278,12 @@ def _commit(root: Path, journal: flow.Journal) -> None:
     subprocess.run(["git", "add", "--", *[p for p in paths if (root / p).exists()]], cwd=root, check=True)
     message = f"legonet forget {', '.join(journal.request_ids)}"
     identity = ["-c", "user.name=legonet", "-c", "user.email=legonet@localhost"] if not _has_identity(root) else []
-    subprocess.run(["git", *identity, "commit", "-q", "-m", message], cwd=root, capture_output=True)
+    staged = subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=root).returncode != 0
+    done = subprocess.run(["git", *identity, "commit", "-q", "-m", message], cwd=root, capture_output=True,
+                          text=True) if staged else None
+    if done is not None and done.returncode != 0:  # e.g. a pre-commit hook: the audit record is not committed
+        raise flow.ForgetError(f"`git commit` of the forget failed: {(done.stderr or done.stdout).strip()[-500:]}; "
+                               "fix the cause and re-run the same command to finish (the record is written)")
 
 
 def _has_identity(root: Path) -> bool:
