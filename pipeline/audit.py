@@ -1,17 +1,26 @@
-"""Tamper-evident audit log of forget requests (DESIGN section 6).
+"""Tamper-evident audit log of forget requests (DESIGN section 6), meant to hold against its own operator.
 
 Each record is an in-toto Statement v1 in a DSSE envelope signed with Ed25519, stored as one file per request
 (``NNNNNN-<request_id>.json``, canonical JSON plus a newline) so that git diffs and merges stay readable. The
-records form a hash chain: each predicate holds ``sequence`` (1, 2, ...) and ``previous``, the SHA-256 of the
-previous record file's bytes. Editing, dropping, reordering or re-signing a record is therefore visible to
-``AuditLog.verify``; dropping the *newest* record is not (nothing follows it), which is why the forget flow
-also checks that the current artifacts match the last record and why the log lives in git.
+records form a hash chain (each predicate holds ``sequence`` 1, 2, ... and ``previous``, the SHA-256 of the
+previous record file) and are the leaves of an RFC 6962 Merkle tree, whose signed checkpoints
+(``pipeline.transparency``) anchor the log's head outside it: dropping the newest records, or rolling the log back,
+is caught by anyone who kept a later checkpoint.
 
-Two secrets stay outside git: the signing key (Ed25519, PEM PKCS8) and the audit key, an HMAC key under
-which sample IDs are stored (``id_digest``). The log itself is public, so it never holds a raw sample ID:
-IDs such as ``mnist-00042`` are guessable, and a plain hash would let anyone test a guess. A data subject
-who knows their ID can still ask for ``find_id``. The public key file (``public_key_path``, git-tracked) may
-hold several PEM keys, so a rotated signing key can be added without re-signing history.
+Trust does not come from the repository. ``AuditLog`` is given the fingerprints (``key_id``) of the signing keys
+its reader trusts, from outside the project (the key directory, an environment variable, a flag); a record signed
+by any other key does not verify, whatever ``audit/signing-key.pub`` says. Every record names its signing key in
+the signed predicate (``signing_key_id``); a key rotation is itself a record, signed by the old key, that names the
+new one. Every command that reads records goes through ``records``, which verifies the whole log first and
+refuses one that does not verify.
+
+Two secrets stay outside git: the signing key (Ed25519, PEM PKCS8) and the audit key, an HMAC key under which
+everything derived from raw sample IDs is stored (``id_digest``; the manifest's digest too). The log is public, so
+it never holds a raw sample ID, nor anything that lets a reader test a guessed ID: IDs such as ``mnist-00042`` are
+guessable, and a plain hash would confirm a guess. The requester's free text (``reason``, ``received_at``) is
+sealed (AES-GCM under a key derived from the audit key): readable by whoever holds the audit key, opaque to others.
+Records name their audit key by ``audit_key_id``, so a wrong or re-created key is an error, never a silent
+"not forgotten".
 """
 
 from __future__ import annotations
@@ -23,7 +32,8 @@ import hmac
 import json
 import os
 import re
-from collections.abc import Callable
+import stat
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,9 +44,17 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from pipeline.dataset import write_bytes_atomic
 from pipeline.manifest import REQUEST_ID_PATTERN
+from pipeline.transparency import (
+    Checkpoint,
+    TransparencyError,
+    consistency_proof,
+    leaf_hash,
+    root_hash,
+    verify_consistency,
+)
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
-PREDICATE_TYPE = "https://legonet.dev/forget/v1"
+PREDICATE_TYPE = "https://legonet.dev/forget/v2"
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
 AUDIT_KEY_BYTES = 32
 _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
@@ -65,15 +83,27 @@ def sha256_hex(data: bytes) -> str:
 # --- keys ---
 
 
-def load_or_create_audit_key(path: Path) -> bytes:
-    """The project's HMAC key for sample IDs: 32 random bytes, created (mode 0600) on first use."""
+def load_or_create_audit_key(path: Path, create: bool = True) -> bytes:
+    """The project's HMAC key for sample IDs: 32 random bytes, created (mode 0600) on first use.
+
+    ``create=False`` when the log already holds records: a re-created key would silently make every forgotten ID
+    look "not forgotten", so a lost key is an error that says to restore it.
+    """
+    if not create and _read_secret(path) is None:
+        raise AuditError(f"{path}: the audit (HMAC) key is missing, but the audit log has records keyed with it; "
+                         "restore the key from your backup (a new key cannot check the old records)")
     key = _load_or_create_secret(path, lambda: os.urandom(AUDIT_KEY_BYTES))
     if len(key) != AUDIT_KEY_BYTES:
         raise AuditError(f"{path}: audit key is {len(key)} bytes, not {AUDIT_KEY_BYTES}; restore it")
     return key
 
 
-def load_or_create_signing_key(path: Path) -> Ed25519PrivateKey:
+def audit_key_id(audit_key: bytes) -> str:
+    """Names an audit key in the records without revealing it: HMAC of a fixed label, 16 hex digits."""
+    return hmac.new(audit_key, b"legonet audit key id", hashlib.sha256).hexdigest()[:16]
+
+
+def load_or_create_signing_key(path: Path, create: bool = True) -> Ed25519PrivateKey:
     """The project's Ed25519 signing key (PEM PKCS8, unencrypted, mode 0600), created on first use."""
 
     def generate() -> bytes:
@@ -81,7 +111,13 @@ def load_or_create_signing_key(path: Path) -> Ed25519PrivateKey:
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
 
-    data = _load_or_create_secret(path, generate)
+    if not create and _read_secret(path) is None:
+        raise AuditError(f"{path}: the signing key is missing, but the audit log has records; restore it from "
+                         "your backup (only a record signed by the old key can introduce a new one)")
+    return _private_key(path, _load_or_create_secret(path, generate))
+
+
+def _private_key(path: Path | str, data: bytes) -> Ed25519PrivateKey:
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
@@ -92,50 +128,126 @@ def load_or_create_signing_key(path: Path) -> Ed25519PrivateKey:
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:
-    """SHA-256 hex of the raw 32-byte public key: names the key in DSSE signatures."""
+    """SHA-256 hex of the raw 32-byte public key: the key's fingerprint, in DSSE signatures and trust lists."""
     return sha256_hex(public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
+
+
+def public_key_pem(public_key: Ed25519PublicKey) -> bytes:
+    return public_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def read_public_keys(path: Path) -> dict[str, Ed25519PublicKey]:
+    """The Ed25519 public keys in a PEM file (one or more blocks), by fingerprint."""
+    try:
+        text = path.read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AuditError(f"{path}: cannot read the public key ({exc}); restore it") from exc
+    keys = {}
+    for block in _PEM_PUBLIC_KEY.findall(text):
+        key = load_public_key(path, block.encode("ascii"))
+        keys[key_id(key)] = key
+    if not keys:
+        raise AuditError(f"{path}: holds no PEM public key; restore it from git")
+    return keys
+
+
+def load_public_key(where: Path | str, pem: bytes) -> Ed25519PublicKey:
+    try:
+        key = serialization.load_pem_public_key(pem)
+    except ValueError as exc:
+        raise AuditError(f"{where}: unreadable public key ({exc})") from exc
+    if not isinstance(key, Ed25519PublicKey):
+        raise AuditError(f"{where}: holds a {type(key).__name__}; audit records use Ed25519")
+    return key
 
 
 def _load_or_create_secret(path: Path, generate: Callable[[], bytes]) -> bytes:
     """Read a secret file, or create it with ``generate()``; never replace one that exists.
 
     Losing a key is unrecoverable (old HMACs become uncheckable), so creation goes through a private temporary
-    file and ``os.link``, which fails instead of overwriting when another process created the key first.
+    file (``O_EXCL | O_NOFOLLOW``: never through a planted link) and ``os.link``, which fails instead of
+    overwriting when another process created the key first.
     """
     existing = _read_secret(path)
     if existing is not None:
         return existing
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp.unlink(missing_ok=True)  # a leftover of a crashed attempt by this pid
+    descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(generate())
             handle.flush()
             os.fsync(handle.fileno())
-        os.link(tmp, path)
+        os.link(tmp, path, follow_symlinks=False)
     except FileExistsError:
         pass  # another process won the race; its key is the key
     finally:
         tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
     created = _read_secret(path)  # ours, or the race winner's
     if created is None:
         raise AuditError(f"{path}: key vanished while it was being created; check what else writes there")
     return created
 
 
-def _read_secret(path: Path) -> bytes | None:
-    """The secret's bytes, ``None`` if absent; refuse a key other users can read, as ssh does."""
+def _fsync_dir(directory: Path) -> None:
+    """Make a new directory entry durable (a created key must survive a crash that follows)."""
+    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        mode = path.stat().st_mode
-        data = path.read_bytes()
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _read_secret(path: Path) -> bytes | None:
+    """The secret's bytes, ``None`` if absent; refuse a link, a non-file, or a key others can read (as ssh does)."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise AuditError(f"{path}: cannot read key: {exc.strerror}") from exc
-    if os.name == "posix" and mode & 0o077:
-        raise AuditError(f"{path}: key is open to other users (mode {mode & 0o777:o}); run chmod 600 {path}")
-    return data
+        raise AuditError(f"{path}: cannot open key ({exc.strerror}); it must be a regular file, not a link") from exc
+    with os.fdopen(descriptor, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise AuditError(f"{path}: not a regular file; restore the key file")
+        if info.st_mode & 0o077:
+            raise AuditError(f"{path}: key is open to other users (mode {info.st_mode & 0o777:o}); "
+                             f"run chmod 600 {path}")
+        return handle.read()
+
+
+def seal(audit_key: bytes, value: dict[str, Any]) -> str:
+    """Encrypt a record's free-text fields (AES-256-GCM, random nonce) under a key derived from the audit key."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    nonce = os.urandom(12)
+    sealed = AESGCM(_seal_key(audit_key)).encrypt(nonce, canonical_json(value), _SEAL_LABEL)
+    return base64.b64encode(nonce + sealed).decode("ascii")
+
+
+def unseal(audit_key: bytes, sealed: str) -> dict[str, Any]:
+    """The sealed fields, or an AuditError if they were not sealed under this audit key or were changed."""
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    try:
+        data = base64.b64decode(sealed, validate=True)
+        value = json.loads(AESGCM(_seal_key(audit_key)).decrypt(data[:12], data[12:], _SEAL_LABEL))
+    except (InvalidTag, ValueError, binascii.Error) as exc:
+        raise AuditError("sealed fields do not open under this audit key") from exc
+    if not isinstance(value, dict):
+        raise AuditError("sealed fields are not a JSON object")
+    return value
+
+
+_SEAL_LABEL = b"legonet sealed record fields v1"
+
+
+def _seal_key(audit_key: bytes) -> bytes:
+    return hmac.new(audit_key, _SEAL_LABEL, hashlib.sha256).digest()
 
 
 # --- statements and envelopes ---
@@ -167,12 +279,12 @@ def sign_envelope(stmt: dict[str, Any], key: Ed25519PrivateKey) -> dict[str, Any
         "payload": base64.b64encode(payload).decode("ascii"),
         "signatures": [{
             "keyid": key_id(key.public_key()),
-            "sig": base64.b64encode(key.sign(_pae(PAYLOAD_TYPE, payload))).decode("ascii"),
+            "sig": base64.b64encode(key.sign(pae(PAYLOAD_TYPE, payload))).decode("ascii"),
         }],
     }
 
 
-def _pae(payload_type: str, payload: bytes) -> bytes:
+def pae(payload_type: str, payload: bytes) -> bytes:
     """DSSE v1 PAE: binds payload type and payload, so a signature cannot be replayed for another type."""
     kind = payload_type.encode("utf-8")
     return b"DSSEv1 %d %b %d %b" % (len(kind), kind, len(payload), payload)
@@ -181,7 +293,7 @@ def _pae(payload_type: str, payload: bytes) -> bytes:
 _DECODE_ERRORS = (ValueError, TypeError, binascii.Error)  # ValueError covers JSON and UTF-8 errors
 
 
-def _envelope(data: bytes) -> tuple[dict[str, Any], bytes]:
+def parse_envelope(data: bytes) -> tuple[dict[str, Any], bytes]:
     """A record file's DSSE envelope and its payload bytes, parsed without trusting them."""
     try:
         envelope = json.loads(data)
@@ -197,7 +309,7 @@ def _envelope(data: bytes) -> tuple[dict[str, Any], bytes]:
         raise AuditError(f"bad envelope: {exc}") from exc
 
 
-def _statement(payload: bytes) -> dict[str, Any]:
+def parse_statement(payload: bytes) -> dict[str, Any]:
     """The statement in a payload. Parsed only after the signature check, so edits show as bad signatures."""
     try:
         stmt = json.loads(payload)
@@ -212,6 +324,10 @@ def _statement(payload: bytes) -> dict[str, Any]:
 
 # --- the log ---
 
+FORGET = "forget"
+KEY_ROTATION = "key-rotation"
+TRUSTED_KEYS_ENV = "LEGONET_TRUSTED_KEYS"
+
 
 @dataclass(frozen=True)
 class _Entry:
@@ -222,53 +338,84 @@ class _Entry:
     path: Path
 
 
-class AuditLog:
-    """The audit log in ``log_dir``, verified against the public key(s) in ``public_key_path``.
+@dataclass
+class _Scan:
+    """What one pass over the log found: its problems, the statements and the keys trusted at its end."""
 
-    Appends are not locked here: the forget flow holds the project lock, so there is one writer.
+    problems: list[str]
+    statements: list[dict[str, Any]]
+    entries: list[_Entry]
+    active: set[str]  # fingerprints allowed to sign the next record
+    keys: dict[str, Ed25519PublicKey]  # public keys known: the published file plus rotation records
+
+
+class AuditLog:
+    """The audit log in ``log_dir``, trusted only as far as the signing-key fingerprints in ``trusted`` reach.
+
+    ``public_key_path`` (git-tracked) supplies key *material* only; a key is trusted when its fingerprint is in
+    ``trusted`` (given by the reader, from outside the repository) or was introduced by a rotation record signed
+    by a trusted key. ``anchors`` are signed checkpoints kept outside the log: a log that does not extend each
+    one (records dropped, rolled back or rewritten) does not verify. Appends are not locked here: the forget
+    flow holds the project lock, so there is one writer.
     """
 
-    def __init__(self, log_dir: Path, public_key_path: Path) -> None:
+    def __init__(self, log_dir: Path, public_key_path: Path, trusted: Collection[str] = (),
+                 anchors: Collection[tuple[str, str]] = ()) -> None:
         self.log_dir = Path(log_dir)
         self.public_key_path = Path(public_key_path)
+        self.trusted = frozenset(trusted)
+        self.anchors = tuple(anchors)  # (where it was kept, signed checkpoint): the log must extend each
 
     def append(self, predicate: dict[str, Any], subjects: dict[str, str], key: Ed25519PrivateKey) -> Path:
         """Sign and write the next record; return its path. ``predicate`` is copied, not modified.
 
         Refuses when the log does not verify (a record chained onto tampered history would vouch for it), when
-        ``request_id`` already has a record, or when ``key`` is not one of the published public keys.
+        ``request_id`` already has a record, or when ``key`` is not the key trusted to sign the next record.
         """
         request_id = predicate.get("request_id")
         if not isinstance(request_id, str) or not _REQUEST_ID.fullmatch(request_id):
             raise AuditError(f"predicate request_id {request_id!r} must match {REQUEST_ID_PATTERN}")
-        if "previous" in predicate or "sequence" in predicate:
-            raise AuditError("predicate must not set 'previous' or 'sequence'; the log sets them")
-        self._publish(key)
-        problems = self.verify()
-        if problems:
+        if {"previous", "sequence", "signing_key_id"} & set(predicate):
+            raise AuditError("predicate must not set 'previous', 'sequence' or 'signing_key_id'; the log sets them")
+        scan = self._scan()
+        if scan.problems:
             raise AuditError(f"{self.log_dir}: refusing to append to a log that does not verify "
-                             f"({len(problems)} problem(s), first: {problems[0]}); restore it from git")
-        entries = self._entries()
-        if any(entry.request_id == request_id for entry in entries):
+                             f"({len(scan.problems)} problem(s), first: {scan.problems[0]}); restore it from git")
+        signer = key_id(key.public_key())
+        if signer not in scan.active:
+            raise AuditError(f"signing key {signer[:16]} is not trusted to sign this log (trusted: "
+                             f"{_short(scan.active)}); pin its fingerprint, or rotate to it with the current key")
+        if any(entry.request_id == request_id for entry in scan.entries):
             raise AuditError(f"{self.log_dir}: request {request_id!r} already has an audit record")
-        last = entries[-1] if entries else None
+        self._publish(key.public_key(), scan.keys)
+        last = scan.entries[-1] if scan.entries else None
         sequence = last.sequence + 1 if last else 1
         previous = sha256_hex(last.path.read_bytes()) if last else None
-        chained = {**predicate, "previous": previous, "sequence": sequence}
+        chained = {"kind": FORGET, **predicate, "previous": previous, "sequence": sequence,
+                   "signing_key_id": signer}
         envelope = sign_envelope(statement(subjects, chained), key)
         path = self.log_dir / f"{sequence:06d}-{request_id}.json"
         write_bytes_atomic(path, canonical_json(envelope) + b"\n")
         return path
 
+    def rotate(self, old_key: Ed25519PrivateKey, new_key: Ed25519PublicKey) -> Path:
+        """Append a key-rotation record, signed by ``old_key``, after which ``new_key`` signs in its place."""
+        sequence = len(self._entries()) + 1
+        predicate = {"kind": KEY_ROTATION, "request_id": f"{KEY_ROTATION}-{sequence:06d}",
+                     "new_key_id": key_id(new_key), "new_public_key": public_key_pem(new_key).decode("ascii")}
+        path = self.append(predicate, {"audit/signing-key.pub": key_id(new_key)}, old_key)
+        self._publish(new_key, read_public_keys(self.public_key_path))
+        return path
+
     def records(self) -> list[dict[str, Any]]:
-        """The decoded statements in sequence order. Unverified: call ``verify`` to trust them."""
-        statements = []
-        for entry in self._entries():
-            try:
-                statements.append(_statement(_envelope(entry.path.read_bytes())[1]))
-            except AuditError as exc:
-                raise AuditError(f"{entry.path}: undecodable audit record: {exc}") from exc
-        return statements
+        """The forget statements in sequence order, after verifying the whole log; refuses a log that does not."""
+        scan = self._scan()
+        if scan.problems:
+            shown = "; ".join(scan.problems[:3]) + (f" (and {len(scan.problems) - 3} more)"
+                                                     if len(scan.problems) > 3 else "")
+            raise AuditError(f"{self.log_dir}: the audit log does not verify, so nothing in it is used: {shown}; "
+                             "`legonet audit verify` lists every problem")
+        return [s for s in scan.statements if s["predicate"].get("kind") == FORGET]
 
     def find(self, request_id: str) -> dict[str, Any] | None:
         """The statement recorded for ``request_id``, if any."""
@@ -277,18 +424,55 @@ class AuditLog:
     def find_id(self, audit_key: bytes, sample_id: str) -> list[str]:
         """The request ids whose record lists ``sample_id`` (by its HMAC) among the forgotten IDs."""
         digest = id_digest(audit_key, sample_id)
-        return [s["predicate"].get("request_id") for s in self.records()
+        return [s["predicate"]["request_id"] for s in self.records()
                 if digest in _as_list(s["predicate"].get("forgotten_ids"))]
 
     def verify(self) -> list[str]:
         """Every problem found in the log, one line each naming the file(s); empty when the log is intact."""
+        return self._scan().problems
+
+    def active_keys(self) -> set[str]:
+        """The fingerprints trusted to sign the next record (the pinned ones, as rotations left them)."""
+        return self._scan().active
+
+    def public_key(self, fingerprint: str) -> Ed25519PublicKey:
+        """The public key with this fingerprint, from the published file or a rotation record."""
+        keys = self._scan().keys
+        if fingerprint not in keys:
+            raise AuditError(f"no public key {fingerprint[:16]} in {self.public_key_path}")
+        return keys[fingerprint]
+
+    def leaf_data(self) -> list[bytes]:
+        """The Merkle leaves' data: the record files' bytes, in sequence order."""
+        return [entry.path.read_bytes() for entry in self._entries()]
+
+    def checkpoint(self, origin: str, key: Ed25519PrivateKey) -> str:
+        """A signed C2SP checkpoint of the log as it is now (verified first), by the key trusted to sign it."""
+        self.records()
+        if key_id(key.public_key()) not in self.active_keys():
+            raise AuditError(f"signing key {key_id(key.public_key())[:16]} is not trusted to sign this log")
+        leaves = [leaf_hash(data) for data in self.leaf_data()]
+        return Checkpoint(origin, len(leaves), root_hash(leaves)).sign(key)
+
+    def extends(self, note: str) -> list[str]:
+        """Problems proving that the log extends the signed checkpoint ``note`` (consistency proof); empty if so."""
+        scan = self._scan()
+        return _extension_problems(note, scan.keys, self.trusted | scan.active, self.leaf_data())
+
+    def _scan(self) -> _Scan:
         problems = [f"{path}: not a record name (NNNNNN-<request_id>.json)" for path in self._strays()]
         entries = self._entries()
-        try:
-            keys = self._public_keys() if entries else {}
-        except AuditError as exc:
-            keys = {}
-            problems.append(str(exc))
+        keys: dict[str, Ed25519PublicKey] = {}
+        if entries or self.anchors:
+            try:
+                keys = read_public_keys(self.public_key_path)
+            except AuditError as exc:
+                problems.append(str(exc))
+            if not self.trusted:
+                problems.append("no trusted signing-key fingerprint was given, so no record can be trusted: set "
+                                f"{TRUSTED_KEYS_ENV}, write the key dir's trusted-keys file, or pass --trusted-key")
+        active = set(self.trusted)
+        statements = []
         before: _Entry | None = None
         before_digest: str | None = None
         first_of: dict[str, _Entry] = {}
@@ -296,61 +480,34 @@ class AuditLog:
             data = entry.path.read_bytes()
             found = _order_problems(entry, before, first_of.setdefault(entry.request_id, entry))
             try:
-                envelope, payload = _envelope(data)
-                found += self._signature_problems(envelope, payload, keys)
-                predicate = _statement(payload)["predicate"]
+                envelope, payload = parse_envelope(data)
+                signers = [s["keyid"] for s in envelope["signatures"]]
+                found += _signature_problems(envelope, payload, keys, active)
+                stmt = parse_statement(payload)
             except AuditError as exc:
                 found.append(f"undecodable audit record: {exc}")
             else:
+                predicate = stmt["predicate"]
                 found += _chain_problems(entry, predicate, before, before_digest)
+                if predicate.get("signing_key_id") not in signers:
+                    found.append(f"the record names signing key {str(predicate.get('signing_key_id'))[:16]}, "
+                                 f"its signature is by {_short(signers)}")
+                if predicate.get("kind") == KEY_ROTATION and not found:
+                    found += _rotate(predicate, keys, active, signers)
+                statements.append(stmt)
             problems += [f"{entry.path.name}: {problem}" for problem in found]
             before, before_digest = entry, sha256_hex(data)
-        return problems
+        leaves = [entry.path.read_bytes() for entry in entries]
+        for where, note in self.anchors:
+            problems += [f"{where}: {p}" for p in _extension_problems(note, keys, self.trusted | active, leaves)]
+        return _Scan(problems, statements, entries, active, keys)
 
-    def _signature_problems(self, envelope: dict[str, Any], payload: bytes,
-                            keys: dict[str, Ed25519PublicKey]) -> list[str]:
-        problems = []
-        message = _pae(PAYLOAD_TYPE, payload)
-        for signature in envelope["signatures"]:
-            public_key = keys.get(signature["keyid"])
-            if public_key is None:
-                unknown = signature["keyid"][:16]
-                problems.append(f"signed by unknown key {unknown} (not in {self.public_key_path})")
-                continue
-            try:
-                public_key.verify(base64.b64decode(signature["sig"], validate=True), message)
-            except (InvalidSignature, binascii.Error):
-                problems.append(f"bad signature by key {signature['keyid'][:16]}: modified after signing")
-        return problems
-
-    def _publish(self, key: Ed25519PrivateKey) -> None:
-        """Write the public key on first use; afterwards the signing key must be one of those published."""
-        public_key = key.public_key()
-        if not self.public_key_path.exists():
-            write_bytes_atomic(self.public_key_path, public_key.public_bytes(
-                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-        elif key_id(public_key) not in self._public_keys():
-            raise AuditError(f"{self.public_key_path}: lacks the signing key {key_id(public_key)[:16]}; use "
-                             "the project's signing key, or add its public key there to rotate keys")
-
-    def _public_keys(self) -> dict[str, Ed25519PublicKey]:
-        path = self.public_key_path
-        try:
-            text = path.read_text(encoding="ascii")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise AuditError(f"{path}: cannot read the audit public key ({exc}); restore it") from exc
-        keys = {}
-        for block in _PEM_PUBLIC_KEY.findall(text):
-            try:
-                key = serialization.load_pem_public_key(block.encode("ascii"))
-            except ValueError as exc:
-                raise AuditError(f"{path}: unreadable public key ({exc}); restore it from git") from exc
-            if not isinstance(key, Ed25519PublicKey):
-                raise AuditError(f"{path}: holds a {type(key).__name__}; audit records use Ed25519")
-            keys[key_id(key)] = key
-        if not keys:
-            raise AuditError(f"{path}: holds no PEM public key; restore it from git")
-        return keys
+    def _publish(self, public_key: Ed25519PublicKey, known: dict[str, Ed25519PublicKey]) -> None:
+        """Add the key's PEM to the public key file (material for verifiers; trust comes from fingerprints)."""
+        if key_id(public_key) in known and self.public_key_path.exists():
+            return
+        existing = self.public_key_path.read_bytes() if self.public_key_path.exists() else b""
+        write_bytes_atomic(self.public_key_path, existing + public_key_pem(public_key))
 
     def _json_files(self) -> list[Path]:
         if not self.log_dir.is_dir():
@@ -367,6 +524,78 @@ class AuditLog:
 
     def _strays(self) -> list[Path]:
         return [p for p in self._json_files() if not _RECORD_NAME.fullmatch(p.name)]
+
+
+def _open_checkpoint(note: str, keys: dict[str, Ed25519PublicKey], trusted: Collection[str]) -> Checkpoint:
+    """The checkpoint in ``note`` if one of the trusted keys signed it."""
+    for fingerprint in sorted(trusted):
+        if fingerprint in keys:
+            try:
+                return Checkpoint.open(note, keys[fingerprint])
+            except TransparencyError as exc:
+                if "no signature by" not in str(exc):
+                    raise
+    raise AuditError(f"not signed by a trusted key ({_short(trusted)})")
+
+
+def _extension_problems(note: str, keys: dict[str, Ed25519PublicKey], trusted: Collection[str],
+                        leaf_data: list[bytes]) -> list[str]:
+    """Why the log (``leaf_data``) does not extend the signed checkpoint ``note``; a consistency proof decides."""
+    try:
+        old = _open_checkpoint(note, keys, trusted)
+    except (AuditError, TransparencyError) as exc:
+        return [f"checkpoint: {exc}"]
+    leaves = [leaf_hash(data) for data in leaf_data]
+    if old.size > len(leaves):
+        return [f"checkpoint: the log has {len(leaves)} record(s), but a checkpoint signed for it has "
+                f"{old.size}: records were deleted (truncated or rolled back)"]
+    if old.size and not verify_consistency(old.size, len(leaves), old.root, root_hash(leaves),
+                                           consistency_proof(leaves, old.size)):
+        return [f"checkpoint: the first {old.size} record(s) are not those the checkpoint signed: the log was "
+                "rewritten (records changed, removed or reordered)"]
+    return []
+
+
+def _signature_problems(envelope: dict[str, Any], payload: bytes, keys: dict[str, Ed25519PublicKey],
+                        active: set[str]) -> list[str]:
+    problems = []
+    message = pae(PAYLOAD_TYPE, payload)
+    for signature in envelope["signatures"]:
+        keyid = signature["keyid"]
+        if keyid not in active:
+            problems.append(f"signed by key {keyid[:16]}, which is not trusted to sign here (trusted: "
+                            f"{_short(active)}): a substituted or unpinned key")
+            continue
+        public_key = keys.get(keyid)
+        if public_key is None:
+            problems.append(f"signed by trusted key {keyid[:16]}, whose public key is missing from "
+                            "audit/signing-key.pub; restore it from git")
+            continue
+        try:
+            public_key.verify(base64.b64decode(signature["sig"], validate=True), message)
+        except (InvalidSignature, binascii.Error):
+            problems.append(f"bad signature by key {keyid[:16]}: modified after signing")
+    return problems
+
+
+def _rotate(predicate: dict[str, Any], keys: dict[str, Ed25519PublicKey], active: set[str],
+            signers: list[str]) -> list[str]:
+    """Apply a verified key-rotation record: its new key replaces the key that signed it."""
+    new_id, pem = predicate.get("new_key_id"), predicate.get("new_public_key")
+    try:
+        new_key = load_public_key("key-rotation record", str(pem).encode("ascii"))
+    except (AuditError, UnicodeEncodeError) as exc:
+        return [f"key rotation names no usable public key ({exc})"]
+    if key_id(new_key) != new_id:
+        return [f"key rotation: new_key_id {str(new_id)[:16]} is not the fingerprint of its public key"]
+    keys[str(new_id)] = new_key
+    active.difference_update(signers)
+    active.add(str(new_id))
+    return []
+
+
+def _short(fingerprints: Collection[str]) -> str:
+    return ", ".join(sorted(f[:16] for f in fingerprints)) or "none"
 
 
 def _order_problems(entry: _Entry, before: _Entry | None, first_for_request: _Entry) -> list[str]:

@@ -122,14 +122,33 @@ class Journal:
     timings: dict[str, float] = field(default_factory=dict)
 
     def save(self, root: Path) -> None:
-        from pipeline.dataset import write_bytes_atomic
-
-        write_bytes_atomic(root / JOURNAL, (json.dumps(asdict(self), indent=1, sort_keys=True) + "\n").encode())
+        """Durably and privately: the journal holds raw sample IDs, so it is 0600 in a 0700 folder."""
+        _write_private(root / JOURNAL, (json.dumps(asdict(self), indent=1, sort_keys=True) + "\n").encode())
 
     @classmethod
     def load(cls, root: Path) -> Journal | None:
         path = root / JOURNAL
         return cls(**json.loads(path.read_text())) if path.is_file() else None
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Atomic replace through an owner-only temporary file (never through a planted link), then fsync the folder
+    so the new entry survives a crash."""
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    path.parent.chmod(0o700)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 @contextmanager

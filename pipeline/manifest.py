@@ -39,7 +39,9 @@ import csv
 import hashlib
 import io
 import json
+import os
 import re
+import stat
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
@@ -56,6 +58,7 @@ _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
 _SAMPLE_ID = re.compile(SAMPLE_ID_PATTERN)
 SAMPLE_ID_MAX_LENGTH = 256
 MAX_SAMPLE_IDS = 1_000_000
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024  # a million IDs of typical length fit many times over
 FIELDS = ("request_id", "sample_ids", "reason", "received_at")
 _CSV_ID_COLUMN = "sample_id"
 _CSV_COLUMNS = (_CSV_ID_COLUMN, "request_id", "reason", "received_at")
@@ -115,20 +118,34 @@ def load_manifest(path: Path) -> DeletionRequest:
     parser = _PARSERS.get(path.suffix.lower())
     if parser is None:
         _fail(path, f"unsupported extension {path.suffix!r}; name the manifest *.json, *.yaml/*.yml or *.csv")
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        _fail(path, "no such file; check the path")
-    except IsADirectoryError:
-        _fail(path, "is a directory; pass the manifest file itself")
-    except OSError as exc:
-        _fail(path, f"cannot be read: {exc.strerror}; check the path and its permissions")
+    data = _read_regular(path)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         _fail(path, f"is not UTF-8 text (bad byte at offset {exc.start}); save it as UTF-8")
     parsed = parser(path, text)
     return _validate(path, parsed, hashlib.sha256(data).hexdigest())
+
+
+def _read_regular(path: Path) -> bytes:
+    """The file's bytes, refusing at once what is not a regular file of at most ``MAX_MANIFEST_BYTES``: a FIFO or
+    a device (``/dev/zero`` behind a link) would block or never end, and size is checked before reading."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens at once instead of waiting
+    except FileNotFoundError:
+        _fail(path, "no such file; check the path")
+    except OSError as exc:
+        _fail(path, f"cannot be read: {exc.strerror}; check the path and its permissions")
+    info = os.fstat(descriptor)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(descriptor)
+        if stat.S_ISDIR(info.st_mode):
+            _fail(path, "is a directory; pass the manifest file itself")
+        _fail(path, "is not a regular file (a FIFO, socket or device); pass the manifest file itself")
+    with os.fdopen(descriptor, "rb") as handle:
+        if info.st_size > MAX_MANIFEST_BYTES:
+            _fail(path, f"is {info.st_size:,} bytes, more than {MAX_MANIFEST_BYTES:,}; split it into more files")
+        return handle.read(MAX_MANIFEST_BYTES + 1)
 
 
 def merge_requests(requests: Sequence[DeletionRequest]) -> tuple[str, ...]:
@@ -175,12 +192,13 @@ def _parse_json(path: Path, text: str) -> _Parsed:
         fields = json.loads(text, object_pairs_hook=lambda pairs: _unique_keys(path, pairs))
     except json.JSONDecodeError as exc:
         _fail(path, f"malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}")
+    except RecursionError:
+        _fail(path, "JSON nested too deeply; a manifest is one flat object with a list of IDs")
     return _Parsed(_mapping(path, fields), None)
 
 
 def _unique_keys(path: Path, pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
-    keys = [key for key, _ in pairs]
-    duplicated = sorted({str(key) for key in keys if keys.count(key) > 1})
+    duplicated = sorted(str(key) for key, count in Counter(key for key, _ in pairs).items() if count > 1)
     if duplicated:
         _fail(path, f"duplicate key(s) {_shown(duplicated)}; give each key once")
     return dict(pairs)
@@ -212,6 +230,8 @@ def _parse_yaml(path: Path, text: str) -> _Parsed:
         _fail(path, f"malformed YAML{where}: {exc.problem or exc.context}")
     except yaml.YAMLError as exc:
         _fail(path, f"malformed YAML: {exc}")
+    except RecursionError:
+        _fail(path, "YAML nested too deeply; a manifest is one flat mapping with a list of IDs")
     fields = _mapping(path, fields)
     if isinstance(fields.get("received_at"), date):  # unquoted: YAML already parsed it as an ISO 8601 time
         fields["received_at"] = fields["received_at"].isoformat()

@@ -1,47 +1,78 @@
-"""`legonet audit verify|show|report|check-id`: what an auditor or a data subject runs against the audit log."""
+"""`legonet audit ...`: what an auditor, a compliance officer or a data subject runs against the audit log.
+
+Every action that reads records verifies the whole log first (``AuditLog.records``) against the signing keys
+trusted from outside the repository (``stages.keyring``), and refuses a log that does not verify.
+"""
 
 from __future__ import annotations
 
 import html
 import json
+import re
+import subprocess
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from pipeline import forget as flow
-from pipeline.audit import id_digest
+from pipeline.audit import AuditError, AuditLog, id_digest, read_public_keys, unseal
 from pipeline.layout import ENCODED_TRAIN, KEYS, PROJECTION, adapter_name, adapter_path, shard_path
 from pipeline.lineage import file_md5
 from pipeline.purge import local_remotes, object_path, remote_residue
+from pipeline.receipt import make_receipt, verify_receipt
 from stages.build import dvc_lock_digest
-from stages.forget import audit_key, audit_log
+from stages.keyring import audit_key, audit_log, key_dir, origin, signing_key
+
+_MD5 = re.compile(r"[0-9a-f]{32}(\.dir)?")
 
 
 class AuditFailed(RuntimeError):
     """`legonet audit verify` found problems; the message lists each one."""
 
 
-def verify(root: Path, params: dict[str, Any], rebuild: bool = False) -> list[str]:
+def verify(root: Path, params: dict[str, Any], rebuild: bool = False, trusted: Sequence[str] = (),
+           checkpoints: Sequence[Path] = ()) -> list[str]:
     """Every check an auditor needs, as a list of passed-check lines; raises AuditFailed listing the problems."""
-    log = audit_log(root)
-    problems = log.verify()
-    records = log.records()
-    passed = [f"{len(records)} record(s): signatures and hash chain intact"] if not problems else []
+    log = audit_log(root, params, trusted, checkpoints)
+    problems = log.verify()  # also proves, by consistency proofs, that the log extends every kept checkpoint
+    records = [] if problems else log.records()
+    key: bytes | None = None
+    if log.leaf_data() and not problems:
+        try:
+            key = audit_key(root, params, log)
+        except AuditError as exc:
+            problems.append(f"audit key: {exc}")
+    passed = [f"{len(records)} forget record(s): trusted signatures, hash chain and Merkle tree intact"]
+    passed += [f"the log extends {where} (consistency proof)" for where, _ in log.anchors]
     if records:
         last = records[-1]
         problems += _subject_problems(root, last)
         if last["predicate"]["dvc_lock"]["after"] != dvc_lock_digest(root):
             problems.append(f"dvc.lock changed since the last audited request {last['predicate']['request_id']}")
-    problems += _workspace_problems(root)
-    found = _forgotten_present(root, records, audit_key(root, params))
-    problems += [f"forgotten sample of request(s) {', '.join(r)} is present in {p}" for p, r in found]
+    problems += _workspace_problems(root) + _dvc_status_problems(root)
+    if key is not None:
+        found = _forgotten_present(root, records, key)
+        problems += [f"forgotten sample of request(s) {', '.join(r)} is present in {p}" for p, r in found]
     problems += remote_residue(root, records)  # superseded objects in any configured DVC remote (S3 included)
     if rebuild and records:
         problems += rebuild_adapters(root, params, records[-1]["predicate"]["affected"]["adapters"])
-        passed.append("affected adapters re-derived from scratch: bit-identical")
+        passed.append("affected adapters re-derived from scratch in a temporary directory: bit-identical")
     if problems:
         raise AuditFailed("audit verification failed:\n" + "\n".join(f"  - {p}" for p in problems))
     return [*passed, "current model and adapters match the last record", "workspace matches dvc.lock",
-            "no forgotten ID in data, DVC cache or remote tables"]
+            "`dvc status`: up to date", "no forgotten ID in data, DVC cache or remote tables"]
+
+
+def _dvc_status_problems(root: Path) -> list[str]:
+    """What `dvc status` says is out of date: a data file changed with its .dvc file "fixed" shows up here."""
+    result = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=root, capture_output=True,
+                            text=True)
+    if result.returncode != 0:
+        return [f"`dvc status` failed: {result.stderr.strip()[-300:]}"]
+    changed = json.loads(result.stdout or "{}")
+    return [f"`dvc status`: {stage} is not up to date ({json.dumps(detail, sort_keys=True)[:200]})"
+            for stage, detail in sorted(changed.items())]
 
 
 def _subject_problems(root: Path, record: dict[str, Any]) -> list[str]:
@@ -61,13 +92,20 @@ def _workspace_problems(root: Path) -> list[str]:
     problems = []
     for path, md5 in flow.lock_outputs(root).items():
         target = root / path
+        if not _MD5.fullmatch(str(md5)):
+            problems.append(f"{path}: recorded md5 {str(md5)[:40]!r} is not an md5 hash")
+            continue
         if md5.endswith(".dir"):
             listing = object_path(cache, md5)
             if not listing.is_file():
                 problems.append(f"{path}: directory listing {md5} missing from the DVC cache")
                 continue
             for item in json.loads(listing.read_text()):
-                file = target / item["relpath"]
+                relpath = Path(str(item.get("relpath", "")))
+                if relpath.is_absolute() or ".." in relpath.parts or not _MD5.fullmatch(str(item.get("md5"))):
+                    problems.append(f"{path}: directory listing {md5} holds a bad entry {str(item)[:80]}")
+                    continue
+                file = target / relpath
                 if not file.is_file() or file_md5(file) != item["md5"]:
                     problems.append(f"{path}/{item['relpath']}: differs from dvc.lock")
         elif not target.is_file() or file_md5(target) != md5:
@@ -154,50 +192,108 @@ def rebuild_adapters(root: Path, params: dict[str, Any], adapters: list[int]) ->
     return problems
 
 
-def show(root: Path, request_id: str) -> dict[str, Any]:
-    record = audit_log(root).find(request_id)
+def show(root: Path, params: dict[str, Any], request_id: str, trusted: Sequence[str] = (),
+         checkpoints: Sequence[Path] = ()) -> dict[str, Any]:
+    """The verified record of one request; with the audit key at hand, its sealed fields opened."""
+    log = audit_log(root, params, trusted, checkpoints)
+    record = log.find(request_id)
     if record is None:
         raise AuditFailed(f"no audit record for request {request_id!r}; `legonet audit report` lists them")
-    return record
+    opened = _opener(root, params, log)
+    sealed = record["predicate"].get("sealed")
+    return {**record, "opened": opened(sealed)} if opened and isinstance(sealed, str) else record
 
 
-def check_id(root: Path, params: dict[str, Any], sample_id: str) -> list[dict[str, Any]]:
+def _opener(root: Path, params: dict[str, Any], log: AuditLog) -> Any:
+    """unseal under the audit key, or None for a reader without it (the record stays opaque to them)."""
+    if not (key_dir(root, params) / "audit.key").exists():
+        return None
+    key = audit_key(root, params, log)
+    return lambda sealed: unseal(key, sealed)
+
+
+def check_id(root: Path, params: dict[str, Any], sample_id: str, trusted: Sequence[str] = (),
+             checkpoints: Sequence[Path] = ()) -> list[dict[str, Any]]:
     """The records that forgot this ID (matched by HMAC; the log never stores the ID itself)."""
-    log = audit_log(root)
-    found = log.find_id(audit_key(root, params), sample_id)
-    return [{"request_id": r, "recorded_at": log.find(r)["predicate"]["recorded_at"]} for r in found]
+    log = audit_log(root, params, trusted, checkpoints)
+    key = audit_key(root, params, log)
+    found = set(log.find_id(key, sample_id))
+    return [{"request_id": r["predicate"]["request_id"], "recorded_at": r["predicate"]["recorded_at"]}
+            for r in log.records() if r["predicate"]["request_id"] in found]
 
 
-def report(root: Path, out: Path) -> Path:
-    """A self-contained HTML page for a compliance officer: one section per request."""
-    records = audit_log(root).records()
-    problems = audit_log(root).verify()
+def checkpoint(root: Path, params: dict[str, Any], trusted: Sequence[str] = (),
+               checkpoints: Sequence[Path] = ()) -> str:
+    """The current signed checkpoint (tree size and root of the verified log), signed with the project's key."""
+    log = audit_log(root, params, trusted, checkpoints)
+    return log.checkpoint(origin(audit_key(root, params, log)), signing_key(root, params, log))
+
+
+def receipt(root: Path, params: dict[str, Any], request_id: str, trusted: Sequence[str] = (),
+            checkpoints: Sequence[Path] = ()) -> dict[str, Any]:
+    """A data subject's self-contained receipt for one request (see pipeline.receipt)."""
+    return make_receipt(audit_log(root, params, trusted, checkpoints), request_id,
+                        checkpoint(root, params, trusted, checkpoints))
+
+
+def check_receipt(path: Path, trusted_key: str) -> list[str]:
+    """Verify a receipt file with no project: KEY is a PEM public key file or a 64-hex fingerprint."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise AuditError(f"{path}: cannot read the receipt ({exc})") from exc
+    fingerprints = sorted(read_public_keys(Path(trusted_key))) if Path(trusted_key).is_file() else [trusted_key]
+    if len(fingerprints) != 1 or not re.fullmatch(r"[0-9a-f]{64}", fingerprints[0]):
+        raise AuditError(f"--trusted-key {trusted_key!r}: give one PEM public key file or one 64-hex fingerprint")
+    if not isinstance(data, dict):
+        raise AuditError(f"{path}: not a receipt (a JSON object)")
+    stmt = verify_receipt(data, fingerprints[0])
+    p = stmt["predicate"]
+    return [f"receipt of request {p['request_id']} (record {p['sequence']}, {p['status']}, recorded "
+            f"{p['recorded_at']}): signed by key {fingerprints[0][:16]}",
+            f"included in the signed checkpoint of {data['checkpoint'].splitlines()[1]} record(s)",
+            f"{len(p.get('forgotten_ids', []))} sample(s) forgotten; model version "
+            f"{p.get('registry', {}).get('model_version', '-')}"]
+
+
+def report(root: Path, params: dict[str, Any], out: Path, trusted: Sequence[str] = (),
+           checkpoints: Sequence[Path] = ()) -> Path:
+    """A self-contained HTML page for a compliance officer: one section per request, of a verified log only."""
+    log = audit_log(root, params, trusted, checkpoints)
+    records = log.records()
+    opened = _opener(root, params, log)
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>legonet audit report</title>",
              "<style>body{font-family:sans-serif;max-width:70em;margin:2em auto}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:.2em .5em;text-align:left}.ok{color:#060}.bad{color:#a00}"
              "</style></head><body><h1>legonet audit report</h1>",
-             f"<p>Project: {html.escape(str(root.resolve()))}. Records: {len(records)}. Log integrity: "
-             + ("<span class='ok'>signatures and chain verified</span>" if not problems else
-                "<span class='bad'>" + html.escape("; ".join(problems)) + "</span>") + "</p>"]
+             f"<p>Project: {_h(root.resolve())}. Records: {len(records)}. Log integrity: "
+             "<span class='ok'>trusted signatures, hash chain and Merkle tree verified</span></p>"]
     for record in records:
         p = record["predicate"]
-        rows = [("request", p["request_id"]), ("reason", p.get("reason", "")),
-                ("received", p.get("received_at", "")), ("recorded", p["recorded_at"]), ("status", p["status"]),
-                ("samples removed", str(len(p["forgotten_ids"]))),
+        meta = opened(p["sealed"]) if opened and isinstance(p.get("sealed"), str) else {}
+        rows = [("request", p["request_id"]), ("reason", meta.get("reason", "(sealed)")),
+                ("received", meta.get("received_at", "(sealed)")), ("recorded", p["recorded_at"]),
+                ("status", p["status"]), ("samples removed", len(p["forgotten_ids"])),
                 ("not present / already forgotten", f"{len(p['not_present_ids'])} / {len(p['already_forgotten_ids'])}"),
-                ("partitions rewritten", str(p["affected"]["partitions"])),
-                ("adapters retrained", str(p["affected"]["adapters"])),
-                ("adapters untouched", str(len(p["untouched_adapters"]))),
+                ("partitions rewritten", p["affected"]["partitions"]),
+                ("adapters retrained", p["affected"]["adapters"]),
+                ("adapters untouched", len(p["untouched_adapters"])),
                 ("model version", f"{p['registry'].get('model_version', '-')} "
                                   f"{p['registry'].get('aliases', '')} {p['registry'].get('gate_reason', '')}"),
                 ("purge", json.dumps(p["purge"], sort_keys=True)),
                 ("timings (s)", json.dumps(p["timings_seconds"], sort_keys=True)),
-                ("code revision", p["code_revision"]), ("platform", json.dumps(p["platform"], sort_keys=True))]
-        checks = "".join(f"<li class='{'ok' if c['passed'] else 'bad'}'>{html.escape(c['name'])}: "
-                         f"{html.escape(c['detail'])}</li>" for c in p["checks"])
-        parts.append(f"<h2>Request {html.escape(p['request_id'])} (record {p['sequence']})</h2><table>"
-                     + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
+                ("code revision", p["code_revision"]), ("signing key", p["signing_key_id"]),
+                ("audit key", p["audit_key_id"]), ("platform", json.dumps(p["platform"], sort_keys=True))]
+        checks = "".join(f"<li class='{'ok' if c.get('passed') is True else 'bad'}'>{_h(c.get('name'))}: "
+                         f"{_h(c.get('detail'))}</li>" for c in p["checks"])
+        parts.append(f"<h2>Request {_h(p['request_id'])} (record {_h(p['sequence'])})</h2><table>"
+                     + "".join(f"<tr><th>{_h(k)}</th><td>{_h(v)}</td></tr>" for k, v in rows)
                      + f"</table><h3>Checks</h3><ul>{checks or '<li>no rebuild needed</li>'}</ul>")
     parts.append("</body></html>")
     out.write_text("\n".join(parts))
     return out
+
+
+def _h(value: object) -> str:
+    """Every value a record holds is escaped, whatever its type: the page must not run what a record says."""
+    return html.escape(str(value), quote=True)

@@ -46,12 +46,14 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    from pipeline.forget import project_lock
     from stages.build import repro, summary, tag_build
 
     root = Path.cwd()
     started = time.monotonic()
-    ran = repro(root, force=args.force, console=console)
-    registered = tag_build(root) if ran else {}
+    with project_lock(root, wait=True, notify=lambda m: console.print(m, highlight=False)):  # not under a forget
+        ran = repro(root, force=args.force, console=console)
+        registered = tag_build(root) if ran else {}
     metrics = summary(root)
     elapsed = time.monotonic() - started
     print(f"stages run: {len(ran)} ({elapsed:.1f} s)" if ran else "Data and pipelines are up to date.")
@@ -91,7 +93,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
     from stages.project import load_params
 
     summary = forget(Path.cwd(), args.manifests, load_params(), dry_run=args.dry_run, wait=not args.no_wait,
-                     allow_unknown=args.allow_unknown or None, say=lambda m: console.print(m, highlight=False))
+                     allow_unknown=args.allow_unknown or None,
+                     say=lambda m: console.print(m, highlight=False, soft_wrap=True))  # a checkpoint must not wrap
     if args.profile and "timings" in summary:
         for phase, seconds in summary["timings"].items():
             print(f"{phase:>14} {seconds:8.2f} s")
@@ -105,22 +108,40 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from stages import audit
     from stages.project import load_params
 
-    root = Path.cwd()
+    if args.action == "verify-receipt":  # needs no project: a data subject or a regulator runs it anywhere
+        for line in audit.check_receipt(args.file, args.trusted_key):
+            print(f"ok: {line}")
+        return 0
+    root, params, reader = Path.cwd(), load_params(), (args.trusted_key, args.checkpoint)
     if args.action == "verify":
-        for line in audit.verify(root, load_params(), rebuild=args.rebuild):
+        for line in audit.verify(root, params, args.rebuild, *reader):
             print(f"ok: {line}")
     elif args.action == "show":
-        print(json.dumps(audit.show(root, args.request_id), indent=1, sort_keys=True))
+        print(json.dumps(audit.show(root, params, args.request_id, *reader), indent=1, sort_keys=True))
     elif args.action == "report":
-        print(f"wrote {audit.report(root, args.output)}")
+        print(f"wrote {audit.report(root, params, args.output, *reader)}")
+    elif args.action == "checkpoint":
+        _emit(audit.checkpoint(root, params, *reader), args.output, "checkpoint")
+    elif args.action == "receipt":
+        from pipeline.receipt import receipt_json
+
+        _emit(receipt_json(audit.receipt(root, params, args.request_id, *reader)), args.output, "receipt")
     else:
-        found = audit.check_id(root, load_params(), args.sample_id)
+        found = audit.check_id(root, params, args.sample_id, *reader)
         if not found:
             print(f"no forget request in this project's audit log covers {args.sample_id!r}")
             return 1
         for item in found:
             print(f"forgotten by request {item['request_id']} (recorded {item['recorded_at']})")
     return 0
+
+
+def _emit(text: str, output: Path | None, what: str) -> None:
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        output.write_text(text, encoding="utf-8")
+        console.print(f"wrote the {what} to {output}")
 
 
 def _errors() -> dict[type[BaseException], str]:
@@ -173,16 +194,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true", help="print the time of each phase")
     p.set_defaults(func=cmd_forget)
 
-    p = sub.add_parser("audit", help="verify the audit log, show or report records, check a sample ID")
+    p = sub.add_parser("audit", help="verify the audit log, show or report records, check an ID, receipts")
     actions = p.add_subparsers(dest="action", required=True)
-    a = actions.add_parser("verify", help="chain, signatures, artifacts vs last record, no forgotten ID present")
+    trust = argparse.ArgumentParser(add_help=False)
+    trust.add_argument("--trusted-key", action="append", default=[], metavar="KEY",
+                       help="trust this signing key (fingerprint or PEM file) instead of LEGONET_TRUSTED_KEYS or "
+                            "the key dir's trusted-keys file; repeatable")
+    trust.add_argument("--checkpoint", action="append", default=[], type=Path, metavar="FILE",
+                       help="a signed checkpoint you kept: refuse a log that does not extend it (repeatable)")
+    a = actions.add_parser("verify", parents=[trust],
+                           help="signatures, chain, checkpoints, artifacts vs last record, no forgotten ID present")
     a.add_argument("--rebuild", action="store_true", help="also re-derive the affected adapters and compare bits")
-    a = actions.add_parser("show", help="print one request's record")
+    a = actions.add_parser("show", parents=[trust], help="print one request's record")
     a.add_argument("request_id")
-    a = actions.add_parser("report", help="write an HTML report for a compliance officer")
+    a = actions.add_parser("report", parents=[trust], help="write an HTML report for a compliance officer")
     a.add_argument("--output", type=Path, default=Path("audit-report.html"))
-    a = actions.add_parser("check-id", help="was this sample ID forgotten? (matched by HMAC)")
+    a = actions.add_parser("check-id", parents=[trust], help="was this sample ID forgotten? (matched by HMAC)")
     a.add_argument("sample_id")
+    a = actions.add_parser("checkpoint", parents=[trust], help="print the current signed checkpoint of the log")
+    a.add_argument("--output", type=Path, help="write it to this file instead")
+    a = actions.add_parser("receipt", parents=[trust],
+                           help="a data subject's receipt: record, inclusion proof, checkpoint (JSON)")
+    a.add_argument("request_id")
+    a.add_argument("--output", type=Path, help="write it to this file instead")
+    a = actions.add_parser("verify-receipt", help="check a receipt offline, with no project present")
+    a.add_argument("file", type=Path)
+    a.add_argument("--trusted-key", required=True, metavar="KEY",
+                   help="the project's published PEM public key file (audit/signing-key.pub) or its fingerprint")
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("status", help="what `dvc repro` would rerun")

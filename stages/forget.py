@@ -7,7 +7,6 @@ purge -> audit record -> git commit. Re-running the same command after a crash f
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -16,31 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import forget as flow
-from pipeline.audit import AuditLog, id_digest, load_or_create_audit_key, load_or_create_signing_key
+from pipeline.audit import audit_key_id, id_digest, seal
 from pipeline.dataset import read_table
 from pipeline.layout import REFERENCE
 from pipeline.lineage import file_sha256, git_revision, platform_tags
 from pipeline.manifest import DeletionRequest, load_manifest
 from stages.build import dvc_lock_digest, repro
+from stages.keyring import anchor, audit_key, audit_log, origin, signing_key
 from stages.project import params_digest
-
-AUDIT_DIR = Path("audit")
-RECORDS = AUDIT_DIR / "records"
-PUBLIC_KEY = AUDIT_DIR / "signing-key.pub"
-
-
-def key_dir(root: Path, params: dict[str, Any]) -> Path:
-    configured = os.environ.get("LEGONET_KEY_DIR") or params.get("audit", {}).get("key_dir", ".legonet/keys")
-    path = Path(configured).expanduser()
-    return path if path.is_absolute() else root / path
-
-
-def audit_log(root: Path) -> AuditLog:
-    return AuditLog(root / RECORDS, root / PUBLIC_KEY)
-
-
-def audit_key(root: Path, params: dict[str, Any]) -> bytes:
-    return load_or_create_audit_key(key_dir(root, params) / "audit.key")
 
 
 def forget(root: Path, manifests: Sequence[Path], params: dict[str, Any], *, dry_run: bool = False,
@@ -75,11 +57,16 @@ def forget(root: Path, manifests: Sequence[Path], params: dict[str, Any], *, dry
 
 
 def _already(root: Path, params: dict[str, Any]) -> Callable[[str], list[str]]:
-    log = audit_log(root)
-    if not log.records():  # nothing forgotten yet: do not create the audit key just to look (input checks and
+    log = audit_log(root, params)
+    records = log.records()  # verified: a forged or planted record must not make an ID look forgotten
+    if not records:  # nothing forgotten yet: do not create the audit key just to look (input checks and
         return lambda sample_id: []  # --dry-run must leave the project untouched)
-    key = audit_key(root, params)
-    return lambda sample_id: log.find_id(key, sample_id)
+    key = audit_key(root, params, log)
+    owners: dict[str, list[str]] = {}
+    for record in records:
+        for digest in record["predicate"].get("forgotten_ids", []):
+            owners.setdefault(digest, []).append(record["predicate"]["request_id"])
+    return lambda sample_id: owners.get(id_digest(key, sample_id), [])
 
 
 def _plan(root: Path, requests: Sequence[DeletionRequest], params: dict[str, Any]) -> flow.Plan:
@@ -92,8 +79,8 @@ def _plan(root: Path, requests: Sequence[DeletionRequest], params: dict[str, Any
 
 def _start(root: Path, requests: Sequence[DeletionRequest], params: dict[str, Any], allow_unknown: bool,
            say: Callable[[str], None]) -> flow.Journal | None:
-    log = audit_log(root)
-    done = [r.request_id for r in requests if log.find(r.request_id) is not None]
+    recorded = {r["predicate"]["request_id"] for r in audit_log(root, params).records()}  # verified first
+    done = [r.request_id for r in requests if r.request_id in recorded]
     if done and len(done) == len(requests):
         say(f"request(s) {', '.join(done)} already forgotten (see `legonet audit show {done[0]}`); nothing to do")
         return None
@@ -210,16 +197,18 @@ def _purge(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str], pa
 
 def _audit(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str], params: dict[str, Any],
         say: Callable[[str], None], resumed: bool) -> None:
-    log = audit_log(root)
-    keys = key_dir(root, params)
-    hmac_key = load_or_create_audit_key(keys / "audit.key")
-    signing = load_or_create_signing_key(keys / "signing.key")
+    log = audit_log(root, params)
+    hmac_key = audit_key(root, params, log)
+    signing = signing_key(root, params, log)  # pins its fingerprint in the key dir when it is created
+    log = audit_log(root, params)  # trust as it stands after a first-use pin
     after = flow.artifact_digests(root)  # per file: an adapter block is one directory output in dvc.lock
     before = journal.before["artifacts"]
     touched = {p for p in set(before) | set(after) if before.get(p) != after.get(p)}
     shared = {
         "batch_request_ids": journal.request_ids,
-        "manifest_sha256": journal.manifest_digests,
+        "audit_key_id": audit_key_id(hmac_key),
+        # keyed: an unkeyed digest of a manifest would confirm a guess of its (few, guessable) sample IDs
+        "manifest_hmac": {r: id_digest(hmac_key, f"manifest:{d}") for r, d in journal.manifest_digests.items()},
         "status": plan.status,
         "affected": {"partitions": plan.partitions, "adapters": plan.adapters,
                      "test_samples": len(plan.test_ids), "train_samples": len(plan.train_ids)},
@@ -240,16 +229,37 @@ def _audit(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str], pa
         "recorded_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     removed = set(plan.train_ids) | set(plan.test_ids)
+    recorded = {r["predicate"]["request_id"] for r in log.records()}
     for request_id, sample_ids in journal.request_samples.items():
-        if log.find(request_id) is not None:  # written before a crash that lost the state change
+        if request_id in recorded:  # written before a crash that lost the state change
             continue
         own = set(sample_ids)
-        predicate = {**shared, "request_id": request_id, **journal.request_meta[request_id],
+        predicate = {**shared, "request_id": request_id,
+                     "sealed": seal(hmac_key, journal.request_meta[request_id]),  # reason, received_at
                      "forgotten_ids": _digests(hmac_key, own & removed),
                      "already_forgotten_ids": _digests(hmac_key, own & set(plan.already_forgotten)),
                      "not_present_ids": _digests(hmac_key, own & set(plan.unknown_ids))}
         log.append(predicate, flow.subjects(root), signing)
+    note = log.checkpoint(origin(hmac_key), signing)
+    anchor(root, params, note)
+    _tag_checkpoint(root, params, journal.results.get("registry", {}).get("model_version"), note)
+    say(f"audit checkpoint (keep it: `legonet audit verify --checkpoint FILE` proves later logs extend it):\n{note}")
     _commit(root, journal)
+
+
+def _tag_checkpoint(root: Path, params: dict[str, Any], version: str | None, note: str) -> None:
+    """Store the signed checkpoint on the registered model version this forget produced."""
+    if version is None:
+        return
+    from mlflow import MlflowClient
+
+    from pipeline.lineage import configure
+
+    configure(params["mlflow"]["tracking_uri"], params["mlflow"]["experiment"], root)
+    MlflowClient().set_model_version_tag(params["mlflow"]["registered_model"], version, CHECKPOINT_TAG, note)
+
+
+CHECKPOINT_TAG = "legonet.audit_checkpoint"
 
 
 def _quality(root: Path) -> dict[str, Any]:
@@ -275,7 +285,12 @@ def _commit(root: Path, journal: flow.Journal) -> None:
     subprocess.run(["git", "add", "--", *[p for p in paths if (root / p).exists()]], cwd=root, check=True)
     message = f"legonet forget {', '.join(journal.request_ids)}"
     identity = ["-c", "user.name=legonet", "-c", "user.email=legonet@localhost"] if not _has_identity(root) else []
-    subprocess.run(["git", *identity, "commit", "-q", "-m", message], cwd=root, capture_output=True)
+    staged = subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=root).returncode != 0
+    done = subprocess.run(["git", *identity, "commit", "-q", "-m", message], cwd=root, capture_output=True,
+                          text=True) if staged else None
+    if done is not None and done.returncode != 0:  # e.g. a pre-commit hook: the audit record is not committed
+        raise flow.ForgetError(f"`git commit` of the forget failed: {(done.stderr or done.stdout).strip()[-500:]}; "
+                               "fix the cause and re-run the same command to finish (the record is written)")
 
 
 def _has_identity(root: Path) -> bool:

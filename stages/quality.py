@@ -49,16 +49,17 @@ def forgotten_ids(root: Path, params: dict[str, Any]) -> Any:
     Compared by HMAC under the project's audit key (outside git); with no audit log and no forget in progress
     there is nothing to compare and the key is not created.
     """
-    from pipeline.audit import id_digest, load_or_create_audit_key
+    from pipeline.audit import id_digest
     from pipeline.forget import JOURNAL
-    from stages.forget import audit_log, key_dir
+    from stages.keyring import audit_key, audit_log
 
-    records = audit_log(root).records()
+    log = audit_log(root, params)
+    records = log.records()  # verified: a forged log must not decide what counts as forgotten
     journal = root / JOURNAL
     pending = json.loads(journal.read_text()).get("sample_ids", []) if journal.is_file() else []
     if not records and not pending:
         return lambda ids: np.zeros(len(ids), dtype=bool)
-    key = load_or_create_audit_key(key_dir(root, params) / "audit.key")
+    key = audit_key(root, params, log)
     digests = {d for r in records for d in r["predicate"].get("forgotten_ids", [])}
     digests |= {id_digest(key, i) for i in pending}
     return lambda ids: np.array([id_digest(key, i) in digests for i in ids], dtype=bool)

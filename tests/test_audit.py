@@ -18,14 +18,19 @@ from pipeline.audit import (
     STATEMENT_TYPE,
     AuditError,
     AuditLog,
+    audit_key_id,
     canonical_json,
     id_digest,
     key_id,
     load_or_create_audit_key,
     load_or_create_signing_key,
+    seal,
     sign_envelope,
     statement,
+    unseal,
 )
+from pipeline.receipt import make_receipt, verify_receipt
+from pipeline.transparency import Checkpoint
 
 DIGEST_A = "a" * 64
 DIGEST_B = "b" * 64
@@ -43,8 +48,10 @@ def audit_key(tmp_path: Path) -> bytes:
 
 
 @pytest.fixture()
-def log(tmp_path: Path) -> AuditLog:
-    return AuditLog(tmp_path / "audit" / "records", tmp_path / "audit" / "public_key.pem")
+def log(tmp_path: Path, signing_key: Ed25519PrivateKey) -> AuditLog:
+    """The log as a reader who pinned the signing key's fingerprint sees it."""
+    return AuditLog(tmp_path / "audit" / "records", tmp_path / "audit" / "public_key.pem",
+                    {key_id(signing_key.public_key())})
 
 
 @pytest.fixture()
@@ -206,18 +213,10 @@ def test_append_validates_the_predicate(log: AuditLog, signing_key: Ed25519Priva
         log.append(predicate, {}, signing_key)
 
 
-def test_append_with_an_unpublished_key_is_refused(log: AuditLog, three: list[Path]) -> None:
-    with pytest.raises(AuditError, match="lacks the signing key"):
+def test_append_with_an_untrusted_key_is_refused(log: AuditLog, three: list[Path]) -> None:
+    with pytest.raises(AuditError, match="is not trusted to sign this log"):
         log.append({"request_id": "req-4"}, {}, Ed25519PrivateKey.generate())
-
-
-def test_a_rotated_key_added_to_the_public_key_file_is_accepted(log: AuditLog, three: list[Path]) -> None:
-    new_key = Ed25519PrivateKey.generate()
-    pem = new_key.public_key().public_bytes(serialization.Encoding.PEM,
-                                            serialization.PublicFormat.SubjectPublicKeyInfo)
-    log.public_key_path.write_bytes(log.public_key_path.read_bytes() + pem)
-    log.append({"request_id": "req-4"}, {}, new_key)
-    assert log.verify() == []
+    assert len(log.records()) == 3
 
 
 def test_empty_log(log: AuditLog) -> None:
@@ -285,7 +284,7 @@ def test_re_signing_with_another_key_is_an_unknown_keyid(log: AuditLog, three: l
     stmt["predicate"]["reason"] = "rewritten"
     three[2].write_bytes(canonical_json(sign_envelope(stmt, Ed25519PrivateKey.generate())) + b"\n")
     problems = log.verify()
-    assert any(p.startswith("000003-req-3.json: signed by unknown key") for p in problems), problems
+    assert any(p.startswith("000003-req-3.json: signed by key") and "not trusted" in p for p in problems), problems
 
 
 def test_undecodable_and_stray_files_are_reported(log: AuditLog, three: list[Path]) -> None:
@@ -300,7 +299,7 @@ def test_undecodable_and_stray_files_are_reported(log: AuditLog, three: list[Pat
 
 def test_a_missing_public_key_is_reported(log: AuditLog, three: list[Path]) -> None:
     log.public_key_path.unlink()
-    assert any("cannot read the audit public key" in p for p in log.verify())
+    assert any("cannot read the public key" in p for p in log.verify())
 
 
 def test_append_refuses_a_tampered_log(log: AuditLog, three: list[Path],
@@ -308,3 +307,166 @@ def test_append_refuses_a_tampered_log(log: AuditLog, three: list[Path],
     three[1].unlink()
     with pytest.raises(AuditError, match="refusing to append to a log that does not verify"):
         log.append({"request_id": "req-4"}, {}, signing_key)
+
+
+# --- trust: pinned fingerprints, planted records, substituted keys, rotation ---
+
+
+def test_a_planted_unsigned_record_is_refused_by_every_reader(log: AuditLog, three: list[Path],
+                                                             audit_key: bytes) -> None:
+    stmt = statement({}, {"request_id": "req-9", "kind": "forget", "sequence": 4, "previous": None,
+                          "forgotten_ids": [id_digest(audit_key, "mnist-00009")]})
+    planted = {"payloadType": PAYLOAD_TYPE, "payload": base64.b64encode(canonical_json(stmt)).decode(),
+               "signatures": [{"keyid": "0" * 64, "sig": ""}]}
+    (log.log_dir / "000004-req-9.json").write_bytes(canonical_json(planted) + b"\n")
+    problems = log.verify()
+    assert any(p.startswith("000004-req-9.json: signed by key 0000000000000000, which is not trusted")
+               for p in problems), problems
+    for read in (log.records, lambda: log.find("req-9"), lambda: log.find_id(audit_key, "mnist-00009")):
+        with pytest.raises(AuditError, match=r"does not verify, so nothing in it is used: 000004-req-9\.json"):
+            read()
+
+
+def test_a_substituted_public_key_and_re_signed_chain_is_not_trusted(log: AuditLog, three: list[Path]) -> None:
+    """The operator replaces audit's public key with their own and re-signs a shortened, rewritten chain."""
+    forger = Ed25519PrivateKey.generate()
+    forged = AuditLog(log.log_dir.with_name("forged"), log.public_key_path.with_name("forged.pem"),
+                      {key_id(forger.public_key())})
+    for statement_ in log.records()[:2]:
+        predicate = {k: v for k, v in statement_["predicate"].items()
+                     if k not in ("previous", "sequence", "signing_key_id")}
+        forged.append(predicate, {s["name"]: s["digest"]["sha256"] for s in statement_["subject"]}, forger)
+    for path in three:
+        path.unlink()
+    for path in forged.log_dir.iterdir():
+        path.rename(log.log_dir / path.name)
+    log.public_key_path.write_bytes(forged.public_key_path.read_bytes())
+    assert forged.verify() == []  # a self-consistent chain...
+    problems = log.verify()  # ...that a reader who pinned the real key refuses
+    assert any("not trusted" in p and "substituted or unpinned key" in p for p in problems), problems
+
+
+def test_without_a_trusted_fingerprint_nothing_is_trusted(log: AuditLog, three: list[Path]) -> None:
+    unpinned = AuditLog(log.log_dir, log.public_key_path)
+    assert any("no trusted signing-key fingerprint" in p for p in unpinned.verify())
+    with pytest.raises(AuditError, match="does not verify"):
+        unpinned.records()
+
+
+def test_key_rotation_is_a_record_signed_by_the_old_key(log: AuditLog, three: list[Path],
+                                                        signing_key: Ed25519PrivateKey) -> None:
+    new_key = Ed25519PrivateKey.generate()
+    rotation = log.rotate(signing_key, new_key.public_key())
+    assert rotation.name == "000004-key-rotation-000004.json"
+    log.append({"request_id": "req-5"}, {}, new_key)
+    assert log.verify() == []  # a reader who pinned only the old key follows the rotation
+    assert [r["predicate"]["request_id"] for r in log.records()] == ["req-1", "req-2", "req-3", "req-5"]
+    assert log.active_keys() == {key_id(new_key.public_key())}
+    with pytest.raises(AuditError, match="not trusted to sign this log"):  # the old key is retired
+        log.append({"request_id": "req-6"}, {}, signing_key)
+    predicate = payload_of(rotation)["predicate"]
+    assert predicate["signing_key_id"] == key_id(signing_key.public_key())
+    assert predicate["new_key_id"] == key_id(new_key.public_key())
+
+
+def test_a_rotation_signed_by_an_untrusted_key_does_not_take_effect(log: AuditLog, three: list[Path]) -> None:
+    intruder = Ed25519PrivateKey.generate()
+    stmt = payload_of(three[2])["predicate"]
+    with pytest.raises(AuditError, match="not trusted"):
+        log.rotate(intruder, intruder.public_key())
+    assert stmt["sequence"] == 3 and len(list(log.log_dir.iterdir())) == 3
+
+
+# --- checkpoints: truncation and rewrites against a kept checkpoint ---
+
+
+def test_checkpoints_catch_truncation_and_rollback(log: AuditLog, three: list[Path],
+                                                  signing_key: Ed25519PrivateKey) -> None:
+    kept = log.checkpoint("legonet.local/audit/test", signing_key)
+    assert kept.splitlines()[1] == "3" and log.extends(kept) == []
+    log.append({"request_id": "req-4"}, {}, signing_key)
+    assert log.extends(kept) == []  # the log grew: it still extends what was published
+    sorted(log.log_dir.iterdir())[-1].unlink()
+    three[2].unlink()  # drop the two newest: what is left is still an intact chain
+    assert log.verify() == []
+    assert log.extends(kept) == ["checkpoint: the log has 2 record(s), but a checkpoint signed for it has 3: "
+                                 "records were deleted (truncated or rolled back)"]
+
+
+def test_a_checkpoint_catches_history_re_signed_by_the_operator(log: AuditLog, three: list[Path],
+                                                                signing_key: Ed25519PrivateKey) -> None:
+    """The operator holds the signing key: they can rewrite a record and re-chain the rest, but not the past
+    checkpoint someone kept."""
+    kept = log.checkpoint("legonet.local/audit/test", signing_key)
+    records = log.records()
+    for path in three:
+        path.unlink()
+    records[1]["predicate"]["forgotten_ids"] = []  # pretend req-2 forgot nothing
+    for record in records:
+        predicate = {k: v for k, v in record["predicate"].items() if k not in ("previous", "sequence",
+                                                                             "signing_key_id")}
+        log.append(predicate, {s["name"]: s["digest"]["sha256"] for s in record["subject"]}, signing_key)
+    assert log.verify() == []
+    assert log.extends(kept) == ["checkpoint: the first 3 record(s) are not those the checkpoint signed: the log "
+                                 "was rewritten (records changed, removed or reordered)"]
+
+
+def test_a_checkpoint_by_an_untrusted_key_proves_nothing(log: AuditLog, three: list[Path]) -> None:
+    intruder = Ed25519PrivateKey.generate()
+    with pytest.raises(AuditError, match="not trusted"):
+        log.checkpoint("legonet.local/audit/test", intruder)
+    note = Checkpoint("legonet.local/audit/test", 9, b"\0" * 32).sign(intruder)
+    assert log.extends(note)[0].startswith("checkpoint: not signed by a trusted key")
+
+
+# --- secrets: no re-creation over records, no links, sealed free text ---
+
+
+def test_lost_keys_are_not_recreated_when_asked_not_to(tmp_path: Path) -> None:
+    with pytest.raises(AuditError, match=r"audit \(HMAC\) key is missing.*restore the key"):
+        load_or_create_audit_key(tmp_path / "audit.key", create=False)
+    with pytest.raises(AuditError, match="signing key is missing"):
+        load_or_create_signing_key(tmp_path / "signing.key", create=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_key_reached_through_a_link_is_refused(tmp_path: Path) -> None:
+    real = tmp_path / "elsewhere.key"
+    load_or_create_audit_key(real)
+    (tmp_path / "audit.key").symlink_to(real)
+    with pytest.raises(AuditError, match="not a link"):
+        load_or_create_audit_key(tmp_path / "audit.key")
+    (tmp_path / "dangling.key").symlink_to(tmp_path / "target-an-attacker-wants")
+    with pytest.raises(AuditError, match="not a link"):
+        load_or_create_audit_key(tmp_path / "dangling.key")
+    assert not (tmp_path / "target-an-attacker-wants").exists()
+
+
+def test_sealed_fields_open_only_under_the_audit_key(audit_key: bytes) -> None:
+    sealed = seal(audit_key, {"reason": "GDPR Art. 17", "received_at": "2024-05-01"})
+    assert b"GDPR" not in base64.b64decode(sealed)
+    assert unseal(audit_key, sealed) == {"reason": "GDPR Art. 17", "received_at": "2024-05-01"}
+    with pytest.raises(AuditError, match="do not open under this audit key"):
+        unseal(b"x" * 32, sealed)
+    assert audit_key_id(audit_key) != audit_key_id(b"x" * 32) and len(audit_key_id(audit_key)) == 16
+
+
+# --- receipts ---
+
+
+def test_a_receipt_verifies_offline_and_refuses_tampering(log: AuditLog, three: list[Path],
+                                                         signing_key: Ed25519PrivateKey) -> None:
+    fingerprint = key_id(signing_key.public_key())
+    receipt = make_receipt(log, "req-2", log.checkpoint("legonet.local/audit/test", signing_key))
+    assert verify_receipt(receipt, fingerprint)["predicate"]["request_id"] == "req-2"
+    assert receipt["leaf_index"] == 1 and receipt["record"].encode() == three[1].read_bytes()
+    with pytest.raises(AuditError, match="not the trusted key"):
+        verify_receipt(receipt, "0" * 64)
+    other = {**receipt, "record": three[2].read_text()}
+    with pytest.raises(AuditError, match="not leaf 1 of the checkpointed tree"):
+        verify_receipt(other, fingerprint)
+    moved = {**receipt, "checkpoint": receipt["checkpoint"].replace("\n3\n", "\n4\n", 1)}
+    with pytest.raises(AuditError, match="checkpoint: bad signature"):
+        verify_receipt(moved, fingerprint)
+    with pytest.raises(AuditError, match="no audit record for request 'req-9'"):
+        make_receipt(log, "req-9", receipt["checkpoint"])

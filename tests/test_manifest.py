@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from importlib import resources
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import pipeline.manifest as manifest_module
 from pipeline.manifest import (
     FIELDS,
     MAX_SAMPLE_IDS,
@@ -120,6 +122,28 @@ def test_missing_file_directory_and_extension(tmp_path: Path) -> None:
     (tmp_path / "dir.json").mkdir()
     assert "is a directory" in error_of(tmp_path / "dir.json")
     assert "unsupported extension '.txt'" in error_of(write(tmp_path, "m.txt", "x"))
+
+
+def test_fifos_and_devices_are_refused_at_once(tmp_path: Path) -> None:
+    """Reading a FIFO waits for a writer and /dev/zero never ends: both are refused before any read."""
+    os.mkfifo(tmp_path / "pipe.json")
+    assert "not a regular file (a FIFO, socket or device)" in error_of(tmp_path / "pipe.json")
+    (tmp_path / "zero.json").symlink_to("/dev/zero")
+    assert "not a regular file (a FIFO, socket or device)" in error_of(tmp_path / "zero.json")
+
+
+def test_byte_size_cap_is_checked_before_reading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_json(tmp_path, GOOD)
+    monkeypatch.setattr(manifest_module, "MAX_MANIFEST_BYTES", path.stat().st_size - 1)
+    assert f"is {path.stat().st_size:,} bytes, more than" in error_of(path)
+    monkeypatch.setattr(manifest_module, "MAX_MANIFEST_BYTES", path.stat().st_size)
+    assert load_manifest(path).request_id == GOOD["request_id"]
+
+
+@pytest.mark.parametrize(("name", "text"), [("deep.json", "[" * 100_000 + "]" * 100_000),
+                                            ("deep.yaml", "[" * 100_000 + "]" * 100_000)])
+def test_deep_nesting_is_an_error_not_a_traceback(tmp_path: Path, name: str, text: str) -> None:
+    assert "nested too deeply" in error_of(write(tmp_path, name, text))
 
 
 def test_unreadable_file(tmp_path: Path) -> None:

@@ -1,0 +1,94 @@
+"""A data subject's receipt: one signed audit record, its inclusion proof and the checkpoint it is included in.
+
+The receipt is self-contained JSON: with only the project's published public key (or its fingerprint) anyone
+can check, offline and without legonet, that (1) the checkpoint is signed by that key, (2) the record is a leaf
+of the checkpointed Merkle tree, and (3) the record's DSSE signature is by that key. It never holds a raw
+sample ID (records do not); the request id names it. docs/audit.md holds an independent verifier of a few
+dozen lines that needs only ``cryptography``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+
+from pipeline.audit import (
+    PAYLOAD_TYPE,
+    AuditError,
+    AuditLog,
+    key_id,
+    load_public_key,
+    pae,
+    parse_envelope,
+    parse_statement,
+    public_key_pem,
+)
+from pipeline.transparency import Checkpoint, TransparencyError, inclusion_proof, leaf_hash, verify_inclusion
+
+RECEIPT_FORMAT = "https://legonet.dev/receipt/v1"
+
+
+def make_receipt(log: AuditLog, request_id: str, note: str) -> dict[str, Any]:
+    """The receipt of ``request_id`` against the checkpoint ``note`` (which must cover the whole log)."""
+    records = log.records()  # verified first
+    leaves = log.leaf_data()
+    index = next((i for i, data in enumerate(leaves)
+                  if parse_statement(parse_envelope(data)[1])["predicate"].get("request_id") == request_id), None)
+    if index is None or not any(r["predicate"]["request_id"] == request_id for r in records):
+        raise AuditError(f"no audit record for request {request_id!r}; `legonet audit report` lists them")
+    signer = parse_statement(parse_envelope(leaves[index])[1])["predicate"]["signing_key_id"]
+    hashes = [leaf_hash(data) for data in leaves]
+    return {
+        "format": RECEIPT_FORMAT,
+        "request_id": request_id,
+        "record": leaves[index].decode("utf-8"),
+        "leaf_index": index,
+        "inclusion_proof": [base64.b64encode(h).decode("ascii") for h in inclusion_proof(hashes, index)],
+        "checkpoint": note,
+        "public_key": public_key_pem(log.public_key(signer)).decode("ascii"),
+    }
+
+
+def verify_receipt(receipt: dict[str, Any], trusted: str) -> dict[str, Any]:
+    """Check a receipt against a trusted key fingerprint; return the record's statement, or raise AuditError."""
+    try:
+        if receipt.get("format") != RECEIPT_FORMAT:
+            raise ValueError(f"format is {receipt.get('format')!r}, not {RECEIPT_FORMAT}")
+        public_key = load_public_key("receipt public_key", str(receipt["public_key"]).encode("ascii"))
+        record = str(receipt["record"]).encode("utf-8")
+        proof = [base64.b64decode(p, validate=True) for p in receipt["inclusion_proof"]]
+        index = int(receipt["leaf_index"])
+        note = str(receipt["checkpoint"])
+    except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+        raise AuditError(f"malformed receipt: {exc}") from exc
+    if key_id(public_key) != trusted:
+        raise AuditError(f"the receipt is signed by key {key_id(public_key)[:16]}, not the trusted key "
+                         f"{trusted[:16]}")
+    try:
+        checkpoint = Checkpoint.open(note, public_key)
+    except TransparencyError as exc:
+        raise AuditError(f"checkpoint: {exc}") from exc
+    if not verify_inclusion(index, checkpoint.size, leaf_hash(record), proof, checkpoint.root):
+        raise AuditError(f"the record is not leaf {index} of the checkpointed tree of {checkpoint.size} records")
+    envelope, payload = parse_envelope(record)
+    signatures = [s for s in envelope["signatures"] if s["keyid"] == trusted]
+    try:
+        if not signatures:
+            raise InvalidSignature
+        for signature in signatures:
+            public_key.verify(base64.b64decode(signature["sig"], validate=True), pae(PAYLOAD_TYPE, payload))
+    except (InvalidSignature, binascii.Error) as exc:
+        raise AuditError("the record's signature does not verify with the trusted key") from exc
+    stmt = parse_statement(payload)
+    if stmt["predicate"].get("request_id") != receipt.get("request_id"):
+        raise AuditError("the receipt's request_id is not the record's")
+    return stmt
+
+
+def receipt_json(receipt: dict[str, Any]) -> str:
+    return json.dumps(receipt, indent=1, sort_keys=True) + "\n"
+

@@ -1,0 +1,145 @@
+"""The audit's keys and the trust placed in them: where each lives, and why none of it is in the project's git.
+
+An operator who can edit the repository must not be able to choose which signing key the log is checked
+against, so the trusted fingerprints come from outside it, first source found wins:
+
+1. ``--trusted-key KEY`` flags (an auditor's own choice: a fingerprint, or a PEM public key file);
+2. ``LEGONET_TRUSTED_KEYS`` (fingerprints or PEM files, separated by commas or spaces);
+3. ``<key dir>/trusted-keys`` (one fingerprint a line), written when the project's signing key is created.
+
+The key dir (``audit.key_dir`` or ``LEGONET_KEY_DIR``) holds the two secrets and the last checkpoint the
+operator signed; it must not be inside ``audit/`` or anywhere git would commit.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from pipeline.audit import (
+    TRUSTED_KEYS_ENV,
+    AuditError,
+    AuditLog,
+    audit_key_id,
+    key_id,
+    load_or_create_audit_key,
+    load_or_create_signing_key,
+    read_public_keys,
+)
+from pipeline.dataset import write_bytes_atomic
+
+AUDIT_DIR = Path("audit")
+RECORDS = AUDIT_DIR / "records"
+PUBLIC_KEY = AUDIT_DIR / "signing-key.pub"
+KEY_DIR_ENV = "LEGONET_KEY_DIR"
+TRUSTED_KEYS = "trusted-keys"
+CHECKPOINT = "checkpoint"
+_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
+
+
+def key_dir(root: Path, params: dict[str, Any]) -> Path:
+    """The folder of the audit secrets; refused inside ``audit/`` or anywhere in the project git would commit."""
+    configured = os.environ.get(KEY_DIR_ENV) or params.get("audit", {}).get("key_dir", ".legonet/keys")
+    path = Path(configured).expanduser()
+    path = path if path.is_absolute() else root / path
+    resolved, project = path.resolve(), root.resolve()
+    if resolved.is_relative_to(project / AUDIT_DIR):
+        raise AuditError(f"audit.key_dir {configured!r} is inside {AUDIT_DIR}/, which is committed to git: the "
+                         "private keys would be published; use a folder outside the repository (or .legonet/keys)")
+    if resolved.is_relative_to(project) and (root / ".git").exists() and subprocess.run(
+            ["git", "check-ignore", "-q", "--no-index", str(resolved / "audit.key")], cwd=root).returncode != 0:
+        raise AuditError(f"audit.key_dir {configured!r} is inside the project and not ignored by git, so "
+                         "`git add` would commit the private keys; use .legonet/keys or a folder outside it")
+    return path
+
+
+def trusted_fingerprints(root: Path, params: dict[str, Any], given: Sequence[str] = ()) -> frozenset[str]:
+    """The signing-key fingerprints this reader trusts: flags, else the environment, else the key dir's file."""
+    if given:
+        return frozenset(f for item in given for f in _fingerprints(item, "--trusted-key"))
+    if os.environ.get(TRUSTED_KEYS_ENV):
+        items = re.split(r"[\s,]+", os.environ[TRUSTED_KEYS_ENV].strip())
+        return frozenset(f for item in items if item for f in _fingerprints(item, TRUSTED_KEYS_ENV))
+    path = key_dir(root, params) / TRUSTED_KEYS
+    if not path.is_file():
+        return frozenset()
+    lines = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
+    return frozenset(f for line in lines if line for f in _fingerprints(line, str(path)))
+
+
+def _fingerprints(item: str, source: str) -> list[str]:
+    """A fingerprint as given, or the fingerprints of the keys in a PEM file."""
+    if _FINGERPRINT.fullmatch(item.lower()):
+        return [item.lower()]
+    if Path(item).is_file():
+        return sorted(read_public_keys(Path(item)))
+    raise AuditError(f"{source}: {item!r} is neither a 64-hex-digit key fingerprint nor a PEM public key file")
+
+
+def audit_log(root: Path, params: dict[str, Any], trusted: Sequence[str] = (),
+              checkpoints: Sequence[Path] = ()) -> AuditLog:
+    """The project's audit log, trusting the fingerprints from outside the repository (see module doc), and
+    anchored to the checkpoint kept in the key dir and to any checkpoint files a reader kept."""
+    anchors = [(f"{path}", _read_checkpoint(path)) for path in checkpoints]
+    kept = key_dir(root, params) / CHECKPOINT
+    if kept.is_file():
+        anchors.insert(0, ("the checkpoint kept in the key dir", _read_checkpoint(kept)))
+    return AuditLog(root / RECORDS, root / PUBLIC_KEY, trusted_fingerprints(root, params, trusted), anchors)
+
+
+def _read_checkpoint(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AuditError(f"{path}: cannot read the checkpoint ({exc})") from exc
+
+
+def audit_key(root: Path, params: dict[str, Any], log: AuditLog) -> bytes:
+    """The HMAC audit key. Created only for an empty log; must be the key every record names."""
+    has_records = bool(log.leaf_data())
+    key = load_or_create_audit_key(key_dir(root, params) / "audit.key", create=not has_records)
+    if has_records:
+        expected = audit_key_id(key)
+        for record in log.records():
+            named = record["predicate"].get("audit_key_id")
+            if named != expected:
+                raise AuditError(f"record of request {record['predicate']['request_id']!r} was keyed with audit key "
+                                 f"{named}, but {key_dir(root, params) / 'audit.key'} is key {expected}; restore "
+                                 "the right key (a different key cannot check the record's IDs)")
+    return key
+
+
+def signing_key(root: Path, params: dict[str, Any], log: AuditLog) -> Ed25519PrivateKey:
+    """The Ed25519 signing key; created (and its fingerprint pinned in the key dir) only for an empty log."""
+    keys = key_dir(root, params)
+    empty = not log.leaf_data()
+    key = load_or_create_signing_key(keys / "signing.key", create=empty)
+    pins = keys / TRUSTED_KEYS
+    if empty and not pins.exists():
+        write_bytes_atomic(pins, f"{key_id(key.public_key())}  # legonet audit signing key\n".encode())
+    return key
+
+
+def pin(root: Path, params: dict[str, Any], fingerprint: str, note: str) -> None:
+    """Add a fingerprint to the key dir's trusted-keys file (after a rotation)."""
+    path = key_dir(root, params) / TRUSTED_KEYS
+    existing = path.read_text() if path.exists() else ""
+    write_bytes_atomic(path, f"{existing}{fingerprint}  # {note}\n".encode())
+
+
+def origin(audit_key: bytes) -> str:
+    """The checkpoint origin (the log's name): fixed for a project's life by its audit key."""
+    return f"legonet.local/audit/{audit_key_id(audit_key)}"
+
+
+def anchor(root: Path, params: dict[str, Any], note: str) -> None:
+    """Keep the newest signed checkpoint beside the keys: `audit verify` proves the log still extends it."""
+    write_bytes_atomic(key_dir(root, params) / CHECKPOINT, note.encode("utf-8"))
+
+
