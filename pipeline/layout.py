@@ -25,6 +25,8 @@ KEYS = Path("models/keys.npy")
 ADAPTERS = Path("models/adapters")
 PACKAGE = Path("models/package")
 METRICS = Path("metrics")
+PROBE = Path("reports/probe")  # the baseline probe's per-partition sufficient statistics
+EVALUATION = Path("reports/evaluate")  # the evaluate stage's per-adapter test outputs
 
 
 def partition_name(index: int) -> str:
@@ -61,6 +63,10 @@ def raw_path(index: int) -> Path:
 
 def encoded_path(index: int) -> Path:
     return ENCODED_TRAIN / f"{partition_name(index)}.parquet"
+
+
+def probe_path(index: int) -> Path:
+    return PROBE / f"{partition_name(index)}.safetensors"
 
 
 def shard_dir(block: int) -> Path:
