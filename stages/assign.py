@@ -7,7 +7,9 @@ unchanged rows nor the other shards. The shard directory is a `persist` output: 
 shards keep their bytes and their mtime, so DVC does not hash them again and every `train@block` whose shards did
 not change stays cached. The previous index is built on only when its md5 is the one ``dvc.lock`` records and it
 was made with the same keys, projection and params (its Parquet metadata); otherwise every sample is routed and
-every shard written. Either way the files are those a full recomputation writes, byte for byte.
+every shard written. Either way the files are those a full recomputation writes, byte for byte. An encoded
+partition whose md5 differs from the one the index was made from is read and checked against its contract in
+full, so a broken partition is refused even when none of its rows is routed again.
 """
 
 from __future__ import annotations
@@ -28,7 +30,16 @@ from pipeline.dataset import (
     write_table,
 )
 from pipeline.keys import project
-from pipeline.layout import ENCODED_TRAIN, KEYS, PROJECTION, ROUTING, SHARDS, encoded_path, shard_path
+from pipeline.layout import (
+    ENCODED_TRAIN,
+    KEYS,
+    PROJECTION,
+    ROUTING,
+    SHARDS,
+    encoded_path,
+    partition_name,
+    shard_path,
+)
 from pipeline.lineage import file_md5, stage_run
 from pipeline.routing import route, routing_changes, routing_index, shard
 from stages.project import check_generated, load_params, recorded_md5, run_stage
@@ -36,19 +47,23 @@ from stages.project import check_generated, load_params, recorded_md5, run_stage
 ROW_COLUMNS = ["sample_id", "label", PAYLOAD_DIGEST]
 
 
-def previous_index(identity: dict[str, Any]) -> pd.DataFrame | None:
-    """The routing index of the last run when it can be built on (see the module docstring), else None."""
-    if not ROUTING.is_file() or read_metadata(ROUTING) != identity or recorded_md5(ROUTING) != file_md5(ROUTING):
-        return None
-    return read_table(ROUTING)
+def previous_index(identity: dict[str, Any]) -> tuple[pd.DataFrame | None, dict[str, str]]:
+    """The routing index of the last run and the md5 of each encoded partition it was made from, when it can be
+    built on (see the module docstring), else (None, {})."""
+    stored = read_metadata(ROUTING) if ROUTING.is_file() else None
+    if (stored is None or {key: stored.get(key) for key in identity} != identity
+            or recorded_md5(ROUTING) != file_md5(ROUTING)):
+        return None, {}
+    return read_table(ROUTING), dict(stored.get("encoded_md5", {}))
 
 
-def new_rows(rows: pd.DataFrame, projection: np.ndarray, width: int, classes: list[int]
+def new_rows(rows: pd.DataFrame, checked: set[int], projection: np.ndarray, width: int, classes: list[int]
              ) -> tuple[pd.DataFrame, np.ndarray]:
     """The rows to route (sample_id, label, payload digest, partition) and their projected features, read from
-    their encoded partitions only (each checked against its contract)."""
+    their encoded partitions only. Every partition in ``checked`` (those that changed since the last run) is read
+    and checked against its contract, even when none of its rows is new (a forget only removes rows)."""
     frames, points = [], [np.zeros((0, width), np.float32)]
-    for index in sorted(set(rows["partition"].tolist())):
+    for index in sorted(set(rows["partition"].tolist()) | checked):
         path = encoded_path(index)
         frame, embeddings = read_embeddings(path, digests=True)
         check_encoded(frame[["sample_id", "label"]], embeddings, path, classes, projection.shape[1])
@@ -71,13 +86,16 @@ def main() -> None:
         identity = {"projection_md5": file_md5(PROJECTION), "keys_md5": file_md5(KEYS), **used}
         current = pd.concat([read_table(encoded_path(index), ROW_COLUMNS).assign(partition=np.int32(index))
                              for index in range(partitions)], ignore_index=True)
-        previous = previous_index(identity)
+        encoded_md5 = {partition_name(index): file_md5(encoded_path(index)) for index in range(partitions)}
+        previous, seen = previous_index(identity)
         if previous is None:
             kept, fresh = previous, np.ones(len(current), dtype=bool)
         else:
             still, fresh = routing_changes(previous, current)
             kept = previous[still]
-        rows, features = new_rows(current[fresh], projection, keys.shape[1], classes)
+        checked = {index for index in range(partitions)
+                   if seen.get(partition_name(index)) != encoded_md5[partition_name(index)]}
+        rows, features = new_rows(current[fresh], checked, projection, keys.shape[1], classes)
         assignment = route(features, keys, k)
         gone = set() if previous is None else set(previous["sample_id"][~still])
         touched = range(n) if previous is None else sorted(
@@ -106,7 +124,7 @@ def main() -> None:
         for folder in sorted((p for p in SHARDS.rglob("*") if p.is_dir()), reverse=True):
             if not any(folder.iterdir()):
                 folder.rmdir()
-        write_table(index, ROUTING, metadata=identity)
+        write_table(index, ROUTING, metadata={**identity, "encoded_md5": encoded_md5})
         run["shards_written"] = written
         run["routed_samples"] = len(rows)
         run["train_samples"] = len(index)

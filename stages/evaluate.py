@@ -38,14 +38,13 @@ from pipeline.layout import (
     KEYS,
     METRICS,
     PROJECTION,
+    TEST_POINTS,
     adapter_index,
     adapter_name,
 )
 from pipeline.lineage import dvc_digest, file_md5, stage_run
 from pipeline.routing import route
 from stages.project import load_params, recorded_md5, run_stage
-
-TEST_POINTS = EVALUATION / "test-points.parquet"
 
 
 def write_json(path: Path, payload: dict) -> None:
@@ -73,8 +72,8 @@ def test_points(test: pd.DataFrame, projection: np.ndarray, width: int, classes:
         frame, embeddings = read_embeddings(ENCODED_TEST)
         check_encoded(frame, embeddings, ENCODED_TEST, classes, projection.shape[1])
         points[todo] = project(embeddings[todo], projection)
-    write_embeddings(TEST_POINTS, test[["sample_id", PAYLOAD_DIGEST]], points, keep_identical=True,
-                     metadata=identity)
+    write_embeddings(TEST_POINTS, test[["sample_id", "label", PAYLOAD_DIGEST]], points, keep_identical=True,
+                     metadata=identity)  # with labels: the baseline probe is scored on these points too
     return points
 
 
