@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 TINY = {"data.partitions": 2, "encoder.image_size": 32, "projection.dim": 32, "adapters.n": 4, "adapters.k": 2,
-        "adapters.blocks": 2, "adapters.train.epochs": 8, "baseline.epochs": 8, "gate.min_accuracy": 0.5}
+        "adapters.blocks": 2, "adapters.train.epochs": 8, "gate.min_accuracy": 0.5}
 WORKERS = (1, 2, 4, 8, 16, 32, 64)
 LARGE = {"N": 1_000_000, "n": 1024, "k": 3, "partitions": 64, "blocks": 32}
 

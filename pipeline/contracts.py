@@ -70,7 +70,8 @@ def encoded_schema(classes: Sequence[int], dim: int | None, extra: dict[str, pa.
 
 
 def routing_schema(n: int, k: int, partitions: int) -> pa.DataFrameSchema:
-    """The routing index: each train sample once, its partition, its k distinct adapters in range."""
+    """The routing index: each train sample once, its partition, its k distinct adapters in range, and the label
+    and payload digest it was routed with."""
     def adapters_ok(value: object) -> bool:
         array = np.asarray(value)
         return array.shape == (k,) and len(set(array.tolist())) == k and bool(((array >= 0) & (array < n)).all())
@@ -80,6 +81,9 @@ def routing_schema(n: int, k: int, partitions: int) -> pa.DataFrameSchema:
         "partition": pa.Column("int32", pa.Check.in_range(0, partitions - 1)),
         "adapters": pa.Column(object, pa.Check(adapters_ok, element_wise=True,
                                                error=f"{k} distinct adapters in 0..{n - 1}")),
+        # what the sample's row was routed from: `assign` routes again only rows whose label or payload changed
+        "label": pa.Column("int64"),
+        "payload_sha256": pa.Column(object),
     }, strict=True, name="routing")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from pipeline.layout import partition_name
 
 SPLITS = ("reference", "test", "train")
 PAYLOAD_COLUMNS = {"image": "image", "text": "text"}  # modality -> column name
+PAYLOAD_DIGEST = "payload_sha256"  # encoded tables: sha256 of the payload each embedding was computed from
+METADATA_KEY = "legonet"  # the one Parquet schema-metadata key write_embeddings may set
 _HASH_BUCKETS = 10_000
 
 
@@ -164,14 +167,16 @@ def check_samples(
     return canonical.sort_values("sample_id", kind="stable").reset_index(drop=True)
 
 
-def write_table(frame: pd.DataFrame, path: Path) -> None:
+def write_table(frame: pd.DataFrame, path: Path, metadata: dict[str, object] | None = None) -> None:
     """Write a DataFrame to Parquet byte-deterministically and atomically.
 
     No pandas index (a filtered frame keeps stale row labels, which would change the bytes), no pandas metadata
     blob, fixed compression; written to a temporary file then renamed, so a crash never leaves a half file.
+    ``metadata``: as for ``write_embeddings``.
     """
     table = pa.Table.from_pandas(frame.reset_index(drop=True), preserve_index=False)
-    table = table.replace_schema_metadata(None)
+    table = table.replace_schema_metadata(
+        None if metadata is None else {METADATA_KEY: json.dumps(metadata, sort_keys=True)})
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd", compression_level=3, write_statistics=False,
                    row_group_size=1 << 20)
@@ -197,12 +202,13 @@ def write_bytes_atomic(path: Path, data: bytes, *, keep_identical: bool = False)
     return True
 
 
-def read_table(path: Path) -> pd.DataFrame:
-    """Read a Parquet table written by ``write_table`` (or any Parquet file), naming the file on failure."""
+def read_table(path: Path, columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """Read a Parquet table written by ``write_table`` (or any Parquet file; only ``columns`` when given, which
+    skips the bytes of the others), naming the file on failure."""
     if not path.is_file():
         raise DataError(f"{path}: missing; run `dvc repro` (or `legonet build`) to produce it")
     try:
-        return pq.read_table(path).to_pandas()
+        return pq.read_table(path, columns=None if columns is None else list(columns)).to_pandas()
     except (OSError, pa.ArrowException) as exc:
         raise DataError(f"{path}: not a readable Parquet file: {exc}") from exc
 
@@ -232,28 +238,58 @@ def carve(frame: pd.DataFrame, fractions: SplitFractions, partitions: int,
     return out
 
 
-def write_embeddings(path: Path, frame: pd.DataFrame, embeddings: np.ndarray, *, keep_identical: bool = False
-                     ) -> bool:
+def write_embeddings(path: Path, frame: pd.DataFrame, embeddings: np.ndarray, *, keep_identical: bool = False,
+                     metadata: dict[str, object] | None = None) -> bool:
     """Write ``sample_id``, ``label`` (and any other small columns of ``frame``) plus a fixed-width float32
     ``embedding`` column, sorted by sample_id, byte-deterministically. ``keep_identical``: see
-    ``write_bytes_atomic``; returns whether the file was written."""
+    ``write_bytes_atomic``; returns whether the file was written. ``metadata`` is stored as one Parquet schema key
+    (``legonet``, sorted JSON: one key, so its order cannot vary) that ``read_metadata`` returns."""
     order = np.argsort(frame["sample_id"].to_numpy(), kind="stable")
     frame = frame.iloc[order].reset_index(drop=True)
     embeddings = np.ascontiguousarray(embeddings[order], dtype=np.float32)
     # explicit types: an empty table (an adapter that lost every sample) must not write a `null` column
-    types = {"sample_id": pa.string(), "label": pa.int64()}
+    types = {"sample_id": pa.string(), "label": pa.int64(), PAYLOAD_DIGEST: pa.binary(32)}
     columns = {name: pa.array(frame[name].to_numpy(), type=types.get(name)) for name in frame.columns}
     width = embeddings.shape[1] if embeddings.ndim == 2 else 0
     columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), width)
     table = pa.table(columns)
+    if metadata is not None:
+        table = table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True)})
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd", compression_level=3, write_statistics=False,
                    row_group_size=1 << 20)
     return write_bytes_atomic(path, buffer.getvalue(), keep_identical=keep_identical)
 
 
-def read_embeddings(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
-    """Inverse of ``write_embeddings``: (the other columns, float32 embeddings (N, d))."""
+def payload_digests(frame: pd.DataFrame, modality: str) -> list[bytes]:
+    """sha256 of each row's payload (image bytes or UTF-8 text): what an embedding was computed from."""
+    column = frame[PAYLOAD_COLUMNS[modality]]
+    return [hashlib.sha256(v if isinstance(v, bytes) else str(v).encode()).digest() for v in column]
+
+
+def reusable_rows(previous: pd.DataFrame, sample_ids: Sequence[str], digests: Sequence[bytes]) -> np.ndarray:
+    """For each wanted (sample_id, payload digest), its row in ``previous`` (a table with ``sample_id`` and
+    ``payload_sha256``), or -1 when it must be computed: a new sample, or one whose payload changed."""
+    known = {(sid, digest): row for row, (sid, digest) in
+             enumerate(zip(previous["sample_id"], previous[PAYLOAD_DIGEST], strict=True))}
+    return np.array([known.get((sid, digest), -1) for sid, digest in zip(sample_ids, digests, strict=True)],
+                    dtype=np.int64)
+
+
+def read_metadata(path: Path) -> dict[str, object] | None:
+    """The ``metadata`` ``write_embeddings`` stored in a table, or None (no such key, or not a readable table)."""
+    try:
+        stored = (pq.read_schema(path).metadata or {}).get(METADATA_KEY.encode())
+    except (OSError, pa.ArrowException):
+        return None
+    return json.loads(stored) if stored else None
+
+
+def read_embeddings(path: Path, *, digests: bool = False) -> tuple[pd.DataFrame, np.ndarray]:
+    """Inverse of ``write_embeddings``: (the other columns, float32 embeddings (N, d)).
+
+    An encoded table's ``payload_sha256`` column is the `encode` stage's own bookkeeping (which payload each
+    embedding came from); it is left out unless ``digests``, so every other reader sees sample_id and label."""
     if not path.is_file():
         raise DataError(f"{path}: missing; run `dvc repro` (or `legonet build`) to produce it")
     try:
@@ -279,4 +315,5 @@ def read_embeddings(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
         raise DataError(f"{path}: `embedding` is {column.type}, not a list of floats; it is not an encoded table")
     values = column.flatten().to_numpy(zero_copy_only=False)  # dtype kept: the contract checks float32
     embeddings = values.reshape(len(table), width) if len(table) else np.zeros((0, width), values.dtype)
-    return table.drop_columns(["embedding"]).to_pandas(), embeddings
+    dropped = ["embedding"] + ([PAYLOAD_DIGEST] if PAYLOAD_DIGEST in table.column_names and not digests else [])
+    return table.drop_columns(dropped).to_pandas(), embeddings

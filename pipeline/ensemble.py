@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +11,19 @@ from pipeline.adapters import adapter_proba
 from pipeline.keys import project
 from pipeline.layout import adapter_index
 from pipeline.routing import route
+
+
+def mean_proba(activated: np.ndarray, n_classes: int, outputs: Callable[[int, np.ndarray], np.ndarray]
+               ) -> np.ndarray:
+    """The ensemble's probabilities (N, C) from the adapters each row activates (N, k'): ``outputs(j, rows)``
+    gives adapter j's softmax outputs for those rows. Summed in adapter order in float64, then averaged; an
+    adapter's output for a row depends on that row alone, so outputs kept from an earlier run give the same bits
+    (the `evaluate` stage scores again only the rows of retrained adapters)."""
+    proba = np.zeros((activated.shape[0], n_classes), dtype=np.float64)
+    for j in np.unique(activated):
+        rows = np.flatnonzero((activated == j).any(axis=1))
+        proba[rows] += outputs(int(j), rows)
+    return (proba / activated.shape[1]).astype(np.float32)
 
 
 class Ensemble:
@@ -32,11 +45,8 @@ class Ensemble:
         """Mean probabilities (N, C) and the adapters consulted (N, k') for encoder embeddings (N, d)."""
         points = project(embeddings, self.projection)
         activated = route(points, self.keys, self.k, self.usable)
-        proba = np.zeros((points.shape[0], len(self.classes)), dtype=np.float64)
-        for j in np.unique(activated):
-            rows = np.flatnonzero((activated == j).any(axis=1))
-            proba[rows] += adapter_proba(self.adapters[int(j)], points[rows])
-        return (proba / activated.shape[1]).astype(np.float32), activated
+        return mean_proba(activated, len(self.classes),
+                          lambda j, rows: adapter_proba(self.adapters[j], points[rows])), activated
 
     def predict(self, embeddings: np.ndarray) -> np.ndarray:
         proba, _ = self.predict_proba(embeddings)

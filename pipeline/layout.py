@@ -25,6 +25,9 @@ KEYS = Path("models/keys.npy")
 ADAPTERS = Path("models/adapters")
 PACKAGE = Path("models/package")
 METRICS = Path("metrics")
+PROBE = Path("reports/probe")  # the baseline probe's per-shard sufficient statistics
+EVALUATION = Path("reports/evaluate")  # the evaluate stage's per-adapter test outputs
+TEST_POINTS = EVALUATION / "test-points.parquet"  # the test split's projected features (evaluate, baseline)
 
 
 def partition_name(index: int) -> str:
@@ -61,6 +64,10 @@ def raw_path(index: int) -> Path:
 
 def encoded_path(index: int) -> Path:
     return ENCODED_TRAIN / f"{partition_name(index)}.parquet"
+
+
+def probe_path(adapter: int) -> Path:
+    return PROBE / f"{adapter_name(adapter)}.safetensors"
 
 
 def shard_dir(block: int) -> Path:

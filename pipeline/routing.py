@@ -41,8 +41,26 @@ def shard(frame: pd.DataFrame, assignment: np.ndarray, n: int) -> list[pd.DataFr
     return shards
 
 
-def routing_index(sample_ids: np.ndarray, partitions: np.ndarray, assignment: np.ndarray) -> pd.DataFrame:
-    """The index forget reads: sample_id -> its raw partition and its k adapters, sorted by sample_id."""
-    frame = pd.DataFrame({"sample_id": sample_ids, "partition": partitions.astype(np.int32)})
+def routing_index(rows: pd.DataFrame, assignment: np.ndarray) -> pd.DataFrame:
+    """The index forget reads: sample_id -> its raw partition and its k adapters, sorted by sample_id; with the
+    label and payload digest (``rows``' other columns) each sample was routed with."""
+    frame = pd.DataFrame({"sample_id": rows["sample_id"].to_numpy(),
+                          "partition": rows["partition"].to_numpy().astype(np.int32)})
     frame["adapters"] = [row.astype(np.int32) for row in assignment]
+    frame["label"] = rows["label"].to_numpy().astype(np.int64)
+    frame["payload_sha256"] = rows["payload_sha256"].to_numpy()
     return frame.sort_values("sample_id", kind="stable").reset_index(drop=True)
+
+
+def routing_changes(previous: pd.DataFrame, current: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(which rows of the previous index still hold, which rows of ``current`` must be routed).
+
+    Both tables have sample_id, partition, label and payload_sha256; a row holds when all four are unchanged
+    (routing is per sample, so its adapters are then what routing it again would give).
+    """
+    columns = ["sample_id", "partition", "label", "payload_sha256"]
+    before = list(zip(*(previous[c].tolist() for c in columns), strict=True))
+    now = list(zip(*(current[c].tolist() for c in columns), strict=True))
+    wanted, had = set(now), set(before)
+    return (np.array([row in wanted for row in before], dtype=bool),
+            np.array([row not in had for row in now], dtype=bool))

@@ -1,25 +1,76 @@
 """DVC stage `assign`: route every train sample to its k nearest keys; write one shard per adapter and the index.
 
-The shard directory is a `persist` output: DVC leaves it in place, and this stage rewrites only the shards whose
-bytes change (a forget touches k of n) and deletes shards of adapters that no longer exist. The others keep their
-bytes and their mtime, so DVC does not hash them again, and every `train@block` whose shards did not change
-stays cached. Equal content always gives equal bytes, so the result is the same as writing every shard anew.
+Incremental (DESIGN.md section 4, cost rule): routing is per sample, so the stage routes only rows that are new
+to the index (a new sample, or one whose partition, label or payload changed), drops rows that left the encoded
+partitions, and rewrites only the shards of the adapters those rows activate; it reads neither the embeddings of
+unchanged rows nor the other shards. The shard directory is a `persist` output: DVC leaves it in place, untouched
+shards keep their bytes and their mtime, so DVC does not hash them again and every `train@block` whose shards did
+not change stays cached. The previous index is built on only when its md5 is the one ``dvc.lock`` records and it
+was made with the same keys, projection and params (its Parquet metadata); otherwise every sample is routed and
+every shard written. Either way the files are those a full recomputation writes, byte for byte. An encoded
+partition whose md5 differs from the one the index was made from is read and checked against its contract in
+full, so a broken partition is refused even when none of its rows is routed again.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from pipeline.contracts import check_encoded, check_shards, routing_schema, validate
-from pipeline.dataset import read_embeddings, write_embeddings, write_table
+from pipeline.dataset import (
+    PAYLOAD_DIGEST,
+    read_embeddings,
+    read_metadata,
+    read_table,
+    write_embeddings,
+    write_table,
+)
 from pipeline.keys import project
-from pipeline.layout import ENCODED_TRAIN, KEYS, PROJECTION, ROUTING, SHARDS, encoded_path, shard_path
-from pipeline.lineage import stage_run
-from pipeline.routing import route, routing_index, shard
-from stages.project import check_generated, load_params, run_stage
+from pipeline.layout import (
+    ENCODED_TRAIN,
+    KEYS,
+    PROJECTION,
+    ROUTING,
+    SHARDS,
+    encoded_path,
+    partition_name,
+    shard_path,
+)
+from pipeline.lineage import file_md5, stage_run
+from pipeline.routing import route, routing_changes, routing_index, shard
+from stages.project import check_generated, load_params, recorded_md5, run_stage
+
+ROW_COLUMNS = ["sample_id", "label", PAYLOAD_DIGEST]
+
+
+def previous_index(identity: dict[str, Any]) -> tuple[pd.DataFrame | None, dict[str, str]]:
+    """The routing index of the last run and the md5 of each encoded partition it was made from, when it can be
+    built on (see the module docstring), else (None, {})."""
+    stored = read_metadata(ROUTING) if ROUTING.is_file() else None
+    if (stored is None or {key: stored.get(key) for key in identity} != identity
+            or recorded_md5(ROUTING) != file_md5(ROUTING)):
+        return None, {}
+    return read_table(ROUTING), dict(stored.get("encoded_md5", {}))
+
+
+def new_rows(rows: pd.DataFrame, checked: set[int], projection: np.ndarray, width: int, classes: list[int]
+             ) -> tuple[pd.DataFrame, np.ndarray]:
+    """The rows to route (sample_id, label, payload digest, partition) and their projected features, read from
+    their encoded partitions only. Every partition in ``checked`` (those that changed since the last run) is read
+    and checked against its contract, even when none of its rows is new (a forget only removes rows)."""
+    frames, points = [], [np.zeros((0, width), np.float32)]
+    for index in sorted(set(rows["partition"].tolist()) | checked):
+        path = encoded_path(index)
+        frame, embeddings = read_embeddings(path, digests=True)
+        check_encoded(frame[["sample_id", "label"]], embeddings, path, classes, projection.shape[1])
+        wanted = frame["sample_id"].isin(set(rows["sample_id"][rows["partition"] == index])).to_numpy()
+        frames.append(frame[wanted].assign(partition=np.int32(index)))
+        points.append(project(embeddings[wanted], projection))
+    return pd.concat(frames, ignore_index=True) if frames else rows.iloc[:0], np.concatenate(points)
 
 
 def main() -> None:
@@ -32,33 +83,52 @@ def main() -> None:
     with stage_run("assign", Path(), used, [ENCODED_TRAIN, PROJECTION, KEYS],
                    [SHARDS, ROUTING]) as run:
         projection, keys = np.load(PROJECTION), np.load(KEYS)
-        frames, points = [], []
-        for index in range(partitions):
-            frame, embeddings = read_embeddings(encoded_path(index))
-            check_encoded(frame, embeddings, encoded_path(index), classes, projection.shape[1])
-            frames.append(frame.assign(partition=np.int32(index)))
-            points.append(project(embeddings, projection))
-        frame = pd.concat(frames, ignore_index=True)
-        features = np.concatenate(points) if points else np.zeros((0, keys.shape[1]), np.float32)
+        identity = {"projection_md5": file_md5(PROJECTION), "keys_md5": file_md5(KEYS), **used}
+        current = pd.concat([read_table(encoded_path(index), ROW_COLUMNS).assign(partition=np.int32(index))
+                             for index in range(partitions)], ignore_index=True)
+        encoded_md5 = {partition_name(index): file_md5(encoded_path(index)) for index in range(partitions)}
+        previous, seen = previous_index(identity)
+        if previous is None:
+            kept, fresh = previous, np.ones(len(current), dtype=bool)
+        else:
+            still, fresh = routing_changes(previous, current)
+            kept = previous[still]
+        checked = {index for index in range(partitions)
+                   if seen.get(partition_name(index)) != encoded_md5[partition_name(index)]}
+        rows, features = new_rows(current[fresh], checked, projection, keys.shape[1], classes)
         assignment = route(features, keys, k)
-        shards = [(shard_path(j, n, blocks), rows[["sample_id", "label"]], features[rows["row"].to_numpy()])
-                  for j, rows in enumerate(shard(frame.assign(row=np.arange(len(frame))), assignment, n))]
-        index = routing_index(frame["sample_id"].to_numpy(), frame["partition"].to_numpy(), assignment)
+        gone = set() if previous is None else set(previous["sample_id"][~still])
+        touched = range(n) if previous is None else sorted(
+            {int(j) for a in previous["adapters"][~still] for j in a} | {int(j) for j in assignment.ravel()})
+        added = shard(rows.assign(row=np.arange(len(rows))), assignment, n)
+        shards = []
+        for j in touched:
+            path = shard_path(j, n, blocks)
+            base, base_features = (read_embeddings(path) if previous is not None and path.is_file()
+                                   else (rows.iloc[:0][["sample_id", "label"]], features[:0]))
+            stays = ~base["sample_id"].isin(gone).to_numpy()
+            shards.append((path, pd.concat([base[stays][["sample_id", "label"]], added[j][["sample_id", "label"]]],
+                                           ignore_index=True),
+                           np.concatenate([base_features[stays], features[added[j]["row"].to_numpy()]])))
+        new_index = routing_index(rows, assignment)
+        index = new_index if kept is None else pd.concat([kept, new_index]).sort_values(
+            "sample_id", kind="stable").reset_index(drop=True)
         # every output checked before the first is written: a broken contract leaves nothing behind
         check_shards(shards, classes, keys.shape[1])
         validate(index, routing_schema(n, k, partitions), ROUTING)
-        written = sum(write_embeddings(path, rows, shard_features, keep_identical=True)
-                      for path, rows, shard_features in shards)
-        expected = {path for path, _, _ in shards}
+        written = sum(write_embeddings(path, frame, shard_features, keep_identical=True)
+                      for path, frame, shard_features in shards)
+        expected = {shard_path(j, n, blocks) for j in range(n)}
         for stray in sorted(p for p in SHARDS.rglob("*") if p.is_file() and p not in expected):
             stray.unlink()  # shards of adapters that left (adapters.n or adapters.blocks changed), stale temp files
         for folder in sorted((p for p in SHARDS.rglob("*") if p.is_dir()), reverse=True):
             if not any(folder.iterdir()):
                 folder.rmdir()
-        write_table(index, ROUTING)
+        write_table(index, ROUTING, metadata={**identity, "encoded_md5": encoded_md5})
         run["shards_written"] = written
-        run["train_samples"] = len(frame)
-        run["empty_adapters"] = int(n - len(np.unique(assignment)))
+        run["routed_samples"] = len(rows)
+        run["train_samples"] = len(index)
+        run["empty_adapters"] = int(n - len({int(j) for a in index["adapters"] for j in a}))
 
 
 if __name__ == "__main__":

@@ -1,52 +1,70 @@
-"""DVC stage `baseline`: one linear probe on all train samples' projected features: the frozen-encoder ceiling.
+"""DVC stage `baseline`: the reference linear probe on all train samples' projected features (``pipeline.probe``).
 
-Only its test accuracy is kept (no weights), so this number carries no residue of deleted samples beyond itself.
+Only its test accuracy is kept as a figure (no weights). The probe is solved in closed form from sufficient
+statistics computed per adapter shard: every train sample sits in exactly ``adapters.k`` shards, so the sum over
+shards is k times the statistics of the train set, and the ridge penalty scales with the row count, so the
+probe is the one fitted on each sample once. The shards already hold projected features, and a forget rewrites
+only the k shards of the adapters it retrains, so a rerun recomputes the statistics of those shards only (kept
+in ``reports/probe/``, a `persist` output, with the md5 of the shard they came from). The test split is scored on
+the projected features the `evaluate` stage keeps. ``metrics/baseline.json`` is byte-identical to a from-scratch
+run; the statistics of a shard are rewritten whenever the shard changes, so none derived from a forgotten sample
+survives (and the forget's purge deletes their old versions from the DVC cache). The statistics are built on
+only when the directory is exactly what ``dvc.lock`` records.
 """
 
 from __future__ import annotations
 
-import os
+import json
 from pathlib import Path
 
-os.environ.setdefault("MKL_CBWR", "AVX2,STRICT")
-
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import load_file, save
 
-from pipeline.adapters import TrainParams, adapter_proba, adapter_seed, train_adapter
 from pipeline.contracts import check_encoded
-from pipeline.dataset import read_embeddings
-from pipeline.keys import project
-from pipeline.layout import ENCODED_TEST, ENCODED_TRAIN, METRICS, PROJECTION
-from pipeline.lineage import stage_run
+from pipeline.dataset import read_embeddings, write_bytes_atomic
+from pipeline.layout import METRICS, PROBE, SHARDS, TEST_POINTS, probe_path, shard_path
+from pipeline.lineage import dvc_digest, file_md5, stage_run
+from pipeline.probe import fit_probe, probe_predict, probe_statistics
 from stages.evaluate import write_json
-from stages.project import load_params, run_stage
+from stages.project import load_params, recorded_md5, run_stage
+
+
+def shard_statistics(adapter: int, shard: Path, classes: list[int], trusted: bool) -> dict[str, np.ndarray]:
+    """The statistics of one shard: kept when computed from the same shard bytes, else computed and written
+    (safetensors with one sorted-JSON metadata key: byte-stable)."""
+    path, source = probe_path(adapter), {"shard_md5": file_md5(shard), "classes": classes}
+    if trusted and path.is_file():
+        with safe_open(path, "numpy") as handle:
+            if json.loads((handle.metadata() or {}).get("legonet", "{}")) == source:
+                return load_file(path)
+    frame, features = read_embeddings(shard)
+    check_encoded(frame, features, shard, classes, None)
+    lookup = {c: i for i, c in enumerate(classes)}
+    statistics = probe_statistics(features, np.array([lookup[c] for c in frame["label"]], dtype=np.int64),
+                                  len(classes))
+    write_bytes_atomic(path, save(statistics, metadata={"legonet": json.dumps(source, sort_keys=True)}))
+    return statistics
 
 
 def main() -> None:
     params = load_params()
-    classes, base = list(params["data"]["classes"]), params["baseline"]
-    threads = int(params["adapters"]["train"]["threads"])
-    test = ENCODED_TEST
-    used = {"baseline": base, "adapters.train.threads": threads, "data.classes": classes}
-    with stage_run("baseline", Path(), used, [ENCODED_TRAIN, test, PROJECTION],
-                   [METRICS / "baseline.json"]) as run:
-        projection = np.load(PROJECTION)
-        width = projection.shape[1]
-        parts = [read_embeddings(p) for p in sorted(ENCODED_TRAIN.glob("part-*.parquet"))]
-        for path, (frame, embeddings) in zip(sorted(ENCODED_TRAIN.glob("part-*.parquet")), parts, strict=True):
-            check_encoded(frame, embeddings, path, classes, width)
-        test_frame, test_embeddings = read_embeddings(test)
-        check_encoded(test_frame, test_embeddings, test, classes, width)
-        labels = np.concatenate([f["label"].to_numpy() for f, _ in parts])
-        features = project(np.concatenate([e for _, e in parts]), projection)
-        index = {c: i for i, c in enumerate(classes)}
-        train = TrainParams(hidden=0, threads=threads, **base)
-        weights = train_adapter(features, np.array([index[c] for c in labels]), len(classes),
-                                adapter_seed(0, -1), train)
-        proba = adapter_proba(weights, project(test_embeddings, projection))
-        accuracy = float((np.asarray(classes)[proba.argmax(axis=1)] == test_frame["label"].to_numpy()).mean())
+    classes, ridge = list(params["data"]["classes"]), float(params["baseline"]["ridge"])
+    n, k, blocks = int(params["adapters"]["n"]), int(params["adapters"]["k"]), int(params["adapters"]["blocks"])
+    used = {"baseline": params["baseline"], "data.classes": classes, "adapters.n": n, "adapters.k": k,
+            "adapters.blocks": blocks}
+    with stage_run("baseline", Path(), used, [SHARDS, TEST_POINTS], [METRICS / "baseline.json", PROBE]) as run:
+        trusted = PROBE.is_dir() and recorded_md5(PROBE) == dvc_digest(PROBE, Path())
+        statistics = [shard_statistics(j, shard_path(j, n, blocks), classes, trusted) for j in range(n)]
+        for stray in sorted(set(PROBE.iterdir()) - {probe_path(j) for j in range(n)}):
+            stray.unlink()  # adapters that no longer exist, stale temp files
+        test, points = read_embeddings(TEST_POINTS)
+        check_encoded(test, points, TEST_POINTS, classes, None)
+        predicted = np.asarray(classes)[probe_predict(fit_probe(statistics, ridge), points)]
+        accuracy = float((predicted == test["label"].to_numpy()).mean()) if len(predicted) else float("nan")
+        train_samples = sum(int(s["count"][0]) for s in statistics) // k  # each sample sits in k shards
         METRICS.mkdir(exist_ok=True)
-        write_json(METRICS / "baseline.json", {"probe_accuracy": round(accuracy, 6), "train_samples": len(labels)})
+        write_json(METRICS / "baseline.json", {"probe_accuracy": round(accuracy, 6), "train_samples": train_samples})
         run["probe_accuracy"] = accuracy
 
 

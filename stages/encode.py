@@ -1,5 +1,13 @@
 """DVC stage `encode@NAME`: validate one sample table and write its embeddings (sample_id, label, embedding).
 
+Incremental (DESIGN.md section 4, cost rule): the output is a `persist` output, and an embedding depends on its
+payload alone (the encoder is batch-invariant), so the stage keeps every row its previous output already holds
+for the same sample_id and payload digest under the same encoding (encoder digest, thread count, modality, image
+shape), drops rows that left the input and encodes only the rest. A forget therefore calls the encoder zero
+times. Each row carries its payload's sha256 and the file its encoding in Parquet metadata, so the table built
+incrementally is byte-identical to a from-scratch one. The previous output is used only when its md5 is the one
+``dvc.lock`` records for it; otherwise, or when the encoding changed, every row is encoded again.
+
 Contracts: the sample table is checked against ``samples_schema`` when read and the embeddings against
 ``encoded_schema`` (the encoder's width, finite float32) before anything is written.
 """
@@ -9,17 +17,39 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from rich.progress import Progress
 
 from pipeline.contracts import check_encoded, samples_schema, validate
-from pipeline.dataset import image_arrays, read_table, write_embeddings
-from pipeline.encoder import Encoder
+from pipeline.dataset import (
+    PAYLOAD_DIGEST,
+    image_arrays,
+    payload_digests,
+    read_embeddings,
+    read_metadata,
+    read_table,
+    reusable_rows,
+    write_embeddings,
+)
 from pipeline.executor import executor_of, run_encode
 from pipeline.layout import ENCODER, ENCODER_INFO
-from pipeline.lineage import stage_run
-from stages.project import load_params, run_stage
+from pipeline.lineage import file_md5, stage_run
+from stages.project import load_params, recorded_md5, run_stage
+
+
+def previous_rows(dst: Path, encoding: dict[str, Any], sample_ids: list[str], digests: list[bytes]
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(row of each wanted sample in the previous output or -1, the previous embeddings); all -1 when the
+    previous output is missing, not the one dvc.lock records, or made under another encoding."""
+    none = np.full(len(sample_ids), -1, dtype=np.int64), np.zeros((0, 0), np.float32)
+    if not dst.is_file() or read_metadata(dst) != encoding or recorded_md5(dst) != file_md5(dst):
+        return none
+    frame, embeddings = read_embeddings(dst, digests=True)
+    if PAYLOAD_DIGEST not in frame.columns:
+        return none
+    return reusable_rows(frame, sample_ids, digests), embeddings
 
 
 def main(name: str, src: Path, dst: Path) -> None:
@@ -31,21 +61,36 @@ def main(name: str, src: Path, dst: Path) -> None:
     used = {"data": data, "encoder.threads": threads}
     tags = {"encoder.sha256": info.get("weights_sha256", ""), "encoder.name": info["name"]}
     tags["legonet.executor"] = executor_of(params)
+    encoding = {"encoder_sha256": info["sha256"], "threads": threads, "modality": data["modality"],
+                "image_shape": list(data["image_shape"]) if data["modality"] == "image" else None}
     with stage_run(f"encode@{name}", Path(), used, [ENCODER, ENCODER_INFO, src], [dst],
                    tags) as run:
-        model = ENCODER.read_bytes()
-        encoder = Encoder(info["name"], model, int(info.get("image_size") or 0), threads=threads)
-        payloads = image_arrays(samples, data["image_shape"]) if data["modality"] == "image" else list(
-            samples["text"])
-        with Progress(transient=True) as progress:
-            task = progress.add_task(f"encode {name}", total=len(payloads))
-            # locally in this process, or as Ray tasks over fixed chunks: the encoder is batch-invariant
-            embeddings, chunks = run_encode(params, encoder, model, info["sha256"], payloads,
-                                            progress=lambda done: progress.advance(task, done))
+        digests = payload_digests(samples, data["modality"])
+        rows, previous = previous_rows(dst, encoding, samples["sample_id"].tolist(), digests)
+        todo = np.flatnonzero(rows < 0)
+        embeddings = np.zeros((len(samples), int(info["dim"])), dtype=np.float32)
+        if len(todo) < len(samples):
+            embeddings[rows >= 0] = previous[rows[rows >= 0]]
+        if len(todo):
+            from pipeline.encoder import Encoder
+
+            model = ENCODER.read_bytes()
+            encoder = Encoder(info["name"], model, int(info.get("image_size") or 0), threads=threads)
+            new = samples.iloc[todo]
+            payloads = image_arrays(new, data["image_shape"]) if data["modality"] == "image" else list(new["text"])
+            with Progress(transient=True) as progress:
+                task = progress.add_task(f"encode {name}", total=len(payloads))
+                # locally in this process, or as Ray tasks over fixed chunks: the encoder is batch-invariant
+                fresh, chunks = run_encode(params, encoder, model, info["sha256"], payloads,
+                                           progress=lambda done: progress.advance(task, done))
+            embeddings[todo] = fresh
+            run.children.extend(chunks)
         check_encoded(samples[["sample_id", "label"]], embeddings, dst, data["classes"], info.get("dim"))
-        write_embeddings(dst, samples[["sample_id", "label"]], embeddings)
-        run.children.extend(chunks)
+        write_embeddings(dst, samples[["sample_id", "label"]].assign(**{PAYLOAD_DIGEST: digests}), embeddings,
+                         metadata=encoding)
         run["samples"] = len(samples)
+        run["encoded_samples"] = len(todo)
+        print(f"encode {name}: encoded {len(todo)} of {len(samples)} samples, kept {len(samples) - len(todo)}")
 
 
 if __name__ == "__main__":

@@ -1,23 +1,80 @@
-"""DVC stage `evaluate`: test accuracy of the ensemble, per-class recall and adapter load (DVC metrics and plots)."""
+"""DVC stage `evaluate`: test accuracy of the ensemble, per-class recall and adapter load (DVC metrics and plots).
+
+Incremental (DESIGN.md section 4, cost rule): an adapter's softmax output for a test sample depends on that
+sample's projected features and the adapter's weights alone, so the stage keeps them in ``reports/evaluate/`` (a
+`persist` output): the projected test features, keyed by sample_id and payload digest under the projection's
+md5, and one table per adapter of its outputs for the test samples that activate it, keyed by the adapter's
+weights digest. A rerun projects only new test samples and scores again only the samples whose adapter was
+retrained (or that newly activate an adapter); ``metrics/*`` are byte-identical to a full evaluation. The kept
+outputs are used only when the directory is exactly what ``dvc.lock`` records; test samples that leave the test
+split leave these tables too.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from pipeline.contracts import adapter_load_schema, check_encoded, validate
-from pipeline.dataset import read_embeddings, write_bytes_atomic
-from pipeline.ensemble import load_ensemble
-from pipeline.layout import ADAPTERS, ENCODED_TEST, KEYS, METRICS, PROJECTION
-from pipeline.lineage import stage_run
-from stages.project import load_params, run_stage
+from pipeline.dataset import (
+    PAYLOAD_DIGEST,
+    read_embeddings,
+    read_metadata,
+    read_table,
+    reusable_rows,
+    write_bytes_atomic,
+    write_embeddings,
+)
+from pipeline.ensemble import mean_proba
+from pipeline.keys import project
+from pipeline.layout import (
+    ADAPTERS,
+    ENCODED_TEST,
+    EVALUATION,
+    KEYS,
+    METRICS,
+    PROJECTION,
+    TEST_POINTS,
+    adapter_index,
+    adapter_name,
+)
+from pipeline.lineage import dvc_digest, file_md5, stage_run
+from pipeline.routing import route
+from stages.project import load_params, recorded_md5, run_stage
 
 
 def write_json(path: Path, payload: dict) -> None:
     write_bytes_atomic(path, (json.dumps(payload, indent=1, sort_keys=True) + "\n").encode())
+
+
+def kept(path: Path, trusted: bool, identity: dict[str, Any], rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(row of each of ``rows`` (sample_id, payload digest) in the kept table at ``path`` or -1, its values);
+    all -1 when the table is missing, untrusted or was made under another identity."""
+    if not trusted or not path.is_file() or read_metadata(path) != identity:
+        return np.full(len(rows), -1, dtype=np.int64), np.zeros((0, 0), np.float32)
+    frame, values = read_embeddings(path, digests=True)
+    return reusable_rows(frame, rows["sample_id"].tolist(), rows[PAYLOAD_DIGEST].tolist()), values
+
+
+def test_points(test: pd.DataFrame, projection: np.ndarray, width: int, classes: list[int], trusted: bool,
+                identity: dict[str, Any]) -> np.ndarray:
+    """Projected features of every test sample: kept ones reused, the others read and projected."""
+    found, previous = kept(TEST_POINTS, trusted, identity, test)
+    points = np.zeros((len(test), width), dtype=np.float32)
+    if (found >= 0).any():
+        points[found >= 0] = previous[found[found >= 0]]
+    todo = np.flatnonzero(found < 0)
+    if len(todo):
+        frame, embeddings = read_embeddings(ENCODED_TEST)
+        check_encoded(frame, embeddings, ENCODED_TEST, classes, projection.shape[1])
+        points[todo] = project(embeddings[todo], projection)
+    write_embeddings(TEST_POINTS, test[["sample_id", "label", PAYLOAD_DIGEST]], points, keep_identical=True,
+                     metadata=identity)  # with labels: the baseline probe is scored on these points too
+    return points
 
 
 def main() -> None:
@@ -26,23 +83,56 @@ def main() -> None:
     test = ENCODED_TEST
     outputs = [METRICS / "evaluate.json", METRICS / "per_class.csv", METRICS / "adapter_load.csv"]
     with stage_run("evaluate", Path(), {"adapters.k": k, "data.classes": classes},
-                   [test, PROJECTION, KEYS, ADAPTERS], outputs) as run:
-        frame, embeddings = read_embeddings(test)
-        check_encoded(frame, embeddings, test, classes, np.load(PROJECTION).shape[1])
-        ensemble = load_ensemble(PROJECTION, KEYS, ADAPTERS, k, classes)
-        proba, activated = ensemble.predict_proba(embeddings)
+                   [test, PROJECTION, KEYS, ADAPTERS], [*outputs, EVALUATION]) as run:
+        projection, keys = np.load(PROJECTION), np.load(KEYS)
+        frame = read_table(test, ["sample_id", "label", PAYLOAD_DIGEST])
+        trusted = EVALUATION.is_dir() and recorded_md5(EVALUATION) == dvc_digest(EVALUATION, Path())
+        projection_md5 = file_md5(PROJECTION)
+        points = test_points(frame, projection, keys.shape[1], classes, trusted, {"projection_md5": projection_md5})
+        infos = {adapter_index(p): json.loads(p.read_text()) for p in sorted(ADAPTERS.rglob("adapter-*.json"))}
+        missing = sorted(set(range(len(keys))) - set(infos))
+        if missing:
+            raise FileNotFoundError(f"{ADAPTERS}: no summary for adapter(s) {missing[:5]}; run `dvc repro`")
+        usable = np.array([infos[j]["train_samples"] > 0 for j in range(len(keys))])
+        activated = route(points, keys, k, usable)
+        scored, written = {}, set()
+
+        def outputs_of(j: int, rows: np.ndarray) -> np.ndarray:
+            """Adapter j's outputs for ``rows``: kept ones where its weights and the rows are unchanged."""
+            from safetensors.numpy import load_file
+
+            from pipeline.adapters import adapter_proba
+
+            path = EVALUATION / f"{adapter_name(j)}.parquet"
+            identity = {"weights_md5": infos[j]["weights_md5"], "projection_md5": projection_md5}
+            found, previous = kept(path, trusted, identity, frame.iloc[rows])
+            proba = np.zeros((len(rows), len(classes)), dtype=np.float32)
+            if (found >= 0).any():
+                proba[found >= 0] = previous[found[found >= 0]]
+            todo = np.flatnonzero(found < 0)
+            if len(todo):
+                weights = load_file(next(ADAPTERS.rglob(f"{adapter_name(j)}.safetensors")))
+                proba[todo] = adapter_proba(weights, points[rows[todo]])
+            scored[j] = len(todo)
+            write_embeddings(path, frame.iloc[rows][["sample_id", PAYLOAD_DIGEST]], proba, keep_identical=True,
+                             metadata=identity)
+            written.add(path)
+            return proba
+
+        proba = mean_proba(activated, len(classes), outputs_of)
+        for stray in sorted(set(EVALUATION.iterdir()) - written - {TEST_POINTS}):
+            stray.unlink()  # outputs of adapters no test sample activates now, stale temp files
         predicted = np.asarray(classes)[proba.argmax(axis=1)]
         truth = frame["label"].to_numpy()
         accuracy = float((predicted == truth).mean()) if len(truth) else float("nan")
         recall = [float((predicted[truth == c] == c).mean()) if (truth == c).any() else float("nan")
                   for c in classes]
-        infos = [json.loads(p.read_text()) for p in sorted(ADAPTERS.rglob("adapter-*.json"))]
         load = pd.DataFrame({
-            "adapter": [i["adapter"] for i in infos],
-            "train_samples": [i["train_samples"] for i in infos],
-            "test_activations": [int((activated == i["adapter"]).sum()) for i in infos],
+            "adapter": [infos[j]["adapter"] for j in sorted(infos)],
+            "train_samples": [infos[j]["train_samples"] for j in sorted(infos)],
+            "test_activations": [int((activated == infos[j]["adapter"]).sum()) for j in sorted(infos)],
         })
-        validate(load, adapter_load_schema(len(np.load(KEYS))), outputs[2])  # before any output is written
+        validate(load, adapter_load_schema(len(keys)), outputs[2])  # before any output is written
         METRICS.mkdir(exist_ok=True)
         pd.DataFrame({"label": classes, "recall": recall}).to_csv(outputs[1], index=False)
         load.to_csv(outputs[2], index=False)
@@ -52,6 +142,7 @@ def main() -> None:
                    "train_samples_routed": int(load["train_samples"].sum())}
         write_json(outputs[0], metrics)
         run.update(metrics)
+        run["test_outputs_scored"] = sum(scored.values())
 
 
 if __name__ == "__main__":

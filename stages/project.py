@@ -150,3 +150,20 @@ def run_stage(main: Any, *args: Any) -> None:
     except ParamsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(4)
+
+
+def recorded_md5(path: Path, root: Path = Path()) -> str | None:
+    """The md5 ``dvc.lock`` records for the stage output ``path`` (a file), or None when it records none.
+
+    An incremental stage builds on its previous output only when that file is still exactly what the stage
+    wrote last time (an edited or half-written file is recomputed from scratch), so a persisted output can
+    never carry a change DVC did not see.
+    """
+    lock = root / "dvc.lock"
+    if not lock.is_file():
+        return None
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    stages = (yaml.load(lock.read_text(), Loader=loader) or {}).get("stages", {})
+    wanted = path.as_posix()
+    return next((out.get("md5") for stage in stages.values() for out in stage.get("outs", [])
+                 if out.get("path") == wanted), None)

@@ -27,7 +27,6 @@ TINY = {
     "adapters.k": 2,
     "adapters.blocks": 2,  # two adapters per train stage: exercises retraining only the stale ones of a block
     "adapters.train.epochs": 8,
-    "baseline.epochs": 8,
     "gate.min_accuracy": 0.5,
 }
 TINY_STRIDE = 5  # every 5th bundled digit: 1,000 samples, all ten classes (the bundle is sorted by class)

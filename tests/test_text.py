@@ -34,7 +34,7 @@ def test_text_data_builds_with_minilm_and_predicts(tmp_path: Path) -> None:
     texts().to_csv(data, index=False)
     root = tmp_path / "project"
     settings = {"data.partitions": 2, "projection.dim": 8, "adapters.n": 3, "adapters.k": 2, "adapters.blocks": 3,
-                "adapters.train.epochs": 20, "baseline.epochs": 20, "gate.min_accuracy": 0.5,
+                "adapters.train.epochs": 20, "gate.min_accuracy": 0.5,
                 "data.reference_fraction": 0.15}
     legonet("init", str(root), "--data", str(data), *[a for k, v in settings.items() for a in ("--set", f"{k}={v}")],
             cwd=tmp_path)

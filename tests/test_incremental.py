@@ -1,0 +1,146 @@
+"""The cost rule (DESIGN.md section 4): the stages on a forget's path keep what they computed for unchanged rows and
+write exactly the bytes a full recomputation writes.
+
+One built tiny project is changed the ways a forget or a data update changes it (train and test rows removed,
+added, relabelled, their payload replaced), `dvc repro` runs the incremental stages, and a copy whose persisted
+state is deleted runs the same stages from scratch: every file they write must be equal, byte for byte.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import TINY_STRIDE, copy_project
+
+from pipeline.dataset import bundled_mnist, read_embeddings, read_table, write_embeddings, write_table
+from pipeline.probe import fit_probe, probe_predict, probe_statistics
+from pipeline.routing import routing_changes
+
+PARTITIONS = 2
+RAW = [f"data/raw/part-{p:04d}.parquet" for p in range(PARTITIONS)]
+TEST = "data/test/test.parquet"
+# every file an incremental stage writes (the persisted state and the results)
+WRITTEN = ("data/encoded", "data/shards", "data/routing.parquet", "reports/probe", "reports/evaluate",
+           "metrics/evaluate.json", "metrics/baseline.json", "metrics/per_class.csv", "metrics/adapter_load.csv")
+ENCODED = re.compile(r"encode (\S+): encoded (\d+) of (\d+) samples")
+
+
+def run(*args: str, cwd: Path) -> str:
+    result = subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(args)}: {result.stdout}{result.stderr}"
+    return result.stdout + result.stderr
+
+
+def files(root: Path) -> dict[str, bytes]:
+    found = {}
+    for top in WRITTEN:
+        path = root / top
+        for file in sorted(path.rglob("*") if path.is_dir() else [path]):
+            if file.is_file() and file.name != ".gitignore":
+                found[file.relative_to(root).as_posix()] = file.read_bytes()
+    return found
+
+
+def changed(frame: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
+    """Drop two rows, relabel one, replace one payload (inverted pixels) and add ``new``'s rows."""
+    frame = frame.iloc[2:].reset_index(drop=True)
+    frame.loc[0, "label"] = (frame.loc[0, "label"] + 1) % 10
+    frame.loc[1, "image"] = bytes(255 - b for b in frame.loc[1, "image"])
+    return pd.concat([frame, new], ignore_index=True).sort_values("sample_id").reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def incremental(built_project: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """An incremental `dvc repro` after changing every raw partition and the test split, and the same stages run
+    from scratch on a copy of its inputs."""
+    from pipeline.dataset import partition_of
+
+    root = copy_project(built_project, tmp_path_factory.mktemp("incremental") / "p")
+    unused = bundled_mnist().iloc[1::TINY_STRIDE]  # samples the project does not hold
+    unused = unused[~unused["sample_id"].isin(set(read_table(root / "data/routing.parquet")["sample_id"]))]
+    for index, rel in enumerate(RAW):
+        new = unused[unused["sample_id"].map(lambda s: partition_of(s, PARTITIONS)) == index].iloc[:2]
+        write_table(changed(read_table(root / rel), new), root / rel)
+    write_table(changed(read_table(root / TEST), unused.iloc[-1:]), root / TEST)
+    run("dvc", "add", "-q", *RAW, TEST, cwd=root)
+    log = run("dvc", "repro", cwd=root)
+    scratch = copy_project(root, tmp_path_factory.mktemp("scratch") / "p")
+    for top in ("data/encoded/train", "data/encoded/test.parquet", "data/shards", "data/routing.parquet",
+                "reports/probe", "reports/evaluate"):
+        path = scratch / top
+        for file in (path.rglob("*.parquet") if path.is_dir() else [path]):
+            file.unlink()
+        if top.startswith("reports"):
+            for file in path.rglob("*"):
+                file.unlink()
+    full = "".join(run("stages.encode", name, src, f"data/encoded/{dst}", cwd=scratch) for name, src, dst in
+                   [*((f"part-{p:04d}", RAW[p], f"train/part-{p:04d}.parquet") for p in range(PARTITIONS)),
+                    ("test", TEST, "test.parquet")])
+    for stage in ("stages.assign", "stages.baseline", "stages.evaluate"):
+        run(stage, cwd=scratch)
+    return {"root": root, "scratch": scratch, "log": log, "full": full}
+
+
+def test_incremental_stages_write_what_a_full_recomputation_writes(incremental: dict) -> None:
+    ours, theirs = files(incremental["root"]), files(incremental["scratch"])
+    assert sorted(ours) == sorted(theirs) and len(ours) > 10
+    differ = sorted(p for p in ours if ours[p] != theirs[p])
+    assert not differ, f"incremental output differs from a full recomputation: {differ}"
+    assert "Data and pipelines are up to date." in run("dvc", "repro", cwd=incremental["root"])
+
+
+def test_a_changed_partition_encodes_only_its_new_rows(incremental: dict) -> None:
+    """Per partition: 2 added rows and 1 changed payload are encoded; a relabelled row keeps its embedding."""
+    counts = {name: (int(done), int(total)) for name, done, total in ENCODED.findall(incremental["log"])}
+    assert set(counts) == {"part-0000", "part-0001", "test"}
+    assert {name: done for name, (done, _) in counts.items()} == {"part-0000": 3, "part-0001": 3, "test": 2}
+    full = {name: int(done) for name, done, _ in ENCODED.findall(incremental["full"])}
+    assert full == {name: total for name, (_, total) in counts.items()}
+
+
+def test_another_encoding_or_an_edited_output_is_encoded_again(incremental: dict, tmp_path: Path) -> None:
+    root = copy_project(incremental["root"], tmp_path / "p")
+    target = root / "data/encoded/train/part-0000.parquet"
+    original = target.read_bytes()
+    args = ("stages.encode", "part-0000", RAW[0], "data/encoded/train/part-0000.parquet")
+    assert "encoded 0 of" in run(*args, cwd=root)  # nothing changed: the encoder is not called
+    frame, embeddings = read_embeddings(target, digests=True)
+    embeddings[0, 0] += 1.0
+    write_embeddings(target, frame, embeddings)  # an edit DVC did not record
+    log = run(*args, cwd=root)
+    total = len(frame)
+    assert f"encoded {total} of {total}" in log and target.read_bytes() == original
+    params = root / "params.yaml"
+    params.write_text(params.read_text().replace("threads: 1                 # fixed onnxruntime",
+                                                 "threads: 2                 # fixed onnxruntime"))
+    assert f"encoded {total} of {total}" in run(*args, cwd=root)
+
+
+def test_routing_changes_name_the_rows_to_route_again() -> None:
+    columns = {"sample_id": ["a", "b", "c"], "partition": [0, 0, 1], "label": [1, 2, 3],
+               "payload_sha256": [b"x", b"y", b"z"]}
+    previous = pd.DataFrame(columns)
+    current = pd.DataFrame({"sample_id": ["b", "c", "d"], "partition": [0, 1, 1], "label": [2, 4, 5],
+                            "payload_sha256": [b"y", b"z", b"w"]})
+    still, fresh = routing_changes(previous, current)
+    assert still.tolist() == [False, True, False] and fresh.tolist() == [False, True, True]
+
+
+def test_probe_statistics_add_up_and_fit_a_linear_rule() -> None:
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 8)) * 4
+    labels = rng.integers(0, 3, 300)
+    features = (centres[labels] + rng.normal(size=(300, 8))).astype(np.float32)
+    blocks = [probe_statistics(features[i:i + 100], labels[i:i + 100], 3) for i in range(0, 300, 100)]
+    whole = probe_statistics(features, labels, 3)
+    assert np.allclose(sum(b["gram"] for b in blocks), whole["gram"]) and int(whole["count"][0]) == 300
+    weights = fit_probe(blocks, 1e-4)
+    assert weights.shape == (9, 3)
+    assert (probe_predict(weights, features) == labels).mean() > 0.95
+    assert fit_probe(blocks, 1e-4).tobytes() == weights.tobytes()
