@@ -380,7 +380,7 @@ def purge_models(tracking_uri: str, name: str, keep_version: str | None, request
                          "--tracking-uri", tracking_uri], capture_output=True, text=True)
     if gc.returncode != 0:
         raise StoreError(f"mlflow gc failed (the purge step stays pending): {gc.stderr[-2000:]}")
-    live = {m.model_id for m in client.search_logged_models(experiment_ids=experiment_ids(client))}
+    live = live_logged_models(client)
     for folder in sorted(artifact_root.glob("m-*")) if artifact_root.is_dir() else []:
         if folder.name not in live:  # gc could not resolve it (or never knew it): remove it and say so
             shutil.rmtree(folder)
@@ -390,6 +390,20 @@ def purge_models(tracking_uri: str, name: str, keep_version: str | None, request
             "deleted_logged_models": sorted(logged_models),
             "removed_after_gc_skipped": leftovers, "retained_model_versions": retained,
             **({"artifact_store": store} if store else {})}
+
+
+def live_logged_models(client: Any) -> set[str]:
+    """Every logged model id the store still holds, all pages: one call returns at most 100 (newest first), and
+    a folder missing from the set is deleted as gc residue, so a partial list would delete live models."""
+    ids = experiment_ids(client)
+    live: set[str] = set()
+    token = None
+    while True:
+        page = client.search_logged_models(experiment_ids=ids, page_token=token)
+        live.update(m.model_id for m in page)
+        token = page.token
+        if not token:
+            return live
 
 
 def experiment_ids(client: Any) -> list[str]:

@@ -216,10 +216,12 @@ def check_id(root: Path, params: dict[str, Any], sample_id: str, trusted: Sequen
              checkpoints: Sequence[Path] = ()) -> list[dict[str, Any]]:
     """The records that forgot this ID (matched by HMAC; the log never stores the ID itself)."""
     log = audit_log(root, params, trusted, checkpoints)
-    key = audit_key(root, params, log)
-    found = set(log.find_id(key, sample_id))
+    records = log.records()
+    if not records:  # nothing forgotten: do not create the audit key just to look
+        return []
+    found = set(log.find_id(audit_key(root, params, log), sample_id))
     return [{"request_id": r["predicate"]["request_id"], "recorded_at": r["predicate"]["recorded_at"]}
-            for r in log.records() if r["predicate"]["request_id"] in found]
+            for r in records if r["predicate"]["request_id"] in found]
 
 
 def checkpoint(root: Path, params: dict[str, Any], trusted: Sequence[str] = (),

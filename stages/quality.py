@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.contracts import check_encoded, check_shards, routing_schema, validate
-from pipeline.dataset import read_embeddings, read_table, write_bytes_atomic, write_table
+from pipeline.dataset import DataError, read_embeddings, read_table, write_bytes_atomic, write_table
 from pipeline.keys import project
 from pipeline.layout import ENCODED_REFERENCE, PROJECTION, ROUTING, SHARDS, shard_path
 from pipeline.lineage import stage_run
@@ -49,17 +49,20 @@ def forgotten_ids(root: Path, params: dict[str, Any]) -> Any:
     Compared by HMAC under the project's audit key (outside git); with no audit log and no forget in progress
     there is nothing to compare and the key is not created.
     """
-    from pipeline.audit import id_digest
+    from pipeline.audit import AuditError, id_digest
     from pipeline.forget import JOURNAL
     from stages.keyring import audit_key, audit_log
 
-    log = audit_log(root, params)
-    records = log.records()  # verified: a forged log must not decide what counts as forgotten
-    journal = root / JOURNAL
-    pending = json.loads(journal.read_text()).get("sample_ids", []) if journal.is_file() else []
-    if not records and not pending:
-        return lambda ids: np.zeros(len(ids), dtype=bool)
-    key = audit_key(root, params, log)
+    try:
+        log = audit_log(root, params)
+        records = log.records()  # verified: a forged log must not decide what counts as forgotten
+        journal = root / JOURNAL
+        pending = json.loads(journal.read_text()).get("sample_ids", []) if journal.is_file() else []
+        if not records and not pending:
+            return lambda ids: np.zeros(len(ids), dtype=bool)
+        key = audit_key(root, params, log)
+    except AuditError as exc:  # one clear line from the stage, not a traceback
+        raise DataError(f"the quality stage needs the audit log: {exc}") from exc
     digests = {d for r in records for d in r["predicate"].get("forgotten_ids", [])}
     digests |= {id_digest(key, i) for i in pending}
     return lambda ids: np.array([id_digest(key, i) in digests for i in ids], dtype=bool)

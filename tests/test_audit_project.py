@@ -177,13 +177,14 @@ def rewrite_with_the_real_key(root: Path, ctx: dict[str, Any]) -> None:
 
 
 def plant_unsigned(root: Path, ctx: dict[str, Any]) -> None:
-    """A record claiming the live sample was forgotten, with no valid signature."""
+    """An unsigned record for the request about to be made: once, `forget` then said "already-forgotten",
+    exit 0, and removed nothing."""
     last = parse_statement(parse_envelope(records(root)[-1].read_bytes())[1])
-    predicate = {**last["predicate"], "request_id": "req-planted", "sequence": 4}
+    predicate = {**last["predicate"], "request_id": "req-new", "sequence": 4}
     envelope = {"payloadType": "application/vnd.in-toto+json",
                 "payload": base64.b64encode(canonical_json({**last, "predicate": predicate})).decode(),
                 "signatures": [{"keyid": "0" * 64, "sig": ""}]}
-    (root / RECORDS / "000004-req-planted.json").write_bytes(canonical_json(envelope) + b"\n")
+    (root / RECORDS / "000004-req-new.json").write_bytes(canonical_json(envelope) + b"\n")
 
 
 def delete_hmac_key(root: Path, ctx: dict[str, Any]) -> None:
@@ -251,7 +252,8 @@ TAMPERS = [
            "which is not trusted", OPERATOR, "pin"),
     Tamper("re-sign a rewritten history with the real key, re-anchor", rewrite_with_the_real_key,
            "the log was rewritten", OPERATOR, "checkpoint"),
-    Tamper("plant an unsigned record", plant_unsigned, "000004-req-planted.json: signed by key 0000000000000000"),
+    Tamper("plant an unsigned record for the next request", plant_unsigned,
+           "000004-req-new.json: signed by key 0000000000000000"),
     Tamper("delete the HMAC audit key", delete_hmac_key, "the audit (HMAC) key is missing", ("check-id", "forget")),
     Tamper("delete every record", delete_every_record, "the log has 0 record(s)"),
     Tamper("roll the log back to an older commit", rollback_log, "the log has 2 record(s)"),
