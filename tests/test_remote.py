@@ -143,8 +143,8 @@ def remote_forget(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path, sto
         dvc(root, "remote", "modify", "--local", name, "access_key_id", CREDENTIALS["AWS_ACCESS_KEY_ID"])
         dvc(root, "remote", "modify", "--local", name, "secret_access_key", CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
         dvc(root, "push", "-q", "-r", name)
-    git(root, "add", ".dvc/config")
-    git(root, "commit", "-q", "-m", "DVC remotes")
+    git(root, "add", "-A")  # the project as a team shares it: pipeline, params, locks, remotes (not config.local)
+    git(root, "commit", "-q", "-m", "the project, with its DVC remotes")
     client = stores["client"]
     # the versioned bucket as real use leaves it: a re-uploaded object (two versions), and an object deleted
     # without its version id (a delete marker over the old bytes, as `dvc gc -c` leaves it); both objects hold
