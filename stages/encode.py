@@ -10,11 +10,10 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 from rich.progress import Progress
 
-from pipeline.contracts import check_encoded, samples_schema, validate
-from pipeline.dataset import image_arrays, read_table, write_embeddings
+from pipeline.contracts import check_encoded, samples_contract, validate
+from pipeline.dataset import encoder_inputs, read_table, write_embeddings
 from pipeline.encoder import Encoder
 from pipeline.executor import executor_of, run_encode
 from pipeline.layout import ENCODER, ENCODER_INFO
@@ -26,8 +25,7 @@ def main(name: str, src: Path, dst: Path) -> None:
     params = load_params()
     data, threads = params["data"], int(params["encoder"]["threads"])
     info = json.loads(ENCODER_INFO.read_text())
-    image_bytes = int(np.prod(data["image_shape"])) if data["modality"] == "image" else None
-    samples = validate(read_table(src), samples_schema(data["modality"], data["classes"], image_bytes), src)
+    samples = validate(read_table(src), samples_contract(data), src)
     used = {"data": data, "encoder.threads": threads}
     tags = {"encoder.sha256": info.get("weights_sha256", ""), "encoder.name": info["name"]}
     tags["legonet.executor"] = executor_of(params)
@@ -35,8 +33,7 @@ def main(name: str, src: Path, dst: Path) -> None:
                    tags) as run:
         model = ENCODER.read_bytes()
         encoder = Encoder(info["name"], model, int(info.get("image_size") or 0), threads=threads)
-        payloads = image_arrays(samples, data["image_shape"]) if data["modality"] == "image" else list(
-            samples["text"])
+        payloads = encoder_inputs(samples, data)
         with Progress(transient=True) as progress:
             task = progress.add_task(f"encode {name}", total=len(payloads))
             # locally in this process, or as Ray tasks over fixed chunks: the encoder is batch-invariant

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -22,7 +21,7 @@ from pipeline.layout import REFERENCE
 from pipeline.lineage import file_sha256, git_revision, platform_tags
 from pipeline.manifest import DeletionRequest, load_manifest
 from stages.build import dvc_lock_digest, repro
-from stages.project import params_digest
+from stages.project import commit_project, params_digest
 
 AUDIT_DIR = Path("audit")
 RECORDS = AUDIT_DIR / "records"
@@ -260,19 +259,8 @@ def _digests(key: bytes, sample_ids: set[str]) -> list[str]:
 
 
 def _commit(root: Path, journal: flow.Journal) -> None:
-    """Commit dvc.lock, .dvc files, params and the audit log when the project is a git repository."""
-    if not (root / ".git").exists():
-        return
-    paths = ["dvc.lock", "audit", "params.yaml", *[p.relative_to(root).as_posix()
-                                                    for p in (root / "data").rglob("*.dvc")]]
-    subprocess.run(["git", "add", "--", *[p for p in paths if (root / p).exists()]], cwd=root, check=True)
-    message = f"legonet forget {', '.join(journal.request_ids)}"
-    identity = ["-c", "user.name=legonet", "-c", "user.email=legonet@localhost"] if not _has_identity(root) else []
-    subprocess.run(["git", *identity, "commit", "-q", "-m", message], cwd=root, capture_output=True)
-
-
-def _has_identity(root: Path) -> bool:
-    return subprocess.run(["git", "config", "user.email"], cwd=root, capture_output=True).returncode == 0
+    """Commit everything the forget changed (dvc.lock, .dvc files, params, metrics, the audit log) to git."""
+    commit_project(root, f"legonet forget {', '.join(journal.request_ids)}")
 
 
 STEPS = flow.STATES[1:]
