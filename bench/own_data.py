@@ -133,11 +133,30 @@ def measure(name: str, work: Path, say: Callable[[str], None]) -> dict:
             "init_seconds": round(init_s, 1), "build_seconds": round(build_s, 1)}
 
 
+def table(run: dict) -> str:
+    """The measured run as the Markdown table of docs/own-data.md."""
+    lines = ["| dataset | samples, classes | encoder | chosen n (k = 3) | ensemble % | probe % | gap (pt) | "
+             "empty adapters | quality checkpoint | registered as | build |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for d in run["datasets"]:
+        verdict = "passed" if d["quality_passed"] else "failed: " + "; ".join(
+            f.split(":")[0] + ": " + f.split("(")[0].split(": ", 1)[-1] for f in d["quality_failed"])
+        lines.append(f"| {d['dataset']} | {d['samples']:,}, {d['classes']} | {d['encoder']} | {d['n']} | "
+                     f"{100 * d['accuracy']:.2f} | {100 * d['probe_accuracy']:.2f} | {d['gap_points']:+.2f} | "
+                     f"{d['empty_adapters']} | {verdict} | {'champion' if d['champion'] else 'candidate'} | "
+                     f"{d['build_seconds']:.0f} s |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.own_data", description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", default="mnist5k,digits,wordnet3k,breast-cancer,fashion70k")
     parser.add_argument("--work", type=Path, default=Path("bench/cache/own-data"))
+    parser.add_argument("--report", action="store_true", help="print the last run's table and exit")
     args = parser.parse_args(argv)
+    if args.report:
+        print(table(json.loads(RESULTS.read_text())))
+        return 0
     args.work.mkdir(parents=True, exist_ok=True)
     run = {"command": " ".join([Path(sys.executable).name, "-m", "bench.own_data", *(argv or sys.argv[1:])]),
            "started": datetime.now(UTC).isoformat(timespec="seconds"), "machine": platform.platform(),

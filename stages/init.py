@@ -67,13 +67,18 @@ def set_params(path: Path, updates: dict[str, Any]) -> None:
 
 
 def _quoted(value: Any) -> Any:
-    """Strings double-quoted: a class or column named `yes`, `no`, `null` or `1` must stay a string for every
-    YAML reader (PyYAML reads YAML 1.1, DVC YAML 1.2)."""
+    """A string that a YAML reader would take for something else double-quoted: a class or column named `yes`,
+    `no`, `null` or `1` must stay a string for PyYAML (YAML 1.1, legonet) and DVC (YAML 1.2) alike."""
+    import yaml as pyyaml
     from ruamel.yaml.comments import CommentedSeq
     from ruamel.yaml.scalarstring import DoubleQuotedScalarString
 
     if isinstance(value, str):
-        return DoubleQuotedScalarString(value)
+        try:
+            plain = pyyaml.safe_load(value) == value
+        except pyyaml.YAMLError:
+            plain = False
+        return value if plain else DoubleQuotedScalarString(value)
     if isinstance(value, list):
         seq = CommentedSeq([_quoted(v) for v in value])
         seq.fa.set_flow_style()

@@ -74,9 +74,13 @@ def wine(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out["status"]["build"] = git(root, "status", "--porcelain")
     out["head_after_build"] = git(root, "ls-tree", "-r", "--name-only", "HEAD").split()
 
-    # forget one train and one test sample; a fresh project on the retained rows is the oracle
+    # forget one train sample and one test sample the model gets wrong (a forget that keeps accuracy: the gate
+    # judges it against the version it replaces); a fresh project on the retained rows is the oracle
     train_id = sorted(read_table(root / "data/routing.parquet")["sample_id"])[0]
-    test_id = sorted(read_table(root / "data/test/test.parquet")["sample_id"])[0]
+    scored = pd.read_csv(io.StringIO(legonet("predict", "data/test/test.parquet", cwd=root).stdout))
+    truth = read_table(root / "data/test/test.parquet").set_index("sample_id")["label"]
+    wrong = sorted(scored["sample_id"][scored["prediction"].to_numpy() != truth[scored["sample_id"]].to_numpy()])
+    test_id = (wrong or sorted(truth.index))[0]
     out["forgotten"] = {train_id, test_id}
     table[~table["sample_id"].isin(out["forgotten"])].to_csv(retained := work / "retained.csv", index=False)
     errors: list[BaseException] = []
