@@ -148,6 +148,15 @@ def table(run: dict) -> str:
     return "\n".join(lines)
 
 
+def save(path: Path, run: dict, result: dict) -> None:
+    """Add one dataset's result to the run file, replacing an earlier measurement of the same dataset; the file is
+    read again first, so runs of other datasets in parallel processes are kept."""
+    current = json.loads(path.read_text()) if path.is_file() else {k: v for k, v in run.items() if k != "datasets"}
+    current["datasets"] = [d for d in current.get("datasets", []) if d["dataset"] != result["dataset"]] + [result]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(current, indent=1, sort_keys=True) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.own_data", description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", default="mnist5k,digits,wordnet3k,breast-cancer,fashion70k")
@@ -160,16 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     run = {"command": " ".join([Path(sys.executable).name, "-m", "bench.own_data", *(argv or sys.argv[1:])]),
            "started": datetime.now(UTC).isoformat(timespec="seconds"), "machine": platform.platform(),
-           "cpus": os.cpu_count(), "datasets": []}
-    if RESULTS.is_file():  # one run measures several datasets over hours: keep what earlier parts measured
-        previous = json.loads(RESULTS.read_text())
-        run["datasets"] = [d for d in previous.get("datasets", []) if d["dataset"] not in args.datasets.split(",")]
+           "cpus": os.cpu_count()}
     for name in args.datasets.split(","):
         result = measure(name, args.work.resolve(), lambda m: print(m, flush=True))
         result["measured"] = datetime.now(UTC).isoformat(timespec="seconds")
-        run["datasets"].append(result)
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(run, indent=1, sort_keys=True) + "\n")
+        result["command"] = run["command"]
+        save(RESULTS, run, result)
         print(json.dumps(result, indent=1), flush=True)
     return 0
 

@@ -32,6 +32,7 @@ from test_serving import _free_port, _wait_for_ping
 
 from pipeline.dataset import read_table
 from pipeline.keys import fit_projection, project
+from pipeline.quality import QualityParams
 from pipeline.registry import Replaced, gate
 from stages.init import KEYS_PER_REFERENCE, defaults_from_data
 
@@ -135,6 +136,17 @@ def test_standardising_is_folded_into_the_projection() -> None:
     np.testing.assert_allclose(identity, expected, atol=1e-3)
     pca = project(table, fit_projection(table, 2, standardise=True))
     assert pca.shape == (200, 2) and 0.7 < pca.std(0).min() <= pca.std(0).max() < 1.3
+
+
+def test_the_norm_rule_asks_what_the_reference_split_can_promise() -> None:
+    """Beyond the [min, max] of m reference norms lies 2 / (m + 1) of clean data; doubled, that is the tolerance."""
+    rule = QualityParams(1, 1, 1.0, 1, 0.5, 0.99)
+    assert rule.for_reference(16).norm_mostly == pytest.approx(1 - 4 / 17, abs=1e-4)  # the wine table's split
+    assert rule.for_reference(7000).norm_mostly == 0.99  # a large split keeps the configured share
+    rng = np.random.default_rng(1)  # and on clean data it holds: heavy-tailed norms, 16 reference samples
+    held = [np.mean((x >= r.min()) & (x <= r.max())) >= rule.for_reference(16).norm_mostly
+            for r, x in ((rng.lognormal(size=16), rng.lognormal(size=400)) for _ in range(200))]
+    assert np.mean(held) > 0.9
 
 
 def test_init_derives_the_params_from_the_data_and_says_why(wine: dict[str, Any]) -> None:
