@@ -28,8 +28,10 @@ def _sample_id() -> pa.Column:
     return pa.Column(str, pa.Check.str_matches(SAMPLE_ID_PATTERN), unique=True, nullable=False)
 
 
-def _label(classes: Sequence[int]) -> pa.Column:
-    return pa.Column("int64", pa.Check.isin(list(classes)), nullable=False)
+def _label(classes: Sequence[int | str]) -> pa.Column:
+    """Integer class indices, or class names (strings) when ``data.classes`` names them."""
+    named = any(isinstance(c, str) for c in classes)
+    return pa.Column(str if named else "int64", pa.Check.isin(list(classes)), nullable=False)
 
 
 def _embedding(dim: int | None) -> pa.Column:
@@ -49,17 +51,29 @@ def _embedding(dim: int | None) -> pa.Column:
     return pa.Column(object, checks, nullable=False)
 
 
-def samples_schema(modality: str, classes: Sequence[int], image_bytes: int | None) -> pa.DataFrameSchema:
-    """Raw partitions, reference and test splits: sample_id, label and the payload."""
+def samples_schema(modality: str, classes: Sequence[int | str], image_bytes: int | None,
+                   features: Sequence[str] = ()) -> pa.DataFrameSchema:
+    """Raw partitions, reference and test splits: sample_id, label and the payload (a table: its feature columns,
+    float64 and finite; a missing value is no sample the encoder can place)."""
     if modality == "image":
-        payload = pa.Column(object, pa.Check(lambda b: isinstance(b, bytes) and len(b) == image_bytes,
-                                             element_wise=True, error=f"image is {image_bytes} uint8 pixels"),
-                            nullable=False)
+        payload = {"image": pa.Column(object, pa.Check(lambda b: isinstance(b, bytes) and len(b) == image_bytes,
+                                                       element_wise=True, error=f"image is {image_bytes} uint8 pixels"),
+                                      nullable=False)}
+    elif modality == "table":
+        payload = {name: pa.Column("float64", pa.Check(lambda v: bool(np.isfinite(v)), element_wise=True,
+                                                       error="feature is a finite number"), nullable=False)
+                   for name in features}
     else:
-        payload = pa.Column(str, pa.Check(lambda t: bool(t.strip()), element_wise=True, error="text is not empty"),
-                            nullable=False)
-    return pa.DataFrameSchema({"sample_id": _sample_id(), "label": _label(classes), modality: payload},
+        payload = {"text": pa.Column(str, pa.Check(lambda t: bool(t.strip()), element_wise=True,
+                                                   error="text is not empty"), nullable=False)}
+    return pa.DataFrameSchema({"sample_id": _sample_id(), "label": _label(classes), **payload},
                               strict=True, name="samples")
+
+
+def samples_contract(data: dict) -> pa.DataFrameSchema:
+    """``samples_schema`` from the ``data`` section of params (modality, classes, image shape, features)."""
+    image_bytes = int(np.prod(data["image_shape"])) if data["modality"] == "image" else None
+    return samples_schema(data["modality"], data["classes"], image_bytes, data.get("features") or ())
 
 
 def encoded_schema(classes: Sequence[int], dim: int | None, extra: dict[str, pa.Column] | None = None

@@ -24,7 +24,8 @@ import pyarrow.parquet as pq
 from pipeline.layout import partition_name
 
 SPLITS = ("reference", "test", "train")
-PAYLOAD_COLUMNS = {"image": "image", "text": "text"}  # modality -> column name
+# image: one column of uint8 pixels; text: one column of strings; table: the numeric columns data.features names
+MODALITIES = ("image", "text", "table")
 PAYLOAD_DIGEST = "payload_sha256"  # encoded tables: sha256 of the payload each embedding was computed from
 METADATA_KEY = "legonet"  # the one Parquet schema-metadata key write_embeddings may set
 _HASH_BUCKETS = 10_000
@@ -130,41 +131,77 @@ def _first(ids: Sequence[object], limit: int = 5) -> str:
     return shown + (f" (and {rest} more)" if rest > 0 else "")
 
 
+def label_names(values: Sequence[object]) -> bool:
+    """True when labels are class names (some value is not an integer), False when they are class indices."""
+    numbers = pd.to_numeric(pd.Series(list(values), dtype=object), errors="coerce")
+    return bool(numbers.isna().any() or (numbers != numbers.round()).any())
+
+
 def check_samples(
     frame: pd.DataFrame,
     path: Path | str,
     modality: str,
-    classes: Sequence[int] | None,
+    classes: Sequence[int | str] | None,
     image_shape: Sequence[int] | None,
+    features: Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """Validate a user's sample table and return it in canonical form (sorted, typed, fresh index).
 
-    Only parsing happens here (the payload column for the modality must exist; labels must be integers); every
-    rule on the parsed table (sample_id form and uniqueness, labels in ``classes``, image size, non-empty text)
-    is the pandera contract ``pipeline.contracts.samples_schema``, the same one the ``encode`` stage checks.
-    Raises ``DataError`` (``ContractError`` for a broken rule) naming the file, the rule and the first failing
-    sample IDs.
+    Only parsing happens here (the payload column(s) for the modality must exist; labels are integers, or strings
+    when ``classes`` names them; a table's ``features`` are numbers); every rule on the parsed table (sample_id
+    form and uniqueness, labels in ``classes``, image size, non-empty text, finite features) is the pandera
+    contract ``pipeline.contracts.samples_schema``, the same one the ``encode`` stage checks. Raises ``DataError``
+    (``ContractError`` for a broken rule) naming the file, the rule and the first failing sample IDs.
     """
     from pipeline.contracts import samples_schema, validate
 
-    payload = PAYLOAD_COLUMNS.get(modality)
-    if payload is None:
-        raise DataError(f"{path}: unknown modality {modality!r}; use one of {sorted(PAYLOAD_COLUMNS)}")
-    missing = [c for c in ("sample_id", "label", payload) if c not in frame.columns]
+    if modality not in MODALITIES:
+        raise DataError(f"{path}: unknown modality {modality!r}; use one of {sorted(MODALITIES)}")
+    payload = list(features or []) if modality == "table" else [modality]
+    if not payload:
+        raise DataError(f"{path}: a table needs at least one feature column (data.features)")
+    missing = [c for c in ("sample_id", "label", *payload) if c not in frame.columns]
     if missing:
-        raise DataError(f"{path}: missing column(s) {missing}; a {modality} table needs sample_id, label, {payload}")
+        raise DataError(f"{path}: missing column(s) {missing}; a {modality} table needs sample_id, label, "
+                        f"{', '.join(payload)}")
     ids = frame["sample_id"]
-    labels = pd.to_numeric(frame["label"], errors="coerce")
-    non_int = ids[labels.isna() | (labels != labels.round())].tolist()
-    if non_int:
-        raise DataError(f"{path}: label must be an integer class index, samples {_first(non_int)}")
+    named = any(isinstance(c, str) for c in classes) if classes is not None else label_names(frame["label"])
+    if named:
+        labels = frame["label"].map(lambda v: v if isinstance(v, str) else str(v))
+    else:
+        numbers = pd.to_numeric(frame["label"], errors="coerce")
+        non_int = ids[numbers.isna() | (numbers != numbers.round())].tolist()
+        if non_int:
+            raise DataError(f"{path}: label must be an integer class index (data.classes lists integers), "
+                            f"samples {_first(non_int)}")
+        labels = numbers.astype(np.int64)
     text_ids = ids.map(lambda i: isinstance(i, str)).all()
-    canonical = pd.DataFrame({"sample_id": ids.astype(str) if text_ids else ids,
-                              "label": labels.astype(np.int64), payload: frame[payload]})
+    canonical = pd.DataFrame({"sample_id": ids.astype(str) if text_ids else ids, "label": labels})
+    for column in payload:
+        canonical[column] = _numbers(frame[column], ids, path) if modality == "table" else frame[column]
     image_bytes = int(np.prod(image_shape)) if modality == "image" and image_shape else None
     all_classes = classes if classes is not None else sorted(set(canonical["label"].tolist()))
-    validate(canonical, samples_schema(modality, all_classes, image_bytes), path)
+    validate(canonical, samples_schema(modality, all_classes, image_bytes, payload), path)
     return canonical.sort_values("sample_id", kind="stable").reset_index(drop=True)
+
+
+def _numbers(column: pd.Series, ids: pd.Series, path: Path | str) -> pd.Series:
+    """A feature column as float64; a value that is not a number is an error naming the column and samples."""
+    numbers = pd.to_numeric(column, errors="coerce")
+    bad = ids[numbers.isna() & column.notna() & (column.astype(str).str.strip() != "")].tolist()
+    if bad:
+        raise DataError(f"{path}: column {column.name!r} must hold numbers (a tabular feature), samples "
+                        f"{_first(bad)}; choose the feature columns with `legonet init --features A,B,...`")
+    return numbers.astype(np.float64)
+
+
+def encoder_inputs(samples: pd.DataFrame, data: dict) -> Sequence:
+    """What the encoder reads from a validated sample table: image arrays, texts, or the (N, features) matrix."""
+    if data["modality"] == "image":
+        return image_arrays(samples, data["image_shape"])
+    if data["modality"] == "table":
+        return samples[list(data["features"])].to_numpy(np.float64)
+    return list(samples["text"])
 
 
 def write_table(frame: pd.DataFrame, path: Path, metadata: dict[str, object] | None = None) -> None:
@@ -248,7 +285,8 @@ def write_embeddings(path: Path, frame: pd.DataFrame, embeddings: np.ndarray, *,
     frame = frame.iloc[order].reset_index(drop=True)
     embeddings = np.ascontiguousarray(embeddings[order], dtype=np.float32)
     # explicit types: an empty table (an adapter that lost every sample) must not write a `null` column
-    types = {"sample_id": pa.string(), "label": pa.int64(), PAYLOAD_DIGEST: pa.binary(32)}
+    types = {"sample_id": pa.string(), PAYLOAD_DIGEST: pa.binary(32),
+             "label": pa.int64() if pd.api.types.is_integer_dtype(frame["label"]) else pa.string()}
     columns = {name: pa.array(frame[name].to_numpy(), type=types.get(name)) for name in frame.columns}
     width = embeddings.shape[1] if embeddings.ndim == 2 else 0
     columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), width)
@@ -261,9 +299,13 @@ def write_embeddings(path: Path, frame: pd.DataFrame, embeddings: np.ndarray, *,
     return write_bytes_atomic(path, buffer.getvalue(), keep_identical=keep_identical)
 
 
-def payload_digests(frame: pd.DataFrame, modality: str) -> list[bytes]:
-    """sha256 of each row's payload (image bytes or UTF-8 text): what an embedding was computed from."""
-    column = frame[PAYLOAD_COLUMNS[modality]]
+def payload_digests(frame: pd.DataFrame, data: dict) -> list[bytes]:
+    """sha256 of each row's payload (image bytes, UTF-8 text, or a table row's features as float64): what an
+    embedding was computed from."""
+    if data["modality"] == "table":
+        features = np.ascontiguousarray(frame[list(data["features"])].to_numpy(np.float64))
+        return [hashlib.sha256(row.tobytes()).digest() for row in features]
+    column = frame[data["modality"]]
     return [hashlib.sha256(v if isinstance(v, bytes) else str(v).encode()).digest() for v in column]
 
 

@@ -19,6 +19,7 @@ import os
 import pathlib
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -26,7 +27,10 @@ from PIL import Image
 
 from pipeline.lineage import file_sha256
 
-ENCODERS: dict[str, str] = {"efficientnet-lite0": "image", "minilm": "text"}
+# encoder name -> the modality it reads. `none` is for tables: the features themselves are the embedding (an
+# identity graph, so a table project has the same encoder file, digest and serving path as the others); the
+# standardisation with the reference split's statistics is part of the projection (pipeline.keys).
+ENCODERS: dict[str, str] = {"efficientnet-lite0": "image", "minilm": "text", "none": "table"}
 
 # Texts are padded to the smallest bucket that fits: padding length changes MiniLM's bits (DESIGN.md
 # section 8), so the padded length must depend on the text alone, never on its neighbours.
@@ -151,13 +155,43 @@ def _trace_minilm(buf: io.BytesIO) -> int:
     return int(module(*example).shape[1])
 
 
-def export_encoder(name: str, image_size: int, out_path: pathlib.Path) -> dict:
+def _identity_graph(features: Sequence[str]) -> Any:
+    """(batch, len(features)) float32 -> the same values: the `none` encoder of tabular data (an onnx ModelProto)."""
+    from onnx import TensorProto, helper
+
+    width = len(features)
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["features"], ["embedding"])], "legonet-none",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", width])])
+    # IR 8 is the version of opset 17: a fixed number keeps the file's bytes independent of the onnx release
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", _ONNX_OPSET)],
+                             producer_name="legonet", ir_version=8)
+
+
+def export_encoder(name: str, image_size: int, out_path: pathlib.Path, features: Sequence[str] = ()) -> dict:
     """Write the encoder `name` as one deterministic ONNX file at `out_path`; return its metadata.
 
-    `image_size` fixes the input side for image encoders and is ignored for text. The file is byte-identical
-    across runs and processes on the same library versions, so its SHA-256 (returned as "sha256") names it.
+    `image_size` fixes the input side for image encoders and is ignored otherwise; `features` names the columns
+    of a table (encoder `none`). The file is byte-identical across runs and processes on the same library
+    versions, so its SHA-256 (returned as "sha256") names it.
     """
     kind = _check_name(name)
+    if kind == "table":
+        if not features:
+            raise EncoderError("encoder `none` needs the table's feature columns (data.features)")
+        model = _identity_graph(features)
+        meta = {"encoder": name, "modality": kind, "features": json.dumps(list(features))}
+        for key in sorted(meta):
+            model.metadata_props.add(key=_META_PREFIX + key, value=meta[key])
+        out_path = pathlib.Path(out_path)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_path.with_name(out_path.name + ".tmp")
+        tmp.write_bytes(model.SerializeToString())
+        os.replace(tmp, out_path)
+        digest = file_sha256(out_path)
+        return {"name": name, "modality": kind, "dim": len(features), "features": list(features),
+                "weights_sha256": digest, "sha256": digest, "engine": "onnxruntime", "onnxruntime": ort.__version__}
     if kind == "image" and (not isinstance(image_size, int) or image_size < 1):
         raise EncoderError(f"image_size must be a positive int, got {image_size!r}")
     import onnx
@@ -252,7 +286,9 @@ class Encoder:
         if meta.get("encoder") != name:
             raise EncoderError(f"{model_path} holds encoder {meta.get('encoder')!r}, not {name!r}")
         self.dim: int = int(self._session.get_outputs()[0].shape[1])
-        if self.modality == "image":
+        if self.modality == "table":
+            self.features: list[str] = json.loads(meta["features"])
+        elif self.modality == "image":
             if int(meta["image_size"]) != image_size:
                 raise EncoderError(
                     f"{model_path} was exported for image_size {meta['image_size']}, not {image_size}"
@@ -274,11 +310,22 @@ class Encoder:
         `progress`, if given, is called with the number of payloads finished after each chunk.
         """
         out = np.empty((len(payloads), self.dim), dtype=np.float32)
-        if self.modality == "image":
+        if self.modality == "table":
+            self._encode_rows(payloads, out, progress)
+        elif self.modality == "image":
             self._encode_images(payloads, out, progress)
         else:
             self._encode_texts(payloads, out, progress)
         return out
+
+    def _encode_rows(self, rows: Sequence, out: np.ndarray, progress: Callable[[int], None] | None) -> None:
+        """Table rows (numbers, one per feature) -> float32; each value is cast on its own, so batch-invariant."""
+        matrix = np.asarray(rows, dtype=np.float32).reshape(len(rows), self.dim)
+        for start in range(0, len(matrix), CHUNK_SIZE):
+            chunk = np.ascontiguousarray(matrix[start : start + CHUNK_SIZE])
+            out[start : start + len(chunk)] = self._session.run(None, {"features": chunk})[0]
+            if progress is not None:
+                progress(len(chunk))
 
     def _preprocess(self, image: np.ndarray) -> np.ndarray:
         """One image -> (3, S, S) float32; per-image, so it cannot depend on the batch."""

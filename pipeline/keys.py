@@ -14,13 +14,16 @@ class KeysError(ValueError):
     """The reference split cannot support the requested projection or number of keys."""
 
 
-def fit_projection(reference: np.ndarray, dim: int) -> np.ndarray:
+def fit_projection(reference: np.ndarray, dim: int, standardise: bool = False) -> np.ndarray:
     """PCA of the reference embeddings: returns a (dim + 1, d) float32 array, row 0 the mean, rows 1.. the axes.
 
-    ``dim = 0`` means no projection (an empty array). Signs are fixed (largest component positive) so the result
+    ``dim = 0`` means no projection (an empty array), or with ``standardise`` the identity. ``standardise``
+    (tabular data, encoder `none`: columns in unrelated units) divides each column by its standard deviation on the
+    reference split before the PCA; the division is folded into the axes (x - mean) . (a / std), so ``project``
+    is unchanged. A constant column keeps its scale. Signs are fixed (largest component positive) so the result
     does not depend on LAPACK's arbitrary sign choice.
     """
-    if dim == 0:
+    if dim == 0 and not standardise:
         return np.zeros((0, reference.shape[1]), dtype=np.float32)
     if dim > min(reference.shape):
         raise KeysError(
@@ -29,10 +32,14 @@ def fit_projection(reference: np.ndarray, dim: int) -> np.ndarray:
         )
     data = reference.astype(np.float64)
     mean = data.mean(axis=0)
-    _, _, vt = np.linalg.svd(data - mean, full_matrices=False)
+    std = data.std(axis=0) if standardise else np.ones(data.shape[1])
+    scale = np.where(std > 0, 1.0 / np.where(std > 0, std, 1.0), 1.0)
+    if dim == 0:
+        return np.vstack([mean[None, :], np.diag(scale)]).astype(np.float32)
+    _, _, vt = np.linalg.svd((data - mean) * scale, full_matrices=False)
     axes = vt[:dim]
     signs = np.sign(axes[np.arange(dim), np.abs(axes).argmax(axis=1)])
-    axes = axes * signs[:, None]
+    axes = axes * signs[:, None] * scale[None, :]
     return np.vstack([mean[None, :], axes]).astype(np.float32)
 
 

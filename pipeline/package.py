@@ -25,8 +25,9 @@ SERVING_REQUIREMENTS = ["numpy", "pandas", "pyarrow", "onnxruntime", "safetensor
 
 class LegoNetModel(PythonModel):
     """pyfunc model. Input: a DataFrame with an ``image`` column (raw uint8 bytes, or a list of pixel values,
-    row-major ``image_shape``) or a ``text`` column. Output: ``prediction`` plus ``proba_<class>`` columns and
-    ``adapters`` (the adapters each sample consulted)."""
+    row-major ``image_shape``), a ``text`` column, or a table's feature columns. Output: ``prediction`` (the class
+    name or index of ``data.classes``) plus ``proba_<class>`` columns and ``adapters`` (the adapters each sample
+    consulted)."""
 
     def load_context(self, context: Any) -> None:
         from pipeline.encoder import Encoder
@@ -51,6 +52,14 @@ def payloads(frame: pd.DataFrame, config: dict[str, Any]) -> list[Any]:
         if "text" not in frame.columns:
             raise ValueError("input needs a `text` column")
         return [str(t) for t in frame["text"]]
+    if config["modality"] == "table":
+        missing = [c for c in config["features"] if c not in frame.columns]
+        if missing:
+            raise ValueError(f"input needs the feature column(s) {missing} (numbers)")
+        try:
+            return frame[config["features"]].to_numpy(np.float64)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"feature columns must hold numbers: {exc}") from exc
     if "image" not in frame.columns:
         raise ValueError("input needs an `image` column (raw uint8 bytes or a list of pixel values)")
     shape = tuple(int(s) for s in config["image_shape"])
@@ -74,8 +83,10 @@ def predict_frame(encoder: Any, ensemble: Any, config: dict[str, Any], frame: pd
     return out
 
 
-def stage_artifacts(workdir: Path, files: dict[str, Path], config: dict[str, Any]) -> dict[str, str]:
-    """Copy the artifact files byte for byte into ``workdir`` and return MLflow's ``artifacts`` mapping."""
+def stage_artifacts(staging: Path, files: dict[str, Path], config: dict[str, Any]) -> dict[str, str]:
+    """Copy the artifact files byte for byte into ``staging/artifacts`` and return MLflow's ``artifacts`` mapping,
+    with paths relative to ``staging`` (the package is saved from there: see ``stages.package.inside``)."""
+    workdir = staging / "artifacts"
     workdir.mkdir(parents=True, exist_ok=True)
     artifacts = {}
     for name, src in files.items():
@@ -84,8 +95,8 @@ def stage_artifacts(workdir: Path, files: dict[str, Path], config: dict[str, Any
             shutil.copytree(src, dst, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".gitignore"))
         else:
             shutil.copyfile(src, dst)
-        artifacts[name] = str(dst)
+        artifacts[name] = dst.relative_to(staging).as_posix()
     config_path = workdir / "config.json"
     config_path.write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
-    artifacts["config"] = str(config_path)
+    artifacts["config"] = config_path.relative_to(staging).as_posix()
     return artifacts

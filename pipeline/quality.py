@@ -14,6 +14,7 @@ forgotten later (the residue guarantee), and a plain hash of a guessable ID woul
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -45,6 +46,19 @@ class QualityParams:
         q = params["quality"]
         return cls(int(q["min_samples"]), int(q["min_class_samples"]), float(q["max_class_share"]),
                    int(q["min_adapter_classes"]), float(q["norm_margin"]), float(q["norm_mostly"]))
+
+    def for_reference(self, samples: int) -> QualityParams:
+        """The norm rule a reference split of ``samples`` embeddings can support on clean data.
+
+        A clean training sample is as likely as any reference sample to be the largest (or smallest) of them all,
+        so it falls beyond the reference split's [min, max] with probability 2 / (samples + 1), whatever the
+        distribution. ``norm_mostly`` is kept only where that tail, doubled for sampling noise, fits in the share
+        it tolerates; a smaller split tolerates ``4 / (samples + 1)``. (Wine, 16 reference rows: 1 % of clean
+        training rows fell outside and failed the rule at 0.99.) A corrupted split (wrong scale, wrong encoder)
+        moves most samples out of range and still fails.
+        """
+        mostly = min(self.norm_mostly, round(1 - 4 / (samples + 1), 4))
+        return dataclasses.replace(self, norm_mostly=max(0.0, mostly))
 
 
 def norm_range(reference_features: np.ndarray, margin: float) -> tuple[float, float]:
@@ -81,7 +95,8 @@ def tables(shards: Sequence[tuple[pd.DataFrame, np.ndarray]], routed_ids: Sequen
     ids = per_sample.index.to_list()
     per_sample["forgotten"] = np.asarray(forgotten(ids), dtype=bool) if ids else np.zeros(0, dtype=bool)
     samples = per_sample.reset_index(drop=True)  # no IDs leave this function
-    samples["label"] = samples["label"].astype("Int64")
+    if pd.api.types.is_numeric_dtype(samples["label"]):  # integer classes: reindexing made them floats
+        samples["label"] = samples["label"].astype("Int64")
     counts = samples["label"].value_counts()
     total = max(1, len(samples))
     class_table = pd.DataFrame({"label": list(classes),

@@ -20,22 +20,46 @@ class GateResult:
     reason: str
 
 
-def gate(accuracy: float, champion_accuracy: float | None, params: dict[str, Any],
+@dataclass(frozen=True)
+class Replaced:
+    """The version a new build replaces (what serves now: the champion, else the newest version) and its
+    recorded test accuracy."""
+
+    version: str
+    accuracy: float
+
+
+def gate(accuracy: float, replaced: Replaced | None, params: dict[str, Any],
          extra_failures: list[str] | None = None) -> GateResult:
-    """Accuracy must reach ``min_accuracy`` and drop at most ``max_drop`` below the current champion."""
+    """Judge a build against the version it replaces: its accuracy may drop at most ``gate.max_drop`` below that
+    version's recorded accuracy. ``gate.min_accuracy`` is an absolute floor only when the user sets one (null by
+    default): no fixed figure suits every dataset, so the first build of a user's data becomes champion unless
+    the quality checkpoint (``extra_failures``) or a floor the user chose holds it back."""
     failures = list(extra_failures or [])
-    if not math.isfinite(accuracy) or accuracy < float(params["min_accuracy"]):
-        failures.append(f"accuracy {accuracy:.4f} below gate.min_accuracy {float(params['min_accuracy']):.4f}")
-    if champion_accuracy is not None and champion_accuracy - accuracy > float(params["max_drop"]):
-        failures.append(f"accuracy {accuracy:.4f} drops {champion_accuracy - accuracy:.4f} below the champion's "
-                        f"{champion_accuracy:.4f} (gate.max_drop {float(params['max_drop']):.4f})")
+    floor, max_drop = params.get("min_accuracy"), float(params["max_drop"])
+    if not math.isfinite(accuracy):
+        failures.append(f"accuracy {accuracy} is not a number (no test samples?)")
+    if floor is not None and accuracy < float(floor):
+        failures.append(f"accuracy {accuracy:.4f} below gate.min_accuracy {float(floor):.4f}")
+    if replaced is not None and replaced.accuracy - accuracy > max_drop:
+        failures.append(f"accuracy {accuracy:.4f} drops {replaced.accuracy - accuracy:.4f} below the "
+                        f"{replaced.accuracy:.4f} of version {replaced.version}, the version it replaces "
+                        f"(gate.max_drop {max_drop:.4f})")
     if failures:
         return GateResult(False, "; ".join(failures))
-    return GateResult(True, f"accuracy {accuracy:.4f} passes the gate")
+    if replaced is None:
+        against = "first version: nothing to compare against" + (
+            f", and at least gate.min_accuracy {float(floor):.4f}" if floor is not None
+            else " and no gate.min_accuracy set")
+    else:
+        against = (f"within gate.max_drop {max_drop:.4f} of the {replaced.accuracy:.4f} of version "
+                   f"{replaced.version}, the version it replaces")
+    return GateResult(True, f"accuracy {accuracy:.4f} passes the gate: {against}")
 
 
-def champion_accuracy(name: str) -> float | None:
-    """Accuracy tag of the current champion version, or None when there is none."""
+def replaced_version(name: str) -> Replaced | None:
+    """The version a new build replaces: the champion, else the newest version (what `legonet predict` serves),
+    with its ``accuracy`` tag; None when no version with a recorded accuracy exists."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -43,9 +67,10 @@ def champion_accuracy(name: str) -> float | None:
     try:
         version = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
-        return None
-    value = version.tags.get("accuracy")
-    return float(value) if value is not None else None
+        latest = latest_version(name)  # search results may omit tags: read the version itself
+        version = client.get_model_version(name, latest.version) if latest is not None else None
+    value = version.tags.get("accuracy") if version is not None else None
+    return Replaced(str(version.version), float(value)) if value is not None else None
 
 
 def promote(name: str, version: str, result: GateResult) -> str:

@@ -36,10 +36,13 @@ def cmd_init(args: argparse.Namespace) -> int:
     from stages.init import init_project
 
     started = time.monotonic()
-    counts = init_project(Path(args.project), data=args.data, reference=args.reference, test=args.test,
-                          force=args.force, overrides=_parse_set(args.set))
-    for path, rows in counts.items():
+    features = [f.strip() for f in args.features.split(",") if f.strip()] if args.features else None
+    summary = init_project(Path(args.project), data=args.data, reference=args.reference, test=args.test,
+                           force=args.force, overrides=_parse_set(args.set), features=features)
+    for path, rows in summary.counts.items():
         console.print(f"  {path}: {rows} samples")
+    for choice in summary.choices:
+        console.print(f"  chose {choice}; --set the key to choose yourself", highlight=False)
     console.print(f"initialised {Path(args.project).resolve()} in {time.monotonic() - started:.1f} s; "
                   f"next: cd {args.project} && legonet build")
     return 0
@@ -48,6 +51,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_build(args: argparse.Namespace) -> int:
     from pipeline.forget import project_lock
     from stages.build import repro, summary, tag_build
+    from stages.project import commit_project
 
     root = Path.cwd()
     started = time.monotonic()
@@ -55,6 +59,9 @@ def cmd_build(args: argparse.Namespace) -> int:
         ran = repro(root, force=args.force, console=console)
         registered = tag_build(root) if ran else {}
     metrics = summary(root)
+    built = (f": model version {registered['version']} [{registered['aliases']}], test accuracy "
+             f"{metrics.get('accuracy', float('nan')):.4f}") if registered else ""
+    commit_project(root, f"legonet build{built}")  # dvc.lock, metrics, regenerated params: git status stays clean
     elapsed = time.monotonic() - started
     print(f"stages run: {len(ran)} ({elapsed:.1f} s)" if ran else "Data and pipelines are up to date.")
     if "accuracy" in metrics:
@@ -168,7 +175,10 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("init", help="create a DVC project from the bundled MNIST digits or your own data")
     p.add_argument("project", nargs="?", default=".", help="project folder (created if missing)")
-    p.add_argument("--data", type=Path, help="labelled samples (Parquet/CSV: sample_id, label, image|text)")
+    p.add_argument("--data", type=Path,
+                   help="labelled samples (Parquet/CSV: sample_id, label, then image, text or numeric columns)")
+    p.add_argument("--features", metavar="A,B,...",
+                   help="a table's payload columns (default: every column but sample_id and label)")
     p.add_argument("--reference", type=Path, help="non-deletable reference split (else carved by hash)")
     p.add_argument("--test", type=Path, help="test split (else carved by hash)")
     p.add_argument("--force", action="store_true", help="replace the data of an existing project")

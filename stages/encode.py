@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 from rich.progress import Progress
 
-from pipeline.contracts import check_encoded, samples_schema, validate
+from pipeline.contracts import check_encoded, samples_contract, validate
 from pipeline.dataset import (
     PAYLOAD_DIGEST,
-    image_arrays,
+    encoder_inputs,
     payload_digests,
     read_embeddings,
     read_metadata,
@@ -56,16 +56,16 @@ def main(name: str, src: Path, dst: Path) -> None:
     params = load_params()
     data, threads = params["data"], int(params["encoder"]["threads"])
     info = json.loads(ENCODER_INFO.read_text())
-    image_bytes = int(np.prod(data["image_shape"])) if data["modality"] == "image" else None
-    samples = validate(read_table(src), samples_schema(data["modality"], data["classes"], image_bytes), src)
+    samples = validate(read_table(src), samples_contract(data), src)
     used = {"data": data, "encoder.threads": threads}
     tags = {"encoder.sha256": info.get("weights_sha256", ""), "encoder.name": info["name"]}
     tags["legonet.executor"] = executor_of(params)
     encoding = {"encoder_sha256": info["sha256"], "threads": threads, "modality": data["modality"],
-                "image_shape": list(data["image_shape"]) if data["modality"] == "image" else None}
+                "image_shape": list(data["image_shape"]) if data["modality"] == "image" else None,
+                "features": list(data.get("features") or [])}
     with stage_run(f"encode@{name}", Path(), used, [ENCODER, ENCODER_INFO, src], [dst],
                    tags) as run:
-        digests = payload_digests(samples, data["modality"])
+        digests = payload_digests(samples, data)
         rows, previous = previous_rows(dst, encoding, samples["sample_id"].tolist(), digests)
         todo = np.flatnonzero(rows < 0)
         embeddings = np.zeros((len(samples), int(info["dim"])), dtype=np.float32)
@@ -76,8 +76,7 @@ def main(name: str, src: Path, dst: Path) -> None:
 
             model = ENCODER.read_bytes()
             encoder = Encoder(info["name"], model, int(info.get("image_size") or 0), threads=threads)
-            new = samples.iloc[todo]
-            payloads = image_arrays(new, data["image_shape"]) if data["modality"] == "image" else list(new["text"])
+            payloads = encoder_inputs(samples.iloc[todo], data)
             with Progress(transient=True) as progress:
                 task = progress.add_task(f"encode {name}", total=len(payloads))
                 # locally in this process, or as Ray tasks over fixed chunks: the encoder is batch-invariant

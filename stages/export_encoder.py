@@ -15,9 +15,11 @@ from stages.project import load_params
 def main() -> None:
     params = load_params()
     encoder = params["encoder"]
-    with stage_run("encoder", Path(), {"encoder": encoder}, [], [ENCODER, ENCODER_INFO]) as run:
+    used = {"encoder": encoder, "data.features": params["data"].get("features") or []}
+    with stage_run("encoder", Path(), used, [], [ENCODER, ENCODER_INFO]) as run:
         ENCODER.parent.mkdir(parents=True, exist_ok=True)
-        info = export_encoder(encoder["name"], int(encoder["image_size"]), ENCODER)
+        info = export_encoder(encoder["name"], int(encoder["image_size"]), ENCODER,
+                              params["data"].get("features") or ())
         write_bytes_atomic(ENCODER_INFO, (json.dumps(info, indent=1, sort_keys=True) + "\n").encode())
         run["dim"] = info["dim"]
 

@@ -22,7 +22,7 @@ from pipeline.lineage import file_sha256, git_revision, platform_tags
 from pipeline.manifest import DeletionRequest, load_manifest
 from stages.build import dvc_lock_digest, repro
 from stages.keyring import anchor, audit_key, audit_log, origin, signing_key
-from stages.project import params_digest
+from stages.project import commit_project, params_digest
 
 
 def forget(root: Path, manifests: Sequence[Path], params: dict[str, Any], *, dry_run: bool = False,
@@ -277,24 +277,14 @@ def _digests(key: bytes, sample_ids: set[str]) -> list[str]:
 
 
 def _commit(root: Path, journal: flow.Journal) -> None:
-    """Commit dvc.lock, .dvc files, params and the audit log when the project is a git repository."""
-    if not (root / ".git").exists():
-        return
-    paths = ["dvc.lock", "audit", "params.yaml", *[p.relative_to(root).as_posix()
-                                                    for p in (root / "data").rglob("*.dvc")]]
-    subprocess.run(["git", "add", "--", *[p for p in paths if (root / p).exists()]], cwd=root, check=True)
-    message = f"legonet forget {', '.join(journal.request_ids)}"
-    identity = ["-c", "user.name=legonet", "-c", "user.email=legonet@localhost"] if not _has_identity(root) else []
-    staged = subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=root).returncode != 0
-    done = subprocess.run(["git", *identity, "commit", "-q", "-m", message], cwd=root, capture_output=True,
-                          text=True) if staged else None
-    if done is not None and done.returncode != 0:  # e.g. a pre-commit hook: the audit record is not committed
-        raise flow.ForgetError(f"`git commit` of the forget failed: {(done.stderr or done.stdout).strip()[-500:]}; "
-                               "fix the cause and re-run the same command to finish (the record is written)")
-
-
-def _has_identity(root: Path) -> bool:
-    return subprocess.run(["git", "config", "user.email"], cwd=root, capture_output=True).returncode == 0
+    """Commit everything the forget changed (dvc.lock, .dvc files, params, metrics, the audit log) to git."""
+    try:
+        commit_project(root, f"legonet forget {', '.join(journal.request_ids)}")
+    except subprocess.CalledProcessError as exc:  # e.g. a pre-commit hook: the audit record is not committed
+        output = (exc.stderr or exc.stdout or b"").decode(errors="replace").strip()
+        raise flow.ForgetError(f"`git commit` of the forget failed: {output[-500:]}; "
+                               "fix the cause and re-run the same command to finish (the record is written)"
+                               ) from exc
 
 
 STEPS = flow.STATES[1:]

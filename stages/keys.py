@@ -27,11 +27,13 @@ def main() -> None:
     reference = ENCODED_REFERENCE
     classes = list(params["data"]["classes"])
     used = {"projection": params["projection"], "keys": params["keys"], "adapters.n": params["adapters"]["n"],
-            "data.classes": classes}
+            "data.classes": classes, "encoder.name": params["encoder"]["name"]}
     with stage_run("keys", Path(), used, [reference], [PROJECTION, KEYS]) as run:
         frame, embeddings = read_embeddings(reference)
         check_encoded(frame, embeddings, reference, classes, None)
-        projection = fit_projection(embeddings, int(params["projection"]["dim"]))
+        # tables (encoder `none`): columns in unrelated units, standardised with the reference split's statistics
+        projection = fit_projection(embeddings, int(params["projection"]["dim"]),
+                                    standardise=params["encoder"]["name"] == "none")
         keys = fit_keys(project(embeddings, projection), int(params["adapters"]["n"]),
                         int(params["keys"]["seed"]), int(params["keys"]["iterations"]))
         save_array(PROJECTION, projection)

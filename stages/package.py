@@ -8,11 +8,13 @@ This is also where pending lineage records of the build become MLflow runs (the 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pipeline
@@ -20,7 +22,7 @@ from pipeline.layout import ADAPTERS, ENCODER, ENCODER_INFO, KEYS, METRICS, PACK
 from pipeline.lineage import configure, file_md5, file_sha256, flush, stage_run, tree_digests
 from pipeline.package import SERVING_REQUIREMENTS, LegoNetModel, stage_artifacts
 from pipeline.quality import RESULT, read_result
-from pipeline.registry import champion_accuracy, gate, promote
+from pipeline.registry import gate, promote, replaced_version
 from stages.project import load_params, run_stage
 
 
@@ -32,7 +34,7 @@ def main() -> None:
     params = load_params()
     data, k, name = params["data"], int(params["adapters"]["k"]), params["mlflow"]["registered_model"]
     config = {"modality": data["modality"], "image_shape": data.get("image_shape"), "classes": data["classes"],
-              "k": k, "threads": int(params["encoder"]["threads"])}
+              "features": data.get("features") or [], "k": k, "threads": int(params["encoder"]["threads"])}
     files = {"encoder": ENCODER, "encoder_info": ENCODER_INFO, "projection": PROJECTION, "keys": KEYS,
              "adapters": ADAPTERS}
     metrics_file = METRICS / "evaluate.json"
@@ -41,17 +43,20 @@ def main() -> None:
     with stage_run("package", Path(), used, [*files.values(), metrics_file, RESULT], [PACKAGE]) as run, \
             tempfile.TemporaryDirectory() as tmp:
         accuracy = float(json.loads(metrics_file.read_text())["accuracy"])
-        artifacts = stage_artifacts(Path(tmp) / "artifacts", files, config)
-        code = Path(tmp) / "code" / "pipeline"
-        shutil.copytree(Path(pipeline.__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__"))
-        model = {"python_model": LegoNetModel(), "artifacts": artifacts, "code_paths": [str(code)],
+        staging = Path(tmp)
+        artifacts = stage_artifacts(staging, files, config)
+        shutil.copytree(Path(pipeline.__file__).parent, staging / "code" / "pipeline",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        model = {"python_model": LegoNetModel(), "artifacts": artifacts, "code_paths": ["code/pipeline"],
                  "pip_requirements": SERVING_REQUIREMENTS}
         if PACKAGE.exists():
             shutil.rmtree(PACKAGE)
-        mlflow.pyfunc.save_model(path=str(PACKAGE), **model)
-        previous = champion_accuracy(name)
-        version = str(mlflow.pyfunc.log_model(name="model", registered_model_name=name, **model)
-                      .registered_model_version)
+        previous = replaced_version(name)  # before this build registers: the version it replaces
+        package = PACKAGE.resolve()  # before the working directory changes
+        with inside(staging):
+            mlflow.pyfunc.save_model(path=str(package), **model)
+            version = str(mlflow.pyfunc.log_model(name="model", registered_model_name=name, **model)
+                          .registered_model_version)
         quality = read_result(RESULT)
         held = [] if quality["success"] else [f"quality checkpoint failed: {line}" for line in quality["failed"]]
         result = gate(accuracy, previous, params["gate"], held)
@@ -67,6 +72,28 @@ def main() -> None:
         client.set_model_version_tag(name, version, tag, value)
     alias = promote(name, version, result)
     print(f"registered {name} version {version} as @{alias}: {result.reason}")
+
+
+@contextlib.contextmanager
+def inside(staging: Path) -> Iterator[None]:
+    """Save and log the model from inside the staging folder.
+
+    MLflow writes the source of each artifact, as given, into MLmodel (`uri`). Given relative to the staging folder
+    (``artifacts/keys.npy``) it names the file inside the package, never a temporary folder that no longer exists
+    and whose random name would differ between two builds. A relative SQLite tracking URI is made absolute first,
+    or MLflow would open a new store in the staging folder.
+    """
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    local = uri.startswith("sqlite:///") and not uri.startswith("sqlite:////")
+    if local:
+        mlflow.set_tracking_uri(f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}")
+    try:
+        with contextlib.chdir(staging):
+            yield
+    finally:
+        mlflow.set_tracking_uri(uri)
 
 
 def _combined(digests: dict[str, str]) -> str:

@@ -38,9 +38,8 @@ def predict_file(root: Path, file: Path, model_uri: str | None = None) -> pd.Dat
         model = mlflow.pyfunc.load_model(model_uri)
     except MlflowException as exc:
         raise ModelError(f"cannot load {model_uri}: {exc}") from exc
-    columns = [c for c in ("image", "text") if c in samples.columns]
-    try:
-        result = model.predict(samples[columns])
+    try:  # the payload columns (image, text or a table's features); the model says which one it misses
+        result = model.predict(samples.drop(columns=["sample_id", "label"], errors="ignore"))
     except ValueError as exc:
         raise ModelError(f"{file}: {exc}") from exc
     if "sample_id" in samples.columns:

@@ -75,6 +75,18 @@ def check_params(params: dict[str, Any]) -> None:
         raise ParamsError(f"params.yaml: data.partitions={partitions} must be at least 1")
     if len(classes) < 2 or len(set(classes)) != len(classes):
         raise ParamsError(f"params.yaml: data.classes {classes} must list at least two distinct labels")
+    if len({type(c) for c in classes}) != 1 or not isinstance(classes[0], int | str):
+        raise ParamsError(f"params.yaml: data.classes {classes} must be all integers or all names (strings)")
+    features = params["data"].get("features") or []
+    if modality == "table" and (not features or len(set(features)) != len(features)):
+        raise ParamsError("params.yaml: a table (data.modality: table) needs data.features, its distinct numeric "
+                          "columns; `legonet init --data FILE` sets them (`--features A,B` to choose)")
+    gate = params.get("gate") or {}
+    floor = gate.get("min_accuracy")
+    if floor is not None and not (isinstance(floor, int | float) and 0 <= floor <= 1):
+        raise ParamsError(f"params.yaml: gate.min_accuracy {floor!r} must be null (no floor) or in [0, 1]")
+    if not (isinstance(gate.get("max_drop"), int | float) and gate["max_drop"] >= 0):
+        raise ParamsError(f"params.yaml: gate.max_drop {gate.get('max_drop')!r} must be a number >= 0")
 
 
 def params_digest(root: Path = Path()) -> str:
@@ -133,6 +145,80 @@ def sync_generated(root: Path = Path()) -> bool:
     body = yaml.dump(lists, sort_keys=True, default_flow_style=False, default_style='"', Dumper=yaml.SafeDumper)
     path.write_text(head + marker + "\n" + body)
     return True
+
+
+# What git holds of a project: the pipeline, its params, DVC's pointers (.dvc files, dvc.lock and the .gitignore
+# files next to DVC's outputs), metrics and the audit log. Named by pattern rather than `git add -A`: a file the
+# user drops into the folder (a deletion manifest holds raw sample IDs) or a data file must never reach git history,
+# which no forget can purge.
+GIT_PATHS = ("dvc.yaml", "dvc.lock", "params.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore", "metrics",
+             "audit", ":(glob)**/.gitignore", ":(glob)data/**/*.dvc")
+
+
+def commit_project(root: Path, message: str) -> bool:
+    """Commit every change under ``GIT_PATHS`` (deletions too) when the project is a git repository, so that
+    `git status` is clean after each legonet command and every state a record names can be checked out.
+    Returns whether a commit was made."""
+    import subprocess
+
+    if not (root / ".git").exists():
+        return False
+    ignore_outputs(root)
+    tracked = set(subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True).stdout.split())
+    paths = [p for p in GIT_PATHS if p.startswith(":(glob)") or (root / p).exists()
+             or any(t == p or t.startswith(f"{p}/") for t in tracked)]  # a path matching nothing fails `git add`
+    subprocess.run(["git", "add", "-A", "--", *paths], cwd=root, check=True, capture_output=True)
+    if subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=root).returncode == 0:
+        return False
+    has_identity = subprocess.run(["git", "config", "user.email"], cwd=root, capture_output=True).returncode == 0
+    identity = [] if has_identity else ["-c", "user.name=legonet", "-c", "user.email=legonet@localhost"]
+    subprocess.run(["git", *identity, "commit", "-q", "-m", message], cwd=root, check=True, capture_output=True)
+    return True
+
+
+def ignore_outputs(root: Path) -> list[str]:
+    """List in a .gitignore beside it every DVC output (dvc.lock and .dvc files) that git does not ignore yet.
+
+    DVC writes these entries when a stage succeeds, but a `dvc repro` that fails later removes the entries of
+    every stage it ran (its scm_context undoes them on error), although those stages stay in dvc.lock and are not
+    run again: their outputs (embeddings, adapters) would then show as untracked files in git. Returns the paths
+    added.
+    """
+    import subprocess
+
+    outputs = []
+    lock = root / "dvc.lock"
+    if lock.is_file():
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+        outputs += [out["path"] for stage in stages.values() for out in stage.get("outs", [])]
+        outputs = [path for path in outputs if path not in _uncached(root)]  # in git by design (metrics, plots)
+    for pointer in (root / "data").rglob("*.dvc"):
+        base = pointer.parent.relative_to(root)
+        outputs += [(base / out["path"]).as_posix() for out in (yaml.safe_load(pointer.read_text()) or {})
+                    .get("outs", [])]
+    if not outputs:
+        return []
+    checked = subprocess.run(["git", "check-ignore", "--no-index", "--stdin", "-v", "-n"], cwd=root,
+                             input="\n".join(outputs) + "\n", capture_output=True, text=True).stdout
+    missing = [line.split("\t", 1)[1] for line in checked.splitlines() if line.startswith("::\t")]
+    for path in missing:
+        gitignore = (root / path).parent / ".gitignore"
+        existing = gitignore.read_text() if gitignore.is_file() else ""
+        gitignore.write_text(existing + ("" if not existing or existing.endswith("\n") else "\n")
+                             + f"/{Path(path).name}\n")
+    return missing
+
+
+def _uncached(root: Path) -> set[str]:
+    """Outputs dvc.yaml marks `cache: false` (metrics and plots): git, not DVC, holds them."""
+    pipeline = yaml.safe_load((root / "dvc.yaml").read_text()) or {}
+    found = set()
+    for stage in pipeline.get("stages", {}).values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind, []) or []:
+                if isinstance(entry, dict):
+                    found |= {path for path, flags in entry.items() if (flags or {}).get("cache") is False}
+    return found
 
 
 def run_stage(main: Any, *args: Any) -> None:

@@ -168,6 +168,7 @@ def main() -> None:
         reference, reference_embeddings = read_embeddings(ENCODED_REFERENCE)
         check_encoded(reference, reference_embeddings, ENCODED_REFERENCE, classes, projection.shape[1])
         norms = norm_range(project(reference_embeddings, projection), q.norm_margin)
+        q = q.for_reference(len(reference_embeddings))  # what a reference split of this size can support
         found = tables(shards, routing["sample_id"].tolist(), classes, forgotten_ids(Path(), params))
 
         _remove(outputs)
