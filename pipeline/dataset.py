@@ -285,8 +285,9 @@ def write_embeddings(path: Path, frame: pd.DataFrame, embeddings: np.ndarray, *,
     frame = frame.iloc[order].reset_index(drop=True)
     embeddings = np.ascontiguousarray(embeddings[order], dtype=np.float32)
     # explicit types: an empty table (an adapter that lost every sample) must not write a `null` column
-    types = {"sample_id": pa.string(), PAYLOAD_DIGEST: pa.binary(32),
-             "label": pa.int64() if pd.api.types.is_integer_dtype(frame["label"]) else pa.string()}
+    types = {"sample_id": pa.string(), PAYLOAD_DIGEST: pa.binary(32)}
+    if "label" in frame.columns:  # integer classes, or named ones (data.classes holds strings)
+        types["label"] = pa.int64() if pd.api.types.is_integer_dtype(frame["label"]) else pa.string()
     columns = {name: pa.array(frame[name].to_numpy(), type=types.get(name)) for name in frame.columns}
     width = embeddings.shape[1] if embeddings.ndim == 2 else 0
     columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), width)
