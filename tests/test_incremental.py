@@ -82,7 +82,7 @@ def incremental(built_project: Path, tmp_path_factory: pytest.TempPathFactory) -
     full = "".join(run("stages.encode", name, src, f"data/encoded/{dst}", cwd=scratch) for name, src, dst in
                    [*((f"part-{p:04d}", RAW[p], f"train/part-{p:04d}.parquet") for p in range(PARTITIONS)),
                     ("test", TEST, "test.parquet")])
-    for stage in ("stages.assign", "stages.baseline", "stages.evaluate"):
+    for stage in ("stages.assign", "stages.evaluate", "stages.baseline"):
         run(stage, cwd=scratch)
     return {"root": root, "scratch": scratch, "log": log, "full": full}
 
