@@ -438,3 +438,17 @@ def test_records_verify_with_securesystemslib_and_validate_as_in_toto_statements
     tampered["payload"] = base64.b64encode(base64.b64decode(tampered["payload"]) + b" ").decode()
     with pytest.raises(VerificationError):
         Envelope.from_dict(tampered).verify([key], 1)
+
+
+def test_build_takes_the_project_lock(audited: dict[str, Any]) -> None:
+    """`legonet build` waits while a forget holds the lock, then finds the project up to date."""
+    from pipeline.forget import project_lock
+
+    root = audited["root"]
+    with project_lock(root, wait=False, notify=print):
+        build = subprocess.Popen([sys.executable, "-m", "stages.cli", "build"], cwd=root, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        waiting = build.stderr.readline()
+    out, err = build.communicate(timeout=600)
+    assert "waiting for the project lock held by pid" in waiting, waiting + err
+    assert build.returncode == 0 and "Data and pipelines are up to date." in out, err
