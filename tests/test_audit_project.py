@@ -452,3 +452,18 @@ def test_build_takes_the_project_lock(audited: dict[str, Any]) -> None:
     out, err = build.communicate(timeout=600)
     assert "waiting for the project lock held by pid" in waiting, waiting + err
     assert build.returncode == 0 and "Data and pipelines are up to date." in out, err
+
+
+def test_each_forget_tags_its_model_version_with_the_signed_checkpoint(audited: dict[str, Any],
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from mlflow import MlflowClient
+
+    from stages.forget import CHECKPOINT_TAG
+
+    root = audited["root"]
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    [latest] = sorted(client.search_model_versions("name='legonet'"), key=lambda v: int(v.version))[-1:]
+    assert latest.tags[CHECKPOINT_TAG] == audited["older"].read_text()  # req-3 rebuilt nothing: no new version
+    code, out = run(root, "audit", "checkpoint", capsys=capsys)
+    assert code == 0 and out == audited["newer"].read_text()  # Ed25519 is deterministic: the same note
