@@ -292,7 +292,7 @@ def test_undecodable_and_stray_files_are_reported(log: AuditLog, three: list[Pat
     (log.log_dir / "notes.json").write_text("{}")
     problems = log.verify()
     assert any(p.startswith("000003-req-3.json: undecodable audit record") for p in problems), problems
-    assert any("notes.json: not a record name" in p for p in problems), problems
+    assert any("notes.json: not a record" in p for p in problems), problems
     with pytest.raises(AuditError, match=r"000003-req-3\.json: undecodable"):
         log.records()
 
@@ -532,3 +532,18 @@ def test_md5_values_from_dvc_files_are_checked_before_they_become_paths(tmp_path
     (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages:\n  s:\n    outs:\n    - path: a\n"
                                        "      md5: ../../../../etc/passwd\n")
     assert _workspace_problems(tmp_path) == ["a: recorded md5 '../../../../etc/passwd' is not an md5 hash"]
+
+
+def test_a_planted_fifo_link_or_deeply_nested_record_is_reported_not_followed(log: AuditLog, three: list[Path],
+                                                                             tmp_path: Path) -> None:
+    import os
+
+    os.mkfifo(log.log_dir / "000004-req-4.json")
+    (log.log_dir / "000005-req-5.json").symlink_to(three[0])
+    problems = log.verify()  # returns: reading the FIFO would block forever
+    assert any("000004-req-4.json: not a record (a regular file" in p for p in problems), problems
+    assert any("000005-req-5.json: not a record (a regular file" in p for p in problems), problems
+    (log.log_dir / "000004-req-4.json").unlink()
+    (log.log_dir / "000005-req-5.json").unlink()
+    three[2].write_bytes(b"[" * 100_000 + b"]" * 100_000)
+    assert any(p.startswith("000003-req-3.json: undecodable audit record") for p in log.verify())
