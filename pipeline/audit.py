@@ -290,7 +290,7 @@ def pae(payload_type: str, payload: bytes) -> bytes:
     return b"DSSEv1 %d %b %d %b" % (len(kind), kind, len(payload), payload)
 
 
-_DECODE_ERRORS = (ValueError, TypeError, binascii.Error)  # ValueError covers JSON and UTF-8 errors
+_DECODE_ERRORS = (ValueError, TypeError, binascii.Error, RecursionError)  # ValueError: JSON and UTF-8 errors
 
 
 def parse_envelope(data: bytes) -> tuple[dict[str, Any], bytes]:
@@ -460,7 +460,8 @@ class AuditLog:
         return _extension_problems(note, scan.keys, self.trusted | scan.active, self.leaf_data())
 
     def _scan(self) -> _Scan:
-        problems = [f"{path}: not a record name (NNNNNN-<request_id>.json)" for path in self._strays()]
+        problems = [f"{path}: not a record (a regular file named NNNNNN-<request_id>.json)"
+                    for path in self._strays()]
         entries = self._entries()
         keys: dict[str, Ed25519PublicKey] = {}
         if entries or self.anchors:
@@ -515,15 +516,17 @@ class AuditLog:
         return sorted(p for p in self.log_dir.glob("*.json") if not p.name.startswith("."))
 
     def _entries(self) -> list[_Entry]:
+        """Record files: regular files only (a planted FIFO or link must not block or redirect a reader)."""
         entries = []
         for path in self._json_files():
             match = _RECORD_NAME.fullmatch(path.name)
-            if match:
+            if match and stat.S_ISREG(path.lstat().st_mode):
                 entries.append(_Entry(int(match[1]), match[2], path))
         return sorted(entries, key=lambda e: (e.sequence, e.path.name))
 
     def _strays(self) -> list[Path]:
-        return [p for p in self._json_files() if not _RECORD_NAME.fullmatch(p.name)]
+        return [p for p in self._json_files()
+                if not _RECORD_NAME.fullmatch(p.name) or not stat.S_ISREG(p.lstat().st_mode)]
 
 
 def _open_checkpoint(note: str, keys: dict[str, Ed25519PublicKey], trusted: Collection[str]) -> Checkpoint:

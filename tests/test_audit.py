@@ -292,7 +292,7 @@ def test_undecodable_and_stray_files_are_reported(log: AuditLog, three: list[Pat
     (log.log_dir / "notes.json").write_text("{}")
     problems = log.verify()
     assert any(p.startswith("000003-req-3.json: undecodable audit record") for p in problems), problems
-    assert any("notes.json: not a record name" in p for p in problems), problems
+    assert any("notes.json: not a record" in p for p in problems), problems
     with pytest.raises(AuditError, match=r"000003-req-3\.json: undecodable"):
         log.records()
 
@@ -470,3 +470,80 @@ def test_a_receipt_verifies_offline_and_refuses_tampering(log: AuditLog, three: 
         verify_receipt(moved, fingerprint)
     with pytest.raises(AuditError, match="no audit record for request 'req-9'"):
         make_receipt(log, "req-9", receipt["checkpoint"])
+
+
+# --- where the keys may live, the journal, the commit, paths from DVC's files ---
+
+
+def git_project(root: Path) -> Path:
+    import subprocess
+
+    root.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    (root / ".gitignore").write_text("/.legonet/\n")
+    return root
+
+
+@pytest.mark.parametrize(("configured", "expected"), [
+    ("audit/keys", "inside audit/, which is committed to git"),
+    ("keys", "not ignored by git"),
+])
+def test_a_key_dir_git_would_commit_is_refused(tmp_path: Path, configured: str, expected: str) -> None:
+    from stages.keyring import key_dir
+
+    root = git_project(tmp_path / "project")
+    with pytest.raises(AuditError, match=expected):
+        key_dir(root, {"audit": {"key_dir": configured}})
+    assert key_dir(root, {"audit": {"key_dir": ".legonet/keys"}}) == root / ".legonet/keys"
+    assert key_dir(root, {"audit": {"key_dir": str(tmp_path / "outside")}}) == tmp_path / "outside"
+
+
+def test_the_journal_of_raw_ids_is_private(tmp_path: Path) -> None:
+    from pipeline.forget import JOURNAL, Journal
+
+    Journal("b", ["r"], {}, ["mnist-00001"], {}, {}, {}).save(tmp_path)
+    assert stat.S_IMODE((tmp_path / JOURNAL).stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / JOURNAL).parent.stat().st_mode) == 0o700
+    assert Journal.load(tmp_path).sample_ids == ["mnist-00001"]
+
+
+def test_a_failed_git_commit_after_a_forget_is_an_error(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from pipeline.forget import ForgetError
+    from stages.forget import _commit
+
+    root = git_project(tmp_path / "project")
+    (root / "audit").mkdir()
+    (root / "audit" / "record.json").write_text("{}")
+    hook = root / ".git" / "hooks" / "pre-commit"
+    hook.write_text("#!/bin/sh\necho refused by policy >&2\nexit 1\n")
+    hook.chmod(0o755)
+    with pytest.raises(ForgetError, match="`git commit` of the forget failed: refused by policy"):
+        _commit(root, SimpleNamespace(request_ids=["req-1"]))
+    hook.unlink()
+    _commit(root, SimpleNamespace(request_ids=["req-1"]))
+    _commit(root, SimpleNamespace(request_ids=["req-1"]))  # nothing left to commit is not an error
+
+
+def test_md5_values_from_dvc_files_are_checked_before_they_become_paths(tmp_path: Path) -> None:
+    from stages.audit import _workspace_problems
+
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages:\n  s:\n    outs:\n    - path: a\n"
+                                       "      md5: ../../../../etc/passwd\n")
+    assert _workspace_problems(tmp_path) == ["a: recorded md5 '../../../../etc/passwd' is not an md5 hash"]
+
+
+def test_a_planted_fifo_link_or_deeply_nested_record_is_reported_not_followed(log: AuditLog, three: list[Path],
+                                                                             tmp_path: Path) -> None:
+    import os
+
+    os.mkfifo(log.log_dir / "000004-req-4.json")
+    (log.log_dir / "000005-req-5.json").symlink_to(three[0])
+    problems = log.verify()  # returns: reading the FIFO would block forever
+    assert any("000004-req-4.json: not a record (a regular file" in p for p in problems), problems
+    assert any("000005-req-5.json: not a record (a regular file" in p for p in problems), problems
+    (log.log_dir / "000004-req-4.json").unlink()
+    (log.log_dir / "000005-req-5.json").unlink()
+    three[2].write_bytes(b"[" * 100_000 + b"]" * 100_000)
+    assert any(p.startswith("000003-req-3.json: undecodable audit record") for p in log.verify())

@@ -319,6 +319,7 @@ def _check_table(rows: list[str]) -> None:
     produced = f"{head}{TABLE_START}\n{table}\n{TABLE_END}{tail}"
     if os.environ.get("LEGONET_WRITE_TAMPER_TABLE"):
         DOC.write_text(produced)
+        return
     assert text == produced, "docs/audit.md's tamper table differs from this run: rerun with " \
                              "LEGONET_WRITE_TAMPER_TABLE=1 and commit the document"
 
@@ -437,3 +438,32 @@ def test_records_verify_with_securesystemslib_and_validate_as_in_toto_statements
     tampered["payload"] = base64.b64encode(base64.b64decode(tampered["payload"]) + b" ").decode()
     with pytest.raises(VerificationError):
         Envelope.from_dict(tampered).verify([key], 1)
+
+
+def test_build_takes_the_project_lock(audited: dict[str, Any]) -> None:
+    """`legonet build` waits while a forget holds the lock, then finds the project up to date."""
+    from pipeline.forget import project_lock
+
+    root = audited["root"]
+    with project_lock(root, wait=False, notify=print):
+        build = subprocess.Popen([sys.executable, "-m", "stages.cli", "build"], cwd=root, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        waiting = build.stderr.readline()
+    out, err = build.communicate(timeout=600)
+    assert "waiting for the project lock held by pid" in waiting, waiting + err
+    assert build.returncode == 0 and "Data and pipelines are up to date." in out, err
+
+
+def test_each_forget_tags_its_model_version_with_the_signed_checkpoint(audited: dict[str, Any],
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from mlflow import MlflowClient
+
+    from stages.forget import CHECKPOINT_TAG
+
+    root = audited["root"]
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    [latest] = sorted(client.search_model_versions("name='legonet'"), key=lambda v: int(v.version))[-1:]
+    assert latest.tags[CHECKPOINT_TAG] == audited["older"].read_text()  # req-3 rebuilt nothing: no new version
+    code, out = run(root, "audit", "checkpoint", capsys=capsys)
+    assert code == 0 and out == audited["newer"].read_text()  # Ed25519 is deterministic: the same note
