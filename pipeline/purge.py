@@ -116,10 +116,10 @@ def _object_hash(rel: str) -> str | None:
 
 # --- S3 stores ---
 
-_UNREACHABLE = ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
-                "NoCredentialsError", "PartialCredentialsError")
-_PERMISSION = {"list_object_versions": "s3:ListBucketVersions", "list_objects_v2": "s3:ListBucket",
-               "head_bucket": "s3:ListBucket", "get_bucket_versioning": "s3:GetBucketVersioning"}
+_UNREACHABLE = ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError")
+_PERMISSION = {"ListObjectVersions": "s3:ListBucketVersions", "ListObjectsV2": "s3:ListBucket",
+               "HeadBucket": "s3:ListBucket", "GetBucketVersioning": "s3:GetBucketVersioning",
+               "DeleteObjects": "s3:DeleteObject and s3:DeleteObjectVersion"}  # by the API call refused
 
 
 @dataclass(frozen=True)

@@ -89,7 +89,7 @@ def mlflow_server(home: Path, artifacts_destination: str, env: dict[str, str] | 
         cwd=home, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **(env or {})})
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 600  # a loaded 2-core machine has taken over 2 minutes to start it
         while True:
             try:
                 with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
