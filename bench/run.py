@@ -174,7 +174,7 @@ def warm_up(params: TrainParams) -> None:
     the calibration of the real project measures it separately)."""
     rng = np.random.default_rng(0)
     train_adapter(rng.normal(size=(64, 8)).astype(np.float32), rng.integers(0, 2, 64), 2, 0,
-                  TrainParams(**{**asdict(params), "epochs": 2}))
+                  TrainParams(**{**asdict(params), "epochs": 2, "iterations": 2}))
 
 
 class Runner:

@@ -375,11 +375,15 @@ def purge_models(tracking_uri: str, name: str, keep_version: str | None, request
             client.delete_logged_model(model_id)
             logged_models.append(model_id)
     # gc every logged model in the deleted stage (also those deleted by an attempt that crashed before gc)
-    # with an `mlflow server`, gc needs its backend store (the database) and resolves artifacts through it
-    gc = subprocess.run([sys.executable, "-m", "mlflow", "gc", "--backend-store-uri", backend_store_uri or tracking_uri,
-                         "--tracking-uri", tracking_uri], capture_output=True, text=True)
-    if gc.returncode != 0:
-        raise StoreError(f"mlflow gc failed (the purge step stays pending): {gc.stderr[-2000:]}")
+    # with an `mlflow server`, gc needs its backend store (the database) and resolves artifacts through it.
+    # `mlflow gc` runs in this process: a child process would import MLflow and open the store again (~3 s).
+    from mlflow.cli import gc
+
+    try:
+        gc.main(["--backend-store-uri", backend_store_uri or tracking_uri, "--tracking-uri", tracking_uri],
+                standalone_mode=False)
+    except Exception as exc:  # click and MLflow raise their own kinds; the journal keeps the step pending
+        raise StoreError(f"mlflow gc failed (the purge step stays pending): {exc}") from exc
     live = live_logged_models(client)
     for folder in sorted(artifact_root.glob("m-*")) if artifact_root.is_dir() else []:
         if folder.name not in live:  # gc could not resolve it (or never knew it): remove it and say so

@@ -169,6 +169,9 @@ def _errors() -> dict[type[BaseException], str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # `dvc init` (in `legonet init`) starts a detached analytics process before the project's config turns
+    # analytics off; this covers every `dvc` child of legonet
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     parser = argparse.ArgumentParser(prog="legonet", description=__doc__)
     parser.add_argument("-C", dest="directory", default=".", help="run as if started in this project folder")
     sub = parser.add_subparsers(dest="command", required=True)

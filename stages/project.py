@@ -71,6 +71,12 @@ def check_params(params: dict[str, Any]) -> None:
                           "n / blocks adapters)")
     if not 1 <= k <= n:
         raise ParamsError(f"params.yaml: adapters.k={k} must be between 1 and adapters.n={n}")
+    from pipeline.adapters import TrainParams
+
+    try:
+        TrainParams(**params["adapters"].get("train", {}))
+    except (TypeError, ValueError) as exc:
+        raise ParamsError(f"params.yaml: adapters.train: {exc}; see the template's adapters.train") from exc
     if partitions < 1:
         raise ParamsError(f"params.yaml: data.partitions={partitions} must be at least 1")
     if len(classes) < 2 or len(set(classes)) != len(classes):

@@ -83,25 +83,61 @@ def test_splits_and_partitions_follow_the_sample_id_only() -> None:
     assert len({partition_of(i, 3) for i in ids}) == 3
 
 
-def _train_digest(threads: int) -> str:
-    """Train in a fresh process with the given torch thread count; the weights' sha256."""
+def _train_digests(threads: int) -> list[str]:
+    """Train in a fresh process with the given torch thread count; the weights' sha256 per optimiser and head.
+
+    L-BFGS: a linear head to convergence and a hidden-layer head for a fixed number of steps; Adam: a hidden-layer
+    head (its minibatch weight-gradient matmuls are where 1 and 2 threads differed without MKL_CBWR).
+    """
     code = (
         "import sys, hashlib, numpy as np\n"
         "from safetensors.numpy import save\n"
         "from pipeline.adapters import TrainParams, train_adapter\n"
         "rng = np.random.default_rng(0)\n"
         "x = rng.normal(size=(600, 128)).astype(np.float32); y = rng.integers(0, 10, 600)\n"
-        f"p = TrainParams(epochs=4, lr=0.01, weight_decay=1e-4, batch_size=64, hidden=32, threads={threads})\n"
-        "print(hashlib.sha256(save(train_adapter(x, y, 10, 12345, p))).hexdigest())\n"
+        f"for p in [TrainParams(optimizer='lbfgs', iterations=200, weight_decay=1e-3, threads={threads}),\n"
+        f"          TrainParams(optimizer='lbfgs', iterations=20, weight_decay=1e-3, hidden=32, threads={threads}),\n"
+        f"          TrainParams(epochs=4, lr=0.01, weight_decay=1e-4, batch_size=64, hidden=32, threads={threads})]:\n"
+        "    print(hashlib.sha256(save(train_adapter(x, y, 10, 12345, p))).hexdigest())\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return out.stdout.strip()
+    return out.stdout.split()
 
 
 def test_training_is_seeded_and_independent_of_the_thread_count() -> None:
-    one, again, two = _train_digest(1), _train_digest(1), _train_digest(2)
+    one, again, two = _train_digests(1), _train_digests(1), _train_digests(2)
+    assert len(set(one)) == 3, "three different trainings must give three different weights"
     assert one == again, "two runs in two processes must give the same weights"
     assert one == two, "1 and 2 threads must give the same weights (MKL_CBWR=AVX2,STRICT)"
+
+
+def test_lbfgs_reaches_the_optimum_whatever_the_initial_weights() -> None:
+    """The linear head's objective is strictly convex: two seeds converge to the same weights (to the
+    gradient tolerance), and the gradient there is zero: the head is the regularised optimum, not an early stop."""
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(300, 16)).astype(np.float32)
+    y = (x[:, :3] + 0.3 * rng.normal(size=(300, 3))).argmax(axis=1)
+    params = TrainParams(optimizer="lbfgs", iterations=500, weight_decay=1e-2)
+    first = train_adapter(x, y, 3, adapter_seed(0, 1), params)
+    other = train_adapter(x, y, 3, adapter_seed(0, 2), params)
+    assert any(not np.array_equal(first[k], other[k]) for k in first), "different seeds start elsewhere"
+    for name in first:
+        np.testing.assert_allclose(first[name], other[name], atol=1e-3)
+    proba = adapter_proba(first, x).astype(np.float64)
+    weight, bias = first["layer0.weight"].astype(np.float64), first["layer0.bias"].astype(np.float64)
+    delta = (proba - np.eye(3)[y]) / len(y)
+    grad = np.concatenate([(delta.T @ x + 1e-2 * weight).ravel(), delta.sum(axis=0) + 1e-2 * bias])
+    assert np.abs(grad).max() < 1e-4
+    assert (proba.argmax(axis=1) == y).mean() > 0.8  # labels carry noise: not all are separable
+
+
+def test_train_params_refuse_an_unknown_optimizer_or_a_missing_setting() -> None:
+    with pytest.raises(ValueError, match="optimizer 'sgd'"):
+        TrainParams(optimizer="sgd", weight_decay=0.0)
+    with pytest.raises(ValueError, match="iterations=0"):
+        TrainParams(optimizer="lbfgs", weight_decay=0.0)
+    with pytest.raises(ValueError, match="batch_size=0"):
+        TrainParams(optimizer="adam", epochs=1, lr=0.1, weight_decay=0.0)
 
 
 def test_training_depends_on_its_seed_and_predicts() -> None:

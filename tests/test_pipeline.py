@@ -358,3 +358,15 @@ def test_unknown_encoder_is_refused_at_init_and_at_build(tmp_path: Path, tiny_da
     assert repro.returncode != 0 and RUNNING.findall(output) == ["encoder"], output
     assert "resnet-9000" in output and all(v in output for v in valid), output
     assert not (project / "models/encoder.onnx").exists() and not (project / "dvc.lock").exists()
+
+
+def test_bad_training_params_are_refused_at_init(tmp_path: Path, tiny_data: Path) -> None:
+    """An unknown optimiser (or one without its step count) never reaches a train stage: exit 4, nothing written."""
+    for settings, words in (({"adapters.train.optimizer": "sgd"}, ["adapters.train", "sgd", "lbfgs", "adam"]),
+                            ({"adapters.train.iterations": 0}, ["adapters.train", "iterations=0"])):
+        fresh = tmp_path / str(len(list(tmp_path.iterdir())))
+        fresh.mkdir()
+        result = legonet(*init_args(tiny_data, settings), cwd=fresh, check=False)
+        message = " ".join(result.stderr.split())
+        assert result.returncode == 4 and all(w in message for w in words), message
+        assert list(fresh.iterdir()) == []
