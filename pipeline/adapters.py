@@ -204,7 +204,8 @@ def _fit_lbfgs(torch: Any, features: np.ndarray, labels: np.ndarray, n_classes: 
         if slope >= 0:  # not a descent direction (numerical noise): restart from the gradient
             history.clear()
             direction, slope = -grad, -_dot(torch, grad, grad)
-        size = 1.0 if step else min(1.0, 1.0 / float(grad.abs().sum()))
+        # |g|_1 as a matrix product too: torch's sum splits more than 32,768 entries (a wide hidden layer) by thread
+        size = 1.0 if step else min(1.0, 1.0 / _dot(torch, grad.abs(), torch.ones_like(grad)))
         for _ in range(MAX_HALVINGS):
             candidate = theta + size * direction
             new_loss, new_grad = objective(candidate)
