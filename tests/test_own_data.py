@@ -32,7 +32,7 @@ from test_serving import _free_port, _wait_for_ping
 
 from pipeline.dataset import read_table
 from pipeline.keys import fit_projection, project
-from pipeline.quality import QualityParams
+from pipeline.quality import QualityParams, held_out_features, norm_range
 from pipeline.registry import Replaced, gate
 from stages.init import KEYS_PER_REFERENCE, defaults_from_data
 
@@ -147,6 +147,24 @@ def test_the_norm_rule_asks_what_the_reference_split_can_promise() -> None:
     held = [np.mean((x >= r.min()) & (x <= r.max())) >= rule.for_reference(16).norm_mostly
             for r, x in ((rng.lognormal(size=16), rng.lognormal(size=400)) for _ in range(200))]
     assert np.mean(held) > 0.9
+
+
+def test_the_norm_range_is_learned_out_of_sample() -> None:
+    """A PCA fitted on 300 reference samples keeps more of their variance than of new samples' (MiniLM-like: unit
+    vectors in 384 dimensions): a range from their projected norms rejects clean data; a cross-fitted one does not."""
+    rng = np.random.default_rng(2)
+    unit = rng.normal(size=(2300, 384)) + 0.5 * rng.normal(size=(1, 384))
+    unit = (unit / np.linalg.norm(unit, axis=1, keepdims=True)).astype(np.float32)
+    reference, train = unit[:300], unit[300:]
+    projection = fit_projection(reference, 128)
+    norms = np.linalg.norm(project(train, projection), axis=1)
+
+    def share_inside(features: np.ndarray) -> float:
+        low, high = norm_range(features, 0.5)
+        return float(np.mean((norms >= low) & (norms <= high)))
+
+    assert share_inside(project(reference, projection)) < 0.9
+    assert share_inside(held_out_features(reference, projection)) >= 0.99
 
 
 def test_init_derives_the_params_from_the_data_and_says_why(wine: dict[str, Any]) -> None:
