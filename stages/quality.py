@@ -26,7 +26,6 @@ import numpy as np
 
 from pipeline.contracts import check_encoded, check_shards, routing_schema, validate
 from pipeline.dataset import DataError, read_embeddings, read_table, write_bytes_atomic, write_table
-from pipeline.keys import project
 from pipeline.layout import ENCODED_REFERENCE, PROJECTION, ROUTING, SHARDS, shard_path
 from pipeline.lineage import stage_run
 from pipeline.quality import (
@@ -37,6 +36,7 @@ from pipeline.quality import (
     TABLES,
     QualityParams,
     failures,
+    held_out_features,
     norm_range,
     tables,
 )
@@ -167,7 +167,7 @@ def main() -> None:
         shards = [(frame, features) for _, frame, features in read]
         reference, reference_embeddings = read_embeddings(ENCODED_REFERENCE)
         check_encoded(reference, reference_embeddings, ENCODED_REFERENCE, classes, projection.shape[1])
-        norms = norm_range(project(reference_embeddings, projection), q.norm_margin)
+        norms = norm_range(held_out_features(reference_embeddings, projection), q.norm_margin)
         q = q.for_reference(len(reference_embeddings))  # what a reference split of this size can support
         found = tables(shards, routing["sample_id"].tolist(), classes, forgotten_ids(Path(), params))
 
