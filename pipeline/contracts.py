@@ -83,7 +83,7 @@ def encoded_schema(classes: Sequence[int], dim: int | None, extra: dict[str, pa.
     return pa.DataFrameSchema(columns, strict=True, name="encoded")
 
 
-def routing_schema(n: int, k: int, partitions: int) -> pa.DataFrameSchema:
+def routing_schema(n: int, k: int, partitions: int, classes: Sequence[int | str]) -> pa.DataFrameSchema:
     """The routing index: each train sample once, its partition, its k distinct adapters in range, and the label
     and payload digest it was routed with."""
     def adapters_ok(value: object) -> bool:
@@ -96,7 +96,7 @@ def routing_schema(n: int, k: int, partitions: int) -> pa.DataFrameSchema:
         "adapters": pa.Column(object, pa.Check(adapters_ok, element_wise=True,
                                                error=f"{k} distinct adapters in 0..{n - 1}")),
         # what the sample's row was routed from: `assign` routes again only rows whose label or payload changed
-        "label": pa.Column("int64"),
+        "label": _label(classes),
         "payload_sha256": pa.Column(object),
     }, strict=True, name="routing")
 

@@ -212,12 +212,26 @@ def write_table(frame: pd.DataFrame, path: Path, metadata: dict[str, object] | N
     ``metadata``: as for ``write_embeddings``.
     """
     table = pa.Table.from_pandas(frame.reset_index(drop=True), preserve_index=False)
+    # pandas hands strings to Arrow as `large_string` or `string` depending on where the column came from (read
+    # back from Parquet, or built in Python); the stored Arrow schema records which, so one width is chosen
+    table = table.cast(pa.schema([field.with_type(_narrow(field.type)) for field in table.schema]))
     table = table.replace_schema_metadata(
         None if metadata is None else {METADATA_KEY: json.dumps(metadata, sort_keys=True)})
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd", compression_level=3, write_statistics=False,
                    row_group_size=1 << 20)
     write_bytes_atomic(path, buffer.getvalue())
+
+
+def _narrow(kind: pa.DataType) -> pa.DataType:
+    """The 32-bit-offset twin of a large string/binary type (lists of them included); any other type as is."""
+    if pa.types.is_large_string(kind):
+        return pa.string()
+    if pa.types.is_large_binary(kind):
+        return pa.binary()
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        return pa.list_(kind.value_field.with_type(_narrow(kind.value_type)))
+    return kind
 
 
 def write_bytes_atomic(path: Path, data: bytes, *, keep_identical: bool = False) -> bool:

@@ -47,7 +47,8 @@ def routing_index(rows: pd.DataFrame, assignment: np.ndarray) -> pd.DataFrame:
     frame = pd.DataFrame({"sample_id": rows["sample_id"].to_numpy(),
                           "partition": rows["partition"].to_numpy().astype(np.int32)})
     frame["adapters"] = [row.astype(np.int32) for row in assignment]
-    frame["label"] = rows["label"].to_numpy().astype(np.int64)
+    labels = rows["label"].to_numpy()  # class indices, or class names when data.classes names them
+    frame["label"] = labels.astype(np.int64) if np.issubdtype(labels.dtype, np.integer) else labels
     frame["payload_sha256"] = rows["payload_sha256"].to_numpy()
     return frame.sort_values("sample_id", kind="stable").reset_index(drop=True)
 

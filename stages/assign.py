@@ -115,7 +115,7 @@ def main() -> None:
             "sample_id", kind="stable").reset_index(drop=True)
         # every output checked before the first is written: a broken contract leaves nothing behind
         check_shards(shards, classes, keys.shape[1])
-        validate(index, routing_schema(n, k, partitions), ROUTING)
+        validate(index, routing_schema(n, k, partitions, classes), ROUTING)
         written = sum(write_embeddings(path, frame, shard_features, keep_identical=True)
                       for path, frame, shard_features in shards)
         expected = {shard_path(j, n, blocks) for j in range(n)}

@@ -170,9 +170,12 @@ def commit_project(root: Path, message: str) -> bool:
     if not (root / ".git").exists():
         return False
     ignore_outputs(root)
-    tracked = set(subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True).stdout.split())
-    paths = [p for p in GIT_PATHS if p.startswith(":(glob)") or (root / p).exists()
-             or any(t == p or t.startswith(f"{p}/") for t in tracked)]  # a path matching nothing fails `git add`
+    # a pathspec matching nothing fails `git add`: keep those that match a tracked (deleted ones too) or an
+    # untracked, not ignored file
+    paths = [p for p in GIT_PATHS if subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "--", p],
+                                                    cwd=root, capture_output=True, text=True, check=True).stdout]
+    if not paths:  # `git add -A --` with no path would add the whole tree
+        return False
     subprocess.run(["git", "add", "-A", "--", *paths], cwd=root, check=True, capture_output=True)
     if subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=root).returncode == 0:
         return False

@@ -161,7 +161,7 @@ def main() -> None:
     with stage_run("quality", Path(), used, inputs, outputs) as run:
         projection = np.load(PROJECTION)
         width = projection.shape[0] - 1 if projection.shape[0] else projection.shape[1]
-        routing = validate(read_table(ROUTING), routing_schema(n, k, partitions), ROUTING)
+        routing = validate(read_table(ROUTING), routing_schema(n, k, partitions, classes), ROUTING)
         read = [(path, *read_embeddings(path)) for path in (shard_path(j, n, blocks) for j in range(n))]
         check_shards(read, classes, width)
         shards = [(frame, features) for _, frame, features in read]

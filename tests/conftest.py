@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -65,8 +66,25 @@ def built_project(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> 
 
 
 def copy_project(src: Path, dst: Path) -> Path:
-    """A private copy of a built project (git, DVC cache, MLflow store and all) for a test that changes it."""
+    """A private copy of a built project (git, DVC cache, MLflow store and all) for a test that changes it.
+
+    MLflow stores absolute artifact locations (experiment, runs, logged models, model versions); a plain copy
+    would log into, and a forget's `mlflow gc` delete from, the original's mlartifacts/. They are rewritten to
+    the copy.
+    """
     shutil.copytree(src, dst, symlinks=True)
+    old, new = str(src.resolve()), str(dst.resolve())
+    if not (dst / "mlflow.db").is_file():
+        return dst
+    with sqlite3.connect(dst / "mlflow.db") as db:
+        tables = [t for (t,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        for table in tables:
+            for column in [c[1] for c in db.execute(f'PRAGMA table_info("{table}")')]:
+                db.execute(f'UPDATE "{table}" SET "{column}" = REPLACE("{column}", ?, ?) '
+                           f'WHERE typeof("{column}") = \'text\' AND instr("{column}", ?) > 0', (old, new, old))
+    with sqlite3.connect(dst / "mlflow.db") as db:
+        db.execute("VACUUM")
+    assert old.encode() not in (dst / "mlflow.db").read_bytes()
     return dst
 
 

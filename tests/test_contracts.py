@@ -69,7 +69,7 @@ def test_routing_and_adapter_load_contracts_name_rule_and_row() -> None:
                             "adapters": [np.array([0, 1], np.int32), np.array([2, 2], np.int32)]})
     with pytest.raises(ContractError, match=r"data/routing.parquet: .*adapters: rule 2 distinct adapters in 0\.\.3 "
                                             r"fails for 1 sample\(s\) 's-2'"):
-        validate(routing, routing_schema(n=4, k=2, partitions=2), "data/routing.parquet")
+        validate(routing, routing_schema(n=4, k=2, partitions=2, classes=list(range(10))), "data/routing.parquet")
     load = pd.DataFrame({"adapter": [0, 1], "train_samples": [3, -1], "test_activations": [1, 1]})
     with pytest.raises(ContractError, match=r"adapter_load.csv: .*train_samples: rule greater_than_or_equal_to\(0\)"):
         validate(load, adapter_load_schema(2), "metrics/adapter_load.csv")

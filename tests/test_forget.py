@@ -23,7 +23,6 @@ import io
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -175,26 +174,6 @@ def dvc(root: Path, *args: str) -> str:
     result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True)
     assert result.returncode == 0, f"dvc {' '.join(args)}: {result.stdout}{result.stderr}"
     return result.stdout
-
-
-def clone_project(src: Path, dst: Path) -> Path:
-    """A private copy of a built project whose MLflow store points at the copy's own artifacts.
-
-    MLflow stores absolute artifact locations (experiment, runs, logged models, model versions); a plain copy
-    would log into, and `mlflow gc` delete from, the original's mlartifacts/. Rewrite them to the copy.
-    """
-    copy_project(src, dst)
-    old, new = str(src.resolve()), str(dst.resolve())
-    with sqlite3.connect(dst / "mlflow.db") as db:
-        tables = [t for (t,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
-        for table in tables:
-            for column in [c[1] for c in db.execute(f'PRAGMA table_info("{table}")')]:
-                db.execute(f'UPDATE "{table}" SET "{column}" = REPLACE("{column}", ?, ?) '
-                           f'WHERE typeof("{column}") = \'text\' AND instr("{column}", ?) > 0', (old, new, old))
-    with sqlite3.connect(dst / "mlflow.db") as db:
-        db.execute("VACUUM")
-    assert old.encode() not in (dst / "mlflow.db").read_bytes()
-    return dst
 
 
 def flip_byte(path: Path, offset: int | None = None) -> bytes:
@@ -491,7 +470,7 @@ def test_tampering_is_detected(exactness: dict[str, Any], tmp_path: Path) -> Non
 @pytest.fixture(scope="module")
 def idle_project(tmp_path_factory: pytest.TempPathFactory, built_project: Path) -> Path:
     """A clone that only sees commands which must change nothing."""
-    return clone_project(built_project, tmp_path_factory.mktemp("idle") / "project")
+    return copy_project(built_project, tmp_path_factory.mktemp("idle") / "project")
 
 
 def _bad_manifests(root: Path, folder: Path) -> dict[str, tuple[Path, str]]:
@@ -570,7 +549,7 @@ def clone_runs(tmp_path_factory: pytest.TempPathFactory, built_project: Path,
     work = tmp_path_factory.mktemp("clones")
     manifest = write_manifest(work / "requests" / "x.json", "req-x", small_request)
     names = ("concurrent", "plain", "chain", "once")
-    projects = {name: clone_project(built_project, work / name) for name in names}
+    projects = {name: copy_project(built_project, work / name) for name in names}
 
     def concurrent() -> dict[str, Any]:
         root = projects["concurrent"]

@@ -111,6 +111,7 @@ def test_another_encoding_or_an_edited_output_is_encoded_again(incremental: dict
     args = ("stages.encode", "part-0000", RAW[0], "data/encoded/train/part-0000.parquet")
     assert "encoded 0 of" in run(*args, cwd=root)  # nothing changed: the encoder is not called
     frame, embeddings = read_embeddings(target, digests=True)
+    embeddings = embeddings.copy()  # read zero-copy from Arrow, so read-only
     embeddings[0, 0] += 1.0
     write_embeddings(target, frame, embeddings)  # an edit DVC did not record
     log = run(*args, cwd=root)

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import legonet
-from test_forget import clone_project, record, write_manifest
+from conftest import copy_project, legonet
+from test_forget import record, write_manifest
 
 from pipeline.dataset import read_table
 
@@ -89,7 +89,7 @@ def held_back(tmp_path_factory: pytest.TempPathFactory, built_project: Path) -> 
     """A clone with quality.min_samples just under its smallest adapter (rebuilt: passes, champion = version 2),
     then one forget of every train sample of one class plus enough of the smallest adapter's samples."""
     work = tmp_path_factory.mktemp("quality")
-    root = clone_project(built_project, work / "project")
+    root = copy_project(built_project, work / "project")
     routing = read_table(root / "data/routing.parquet")
     members: dict[int, set[str]] = {}
     for sid, adapters in zip(routing["sample_id"], routing["adapters"], strict=True):

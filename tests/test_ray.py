@@ -25,9 +25,9 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import TINY, init_args, legonet
+from conftest import TINY, copy_project, init_args, legonet
 from conftest import mlflow_server as start_mlflow_server
-from test_forget import artifacts_md5, clone_project, forget, lock_without_package_listing, record, write_manifest
+from test_forget import artifacts_md5, forget, lock_without_package_listing, record, write_manifest
 from test_pipeline import ALL_STAGES, digests, mlmodel_without_volatile
 
 from pipeline.dataset import read_table
@@ -111,7 +111,7 @@ def test_a_ray_forget_equals_the_local_forget(ray_build: dict[str, Any], built_p
                                               ) -> None:
     """The same request on the Ray project and on a clone of the local one: same artifacts, dvc.lock, retrained
     adapters and audit digests (the record's MLflow ids, times and the HMACs under each project's key differ)."""
-    local = clone_project(built_project, tmp_path / "local")
+    local = copy_project(built_project, tmp_path / "local")
     ray_root = ray_build["root"]
     train = sorted(read_table(local / "data/routing.parquet")["sample_id"])
     test = sorted(read_table(local / "data/test/test.parquet")["sample_id"])
@@ -145,7 +145,7 @@ def test_a_ray_forget_equals_the_local_forget(ray_build: dict[str, Any], built_p
 
 def test_executor_ray_without_ray_says_how_to_install(built_project: Path, tmp_path: Path) -> None:
     """A Python where `import ray` fails: `legonet build` exits 4 (params) with the install hint."""
-    root = clone_project(built_project, tmp_path / "noray")
+    root = copy_project(built_project, tmp_path / "noray")
     text = (root / "params.yaml").read_text().replace("executor: local", "executor: ray", 1)
     (root / "params.yaml").write_text(text)
     blocker = tmp_path / "blocker"
