@@ -182,10 +182,7 @@ class Runner:
         self.config, self.cache, self.say = config, cache, say
         self.params = load_params(config.params_overrides)
         self.adapter_params = TrainParams(**self.params["adapters"]["train"])
-        base = self.params["baseline"]
-        self.probe_params = TrainParams(hidden=0, threads=int(self.params["adapters"]["train"]["threads"]),
-                                        epochs=base["epochs"], lr=base["lr"], weight_decay=base["weight_decay"],
-                                        batch_size=base["batch_size"])
+        self.ridge = float(self.params["baseline"]["ridge"])
         self.kept: dict[tuple, HeadSystem] = {}  # seed-0 systems kept for the sequential runs and the project
         warm_up(self.adapter_params)
 
@@ -266,7 +263,7 @@ class Runner:
         want_seq = set(cfg.sequential_systems)
         plan = cfg.reduced.get(name)
 
-        probe = self.measure("probe", lambda seed: Probe(features, self.probe_params, seed), requests, None,
+        probe = self.measure("probe", lambda seed: Probe(features, self.ridge, seed), requests, None,
                              (name, "probe") if "probe" in want_seq else None, plan, "probe")
         probe_times = {size: v["retrain_seconds"] for size, v in probe["forget"].items()}
         probe_times["expected"] = probe["expected_forget_1"]["seconds"]

@@ -1,6 +1,6 @@
 """The compared systems, on the same frozen projected features, trained with the pipeline's own functions.
 
-* ``probe``: one linear head on all train samples (``baseline`` params, like the pipeline's baseline stage); its exact
+* ``probe``: the pipeline's ridge probe on all train samples (``baseline`` params, ``pipeline.probe``); its exact
   unlearning is a full retrain.
 * ``sisa``: s heads, each on a random shard (sample -> shard by a seeded hash of its sample_id), prediction = mean of
   the heads' probabilities (the paper's FixSISA on a frozen encoder).
@@ -24,6 +24,7 @@ import pandas as pd
 
 from pipeline.adapters import TrainParams, adapter_proba, adapter_seed, train_adapter
 from pipeline.ensemble import Ensemble
+from pipeline.probe import fit_probe, probe_statistics
 from pipeline.routing import route, shard
 
 
@@ -54,8 +55,9 @@ class HeadSystem:
 
     kind = "heads"
 
-    def __init__(self, features: Features, rows: Sequence[np.ndarray], seeds: Sequence[int], params: TrainParams,
-                 membership: np.ndarray):
+    def __init__(self, features: Features, rows: Sequence[np.ndarray], seeds: Sequence[int],
+                 params: TrainParams | None, membership: np.ndarray):
+        """``params``: the torch heads' training params; None for a subclass that fits its heads itself."""
         self.features = features
         self.rows = [np.asarray(r, dtype=np.int64) for r in rows]
         self.seeds = list(seeds)
@@ -136,14 +138,28 @@ class HeadSystem:
 
 
 class Probe(HeadSystem):
+    """The pipeline's `baseline` probe: ridge regression on one-hot labels over all train rows, in closed form
+    (``pipeline.probe``); seed-free, so every seed gives the same head."""
+
     kind = "probe"
 
-    def __init__(self, features: Features, params: TrainParams, seed: int):
+    def __init__(self, features: Features, ridge: float, seed: int):
         n = len(features.train_y)
-        super().__init__(features, [np.arange(n)], [adapter_seed(seed, -1)], params, np.zeros((n, 1), np.int64))
+        super().__init__(features, [np.arange(n)], [adapter_seed(seed, -1)], None, np.zeros((n, 1), np.int64))
+        self.ridge = ridge
+
+    def _train(self, j: int, alive: np.ndarray | None) -> dict[str, np.ndarray]:
+        rows = self.rows[j] if alive is None else self.rows[j][alive[self.rows[j]]]
+        f = self.features
+        return {"ridge": fit_probe([probe_statistics(f.train_x[rows], f.train_y[rows], f.n_classes)], self.ridge)}
+
+    def head_params(self, j: int) -> int:
+        return (self.features.train_x.shape[1] + 1) * self.features.n_classes
 
     def proba(self, weights, x):
-        return adapter_proba(weights[0], x)
+        """Class scores (not probabilities): only their argmax is used."""
+        w = weights[0]["ridge"]
+        return x.astype(np.float64) @ w[:-1] + w[-1]
 
 
 class Sisa(HeadSystem):
