@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,7 +74,6 @@ def train_adapter(
     """
     if features.shape[0] == 0:
         return {}
-    os.environ.setdefault("MKL_CBWR", "AVX2,STRICT")  # must precede torch's first matmul
     import torch
 
     torch.set_num_threads(params.threads)

@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
-
-os.environ.setdefault("MKL_CBWR", "AVX2,STRICT")  # before anything imports torch: thread-independent matmuls
 
 import numpy as np
 
