@@ -5,6 +5,7 @@ Every number written here is read from the results file; the paper's figures (is
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import textwrap
@@ -625,6 +626,12 @@ def write_report(results: dict, results_dir: Path, docs: Path) -> Path:
         data = results["project"].get("data", "mnist5k")
         lines += [f"## System 4: the real pipeline (DVC + MLflow) on {TITLES.get(data, data)}", "",
                   *project_tables(results["project"])]
+    scale = results_dir / "scale.json"
+    if scale.is_file():  # `python -m bench.scale` (the pipeline end to end as the data grows), run on its own
+        from bench.scale import report as scale_report
+
+        lines += ["## Forget cost as the data grows: the real pipeline, `python -m bench.scale`", "",
+                  *scale_report(json.loads(scale.read_text())), ""]
     lines += ["## Plots", "", f"![accuracy vs forget time]({rel['tradeoff']})", "", f"![k sweep]({rel['k_sweep']})",
               "", f"![n sweep]({rel['n_sweep']})", ""]
     docs.write_text("\n".join(lines))

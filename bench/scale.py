@@ -173,6 +173,46 @@ def verdicts(rows: list[dict[str, object]]) -> dict[str, object]:
     return out
 
 
+def report(result: dict) -> list[str]:
+    """The Markdown section docs/benchmarks.md shows for a ``scale.json``: per project its build, the median forgets
+    and their ratios against the targets, then the phases of each 1-sample forget (median over the rounds)."""
+    targets = DATA_TARGETS
+    lines = [f"Command: `{result['command']}` ({result['date']}, {result['cpus']} CPUs). Each project was built from "
+             "scratch (`legonet build`, timed once), then forgot in rounds, projects in turn, one random train "
+             "sample and then a batch (wall time of `legonet forget --profile`, median over the rounds). Ratios "
+             "are against the same project's build in the same run.", "",
+             "| data | n | build s | forget 1 s (of it non-training) | forget 1 / build (target) | forget batch s | "
+             "forget batch / build (target) | non-training growth vs smallest data (target) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        ratio = result["per_project"][f"{r['data']} n={r['n']}"]
+        growth = result.get("data_axis", {}).get(f"n={r['n']}", {}).get(r["data"], {}).get("non_training_growth")
+        lines.append(
+            f"| {r['data']} ({r['samples']:,}) | {r['n']} | {r['build_seconds']:.1f} | {r['forget_seconds']:.1f} "
+            f"({r['forget_non_training_seconds']:.1f}) | 1/{1 / ratio['forget_1_over_build']:.1f} "
+            f"(1/{1 / targets['forget_1_over_build']:.0f}) | {r['forget_batch_seconds']:.1f} ({r['batch']} samples) | "
+            f"1/{1 / ratio['forget_batch_over_build']:.1f} (1/{1 / targets['forget_batch_over_build']:.0f}) | "
+            + (f"{growth:.2f}x ({targets['non_training_growth']}x) |" if growth is not None else "- |"))
+    lines += ["", "Phases of the 1-sample forgets (seconds, median over the rounds; `repro:*` are the DVC stages "
+              "inside `rebuild`, the stages of one `foreach` summed):", ""]
+    phases = []
+    for r in result["rows"]:
+        summed = []
+        for f in (f for f in r["forgets"] if f["samples"] == 1):
+            by_kind: dict[str, float] = {}
+            for name, seconds in f["phases"].items():
+                kind = name.split("@")[0] + ("@*" if "@" in name else "")
+                by_kind[kind] = by_kind.get(kind, 0.0) + seconds
+            summed.append(by_kind)
+        phases.append((f"{r['data']} n={r['n']}",
+                       {k: statistics.median(p.get(k, 0.0) for p in summed) for k in {k for p in summed for k in p}}))
+    names = sorted({k for _, m in phases for k in m}, key=lambda k: -max(m.get(k, 0.0) for _, m in phases))
+    lines += ["| phase | " + " | ".join(label for label, _ in phases) + " |",
+              "|---|" + "---|" * len(phases)]
+    lines += [f"| {name} | " + " | ".join(f"{m.get(name, 0.0):.2f}" for _, m in phases) + " |" for name in names]
+    return lines
+
+
 def _list(kind: Callable[[str], object], what: str) -> Callable[[str], list]:
     def parse(text: str) -> list:
         try:
