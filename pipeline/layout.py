@@ -22,6 +22,7 @@ ENCODER = Path("models/encoder.onnx")
 ENCODER_INFO = Path("models/encoder.json")
 PROJECTION = Path("models/projection.npy")
 KEYS = Path("models/keys.npy")
+REFERENCE_NORMS = Path("models/reference_norms.json")  # the quality norm rule's source, written by `keys`
 ADAPTERS = Path("models/adapters")
 PACKAGE = Path("models/package")
 METRICS = Path("metrics")

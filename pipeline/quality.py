@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline.layout import REFERENCE_NORMS
+
 QUALITY_DIR = Path("reports/quality")
 RESULT = QUALITY_DIR / "result.json"
 TABLES = QUALITY_DIR / "tables"
@@ -61,14 +63,39 @@ class QualityParams:
         return dataclasses.replace(self, norm_mostly=max(0.0, mostly))
 
 
-def norm_range(reference_features: np.ndarray, margin: float) -> tuple[float, float]:
-    """[min, max] of the reference split's embedding norms, widened by ``margin`` times the span on each side."""
-    norms = np.linalg.norm(reference_features.astype(np.float64), axis=1)
-    if not len(norms):
+def norm_bounds(features: np.ndarray) -> dict[str, Any]:
+    """How many embeddings, and the [min, max] of their norms (float64): what the norm rule is learned from.
+
+    The `keys` stage stores it for the reference split (``REFERENCE_NORMS``): it runs only when the reference
+    split or the projection changes, so a forget never redoes the two PCA fits of ``held_out_features``.
+    """
+    norms = np.linalg.norm(features.astype(np.float64), axis=1)
+    return {"samples": len(norms), "min": float(norms.min()) if len(norms) else None,
+            "max": float(norms.max()) if len(norms) else None}
+
+
+def norm_range(bounds: dict[str, Any], margin: float) -> tuple[float, float]:
+    """The ``norm_bounds`` of the reference split widened by ``margin`` times their span on each side."""
+    if not bounds["samples"]:
         return 0.0, float("inf")
-    low, high = float(norms.min()), float(norms.max())
+    low, high = float(bounds["min"]), float(bounds["max"])
     span = high - low
     return round(max(0.0, low - margin * span), 6), round(high + margin * span, 6)
+
+
+def read_norm_bounds(path: Path = REFERENCE_NORMS) -> dict[str, Any]:
+    """The reference split's ``norm_bounds`` as the `keys` stage wrote them."""
+    from pipeline.dataset import DataError
+
+    try:
+        bounds = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing; run `dvc repro` (or `legonet build`) to produce it") from None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: not readable JSON ({exc}); run `dvc repro -f keys` to write it again") from exc
+    if not isinstance(bounds, dict) or set(bounds) != {"samples", "min", "max"}:
+        raise DataError(f"{path}: expected the keys samples, min, max; run `dvc repro -f keys` to write it again")
+    return bounds
 
 
 def held_out_features(reference: np.ndarray, projection: np.ndarray) -> np.ndarray:

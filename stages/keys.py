@@ -1,8 +1,10 @@
-"""DVC stage `keys`: fit the projection and the adapter keys on the non-deletable reference split only."""
+"""DVC stage `keys`: fit the projection and the adapter keys on the non-deletable reference split only, and the
+reference split's held-out embedding norms that the quality checkpoint's norm rule is learned from."""
 
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +12,9 @@ import numpy as np
 from pipeline.contracts import check_encoded
 from pipeline.dataset import read_embeddings, write_bytes_atomic
 from pipeline.keys import fit_keys, fit_projection, project
-from pipeline.layout import ENCODED_REFERENCE, KEYS, PROJECTION
+from pipeline.layout import ENCODED_REFERENCE, KEYS, PROJECTION, REFERENCE_NORMS
 from pipeline.lineage import stage_run
+from pipeline.quality import held_out_features, norm_bounds
 from stages.project import load_params, run_stage
 
 
@@ -28,7 +31,7 @@ def main() -> None:
     classes = list(params["data"]["classes"])
     used = {"projection": params["projection"], "keys": params["keys"], "adapters.n": params["adapters"]["n"],
             "data.classes": classes, "encoder.name": params["encoder"]["name"]}
-    with stage_run("keys", Path(), used, [reference], [PROJECTION, KEYS]) as run:
+    with stage_run("keys", Path(), used, [reference], [PROJECTION, KEYS, REFERENCE_NORMS]) as run:
         frame, embeddings = read_embeddings(reference)
         check_encoded(frame, embeddings, reference, classes, None)
         # tables (encoder `none`): columns in unrelated units, standardised with the reference split's statistics
@@ -36,8 +39,11 @@ def main() -> None:
                                     standardise=params["encoder"]["name"] == "none")
         keys = fit_keys(project(embeddings, projection), int(params["adapters"]["n"]),
                         int(params["keys"]["seed"]), int(params["keys"]["iterations"]))
+        # the quality checkpoint's norm rule: learned here, off the forget path (the reference split never changes)
+        bounds = norm_bounds(held_out_features(embeddings, projection))
         save_array(PROJECTION, projection)
         save_array(KEYS, keys)
+        write_bytes_atomic(REFERENCE_NORMS, (json.dumps(bounds, indent=1, sort_keys=True) + "\n").encode())
         run["reference_samples"] = embeddings.shape[0]
 
 

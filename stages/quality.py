@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.contracts import check_encoded, check_shards, routing_schema, validate
+from pipeline.contracts import check_shards, routing_schema, validate
 from pipeline.dataset import DataError, read_embeddings, read_table, write_bytes_atomic, write_table
-from pipeline.layout import ENCODED_REFERENCE, PROJECTION, ROUTING, SHARDS, shard_path
+from pipeline.layout import PROJECTION, REFERENCE_NORMS, ROUTING, SHARDS, shard_path
 from pipeline.lineage import stage_run
 from pipeline.quality import (
     DATA_DOCS,
@@ -36,8 +36,8 @@ from pipeline.quality import (
     TABLES,
     QualityParams,
     failures,
-    held_out_features,
     norm_range,
+    read_norm_bounds,
     tables,
 )
 from stages.project import load_params, run_stage
@@ -156,7 +156,7 @@ def main() -> None:
     n, k, blocks = int(params["adapters"]["n"]), int(params["adapters"]["k"]), int(params["adapters"]["blocks"])
     partitions, classes = int(params["data"]["partitions"]), list(params["data"]["classes"])
     used = {"quality": params["quality"], "adapters.n": n, "adapters.k": k, "data.classes": classes}
-    inputs = [SHARDS, ROUTING, ENCODED_REFERENCE, PROJECTION]
+    inputs = [SHARDS, ROUTING, REFERENCE_NORMS, PROJECTION]
     outputs = [RESULT, TABLES, DATA_DOCS]
     with stage_run("quality", Path(), used, inputs, outputs) as run:
         projection = np.load(PROJECTION)
@@ -165,10 +165,9 @@ def main() -> None:
         read = [(path, *read_embeddings(path)) for path in (shard_path(j, n, blocks) for j in range(n))]
         check_shards(read, classes, width)
         shards = [(frame, features) for _, frame, features in read]
-        reference, reference_embeddings = read_embeddings(ENCODED_REFERENCE)
-        check_encoded(reference, reference_embeddings, ENCODED_REFERENCE, classes, projection.shape[1])
-        norms = norm_range(held_out_features(reference_embeddings, projection), q.norm_margin)
-        q = q.for_reference(len(reference_embeddings))  # what a reference split of this size can support
+        bounds = read_norm_bounds()
+        norms = norm_range(bounds, q.norm_margin)
+        q = q.for_reference(int(bounds["samples"]))  # what a reference split of this size can support
         found = tables(shards, routing["sample_id"].tolist(), classes, forgotten_ids(Path(), params))
 
         _remove(outputs)

@@ -30,9 +30,9 @@ from conftest import legonet
 from test_forget import artifacts_md5, lock_without_package_listing
 from test_serving import _free_port, _wait_for_ping
 
-from pipeline.dataset import read_table
+from pipeline.dataset import DataError, read_table
 from pipeline.keys import fit_projection, project
-from pipeline.quality import QualityParams, held_out_features, norm_range
+from pipeline.quality import QualityParams, held_out_features, norm_bounds, norm_range, read_norm_bounds
 from pipeline.registry import Replaced, gate
 from stages.init import KEYS_PER_REFERENCE, defaults_from_data
 
@@ -160,11 +160,26 @@ def test_the_norm_range_is_learned_out_of_sample() -> None:
     norms = np.linalg.norm(project(train, projection), axis=1)
 
     def share_inside(features: np.ndarray) -> float:
-        low, high = norm_range(features, 0.5)
+        low, high = norm_range(norm_bounds(features), 0.5)
         return float(np.mean((norms >= low) & (norms <= high)))
 
     assert share_inside(project(reference, projection)) < 0.9
     assert share_inside(held_out_features(reference, projection)) >= 0.99
+
+
+def test_the_norm_rule_read_from_the_keys_stage_file_is_the_one_computed(tmp_path: Path) -> None:
+    """The `keys` stage stores the reference norms as JSON (off the forget path); read back, they give the very
+    range computed from the features (floats round-trip exactly), and a missing or foreign file is named."""
+    features = np.random.default_rng(3).lognormal(size=(500, 16)).astype(np.float32)
+    path = tmp_path / "reference_norms.json"
+    path.write_text(json.dumps(norm_bounds(features), indent=1, sort_keys=True) + "\n")
+    assert norm_range(read_norm_bounds(path), 0.5) == norm_range(norm_bounds(features), 0.5)
+    assert read_norm_bounds(path)["samples"] == 500
+    with pytest.raises(DataError, match=r"missing\.json: missing; run `dvc repro`"):
+        read_norm_bounds(tmp_path / "missing.json")
+    path.write_text('{"min": 1}')
+    with pytest.raises(DataError, match=r"reference_norms\.json: expected the keys samples, min, max"):
+        read_norm_bounds(path)
 
 
 def test_init_derives_the_params_from_the_data_and_says_why(wine: dict[str, Any]) -> None:
