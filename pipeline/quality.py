@@ -93,8 +93,16 @@ def read_norm_bounds(path: Path = REFERENCE_NORMS) -> dict[str, Any]:
         raise DataError(f"{path}: missing; run `dvc repro` (or `legonet build`) to produce it") from None
     except (OSError, ValueError) as exc:
         raise DataError(f"{path}: not readable JSON ({exc}); run `dvc repro -f keys` to write it again") from exc
+    def number(value: object) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value)
+
     if not isinstance(bounds, dict) or set(bounds) != {"samples", "min", "max"}:
         raise DataError(f"{path}: expected the keys samples, min, max; run `dvc repro -f keys` to write it again")
+    samples, low, high = bounds["samples"], bounds["min"], bounds["max"]
+    if not (isinstance(samples, int) and not isinstance(samples, bool) and samples >= 0
+            and (samples == 0 or (number(low) and number(high) and 0 <= low <= high))):
+        raise DataError(f"{path}: samples must be a count and min <= max finite norms (found {bounds}); run "
+                        "`dvc repro -f keys` to write it again")
     return bounds
 
 

@@ -180,6 +180,11 @@ def test_the_norm_rule_read_from_the_keys_stage_file_is_the_one_computed(tmp_pat
     path.write_text('{"min": 1}')
     with pytest.raises(DataError, match=r"reference_norms\.json: expected the keys samples, min, max"):
         read_norm_bounds(path)
+    for broken in ('{"samples": 5, "min": "x", "max": 2}', '{"samples": 5, "min": 3, "max": 2}',
+                   '{"samples": -1, "min": 1, "max": 2}', '{"samples": 5, "min": 1, "max": NaN}'):
+        path.write_text(broken)
+        with pytest.raises(DataError, match=r"reference_norms\.json: samples must be a count and min <= max"):
+            read_norm_bounds(path)
 
 
 def test_init_derives_the_params_from_the_data_and_says_why(wine: dict[str, Any]) -> None:
