@@ -52,7 +52,8 @@ def previous_rows(dst: Path, encoding: dict[str, Any], sample_ids: list[str], di
     return reusable_rows(frame, sample_ids, digests), embeddings
 
 
-def main(name: str, src: Path, dst: Path) -> None:
+def main(name: str, src_path: str | Path, dst_path: str | Path) -> None:
+    src, dst = Path(src_path), Path(dst_path)
     params = load_params()
     data, threads = params["data"], int(params["encoder"]["threads"])
     info = json.loads(ENCODER_INFO.read_text())
@@ -93,4 +94,4 @@ def main(name: str, src: Path, dst: Path) -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main, sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]))
+    run_stage(main, *sys.argv[1:4])

@@ -6,7 +6,6 @@ purge -> audit record -> git commit. Re-running the same command after a crash f
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -20,7 +19,7 @@ from pipeline.dataset import read_table
 from pipeline.layout import REFERENCE
 from pipeline.lineage import file_sha256, git_revision, platform_tags
 from pipeline.manifest import DeletionRequest, load_manifest
-from stages.build import dvc_lock_digest, repro
+from stages.build import dvc_add, dvc_lock_digest, dvc_status, repro, rerun
 from stages.keyring import anchor, audit_key, audit_log, origin, signing_key
 from stages.project import commit_project, params_digest
 
@@ -45,10 +44,11 @@ def forget(root: Path, manifests: Sequence[Path], params: dict[str, Any], *, dry
             _run(root, pending, params, say, resumed=True)
             pending = None
         if pending is None:
+            plan_started = time.monotonic()
             journal = _start(root, requests, params, allow_unknown, say)
             if journal is None:
                 return {"status": "already-forgotten", "request_ids": [r.request_id for r in requests]}
-            journal.timings.update(timings)
+            journal.timings.update(timings, plan=round(time.monotonic() - plan_started, 3))
             resumed = False
         else:
             say(f"resuming the forget of {', '.join(pending.request_ids)} from state '{pending.state}'")
@@ -92,7 +92,7 @@ def _start(root: Path, requests: Sequence[DeletionRequest], params: dict[str, An
         raise flow.ForgetError(
             f"{len(plan.unknown_ids)} sample ID(s) are not in this project: {plan.unknown_ids[:5]}; check the "
             "manifest, or pass --allow-unknown to record them as 'not present'")
-    if plan.changes_data and json.loads(flow.dvc(root, "status", "--json") or "{}"):
+    if plan.changes_data and dvc_status(root):
         raise flow.ForgetError("the project has changes that are not built yet (`dvc status` is not clean): run "
                                "`legonet build` first, so the forget rebuilds only what the request touches")
     journal = flow.new_journal(requests, plan)
@@ -121,6 +121,8 @@ def _run(root: Path, journal: flow.Journal, params: dict[str, Any], say: Callabl
 def _remove(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str], params: dict[str, Any],
         say: Callable[[str], None], resumed: bool) -> None:
     files = flow.remove_rows(root, plan, ids) if plan.changes_data else []
+    if files:
+        dvc_add(root, files)
     say(f"removed {len(plan.train_ids)} train and {len(plan.test_ids)} test samples from {len(files)} file(s)")
 
 
@@ -129,11 +131,17 @@ def _rebuild(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str], 
     if not plan.changes_data:
         journal.results["checks"] = []
         return
-    ran = repro(root, timings=journal.timings)
+    from pipeline.executor import executor_of
+
+    if executor_of(params) == "local":  # the plan's stages in this process, then `dvc commit` (stages.build.rerun)
+        stale: dict[str, Any] | None = rerun(root, plan.stages, timings=journal.timings)
+        ran, checked = list(plan.stages), None
+    else:  # Ray: `dvc repro`, which starts one local Ray for all its stage processes
+        ran, stale = repro(root, timings=journal.timings), None
+        checked = None if resumed else ran
     journal.results["stages_run"] = ran
     say(f"retrained adapters {plan.adapters} ({len(ran)} stages)")
-    journal.results["checks"] = flow.check_rebuild(root, plan, journal.before["artifacts"],
-                                                   None if resumed else ran, ids)
+    journal.results["checks"] = flow.check_rebuild(root, plan, journal.before["artifacts"], checked, ids, stale)
 
 
 def _register(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str], params: dict[str, Any],
