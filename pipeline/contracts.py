@@ -9,7 +9,7 @@ from params (classes, embedding width, n, k) because the rules depend on them.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -35,18 +35,40 @@ def _label(classes: Sequence[int | str]) -> pa.Column:
 
 
 def _embedding(dim: int | None) -> pa.Column:
-    """One rule per property, so a message says which one broke (dtype, width or finite values)."""
-    def vector(value: object) -> bool:
-        return isinstance(value, np.ndarray) and value.ndim == 1
+    """One rule per property, so a message says which one broke (dtype, width or finite values).
+
+    The checks see the whole column at once: a Python check per row ran ~150,000 times at every forget on
+    Fashion-MNIST 70k (the shards hold k rows per sample) and cost 2 s of the quality stage alone.
+    """
+    def verdicts(column: pd.Series, rule: Callable[[list[np.ndarray]], np.ndarray]) -> pd.Series:
+        values = column.to_numpy()
+        vector = np.fromiter((isinstance(v, np.ndarray) and v.ndim == 1 for v in values), dtype=bool,
+                             count=len(values))
+        ok = np.zeros(len(values), dtype=bool)
+        if vector.any():
+            ok[vector] = rule(list(values[vector]))
+        return pd.Series(ok, index=column.index)
+
+    def finite(rows: list[np.ndarray]) -> np.ndarray:
+        numeric = np.array([row.dtype.kind in "fiub" for row in rows], dtype=bool)
+        ok = np.zeros(len(rows), dtype=bool)
+        if numeric.any():
+            kept = [row for row, is_numeric in zip(rows, numeric, strict=True) if is_numeric]
+            sizes = np.array([row.size for row in kept])
+            bad = ~np.isfinite(np.concatenate(kept).astype(np.float64, copy=False))
+            clean = np.ones(len(kept), dtype=bool)
+            clean[np.repeat(np.arange(len(kept)), sizes)[bad]] = False
+            ok[numeric] = clean
+        return ok
 
     checks = [
-        pa.Check(lambda v: vector(v) and v.dtype == np.float32, element_wise=True,
+        pa.Check(lambda c: verdicts(c, lambda rows: np.array([r.dtype == np.float32 for r in rows], dtype=bool)),
                  error="embedding is a float32 vector"),
-        pa.Check(lambda v: vector(v) and bool(np.isfinite(v).all()), element_wise=True,
-                 error="embedding values are finite (no NaN or inf)"),
+        pa.Check(lambda c: verdicts(c, finite), error="embedding values are finite (no NaN or inf)"),
     ]
     if dim is not None:
-        checks.append(pa.Check(lambda v: vector(v) and v.shape[0] == dim, element_wise=True,
+        checks.append(pa.Check(lambda c: verdicts(c, lambda rows: np.array([r.shape[0] == dim for r in rows],
+                                                                           dtype=bool)),
                                error=f"embedding width is {dim}"))
     return pa.Column(object, checks, nullable=False)
 

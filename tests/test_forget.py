@@ -544,11 +544,13 @@ def clone_runs(tmp_path_factory: pytest.TempPathFactory, built_project: Path,
       state), then re-run to the end;
     * once: the same request killed right after data-removed, then re-run once;
     * concurrent: two requests started at the same moment (one of them waits for the lock, so this job uses
-      about one core).
+      about one core);
+    * failed: the same request, whose quality checkpoint (the stage that runs beside the training) fails because
+      the audit key dir is unusable, then re-run as it should be.
     """
     work = tmp_path_factory.mktemp("clones")
     manifest = write_manifest(work / "requests" / "x.json", "req-x", small_request)
-    names = ("concurrent", "plain", "chain", "once")
+    names = ("concurrent", "plain", "chain", "once", "failed")
     projects = {name: copy_project(built_project, work / name) for name in names}
 
     def concurrent() -> dict[str, Any]:
@@ -577,9 +579,17 @@ def clone_runs(tmp_path_factory: pytest.TempPathFactory, built_project: Path,
                 for s in states]
         return [*runs, legonet("forget", str(manifest), cwd=projects[name])]
 
+    def failed() -> dict[str, Any]:
+        root = projects["failed"]
+        lock = (root / "dvc.lock").read_bytes()
+        broken = legonet("forget", str(manifest), cwd=root, check=False, env={"LEGONET_KEY_DIR": "/dev/null/keys"})
+        return {"broken": broken, "lock_kept": (root / "dvc.lock").read_bytes() == lock,
+                "rerun": legonet("forget", str(manifest), cwd=root)}
+
     with ThreadPoolExecutor(max_workers=2) as pool:
         jobs = {"concurrent": pool.submit(concurrent), "plain": pool.submit(plain),
-                "chain": pool.submit(crashed, "chain", STATES), "once": pool.submit(crashed, "once", STATES[:1])}
+                "chain": pool.submit(crashed, "chain", STATES), "once": pool.submit(crashed, "once", STATES[:1]),
+                "failed": pool.submit(failed)}
         results = {name: job.result() for name, job in jobs.items()}
     return {"manifest": manifest, "projects": projects, "ids": small_request,
             "final": {name: (artifacts_md5(root), lock_without_package_listing(root), audit_records(root))
@@ -615,6 +625,22 @@ def test_a_crash_in_any_state_is_finished_by_rerunning(clone_runs: dict[str, Any
         assert not (root / ".legonet/journal.json").exists()
         assert legonet("audit", "verify", cwd=root).returncode == 0
         assert not (set(read_table(root / "data/routing.parquet")["sample_id"]) & set(clone_runs["ids"]))
+
+
+def test_a_stage_that_fails_mid_forget_commits_nothing_and_a_rerun_finishes(clone_runs: dict[str, Any]) -> None:
+    """A stage of the forget's rebuild fails (here the checkpoint, in its process beside the training): the
+    command exits with the build error naming the stage and its own message, dvc.lock is as before, and the same
+    command re-run finishes with the bytes of an uninterrupted forget."""
+    run = clone_runs["failed"]
+    assert run["broken"].returncode == 5, run["broken"].stderr
+    assert "stage quality failed" in run["broken"].stderr and "/dev/null/keys" in run["broken"].stderr
+    assert run["lock_kept"], "dvc.lock changed although the rebuild failed"
+    assert "resuming the forget of req-x from state 'data-removed'" in run["rerun"].stderr
+    artifacts, lock, records = clone_runs["final"]["failed"]
+    plain_artifacts, plain_lock, _ = clone_runs["final"]["plain"]
+    assert artifacts == plain_artifacts and lock == plain_lock and records == ["000001-req-x.json"]
+    assert "up to date" in subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=clone_runs["projects"]["failed"],
+                                          capture_output=True, text=True, check=True).stdout
 
 
 def test_rerunning_is_idempotent(clone_runs: dict[str, Any], tmp_path: Path) -> None:
