@@ -86,8 +86,9 @@ class Plan:
         if self.test_ids:
             stages.append("encode@test")
         if self.partitions:  # train data changes: routing and shards are rewritten, so the checkpoint reruns
-            stages += ["assign", "quality"]  # the checkpoint first: it can run beside the training
+            stages.append("assign")
             stages += [f"train@{b:04d}" for b in self.train_blocks]
+            stages.append("quality")
         if self.train_ids or self.test_ids:  # in DVC's order: the probe is scored on evaluate's test points
             stages += ["evaluate", "baseline", "package"]
         return stages

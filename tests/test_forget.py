@@ -545,8 +545,8 @@ def clone_runs(tmp_path_factory: pytest.TempPathFactory, built_project: Path,
     * once: the same request killed right after data-removed, then re-run once;
     * concurrent: two requests started at the same moment (one of them waits for the lock, so this job uses
       about one core);
-    * failed: the same request, whose quality checkpoint (the stage that runs beside the training) fails because
-      the audit key dir is unusable, then re-run as it should be.
+    * failed: the same request, whose quality checkpoint fails (after the training) because the audit key dir is
+      unusable, then re-run as it should be.
     """
     work = tmp_path_factory.mktemp("clones")
     manifest = write_manifest(work / "requests" / "x.json", "req-x", small_request)
@@ -628,9 +628,9 @@ def test_a_crash_in_any_state_is_finished_by_rerunning(clone_runs: dict[str, Any
 
 
 def test_a_stage_that_fails_mid_forget_commits_nothing_and_a_rerun_finishes(clone_runs: dict[str, Any]) -> None:
-    """A stage of the forget's rebuild fails (here the checkpoint, in its process beside the training): the
-    command exits with the build error naming the stage and its own message, dvc.lock is as before, and the same
-    command re-run finishes with the bytes of an uninterrupted forget."""
+    """A stage of the forget's rebuild fails (here the checkpoint, after the training ran): the command exits
+    with the build error naming the stage and its own message, dvc.lock is as before, and the same command re-run
+    finishes with the bytes of an uninterrupted forget."""
     run = clone_runs["failed"]
     assert run["broken"].returncode == 5, run["broken"].stderr
     assert "stage quality failed" in run["broken"].stderr and "/dev/null/keys" in run["broken"].stderr
