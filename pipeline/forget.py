@@ -21,9 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from pipeline.dataset import read_table, write_table
+from pipeline.dataset import read_table, read_yaml, write_table
 from pipeline.layout import (
     ENCODED_TEST,
     PACKAGE,
@@ -245,10 +243,10 @@ def lock_outputs(root: Path) -> dict[str, str]:
     out: dict[str, str] = {}
     lock = root / "dvc.lock"
     if lock.is_file():
-        for stage in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values():
+        for stage in (read_yaml(lock) or {}).get("stages", {}).values():
             out.update({o["path"]: o["md5"] for o in stage.get("outs", []) if "md5" in o})
     for dvc_file in sorted((root / "data").rglob("*.dvc")):
-        for o in (yaml.safe_load(dvc_file.read_text()) or {}).get("outs", []):
+        for o in (read_yaml(dvc_file) or {}).get("outs", []):
             out[(dvc_file.parent.relative_to(root) / o["path"]).as_posix()] = o["md5"]
     return dict(sorted(out.items()))
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
+from pipeline.dataset import read_yaml
 
 DIR_SUFFIX = ".dir"
 
@@ -50,11 +50,11 @@ def referenced_objects(root: Path, cache: Path) -> set[str]:
 
     lock = root / "dvc.lock"
     if lock.is_file():
-        for stage in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values():
+        for stage in (read_yaml(lock) or {}).get("stages", {}).values():
             add(stage.get("outs", []))
     for dvc_file in root.rglob("*.dvc"):
         if dvc_file.is_file() and not {".dvc", ".git"} & set(dvc_file.relative_to(root).parts[:-1]):
-            add((yaml.safe_load(dvc_file.read_text()) or {}).get("outs", []))
+            add((read_yaml(dvc_file) or {}).get("outs", []))
     return expand_dirs(cache, hashes)
 
 

@@ -17,7 +17,7 @@ from pipeline import forget as flow
 from pipeline.audit import audit_key_id, id_digest, seal
 from pipeline.dataset import read_table
 from pipeline.layout import REFERENCE
-from pipeline.lineage import file_sha256, git_revision, platform_tags
+from pipeline.lineage import file_sha256, git_revision, platform_tags, remembered_digests
 from pipeline.manifest import DeletionRequest, load_manifest
 from stages.build import dvc_add, dvc_lock_digest, dvc_status, repro, rerun
 from stages.keyring import anchor, audit_key, audit_log, origin, signing_key
@@ -36,7 +36,7 @@ def forget(root: Path, manifests: Sequence[Path], params: dict[str, Any], *, dry
     if dry_run:
         return _dry_run(root, requests, params, say)
     lock_started = time.monotonic()
-    with flow.project_lock(root, wait, say):
+    with flow.project_lock(root, wait, say), remembered_digests():  # files hashed once unless they change
         timings["lock"] = round(time.monotonic() - lock_started, 3)
         pending = flow.Journal.load(root)
         if pending is not None and pending.batch != flow.batch_id(requests):

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.dataset import read_yaml
 from pipeline.layout import (
     ENCODED_REFERENCE,
     ENCODED_TEST,
@@ -198,12 +199,13 @@ def ignore_outputs(root: Path) -> list[str]:
     outputs = []
     lock = root / "dvc.lock"
     if lock.is_file():
-        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-        outputs += [out["path"] for stage in stages.values() for out in stage.get("outs", [])]
-        outputs = [path for path in outputs if path not in _uncached(root)]  # in git by design (metrics, plots)
+        stages = (read_yaml(lock) or {}).get("stages", {})
+        uncached = _uncached(root)  # in git by design (metrics, plots)
+        outputs += [out["path"] for stage in stages.values() for out in stage.get("outs", [])
+                    if out["path"] not in uncached]
     for pointer in (root / "data").rglob("*.dvc"):
         base = pointer.parent.relative_to(root)
-        outputs += [(base / out["path"]).as_posix() for out in (yaml.safe_load(pointer.read_text()) or {})
+        outputs += [(base / out["path"]).as_posix() for out in (read_yaml(pointer) or {})
                     .get("outs", [])]
     if not outputs:
         return []
@@ -220,7 +222,7 @@ def ignore_outputs(root: Path) -> list[str]:
 
 def _uncached(root: Path) -> set[str]:
     """Outputs dvc.yaml marks `cache: false` (metrics and plots): git, not DVC, holds them."""
-    pipeline = yaml.safe_load((root / "dvc.yaml").read_text()) or {}
+    pipeline = read_yaml(root / "dvc.yaml") or {}
     found = set()
     for stage in pipeline.get("stages", {}).values():
         for kind in ("outs", "metrics", "plots"):
@@ -257,8 +259,7 @@ def recorded_md5(path: Path, root: Path = Path()) -> str | None:
     lock = root / "dvc.lock"
     if not lock.is_file():
         return None
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    stages = (yaml.load(lock.read_text(), Loader=loader) or {}).get("stages", {})
+    stages = (read_yaml(lock) or {}).get("stages", {})
     wanted = path.as_posix()
     return next((out.get("md5") for stage in stages.values() for out in stage.get("outs", [])
                  if out.get("path") == wanted), None)
