@@ -273,11 +273,12 @@ def expected_changes(plan: Plan) -> Callable[[str], bool]:
 
 
 def check_rebuild(root: Path, plan: Plan, before: dict[str, str], ran: list[str] | None,
-                  sample_ids: set[str], stale: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+                  sample_ids: set[str], stale: dict[str, Any]) -> list[dict[str, Any]]:
     """The post-rebuild checks of the audit record. Raises ExactnessError if any fails.
 
-    ``ran`` is what `dvc repro` ran (checked against the plan); ``stale`` what `dvc status` reports after the plan's
-    stages ran in one process and were committed (it must be empty: no stage outside the plan was affected).
+    ``ran`` is what `dvc repro` ran, checked against the plan (None when the plan's stages ran in this process, or
+    when a `dvc repro` was resumed after a crash and DVC's record of it is lost); ``stale`` is what `dvc status`
+    reports afterwards, which must be nothing: no stage outside the plan was affected.
     """
     after = artifact_digests(root)
     may_change = expected_changes(plan)
@@ -285,15 +286,12 @@ def check_rebuild(root: Path, plan: Plan, before: dict[str, str], ran: list[str]
     checks = [{"name": "unaffected artifacts kept their digests", "passed": not moved,
                "detail": f"{len(before) - len(moved)} of {len(before)} files checked" if not moved
                else f"changed: {moved[:10]}"}]
-    if ran is not None:  # None when the rebuild was resumed after a crash: DVC's record of that run is lost
-        extra = sorted(set(ran) - set(plan.stages))
-        missing = sorted(set(plan.stages) - set(ran))
-        checks.append({"name": "exactly the predicted stages ran", "passed": not extra and not missing,
-                       "detail": f"{len(ran)} stages" if not extra and not missing
-                       else f"unexpected: {extra}; missing: {missing}"})
-    if stale is not None:
-        checks.append({"name": "dvc status is clean: the plan's stages were all the stale ones",
-                       "passed": not stale, "detail": "clean" if not stale else f"stale: {sorted(stale)[:10]}"})
+    extra = sorted(set(ran or plan.stages) - set(plan.stages))
+    missing = sorted(set(plan.stages) - set(ran or plan.stages))
+    problems = [f"unexpected: {extra}; missing: {missing}"] if extra or missing else []
+    problems += [f"still stale: {sorted(stale)[:10]}"] if stale else []
+    checks.append({"name": "exactly the planned stages were stale", "passed": not problems,
+                   "detail": "; ".join(problems) or f"{len(plan.stages)} stages rebuilt, `dvc status` clean"})
     residue = [p for p in after if p.endswith(".parquet") and _holds_ids(root / p, sample_ids)]
     checks.append({"name": "no forgotten ID in any data artifact", "passed": not residue,
                    "detail": f"{sum(p.endswith('.parquet') for p in after)} tables scanned" if not residue

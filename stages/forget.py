@@ -134,11 +134,11 @@ def _rebuild(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str], 
     from pipeline.executor import executor_of
 
     if executor_of(params) == "local":  # the plan's stages in this process, then `dvc commit` (stages.build.rerun)
-        stale: dict[str, Any] | None = rerun(root, plan.stages, timings=journal.timings)
+        stale = rerun(root, plan.stages, timings=journal.timings)
         ran, checked = list(plan.stages), None
     else:  # Ray: `dvc repro`, which starts one local Ray for all its stage processes
-        ran, stale = repro(root, timings=journal.timings), None
-        checked = None if resumed else ran
+        ran = repro(root, timings=journal.timings)
+        stale, checked = dvc_status(root), None if resumed else ran
     journal.results["stages_run"] = ran
     say(f"retrained adapters {plan.adapters} ({len(ran)} stages)")
     journal.results["checks"] = flow.check_rebuild(root, plan, journal.before["artifacts"], checked, ids, stale)
