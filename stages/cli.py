@@ -265,7 +265,11 @@ def run() -> None:
     """
     outcome = {"code": 1}  # an uncaught exception: its traceback is printed, then this code
     atexit.register(_fast_exit, outcome)
-    outcome["code"] = main()
+    try:
+        outcome["code"] = main()
+    except SystemExit as exc:  # argparse: --help exits 0, a usage error 2; a message (str) exits 1
+        outcome["code"] = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+        raise
     sys.exit(outcome["code"])
 
 

@@ -370,3 +370,11 @@ def test_bad_training_params_are_refused_at_init(tmp_path: Path, tiny_data: Path
         message = " ".join(result.stderr.split())
         assert result.returncode == 4 and all(w in message for w in words), message
         assert list(fresh.iterdir()) == []
+
+
+def test_the_console_script_keeps_the_exit_codes_of_usage_errors(tmp_path: Path) -> None:
+    """`legonet` ends with a fast exit (stages.cli.run); argparse's own exits keep their codes through it."""
+    assert legonet("--help", cwd=tmp_path, check=False).returncode == 0
+    bad = legonet("no-such-command", cwd=tmp_path, check=False)
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
+    assert legonet("forget", str(tmp_path / "missing.json"), cwd=tmp_path, check=False).returncode == 4  # no project
