@@ -11,8 +11,9 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -84,8 +85,11 @@ def rerun(root: Path, stages: Sequence[str], console: Console | None = None,
     the bytes are those `dvc repro` gives (the oracle tests hold it). A stage whose command is not a legonet entry
     point is refused before anything runs: use ``repro``.
 
-    (Running the quality checkpoint as a child process beside the training was measured and dropped: the child's
-    imports cost more than the overlap saved, 12.5 s against 7.5 s in this process on the default project.)
+    Inside a ``stage_worker()`` block, the stages it names run in that warm second process, beside this one's
+    next stages that do not read their outputs; this process waits for them only where a later stage reads what
+    they write. (A child started at the quality stage itself was measured and dropped: its imports cost more than
+    the overlap saved, 12.5 s against 7.5 s in this process on the default project. Started with the forget, it
+    imports while this process plans, removes rows and trains.)
     """
     from dvc.repo import Repo, lock_repo
 
@@ -101,16 +105,31 @@ def rerun(root: Path, stages: Sequence[str], console: Console | None = None,
                     TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                     TimeElapsedColumn(), console=console, transient=True) as progress:
                 task = progress.add_task("rerun", total=len(chosen) + 1)
+                worker, away = _WORKER.get(), None  # away: the stage the worker runs now
                 for stage in chosen:
+                    if away is not None and _feeds(away, stage):
+                        _finish(worker, away, timings)
+                        progress.advance(task)
+                        away = None
                     mark = time.monotonic()
                     progress.update(task, description=f"stage {stage.addressing}")
                     stage.remove_outs(ignore_remove=False, force=False)
                     module, args = entries[stage.addressing]
+                    if worker is not None and module in worker.modules:
+                        if away is not None:  # one stage at a time in the worker
+                            _finish(worker, away, timings)
+                            progress.advance(task)
+                        worker.start(module, args)
+                        away = stage
+                        continue
                     try:
                         importlib.import_module(module).main(*args)
                     except (DataError, ParamsError) as exc:
                         raise BuildError(f"stage {stage.addressing} failed: {exc}") from exc
                     timings[f"repro:{stage.addressing}"] = round(time.monotonic() - mark, 3)
+                    progress.advance(task)
+                if away is not None:
+                    _finish(worker, away, timings)
                     progress.advance(task)
                 mark = time.monotonic()
                 progress.update(task, description="dvc commit")
@@ -123,6 +142,141 @@ def rerun(root: Path, stages: Sequence[str], console: Console | None = None,
         timings["repro:dvc-commit"] = round(mark_status - mark, 3)
         timings["repro:dvc-status"] = round(time.monotonic() - mark_status, 3)
     return stale
+
+
+def _feeds(stage: Any, later: Any) -> bool:
+    """Whether ``later`` reads a file or folder ``stage`` writes (or one inside it, or one that holds it)."""
+    outs = [Path(out.fs_path) for out in stage.outs]
+    deps = [Path(dep.fs_path) for dep in later.deps]
+    return any(o == d or o in d.parents or d in o.parents for o in outs for d in deps)
+
+
+def _finish(worker: StageWorker, stage: Any, timings: dict[str, float]) -> None:
+    """Wait for the stage the worker runs; its failure is the rerun's."""
+    try:
+        seconds, imports = worker.result()
+    except StageFailed as exc:
+        raise BuildError(f"stage {stage.addressing} failed: {exc}") from exc
+    timings[f"repro:{stage.addressing}"] = seconds
+    if imports is not None:
+        timings["worker:imports"] = imports
+
+
+# the stages whose imports cost seconds and that use no torch: Great Expectations (quality) and MLflow (package)
+WORKER_STAGES = ("stages.quality", "stages.package")
+
+
+class StageFailed(RuntimeError):
+    """A stage in the worker process stopped on bad data or params (the message is the stage's own)."""
+
+
+class StageWorker:
+    """A second Python process that imports the stage modules it is given, then runs their entry points on request.
+
+    A forget's stages run in the forget's own process (``rerun``), and each import is paid once per forget; the
+    quality checkpoint's Great Expectations and the package's MLflow cost seconds more, on a path where the other
+    core sits idle. Started when the forget starts, this process imports them while the first one plans, removes
+    the rows and retrains; then runs those stages with the project as working directory. Spawned, not forked: a
+    fork of a process that holds DVC's repo lock, threads and open SQLite handles is not safe.
+    """
+
+    def __init__(self, modules: Sequence[str], meanwhile: Callable[[], None] | None = None) -> None:
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        self.modules = frozenset(modules)
+        self._meanwhile = meanwhile  # what this process does the first time it would wait idle
+        self._conn, child = context.Pipe()
+        self._process = context.Process(target=_serve, args=(child, list(modules)), name="legonet-stage-worker",
+                                        daemon=True)
+        self._process.start()
+        child.close()
+        self._imports_reported = False
+
+    def start(self, module: str, args: Sequence[str]) -> None:
+        self._conn.send((module, list(args), os.getcwd()))
+
+    def result(self) -> tuple[float, float | None]:
+        """(seconds the stage took, seconds the worker spent importing: reported once); raises ``StageFailed``."""
+        if self._meanwhile is not None and not self._conn.poll():
+            self._meanwhile()
+            self._meanwhile = None
+        try:
+            kind, value, imports = self._conn.recv()
+        except (EOFError, OSError):
+            raise BuildError(f"the stage worker process ended unexpectedly (exit code {self._process.exitcode})"
+                             ) from None
+        if kind == "crashed":
+            raise BuildError(f"the stage worker process failed:\n{value}")
+        if kind == "failed":
+            raise StageFailed(value)
+        first = not self._imports_reported
+        self._imports_reported = True
+        return value, imports if first else None
+
+    def close(self) -> None:
+        """Stop the worker: at once if it is still importing or running a stage (a forget that failed)."""
+        with suppress(OSError):
+            self._conn.send(None)
+        self._process.join(timeout=1)
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join()
+        self._conn.close()
+
+
+def _serve(conn: Any, modules: list[str]) -> None:
+    """The worker's loop: import ``modules`` (and call each one's ``preload()``, which imports what its entry point
+    imports late), then run one entry point per request."""
+    import traceback
+
+    from pipeline.dataset import DataError
+    from stages.project import ParamsError
+
+    started = time.monotonic()
+    for name in modules:
+        getattr(importlib.import_module(name), "preload", lambda: None)()
+    imports = round(time.monotonic() - started, 3)
+    while True:
+        try:
+            request = conn.recv()
+        except (EOFError, OSError):  # the forget's process is gone
+            request = None
+        if request is None:  # no interpreter teardown: MLflow's and GX's exit hooks hold it for seconds
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+        module, args, cwd = request
+        mark = time.monotonic()
+        try:
+            os.chdir(cwd)
+            importlib.import_module(module).main(*args)
+        except (DataError, ParamsError) as exc:
+            conn.send(("failed", str(exc), imports))
+        except BaseException:  # reported to the forget, which stops
+            conn.send(("crashed", traceback.format_exc(), imports))
+        else:
+            conn.send(("ok", round(time.monotonic() - mark, 3), imports))
+
+
+_WORKER: ContextVar[StageWorker | None] = ContextVar("legonet_stage_worker", default=None)
+
+
+@contextmanager
+def stage_worker(enabled: bool = True, modules: Sequence[str] = WORKER_STAGES,
+                 meanwhile: Callable[[], None] | None = None) -> Iterator[None]:
+    """Within the block, ``rerun`` hands the stages of ``modules`` to a warm ``StageWorker`` (started now); this
+    process calls ``meanwhile`` (what its caller does after the rerun, e.g. imports) while it waits for the worker."""
+    if not enabled:
+        yield
+        return
+    worker = StageWorker(modules, meanwhile)
+    token = _WORKER.set(worker)
+    try:
+        yield
+    finally:
+        _WORKER.reset(token)
+        worker.close()
 
 
 def _entry_points(repo: Any, names: Sequence[str]) -> tuple[list[Any], dict[str, tuple[str, list[str]]]]:

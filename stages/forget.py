@@ -19,7 +19,7 @@ from pipeline.dataset import read_table
 from pipeline.layout import REFERENCE
 from pipeline.lineage import file_sha256, git_revision, platform_tags, remembered_digests
 from pipeline.manifest import DeletionRequest, load_manifest
-from stages.build import dvc_add, dvc_lock_digest, dvc_status, repro, rerun
+from stages.build import dvc_add, dvc_lock_digest, dvc_status, repro, rerun, stage_worker
 from stages.keyring import anchor, audit_key, audit_log, origin, signing_key
 from stages.project import commit_project, params_digest
 
@@ -36,7 +36,13 @@ def forget(root: Path, manifests: Sequence[Path], params: dict[str, Any], *, dry
     if dry_run:
         return _dry_run(root, requests, params, say)
     lock_started = time.monotonic()
-    with flow.project_lock(root, wait, say), remembered_digests():  # files hashed once unless they change
+    from pipeline.executor import executor_of
+
+    # files hashed once unless they change; quality and package run in a second process that imports GX and MLflow
+    # meanwhile, while this process opens the MLflow store for the registry and purge steps when it would wait
+    # (Ray runs every stage under `dvc repro` instead)
+    with flow.project_lock(root, wait, say), remembered_digests(), \
+            stage_worker(executor_of(params) == "local", meanwhile=lambda: _open_registry(root, params)):
         timings["lock"] = round(time.monotonic() - lock_started, 3)
         pending = flow.Journal.load(root)
         if pending is not None and pending.batch != flow.batch_id(requests):
@@ -142,6 +148,15 @@ def _rebuild(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str], 
     journal.results["stages_run"] = ran
     say(f"retrained adapters {plan.adapters} ({len(ran)} stages)")
     journal.results["checks"] = flow.check_rebuild(root, plan, journal.before["artifacts"], checked, ids, stale)
+
+
+def _open_registry(root: Path, params: dict[str, Any]) -> None:
+    """Import MLflow (its gc included) and open the project's store, as the registry and purge steps will."""
+    import mlflow.cli  # noqa: F401 - purge_models runs its gc
+
+    from pipeline.lineage import configure
+
+    configure(params["mlflow"]["tracking_uri"], params["mlflow"]["experiment"], root)
 
 
 def _register(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str], params: dict[str, Any],

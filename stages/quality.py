@@ -70,6 +70,7 @@ def forgotten_ids(root: Path, params: dict[str, Any]) -> Any:
 
 def suites(q: QualityParams, n: int, k: int, classes: list[int], norms: tuple[float, float],
            samples: int) -> dict[str, list[Any]]:
+    preload()
     import great_expectations.expectations as gxe
 
     low, high = norms
@@ -105,11 +106,17 @@ def suites(q: QualityParams, n: int, k: int, classes: list[int], norms: tuple[fl
     }
 
 
-def checkpoint(table_dir: Path, docs_dir: Path, expectations: dict[str, list[Any]]) -> dict[str, Any]:
-    """Run one checkpoint (a validation definition per suite, each on its table) and build Data Docs."""
+def preload() -> None:
+    """Import Great Expectations, quietly and with its analytics off (a forget's stage worker calls this early)."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     warnings.filterwarnings("ignore")
     logging.getLogger("great_expectations").setLevel(logging.ERROR)
+    import great_expectations.expectations  # noqa: F401
+
+
+def checkpoint(table_dir: Path, docs_dir: Path, expectations: dict[str, list[Any]]) -> dict[str, Any]:
+    """Run one checkpoint (a validation definition per suite, each on its table) and build Data Docs."""
+    preload()
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
