@@ -180,15 +180,15 @@ class StageWorker:
     fork of a process that holds DVC's repo lock, threads and open SQLite handles is not safe.
     """
 
-    def __init__(self, modules: Sequence[str], meanwhile: Callable[[], None] | None = None) -> None:
+    def __init__(self, root: Path, modules: Sequence[str], meanwhile: Callable[[], None] | None = None) -> None:
         import multiprocessing
 
         context = multiprocessing.get_context("spawn")
         self.modules = frozenset(modules)
         self._meanwhile = meanwhile  # what this process does the first time it would wait idle
         self._conn, child = context.Pipe()
-        self._process = context.Process(target=_serve, args=(child, list(modules)), name="legonet-stage-worker",
-                                        daemon=True)
+        self._process = context.Process(target=_serve, args=(child, str(root.resolve()), list(modules)),
+                                        name="legonet-stage-worker", daemon=True)
         self._process.start()
         child.close()
         self._imports_reported = False
@@ -225,17 +225,19 @@ class StageWorker:
         self._conn.close()
 
 
-def _serve(conn: Any, modules: list[str]) -> None:
-    """The worker's loop: import ``modules`` (and call each one's ``preload()``, which imports what its entry point
-    imports late), then run one entry point per request."""
+def _serve(conn: Any, root: str, modules: list[str]) -> None:
+    """The worker's loop: in the project ``root``, import ``modules`` and call each one's ``preload()`` (what its
+    entry point would import or open late), then run one entry point per request."""
     import traceback
 
     from pipeline.dataset import DataError
     from stages.project import ParamsError
 
     started = time.monotonic()
+    os.chdir(root)
     for name in modules:
-        getattr(importlib.import_module(name), "preload", lambda: None)()
+        with suppress(Exception):  # only a head start: the stage itself meets and reports the same error
+            getattr(importlib.import_module(name), "preload", lambda: None)()
     imports = round(time.monotonic() - started, 3)
     while True:
         try:
@@ -263,14 +265,14 @@ _WORKER: ContextVar[StageWorker | None] = ContextVar("legonet_stage_worker", def
 
 
 @contextmanager
-def stage_worker(enabled: bool = True, modules: Sequence[str] = WORKER_STAGES,
+def stage_worker(root: Path, enabled: bool = True, modules: Sequence[str] = WORKER_STAGES,
                  meanwhile: Callable[[], None] | None = None) -> Iterator[None]:
     """Within the block, ``rerun`` hands the stages of ``modules`` to a warm ``StageWorker`` (started now); this
     process calls ``meanwhile`` (what its caller does after the rerun, e.g. imports) while it waits for the worker."""
     if not enabled:
         yield
         return
-    worker = StageWorker(modules, meanwhile)
+    worker = StageWorker(root, modules, meanwhile)
     token = _WORKER.set(worker)
     try:
         yield

@@ -42,7 +42,7 @@ def forget(root: Path, manifests: Sequence[Path], params: dict[str, Any], *, dry
     # meanwhile, while this process opens the MLflow store for the registry and purge steps when it would wait
     # (Ray runs every stage under `dvc repro` instead)
     with flow.project_lock(root, wait, say), remembered_digests(), \
-            stage_worker(executor_of(params) == "local", meanwhile=lambda: _open_registry(root, params)):
+            stage_worker(root, executor_of(params) == "local", meanwhile=lambda: _open_registry(root, params)):
         timings["lock"] = round(time.monotonic() - lock_started, 3)
         pending = flow.Journal.load(root)
         if pending is not None and pending.batch != flow.batch_id(requests):

@@ -233,15 +233,21 @@ def _payload(frame: pd.DataFrame, features: list[str] | None) -> tuple[str, list
 ROWS_PER_ADAPTER = 600
 ADAPTERS_RANGE = (4, 256)
 KEYS_PER_REFERENCE = 4  # reference samples per key, at least: k-means needs points to place n keys among
+# Training rows per raw partition, at most, when init chooses data.partitions: a forget re-reads and rewrites the
+# raw and encoded partitions of its samples, so their size is a floor under its cost (Fashion-MNIST 70k in 4
+# partitions: 4.1 s of a 1-sample forget went to rewriting its 12,000-row encoded partition).
+ROWS_PER_PARTITION = 4096
 
 
 def defaults_from_data(params: dict[str, Any], counts: dict[str, int], user_set: set[str]
                        ) -> list[tuple[str, Any, str]]:
-    """adapters.n and data.reference_fraction from the number of samples, unless the user set them.
+    """adapters.n, data.reference_fraction and data.partitions from the number of samples, unless the user set them.
 
     n is the largest power of two that leaves each adapter about ``ROWS_PER_ADAPTER`` training rows (a sample
     trains k adapters: n = train x k / 600), within ``ADAPTERS_RANGE`` and at least k + 1; the reference split,
-    where the n keys are placed, then needs ``KEYS_PER_REFERENCE`` samples per key. Returns (key, value, why).
+    where the n keys are placed, then needs ``KEYS_PER_REFERENCE`` samples per key. The train partitions stay at
+    the template's count until they would hold more than ``ROWS_PER_PARTITION`` rows each. Returns (key, value,
+    why).
     """
     choices: list[tuple[str, Any, str]] = []
     total, k = counts["data"], int(params["adapters"]["k"])
@@ -261,6 +267,11 @@ def defaults_from_data(params: dict[str, Any], counts: dict[str, int], user_set:
         fraction = round(min(0.5, needed / max(total, 1) + 0.02), 2)  # + 0.02: the hash carve is not exact
         choices.append(("data.reference_fraction", fraction,
                         f"{KEYS_PER_REFERENCE} reference samples per key: {needed} of {total:,}"))
+    partitions = int(params["data"]["partitions"])
+    if "data.partitions" not in user_set and train > partitions * ROWS_PER_PARTITION:
+        partitions = -(-train // ROWS_PER_PARTITION)
+        choices.append(("data.partitions", partitions, f"~{train:,} training samples in partitions of at most "
+                        f"{ROWS_PER_PARTITION:,}: a forget rewrites only its samples' partitions"))
     return choices
 
 

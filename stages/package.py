@@ -26,6 +26,17 @@ from pipeline.registry import gate, promote, replaced_version
 from stages.project import load_params, run_stage
 
 
+def preload() -> None:
+    """What the stage does first, done ahead by a forget's stage worker: MLflow imported, the project's store opened,
+    and MLflow's map of installed packages built (``save_model`` checks the serving requirements against it: ~1 s
+    of reading every installed distribution's metadata, once per process)."""
+    from mlflow.utils.requirements_utils import warn_dependency_requirement_mismatches
+
+    params = load_params()
+    configure(params["mlflow"]["tracking_uri"], params["mlflow"]["experiment"], Path())
+    warn_dependency_requirement_mismatches(SERVING_REQUIREMENTS)
+
+
 def main() -> None:
     # MLflow copies each of the 2n adapter files with a progress bar per file group: thousands of lines in DVC's log
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

@@ -34,7 +34,7 @@ from pipeline.dataset import DataError, read_table
 from pipeline.keys import fit_projection, project
 from pipeline.quality import QualityParams, held_out_features, norm_bounds, norm_range, read_norm_bounds
 from pipeline.registry import Replaced, gate
-from stages.init import KEYS_PER_REFERENCE, defaults_from_data
+from stages.init import KEYS_PER_REFERENCE, ROWS_PER_PARTITION, defaults_from_data
 
 CULTIVARS = ("barolo", "grignolino", "barbera")  # the wine table's three classes, by name
 PROJECT_FILES = ("dvc.yaml", "dvc.lock", "params.yaml", ".gitignore", ".dvcignore", ".dvc/config",
@@ -119,12 +119,24 @@ def test_gate_judges_a_build_against_the_version_it_replaces() -> None:
 
 @pytest.mark.parametrize(("samples", "n"), [(178, 4), (1797, 4), (3000, 8), (5000, 16), (70000, 128)])
 def test_adapters_n_leaves_each_adapter_about_600_rows(samples: int, n: int) -> None:
-    params = {"adapters": {"n": 32, "k": 3}, "data": {"reference_fraction": 0.1, "test_fraction": 0.2}}
+    params = {"adapters": {"n": 32, "k": 3},
+              "data": {"reference_fraction": 0.1, "test_fraction": 0.2, "partitions": 4}}
     chosen = {key: value for key, value, _ in defaults_from_data(params, {"data": samples}, set())}
     assert chosen["adapters.n"] == n
     assert chosen.get("data.reference_fraction", 0.1) * samples >= KEYS_PER_REFERENCE * n
     kept = defaults_from_data(params, {"data": samples}, {"adapters.n"})  # --set wins
     assert all(key != "adapters.n" for key, _, _ in kept)
+
+
+@pytest.mark.parametrize(("samples", "partitions"), [(5000, 4), (23000, 4), (70000, 12), (280000, 48)])
+def test_partitions_hold_at_most_rows_per_partition_training_rows(samples: int, partitions: int) -> None:
+    params = {"adapters": {"n": 32, "k": 3},
+              "data": {"reference_fraction": 0.1, "test_fraction": 0.2, "partitions": 4}}
+    chosen = {key: value for key, value, _ in defaults_from_data(params, {"data": samples}, {"adapters.n"})}
+    assert chosen.get("data.partitions", 4) == partitions
+    assert int(samples * 0.7) <= partitions * ROWS_PER_PARTITION
+    kept = defaults_from_data(params, {"data": samples}, {"adapters.n", "data.partitions"})  # --set wins
+    assert all(key != "data.partitions" for key, _, _ in kept)
 
 
 def test_standardising_is_folded_into_the_projection() -> None:
