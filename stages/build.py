@@ -194,7 +194,10 @@ class StageWorker:
         self._imports_reported = False
 
     def start(self, module: str, args: Sequence[str]) -> None:
-        self._conn.send((module, list(args), os.getcwd()))
+        try:
+            self._conn.send((module, list(args)))
+        except OSError:
+            raise self._ended() from None
 
     def result(self) -> tuple[float, float | None]:
         """(seconds the stage took, seconds the worker spent importing: reported once); raises ``StageFailed``."""
@@ -204,8 +207,7 @@ class StageWorker:
         try:
             kind, value, imports = self._conn.recv()
         except (EOFError, OSError):
-            raise BuildError(f"the stage worker process ended unexpectedly (exit code {self._process.exitcode})"
-                             ) from None
+            raise self._ended() from None
         if kind == "crashed":
             raise BuildError(f"the stage worker process failed:\n{value}")
         if kind == "failed":
@@ -213,6 +215,10 @@ class StageWorker:
         first = not self._imports_reported
         self._imports_reported = True
         return value, imports if first else None
+
+    def _ended(self) -> BuildError:
+        self._process.join(timeout=1)
+        return BuildError(f"the stage worker process ended unexpectedly (exit code {self._process.exitcode})")
 
     def close(self) -> None:
         """Stop the worker: at once if it is still importing or running a stage (a forget that failed)."""
@@ -248,10 +254,9 @@ def _serve(conn: Any, root: str, modules: list[str]) -> None:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(0)
-        module, args, cwd = request
+        module, args = request
         mark = time.monotonic()
         try:
-            os.chdir(cwd)
             importlib.import_module(module).main(*args)
         except (DataError, ParamsError) as exc:
             conn.send(("failed", str(exc), imports))

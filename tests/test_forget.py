@@ -643,6 +643,26 @@ def test_a_stage_that_fails_mid_forget_commits_nothing_and_a_rerun_finishes(clon
                                           capture_output=True, text=True, check=True).stdout
 
 
+def test_the_stage_worker_reports_a_failing_stage_and_a_dead_worker(tmp_path: Path) -> None:
+    """The forget's second process (stages.build.StageWorker) hands back a stage's own error, and a worker that
+    died is a build error, not a hang."""
+    from stages.build import BuildError, StageFailed, StageWorker
+
+    worker = StageWorker(tmp_path, ["stages.quality"])
+    try:
+        worker.start("stages.quality", [])  # no project here: the stage's own ParamsError
+        with pytest.raises(StageFailed, match=r"params\.yaml: not found"):
+            worker.result()
+        worker._process.kill()
+        worker._process.join()
+        with pytest.raises(BuildError, match="ended unexpectedly"):
+            worker.start("stages.quality", [])
+            worker.result()
+    finally:
+        worker.close()
+    assert not worker._process.is_alive()
+
+
 def test_rerunning_is_idempotent(clone_runs: dict[str, Any], tmp_path: Path) -> None:
     root, manifest = clone_runs["projects"]["plain"], clone_runs["manifest"]
     lock = (root / "dvc.lock").read_bytes()
