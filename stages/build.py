@@ -221,10 +221,11 @@ class StageWorker:
         return BuildError(f"the stage worker process ended unexpectedly (exit code {self._process.exitcode})")
 
     def close(self) -> None:
-        """Stop the worker: at once if it is still importing or running a stage (a forget that failed)."""
+        """Stop the worker: at once if it is still importing (a forget with nothing to rebuild) or running a stage (a
+        forget that failed); each stage's output is flushed before its reply, so nothing printed is lost."""
         with suppress(OSError):
             self._conn.send(None)
-        self._process.join(timeout=1)
+        self._process.join(timeout=0.2)
         if self._process.is_alive():
             self._process.terminate()
             self._process.join()
@@ -251,19 +252,20 @@ def _serve(conn: Any, root: str, modules: list[str]) -> None:
         except (EOFError, OSError):  # the forget's process is gone
             request = None
         if request is None:  # no interpreter teardown: MLflow's and GX's exit hooks hold it for seconds
-            sys.stdout.flush()
-            sys.stderr.flush()
             os._exit(0)
         module, args = request
         mark = time.monotonic()
         try:
             importlib.import_module(module).main(*args)
         except (DataError, ParamsError) as exc:
-            conn.send(("failed", str(exc), imports))
+            reply: tuple[str, Any, float] = ("failed", str(exc), imports)
         except BaseException:  # reported to the forget, which stops
-            conn.send(("crashed", traceback.format_exc(), imports))
+            reply = ("crashed", traceback.format_exc(), imports)
         else:
-            conn.send(("ok", round(time.monotonic() - mark, 3), imports))
+            reply = ("ok", round(time.monotonic() - mark, 3), imports)
+        sys.stdout.flush()  # what the stage printed is out before the forget goes on (or stops this process)
+        sys.stderr.flush()
+        conn.send(reply)
 
 
 _WORKER: ContextVar[StageWorker | None] = ContextVar("legonet_stage_worker", default=None)
