@@ -202,7 +202,8 @@ class StageWorker:
     def result(self) -> tuple[float, float | None]:
         """(seconds the stage took, seconds the worker spent importing: reported once); raises ``StageFailed``."""
         if self._meanwhile is not None and not self._conn.poll():
-            self._meanwhile()
+            with suppress(Exception):  # a head start only: the step that needs it meets and reports the error
+                self._meanwhile()
             self._meanwhile = None
         try:
             kind, value, imports = self._conn.recv()
