@@ -29,11 +29,19 @@ from stages.project import load_params, run_stage
 def preload() -> None:
     """What the stage does first, done ahead by a forget's stage worker: MLflow imported, the project's store opened,
     and MLflow's map of installed packages built (``save_model`` checks the serving requirements against it: ~1 s
-    of reading every installed distribution's metadata, once per process)."""
+    of reading every installed distribution's metadata, once per process).
+
+    It runs before the forget has checked its request, so it only reads: a SQLite store that does not exist yet is
+    left alone (opening it would create it), and the experiment is looked up, never created (``configure`` does
+    that when the stage runs)."""
+    import mlflow
     from mlflow.utils.requirements_utils import warn_dependency_requirement_mismatches
 
-    params = load_params()
-    configure(params["mlflow"]["tracking_uri"], params["mlflow"]["experiment"], Path())
+    settings = load_params()["mlflow"]
+    uri = settings["tracking_uri"]
+    if not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).is_file():
+        mlflow.set_tracking_uri(uri)
+        mlflow.get_experiment_by_name(settings["experiment"])  # opens (and caches) the store
     warn_dependency_requirement_mismatches(SERVING_REQUIREMENTS)
 
 
