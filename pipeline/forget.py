@@ -84,9 +84,10 @@ class Plan:
         if self.test_ids:
             stages.append("encode@test")
         if self.partitions:  # train data changes: routing and shards are rewritten, so the checkpoint reruns
-            stages.append("assign")
+            # the checkpoint reads only what `assign` writes: listed before the adapters, a forget's stage worker
+            # runs it while this process trains them (stages.build.rerun)
+            stages += ["assign", "quality"]
             stages += [f"train@{b:04d}" for b in self.train_blocks]
-            stages.append("quality")
         if self.train_ids or self.test_ids:  # in DVC's order: the probe is scored on evaluate's test points
             stages += ["evaluate", "baseline", "package"]
         return stages

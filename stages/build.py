@@ -154,7 +154,7 @@ def _feeds(stage: Any, later: Any) -> bool:
 def _finish(worker: StageWorker, stage: Any, timings: dict[str, float]) -> None:
     """Wait for the stage the worker runs; its failure is the rerun's."""
     try:
-        seconds, imports = worker.result()
+        _, seconds, imports = worker.result()
     except StageFailed as exc:
         raise BuildError(f"stage {stage.addressing} failed: {exc}") from exc
     timings[f"repro:{stage.addressing}"] = seconds
@@ -171,51 +171,61 @@ class StageFailed(RuntimeError):
 
 
 class StageWorker:
-    """A second Python process that imports the stage modules it is given, then runs their entry points on request.
+    """A second Python process that imports the stage modules it is given, then runs their entry points (and other
+    functions of theirs) on request.
 
     A forget's stages run in the forget's own process (``rerun``), and each import is paid once per forget; the
     quality checkpoint's Great Expectations and the package's MLflow cost seconds more, on a path where the other
     core sits idle. Started when the forget starts, this process imports them while the first one plans, removes
-    the rows and retrains; then runs those stages with the project as working directory. Spawned, not forked: a
-    fork of a process that holds DVC's repo lock, threads and open SQLite handles is not safe.
+    the rows and retrains; then runs those stages with the project as working directory, and the forget's own
+    MLflow steps (``call``), so that MLflow is imported and its store opened once per forget, here. Spawned, not
+    forked: a fork of a process that holds DVC's repo lock, threads and open SQLite handles is not safe.
     """
 
-    def __init__(self, root: Path, modules: Sequence[str], meanwhile: Callable[[], None] | None = None) -> None:
+    def __init__(self, root: Path, modules: Sequence[str], preload: Sequence[str] = ()) -> None:
         import multiprocessing
 
         context = multiprocessing.get_context("spawn")
         self.modules = frozenset(modules)
-        self._meanwhile = meanwhile  # what this process does the first time it would wait idle
         self._conn, child = context.Pipe()
-        self._process = context.Process(target=_serve, args=(child, str(root.resolve()), list(modules)),
+        self._process = context.Process(target=_serve, args=(child, str(root.resolve()), [*modules, *preload]),
                                         name="legonet-stage-worker", daemon=True)
         self._process.start()
         child.close()
         self._imports_reported = False
 
-    def start(self, module: str, args: Sequence[str]) -> None:
+    def start(self, module: str, args: Sequence[Any], function: str = "main", **kwargs: Any) -> None:
+        """Ask the worker to run ``module.function(*args, **kwargs)`` (a stage's entry point by default)."""
         try:
-            self._conn.send((module, list(args)))
+            self._conn.send((module, function, list(args), kwargs))
         except OSError:
             raise self._ended() from None
 
-    def result(self) -> tuple[float, float | None]:
-        """(seconds the stage took, seconds the worker spent importing: reported once); raises ``StageFailed``."""
-        if self._meanwhile is not None and not self._conn.poll():
-            with suppress(Exception):  # a head start only: the step that needs it meets and reports the error
-                self._meanwhile()
-            self._meanwhile = None
+    def result(self) -> tuple[Any, float, float | None]:
+        """(what the function returned, the seconds it took, the seconds the worker spent importing: reported
+        once); raises ``StageFailed`` for bad data or params, ``BuildError`` for anything else."""
         try:
             kind, value, imports = self._conn.recv()
         except (EOFError, OSError):
             raise self._ended() from None
-        if kind == "crashed":
-            raise BuildError(f"the stage worker process failed:\n{value}")
-        if kind == "failed":
-            raise StageFailed(value)
+        if kind != "ok":
+            error, text = value
+            if kind == "failed":
+                raise StageFailed(text) from error
+            raise BuildError(f"the stage worker process failed:\n{text}") from error
         first = not self._imports_reported
         self._imports_reported = True
-        return value, imports if first else None
+        return *value, imports if first else None
+
+    def call(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``function(*args, **kwargs)`` in the worker (a module-level function; arguments and result pickle),
+        raising its own exception as this process would have (when it pickles; else ``BuildError`` with the
+        traceback)."""
+        self.start(function.__module__, args, function.__qualname__, **kwargs)
+        try:
+            return self.result()[0]
+        except (StageFailed, BuildError) as exc:
+            raise exc.__cause__ or exc from None
 
     def _ended(self) -> BuildError:
         self._process.join(timeout=1)
@@ -235,7 +245,8 @@ class StageWorker:
 
 def _serve(conn: Any, root: str, modules: list[str]) -> None:
     """The worker's loop: in the project ``root``, import ``modules`` and call each one's ``preload()`` (what its
-    entry point would import or open late), then run one entry point per request."""
+    entry point would import or open late), then run one function per request."""
+    import pickle
     import traceback
 
     from pipeline.dataset import DataError
@@ -254,16 +265,20 @@ def _serve(conn: Any, root: str, modules: list[str]) -> None:
             request = None
         if request is None:  # no interpreter teardown: MLflow's and GX's exit hooks hold it for seconds
             os._exit(0)
-        module, args = request
+        module, function, args, kwargs = request
         mark = time.monotonic()
         try:
-            importlib.import_module(module).main(*args)
-        except (DataError, ParamsError) as exc:
-            reply: tuple[str, Any, float] = ("failed", str(exc), imports)
-        except BaseException:  # reported to the forget, which stops
-            reply = ("crashed", traceback.format_exc(), imports)
+            value = getattr(importlib.import_module(module), function)(*args, **kwargs)
+        except BaseException as exc:  # reported to the forget, which stops (with the exception itself if it pickles)
+            try:
+                error: BaseException | None = pickle.loads(pickle.dumps(exc))
+            except Exception:
+                error = None
+            expected = isinstance(exc, DataError | ParamsError)  # bad data or params: the stage's own message
+            reply: tuple[str, Any, float] = ("failed" if expected else "crashed",
+                                             (error, str(exc) if expected else traceback.format_exc()), imports)
         else:
-            reply = ("ok", round(time.monotonic() - mark, 3), imports)
+            reply = ("ok", (value, round(time.monotonic() - mark, 3)), imports)
         sys.stdout.flush()  # what the stage printed is out before the forget goes on (or stops this process)
         sys.stderr.flush()
         conn.send(reply)
@@ -274,19 +289,25 @@ _WORKER: ContextVar[StageWorker | None] = ContextVar("legonet_stage_worker", def
 
 @contextmanager
 def stage_worker(root: Path, enabled: bool = True, modules: Sequence[str] = WORKER_STAGES,
-                 meanwhile: Callable[[], None] | None = None) -> Iterator[None]:
-    """Within the block, ``rerun`` hands the stages of ``modules`` to a warm ``StageWorker`` (started now); this
-    process calls ``meanwhile`` (what its caller does after the rerun, e.g. imports) while it waits for the worker."""
+                 preload: Sequence[str] = ()) -> Iterator[None]:
+    """Within the block, ``rerun`` hands the stages of ``modules`` to a warm ``StageWorker`` (started now, and
+    told to import ``preload`` too) and ``in_worker`` runs functions there."""
     if not enabled:
         yield
         return
-    worker = StageWorker(root, modules, meanwhile)
+    worker = StageWorker(root, modules, preload)
     token = _WORKER.set(worker)
     try:
         yield
     finally:
         _WORKER.reset(token)
         worker.close()
+
+
+def in_worker(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``function(*args, **kwargs)`` in the ``stage_worker`` of this block, or in this process outside one."""
+    worker = _WORKER.get()
+    return function(*args, **kwargs) if worker is None else worker.call(function, *args, **kwargs)
 
 
 def _entry_points(repo: Any, names: Sequence[str]) -> tuple[list[Any], dict[str, tuple[str, list[str]]]]:

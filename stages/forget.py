@@ -19,7 +19,7 @@ from pipeline.dataset import read_table
 from pipeline.layout import REFERENCE
 from pipeline.lineage import file_sha256, git_revision, platform_tags, remembered_digests
 from pipeline.manifest import DeletionRequest, load_manifest
-from stages.build import dvc_add, dvc_lock_digest, dvc_status, repro, rerun, stage_worker
+from stages.build import dvc_add, dvc_lock_digest, dvc_status, in_worker, repro, rerun, stage_worker
 from stages.keyring import anchor, audit_key, audit_log, origin, signing_key
 from stages.project import commit_project, params_digest
 
@@ -38,11 +38,11 @@ def forget(root: Path, manifests: Sequence[Path], params: dict[str, Any], *, dry
     lock_started = time.monotonic()
     from pipeline.executor import executor_of
 
-    # files hashed once unless they change; quality and package run in a second process that imports GX and MLflow
-    # meanwhile, while this process opens the MLflow store for the registry and purge steps when it would wait
-    # (Ray runs every stage under `dvc repro` instead)
+    # files hashed once unless they change; quality, package and the MLflow steps (registry, purge of model
+    # versions, checkpoint tag) run in a second process that imports GX and MLflow meanwhile (Ray runs every stage
+    # under `dvc repro` instead, and the MLflow steps here)
     with flow.project_lock(root, wait, say), remembered_digests(), \
-            stage_worker(root, executor_of(params) == "local", meanwhile=lambda: _open_registry(root, params)):
+            stage_worker(root, executor_of(params) == "local", preload=["pipeline.purge"]):
         timings["lock"] = round(time.monotonic() - lock_started, 3)
         pending = flow.Journal.load(root)
         if pending is not None and pending.batch != flow.batch_id(requests):
@@ -150,38 +150,36 @@ def _rebuild(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str], 
     journal.results["checks"] = flow.check_rebuild(root, plan, journal.before["artifacts"], checked, ids, stale)
 
 
-def _open_registry(root: Path, params: dict[str, Any]) -> None:
-    """Import MLflow (its gc included) and open the project's store, as the registry and purge steps will."""
-    import mlflow.cli  # noqa: F401 - purge_models runs its gc
-
-    from pipeline.lineage import configure
-
-    configure(params["mlflow"]["tracking_uri"], params["mlflow"]["experiment"], root)
-
-
 def _register(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str], params: dict[str, Any],
         say: Callable[[str], None], resumed: bool) -> None:
     if not plan.changes_data:
         return
+    registry = in_worker(tag_version, root, params["mlflow"], journal.request_ids)
+    journal.results["registry"] = registry
+    say(f"model version {registry['model_version']} @{','.join(registry['aliases']) or '-'}: "
+        f"{registry['gate_reason']}")
+
+
+def tag_version(root: Path, settings: dict[str, Any], request_ids: list[str]) -> dict[str, Any]:
+    """Log the pending lineage, tag the version the rebuild registered with dvc.lock's digest and the requests;
+    return what the audit record says of it. (Run in the stage worker, where MLflow is imported and its store
+    open: importing MLflow in the forget's own process too cost ~2.5 s of a 10 s forget at 70k samples.)"""
     from mlflow import MlflowClient
 
     from pipeline.lineage import configure, flush
     from pipeline.registry import latest_version
 
-    configure(params["mlflow"]["tracking_uri"], params["mlflow"]["experiment"], root)
-    flush(root, params["mlflow"])
-    name = params["mlflow"]["registered_model"]
+    configure(settings["tracking_uri"], settings["experiment"], root)
+    flush(root, settings)
+    name = settings["registered_model"]
     client = MlflowClient()
     version = client.get_model_version(name, latest_version(name).version)
-    for key, value in {"dvc_lock_sha256": dvc_lock_digest(root),
-                       "legonet.forget_requests": ",".join(journal.request_ids)}.items():
+    for key, value in {"dvc_lock_sha256": dvc_lock_digest(root), "legonet.forget_requests": ",".join(request_ids)
+                       }.items():
         client.set_model_version_tag(name, version.version, key, value)
-    journal.results["registry"] = {"model_version": version.version, "aliases": sorted(version.aliases),
-                                   "gate": version.tags.get("gate", ""), "gate_reason": version.tags.get(
-                                       "gate_reason", ""), "run_id": version.tags.get("package_run_id", ""),
-                                   "quality": version.tags.get("quality", "")}
-    say(f"model version {version.version} @{','.join(sorted(version.aliases)) or '-'}: "
-        f"{version.tags.get('gate_reason', '')}")
+    return {"model_version": version.version, "aliases": sorted(version.aliases), "gate": version.tags.get("gate", ""),
+            "gate_reason": version.tags.get("gate_reason", ""), "run_id": version.tags.get("package_run_id", ""),
+            "quality": version.tags.get("quality", "")}
 
 
 def _purge(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str], params: dict[str, Any],
@@ -206,9 +204,9 @@ def _purge(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str], pa
     name = settings["registered_model"]
     until = (datetime.now(UTC) + timedelta(days=retention)).date().isoformat() if retention > 0 else None
     backend = settings.get("backend_store_uri") or settings["tracking_uri"]
-    models = purge.purge_models(settings["tracking_uri"], name, registry.get("model_version"),
-                                journal.request_ids, root / "mlartifacts" / "models", backend, retain_until=until,
-                                artifacts_destination=destination)
+    models = in_worker(purge.purge_models, settings["tracking_uri"], name, registry.get("model_version"),
+                       journal.request_ids, root / "mlartifacts" / "models", backend, retain_until=until,
+                       artifacts_destination=destination)
     purge.vacuum_sqlite(backend)
     journal.results["purge"] = {"dvc": objects, "dvc_pushed_to": pushed, "mlflow": models}
     if retention == 0 and "champion" not in registry.get("aliases", []):
@@ -265,21 +263,21 @@ def _audit(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str], pa
         log.append(predicate, flow.subjects(root), signing)
     note = log.checkpoint(origin(hmac_key), signing)
     anchor(root, params, note)
-    _tag_checkpoint(root, params, journal.results.get("registry", {}).get("model_version"), note)
+    version = journal.results.get("registry", {}).get("model_version")
+    if version is not None:
+        in_worker(tag_checkpoint, root, params["mlflow"], version, note)
     say(f"audit checkpoint (keep it: `legonet audit verify --checkpoint FILE` proves later logs extend it):\n{note}")
     _commit(root, journal)
 
 
-def _tag_checkpoint(root: Path, params: dict[str, Any], version: str | None, note: str) -> None:
+def tag_checkpoint(root: Path, settings: dict[str, Any], version: str, note: str) -> None:
     """Store the signed checkpoint on the registered model version this forget produced."""
-    if version is None:
-        return
     from mlflow import MlflowClient
 
     from pipeline.lineage import configure
 
-    configure(params["mlflow"]["tracking_uri"], params["mlflow"]["experiment"], root)
-    MlflowClient().set_model_version_tag(params["mlflow"]["registered_model"], version, CHECKPOINT_TAG, note)
+    configure(settings["tracking_uri"], settings["experiment"], root)
+    MlflowClient().set_model_version_tag(settings["registered_model"], version, CHECKPOINT_TAG, note)
 
 
 CHECKPOINT_TAG = "legonet.audit_checkpoint"

@@ -644,8 +644,10 @@ def test_a_stage_that_fails_mid_forget_commits_nothing_and_a_rerun_finishes(clon
 
 
 def test_the_stage_worker_reports_a_failing_stage_and_a_dead_worker(tmp_path: Path) -> None:
-    """The forget's second process (stages.build.StageWorker) hands back a stage's own error, and a worker that
-    died is a build error, not a hang."""
+    """The forget's second process (stages.build.StageWorker) hands back a stage's own error and a function's
+    result or exception, and a worker that died is a build error, not a hang."""
+    from pipeline.dataset import DataError
+    from pipeline.quality import norm_range, read_norm_bounds
     from stages.build import BuildError, StageFailed, StageWorker
 
     worker = StageWorker(tmp_path, ["stages.quality"])
@@ -653,6 +655,9 @@ def test_the_stage_worker_reports_a_failing_stage_and_a_dead_worker(tmp_path: Pa
         worker.start("stages.quality", [])  # no project here: the stage's own ParamsError
         with pytest.raises(StageFailed, match=r"params\.yaml: not found"):
             worker.result()
+        assert worker.call(norm_range, {"samples": 2, "min": 1.0, "max": 3.0}, margin=0.25) == (0.5, 3.5)
+        with pytest.raises(DataError, match=r"missing\.json: missing"):  # the function's own exception, as here
+            worker.call(read_norm_bounds, tmp_path / "missing.json")
         worker._process.kill()
         worker._process.join()
         with pytest.raises(BuildError, match="ended unexpectedly"):
