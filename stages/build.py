@@ -264,7 +264,10 @@ def _serve(conn: Any, root: str, modules: list[str]) -> None:
         except (EOFError, OSError):  # the forget's process is gone
             request = None
         if request is None:  # no interpreter teardown: MLflow's and GX's exit hooks hold it for seconds
-            os._exit(0)
+            from multiprocessing import util
+
+            util._run_finalizers(0)  # but release the semaphores a stage made (tqdm's lock): unreleased, they
+            os._exit(0)  # are reported as leaked when the forget's process exits
         module, function, args, kwargs = request
         mark = time.monotonic()
         try:
