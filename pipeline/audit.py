@@ -11,8 +11,9 @@ Trust does not come from the repository. ``AuditLog`` is given the fingerprints 
 its reader trusts, from outside the project (the key directory, an environment variable, a flag); a record signed
 by any other key does not verify, whatever ``audit/signing-key.pub`` says. Every record names its signing key in
 the signed predicate (``signing_key_id``); a key rotation is itself a record, signed by the old key, that names the
-new one. Every command that reads records goes through ``records``, which verifies the whole log first and
-refuses one that does not verify.
+new one. Every command that reads records goes through ``records`` (or ``summaries``), which verify the whole log
+first and refuse one that does not verify; the key holder's own reads may skip re-checking record files, byte for
+byte those a pass under the same trust already verified (``AuditLog``'s memo).
 
 Two secrets stay outside git: the signing key (Ed25519, PEM PKCS8) and the audit key, an HMAC key under which
 everything derived from raw sample IDs is stored (``id_digest``; the manifest's digest too). The log is public, so
@@ -33,7 +34,9 @@ import json
 import os
 import re
 import stat
+import time
 from collections.abc import Callable, Collection
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -338,19 +341,53 @@ class _Entry:
     path: Path
 
 
+# What a forget reads of each forget record; ``summaries`` hands these out without parsing every record again.
+SUMMARY_FIELDS = ("request_id", "forgotten_ids", "audit_key_id")
+_MEMO_FORMAT = 1
+
+
 @dataclass
 class _Scan:
-    """What one pass over the log found: its problems, the statements and the keys trusted at its end."""
+    """What one pass over the log found: its problems, its records and the keys trusted at its end."""
 
     problems: list[str]
-    statements: list[dict[str, Any]]
     entries: list[_Entry]
+    blobs: list[bytes]  # each record file's bytes, as verified (empty in a scan loaded from the memo)
+    digests: list[str]  # their sha256: the chain's links, and how a later pass knows a record is unchanged
+    leaves: list[bytes]  # their RFC 6962 leaf hashes (empty in a scan loaded from the memo)
+    summaries: list[dict[str, Any]]  # per record: its kind and SUMMARY_FIELDS ({} when it does not decode)
     active: set[str]  # fingerprints allowed to sign the next record
     keys: dict[str, Ed25519PublicKey]  # public keys known: the published file plus rotation records
+    trusted: frozenset[str]  # the reader's trust the pass started from
+    public_key_file: str | None  # sha256 of the published key file the pass read (None: missing)
 
 
 # log folder -> (the state of its files and the reader's trust, the verified scan of that state)
 _SCANS: dict[Path, tuple[Any, _Scan]] = {}
+# record file -> (its lstat, when it was read, what ``_read_record`` returned)
+_READS: dict[Path, tuple[tuple[int, ...], int, tuple[bytes, str, bytes]]] = {}
+_RACY_NS = 2_000_000_000  # a file changed this close to being read may change again and keep its lstat
+
+
+def _read_record(path: Path) -> tuple[bytes, str, bytes]:
+    """A record file's bytes, sha256 and Merkle leaf hash, read again only when its lstat (inode, size, mtime,
+    ctime) changed.
+
+    Each pass must know every record's digest; reading and hashing all of them (~47 KB each) cost ~15 ms per
+    pass at 200 records, several passes per forget. An edit keeps the lstat only when it lands within the
+    filesystem clock's tick of the change the cache saw, so, as git does with its index, a file whose last
+    change came less than ``_RACY_NS`` before it was read is read again every time. Nobody can set ctime.
+    """
+    found = path.lstat()
+    key = (found.st_ino, found.st_size, found.st_mtime_ns, found.st_ctime_ns)
+    cached = _READS.get(path)
+    if cached is not None and cached[0] == key and found.st_ctime_ns < cached[1] - _RACY_NS:
+        return cached[2]
+    started = time.time_ns()
+    data = path.read_bytes()
+    read = (data, sha256_hex(data), leaf_hash(data))
+    _READS[path] = (key, started, read)
+    return read
 
 
 class AuditLog:
@@ -361,14 +398,22 @@ class AuditLog:
     by a trusted key. ``anchors`` are signed checkpoints kept outside the log: a log that does not extend each
     one (records dropped, rolled back or rewritten) does not verify. Appends are not locked here: the forget
     flow holds the project lock, so there is one writer.
+
+    ``memo`` (a file beside the signing key, for the key holder's own reads) keeps the result of the last clean
+    pass: which record files, by sha256, verified under this trust, and what the chain and key rotations left.
+    A later pass whose log starts with exactly those bytes checks only the records after them, so a forget's
+    cost does not grow with the log's history. It vouches for nothing an attacker could not sign: whoever can
+    write it can read the signing key next to it. Readers who do not hold the key (``legonet audit verify``)
+    pass no memo and verify every record.
     """
 
     def __init__(self, log_dir: Path, public_key_path: Path, trusted: Collection[str] = (),
-                 anchors: Collection[tuple[str, str]] = ()) -> None:
+                 anchors: Collection[tuple[str, str]] = (), memo: Path | None = None) -> None:
         self.log_dir = Path(log_dir)
         self.public_key_path = Path(public_key_path)
         self.trusted = frozenset(trusted)
         self.anchors = tuple(anchors)  # (where it was kept, signed checkpoint): the log must extend each
+        self.memo = memo
 
     def append(self, predicate: dict[str, Any], subjects: dict[str, str], key: Ed25519PrivateKey) -> Path:
         """Sign and write the next record; return its path. ``predicate`` is copied, not modified.
@@ -394,7 +439,7 @@ class AuditLog:
         self._publish(key.public_key(), scan.keys)
         last = scan.entries[-1] if scan.entries else None
         sequence = last.sequence + 1 if last else 1
-        previous = sha256_hex(last.path.read_bytes()) if last else None
+        previous = scan.digests[-1] if last else None
         chained = {"kind": FORGET, **predicate, "previous": previous, "sequence": sequence,
                    "signing_key_id": signer}
         envelope = sign_envelope(statement(subjects, chained), key)
@@ -404,22 +449,28 @@ class AuditLog:
 
     def rotate(self, old_key: Ed25519PrivateKey, new_key: Ed25519PublicKey) -> Path:
         """Append a key-rotation record, signed by ``old_key``, after which ``new_key`` signs in its place."""
-        sequence = len(self._entries()) + 1
+        sequence = self.size() + 1
         predicate = {"kind": KEY_ROTATION, "request_id": f"{KEY_ROTATION}-{sequence:06d}",
                      "new_key_id": key_id(new_key), "new_public_key": public_key_pem(new_key).decode("ascii")}
         path = self.append(predicate, {"audit/signing-key.pub": key_id(new_key)}, old_key)
         self._publish(new_key, read_public_keys(self.public_key_path))
         return path
 
+    def size(self) -> int:
+        """How many record files the log holds (not verified: for "is this log empty" before any key exists)."""
+        return len(self._listing()[0])
+
     def records(self) -> list[dict[str, Any]]:
         """The forget statements in sequence order, after verifying the whole log; refuses a log that does not."""
-        scan = self._scan()
-        if scan.problems:
-            shown = "; ".join(scan.problems[:3]) + (f" (and {len(scan.problems) - 3} more)"
-                                                     if len(scan.problems) > 3 else "")
-            raise AuditError(f"{self.log_dir}: the audit log does not verify, so nothing in it is used: {shown}; "
-                             "`legonet audit verify` lists every problem")
-        return [s for s in scan.statements if s["predicate"].get("kind") == FORGET]
+        scan = self._checked()
+        return [parse_statement(parse_envelope(blob)[1])
+                for blob, summary in zip(scan.blobs, scan.summaries, strict=True) if summary.get("kind") == FORGET]
+
+    def summaries(self) -> list[dict[str, Any]]:
+        """Of each forget record, the predicate's SUMMARY_FIELDS (``forgotten_ids`` always a list), verified as
+        ``records`` is: what a forget checks requests and IDs against, without decoding every record again."""
+        return [{field: summary[field] for field in SUMMARY_FIELDS}
+                for summary in self._checked().summaries if summary.get("kind") == FORGET]
 
     def find(self, request_id: str) -> dict[str, Any] | None:
         """The statement recorded for ``request_id``, if any."""
@@ -428,8 +479,7 @@ class AuditLog:
     def find_id(self, audit_key: bytes, sample_id: str) -> list[str]:
         """The request ids whose record lists ``sample_id`` (by its HMAC) among the forgotten IDs."""
         digest = id_digest(audit_key, sample_id)
-        return [s["predicate"]["request_id"] for s in self.records()
-                if digest in _as_list(s["predicate"].get("forgotten_ids"))]
+        return [s["request_id"] for s in self.summaries() if digest in s["forgotten_ids"]]
 
     def verify(self) -> list[str]:
         """Every problem found in the log, one line each naming the file(s); empty when the log is intact."""
@@ -448,53 +498,72 @@ class AuditLog:
 
     def leaf_data(self) -> list[bytes]:
         """The Merkle leaves' data: the record files' bytes, in sequence order."""
-        return [entry.path.read_bytes() for entry in self._entries()]
+        return [entry.path.read_bytes() for entry in self._listing()[0]]
 
     def checkpoint(self, origin: str, key: Ed25519PrivateKey) -> str:
         """A signed C2SP checkpoint of the log as it is now (verified first), by the key trusted to sign it."""
-        self.records()
-        if key_id(key.public_key()) not in self.active_keys():
+        scan = self._checked()
+        if key_id(key.public_key()) not in scan.active:
             raise AuditError(f"signing key {key_id(key.public_key())[:16]} is not trusted to sign this log")
-        leaves = [leaf_hash(data) for data in self.leaf_data()]
-        return Checkpoint(origin, len(leaves), root_hash(leaves)).sign(key)
+        return Checkpoint(origin, len(scan.leaves), root_hash(scan.leaves)).sign(key)
 
     def extends(self, note: str) -> list[str]:
         """Problems proving that the log extends the signed checkpoint ``note`` (consistency proof); empty if so."""
         scan = self._scan()
-        return _extension_problems(note, scan.keys, self.trusted | scan.active, self.leaf_data())
+        return _extension_problems(note, scan.keys, self.trusted | scan.active, scan.leaves)
+
+    def _checked(self) -> _Scan:
+        """The scan of a log that verifies; any problem refuses every use of its records."""
+        scan = self._scan()
+        if scan.problems:
+            shown = "; ".join(scan.problems[:3]) + (f" (and {len(scan.problems) - 3} more)"
+                                                     if len(scan.problems) > 3 else "")
+            raise AuditError(f"{self.log_dir}: the audit log does not verify, so nothing in it is used: {shown}; "
+                             "`legonet audit verify` lists every problem")
+        return scan
 
     def _scan(self) -> _Scan:
-        """Verify the log, once per state of its files: a forget reads it about ten times (request checks, the
-        audit key, the quality stage, append, checkpoint), and each full pass verifies every record's signature
-        (about 0.2 ms per record: 0.5 s per forget after 200 requests). Any change to a record file, the public
-        key file or the reader's trust makes a new pass; the result is kept in this process only."""
-        state = (self._file_states(), self.trusted, self.anchors)
+        """Verify the log, once per state of its files (a forget reads it about ten times: request checks, the
+        audit key, the quality stage, append, checkpoint), and only past the longest prefix an earlier clean
+        pass verified (this process's last pass, else the memo): a full pass checks every record's Ed25519
+        signature and decodes it, ~0.3 ms a record, which grew each forget by ~0.2 s per 200 requests.
+
+        The state is each record file's sha256 (see ``_read_record``), the stray files, the public key file's
+        sha256 and the reader's trust and anchors.
+        """
+        entries, strays = self._listing()
+        reads = [_read_record(entry.path) for entry in entries]
+        blobs, digests, leaves = ([read[i] for read in reads] for i in range(3))
+        key_file = sha256_hex(self.public_key_path.read_bytes()) if self.public_key_path.is_file() else None
+        state = (tuple(map(str, strays)), tuple(zip([e.path.name for e in entries], digests, strict=True)),
+                 key_file, self.trusted, self.anchors)
         cached = _SCANS.get(self.log_dir.resolve())
         if cached is not None and cached[0] == state:
             return cached[1]
-        scan = self._verify()
+        memo = self._read_memo()
+        prefix = max((s for s in (cached[1] if cached else None, memo)
+                      if s is not None and self._continues(s, entries, digests, key_file)),
+                     key=lambda s: len(s.entries), default=None)
+        scan = self._verify(entries, blobs, digests, leaves, key_file, strays, prefix)
+        for where, note in self.anchors:
+            scan.problems += [f"{where}: {p}" for p in _extension_problems(note, scan.keys,
+                                                                            self.trusted | scan.active, leaves)]
         _SCANS[self.log_dir.resolve()] = (state, scan)
+        if not scan.problems and (memo is None or memo.digests != digests):
+            self._write_memo(scan)
         return scan
 
-    def _file_states(self) -> tuple[tuple[str, str], ...]:
-        """Each file a pass reads (records, strays, the public key file) by name and the sha256 of its bytes (not
-        its mtime: an edit within the clock's tick keeps that) and its kind (a record swapped for a link is a
-        stray); a FIFO or device, which a pass never opens, by its inode."""
-        paths = [*(self.log_dir.iterdir() if self.log_dir.is_dir() else []), self.public_key_path]
-        states = []
-        for path in sorted(paths):
-            try:
-                found = path.lstat()
-            except FileNotFoundError:
-                continue
-            content = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else found.st_ino
-            states.append((str(path), f"mode {found.st_mode}: {content}"))
-        return tuple(states)
+    def _continues(self, earlier: _Scan, entries: list[_Entry], digests: list[str], key_file: str | None) -> bool:
+        """Whether this log starts with exactly the records of ``earlier``, a clean pass under the same trust."""
+        size = len(earlier.entries)
+        return (not earlier.problems and earlier.trusted == self.trusted and earlier.public_key_file == key_file
+                and 0 < size <= len(entries) and earlier.digests == digests[:size]
+                and [e.path.name for e in earlier.entries] == [e.path.name for e in entries[:size]])
 
-    def _verify(self) -> _Scan:
-        problems = [f"{path}: not a record (a regular file named NNNNNN-<request_id>.json)"
-                    for path in self._strays()]
-        entries = self._entries()
+    def _verify(self, entries: list[_Entry], blobs: list[bytes], digests: list[str], leaves: list[bytes],
+                key_file: str | None, strays: list[Path], prefix: _Scan | None) -> _Scan:
+        """Check the records after ``prefix`` (all of them without one), carrying on from the state it left."""
+        problems = [f"{path}: not a record (a regular file named NNNNNN-<request_id>.json)" for path in strays]
         keys: dict[str, Ed25519PublicKey] = {}
         if entries or self.anchors:
             try:
@@ -504,36 +573,76 @@ class AuditLog:
             if not self.trusted:
                 problems.append("no trusted signing-key fingerprint was given, so no record can be trusted: set "
                                 f"{TRUSTED_KEYS_ENV}, write the key dir's trusted-keys file, or pass --trusted-key")
-        active = set(self.trusted)
-        statements = []
-        before: _Entry | None = None
-        before_digest: str | None = None
-        first_of: dict[str, _Entry] = {}
-        for entry in entries:
-            data = entry.path.read_bytes()
+        start = len(prefix.entries) if prefix else 0
+        active = set(prefix.active) if prefix else set(self.trusted)
+        keys.update(prefix.keys if prefix else {})
+        summaries = list(prefix.summaries) if prefix else []
+        first_of = {entry.request_id: entry for entry in reversed(entries[:start])}
+        for index in range(start, len(entries)):
+            entry, data = entries[index], blobs[index]
+            before = entries[index - 1] if index else None
             found = _order_problems(entry, before, first_of.setdefault(entry.request_id, entry))
+            summary: dict[str, Any] = {}
             try:
                 envelope, payload = parse_envelope(data)
                 signers = [s["keyid"] for s in envelope["signatures"]]
                 found += _signature_problems(envelope, payload, keys, active)
-                stmt = parse_statement(payload)
+                predicate = parse_statement(payload)["predicate"]
             except AuditError as exc:
                 found.append(f"undecodable audit record: {exc}")
             else:
-                predicate = stmt["predicate"]
-                found += _chain_problems(entry, predicate, before, before_digest)
+                found += _chain_problems(entry, predicate, before, digests[index - 1] if index else None)
                 if predicate.get("signing_key_id") not in signers:
                     found.append(f"the record names signing key {str(predicate.get('signing_key_id'))[:16]}, "
                                  f"its signature is by {_short(signers)}")
                 if predicate.get("kind") == KEY_ROTATION and not found:
                     found += _rotate(predicate, keys, active, signers)
-                statements.append(stmt)
+                summary = {"kind": predicate.get("kind"), **{f: predicate.get(f) for f in SUMMARY_FIELDS},
+                           "forgotten_ids": _as_list(predicate.get("forgotten_ids"))}
+            summaries.append(summary)
             problems += [f"{entry.path.name}: {problem}" for problem in found]
-            before, before_digest = entry, sha256_hex(data)
-        leaves = [entry.path.read_bytes() for entry in entries]
-        for where, note in self.anchors:
-            problems += [f"{where}: {p}" for p in _extension_problems(note, keys, self.trusted | active, leaves)]
-        return _Scan(problems, statements, entries, active, keys)
+        return _Scan(problems, entries, blobs, digests, leaves, summaries, active, keys, self.trusted, key_file)
+
+    def _read_memo(self) -> _Scan | None:
+        """The clean pass kept in ``memo`` for this log and trust; None when there is none or it does not parse
+        (then the pass verifies every record, as a reader without the memo does)."""
+        if self.memo is None or not self.memo.is_file():
+            return None
+        try:
+            memo = json.loads(self.memo.read_bytes())
+            if memo["format"] != _MEMO_FORMAT or memo["log"] != str(self.log_dir.resolve()):
+                return None
+            entries = []
+            for name, digest, summary in memo["records"]:
+                match = _RECORD_NAME.fullmatch(name)
+                if match is None or not _SHA256_HEX.fullmatch(digest) or set(summary) != {"kind", *SUMMARY_FIELDS}:
+                    return None
+                entries.append(_Entry(int(match[1]), match[2], self.log_dir / name))
+            keys = {fingerprint: load_public_key(self.memo, pem.encode("ascii"))
+                    for fingerprint, pem in memo["keys"].items()}
+            if any(key_id(key) != fingerprint for fingerprint, key in keys.items()):
+                return None
+            return _Scan([], entries, [], [digest for _, digest, _ in memo["records"]], [],
+                         [summary for _, _, summary in memo["records"]], set(memo["active"]), keys,
+                         frozenset(memo["trusted"]), memo["public_key_file"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, AuditError):
+            return None
+
+    def _write_memo(self, scan: _Scan) -> None:
+        """Keep a clean pass for the next one. Only beside an existing key dir; a memo that cannot be written
+        (a read-only key dir) costs later passes time, never correctness, so the error is not raised."""
+        if self.memo is None or not self.memo.parent.is_dir():
+            return
+        memo = {"format": _MEMO_FORMAT, "log": str(self.log_dir.resolve()), "trusted": sorted(scan.trusted),
+                "public_key_file": scan.public_key_file, "active": sorted(scan.active),
+                "keys": {fingerprint: public_key_pem(key).decode("ascii") for fingerprint, key in scan.keys.items()},
+                "records": [[entry.path.name, digest, summary]
+                            for entry, digest, summary in zip(scan.entries, scan.digests, scan.summaries,
+                                                              strict=True)]}
+        try:
+            write_bytes_atomic(self.memo, canonical_json(memo))
+        except (OSError, AuditError):
+            return
 
     def _publish(self, public_key: Ed25519PublicKey, known: dict[str, Ed25519PublicKey]) -> None:
         """Add the key's PEM to the public key file (material for verifiers; trust comes from fingerprints)."""
@@ -542,23 +651,20 @@ class AuditLog:
         existing = self.public_key_path.read_bytes() if self.public_key_path.exists() else b""
         write_bytes_atomic(self.public_key_path, existing + public_key_pem(public_key))
 
-    def _json_files(self) -> list[Path]:
-        if not self.log_dir.is_dir():
-            return []
-        return sorted(p for p in self.log_dir.glob("*.json") if not p.name.startswith("."))
-
-    def _entries(self) -> list[_Entry]:
-        """Record files: regular files only (a planted FIFO or link must not block or redirect a reader)."""
-        entries = []
-        for path in self._json_files():
-            match = _RECORD_NAME.fullmatch(path.name)
-            if match and stat.S_ISREG(path.lstat().st_mode):
-                entries.append(_Entry(int(match[1]), match[2], path))
-        return sorted(entries, key=lambda e: (e.sequence, e.path.name))
-
-    def _strays(self) -> list[Path]:
-        return [p for p in self._json_files()
-                if not _RECORD_NAME.fullmatch(p.name) or not stat.S_ISREG(p.lstat().st_mode)]
+    def _listing(self) -> tuple[list[_Entry], list[Path]]:
+        """The record files (regular files only: a planted FIFO or link must not block or redirect a reader) in
+        sequence order, and the strays: other ``*.json`` files, or links and FIFOs named like records."""
+        entries, strays = [], []
+        with os.scandir(self.log_dir) if self.log_dir.is_dir() else nullcontext(iter(())) as listing:
+            for item in listing:
+                if not item.name.endswith(".json") or item.name.startswith("."):
+                    continue
+                match = _RECORD_NAME.fullmatch(item.name)
+                if match and item.is_file(follow_symlinks=False):
+                    entries.append(_Entry(int(match[1]), match[2], self.log_dir / item.name))
+                else:
+                    strays.append(self.log_dir / item.name)
+        return sorted(entries, key=lambda e: (e.sequence, e.path.name)), sorted(strays)
 
 
 def _open_checkpoint(note: str, keys: dict[str, Ed25519PublicKey], trusted: Collection[str]) -> Checkpoint:
@@ -574,13 +680,13 @@ def _open_checkpoint(note: str, keys: dict[str, Ed25519PublicKey], trusted: Coll
 
 
 def _extension_problems(note: str, keys: dict[str, Ed25519PublicKey], trusted: Collection[str],
-                        leaf_data: list[bytes]) -> list[str]:
-    """Why the log (``leaf_data``) does not extend the signed checkpoint ``note``; a consistency proof decides."""
+                        leaves: list[bytes]) -> list[str]:
+    """Why the log (its ``leaves`` hashes) does not extend the signed checkpoint ``note``; a consistency proof
+    decides."""
     try:
         old = _open_checkpoint(note, keys, trusted)
     except (AuditError, TransparencyError) as exc:
         return [f"checkpoint: {exc}"]
-    leaves = [leaf_hash(data) for data in leaf_data]
     if old.size > len(leaves):
         return [f"checkpoint: the log has {len(leaves)} record(s), but a checkpoint signed for it has "
                 f"{old.size}: records were deleted (truncated or rolled back)"]

@@ -63,15 +63,15 @@ def forget(root: Path, manifests: Sequence[Path], params: dict[str, Any], *, dry
 
 
 def _already(root: Path, params: dict[str, Any]) -> Callable[[str], list[str]]:
-    log = audit_log(root, params)
-    records = log.records()  # verified: a forged or planted record must not make an ID look forgotten
+    log = audit_log(root, params, memo=True)
+    records = log.summaries()  # verified: a forged or planted record must not make an ID look forgotten
     if not records:  # nothing forgotten yet: do not create the audit key just to look (input checks and
         return lambda sample_id: []  # --dry-run must leave the project untouched)
     key = audit_key(root, params, log)
     owners: dict[str, list[str]] = {}
     for record in records:
-        for digest in record["predicate"].get("forgotten_ids", []):
-            owners.setdefault(digest, []).append(record["predicate"]["request_id"])
+        for digest in record["forgotten_ids"]:
+            owners.setdefault(digest, []).append(record["request_id"])
     return lambda sample_id: owners.get(id_digest(key, sample_id), [])
 
 
@@ -85,7 +85,7 @@ def _plan(root: Path, requests: Sequence[DeletionRequest], params: dict[str, Any
 
 def _start(root: Path, requests: Sequence[DeletionRequest], params: dict[str, Any], allow_unknown: bool,
            say: Callable[[str], None]) -> flow.Journal | None:
-    recorded = {r["predicate"]["request_id"] for r in audit_log(root, params).records()}  # verified first
+    recorded = {r["request_id"] for r in audit_log(root, params, memo=True).summaries()}  # verified first
     done = [r.request_id for r in requests if r.request_id in recorded]
     if done and len(done) == len(requests):
         say(f"request(s) {', '.join(done)} already forgotten (see `legonet audit show {done[0]}`); nothing to do")
@@ -219,10 +219,10 @@ def _purge(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str], pa
 
 def _audit(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str], params: dict[str, Any],
         say: Callable[[str], None], resumed: bool) -> None:
-    log = audit_log(root, params)
+    log = audit_log(root, params, memo=True)
     hmac_key = audit_key(root, params, log)
     signing = signing_key(root, params, log)  # pins its fingerprint in the key dir when it is created
-    log = audit_log(root, params)  # trust as it stands after a first-use pin
+    log = audit_log(root, params, memo=True)  # trust as it stands after a first-use pin
     after = flow.artifact_digests(root)  # per file: an adapter block is one directory output in dvc.lock
     before = journal.before["artifacts"]
     touched = {p for p in set(before) | set(after) if before.get(p) != after.get(p)}
@@ -251,7 +251,7 @@ def _audit(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str], pa
         "recorded_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     removed = set(plan.train_ids) | set(plan.test_ids)
-    recorded = {r["predicate"]["request_id"] for r in log.records()}
+    recorded = {r["request_id"] for r in log.summaries()}
     for request_id, sample_ids in journal.request_samples.items():
         if request_id in recorded:  # written before a crash that lost the state change
             continue

@@ -40,6 +40,7 @@ PUBLIC_KEY = AUDIT_DIR / "signing-key.pub"
 KEY_DIR_ENV = "LEGONET_KEY_DIR"
 TRUSTED_KEYS = "trusted-keys"
 CHECKPOINT = "checkpoint"
+VERIFIED = "verified-log.json"  # AuditLog's memo of its last clean pass
 _FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 
 
@@ -83,14 +84,19 @@ def _fingerprints(item: str, source: str) -> list[str]:
 
 
 def audit_log(root: Path, params: dict[str, Any], trusted: Sequence[str] = (),
-              checkpoints: Sequence[Path] = ()) -> AuditLog:
+              checkpoints: Sequence[Path] = (), memo: bool = False) -> AuditLog:
     """The project's audit log, trusting the fingerprints from outside the repository (see module doc), and
-    anchored to the checkpoint kept in the key dir and to any checkpoint files a reader kept."""
+    anchored to the checkpoint kept in the key dir and to any checkpoint files a reader kept.
+
+    ``memo`` (the forget and its quality stage: the key holder's own reads) reuses the last clean pass kept in
+    the key dir, so only records added since are verified; `legonet audit` commands verify every record.
+    """
+    keys = key_dir(root, params)
     anchors = [(f"{path}", _read_checkpoint(path)) for path in checkpoints]
-    kept = key_dir(root, params) / CHECKPOINT
-    if kept.is_file():
-        anchors.insert(0, ("the checkpoint kept in the key dir", _read_checkpoint(kept)))
-    return AuditLog(root / RECORDS, root / PUBLIC_KEY, trusted_fingerprints(root, params, trusted), anchors)
+    if (keys / CHECKPOINT).is_file():
+        anchors.insert(0, ("the checkpoint kept in the key dir", _read_checkpoint(keys / CHECKPOINT)))
+    return AuditLog(root / RECORDS, root / PUBLIC_KEY, trusted_fingerprints(root, params, trusted), anchors,
+                    memo=keys / VERIFIED if memo else None)
 
 
 def _read_checkpoint(path: Path) -> str:
@@ -102,14 +108,14 @@ def _read_checkpoint(path: Path) -> str:
 
 def audit_key(root: Path, params: dict[str, Any], log: AuditLog) -> bytes:
     """The HMAC audit key. Created only for an empty log; must be the key every record names."""
-    has_records = bool(log.leaf_data())
+    has_records = log.size() > 0
     key = load_or_create_audit_key(key_dir(root, params) / "audit.key", create=not has_records)
     if has_records:
         expected = audit_key_id(key)
-        for record in log.records():
-            named = record["predicate"].get("audit_key_id")
+        for record in log.summaries():
+            named = record["audit_key_id"]
             if named != expected:
-                raise AuditError(f"record of request {record['predicate']['request_id']!r} was keyed with audit key "
+                raise AuditError(f"record of request {record['request_id']!r} was keyed with audit key "
                                  f"{named}, but {key_dir(root, params) / 'audit.key'} is key {expected}; restore "
                                  "the right key (a different key cannot check the record's IDs)")
     return key
@@ -118,7 +124,7 @@ def audit_key(root: Path, params: dict[str, Any], log: AuditLog) -> bytes:
 def signing_key(root: Path, params: dict[str, Any], log: AuditLog) -> Ed25519PrivateKey:
     """The Ed25519 signing key; created (and its fingerprint pinned in the key dir) only for an empty log."""
     keys = key_dir(root, params)
-    empty = not log.leaf_data()
+    empty = log.size() == 0
     key = load_or_create_signing_key(keys / "signing.key", create=empty)
     pins = keys / TRUSTED_KEYS
     if empty and not pins.exists():

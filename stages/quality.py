@@ -54,8 +54,8 @@ def forgotten_ids(root: Path, params: dict[str, Any]) -> Any:
     from stages.keyring import audit_key, audit_log
 
     try:
-        log = audit_log(root, params)
-        records = log.records()  # verified: a forged log must not decide what counts as forgotten
+        log = audit_log(root, params, memo=True)
+        records = log.summaries()  # verified: a forged log must not decide what counts as forgotten
         journal = root / JOURNAL
         pending = json.loads(journal.read_text()).get("sample_ids", []) if journal.is_file() else []
         if not records and not pending:
@@ -63,7 +63,7 @@ def forgotten_ids(root: Path, params: dict[str, Any]) -> Any:
         key = audit_key(root, params, log)
     except AuditError as exc:  # one clear line from the stage, not a traceback
         raise DataError(f"the quality stage needs the audit log: {exc}") from exc
-    digests = {d for r in records for d in r["predicate"].get("forgotten_ids", [])}
+    digests = {d for r in records for d in r["forgotten_ids"]}
     digests |= {id_digest(key, i) for i in pending}
     return lambda ids: np.array([id_digest(key, i) in digests for i in ids], dtype=bool)
 

@@ -12,6 +12,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from pipeline import audit
 from pipeline.audit import (
     PAYLOAD_TYPE,
     PREDICATE_TYPE,
@@ -47,17 +48,20 @@ def audit_key(tmp_path: Path) -> bytes:
     return load_or_create_audit_key(tmp_path / "secrets" / "audit.key")
 
 
-@pytest.fixture()
-def log(tmp_path: Path, signing_key: Ed25519PrivateKey) -> AuditLog:
-    """The log as a reader who pinned the signing key's fingerprint sees it."""
+@pytest.fixture(params=["every record", "memo"])
+def log(request: pytest.FixtureRequest, tmp_path: Path, signing_key: Ed25519PrivateKey) -> AuditLog:
+    """The log as a reader who pinned the signing key's fingerprint sees it: one who verifies every record, and
+    the key holder who keeps a memo of the last clean pass beside the keys (every tampering test runs for both)."""
+    memo = tmp_path / "secrets" / "verified-log.json" if request.param == "memo" else None
     return AuditLog(tmp_path / "audit" / "records", tmp_path / "audit" / "public_key.pem",
-                    {key_id(signing_key.public_key())})
+                    {key_id(signing_key.public_key())}, memo=memo)
 
 
 @pytest.fixture()
 def three(log: AuditLog, signing_key: Ed25519PrivateKey, audit_key: bytes) -> list[Path]:
-    """A log of three records, one per request in ``FORGOTTEN``."""
-    return [
+    """A log of three records, one per request in ``FORGOTTEN``; with a memo, its reads that follow are a new
+    process's (nothing verified in memory) that finds the three records in the memo."""
+    paths = [
         log.append(
             {"request_id": request_id, "forgotten_ids": [id_digest(audit_key, i) for i in ids]},
             {"models/package/model.pkl": DIGEST_A, "models/adapters/adapter-0001.safetensors": DIGEST_B},
@@ -65,6 +69,17 @@ def three(log: AuditLog, signing_key: Ed25519PrivateKey, audit_key: bytes) -> li
         )
         for request_id, ids in FORGOTTEN.items()
     ]
+    assert log.verify() == []
+    if log.memo is not None:
+        assert [name for name, _, _ in json.loads(log.memo.read_bytes())["records"]] == [p.name for p in paths]
+        new_process()
+    return paths
+
+
+def new_process() -> None:
+    """Forget what this process verified and read, as a new process would not know it."""
+    audit._SCANS.clear()
+    audit._READS.clear()
 
 
 def payload_of(path: Path) -> dict:
@@ -221,6 +236,79 @@ def test_append_with_an_untrusted_key_is_refused(log: AuditLog, three: list[Path
 
 def test_empty_log(log: AuditLog) -> None:
     assert (log.records(), log.verify(), log.find("r"), log.find_id(b"k" * 32, "x")) == ([], [], None, [])
+
+
+# --- the memo of the last clean pass ---
+
+
+def memo_log(tmp_path: Path, trusted: set[str]) -> AuditLog:
+    return AuditLog(tmp_path / "audit" / "records", tmp_path / "audit" / "public_key.pem", trusted,
+                    memo=tmp_path / "secrets" / "verified-log.json")
+
+
+@pytest.fixture()
+def checked(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The record files whose signatures a pass checks, in order (recorded by wrapping the real check)."""
+    seen: list[str] = []
+    real = audit._signature_problems
+
+    def counting(envelope: dict, payload: bytes, *args: object) -> list[str]:
+        seen.append(json.loads(base64.b64decode(envelope["payload"]))["predicate"]["request_id"])
+        return real(envelope, payload, *args)
+
+    monkeypatch.setattr(audit, "_signature_problems", counting)
+    return seen
+
+
+def test_a_memo_spares_a_new_process_re_verifying_unchanged_records(tmp_path: Path, signing_key: Ed25519PrivateKey,
+                                                                   checked: list[str]) -> None:
+    trusted = {key_id(signing_key.public_key())}
+    for request_id in ("req-1", "req-2", "req-3"):
+        memo_log(tmp_path, trusted).append({"request_id": request_id}, {}, signing_key)
+    assert checked == ["req-1", "req-2"]  # each append verifies only the record the pass before it did not
+    new_process()
+    checked.clear()
+    log = memo_log(tmp_path, trusted)
+    assert [s["request_id"] for s in log.summaries()] == ["req-1", "req-2", "req-3"]
+    assert checked == ["req-3"]
+    assert [s["predicate"]["request_id"] for s in log.records()] == ["req-1", "req-2", "req-3"]
+    new_process()
+    checked.clear()
+    full = AuditLog(log.log_dir, log.public_key_path, trusted)  # `legonet audit verify`: no memo
+    assert full.verify() == [] and checked == ["req-1", "req-2", "req-3"]
+
+
+def test_a_memo_counts_only_under_the_trust_and_public_keys_it_was_made_with(
+        tmp_path: Path, signing_key: Ed25519PrivateKey, checked: list[str]) -> None:
+    trusted = {key_id(signing_key.public_key())}
+    log = memo_log(tmp_path, trusted)
+    for request_id in ("req-1", "req-2"):
+        log.append({"request_id": request_id}, {}, signing_key)
+    assert log.verify() == []
+    new_process()
+    stranger = key_id(Ed25519PrivateKey.generate().public_key())
+    problems = memo_log(tmp_path, {stranger}).verify()  # another reader's trust: the memo proves nothing to it
+    assert sum("not trusted to sign here" in p for p in problems) == 2, problems
+    new_process()
+    other = Ed25519PrivateKey.generate().public_key()
+    log.public_key_path.write_bytes(log.public_key_path.read_bytes() + audit.public_key_pem(other))
+    checked.clear()
+    assert memo_log(tmp_path, trusted).verify() == [] and checked == ["req-1", "req-2"]  # key file changed
+
+
+@pytest.mark.parametrize("memo", [b"", b"{not json", b'{"format": 1}', b"[]"])
+def test_a_corrupt_memo_is_ignored_and_replaced(tmp_path: Path, signing_key: Ed25519PrivateKey,
+                                                checked: list[str], memo: bytes) -> None:
+    trusted = {key_id(signing_key.public_key())}
+    log = memo_log(tmp_path, trusted)
+    for request_id in ("req-1", "req-2"):
+        log.append({"request_id": request_id}, {}, signing_key)
+    assert log.verify() == []
+    log.memo.write_bytes(memo)
+    new_process()
+    checked.clear()
+    assert memo_log(tmp_path, trusted).verify() == [] and checked == ["req-1", "req-2"]
+    assert len(json.loads(log.memo.read_bytes())["records"]) == 2
 
 
 # --- the log: tampering ---
