@@ -343,6 +343,28 @@ def preload() -> None:
     forget plans and retrains, so the purge step does not wait ~1.5 s for the import)."""
     import mlflow.cli  # noqa: F401
 
+    zero_deleted_sqlite_rows()
+
+
+def zero_deleted_sqlite_rows() -> None:
+    """Have every SQLite connection this process's SQLAlchemy pools hand out overwrite deleted content with zeros
+    (``PRAGMA secure_delete``), so the rows a purge deletes through MLflow leave no bytes in free pages or inside
+    pages. A ``VACUUM`` after the purge did this by rewriting the whole store, which grows with every forget's
+    lineage runs (0.10 -> 0.17 s per forget over a 200-request soak). Set on checkout, not on connect, so that
+    connections MLflow opened before this call are covered too."""
+    from sqlalchemy import event
+    from sqlalchemy.pool import Pool
+
+    if not event.contains(Pool, "checkout", _secure_delete):
+        event.listen(Pool, "checkout", _secure_delete)
+
+
+def _secure_delete(connection: Any, record: Any, proxy: Any) -> None:
+    import sqlite3
+
+    if isinstance(connection, sqlite3.Connection):
+        connection.execute("PRAGMA secure_delete = ON")
+
 
 def purge_models(tracking_uri: str, name: str, keep_version: str | None, request_ids: list[str],
                  artifact_root: Path, backend_store_uri: str = "", retain_until: str | None = None,
@@ -360,6 +382,7 @@ def purge_models(tracking_uri: str, name: str, keep_version: str | None, request
 
     from mlflow import MlflowClient
 
+    zero_deleted_sqlite_rows()
     client = MlflowClient(tracking_uri)
     today = datetime.now(UTC).date().isoformat()
     deleted_versions, logged_models, leftovers, retained = [], [], [], {}
@@ -425,7 +448,8 @@ def _model_id(source: str) -> str | None:
 
 
 def vacuum_sqlite(tracking_uri: str) -> None:
-    """Compact the SQLite store so deleted rows do not linger in free pages."""
+    """Compact a SQLite store that an `mlflow server` deleted rows from: its connections do not zero deleted
+    content (``zero_deleted_sqlite_rows`` covers this process's only), so they could linger in free pages."""
     if tracking_uri.startswith("sqlite:///"):
         import sqlite3
 

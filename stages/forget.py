@@ -102,7 +102,8 @@ def _start(root: Path, requests: Sequence[DeletionRequest], params: dict[str, An
         raise flow.ForgetError("the project has changes that are not built yet (`dvc status` is not clean): run "
                                "`legonet build` first, so the forget rebuilds only what the request touches")
     journal = flow.new_journal(requests, plan)
-    journal.before = {"artifacts": flow.artifact_digests(root), "outputs": flow.lock_outputs(root),
+    journal.before = {"artifacts": flow.artifact_digests(root, clean=plan.changes_data),  # status just checked
+                      "outputs": flow.lock_outputs(root),
                       "dvc_lock": dvc_lock_digest(root)}
     journal.save(root)
     return journal
@@ -208,7 +209,8 @@ def _purge(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str], pa
     models = in_worker(purge.purge_models, settings["tracking_uri"], name, registry.get("model_version"),
                        journal.request_ids, root / "mlartifacts" / "models", backend, retain_until=until,
                        artifacts_destination=destination)
-    purge.vacuum_sqlite(backend)
+    if backend != settings["tracking_uri"]:  # a server deleted the rows; this process's deletes are zeroed
+        purge.vacuum_sqlite(backend)
     journal.results["purge"] = {"dvc": objects, "dvc_pushed_to": pushed, "mlflow": models}
     if retention == 0 and "champion" not in registry.get("aliases", []):
         say("no version is champion now: the previous champion was trained on the forgotten samples and is purged; "
@@ -223,7 +225,9 @@ def _audit(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str], pa
     hmac_key = audit_key(root, params, log)
     signing = signing_key(root, params, log)  # pins its fingerprint in the key dir when it is created
     log = audit_log(root, params, memo=True)  # trust as it stands after a first-use pin
-    after = flow.artifact_digests(root)  # per file: an adapter block is one directory output in dvc.lock
+    # per file (an adapter block is one directory output in dvc.lock); the rebuild left `dvc status` clean, which
+    # a resumed forget cannot vouch for
+    after = flow.artifact_digests(root, clean=plan.changes_data and not resumed)
     before = journal.before["artifacts"]
     touched = {p for p in set(before) | set(after) if before.get(p) != after.get(p)}
     shared = {

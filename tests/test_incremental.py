@@ -145,3 +145,22 @@ def test_probe_statistics_add_up_and_fit_a_linear_rule() -> None:
     assert weights.shape == (9, 3)
     assert (probe_predict(weights, features) == labels).mean() > 0.95
     assert fit_probe(blocks, 1e-4).tobytes() == weights.tobytes()
+
+
+def test_the_digests_a_forget_takes_from_dvc_are_the_files_own(incremental: dict, tmp_path: Path) -> None:
+    """With `dvc status` clean, the md5 of each file under data/ and models/ comes from dvc.lock and the cache's
+    .dir listings (no file read) and equals hashing the file; an output whose listing is missing is hashed."""
+    from pipeline.forget import _recorded_digests, artifact_digests
+
+    root = incremental["root"]
+    assert "up to date" in run("dvc", "status", cwd=root)
+    hashed = artifact_digests(root)
+    assert len(hashed) > 20 and set(hashed) <= set(_recorded_digests(root))  # every file covered by DVC's records
+    assert artifact_digests(root, clean=True) == hashed
+    copy = copy_project(root, tmp_path / "p")
+    listings = sorted((copy / ".dvc" / "cache" / "files" / "md5").glob("*/*.dir"))
+    assert listings
+    for listing in listings:
+        listing.unlink()
+    assert not set(hashed) <= set(_recorded_digests(copy))
+    assert artifact_digests(copy, clean=True) == hashed

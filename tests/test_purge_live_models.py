@@ -7,6 +7,7 @@ not in the live set, so reading one page deleted the oldest live models once a p
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,12 +17,22 @@ from pipeline.purge import purge_models
 LOGGED = 105  # more than one page of search_logged_models
 
 
-def test_more_than_a_page_of_logged_models_all_survive_with_retention(tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture()
+def tracking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A real SQLite MLflow store in ``tmp_path``, also the process's tracking URI (as `configure` sets it in a
+    project, and as the purge's `mlflow gc` leaves it), reset afterwards."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(None)
+
+
+def test_more_than_a_page_of_logged_models_all_survive_with_retention(tmp_path: Path, tracking: str) -> None:
     from mlflow import MlflowClient
 
-    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)  # the registry too, as `configure` sets it in a project
     client = MlflowClient(tracking)
     artifacts = tmp_path / "mlartifacts"
     experiment = client.create_experiment("legonet", artifact_location=artifacts.as_uri())
@@ -40,3 +51,28 @@ def test_more_than_a_page_of_logged_models_all_survive_with_retention(tmp_path: 
     survivors = sorted(p.name for p in (artifacts / "models").iterdir())
     assert survivors == sorted(models)
     assert all((artifacts / "models" / m / "artifacts" / "model.onnx").is_file() for m in models[:3])
+
+
+def test_a_purge_leaves_no_bytes_of_the_deleted_versions_in_the_sqlite_store(tmp_path: Path, tracking: str) -> None:
+    """Deleted rows are zeroed (SQLite secure_delete), not left in free pages, and the store is not rewritten."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking)
+    artifacts = tmp_path / "mlartifacts"
+    experiment = client.create_experiment("legonet", artifact_location=artifacts.as_uri())
+    client.create_registered_model("legonet")
+    markers = [f"trained-on-request-{i}-{'x' * 40}" for i in range(3)]
+    versions = []
+    for marker in markers:
+        model = client.create_logged_model(experiment, name="package", tags={"legonet.marker": marker}).model_id
+        versions.append(client.create_model_version("legonet", f"models:/{model}", model_id=model,
+                                                    description=marker).version)
+    store = tmp_path / "mlflow.db"
+    assert all(m.encode() in store.read_bytes() for m in markers)  # the scan can see them
+    inode = store.stat().st_ino
+    result = purge_models(tracking, "legonet", versions[-1], ["req-1"], artifacts / "models")
+    assert result["deleted_model_versions"] == versions[:2]
+    data = store.read_bytes()
+    assert markers[0].encode() not in data and markers[1].encode() not in data
+    assert markers[2].encode() in data  # the kept version
+    assert store.stat().st_ino == inode  # deleted in place, not rewritten by VACUUM
