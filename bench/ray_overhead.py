@@ -47,7 +47,7 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> tuple[f
 
 
 def legonet(*args: str) -> list[str]:
-    return [sys.executable, "-m", "stages.cli", *args]
+    return [sys.executable, "-m", "pipeline.cli.main", *args]
 
 
 def lineage(root: Path) -> list[dict[str, Any]]:
@@ -61,7 +61,7 @@ def lineage(root: Path) -> list[dict[str, Any]]:
 
 
 def artifacts(root: Path) -> dict[str, str]:
-    from pipeline.lineage import tree_digests
+    from pipeline.tracking.lineage import tree_digests
 
     found = tree_digests([root / "data", root / "models"], root)
     return {p: d for p, d in found.items() if p != "models/package/MLmodel" and not p.endswith((".dvc", ".gitignore"))}
@@ -91,7 +91,7 @@ def project(workdir: Path, name: str, data: Path, settings: dict[str, Any]) -> d
 
 
 def ray_start_seconds() -> float:
-    from pipeline import executor
+    from pipeline.runner import executor
 
     started = time.perf_counter()
     with executor.cluster({"executor": "ray"}):
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import yaml
 
-    from pipeline.dataset import bundled_mnist, write_table
+    from pipeline.data.dataset import bundled_mnist, write_table
 
     settings = {**TINY, **{k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}}
     command = " ".join(["python -m bench.ray_overhead", *(argv if argv is not None else sys.argv[1:])])

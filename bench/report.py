@@ -570,11 +570,13 @@ def write_report(results: dict, results_dir: Path, docs: Path) -> Path:
         f"probe {results['params']['baseline']} (as the pipeline's `baseline` stage); projection "
         f"{results['params']['projection']}; keys {results['params']['keys']}; splits reference "
         f"{results['params']['data']['reference_fraction']} / test {results['params']['data']['test_fraction']} by "
-        "`pipeline.dataset.split_of`.",
-        "- Method: every dataset is encoded once with the pipeline's exported ONNX encoder (`pipeline.encoder`), "
-        "cached by encoder-file and dataset digest; projection and keys by `pipeline.keys` on the reference split "
-        "only; routing by `pipeline.routing.route`/`shard`; every head by `pipeline.adapters.train_adapter` with "
-        "`adapter_seed`; LegoNet prediction by `pipeline.ensemble.Ensemble`. All systems see the same projected "
+        "`pipeline.data.dataset.split_of`.",
+        "- Method: every dataset is encoded once with the pipeline's exported ONNX encoder (`pipeline.model.encoder`), "
+        "cached by encoder-file and dataset digest; projection and keys by `pipeline.model.keys` on the reference "
+        "split "
+        "only; routing by `pipeline.model.routing.route`/`shard`; every head by "
+        "`pipeline.model.adapters.train_adapter` with "
+        "`adapter_seed`; LegoNet prediction by `pipeline.model.ensemble.Ensemble`. All systems see the same projected "
         "features. *Forget compute* is the time to retrain exactly the affected heads in-process on their rows minus "
         "the forgotten ones (the exact unlearning of each system; for the probe a full retrain). *Samples retrained* "
         "counts rows read by the retraining (a LegoNet sample sits in k heads). Times are wall seconds with the "

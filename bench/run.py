@@ -29,10 +29,10 @@ from bench.systems import (
     nearest_keys,
     sequential,
 )
-from pipeline.adapters import TrainParams, train_adapter
-from pipeline.dataset import SplitFractions
-from pipeline.keys import fit_keys, fit_projection, project
-from pipeline.lineage import git_revision
+from pipeline.data.dataset import SplitFractions
+from pipeline.model.adapters import TrainParams, train_adapter
+from pipeline.model.keys import fit_keys, fit_projection, project
+from pipeline.tracking.lineage import git_revision
 
 REPO = Path(__file__).resolve().parent.parent
 SCHEMA = "legonet-bench/1"

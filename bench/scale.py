@@ -56,7 +56,7 @@ def timed(cmd: list[str], cwd: Path) -> tuple[float, str]:
 
 
 def legonet(*args: str) -> list[str]:
-    return [sys.executable, "-m", "stages.cli", *args]
+    return [sys.executable, "-m", "pipeline.cli.main", *args]
 
 
 def dataset_frame(name: str) -> pd.DataFrame:

@@ -24,8 +24,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.scale import _setting, dataset_frame, forget, legonet, timed
-from pipeline.dataset import read_table, write_table
-from pipeline.forget import artifact_digests
+from pipeline.data.dataset import read_table, write_table
+from pipeline.forget.flow import artifact_digests
 
 WINDOW = 20
 # Raw inputs are compared too (hash-carved, byte-deterministic); MLmodel carries MLflow's uuid and creation time.

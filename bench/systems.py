@@ -1,12 +1,12 @@
 """The compared systems, on the same frozen projected features, trained with the pipeline's own functions.
 
-* ``probe``: the pipeline's ridge probe on all train samples (``baseline`` params, ``pipeline.probe``); its exact
+* ``probe``: the pipeline's ridge probe on all train samples (``baseline`` params, ``pipeline.model.probe``); its exact
   unlearning is a full retrain.
 * ``sisa``: s heads, each on a random shard (sample -> shard by a seeded hash of its sample_id), prediction = mean of
   the heads' probabilities (the paper's FixSISA on a frozen encoder).
-* ``legonet``: n heads with keys from ``pipeline.keys.fit_keys`` on the reference split, samples routed to their k
-  nearest keys by ``pipeline.routing.route`` / ``shard``, heads by ``pipeline.adapters.train_adapter`` with
-  ``adapter_seed``, prediction by ``pipeline.ensemble.Ensemble``.
+* ``legonet``: n heads with keys from ``pipeline.model.keys.fit_keys`` on the reference split, samples routed to their k
+  nearest keys by ``pipeline.model.routing.route`` / ``shard``, heads by ``pipeline.model.adapters.train_adapter`` with
+  ``adapter_seed``, prediction by ``pipeline.model.ensemble.Ensemble``.
 
 A head is a pure function of (its rows in sample_id order, params, seed), so the exact unlearning of a request is
 retraining exactly the heads whose rows contain a forgotten sample, on their rows minus the forgotten ones.
@@ -22,10 +22,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from pipeline.adapters import TrainParams, adapter_proba, adapter_seed, train_adapter
-from pipeline.ensemble import Ensemble
-from pipeline.probe import fit_probe, probe_statistics
-from pipeline.routing import route, shard
+from pipeline.model.adapters import TrainParams, adapter_proba, adapter_seed, train_adapter
+from pipeline.model.ensemble import Ensemble
+from pipeline.model.probe import fit_probe, probe_statistics
+from pipeline.model.routing import route, shard
 
 
 @dataclass
@@ -139,7 +139,7 @@ class HeadSystem:
 
 class Probe(HeadSystem):
     """The pipeline's `baseline` probe: ridge regression on one-hot labels over all train rows, in closed form
-    (``pipeline.probe``); seed-free, so every seed gives the same head."""
+    (``pipeline.model.probe``); seed-free, so every seed gives the same head."""
 
     kind = "probe"
 

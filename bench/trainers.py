@@ -23,8 +23,8 @@ import numpy as np
 
 from bench.run import MODES, REPO, Runner, load, machine, versions
 from bench.systems import LegoNet, nearest_keys
-from pipeline.adapters import TrainParams
-from pipeline.keys import fit_keys
+from pipeline.model.adapters import TrainParams
+from pipeline.model.keys import fit_keys
 
 # Adam as every release before issue 11 trained adapters; L-BFGS as params.yaml trains them now.
 TRAINERS = {

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.contracts import check_encoded, check_shards, routing_schema, validate
-from pipeline.dataset import (
+from pipeline.data.contracts import check_encoded, check_shards, routing_schema, validate
+from pipeline.data.dataset import (
     PAYLOAD_DIGEST,
     read_embeddings,
     read_metadata,
@@ -29,8 +29,9 @@ from pipeline.dataset import (
     write_embeddings,
     write_table,
 )
-from pipeline.keys import project
-from pipeline.layout import (
+from pipeline.model.keys import project
+from pipeline.model.routing import route, routing_changes, routing_index, shard
+from pipeline.project.layout import (
     ENCODED_TRAIN,
     KEYS,
     PROJECTION,
@@ -40,9 +41,8 @@ from pipeline.layout import (
     partition_name,
     shard_path,
 )
-from pipeline.lineage import file_md5, stage_run
-from pipeline.routing import route, routing_changes, routing_index, shard
-from stages.project import check_generated, load_params, recorded_md5, run_stage
+from pipeline.project.params import check_generated, load_params, recorded_md5, run_stage
+from pipeline.tracking.lineage import file_md5, stage_run
 
 ROW_COLUMNS = ["sample_id", "label", PAYLOAD_DIGEST]
 

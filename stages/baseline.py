@@ -1,4 +1,4 @@
-"""DVC stage `baseline`: the reference linear probe on all train samples' projected features (``pipeline.probe``).
+"""DVC stage `baseline`: the reference linear probe on all train samples' projected features (``pipeline.model.probe``).
 
 Only its test accuracy is kept as a figure (no weights). The probe is solved in closed form from sufficient
 statistics computed per adapter shard: every train sample sits in exactly ``adapters.k`` shards, so the sum over
@@ -21,13 +21,13 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import load_file, save
 
-from pipeline.contracts import check_encoded
-from pipeline.dataset import read_embeddings, write_bytes_atomic
-from pipeline.layout import METRICS, PROBE, SHARDS, TEST_POINTS, probe_path, shard_path
-from pipeline.lineage import dvc_digest, file_md5, stage_run
-from pipeline.probe import fit_probe, probe_predict, probe_statistics
+from pipeline.data.contracts import check_encoded
+from pipeline.data.dataset import read_embeddings, write_bytes_atomic
+from pipeline.model.probe import fit_probe, probe_predict, probe_statistics
+from pipeline.project.layout import METRICS, PROBE, SHARDS, TEST_POINTS, probe_path, shard_path
+from pipeline.project.params import load_params, recorded_md5, run_stage
+from pipeline.tracking.lineage import dvc_digest, file_md5, stage_run
 from stages.evaluate import write_json
-from stages.project import load_params, recorded_md5, run_stage
 
 
 def shard_statistics(adapter: int, shard: Path, classes: list[int], trusted: bool) -> dict[str, np.ndarray]:

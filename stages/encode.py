@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 from rich.progress import Progress
 
-from pipeline.contracts import check_encoded, samples_contract, validate
-from pipeline.dataset import (
+from pipeline.data.contracts import check_encoded, samples_contract, validate
+from pipeline.data.dataset import (
     PAYLOAD_DIGEST,
     encoder_inputs,
     payload_digests,
@@ -33,10 +33,10 @@ from pipeline.dataset import (
     reusable_rows,
     write_embeddings,
 )
-from pipeline.executor import executor_of, run_encode
-from pipeline.layout import ENCODER, ENCODER_INFO
-from pipeline.lineage import file_md5, stage_run
-from stages.project import load_params, recorded_md5, run_stage
+from pipeline.project.layout import ENCODER, ENCODER_INFO
+from pipeline.project.params import load_params, recorded_md5, run_stage
+from pipeline.runner.executor import executor_of, run_encode
+from pipeline.tracking.lineage import file_md5, stage_run
 
 
 def previous_rows(dst: Path, encoding: dict[str, Any], sample_ids: list[str], digests: list[bytes]
@@ -73,7 +73,7 @@ def main(name: str, src_path: str | Path, dst_path: str | Path) -> None:
         if len(todo) < len(samples):
             embeddings[rows >= 0] = previous[rows[rows >= 0]]
         if len(todo):
-            from pipeline.encoder import Encoder
+            from pipeline.model.encoder import Encoder
 
             model = ENCODER.read_bytes()
             encoder = Encoder(info["name"], model, int(info.get("image_size") or 0), threads=threads)

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.contracts import adapter_load_schema, check_encoded, validate
-from pipeline.dataset import (
+from pipeline.data.contracts import adapter_load_schema, check_encoded, validate
+from pipeline.data.dataset import (
     PAYLOAD_DIGEST,
     read_embeddings,
     read_metadata,
@@ -29,9 +29,10 @@ from pipeline.dataset import (
     write_bytes_atomic,
     write_embeddings,
 )
-from pipeline.ensemble import mean_proba
-from pipeline.keys import project
-from pipeline.layout import (
+from pipeline.model.ensemble import mean_proba
+from pipeline.model.keys import project
+from pipeline.model.routing import route
+from pipeline.project.layout import (
     ADAPTERS,
     ENCODED_TEST,
     EVALUATION,
@@ -42,9 +43,8 @@ from pipeline.layout import (
     adapter_index,
     adapter_name,
 )
-from pipeline.lineage import dvc_digest, file_md5, stage_run
-from pipeline.routing import route
-from stages.project import load_params, recorded_md5, run_stage
+from pipeline.project.params import load_params, recorded_md5, run_stage
+from pipeline.tracking.lineage import dvc_digest, file_md5, stage_run
 
 
 def write_json(path: Path, payload: dict) -> None:
@@ -101,7 +101,7 @@ def main() -> None:
             """Adapter j's outputs for ``rows``: kept ones where its weights and the rows are unchanged."""
             from safetensors.numpy import load_file
 
-            from pipeline.adapters import adapter_proba
+            from pipeline.model.adapters import adapter_proba
 
             path = EVALUATION / f"{adapter_name(j)}.parquet"
             identity = {"weights_md5": infos[j]["weights_md5"], "projection_md5": projection_md5}

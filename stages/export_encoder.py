@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.dataset import write_bytes_atomic
-from pipeline.encoder import export_encoder
-from pipeline.layout import ENCODER, ENCODER_INFO
-from pipeline.lineage import stage_run
-from stages.project import load_params
+from pipeline.data.dataset import write_bytes_atomic
+from pipeline.model.encoder import export_encoder
+from pipeline.project.layout import ENCODER, ENCODER_INFO
+from pipeline.project.params import load_params
+from pipeline.tracking.lineage import stage_run
 
 
 def main() -> None:

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.contracts import check_encoded
-from pipeline.dataset import read_embeddings, write_bytes_atomic
-from pipeline.keys import fit_keys, fit_projection, project
-from pipeline.layout import ENCODED_REFERENCE, KEYS, PROJECTION, REFERENCE_NORMS
-from pipeline.lineage import stage_run
-from pipeline.quality import held_out_features, norm_bounds
-from stages.project import load_params, run_stage
+from pipeline.data.contracts import check_encoded
+from pipeline.data.dataset import read_embeddings, write_bytes_atomic
+from pipeline.data.quality import held_out_features, norm_bounds
+from pipeline.model.keys import fit_keys, fit_projection, project
+from pipeline.project.layout import ENCODED_REFERENCE, KEYS, PROJECTION, REFERENCE_NORMS
+from pipeline.project.params import load_params, run_stage
+from pipeline.tracking.lineage import stage_run
 
 
 def save_array(path: Path, array: np.ndarray) -> None:

@@ -18,12 +18,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pipeline
-from pipeline.layout import ADAPTERS, ENCODER, ENCODER_INFO, KEYS, METRICS, PACKAGE, PROJECTION
-from pipeline.lineage import configure, file_md5, file_sha256, flush, stage_run, tree_digests
-from pipeline.package import SERVING_REQUIREMENTS, LegoNetModel, stage_artifacts
-from pipeline.quality import RESULT, read_result
-from pipeline.registry import gate, promote, replaced_version
-from stages.project import load_params, run_stage
+from pipeline.data.quality import RESULT, read_result
+from pipeline.model.package import SERVING_REQUIREMENTS, LegoNetModel, stage_artifacts
+from pipeline.project.layout import ADAPTERS, ENCODER, ENCODER_INFO, KEYS, METRICS, PACKAGE, PROJECTION
+from pipeline.project.params import load_params, run_stage
+from pipeline.tracking.lineage import configure, file_md5, file_sha256, flush, stage_run, tree_digests
+from pipeline.tracking.registry import gate, promote, replaced_version
 
 
 def preload() -> None:

@@ -1,6 +1,6 @@
 """DVC stage `quality`: a Great Expectations checkpoint over the training data as a whole and per adapter.
 
-Runs after `assign`. Three suites (``pipeline.quality``): ``training_data`` (one row per training sample: row count,
+Runs after `assign`. Three suites (``data.quality``): ``training_data`` (one row per training sample: row count,
 label set, in at most k shards, embedding norm within the range learned on the reference split, no forgotten ID),
 ``training_classes`` (every class keeps ``quality.min_class_samples``) and ``adapters`` (one row per adapter: at
 least ``quality.min_samples``, class balance, classes present). Writes ``reports/quality/result.json`` (the
@@ -24,11 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.contracts import check_shards, routing_schema, validate
-from pipeline.dataset import DataError, read_embeddings, read_table, write_bytes_atomic, write_table
-from pipeline.layout import PROJECTION, REFERENCE_NORMS, ROUTING, SHARDS, shard_path
-from pipeline.lineage import stage_run
-from pipeline.quality import (
+from pipeline.data.contracts import check_shards, routing_schema, validate
+from pipeline.data.dataset import DataError, read_embeddings, read_table, write_bytes_atomic, write_table
+from pipeline.data.quality import (
     DATA_DOCS,
     RESULT,
     SUITES,
@@ -40,7 +38,9 @@ from pipeline.quality import (
     read_norm_bounds,
     tables,
 )
-from stages.project import load_params, run_stage
+from pipeline.project.layout import PROJECTION, REFERENCE_NORMS, ROUTING, SHARDS, shard_path
+from pipeline.project.params import load_params, run_stage
+from pipeline.tracking.lineage import stage_run
 
 
 def forgotten_ids(root: Path, params: dict[str, Any]) -> Any:
@@ -49,9 +49,9 @@ def forgotten_ids(root: Path, params: dict[str, Any]) -> Any:
     Compared by HMAC under the project's audit key (outside git); with no audit log and no forget in progress
     there is nothing to compare and the key is not created.
     """
-    from pipeline.audit import AuditError, id_digest
-    from pipeline.forget import JOURNAL
-    from stages.keyring import audit_key, audit_log
+    from pipeline.audit.keyring import audit_key, audit_log
+    from pipeline.audit.log import AuditError, id_digest
+    from pipeline.forget.flow import JOURNAL
 
     try:
         log = audit_log(root, params, memo=True)

@@ -17,13 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.adapters import adapter_seed
-from pipeline.contracts import check_shards
-from pipeline.dataset import read_embeddings, write_bytes_atomic
-from pipeline.executor import executor_of, run_train
-from pipeline.layout import adapter_dir, adapter_info_path, adapter_path, block_adapters, shard_dir, shard_path
-from pipeline.lineage import file_md5, stage_run
-from stages.project import load_params, run_stage
+from pipeline.data.contracts import check_shards
+from pipeline.data.dataset import read_embeddings, write_bytes_atomic
+from pipeline.model.adapters import adapter_seed
+from pipeline.project.layout import adapter_dir, adapter_info_path, adapter_path, block_adapters, shard_dir, shard_path
+from pipeline.project.params import load_params, run_stage
+from pipeline.runner.executor import executor_of, run_train
+from pipeline.tracking.lineage import file_md5, stage_run
 
 
 def train_digest(used: dict[str, Any]) -> str:

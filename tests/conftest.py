@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.dataset import bundled_mnist, write_table
+from pipeline.data.dataset import bundled_mnist, write_table
 
 # A small configuration so a full build is ~14 DVC stages: the same code paths as the default, less work.
 TINY = {
@@ -36,7 +36,7 @@ TINY_STRIDE = 5  # every 5th bundled digit: 1,000 samples, all ten classes (the 
 def legonet(*args: str, cwd: Path, check: bool = True, env: dict[str, str] | None = None
             ) -> subprocess.CompletedProcess[str]:
     """Run the real `legonet` console script in a subprocess, like a user at a shell."""
-    result = subprocess.run([sys.executable, "-m", "stages.cli", *args], cwd=cwd, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli.main", *args], cwd=cwd, capture_output=True, text=True,
                             env={**os.environ, **(env or {})})
     if check and result.returncode != 0:
         raise AssertionError(f"legonet {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")

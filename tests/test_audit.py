@@ -12,8 +12,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from pipeline import audit
-from pipeline.audit import (
+from pipeline.audit import log as audit
+from pipeline.audit.log import (
     PAYLOAD_TYPE,
     PREDICATE_TYPE,
     STATEMENT_TYPE,
@@ -30,8 +30,8 @@ from pipeline.audit import (
     statement,
     unseal,
 )
-from pipeline.receipt import make_receipt, verify_receipt
-from pipeline.transparency import Checkpoint
+from pipeline.audit.receipt import make_receipt, verify_receipt
+from pipeline.audit.transparency import Checkpoint
 
 DIGEST_A = "a" * 64
 DIGEST_B = "b" * 64
@@ -577,7 +577,7 @@ def git_project(root: Path) -> Path:
     ("keys", "not ignored by git"),
 ])
 def test_a_key_dir_git_would_commit_is_refused(tmp_path: Path, configured: str, expected: str) -> None:
-    from stages.keyring import key_dir
+    from pipeline.audit.keyring import key_dir
 
     root = git_project(tmp_path / "project")
     with pytest.raises(AuditError, match=expected):
@@ -587,7 +587,7 @@ def test_a_key_dir_git_would_commit_is_refused(tmp_path: Path, configured: str, 
 
 
 def test_the_journal_of_raw_ids_is_private(tmp_path: Path) -> None:
-    from pipeline.forget import JOURNAL, Journal
+    from pipeline.forget.flow import JOURNAL, Journal
 
     Journal("b", ["r"], {}, ["mnist-00001"], {}, {}, {}).save(tmp_path)
     assert stat.S_IMODE((tmp_path / JOURNAL).stat().st_mode) == 0o600
@@ -598,8 +598,8 @@ def test_the_journal_of_raw_ids_is_private(tmp_path: Path) -> None:
 def test_a_failed_git_commit_after_a_forget_is_an_error(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    from pipeline.forget import ForgetError
-    from stages.forget import _commit
+    from pipeline.forget.flow import ForgetError
+    from pipeline.forget.steps import _commit
 
     root = git_project(tmp_path / "project")
     (root / "audit").mkdir()
@@ -615,7 +615,7 @@ def test_a_failed_git_commit_after_a_forget_is_an_error(tmp_path: Path) -> None:
 
 
 def test_md5_values_from_dvc_files_are_checked_before_they_become_paths(tmp_path: Path) -> None:
-    from stages.audit import _workspace_problems
+    from pipeline.cli.audit import _workspace_problems
 
     (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages:\n  s:\n    outs:\n    - path: a\n"
                                        "      md5: ../../../../etc/passwd\n")

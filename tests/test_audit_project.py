@@ -4,7 +4,7 @@ forged log. The table in docs/audit.md is this test's output: `LEGONET_WRITE_TAM
 otherwise the test fails if the document and the run disagree.
 
 One project (built once per session) gets three records from two forgets (one rebuild); each tamper then works
-on a private copy of it. The CLI runs in-process (`stages.cli.main`): the same code and exit codes as the
+on a private copy of it. The CLI runs in-process (`pipeline.cli.main.main`): the same code and exit codes as the
 console script, without paying Python's start-up per call.
 """
 
@@ -28,7 +28,8 @@ import pytest
 from conftest import copy_project, legonet
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from pipeline.audit import (
+from pipeline.audit.keyring import origin
+from pipeline.audit.log import (
     AuditLog,
     canonical_json,
     key_id,
@@ -37,9 +38,8 @@ from pipeline.audit import (
     parse_envelope,
     parse_statement,
 )
-from pipeline.dataset import read_table, write_table
-from stages import cli
-from stages.keyring import origin
+from pipeline.cli import main as cli
+from pipeline.data.dataset import read_table, write_table
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "audit.md"
 TABLE_START, TABLE_END = "<!-- tamper-table:start -->", "<!-- tamper-table:end -->"
@@ -442,11 +442,11 @@ def test_records_verify_with_securesystemslib_and_validate_as_in_toto_statements
 
 def test_build_takes_the_project_lock(audited: dict[str, Any]) -> None:
     """`legonet build` waits while a forget holds the lock, then finds the project up to date."""
-    from pipeline.forget import project_lock
+    from pipeline.forget.flow import project_lock
 
     root = audited["root"]
     with project_lock(root, wait=False, notify=print):
-        build = subprocess.Popen([sys.executable, "-m", "stages.cli", "build"], cwd=root, stdout=subprocess.PIPE,
+        build = subprocess.Popen([sys.executable, "-m", "pipeline.cli.main", "build"], cwd=root, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True)
         waiting = build.stderr.readline()
     out, err = build.communicate(timeout=600)
@@ -458,7 +458,7 @@ def test_each_forget_tags_its_model_version_with_the_signed_checkpoint(audited: 
                                                                       capsys: pytest.CaptureFixture[str]) -> None:
     from mlflow import MlflowClient
 
-    from stages.forget import CHECKPOINT_TAG
+    from pipeline.forget.steps import CHECKPOINT_TAG
 
     root = audited["root"]
     uri = f"sqlite:///{root / 'mlflow.db'}"

@@ -21,9 +21,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import copy_project
 
-from pipeline.contracts import ContractError, adapter_load_schema, routing_schema, validate
-from pipeline.dataset import DataError, check_samples, read_table, write_table
-from pipeline.lineage import file_md5
+from pipeline.data.contracts import ContractError, adapter_load_schema, routing_schema, validate
+from pipeline.data.dataset import DataError, check_samples, read_table, write_table
+from pipeline.tracking.lineage import file_md5
 
 RUNNING = re.compile(r"^Running stage '([^']+)'", re.MULTILINE)
 # what runs after each stage that can fail here (dvc.yaml): none of it may run once the stage failed
@@ -174,8 +174,8 @@ def test_a_stage_refuses_a_file_that_breaks_its_contract(built_project: Path, tm
 
 def test_an_empty_shard_keeps_its_contract(tmp_path: Path) -> None:
     """An adapter may lose every sample (forget): its empty shard, written and read back, is still valid."""
-    from pipeline.contracts import check_encoded
-    from pipeline.dataset import read_embeddings, write_embeddings
+    from pipeline.data.contracts import check_encoded
+    from pipeline.data.dataset import read_embeddings, write_embeddings
 
     path = tmp_path / "adapter-0003.parquet"
     empty = pd.DataFrame({"sample_id": pd.Series([], dtype=str), "label": pd.Series([], dtype="int64")})
@@ -187,7 +187,7 @@ def test_an_empty_shard_keeps_its_contract(tmp_path: Path) -> None:
 def test_shards_are_checked_together_and_a_broken_one_is_named(tmp_path: Path) -> None:
     """`assign`, `quality` and `train` check all their shards in one pandera call (a sample may sit in several
     shards, never twice in one); a broken shard is still named by file, rule and sample."""
-    from pipeline.contracts import check_shards
+    from pipeline.data.contracts import check_shards
 
     def shard(ids: list[str], labels: list[int], dim: int = 4) -> tuple[pd.DataFrame, np.ndarray]:
         frame = pd.DataFrame({"sample_id": ids, "label": np.array(labels, dtype=np.int64)})

@@ -15,8 +15,8 @@ import sys
 import numpy as np
 import pytest
 
-import pipeline.encoder as enc
-from pipeline.encoder import ENCODERS, Encoder, EncoderError, export_encoder, modality
+import pipeline.model.encoder as enc
+from pipeline.model.encoder import ENCODERS, Encoder, EncoderError, export_encoder, modality
 
 IMAGE_SIZE = 64
 # the pretrained encoders; `none` (a table's identity graph, no weights) is covered by tests/test_own_data.py
@@ -81,7 +81,7 @@ def test_batch_invariance(exported: dict, name: str, payloads: list) -> None:
 def test_export_is_byte_identical_across_processes(exported: dict, tmp_path: pathlib.Path) -> None:
     script = (
         "import json, pathlib, sys\n"
-        "from pipeline.encoder import export_encoder\n"
+        "from pipeline.model.encoder import export_encoder\n"
         "out = pathlib.Path(sys.argv[1])\n"
         f"print(json.dumps({{n: export_encoder(n, {IMAGE_SIZE}, out / (n + '.onnx')) for n in {PRETRAINED!r}}}))\n"
     )
@@ -162,7 +162,7 @@ def test_encoding_does_not_import_torch(exported: dict) -> None:
     """torch costs ~2.5 s per process; encode stages run one process per partition."""
     script = (
         "import sys, pathlib, numpy as np\n"
-        "from pipeline.encoder import Encoder\n"
+        "from pipeline.model.encoder import Encoder\n"
         "e = Encoder('efficientnet-lite0', pathlib.Path(sys.argv[1]), 64)\n"
         "e.encode([np.zeros((28, 28), np.uint8)])\n"
         "t = Encoder('minilm', pathlib.Path(sys.argv[2]), 64)\n"

@@ -16,10 +16,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.adapters import TrainParams, adapter_proba, adapter_seed, train_adapter
-from pipeline.dataset import SplitFractions, carve, partition_of, split_of, write_embeddings, write_table
-from pipeline.keys import fit_keys, fit_projection, project
-from pipeline.routing import route
+from pipeline.data.dataset import SplitFractions, carve, partition_of, split_of, write_embeddings, write_table
+from pipeline.model.adapters import TrainParams, adapter_proba, adapter_seed, train_adapter
+from pipeline.model.keys import fit_keys, fit_projection, project
+from pipeline.model.routing import route
 
 RNG = np.random.default_rng(7)
 REFERENCE = RNG.normal(size=(300, 64)).astype(np.float32)
@@ -92,7 +92,7 @@ def _train_digests(threads: int) -> list[str]:
     code = (
         "import sys, hashlib, numpy as np\n"
         "from safetensors.numpy import save\n"
-        "from pipeline.adapters import TrainParams, train_adapter\n"
+        "from pipeline.model.adapters import TrainParams, train_adapter\n"
         "rng = np.random.default_rng(0)\n"
         "x = rng.normal(size=(600, 128)).astype(np.float32); y = rng.integers(0, 10, 600)\n"
         f"for p in [TrainParams(optimizer='lbfgs', iterations=200, weight_decay=1e-3, threads={threads}),\n"
@@ -175,7 +175,7 @@ def test_lineage_digest_of_a_directory_is_dvcs(tmp_path: Path) -> None:
     from dvc_data.hashfile.meta import Meta
     from dvc_data.hashfile.tree import Tree
 
-    from pipeline.lineage import dvc_digest, file_md5
+    from pipeline.tracking.lineage import dvc_digest, file_md5
 
     folder = tmp_path / "shards"
     for relpath, data in {"block-0001/adapter-0010.parquet": b"a", "block-0000/adapter-0002.parquet": b"bb",

@@ -39,13 +39,13 @@ import pytest
 import yaml
 from conftest import TINY, copy_project, init_args, legonet
 
-from pipeline.dataset import SplitFractions, read_embeddings, read_table, split_of, write_table
-from pipeline.ensemble import load_ensemble
-from pipeline.forget import project_lock
-from pipeline.keys import project as project_points
-from pipeline.layout import adapter_info_path, adapter_path, block_of, shard_path
-from pipeline.lineage import file_md5
-from pipeline.manifest import load_manifest
+from pipeline.data.dataset import SplitFractions, read_embeddings, read_table, split_of, write_table
+from pipeline.forget.flow import project_lock
+from pipeline.forget.manifest import load_manifest
+from pipeline.model.ensemble import load_ensemble
+from pipeline.model.keys import project as project_points
+from pipeline.project.layout import adapter_info_path, adapter_path, block_of, shard_path
+from pipeline.tracking.lineage import file_md5
 
 STATES = ("data-removed", "rebuilt", "registered", "purged", "audited")
 RECEIVED = "2024-05-01T09:30:00Z"
@@ -558,7 +558,7 @@ def clone_runs(tmp_path_factory: pytest.TempPathFactory, built_project: Path,
         train = sorted(set(read_table(root / "data/routing.parquet")["sample_id"]) - set(small_request))[:2]
         manifests = [write_manifest(work / "requests" / f"c{i}.json", f"req-c{i}", [sid])
                      for i, sid in enumerate(train)]
-        processes = [subprocess.Popen([sys.executable, "-m", "stages.cli", "forget", str(m)], cwd=root,
+        processes = [subprocess.Popen([sys.executable, "-m", "pipeline.cli.main", "forget", str(m)], cwd=root,
                                       text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
                      for m in manifests]
         outputs = [p.communicate(timeout=1200) for p in processes]
@@ -644,11 +644,11 @@ def test_a_stage_that_fails_mid_forget_commits_nothing_and_a_rerun_finishes(clon
 
 
 def test_the_stage_worker_reports_a_failing_stage_and_a_dead_worker(tmp_path: Path) -> None:
-    """The forget's second process (stages.build.StageWorker) hands back a stage's own error and a function's
+    """The forget's second process (pipeline.runner.build.StageWorker) hands back a stage's own error and a function's
     result or exception, and a worker that died is a build error, not a hang."""
-    from pipeline.dataset import DataError
-    from pipeline.quality import norm_range, read_norm_bounds
-    from stages.build import BuildError, StageFailed, StageWorker
+    from pipeline.data.dataset import DataError
+    from pipeline.data.quality import norm_range, read_norm_bounds
+    from pipeline.runner.build import BuildError, StageFailed, StageWorker
 
     worker = StageWorker(tmp_path, ["stages.quality"])
     try:

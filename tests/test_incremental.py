@@ -18,9 +18,9 @@ import pandas as pd
 import pytest
 from conftest import TINY_STRIDE, copy_project
 
-from pipeline.dataset import bundled_mnist, read_embeddings, read_table, write_embeddings, write_table
-from pipeline.probe import fit_probe, probe_predict, probe_statistics
-from pipeline.routing import routing_changes
+from pipeline.data.dataset import bundled_mnist, read_embeddings, read_table, write_embeddings, write_table
+from pipeline.model.probe import fit_probe, probe_predict, probe_statistics
+from pipeline.model.routing import routing_changes
 
 PARTITIONS = 2
 RAW = [f"data/raw/part-{p:04d}.parquet" for p in range(PARTITIONS)]
@@ -59,7 +59,7 @@ def changed(frame: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
 def incremental(built_project: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """An incremental `dvc repro` after changing every raw partition and the test split, and the same stages run
     from scratch on a copy of its inputs."""
-    from pipeline.dataset import partition_of
+    from pipeline.data.dataset import partition_of
 
     root = copy_project(built_project, tmp_path_factory.mktemp("incremental") / "p")
     unused = bundled_mnist().iloc[1::TINY_STRIDE]  # samples the project does not hold
@@ -150,7 +150,7 @@ def test_probe_statistics_add_up_and_fit_a_linear_rule() -> None:
 def test_the_digests_a_forget_takes_from_dvc_are_the_files_own(incremental: dict, tmp_path: Path) -> None:
     """With `dvc status` clean, the md5 of each file under data/ and models/ comes from dvc.lock and the cache's
     .dir listings (no file read) and equals hashing the file; an output whose listing is missing is hashed."""
-    from pipeline.forget import _recorded_digests, artifact_digests
+    from pipeline.forget.flow import _recorded_digests, artifact_digests
 
     root = incremental["root"]
     assert "up to date" in run("dvc", "status", cwd=root)

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-import pipeline.manifest as manifest_module
-from pipeline.manifest import (
+import pipeline.forget.manifest as manifest_module
+from pipeline.forget.manifest import (
     FIELDS,
     MAX_SAMPLE_IDS,
     REQUEST_ID_PATTERN,

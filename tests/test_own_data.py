@@ -30,11 +30,11 @@ from conftest import legonet
 from test_forget import artifacts_md5, lock_without_package_listing
 from test_serving import _free_port, _wait_for_ping
 
-from pipeline.dataset import DataError, read_table
-from pipeline.keys import fit_projection, project
-from pipeline.quality import QualityParams, held_out_features, norm_bounds, norm_range, read_norm_bounds
-from pipeline.registry import Replaced, gate
-from stages.init import KEYS_PER_REFERENCE, ROWS_PER_PARTITION, defaults_from_data
+from pipeline.data.dataset import DataError, read_table
+from pipeline.data.quality import QualityParams, held_out_features, norm_bounds, norm_range, read_norm_bounds
+from pipeline.model.keys import fit_projection, project
+from pipeline.project.init import KEYS_PER_REFERENCE, ROWS_PER_PARTITION, defaults_from_data
+from pipeline.tracking.registry import Replaced, gate
 
 CULTIVARS = ("barolo", "grignolino", "barbera")  # the wine table's three classes, by name
 PROJECT_FILES = ("dvc.yaml", "dvc.lock", "params.yaml", ".gitignore", ".dvcignore", ".dvc/config",
@@ -311,7 +311,7 @@ def test_a_column_that_is_not_a_number_is_refused_and_nothing_written(tmp_path: 
 def test_no_tool_may_report_usage() -> None:
     """Every legonet process turns MLflow's, GX's and DVC's telemetry off, even where the user's shell enables it
     (CI markers removed: MLflow itself stays quiet under CI)."""
-    code = ("import stages, os; from mlflow.telemetry.utils import is_telemetry_disabled; "
+    code = ("import pipeline, os; from mlflow.telemetry.utils import is_telemetry_disabled; "
             "print(is_telemetry_disabled(), os.environ['GX_ANALYTICS_ENABLED'], os.environ['DVC_NO_ANALYTICS'])")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTEST_CURRENT_TEST", "CI", "GITHUB_ACTIONS")}
     env.update({"MLFLOW_DISABLE_TELEMETRY": "false", "DO_NOT_TRACK": "false", "GX_ANALYTICS_ENABLED": "true"})

@@ -23,9 +23,9 @@ import pytest
 import yaml
 from conftest import TINY, init_args, legonet
 
-from pipeline.dataset import read_table, write_table
-from pipeline.layout import adapter_path, block_of, shard_path
-from pipeline.lineage import file_md5
+from pipeline.data.dataset import read_table, write_table
+from pipeline.project.layout import adapter_path, block_of, shard_path
+from pipeline.tracking.lineage import file_md5
 
 UP_TO_DATE = "Data and pipelines are up to date."
 RUNNING = re.compile(r"^Running stage '([^']+)':", re.MULTILINE)
@@ -373,7 +373,7 @@ def test_bad_training_params_are_refused_at_init(tmp_path: Path, tiny_data: Path
 
 
 def test_the_console_script_keeps_the_exit_codes_of_usage_errors(tmp_path: Path) -> None:
-    """`legonet` ends with a fast exit (stages.cli.run); argparse's own exits keep their codes through it."""
+    """`legonet` ends with a fast exit (pipeline.cli.main.run); argparse's own exits keep their codes through it."""
     assert legonet("--help", cwd=tmp_path, check=False).returncode == 0
     bad = legonet("no-such-command", cwd=tmp_path, check=False)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr

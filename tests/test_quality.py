@@ -25,7 +25,7 @@ import yaml
 from conftest import copy_project, legonet
 from test_forget import record, write_manifest
 
-from pipeline.dataset import read_table
+from pipeline.data.dataset import read_table
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SUITES = ("training_data", "training_classes", "adapters")

@@ -30,8 +30,8 @@ from conftest import mlflow_server as start_mlflow_server
 from test_forget import artifacts_md5, forget, lock_without_package_listing, record, write_manifest
 from test_pipeline import ALL_STAGES, digests, mlmodel_without_volatile
 
-from pipeline.dataset import read_table
-from pipeline.lineage import file_md5
+from pipeline.data.dataset import read_table
+from pipeline.tracking.lineage import file_md5
 
 pytest.importorskip("ray", reason="executor: ray needs the optional extra: pip install -e '.[test,ray]'")
 
@@ -57,7 +57,7 @@ def ray_build(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path, mlflow_
     legonet(*init_args(tiny_data, overrides), cwd=root)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # legonet starts its own local Ray
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "stages.cli", "build"], cwd=root, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli.main", "build"], cwd=root, capture_output=True,
                             text=True, env=env)
     assert result.returncode == 0, f"ray build failed:\n{result.stdout}\n{result.stderr[-4000:]}"
     return {"root": root, "seconds": time.monotonic() - started, "stdout": result.stdout,

@@ -46,9 +46,9 @@ from test_forget import (
     write_manifest,
 )
 
-from pipeline.dataset import read_table, write_table
-from pipeline.layout import encoded_path, raw_path
-from pipeline.lineage import file_md5
+from pipeline.data.dataset import read_table, write_table
+from pipeline.project.layout import encoded_path, raw_path
+from pipeline.tracking.lineage import file_md5
 
 moto_server = pytest.importorskip("moto.server", reason="needs the test extra: pip install -e '.[test]'")
 

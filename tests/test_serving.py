@@ -21,7 +21,7 @@ import pytest
 import yaml
 from conftest import legonet
 
-from pipeline.dataset import read_table, write_table
+from pipeline.data.dataset import read_table, write_table
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from pipeline.audit import (
+from pipeline.audit.log import (
     TRUSTED_KEYS_ENV,
     AuditError,
     AuditLog,
@@ -32,7 +32,7 @@ from pipeline.audit import (
     load_or_create_signing_key,
     read_public_keys,
 )
-from pipeline.dataset import write_bytes_atomic
+from pipeline.data.dataset import write_bytes_atomic
 
 AUDIT_DIR = Path("audit")
 RECORDS = AUDIT_DIR / "records"

@@ -16,8 +16,8 @@ import yaml
 from rich.console import Console
 from rich.markup import escape
 
-from pipeline.dataset import DataError
-from stages.project import ParamsError
+from pipeline.data.dataset import DataError
+from pipeline.project.params import ParamsError
 
 console = Console(stderr=True)
 EXIT = {"usage": 2, "data": 3, "params": 4, "build": 5, "model": 6, "busy": 7, "exactness": 8, "audit": 9,
@@ -35,7 +35,7 @@ def _parse_set(values: list[str]) -> dict[str, Any]:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from stages.init import init_project
+    from pipeline.project.init import init_project
 
     started = time.monotonic()
     features = [f.strip() for f in args.features.split(",") if f.strip()] if args.features else None
@@ -51,9 +51,9 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from pipeline.forget import project_lock
-    from stages.build import repro, summary, tag_build
-    from stages.project import commit_project
+    from pipeline.forget.flow import project_lock
+    from pipeline.project.params import commit_project
+    from pipeline.runner.build import repro, summary, tag_build
 
     root = Path.cwd()
     started = time.monotonic()
@@ -78,7 +78,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from stages.predict import predict_file
+    from pipeline.cli.predict import predict_file
 
     frame = predict_file(Path.cwd(), args.file, args.model)
     if args.output:
@@ -98,8 +98,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_forget(args: argparse.Namespace) -> int:
     import json
 
-    from stages.forget import forget
-    from stages.project import load_params
+    from pipeline.forget.steps import forget
+    from pipeline.project.params import load_params
 
     summary = forget(Path.cwd(), args.manifests, load_params(), dry_run=args.dry_run, wait=not args.no_wait,
                      allow_unknown=args.allow_unknown or None,
@@ -114,8 +114,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     import json
 
-    from stages import audit
-    from stages.project import load_params
+    from pipeline.cli import audit
+    from pipeline.project.params import load_params
 
     if args.action == "verify-receipt":  # needs no project: a data subject or a regulator runs it anywhere
         for line in audit.check_receipt(args.file, args.trusted_key):
@@ -132,7 +132,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     elif args.action == "checkpoint":
         _emit(audit.checkpoint(root, params, *reader), args.output, "checkpoint")
     elif args.action == "receipt":
-        from pipeline.receipt import receipt_json
+        from pipeline.audit.receipt import receipt_json
 
         _emit(receipt_json(audit.receipt(root, params, args.request_id, *reader)), args.output, "receipt")
     else:
@@ -154,15 +154,15 @@ def _emit(text: str, output: Path | None, what: str) -> None:
 
 
 def _errors() -> dict[type[BaseException], str]:
-    from pipeline.audit import AuditError
-    from pipeline.executor import ExecutorError
-    from pipeline.forget import ExactnessError, ForgetError, LockBusy
-    from pipeline.manifest import ManifestError
-    from pipeline.purge import StoreError
-    from stages.audit import AuditFailed
-    from stages.build import BuildError
-    from stages.init import InitError
-    from stages.predict import ModelError
+    from pipeline.audit.log import AuditError
+    from pipeline.cli.audit import AuditFailed
+    from pipeline.cli.predict import ModelError
+    from pipeline.forget.flow import ExactnessError, ForgetError, LockBusy
+    from pipeline.forget.manifest import ManifestError
+    from pipeline.project.init import InitError
+    from pipeline.purge.stores import StoreError
+    from pipeline.runner.build import BuildError
+    from pipeline.runner.executor import ExecutorError
 
     return {LockBusy: "busy", DataError: "data", ParamsError: "params", InitError: "usage", BuildError: "build",
             ModelError: "model", ManifestError: "data", ForgetError: "data", ExactnessError: "exactness",

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.adapters import adapter_proba
-from pipeline.keys import project
-from pipeline.layout import adapter_index
-from pipeline.routing import route
+from pipeline.model.adapters import adapter_proba
+from pipeline.model.keys import project
+from pipeline.model.routing import route
+from pipeline.project.layout import adapter_index
 
 
 def mean_proba(activated: np.ndarray, n_classes: int, outputs: Callable[[int, np.ndarray], np.ndarray]

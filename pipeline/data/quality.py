@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.layout import REFERENCE_NORMS
+from pipeline.project.layout import REFERENCE_NORMS
 
 QUALITY_DIR = Path("reports/quality")
 RESULT = QUALITY_DIR / "result.json"
@@ -85,7 +85,7 @@ def norm_range(bounds: dict[str, Any], margin: float) -> tuple[float, float]:
 
 def read_norm_bounds(path: Path = REFERENCE_NORMS) -> dict[str, Any]:
     """The reference split's ``norm_bounds`` as the `keys` stage wrote them."""
-    from pipeline.dataset import DataError
+    from pipeline.data.dataset import DataError
 
     try:
         bounds = json.loads(path.read_text())
@@ -115,7 +115,7 @@ def held_out_features(reference: np.ndarray, projection: np.ndarray) -> np.ndarr
     (alternate rows: the split is sorted by sample_id) is projected by a PCA fitted on the other half. A projection
     that is no PCA (none, or a table's standardisation, whose axes are not unit vectors) is applied as it is.
     """
-    from pipeline.keys import fit_projection, project
+    from pipeline.model.keys import fit_projection, project
 
     dim = projection.shape[0] - 1
     axes = projection[1:]

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from ruamel.yaml import YAML
 
-from pipeline.dataset import (
+from pipeline.data.dataset import (
     DataError,
     SplitFractions,
     bundled_mnist,
@@ -27,8 +27,8 @@ from pipeline.dataset import (
     read_samples,
     write_table,
 )
-from pipeline.layout import REFERENCE, TEST, raw_path
-from stages.project import PARAMS, check_params, commit_project, sync_generated
+from pipeline.project.layout import REFERENCE, TEST, raw_path
+from pipeline.project.params import PARAMS, check_params, commit_project, sync_generated
 
 TEMPLATE = Path(__file__).resolve().parent.parent  # the checkout's dvc.yaml and params.yaml are the template
 GITIGNORE = "/mlflow.db\n/mlartifacts/\n/.legonet/\n"

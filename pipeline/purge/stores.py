@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.dataset import read_yaml
+from pipeline.data.dataset import read_yaml
 
 DIR_SUFFIX = ".dir"
 

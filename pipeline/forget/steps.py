@@ -1,4 +1,4 @@
-"""`legonet forget MANIFEST...`: apply deletion requests through the journalled flow of pipeline.forget.
+"""`legonet forget MANIFEST...`: apply deletion requests through the journalled flow of pipeline.forget.flow.
 
 Steps (DESIGN.md section 5): lock -> validate -> journal -> remove rows -> `dvc repro` -> checks -> registry ->
 purge -> audit record -> git commit. Re-running the same command after a crash finishes the job.
@@ -13,15 +13,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from pipeline import forget as flow
-from pipeline.audit import audit_key_id, id_digest, seal
-from pipeline.dataset import read_table
-from pipeline.layout import REFERENCE
-from pipeline.lineage import file_sha256, git_revision, platform_tags, remembered_digests
-from pipeline.manifest import DeletionRequest, load_manifest
-from stages.build import dvc_add, dvc_lock_digest, dvc_status, in_worker, repro, rerun, stage_worker
-from stages.keyring import anchor, audit_key, audit_log, origin, signing_key
-from stages.project import commit_project, params_digest
+from pipeline.audit.keyring import anchor, audit_key, audit_log, origin, signing_key
+from pipeline.audit.log import audit_key_id, id_digest, seal
+from pipeline.data.dataset import read_table
+from pipeline.forget import flow
+from pipeline.forget.manifest import DeletionRequest, load_manifest
+from pipeline.project.layout import REFERENCE
+from pipeline.project.params import commit_project, params_digest
+from pipeline.runner.build import dvc_add, dvc_lock_digest, dvc_status, in_worker, repro, rerun, stage_worker
+from pipeline.tracking.lineage import file_sha256, git_revision, platform_tags, remembered_digests
 
 
 def forget(root: Path, manifests: Sequence[Path], params: dict[str, Any], *, dry_run: bool = False,
@@ -36,13 +36,13 @@ def forget(root: Path, manifests: Sequence[Path], params: dict[str, Any], *, dry
     if dry_run:
         return _dry_run(root, requests, params, say)
     lock_started = time.monotonic()
-    from pipeline.executor import executor_of
+    from pipeline.runner.executor import executor_of
 
     # files hashed once unless they change; quality, package and the MLflow steps (registry, purge of model
     # versions, checkpoint tag) run in a second process that imports GX and MLflow meanwhile (Ray runs every stage
     # under `dvc repro` instead, and the MLflow steps here)
     with flow.project_lock(root, wait, say), remembered_digests(), \
-            stage_worker(root, executor_of(params) == "local", preload=["pipeline.purge"]):
+            stage_worker(root, executor_of(params) == "local", preload=["pipeline.purge.stores"]):
         timings["lock"] = round(time.monotonic() - lock_started, 3)
         pending = flow.Journal.load(root)
         if pending is not None and pending.batch != flow.batch_id(requests):
@@ -76,7 +76,7 @@ def _already(root: Path, params: dict[str, Any]) -> Callable[[str], list[str]]:
 
 
 def _plan(root: Path, requests: Sequence[DeletionRequest], params: dict[str, Any]) -> flow.Plan:
-    from pipeline.manifest import merge_requests
+    from pipeline.forget.manifest import merge_requests
 
     reference = set(read_table(root / REFERENCE)["sample_id"])
     return flow.plan_batch(root, merge_requests(requests), reference, _already(root, params),
@@ -138,9 +138,9 @@ def _rebuild(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str], 
     if not plan.changes_data:
         journal.results["checks"] = []
         return
-    from pipeline.executor import executor_of
+    from pipeline.runner.executor import executor_of
 
-    if executor_of(params) == "local":  # the plan's stages in this process, then `dvc commit` (stages.build.rerun)
+    if executor_of(params) == "local":  # the plan's stages in this process, then `dvc commit` (runner.build.rerun)
         stale = rerun(root, plan.stages, timings=journal.timings)
         ran, checked = list(plan.stages), None
     else:  # Ray: `dvc repro`, which starts one local Ray for all its stage processes
@@ -168,8 +168,8 @@ def tag_version(root: Path, settings: dict[str, Any], request_ids: list[str]) ->
     70k samples, profiled.)"""
     from mlflow import MlflowClient
 
-    from pipeline.lineage import configure, flush
-    from pipeline.registry import latest_version
+    from pipeline.tracking.lineage import configure, flush
+    from pipeline.tracking.registry import latest_version
 
     configure(settings["tracking_uri"], settings["experiment"], root)
     flush(root, settings)
@@ -186,7 +186,7 @@ def tag_version(root: Path, settings: dict[str, Any], request_ids: list[str]) ->
 
 def _purge(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str], params: dict[str, Any],
         say: Callable[[str], None], resumed: bool) -> None:
-    from pipeline import purge
+    from pipeline.purge import stores as purge
 
     if not plan.changes_data:
         journal.results["purge"] = {}
@@ -279,7 +279,7 @@ def tag_checkpoint(root: Path, settings: dict[str, Any], version: str, note: str
     """Store the signed checkpoint on the registered model version this forget produced."""
     from mlflow import MlflowClient
 
-    from pipeline.lineage import configure
+    from pipeline.tracking.lineage import configure
 
     configure(settings["tracking_uri"], settings["experiment"], root)
     MlflowClient().set_model_version_tag(settings["registered_model"], version, CHECKPOINT_TAG, note)
@@ -290,7 +290,7 @@ CHECKPOINT_TAG = "legonet.audit_checkpoint"
 
 def _quality(root: Path) -> dict[str, Any]:
     """The quality checkpoint of the build this forget produced: its result file's sha256, pass/fail, failures."""
-    from pipeline.quality import RESULT, read_result
+    from pipeline.data.quality import RESULT, read_result
 
     path = root / RESULT
     result = read_result(path)
@@ -332,7 +332,7 @@ def _dry_run(root: Path, requests: Sequence[DeletionRequest], params: dict[str, 
 def _estimate(root: Path, params: dict[str, Any], stages: Sequence[str]) -> float:
     import mlflow
 
-    from pipeline.lineage import configure
+    from pipeline.tracking.lineage import configure
 
     configure(params["mlflow"]["tracking_uri"], params["mlflow"]["experiment"], root)
     runs = mlflow.search_runs(experiment_names=[params["mlflow"]["experiment"]], max_results=5000)

@@ -16,7 +16,7 @@ from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 
-from pipeline.audit import (
+from pipeline.audit.log import (
     PAYLOAD_TYPE,
     AuditError,
     AuditLog,
@@ -27,7 +27,7 @@ from pipeline.audit import (
     parse_statement,
     public_key_pem,
 )
-from pipeline.transparency import Checkpoint, TransparencyError, inclusion_proof, leaf_hash, verify_inclusion
+from pipeline.audit.transparency import Checkpoint, TransparencyError, inclusion_proof, leaf_hash, verify_inclusion
 
 RECEIPT_FORMAT = "https://legonet.dev/receipt/v1"
 

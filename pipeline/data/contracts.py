@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 import pandera.pandas as pa
 
-from pipeline.dataset import DataError
-from pipeline.manifest import SAMPLE_ID_PATTERN
+from pipeline.data.dataset import DataError
+from pipeline.forget.manifest import SAMPLE_ID_PATTERN
 
 
 class ContractError(DataError):

@@ -25,11 +25,11 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from pipeline.lineage import file_sha256
+from pipeline.tracking.lineage import file_sha256
 
 # encoder name -> the modality it reads. `none` is for tables: the features themselves are the embedding (an
 # identity graph, so a table project has the same encoder file, digest and serving path as the others); the
-# standardisation with the reference split's statistics is part of the projection (pipeline.keys).
+# standardisation with the reference split's statistics is part of the projection (pipeline.model.keys).
 ENCODERS: dict[str, str] = {"efficientnet-lite0": "image", "minilm": "text", "none": "table"}
 
 # Texts are padded to the smallest bucket that fits: padding length changes MiniLM's bits (DESIGN.md
@@ -273,7 +273,7 @@ class Encoder:
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.log_severity_level = 3  # errors only: callers own the console
-        # bytes: the exported file's content, as a Ray worker receives it (pipeline.executor)
+        # bytes: the exported file's content, as a Ray worker receives it (pipeline.runner.executor)
         model = model_path if isinstance(model_path, bytes) else str(model_path)
         if isinstance(model_path, bytes):
             model_path = pathlib.Path("<encoder bytes>")

@@ -20,9 +20,9 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pipeline import executor
-from pipeline.layout import METRICS, block_count
-from stages.project import load_params, sync_generated
+from pipeline.project.layout import METRICS, block_count
+from pipeline.project.params import load_params, sync_generated
+from pipeline.runner import executor
 
 RUNNING = re.compile(r"^Running stage '([^']+)'")
 
@@ -93,8 +93,8 @@ def rerun(root: Path, stages: Sequence[str], console: Console | None = None,
     """
     from dvc.repo import Repo, lock_repo
 
-    from pipeline.dataset import DataError
-    from stages.project import ParamsError
+    from pipeline.data.dataset import DataError
+    from pipeline.project.params import ParamsError
 
     console = console or Console(stderr=True)
     timings = {} if timings is None else timings
@@ -249,8 +249,8 @@ def _serve(conn: Any, root: str, modules: list[str]) -> None:
     import pickle
     import traceback
 
-    from pipeline.dataset import DataError
-    from stages.project import ParamsError
+    from pipeline.data.dataset import DataError
+    from pipeline.project.params import ParamsError
 
     started = time.monotonic()
     os.chdir(root)
@@ -376,8 +376,8 @@ def tag_build(root: Path) -> dict[str, str]:
     """Link the newest registered version to this build: the sha256 of dvc.lock and the project path."""
     from mlflow import MlflowClient
 
-    from pipeline.lineage import configure, flush
-    from pipeline.registry import latest_version
+    from pipeline.tracking.lineage import configure, flush
+    from pipeline.tracking.registry import latest_version
 
     params = load_params(root)
     configure(params["mlflow"]["tracking_uri"], params["mlflow"]["experiment"], root)

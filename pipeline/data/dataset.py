@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute
 import pyarrow.parquet as pq
 
-from pipeline.layout import partition_name
+from pipeline.project.layout import partition_name
 
 SPLITS = ("reference", "test", "train")
 # image: one column of uint8 pixels; text: one column of strings; table: the numeric columns data.features names
@@ -151,10 +151,10 @@ def check_samples(
     Only parsing happens here (the payload column(s) for the modality must exist; labels are integers, or strings
     when ``classes`` names them; a table's ``features`` are numbers); every rule on the parsed table (sample_id
     form and uniqueness, labels in ``classes``, image size, non-empty text, finite features) is the pandera
-    contract ``pipeline.contracts.samples_schema``, the same one the ``encode`` stage checks. Raises ``DataError``
+    contract ``pipeline.data.contracts.samples_schema``, the same one the ``encode`` stage checks. Raises ``DataError``
     (``ContractError`` for a broken rule) naming the file, the rule and the first failing sample IDs.
     """
-    from pipeline.contracts import samples_schema, validate
+    from pipeline.data.contracts import samples_schema, validate
 
     if modality not in MODALITIES:
         raise DataError(f"{path}: unknown modality {modality!r}; use one of {sorted(MODALITIES)}")
@@ -370,7 +370,7 @@ def read_embeddings(path: Path, *, digests: bool = False) -> tuple[pd.DataFrame,
     elif pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
         widths = pa.compute.list_value_length(column).to_numpy(zero_copy_only=False)
         if len(widths) and (widths != widths[0]).any():
-            from pipeline.contracts import ContractError
+            from pipeline.data.contracts import ContractError
 
             ids = table.column("sample_id").to_pylist() if "sample_id" in table.column_names else []
             odd = [str(ids[i]) if ids else str(i) for i in np.flatnonzero(widths != np.bincount(widths).argmax())]

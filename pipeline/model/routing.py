@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from pipeline.keys import squared_distances
+from pipeline.model.keys import squared_distances
 
 
 def route(points: np.ndarray, keys: np.ndarray, k: int, usable: np.ndarray | None = None) -> np.ndarray:

@@ -1,7 +1,7 @@
 """A legonet project's params: loading, checking, and the foreach lists generated for dvc.yaml.
 
 DVC runs every stage with the project root (the folder of dvc.yaml) as working directory; paths live in
-``pipeline.layout``.
+``pipeline.project.layout``.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any
 
 import yaml
 
-from pipeline.dataset import read_yaml
-from pipeline.layout import (
+from pipeline.data.dataset import read_yaml
+from pipeline.project.layout import (
     ENCODED_REFERENCE,
     ENCODED_TEST,
     REFERENCE,
@@ -48,7 +48,7 @@ def load_params(root: Path = Path()) -> dict[str, Any]:
 
 def check_params(params: dict[str, Any]) -> None:
     """Catch impossible settings before any stage runs, with the key and the fix in the message."""
-    from pipeline.encoder import ENCODERS
+    from pipeline.model.encoder import ENCODERS
 
     try:
         name, n, k = params["encoder"]["name"], int(params["adapters"]["n"]), int(params["adapters"]["k"])
@@ -56,7 +56,7 @@ def check_params(params: dict[str, Any]) -> None:
         classes = list(params["data"]["classes"])
     except (KeyError, TypeError, ValueError) as exc:
         raise ParamsError(f"params.yaml: missing or malformed key {exc}; compare with the template") from exc
-    from pipeline.executor import EXECUTORS
+    from pipeline.runner.executor import EXECUTORS
 
     if str(params.get("executor", "local")) not in EXECUTORS:
         raise ParamsError(f"params.yaml: executor {params.get('executor')!r} must be one of "
@@ -72,7 +72,7 @@ def check_params(params: dict[str, Any]) -> None:
                           "n / blocks adapters)")
     if not 1 <= k <= n:
         raise ParamsError(f"params.yaml: adapters.k={k} must be between 1 and adapters.n={n}")
-    from pipeline.adapters import TrainParams
+    from pipeline.model.adapters import TrainParams
 
     try:
         TrainParams(**params["adapters"].get("train", {}))
@@ -101,7 +101,7 @@ def params_digest(root: Path = Path()) -> str:
     choose where work runs (``executor``, ``ray``) or where lineage is logged (``mlflow.tracking_uri``,
     ``mlflow.backend_store_uri``, ``mlflow.artifacts_destination``), so a build on Ray with an MLflow server records
     the same digest as a local one."""
-    from pipeline.executor import EXECUTION_KEYS
+    from pipeline.runner.executor import EXECUTION_KEYS
 
     params = {k: v for k, v in load_params(root).items() if k not in EXECUTION_KEYS}
     params["mlflow"] = {k: v for k, v in (params.get("mlflow") or {}).items()
@@ -237,7 +237,7 @@ def run_stage(main: Any, *args: Any) -> None:
     (exit 3 or 4, the CLI's codes) instead of a traceback; DVC then stops the pipeline at this stage."""
     import sys
 
-    from pipeline.dataset import DataError
+    from pipeline.data.dataset import DataError
 
     try:
         main(*args)

@@ -9,7 +9,7 @@ executors, so the bytes are the same wherever they ran:
 
 The stage still reads its inputs and writes its outputs itself, so DVC stays the source of truth and
 ``dvc.lock`` is the same for either executor. ``executor`` and ``ray`` are declared as params by no stage, and the
-audit record's params digest leaves them out (``stages.project.params_digest``).
+audit record's params digest leaves them out (``pipeline.project.params.params_digest``).
 
 Ray is an optional extra, imported only when ``executor: ray``. A stage attaches to ``RAY_ADDRESS`` when it is
 set (``legonet build`` and ``forget`` start one local Ray for the whole ``dvc repro`` and export it), else starts
@@ -138,7 +138,7 @@ def train_task(adapter: int, features: np.ndarray, labels: np.ndarray, n_classes
     """Train adapter j; return its safetensors bytes (no metadata: byte-stable) and a small lineage record."""
     from safetensors.numpy import save
 
-    from pipeline.adapters import TrainParams, train_adapter
+    from pipeline.model.adapters import TrainParams, train_adapter
 
     started, clock = time.time(), time.monotonic()
     weights = train_adapter(features, labels, n_classes, seed, TrainParams(**train))
@@ -156,7 +156,7 @@ _SESSIONS: dict[tuple[str, str, int, int], Any] = {}  # one ONNX Runtime session
 def encode_task(chunk: int, model: bytes, digest: str, name: str, image_size: int, threads: int,
                 payloads: Sequence) -> tuple[np.ndarray, dict[str, Any]]:
     """Embed one chunk of payloads with the encoder given as ONNX bytes; return embeddings and lineage."""
-    from pipeline.encoder import Encoder
+    from pipeline.model.encoder import Encoder
 
     started, clock = time.time(), time.monotonic()
     key = (digest, name, image_size, threads)

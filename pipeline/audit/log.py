@@ -4,7 +4,7 @@ Each record is an in-toto Statement v1 in a DSSE envelope signed with Ed25519, s
 (``NNNNNN-<request_id>.json``, canonical JSON plus a newline) so that git diffs and merges stay readable. The
 records form a hash chain (each predicate holds ``sequence`` 1, 2, ... and ``previous``, the SHA-256 of the
 previous record file) and are the leaves of an RFC 6962 Merkle tree, whose signed checkpoints
-(``pipeline.transparency``) anchor the log's head outside it: dropping the newest records, or rolling the log back,
+(``audit.transparency``) anchor the log's head outside it: dropping the newest records, or rolling the log back,
 is caught by anyone who kept a later checkpoint.
 
 Trust does not come from the repository. ``AuditLog`` is given the fingerprints (``key_id``) of the signing keys
@@ -45,9 +45,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from pipeline.dataset import write_bytes_atomic
-from pipeline.manifest import REQUEST_ID_PATTERN
-from pipeline.transparency import (
+from pipeline.audit.transparency import (
     Checkpoint,
     TransparencyError,
     consistency_proof,
@@ -55,6 +53,8 @@ from pipeline.transparency import (
     root_hash,
     verify_consistency,
 )
+from pipeline.data.dataset import write_bytes_atomic
+from pipeline.forget.manifest import REQUEST_ID_PATTERN
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://legonet.dev/forget/v2"

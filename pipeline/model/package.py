@@ -30,8 +30,8 @@ class LegoNetModel(PythonModel):
     consulted)."""
 
     def load_context(self, context: Any) -> None:
-        from pipeline.encoder import Encoder
-        from pipeline.ensemble import load_ensemble
+        from pipeline.model.encoder import Encoder
+        from pipeline.model.ensemble import load_ensemble
 
         artifacts = {name: Path(path) for name, path in context.artifacts.items()}
         self.config = json.loads(artifacts["config"].read_text())

@@ -21,8 +21,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline.dataset import read_table, read_yaml, write_table
-from pipeline.layout import (
+from pipeline.data.dataset import read_table, read_yaml, write_table
+from pipeline.data.quality import QUALITY_DIR
+from pipeline.forget.manifest import DeletionRequest, merge_requests
+from pipeline.project.layout import (
     ENCODED_TEST,
     PACKAGE,
     ROUTING,
@@ -35,9 +37,7 @@ from pipeline.layout import (
     raw_path,
     shard_path,
 )
-from pipeline.lineage import file_md5, file_sha256
-from pipeline.manifest import DeletionRequest, merge_requests
-from pipeline.quality import QUALITY_DIR
+from pipeline.tracking.lineage import file_md5, file_sha256
 
 STATES = ("received", "data-removed", "rebuilt", "registered", "purged", "audited")
 PHASES = {"data-removed": "remove", "rebuilt": "rebuild", "registered": "register", "purged": "purge",
@@ -85,7 +85,7 @@ class Plan:
             stages.append("encode@test")
         if self.partitions:  # train data changes: routing and shards are rewritten, so the checkpoint reruns
             # the checkpoint reads only what `assign` writes: listed before the adapters, a forget's stage worker
-            # runs it while this process trains them (stages.build.rerun)
+            # runs it while this process trains them (pipeline.runner.build.rerun)
             stages += ["assign", "quality"]
             stages += [f"train@{b:04d}" for b in self.train_blocks]
         if self.train_ids or self.test_ids:  # in DVC's order: the probe is scored on evaluate's test points
@@ -270,7 +270,7 @@ def artifact_digests(root: Path, clean: bool = False) -> dict[str, str]:
 
 def _recorded_digests(root: Path) -> dict[str, str]:
     """path -> md5 of every file inside a DVC output, as dvc.lock, the .dvc files and the cache's listings say."""
-    from pipeline.purge import DIR_SUFFIX, object_path
+    from pipeline.purge.stores import DIR_SUFFIX, object_path
 
     cache = root / ".dvc" / "cache"
     out: dict[str, str] = {}

@@ -1,7 +1,7 @@
 """`legonet audit ...`: what an auditor, a compliance officer or a data subject runs against the audit log.
 
 Every action that reads records verifies the whole log first (``AuditLog.records``) against the signing keys
-trusted from outside the repository (``stages.keyring``), and refuses a log that does not verify.
+trusted from outside the repository (``pipeline.audit.keyring``), and refuses a log that does not verify.
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline import forget as flow
-from pipeline.audit import AuditError, AuditLog, id_digest, read_public_keys, unseal
-from pipeline.layout import ENCODED_TRAIN, KEYS, PROJECTION, adapter_name, adapter_path, shard_path
-from pipeline.lineage import file_md5
-from pipeline.purge import local_remotes, object_path, remote_residue
-from pipeline.receipt import make_receipt, verify_receipt
-from stages.build import dvc_lock_digest
-from stages.keyring import audit_key, audit_log, key_dir, origin, signing_key
+from pipeline.audit.keyring import audit_key, audit_log, key_dir, origin, signing_key
+from pipeline.audit.log import AuditError, AuditLog, id_digest, read_public_keys, unseal
+from pipeline.audit.receipt import make_receipt, verify_receipt
+from pipeline.forget import flow
+from pipeline.project.layout import ENCODED_TRAIN, KEYS, PROJECTION, adapter_name, adapter_path, shard_path
+from pipeline.purge.stores import local_remotes, object_path, remote_residue
+from pipeline.runner.build import dvc_lock_digest
+from pipeline.tracking.lineage import file_md5
 
 _MD5 = re.compile(r"[0-9a-f]{32}(\.dir)?")
 
@@ -153,10 +153,10 @@ def rebuild_adapters(root: Path, params: dict[str, Any], adapters: list[int]) ->
     import numpy as np
     from safetensors.numpy import save
 
-    from pipeline.adapters import TrainParams, adapter_seed, train_adapter
-    from pipeline.dataset import read_embeddings, write_embeddings
-    from pipeline.keys import project
-    from pipeline.routing import route, shard
+    from pipeline.data.dataset import read_embeddings, write_embeddings
+    from pipeline.model.adapters import TrainParams, adapter_seed, train_adapter
+    from pipeline.model.keys import project
+    from pipeline.model.routing import route, shard
 
     projection, keys = np.load(root / PROJECTION), np.load(root / KEYS)
     n, blocks = int(params["adapters"]["n"]), int(params["adapters"]["blocks"])
@@ -233,7 +233,7 @@ def checkpoint(root: Path, params: dict[str, Any], trusted: Sequence[str] = (),
 
 def receipt(root: Path, params: dict[str, Any], request_id: str, trusted: Sequence[str] = (),
             checkpoints: Sequence[Path] = ()) -> dict[str, Any]:
-    """A data subject's self-contained receipt for one request (see pipeline.receipt)."""
+    """A data subject's self-contained receipt for one request (see pipeline.audit.receipt)."""
     return make_receipt(audit_log(root, params, trusted, checkpoints), request_id,
                         checkpoint(root, params, trusted, checkpoints))
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.dataset import read_samples
-from stages.project import load_params
+from pipeline.data.dataset import read_samples
+from pipeline.project.params import load_params
 
 
 class ModelError(RuntimeError):
@@ -18,8 +18,8 @@ def predict_file(root: Path, file: Path, model_uri: str | None = None) -> pd.Dat
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from pipeline.lineage import configure
-    from pipeline.registry import CHAMPION, latest_version
+    from pipeline.tracking.lineage import configure
+    from pipeline.tracking.registry import CHAMPION, latest_version
 
     params = load_params(root)
     configure(params["mlflow"]["tracking_uri"], params["mlflow"]["experiment"], root)
