@@ -265,7 +265,7 @@ def flush(project: Path, mlflow_params: Mapping[str, Any]) -> dict[str, str]:
 
 
 def _code_root() -> Path:
-    return Path(__file__).resolve().parent.parent
+    return Path(__file__).resolve().parents[2]
 
 
 def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
