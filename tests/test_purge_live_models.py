@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.purge.stores import purge_models
+from pipeline.purge.models import purge_models
 
 LOGGED = 105  # more than one page of search_logged_models
 

@@ -20,7 +20,7 @@ from pipeline.audit.log import AuditError, AuditLog, id_digest, read_public_keys
 from pipeline.audit.receipt import make_receipt, verify_receipt
 from pipeline.forget import flow
 from pipeline.project.layout import ENCODED_TRAIN, KEYS, PROJECTION, adapter_name, adapter_path, shard_path
-from pipeline.purge.stores import local_remotes, object_path, remote_residue
+from pipeline.purge.objects import local_remotes, object_path, remote_residue
 from pipeline.runner.build import dvc_lock_digest
 from pipeline.tracking.lineage import file_md5
 

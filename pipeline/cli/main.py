@@ -160,7 +160,7 @@ def _errors() -> dict[type[BaseException], str]:
     from pipeline.forget.flow import ExactnessError, ForgetError, LockBusy
     from pipeline.forget.manifest import ManifestError
     from pipeline.project.init import InitError
-    from pipeline.purge.stores import StoreError
+    from pipeline.purge.s3 import StoreError
     from pipeline.runner.build import BuildError
     from pipeline.runner.executor import ExecutorError
 

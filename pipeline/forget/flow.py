@@ -270,7 +270,7 @@ def artifact_digests(root: Path, clean: bool = False) -> dict[str, str]:
 
 def _recorded_digests(root: Path) -> dict[str, str]:
     """path -> md5 of every file inside a DVC output, as dvc.lock, the .dvc files and the cache's listings say."""
-    from pipeline.purge.stores import DIR_SUFFIX, object_path
+    from pipeline.purge.objects import DIR_SUFFIX, object_path
 
     cache = root / ".dvc" / "cache"
     out: dict[str, str] = {}

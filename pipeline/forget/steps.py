@@ -42,7 +42,7 @@ def forget(root: Path, manifests: Sequence[Path], params: dict[str, Any], *, dry
     # versions, checkpoint tag) run in a second process that imports GX and MLflow meanwhile (Ray runs every stage
     # under `dvc repro` instead, and the MLflow steps here)
     with flow.project_lock(root, wait, say), remembered_digests(), \
-            stage_worker(root, executor_of(params) == "local", preload=["pipeline.purge.stores"]):
+            stage_worker(root, executor_of(params) == "local", preload=["pipeline.purge.models"]):
         timings["lock"] = round(time.monotonic() - lock_started, 3)
         pending = flow.Journal.load(root)
         if pending is not None and pending.batch != flow.batch_id(requests):
@@ -186,7 +186,8 @@ def tag_version(root: Path, settings: dict[str, Any], request_ids: list[str]) ->
 
 def _purge(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str], params: dict[str, Any],
         say: Callable[[str], None], resumed: bool) -> None:
-    from pipeline.purge import stores as purge
+    from pipeline.purge import models as model_purge
+    from pipeline.purge import objects as purge
 
     if not plan.changes_data:
         journal.results["purge"] = {}
@@ -206,11 +207,11 @@ def _purge(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str], pa
     name = settings["registered_model"]
     until = (datetime.now(UTC) + timedelta(days=retention)).date().isoformat() if retention > 0 else None
     backend = settings.get("backend_store_uri") or settings["tracking_uri"]
-    models = in_worker(purge.purge_models, settings["tracking_uri"], name, registry.get("model_version"),
+    models = in_worker(model_purge.purge_models, settings["tracking_uri"], name, registry.get("model_version"),
                        journal.request_ids, root / "mlartifacts" / "models", backend, retain_until=until,
                        artifacts_destination=destination)
     if backend != settings["tracking_uri"]:  # a server deleted the rows; this process's deletes are zeroed
-        purge.vacuum_sqlite(backend)
+        model_purge.vacuum_sqlite(backend)
     journal.results["purge"] = {"dvc": objects, "dvc_pushed_to": pushed, "mlflow": models}
     if retention == 0 and "champion" not in registry.get("aliases", []):
         say("no version is champion now: the previous champion was trained on the forgotten samples and is purged; "
