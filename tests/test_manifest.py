@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import time
 from importlib import resources
 from pathlib import Path
 
@@ -13,16 +14,14 @@ import pytest
 import yaml
 
 import pipeline.forget.manifest as manifest_module
+from pipeline.data.ids import REQUEST_ID_PATTERN, SAMPLE_ID_PATTERN, sample_id_problem
 from pipeline.forget.manifest import (
     FIELDS,
     MAX_SAMPLE_IDS,
-    REQUEST_ID_PATTERN,
-    SAMPLE_ID_PATTERN,
     DeletionRequest,
     ManifestError,
     load_manifest,
     merge_requests,
-    sample_id_problem,
 )
 
 GOOD = {
@@ -144,6 +143,25 @@ def test_byte_size_cap_is_checked_before_reading(tmp_path: Path, monkeypatch: py
                                             ("deep.yaml", "[" * 100_000 + "]" * 100_000)])
 def test_deep_nesting_is_an_error_not_a_traceback(tmp_path: Path, name: str, text: str) -> None:
     assert "nested too deeply" in error_of(write(tmp_path, name, text))
+
+
+def test_yaml_aliases_are_refused_before_they_expand(tmp_path: Path) -> None:
+    """Nested anchors ("billion laughs"): 9 levels of 9 aliases would expand to 9**9 strings; refused at once."""
+    levels = ["a0: &a0 [mnist-00042]"] + [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    text = "\n".join([*levels, "request_id: r1", "sample_ids: *a9", "reason: x", "received_at: '2024-05-01'"])
+    started = time.monotonic()
+    message = error_of(write(tmp_path, "laughs.yaml", text))
+    assert "alias *a0 is not allowed in a manifest" in message and "line 2" in message, message
+    assert time.monotonic() - started < 5  # refused while parsing, not after an exponential expansion
+
+
+@pytest.mark.parametrize("name", ["m.json", "m.yaml"])
+def test_an_integer_too_long_to_convert_is_an_error_not_a_traceback(tmp_path: Path, name: str) -> None:
+    digits = "7" * 5000
+    text = (f'{{"request_id": "r1", "sample_ids": [{digits}], "reason": "x", "received_at": "2024-05-01"}}'
+            if name.endswith(".json") else f"request_id: r1\nsample_ids: [{digits}]\nreason: x\n")
+    message = error_of(write(tmp_path, name, text))
+    assert message.startswith(f"{tmp_path / name}: malformed") and "quote them" in message, message
 
 
 def test_unreadable_file(tmp_path: Path) -> None:

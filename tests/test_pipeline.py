@@ -289,6 +289,19 @@ def _unknown_label(frame: pd.DataFrame) -> tuple[pd.DataFrame, str, dict]:
     return frame, frame.loc[11, "sample_id"], {"data.classes": "[0,1,2,3,4,5,6,7,8]"}
 
 
+def _null_label(frame: pd.DataFrame) -> tuple[pd.DataFrame, str, dict]:
+    """One missing label must not turn every label into text ('0.0', 'nan')."""
+    frame["label"] = frame["label"].astype("float64")
+    frame.loc[3, "label"] = float("nan")
+    return frame, frame.loc[3, "sample_id"], {}
+
+
+def _id_ending_in_newline(frame: pd.DataFrame) -> tuple[pd.DataFrame, str, dict]:
+    """An ID no manifest could name (the manifest refuses trailing whitespace) is refused in the data too."""
+    frame.loc[4, "sample_id"] = frame.loc[4, "sample_id"] + "\n"
+    return frame, "sample_id_rule", {}
+
+
 def _short_image(frame: pd.DataFrame) -> tuple[pd.DataFrame, str, dict]:
     frame.at[5, "image"] = frame.at[5, "image"][:783]
     return frame, frame.loc[5, "sample_id"], {}
@@ -296,11 +309,13 @@ def _short_image(frame: pd.DataFrame) -> tuple[pd.DataFrame, str, dict]:
 
 @pytest.mark.parametrize(("spoil", "suffix"), [
     (_missing_label, ".parquet"),
+    (_null_label, ".parquet"),
+    (_id_ending_in_newline, ".parquet"),
     (_duplicate_id, ".parquet"),
     (_unknown_label, ".parquet"),
     (_short_image, ".parquet"),
     (_short_image, ".csv"),
-], ids=["missing-label", "duplicate-id", "label-not-in-classes", "image-783-bytes", "image-783-pixels-csv"])
+], ids=["missing-label", "null-label", "id-ending-in-newline", "duplicate-id", "label-not-in-classes", "image-783-bytes", "image-783-pixels-csv"])
 def test_init_refuses_bad_data_and_writes_nothing(tmp_path: Path, tiny_data: Path, spoil, suffix: str) -> None:
     frame, named, overrides = spoil(_tiny_frame(tiny_data))
     bad = tmp_path / f"bad{suffix}"

@@ -54,7 +54,7 @@ from pipeline.audit.transparency import (
     verify_consistency,
 )
 from pipeline.data.dataset import write_bytes_atomic
-from pipeline.forget.manifest import REQUEST_ID_PATTERN
+from pipeline.data.ids import REQUEST_ID_PATTERN
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://legonet.dev/forget/v2"

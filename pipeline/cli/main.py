@@ -60,10 +60,12 @@ def cmd_build(args: argparse.Namespace) -> int:
     with project_lock(root, wait=True, notify=lambda m: console.print(m, highlight=False)):  # not under a forget
         ran = repro(root, force=args.force, console=console)
         registered = tag_build(root) if ran else {}
-    metrics = summary(root)
-    built = (f": model version {registered['version']} [{registered['aliases']}], test accuracy "
-             f"{metrics.get('accuracy', float('nan')):.4f}") if registered else ""
-    commit_project(root, f"legonet build{built}")  # dvc.lock, metrics, regenerated params: git status stays clean
+        metrics = summary(root)
+        built = (f": model version {registered['version']} [{registered['aliases']}], test accuracy "
+                 f"{metrics.get('accuracy', float('nan')):.4f}") if registered else ""
+        # dvc.lock, metrics, regenerated params: git status stays clean; under the lock, so a forget that starts
+        # now sees the build committed, not a work tree between two states
+        commit_project(root, f"legonet build{built}")
     elapsed = time.monotonic() - started
     print(f"stages run: {len(ran)} ({elapsed:.1f} s)" if ran else "Data and pipelines are up to date.")
     if "accuracy" in metrics:

@@ -17,15 +17,21 @@ import pandas as pd
 import pandera.pandas as pa
 
 from pipeline.data.dataset import DataError
-from pipeline.forget.manifest import SAMPLE_ID_PATTERN
+from pipeline.data.ids import sample_ids_valid
 
 
 class ContractError(DataError):
     """A table broke its contract: the message names the file, the rule and the first failing sample IDs."""
 
 
+# one rule with the manifest (pipeline/data/ids.py), applied with fullmatch: ``str_matches`` would accept a trailing
+# newline that no manifest can name
+_SAMPLE_ID_RULE = pa.Check(sample_ids_valid, name="sample_id_rule",
+                           error="sample_id_rule (a letter or digit, then letters, digits and ._:@+=-; no spaces)")
+
+
 def _sample_id() -> pa.Column:
-    return pa.Column(str, pa.Check.str_matches(SAMPLE_ID_PATTERN), unique=True, nullable=False)
+    return pa.Column(str, _SAMPLE_ID_RULE, unique=True, nullable=False)
 
 
 def _label(classes: Sequence[int | str]) -> pa.Column:
@@ -207,7 +213,7 @@ def check_shards(shards: Sequence[tuple[Path, pd.DataFrame, np.ndarray]], classe
         return
     union = pd.concat([frame.assign(shard=np.int64(i)) for i, (_, frame, _) in enumerate(filled)],
                       ignore_index=True)
-    columns = {"sample_id": pa.Column(str, pa.Check.str_matches(SAMPLE_ID_PATTERN), nullable=False),
+    columns = {"sample_id": pa.Column(str, _SAMPLE_ID_RULE, nullable=False),
                "label": _label(classes), "embedding": _embedding(dim), "shard": pa.Column("int64")}
     schema = pa.DataFrameSchema(columns, strict=True, name="encoded", unique=["shard", "sample_id"])
     vectors = pd.Series([row for _, _, embeddings in filled for row in embeddings], dtype=object)

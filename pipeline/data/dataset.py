@@ -166,6 +166,10 @@ def check_samples(
         raise DataError(f"{path}: missing column(s) {missing}; a {modality} table needs sample_id, label, "
                         f"{', '.join(payload)}")
     ids = frame["sample_id"]
+    unlabelled = ids[frame["label"].isna() | (frame["label"].astype(str).str.strip() == "")].tolist()
+    if unlabelled:  # else one missing label would turn every label into text ('0.0', '1.0', 'nan')
+        raise DataError(f"{path}: label is missing for samples {_first(unlabelled)}; every sample needs its class "
+                        "(drop the unlabelled rows or fill them)")
     named = any(isinstance(c, str) for c in classes) if classes is not None else label_names(frame["label"])
     if named:
         labels = frame["label"].map(lambda v: v if isinstance(v, str) else str(v))

@@ -8,6 +8,7 @@ the project lock.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -152,7 +153,14 @@ def _write_private(path: Path, data: bytes) -> None:
 def project_lock(root: Path, wait: bool, notify: Callable[[str], None]) -> Iterator[None]:
     """One writer per project (flock: released by the kernel if the holder dies, so no stale locks)."""
     (root / STATE_DIR).mkdir(exist_ok=True)
-    with open(root / LOCK, "a+") as handle:
+    try:  # never through a planted link: the holder's note would truncate whatever it points at
+        descriptor = os.open(root / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise ForgetError(f"{root / LOCK} is a symbolic link; legonet keeps its own lock file there: remove the "
+                          "link and run the command again") from None
+    with os.fdopen(descriptor, "r+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

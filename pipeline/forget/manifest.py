@@ -42,7 +42,6 @@ import json
 import os
 import re
 import stat
-import unicodedata
 from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
@@ -52,17 +51,14 @@ from typing import Any, NoReturn
 
 import yaml
 
-REQUEST_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
-SAMPLE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,255}$"
+from pipeline.data.ids import REQUEST_ID_PATTERN, sample_id_problem, show
+
 _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
-_SAMPLE_ID = re.compile(SAMPLE_ID_PATTERN)
-SAMPLE_ID_MAX_LENGTH = 256
 MAX_SAMPLE_IDS = 1_000_000
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024  # a million IDs of typical length fit many times over
 FIELDS = ("request_id", "sample_ids", "reason", "received_at")
 _CSV_ID_COLUMN = "sample_id"
 _CSV_COLUMNS = (_CSV_ID_COLUMN, "request_id", "reason", "received_at")
-_EXAMPLE_ID = "'mnist-00042'"
 _SHOWN = 5  # how many offending IDs an error message names
 
 
@@ -88,28 +84,6 @@ class _Parsed:
 
     fields: dict[Any, Any]
     id_locations: Sequence[str] | None  # e.g. "line 7" for CSV; None means "sample_ids[i]"
-
-
-def sample_id_problem(sample_id: object) -> str | None:
-    """Why ``sample_id`` is not a valid sample ID, or ``None`` if it is.
-
-    Public so that other boundaries (e.g. the data validation stage) can give the same specific messages.
-    """
-    if isinstance(sample_id, str) and _SAMPLE_ID.fullmatch(sample_id):
-        return None  # the common case first: a million valid IDs must not pay for the diagnosis below
-    if not isinstance(sample_id, str):
-        return f"is {type(sample_id).__name__} {_show(sample_id)}, not a string (quote it)"
-    if not sample_id:
-        return "is empty"
-    if sample_id != sample_id.strip():
-        return f"{_show(sample_id)} has leading or trailing whitespace"
-    if any(unicodedata.category(c) in ("Cc", "Cf") for c in sample_id):
-        return f"{_show(sample_id)} contains control or invisible characters"
-    if "/" in sample_id or "\\" in sample_id or sample_id in (".", "..") or sample_id.startswith("~"):
-        return f"{_show(sample_id)} looks like a path; sample IDs are strings like {_EXAMPLE_ID}, not paths"
-    if len(sample_id) > SAMPLE_ID_MAX_LENGTH:
-        return f"{_show(sample_id)} is {len(sample_id)} characters long (at most {SAMPLE_ID_MAX_LENGTH})"
-    return f"{_show(sample_id)} must start with a letter or digit and hold only letters, digits and ._:@+=-"
 
 
 def load_manifest(path: Path) -> DeletionRequest:
@@ -173,15 +147,9 @@ def _fail(path: Path, message: str) -> NoReturn:
     raise ManifestError(f"{path}: {message}")
 
 
-def _show(value: object, limit: int = 60) -> str:
-    """A printable, single-line, bounded rendering of a user value for error messages."""
-    shown = repr(value)
-    return shown if len(shown) <= limit else shown[: limit - 4] + "...'"
-
-
 def _shown(values: Sequence[str]) -> str:
     rest = len(values) - _SHOWN
-    return ", ".join(_show(v) for v in values[:_SHOWN]) + (f" (and {rest} more)" if rest > 0 else "")
+    return ", ".join(show(v) for v in values[:_SHOWN]) + (f" (and {rest} more)" if rest > 0 else "")
 
 
 # --- parsers: text -> _Parsed, raising ManifestError with the parser's line number ---
@@ -194,6 +162,8 @@ def _parse_json(path: Path, text: str) -> _Parsed:
         _fail(path, f"malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}")
     except RecursionError:
         _fail(path, "JSON nested too deeply; a manifest is one flat object with a list of IDs")
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        _fail(path, f"malformed JSON: {exc}; sample IDs and the other fields are strings (quote them)")
     return _Parsed(_mapping(path, fields), None)
 
 
@@ -205,7 +175,18 @@ def _unique_keys(path: Path, pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that rejects duplicate mapping keys instead of keeping the last one."""
+    """``yaml.SafeLoader`` that rejects duplicate mapping keys instead of keeping the last one, and aliases.
+
+    A manifest is one flat mapping and has no use for anchors; nested aliases expand exponentially (a few hundred
+    bytes exhaust memory: the "billion laughs"), so an alias is refused where it appears, before any expansion.
+    """
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"alias *{event.anchor} is not allowed in a manifest "
+                                              "(write each value out)", event.start_mark)
+        return super().compose_node(parent, index)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
@@ -232,6 +213,8 @@ def _parse_yaml(path: Path, text: str) -> _Parsed:
         _fail(path, f"malformed YAML: {exc}")
     except RecursionError:
         _fail(path, "YAML nested too deeply; a manifest is one flat mapping with a list of IDs")
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        _fail(path, f"malformed YAML: {exc}; sample IDs and the other fields are strings (quote them)")
     fields = _mapping(path, fields)
     if isinstance(fields.get("received_at"), date):  # unquoted: YAML already parsed it as an ISO 8601 time
         fields["received_at"] = fields["received_at"].isoformat()
@@ -292,8 +275,8 @@ def _constant_column(path: Path, name: str, cells: list[tuple[int, str]]) -> str
     first_line, first = filled[0]
     for line, value in filled:
         if value != first:
-            _fail(path, f"column {name} differs between line {first_line} ({_show(first)}) and line {line} "
-                        f"({_show(value)}); one manifest is one request: write one file per request")
+            _fail(path, f"column {name} differs between line {first_line} ({show(first)}) and line {line} "
+                        f"({show(value)}); one manifest is one request: write one file per request")
     return first
 
 
@@ -318,7 +301,7 @@ def _validate(path: Path, parsed: _Parsed, digest: str) -> DeletionRequest:
         _fail(path, f"missing key(s) {', '.join(missing)}; a manifest has exactly {', '.join(FIELDS)}")
     request_id = _string(path, fields, "request_id")
     if not _REQUEST_ID.fullmatch(request_id):
-        _fail(path, f"request_id {_show(request_id)} must be 1 to 128 characters of letters, digits and ._- "
+        _fail(path, f"request_id {show(request_id)} must be 1 to 128 characters of letters, digits and ._- "
                     "(it names the audit record file)")
     reason = _string(path, fields, "reason")
     if not reason.strip():
@@ -327,7 +310,7 @@ def _validate(path: Path, parsed: _Parsed, digest: str) -> DeletionRequest:
     try:
         datetime.fromisoformat(received_at)
     except ValueError:
-        _fail(path, f"received_at {_show(received_at)} is not an ISO 8601 date or date-time; "
+        _fail(path, f"received_at {show(received_at)} is not an ISO 8601 date or date-time; "
                     "write e.g. '2024-05-01T09:30:00Z'")
     sample_ids = _sample_ids(path, fields["sample_ids"], parsed.id_locations)
     return DeletionRequest(request_id, sample_ids, reason, received_at, path, digest)
@@ -336,7 +319,7 @@ def _validate(path: Path, parsed: _Parsed, digest: str) -> DeletionRequest:
 def _string(path: Path, fields: dict[Any, Any], key: str) -> str:
     value = fields[key]
     if not isinstance(value, str):
-        _fail(path, f"{key} must be a string, got {type(value).__name__} {_show(value)} (quote it)")
+        _fail(path, f"{key} must be a string, got {type(value).__name__} {show(value)} (quote it)")
     return value
 
 

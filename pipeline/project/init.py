@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ import numpy as np
 import pandas as pd
 from ruamel.yaml import YAML
 
+from pipeline.audit.keyring import audit_key, audit_log
+from pipeline.audit.log import id_digest
 from pipeline.data.dataset import (
     DataError,
     SplitFractions,
@@ -27,8 +30,9 @@ from pipeline.data.dataset import (
     read_samples,
     write_table,
 )
+from pipeline.forget.flow import JOURNAL, ForgetError, Journal, project_lock
 from pipeline.project.layout import REFERENCE, TEST, raw_path
-from pipeline.project.params import PARAMS, check_params, commit_project, sync_generated
+from pipeline.project.params import PARAMS, check_params, commit_project, load_params, sync_generated
 
 TEMPLATE = Path(__file__).resolve().parents[2]  # the checkout's dvc.yaml and params.yaml are the template
 GITIGNORE = "/mlflow.db\n/mlartifacts/\n/.legonet/\n"
@@ -124,6 +128,38 @@ def init_project(
         files, choices = _validated_files(staged, data, reference, test, set(overrides), features)
         params_text = staged.read_text()
 
+    existing = (root / PARAMS).is_file()
+    with project_lock(root, wait=False, notify=print) if existing else nullcontext():  # never under a forget
+        if existing:
+            _refuse_unfinished_and_forgotten(root, files)
+        _write_project(root, params_text, files, force)
+        commit_project(root, "legonet init" + (f" from {data.name}" if data is not None else " (bundled MNIST)"))
+    return InitSummary({path.as_posix(): len(frame) for path, frame in files.items()}, choices)
+
+
+def _refuse_unfinished_and_forgotten(root: Path, files: dict[Path, pd.DataFrame]) -> None:
+    """``--force`` on a project with a history: an interrupted forget must finish first (its journal names rows
+    the new data would bring back), and no row may be a sample the audit log lists as forgotten (matched by the
+    log's HMAC of each ID, the only form the log keeps)."""
+    pending = Journal.load(root)
+    if pending is not None:
+        raise ForgetError(f"{root / JOURNAL}: the forget of {', '.join(pending.request_ids)} was interrupted; "
+                          "finish it (re-run the same `legonet forget`) before replacing the data")
+    params = load_params(root)
+    log = audit_log(root, params)
+    forgotten = {digest for record in log.summaries() for digest in record["forgotten_ids"]}
+    if not forgotten:
+        return
+    key = audit_key(root, params, log)
+    back = sorted(sample_id for path, frame in files.items() for sample_id in frame["sample_id"]
+                  if id_digest(key, sample_id) in forgotten)
+    if back:
+        shown = ", ".join(repr(i) for i in back[:5]) + (f" (and {len(back) - 5} more)" if len(back) > 5 else "")
+        raise DataError(f"{len(back)} sample(s) of the new data were forgotten by an earlier request (the audit "
+                        f"log lists them): {shown}; remove them from the data before `legonet init --force`")
+
+
+def _write_project(root: Path, params_text: str, files: dict[Path, pd.DataFrame], force: bool) -> None:
     root.mkdir(parents=True, exist_ok=True)
     if force:
         for stale in ("data", "models", "metrics", "dvc.lock"):
@@ -149,8 +185,6 @@ def init_project(
         write_table(frame, root / path)
     sync_generated(root)
     run(["dvc", "add", "-q", *[p.as_posix() for p in files]], root)
-    commit_project(root, "legonet init" + (f" from {data.name}" if data is not None else " (bundled MNIST)"))
-    return InitSummary({path.as_posix(): len(frame) for path, frame in files.items()}, choices)
 
 
 def _validated_files(params_path: Path, data: Path | None, reference: Path | None, test: Path | None,

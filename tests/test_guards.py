@@ -1,0 +1,67 @@
+"""Guards of a project's state: the lock file, and `legonet init --force` on a project with a forget history.
+
+A forget's promise would be void if the same data could be put back by re-initialising the project while a forget
+is half done, or at any later time; and a link planted at the lock's path must not let legonet truncate a file
+elsewhere. Each case is refused with one error line (exit 3) and changes nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import copy_project, init_args, legonet
+from test_forget import tree_md5, write_manifest
+
+from pipeline.data.dataset import read_table, write_table
+
+
+@pytest.fixture()
+def project(tmp_path: Path, built_project: Path) -> Path:
+    return copy_project(built_project, tmp_path / "project")
+
+
+def test_a_link_at_the_lock_path_is_refused_and_its_target_kept(project: Path, tmp_path: Path) -> None:
+    precious = tmp_path / "precious.txt"
+    precious.write_text("not legonet's to truncate\n")
+    (project / ".legonet").mkdir(exist_ok=True)
+    (project / ".legonet" / "lock").unlink(missing_ok=True)
+    (project / ".legonet" / "lock").symlink_to(precious)
+    sample = sorted(read_table(project / "data/routing.parquet")["sample_id"])[0]
+    manifest = write_manifest(tmp_path / "m.json", "r-link", [sample])
+    before = tree_md5(project, skip=())
+
+    for args in (("forget", str(manifest)), ("build",)):
+        result = legonet(*args, cwd=project, check=False)
+        assert result.returncode == 3, (args, result.returncode, result.stderr)
+        assert "is a symbolic link" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert precious.read_text() == "not legonet's to truncate\n"
+    assert tree_md5(project, skip=()) == before
+
+
+def test_init_force_waits_for_an_interrupted_forget_and_never_brings_forgotten_samples_back(
+        project: Path, tmp_path: Path, tiny_data: Path) -> None:
+    forgotten = sorted(read_table(project / "data/routing.parquet")["sample_id"])[3]
+    manifest = write_manifest(tmp_path / "m.json", "r-guard", [forgotten])
+    crashed = legonet("forget", str(manifest), cwd=project, check=False,
+                      env={"LEGONET_CRASH_AFTER": "data-removed"})
+    assert crashed.returncode != 0 and (project / ".legonet/journal.json").is_file()
+
+    before = tree_md5(project)
+    pending = legonet(*init_args(tiny_data), "--force", cwd=project, check=False)
+    assert pending.returncode == 3 and "was interrupted" in pending.stderr and "r-guard" in pending.stderr, \
+        pending.stderr
+    assert tree_md5(project) == before, "init --force changed a project with a pending forget"
+
+    legonet("forget", str(manifest), cwd=project)  # finishes the interrupted forget
+    before = tree_md5(project)
+    back = legonet(*init_args(tiny_data), "--force", cwd=project, check=False)
+    message = " ".join(back.stderr.split())
+    assert back.returncode == 3 and repr(forgotten) in message and "forgotten by an earlier request" in message, \
+        message
+    assert tree_md5(project) == before, "init --force changed the project for refused data"
+
+    clean = tmp_path / "clean.parquet"
+    frame = read_table(tiny_data)
+    write_table(frame[frame["sample_id"] != forgotten].reset_index(drop=True), clean)
+    legonet(*init_args(clean), "--force", cwd=project)  # the data without the forgotten sample is welcome
