@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from pipeline.data.quality import RESULT, read_result
 from pipeline.model.package import SERVING_REQUIREMENTS, LegoNetModel, stage_artifacts
 from pipeline.project.layout import ADAPTERS, ENCODER, ENCODER_INFO, KEYS, METRICS, PACKAGE, PROJECTION
 from pipeline.project.params import load_params, run_stage
+from pipeline.project.scratch import scratch_dir
 from pipeline.tracking.lineage import configure, file_md5, file_sha256, flush, stage_run, tree_digests
 from pipeline.tracking.registry import gate, promote, replaced_version
 
@@ -60,7 +60,7 @@ def main() -> None:
     used = {"package": config, "gate": params["gate"], "registered_model": name}
     configure(params["mlflow"]["tracking_uri"], params["mlflow"]["experiment"], Path())
     with stage_run("package", Path(), used, [*files.values(), metrics_file, RESULT], [PACKAGE]) as run, \
-            tempfile.TemporaryDirectory() as tmp:
+            scratch_dir(Path(), "package") as tmp:  # not /tmp: a killed build would leave whole adapters there
         accuracy = float(json.loads(metrics_file.read_text())["accuracy"])
         staging = Path(tmp)
         artifacts = stage_artifacts(staging, files, config)

@@ -7,6 +7,9 @@ elsewhere. Each case is refused with one error line (exit 3) and changes nothing
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,7 @@ from conftest import copy_project, init_args, legonet
 from test_forget import tree_md5, write_manifest
 
 from pipeline.data.dataset import read_table, write_table
+from pipeline.project.scratch import SCRATCH, scratch_dir
 
 
 @pytest.fixture()
@@ -65,3 +69,27 @@ def test_init_force_waits_for_an_interrupted_forget_and_never_brings_forgotten_s
     frame = read_table(tiny_data)
     write_table(frame[frame["sample_id"] != forgotten].reset_index(drop=True), clean)
     legonet(*init_args(clean), "--force", cwd=project)  # the data without the forgotten sample is welcome
+
+
+def test_scratch_folders_of_dead_processes_are_swept_by_the_next_one(tmp_path: Path) -> None:
+    """A package staged by a process that was killed holds whole adapters: the next scratch folder removes it,
+    and never one whose process still runs."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    base = tmp_path / SCRATCH
+    killed = base / f"package-{int(dead.stdout)}-abc123"
+    running = base / f"package-{os.getpid()}-def456"
+    for folder in (killed, running):
+        (folder / "artifacts").mkdir(parents=True)
+        (folder / "artifacts" / "adapter-0000.safetensors").write_bytes(b"weights")
+
+    with scratch_dir(tmp_path, "package") as fresh:
+        assert fresh.parent == base and fresh.name.startswith(f"package-{os.getpid()}-")
+        assert not killed.exists() and running.is_dir()
+    assert not fresh.exists() and sorted(p.name for p in base.iterdir()) == [running.name]
+
+
+def test_a_build_leaves_no_scratch_behind(built_project: Path) -> None:
+    scratch = built_project / SCRATCH
+    assert scratch.is_dir(), "the package stage stages its model under .legonet/tmp"
+    assert list(scratch.iterdir()) == []

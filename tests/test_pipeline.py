@@ -315,7 +315,8 @@ def _short_image(frame: pd.DataFrame) -> tuple[pd.DataFrame, str, dict]:
     (_unknown_label, ".parquet"),
     (_short_image, ".parquet"),
     (_short_image, ".csv"),
-], ids=["missing-label", "null-label", "id-ending-in-newline", "duplicate-id", "label-not-in-classes", "image-783-bytes", "image-783-pixels-csv"])
+], ids=["missing-label", "null-label", "id-ending-in-newline", "duplicate-id", "label-not-in-classes",
+        "image-783-bytes", "image-783-pixels-csv"])
 def test_init_refuses_bad_data_and_writes_nothing(tmp_path: Path, tiny_data: Path, spoil, suffix: str) -> None:
     frame, named, overrides = spoil(_tiny_frame(tiny_data))
     bad = tmp_path / f"bad{suffix}"

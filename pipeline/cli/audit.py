@@ -20,6 +20,7 @@ from pipeline.audit.log import AuditError, AuditLog, id_digest, read_public_keys
 from pipeline.audit.receipt import make_receipt, verify_receipt
 from pipeline.forget import flow
 from pipeline.project.layout import ENCODED_TRAIN, KEYS, PROJECTION, adapter_name, adapter_path, shard_path
+from pipeline.project.scratch import scratch_dir
 from pipeline.purge.objects import local_remotes, object_path, remote_residue
 from pipeline.runner.build import dvc_lock_digest
 from pipeline.tracking.lineage import file_md5
@@ -148,8 +149,6 @@ def rebuild_adapters(root: Path, params: dict[str, Any], adapters: list[int]) ->
     Shards are recomputed from the encoded train partitions, projection and keys (not read from data/shards),
     then each adapter is retrained with its seed; both must equal the files the project holds.
     """
-    import tempfile
-
     import numpy as np
     from safetensors.numpy import save
 
@@ -174,7 +173,7 @@ def rebuild_adapters(root: Path, params: dict[str, Any], adapters: list[int]) ->
     classes = list(params["data"]["classes"])
     index = {c: i for i, c in enumerate(classes)}
     problems = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch_dir(root, "rebuild") as tmp:  # re-derived shards hold sample rows: never outside the project
         for j in adapters:
             rows = shards[j]
             shard_file, stored_shard = Path(tmp) / f"{adapter_name(j)}.parquet", shard_path(j, n, blocks)
