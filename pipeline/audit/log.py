@@ -1,4 +1,4 @@
-"""Tamper-evident audit log of forget requests (DESIGN section 6), meant to hold against its own operator.
+"""Tamper-evident audit log of forget requests (docs/design.md sections 6, 9), meant to hold against its own operator.
 
 Each record is an in-toto Statement v1 in a DSSE envelope signed with Ed25519, stored as one file per request
 (``NNNNNN-<request_id>.json``, canonical JSON plus a newline) so that git diffs and merges stay readable. The

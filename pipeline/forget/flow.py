@@ -1,4 +1,4 @@
-"""The forget flow (DESIGN.md section 5): a deletion request in, exactly-unlearned artifacts and a signed record out.
+"""The forget flow (docs/design.md section 5): a deletion request in, exactly-unlearned artifacts, a signed record out.
 
 The flow is a journalled state machine, ``received -> data-removed -> rebuilt -> registered -> purged ->
 audited``. The journal (outside git, in ``.legonet/``) is written before each step's effects are trusted, so a

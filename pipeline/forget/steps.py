@@ -1,6 +1,6 @@
 """`legonet forget MANIFEST...`: apply deletion requests through the journalled flow of pipeline.forget.flow.
 
-Steps (DESIGN.md section 5): lock -> validate -> journal -> remove rows -> `dvc repro` -> checks -> registry ->
+Steps (docs/design.md section 5): validate -> lock -> journal -> remove rows -> rebuild -> checks -> registry ->
 purge -> audit record -> git commit. Re-running the same command after a crash finishes the job.
 """
 

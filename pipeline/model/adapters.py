@@ -2,7 +2,7 @@
 
 Training is a pure function of (shard, params, seed_j): the shard arrives sorted by sample_id, the seed is derived
 from the global seed and the adapter index, and MKL's conditional bitwise reproducibility is pinned so the thread
-count cannot change the weights (DESIGN.md section 8).
+count cannot change the weights (docs/design.md section 8).
 
 Two optimisers minimise the same objective, mean softmax cross-entropy + weight_decay / 2 * ||params||^2:
 

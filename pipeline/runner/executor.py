@@ -5,7 +5,7 @@ executors, so the bytes are the same wherever they ran:
 
 * ``train_task``: (shard features, labels, params, seed_j) -> safetensors bytes of adapter j;
 * ``encode_task``: (encoder bytes, a fixed chunk of payloads) -> embeddings; the encoder is batch-invariant
-  (DESIGN.md section 8), so splitting a partition into chunks cannot change a sample's bits.
+  (docs/design.md section 8), so splitting a partition into chunks cannot change a sample's bits.
 
 The stage still reads its inputs and writes its outputs itself, so DVC stays the source of truth and
 ``dvc.lock`` is the same for either executor. ``executor`` and ``ray`` are declared as params by no stage, and the

@@ -104,7 +104,7 @@ def git_revision(root: Path) -> str:
 
 
 def platform_tags() -> dict[str, str]:
-    """Library versions and CPU: the bit-exactness oracle holds per platform (DESIGN.md section 8).
+    """Library versions and CPU: the bit-exactness oracle holds per platform (docs/design.md sections 2 and 8).
 
     Versions come from the installed distributions' metadata: importing onnxruntime only to read its version cost
     every stage process ~0.3 s (1.5 s under load), and most stages never run it.
