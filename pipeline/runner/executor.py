@@ -102,7 +102,7 @@ def cluster(params: Mapping[str, Any]) -> Iterator[dict[str, str]]:
     With ``executor: local``, or when ``RAY_ADDRESS`` already names a cluster, there is nothing to start. The
     local Ray is started by this process (``ray.init``) in its own temporary folder and torn down with it:
     ``ray stop`` would kill every Ray on the machine, and ``ray start --block`` leaves processes behind on
-    SIGTERM (measured on Ray 2.60).
+    SIGTERM.
     """
     if executor_of(params) != "ray" or _ray_address():
         yield {}
