@@ -11,7 +11,7 @@ Two optimisers minimise the same objective, mean softmax cross-entropy + weight_
   stops at a gradient tolerance or after ``iterations`` steps, both pure functions of the bits. Every sum over the
   rows is a matrix product (MKL, bitwise reproducible for any thread count); no ``torch.optim`` and no autograd,
   so the stage process never imports ``torch._dynamo`` (seconds per process, pulled in by ``Optimizer.step`` and
-  ``use_deterministic_algorithms``). On a convex linear head it reaches the optimum in a few full passes, where
+  ``use_deterministic_algorithms``). On a convex linear head it reaches the optimum in tens of full passes, where
   Adam needs many epochs of minibatches (docs/adapter-training.md).
 * ``adam``: minibatch Adam for ``epochs`` passes in a seeded order. It is what a params file without
   ``optimizer`` gets, so projects built before the key existed keep their bits.
