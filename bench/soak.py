@@ -3,7 +3,7 @@
 ``legonet init --data`` on the default 5k digits, ``legonet build``, then ``--requests`` forgets of one random train
 sample each (``legonet forget``, one manifest per request, in sequence). Checks that the time per request does not
 grow over the run (median of the first 20 against the last 20) and that, at the end, every artifact that decides a
-prediction is bit-identical to a fresh ``legonet init`` + ``legonet build`` on the retained samples (DESIGN.md
+prediction is bit-identical to a fresh ``legonet init`` + ``legonet build`` on the retained samples (docs/design.md
 section 2; the package's MLmodel differs only in MLflow's own metadata and is left out). Not run in CI: about an
 hour on 2 cores. Writes ``bench/results/soak.json``.
 

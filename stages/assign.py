@@ -1,6 +1,6 @@
 """DVC stage `assign`: route every train sample to its k nearest keys; write one shard per adapter and the index.
 
-Incremental (DESIGN.md section 4, cost rule): routing is per sample, so the stage routes only rows that are new
+Incremental (docs/design.md section 4, cost rule): routing is per sample, so the stage routes only rows that are new
 to the index (a new sample, or one whose partition, label or payload changed), drops rows that left the encoded
 partitions, and rewrites only the shards of the adapters those rows activate; it reads neither the embeddings of
 unchanged rows nor the other shards. The shard directory is a `persist` output: DVC leaves it in place, untouched

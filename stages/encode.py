@@ -1,6 +1,6 @@
 """DVC stage `encode@NAME`: validate one sample table and write its embeddings (sample_id, label, embedding).
 
-Incremental (DESIGN.md section 4, cost rule): the output is a `persist` output, and an embedding depends on its
+Incremental (docs/design.md section 4, cost rule): the output is a `persist` output, and an embedding depends on its
 payload alone (the encoder is batch-invariant), so the stage keeps every row its previous output already holds
 for the same sample_id and payload digest under the same encoding (encoder digest, thread count, modality, image
 shape), drops rows that left the input and encodes only the rest. A forget therefore calls the encoder zero

@@ -1,6 +1,6 @@
 """DVC stage `evaluate`: test accuracy of the ensemble, per-class recall and adapter load (DVC metrics and plots).
 
-Incremental (DESIGN.md section 4, cost rule): an adapter's softmax output for a test sample depends on that
+Incremental (docs/design.md section 4, cost rule): an adapter's softmax output for a test sample depends on that
 sample's projected features and the adapter's weights alone, so the stage keeps them in ``reports/evaluate/`` (a
 `persist` output): the projected test features, keyed by sample_id and payload digest under the projection's
 md5, and one table per adapter of its outputs for the test samples that activate it, keyed by the adapter's

@@ -28,8 +28,8 @@ from pipeline.tracking.registry import gate, promote, replaced_version
 
 def preload() -> None:
     """What the stage does first, done ahead by a forget's stage worker: MLflow imported, the project's store opened,
-    and MLflow's map of installed packages built (``save_model`` checks the serving requirements against it: ~1 s
-    of reading every installed distribution's metadata, once per process).
+    and MLflow's map of installed packages built (``save_model`` checks the serving requirements against it by
+    reading every installed distribution's metadata, once per process).
 
     It runs before the forget has checked its request, so it only reads: a SQLite store that does not exist yet is
     left alone (opening it would create it), and the experiment is looked up, never created (``configure`` does

@@ -9,7 +9,7 @@ flow's audit record holds its sha256), the tables validated, and Data Docs (stat
 
 The stage itself succeeds when the checkpoint fails: the data is what it is (a forget must still finish); the
 `package` stage keeps the new version `candidate` and says which expectation failed. Only this stage imports
-Great Expectations (~5 s). The GX context is ephemeral: nothing but the reports is written.
+Great Expectations, whose import costs seconds. The GX context is ephemeral: nothing but the reports is written.
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ def checkpoint(table_dir: Path, docs_dir: Path, expectations: dict[str, list[Any
     from great_expectations.core.run_identifier import RunIdentifier
 
     result = check.run(run_id=RunIdentifier(run_name="legonet-quality"))
-    # one site build for the three results (GX's UpdateDataDocsAction rebuilds the site once per suite: 3x the cost)
+    # one site build for the three results (GX's UpdateDataDocsAction rebuilds the whole site once per suite)
     from great_expectations.data_context.types.resource_identifiers import ExpectationSuiteIdentifier
 
     suite_pages = [ExpectationSuiteIdentifier(name=name) for name in SUITES]

@@ -1,4 +1,4 @@
-"""Encoder tests on the real models: batch invariance (DESIGN.md 2.3), deterministic export, errors.
+"""Encoder tests on the real models: batch invariance (docs/design.md sections 2 and 8), deterministic export, errors.
 
 Batch invariance is what makes unlearning exact: if a sample's embedding depended on its batch neighbours,
 deleting a neighbour would change it and a from-scratch build would not be bit-identical.

@@ -1,4 +1,4 @@
-"""The exactness properties of DESIGN.md section 2, one by one, on the real functions the stages call.
+"""The exactness properties of docs/design.md section 2, one by one, on the real functions the stages call.
 
 Each property is what lets a forget reproduce a from-scratch build bit for bit: routing and projection of a sample
 depend on that sample alone, training is a pure function of (shard, params, seed) whatever the thread count, and

@@ -1,4 +1,4 @@
-"""The cost rule (DESIGN.md section 4): the stages on a forget's path keep what they computed for unchanged rows and
+"""The cost rule (docs/design.md section 4): a forget's stages keep what they computed for unchanged rows and
 write exactly the bytes a full recomputation writes.
 
 One built tiny project is changed the ways a forget or a data update changes it (train and test rows removed,

@@ -1,4 +1,4 @@
-"""Tamper-evident audit log of forget requests (DESIGN section 6), meant to hold against its own operator.
+"""Tamper-evident audit log of forget requests (docs/design.md sections 6, 9), meant to hold against its own operator.
 
 Each record is an in-toto Statement v1 in a DSSE envelope signed with Ed25519, stored as one file per request
 (``NNNNNN-<request_id>.json``, canonical JSON plus a newline) so that git diffs and merges stay readable. The
@@ -373,8 +373,8 @@ def _read_record(path: Path) -> tuple[bytes, str, bytes]:
     """A record file's bytes, sha256 and Merkle leaf hash, read again only when its lstat (inode, size, mtime,
     ctime) changed.
 
-    Each pass must know every record's digest; reading and hashing all of them (~47 KB each) cost ~15 ms per
-    pass at 200 records, several passes per forget. An edit keeps the lstat only when it lands within the
+    Each pass must know every record's digest, and a forget makes several passes: reading and hashing every
+    record each time would grow each forget with the log. An edit keeps the lstat only when it lands within the
     filesystem clock's tick of the change the cache saw, so, as git does with its index, a file whose last
     change came less than ``_RACY_NS`` before it was read is read again every time. Nobody can set ctime.
     """
@@ -526,7 +526,7 @@ class AuditLog:
         """Verify the log, once per state of its files (a forget reads it about ten times: request checks, the
         audit key, the quality stage, append, checkpoint), and only past the longest prefix an earlier clean
         pass verified (this process's last pass, else the memo): a full pass checks every record's Ed25519
-        signature and decodes it, ~0.3 ms a record, which grew each forget by ~0.2 s per 200 requests.
+        signature and decodes it, so full passes would make each forget grow with the log.
 
         The state is each record file's sha256 (see ``_read_record``), the stray files, the public key file's
         sha256 and the reader's trust and anchors.

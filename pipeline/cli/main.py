@@ -261,8 +261,8 @@ def main(argv: list[str] | None = None) -> int:
 def run() -> None:
     """The `legonet` console script: ``main``, then an exit that skips the interpreter's teardown.
 
-    Tearing down the modules a forget imports (Great Expectations, MLflow, torch, DVC) took 3-5 s after the
-    work was done (measured on the default project), a sixth of a forget. Every exit handler still runs first
+    Tearing down the modules a forget imports (Great Expectations, MLflow, torch, DVC) takes seconds after the
+    work is done, a large share of a small forget. Every exit handler still runs first
     (logging, MLflow, temporary files): the fast exit is registered before any of them, so it runs last.
     """
     outcome = {"code": 1}  # an uncaught exception: its traceback is printed, then this code

@@ -43,8 +43,8 @@ def _label(classes: Sequence[int | str]) -> pa.Column:
 def _embedding(dim: int | None) -> pa.Column:
     """One rule per property, so a message says which one broke (dtype, width or finite values).
 
-    The checks see the whole column at once: a Python check per row ran ~150,000 times at every forget on
-    Fashion-MNIST 70k (the shards hold k rows per sample) and cost 2 s of the quality stage alone.
+    The checks see the whole column at once: a Python check per row would run k times per training sample (the
+    shards hold k rows per sample) at every forget.
     """
     def verdicts(column: pd.Series, rule: Callable[[list[np.ndarray]], np.ndarray]) -> pd.Series:
         values = column.to_numpy()
@@ -200,8 +200,8 @@ def check_shards(shards: Sequence[tuple[Path, pd.DataFrame, np.ndarray]], classe
                  ) -> None:
     """Validate many shards (path, rows, embeddings) against ``encoded_schema`` in one pandera call.
 
-    One call costs ~30 ms however small the table, so checking n = 1,024 shards one by one took ~30 s of every
-    `assign` and `quality` run. Their union obeys the same rules, with sample_id unique within each shard (a sample
+    A call has a fixed cost however small the table, so checking n shards one by one would grow every `assign`
+    and `quality` run with n. Their union obeys the same rules, with sample_id unique within each shard (a sample
     sits in k shards). Empty shards are checked on their own (an empty column may read back as another dtype). When
     the union fails, the shards are checked one by one, so the message names the file that broke the contract.
     """

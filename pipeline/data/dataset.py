@@ -260,7 +260,7 @@ def write_bytes_atomic(path: Path, data: bytes, *, keep_identical: bool = False)
 
 def read_yaml(path: Path) -> Any:
     """A YAML file (dvc.yaml, dvc.lock, a .dvc pointer) with libyaml's C parser when PyYAML has it: the forget
-    path reads dvc.lock several times, and the pure-Python parser took ~0.3 s per read of it."""
+    path reads dvc.lock several times, and the pure-Python parser is slow on a lock file that grows with n."""
     import yaml
 
     return yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))

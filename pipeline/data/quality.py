@@ -55,8 +55,8 @@ class QualityParams:
         A clean training sample is as likely as any reference sample to be the largest (or smallest) of them all,
         so it falls beyond the reference split's [min, max] with probability 2 / (samples + 1), whatever the
         distribution. ``norm_mostly`` is kept only where that tail, doubled for sampling noise, fits in the share
-        it tolerates; a smaller split tolerates ``4 / (samples + 1)``. (Wine, 16 reference rows: 1 % of clean
-        training rows fell outside and failed the rule at 0.99.) A corrupted split (wrong scale, wrong encoder)
+        it tolerates; a smaller split tolerates ``4 / (samples + 1)`` (a small reference split would otherwise fail
+        clean data). A corrupted split (wrong scale, wrong encoder)
         moves most samples out of range and still fails.
         """
         mostly = min(self.norm_mostly, round(1 - 4 / (samples + 1), 4))
@@ -110,8 +110,7 @@ def held_out_features(reference: np.ndarray, projection: np.ndarray) -> np.ndarr
     """The reference split's features as clean training samples show them: projected by a PCA that did not see them.
 
     A PCA fitted on the reference split keeps more of its own samples' variance than of new samples', so their
-    projected norms run larger and a norm range learned from them rejects clean data (WordNet, 319 reference glosses,
-    PCA to 128: 18.3 % of clean training rows fell below the range; cross-fitted: 0.0 %). Each half of the split
+    projected norms run larger and a norm range learned from them rejects clean data. Each half of the split
     (alternate rows: the split is sorted by sample_id) is projected by a PCA fitted on the other half. A projection
     that is no PCA (none, or a table's standardisation, whose axes are not unit vectors) is applied as it is.
     """

@@ -1,4 +1,4 @@
-"""The forget flow (DESIGN.md section 5): a deletion request in, exactly-unlearned artifacts and a signed record out.
+"""The forget flow (docs/design.md section 5): a deletion request in, exactly-unlearned artifacts, a signed record out.
 
 The flow is a journalled state machine, ``received -> data-removed -> rebuilt -> registered -> purged ->
 audited``. The journal (outside git, in ``.legonet/``) is written before each step's effects are trusted, so a
@@ -268,7 +268,7 @@ def artifact_digests(root: Path, clean: bool = False) -> dict[str, str]:
     .dvc files record (DVC checked each one, by the same stat-keyed trust ``file_digest`` uses); a file inside an
     output then takes the md5 DVC recorded (from the cache's ``.dir`` listing for a directory output) and only
     files outside every output, or in an output whose listing is not in the cache, are hashed. Hashing all of
-    data/ and models/ on a forget's path cost ~0.5 s at 70k samples, and grew with the data.
+    data/ and models/ would make a forget's cost grow with the data (docs/design.md section 4, cost rule).
     """
     files = sorted(f for top in ("data", "models") if (root / top).is_dir()
                    for f in (root / top).rglob("*") if f.is_file() and not f.name.endswith((".dvc", ".gitignore")))

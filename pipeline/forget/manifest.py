@@ -1,7 +1,7 @@
 """Deletion-request manifests: load one file, validate all of it, return an immutable request.
 
 ``legonet forget`` must not touch a single artifact before the whole request is known to be well formed
-(DESIGN section 5, step 2), so every rule is checked here, at the boundary, and the first failure raises
+(docs/design.md section 5, step 1), so every rule is checked here, at the boundary, and the first failure raises
 ``ManifestError`` with one line that names the file, what is wrong and how to fix it.
 
 A manifest holds four fields, all required, no others allowed:

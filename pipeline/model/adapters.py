@@ -2,7 +2,7 @@
 
 Training is a pure function of (shard, params, seed_j): the shard arrives sorted by sample_id, the seed is derived
 from the global seed and the adapter index, and MKL's conditional bitwise reproducibility is pinned so the thread
-count cannot change the weights (DESIGN.md section 8).
+count cannot change the weights (docs/design.md section 8).
 
 Two optimisers minimise the same objective, mean softmax cross-entropy + weight_decay / 2 * ||params||^2:
 
@@ -10,9 +10,9 @@ Two optimisers minimise the same objective, mean softmax cross-entropy + weight_
   gradients. There is no minibatch order, so the result depends on the seed only through the initial weights; it
   stops at a gradient tolerance or after ``iterations`` steps, both pure functions of the bits. Every sum over the
   rows is a matrix product (MKL, bitwise reproducible for any thread count); no ``torch.optim`` and no autograd,
-  so the stage process never imports ``torch._dynamo`` (1-2 s per process, pulled in by ``Optimizer.step`` and
-  ``use_deterministic_algorithms``). On a convex linear head it reaches the optimum in tens of full passes where
-  Adam took 60 epochs of minibatches (docs/benchmarks.md, "Adapter training").
+  so the stage process never imports ``torch._dynamo`` (seconds per process, pulled in by ``Optimizer.step`` and
+  ``use_deterministic_algorithms``). On a convex linear head it reaches the optimum in tens of full passes, where
+  Adam needs many epochs of minibatches (docs/adapter-training.md).
 * ``adam``: minibatch Adam for ``epochs`` passes in a seeded order. It is what a params file without
   ``optimizer`` gets, so projects built before the key existed keep their bits.
 
@@ -94,7 +94,7 @@ def train_adapter(
 
 def _fit_adam(torch: Any, features: np.ndarray, labels: np.ndarray, n_classes: int, layers: list, generator: Any,
               params: TrainParams) -> list:
-    """Minibatch Adam in a seeded order (``optimizer: adam``), bit for bit the trainer of earlier releases."""
+    """Minibatch Adam in a seeded order (``optimizer: adam``), kept bit for bit so old params files keep their bits."""
     torch.use_deterministic_algorithms(True)
     x = torch.from_numpy(np.array(features, dtype=np.float32))  # a writable copy
     y = torch.from_numpy(labels.astype(np.int64))

@@ -1,9 +1,9 @@
-"""The frozen encoder `En` (DESIGN.md sections 1, 2.3, 8): export once to ONNX, encode with ONNX Runtime.
+"""The frozen encoder `En` (docs/design.md sections 1, 2, 8): export once to ONNX, encode with ONNX Runtime.
 
 Why ONNX Runtime and not torch at encode time: torch's EfficientNet-Lite0 and sentence-transformers' MiniLM
 are not batch-invariant (a sample's embedding bits depend on its batch), which would break exact unlearning;
 the exported graphs run by ONNX Runtime with a pinned thread count are (tests/test_encoder.py), are faster,
-and spare every encode process torch's 2.5 s import. torch is imported only inside `export_encoder`.
+and spare every encode process torch's import. torch is imported only inside `export_encoder`.
 
 The exported `.onnx` file is the encoder's whole identity: its SHA-256 is the encoder digest in lineage. It
 is byte-identical across exports (doc strings stripped, fixed names, single-threaded export) and carries all
@@ -32,7 +32,7 @@ from pipeline.tracking.lineage import file_sha256
 # standardisation with the reference split's statistics is part of the projection (pipeline.model.keys).
 ENCODERS: dict[str, str] = {"efficientnet-lite0": "image", "minilm": "text", "none": "table"}
 
-# Texts are padded to the smallest bucket that fits: padding length changes MiniLM's bits (DESIGN.md
+# Texts are padded to the smallest bucket that fits: padding length changes MiniLM's bits (docs/design.md
 # section 8), so the padded length must depend on the text alone, never on its neighbours.
 TEXT_BUCKETS: tuple[int, ...] = (16, 32, 64, 128, 256)
 # Rows per ONNX Runtime call; results do not depend on it (batch invariance), only memory and progress do.
@@ -111,7 +111,7 @@ def _trace_minilm(buf: io.BytesIO) -> int:
     """Export all-MiniLM-L6-v2 as sentence-transformers runs it: BERT -> masked mean pooling -> L2 normalise.
 
     The pooling sum is a MatMul with the mask, not a ReduceSum: ONNX Runtime's ReduceSum takes another
-    summation path for a batch of one, so a text encoded alone got other bits than in a batch (measured).
+    summation path for a batch of one, so a text encoded alone would get other bits than in a batch.
     """
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -203,7 +203,7 @@ def export_encoder(name: str, image_size: int, out_path: pathlib.Path, features:
     torch.set_num_threads(1)
     try:
         with warnings.catch_warnings():
-            # DESIGN.md section 8 measured the legacy exporter; its deprecation and trace notes are noise.
+            # the legacy exporter is pinned (docs/design.md section 8): its deprecation and trace notes are noise
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             warnings.filterwarnings("ignore", message="Exporting aten::index operator", category=UserWarning)

@@ -2,9 +2,9 @@
 
 The probe is a figure to compare the ensemble with (the frozen encoder's linear ceiling), not part of the model.
 It is solved from sufficient statistics (the Gram matrix of the features with a bias column, their products with
-the one-hot labels, the row count) that add up over any split of the rows. Each encoded partition's statistics
-are a pure function of that partition, summed in partition order, so a forget recomputes only the statistics of
-the partitions it changed and the probe is bit-identical to one fitted from scratch (DESIGN.md section 4, cost
+the one-hot labels, the row count) that add up over any split of the rows. Each adapter shard's statistics are
+a pure function of that shard, summed in adapter order, so a forget recomputes only the statistics of the shards
+it changed and the probe is bit-identical to one fitted from scratch (docs/design.md section 4, cost
 rule). Sums run in float64 through ``np.einsum``'s own loops, not BLAS, so their order never depends on the
 thread count.
 """

@@ -262,14 +262,13 @@ def _payload(frame: pd.DataFrame, features: list[str] | None) -> tuple[str, list
     return "table", [str(c) for c in frame.columns if c not in ("sample_id", "label")]
 
 
-# Rows each adapter should train on. Measured (docs/own-data.md): 8x8 digits at n = 32 (~120 rows per adapter)
-# 91.5 % vs the probe's 93.7 %, at n = 8 (~470 rows) still 92.1 % vs 93.7 %; so aim well above that.
+# Rows each adapter should train on: with a few hundred rows an adapter still falls short of the linear probe on
+# small data (docs/own-data.md), so aim well above that.
 ROWS_PER_ADAPTER = 600
 ADAPTERS_RANGE = (4, 256)
 KEYS_PER_REFERENCE = 4  # reference samples per key, at least: k-means needs points to place n keys among
 # Training rows per raw partition, at most, when init chooses data.partitions: a forget re-reads and rewrites the
-# raw and encoded partitions of its samples, so their size is a floor under its cost (Fashion-MNIST 70k in 4
-# partitions: 4.1 s of a 1-sample forget went to rewriting its 12,000-row encoded partition).
+# raw and encoded partitions of its samples, so their size is a floor under its cost.
 ROWS_PER_PARTITION = 4096
 
 

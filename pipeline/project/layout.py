@@ -1,4 +1,4 @@
-"""Where a legonet project keeps each artifact (DESIGN.md section 3), spelt once for stages, forget and audit.
+"""Where a legonet project keeps each artifact (docs/design.md section 3), spelt once for stages, forget and audit.
 
 Paths are relative to the project root (the folder of dvc.yaml), which is the working directory of every stage.
 Adapters are grouped into blocks: one DVC stage trains one block, so the number of stages (and DVC's bookkeeping)

@@ -27,7 +27,7 @@ def purge_artifact_store(destination: str, live: set[str]) -> dict[str, Any]:
 
 def preload() -> None:
     """Import MLflow's gc, which ``purge_models`` runs in its process (a forget's stage worker calls this while the
-    forget plans and retrains, so the purge step does not wait ~1.5 s for the import)."""
+    forget plans and retrains, so the purge step does not wait for the import)."""
     import mlflow.cli  # noqa: F401
 
     zero_deleted_sqlite_rows()
@@ -36,9 +36,8 @@ def preload() -> None:
 def zero_deleted_sqlite_rows() -> None:
     """Have every SQLite connection this process's SQLAlchemy pools hand out overwrite deleted content with zeros
     (``PRAGMA secure_delete``), so the rows a purge deletes through MLflow leave no bytes in free pages or inside
-    pages. A ``VACUUM`` after the purge did this by rewriting the whole store, which grows with every forget's
-    lineage runs (0.10 -> 0.17 s per forget over a 200-request soak). Set on checkout, not on connect, so that
-    connections MLflow opened before this call are covered too."""
+    pages. A ``VACUUM`` would do it by rewriting the whole store, which grows with every forget's lineage runs.
+    Set on checkout, not on connect, so that connections MLflow opened before this call are covered too."""
     from sqlalchemy import event
     from sqlalchemy.pool import Pool
 
@@ -92,7 +91,7 @@ def purge_models(tracking_uri: str, name: str, keep_version: str | None, request
             logged_models.append(model_id)
     # gc every logged model in the deleted stage (also those deleted by an attempt that crashed before gc)
     # with an `mlflow server`, gc needs its backend store (the database) and resolves artifacts through it.
-    # `mlflow gc` runs in this process: a child process would import MLflow and open the store again (~3 s).
+    # `mlflow gc` runs in this process: a child process would import MLflow and open the store again.
     from mlflow.cli import gc
 
     try:

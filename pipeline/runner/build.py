@@ -87,9 +87,8 @@ def rerun(root: Path, stages: Sequence[str], console: Console | None = None,
 
     Inside a ``stage_worker()`` block, the stages it names run in that warm second process, beside this one's
     next stages that do not read their outputs; this process waits for them only where a later stage reads what
-    they write. (A child started at the quality stage itself was measured and dropped: its imports cost more than
-    the overlap saved, 12.5 s against 7.5 s in this process on the default project. Started with the forget, it
-    imports while this process plans, removes rows and trains.)
+    they write. (The worker is started with the forget, so it imports while this process plans, removes rows and
+    trains; a child started at the quality stage itself would spend on its imports more than the overlap saves.)
     """
     from dvc.repo import Repo, lock_repo
 

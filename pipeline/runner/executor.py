@@ -5,7 +5,7 @@ executors, so the bytes are the same wherever they ran:
 
 * ``train_task``: (shard features, labels, params, seed_j) -> safetensors bytes of adapter j;
 * ``encode_task``: (encoder bytes, a fixed chunk of payloads) -> embeddings; the encoder is batch-invariant
-  (DESIGN.md section 8), so splitting a partition into chunks cannot change a sample's bits.
+  (docs/design.md section 8), so splitting a partition into chunks cannot change a sample's bits.
 
 The stage still reads its inputs and writes its outputs itself, so DVC stays the source of truth and
 ``dvc.lock`` is the same for either executor. ``executor`` and ``ray`` are declared as params by no stage, and the
@@ -102,7 +102,7 @@ def cluster(params: Mapping[str, Any]) -> Iterator[dict[str, str]]:
     With ``executor: local``, or when ``RAY_ADDRESS`` already names a cluster, there is nothing to start. The
     local Ray is started by this process (``ray.init``) in its own temporary folder and torn down with it:
     ``ray stop`` would kill every Ray on the machine, and ``ray start --block`` leaves processes behind on
-    SIGTERM (measured on Ray 2.60).
+    SIGTERM.
     """
     if executor_of(params) != "ray" or _ray_address():
         yield {}

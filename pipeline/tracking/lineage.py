@@ -29,7 +29,7 @@ def remembered_digests() -> Iterator[None]:
     """Within the block, a file is hashed again only when its (inode, size, mtime) changes.
 
     A forget runs its stages in one process, and its lineage, checks and audit record hashed every file under
-    data/ and models/ several times (0.7 GB at Fashion-MNIST 70k). The forget holds the project lock and every
+    data/ and models/ several times. The forget holds the project lock and every
     legonet write is an atomic replace (a new inode), so no file changes behind an entry; DVC's state cache relies
     on the same stat triple. Outside such a block every call reads the file, so a check that runs after someone
     edited a file in place always sees the edit.
@@ -104,10 +104,10 @@ def git_revision(root: Path) -> str:
 
 
 def platform_tags() -> dict[str, str]:
-    """Library versions and CPU: the bit-exactness oracle holds per platform (DESIGN.md section 8).
+    """Library versions and CPU: the bit-exactness oracle holds per platform (docs/design.md sections 2 and 8).
 
-    Versions come from the installed distributions' metadata: importing onnxruntime only to read its version cost
-    every stage process ~0.3 s (1.5 s under load), and most stages never run it.
+    Versions come from the installed distributions' metadata: importing onnxruntime only to read its version would
+    cost every stage process its import, and most stages never run it.
     """
     from importlib.metadata import version
 
@@ -172,7 +172,7 @@ def stage_run(
 ) -> Iterator[StageMetrics]:
     """Record one stage execution as a pending lineage record, turned into an MLflow run by ``flush``.
 
-    Importing MLflow and opening its store costs ~3 s per process; a build runs dozens of stage processes, so
+    Importing MLflow and opening its store costs seconds per process; a build runs dozens of stage processes, so
     stages write a small JSON record (digests, params, tags, metrics, times) and the next process that talks
     to MLflow anyway (the ``package`` stage, ``legonet build``, ``legonet forget``) logs them all as runs with
     their real start and end times. The yielded dict collects metrics the body wants logged, and its
