@@ -50,7 +50,8 @@ def forgotten_ids(root: Path, params: dict[str, Any]) -> Any:
     there is nothing to compare and the key is not created.
     """
     from pipeline.audit.keyring import audit_key, audit_log
-    from pipeline.audit.log import AuditError, id_digest
+    from pipeline.audit.secrets import id_digest
+    from pipeline.errors import AuditError
     from pipeline.forget.flow import JOURNAL
 
     try:

@@ -13,25 +13,28 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from pipeline.audit import log as audit
-from pipeline.audit.log import (
+from pipeline.audit.envelope import (
     PAYLOAD_TYPE,
     PREDICATE_TYPE,
     STATEMENT_TYPE,
-    AuditError,
-    AuditLog,
-    audit_key_id,
     canonical_json,
-    id_digest,
     key_id,
-    load_or_create_audit_key,
-    load_or_create_signing_key,
-    seal,
     sign_envelope,
     statement,
+)
+from pipeline.audit.log import AuditLog
+from pipeline.audit.receipt import make_receipt, verify_receipt
+from pipeline.audit.secrets import (
+    audit_key_id,
+    id_digest,
+    load_or_create_audit_key,
+    load_or_create_signing_key,
+    public_key_pem,
+    seal,
     unseal,
 )
-from pipeline.audit.receipt import make_receipt, verify_receipt
 from pipeline.audit.transparency import Checkpoint
+from pipeline.errors import AuditError
 
 DIGEST_A = "a" * 64
 DIGEST_B = "b" * 64
@@ -250,13 +253,13 @@ def memo_log(tmp_path: Path, trusted: set[str]) -> AuditLog:
 def checked(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The record files whose signatures a pass checks, in order (recorded by wrapping the real check)."""
     seen: list[str] = []
-    real = audit._signature_problems
+    real = audit.signature_problems
 
     def counting(envelope: dict, payload: bytes, *args: object) -> list[str]:
         seen.append(json.loads(base64.b64decode(envelope["payload"]))["predicate"]["request_id"])
         return real(envelope, payload, *args)
 
-    monkeypatch.setattr(audit, "_signature_problems", counting)
+    monkeypatch.setattr(audit, "signature_problems", counting)
     return seen
 
 
@@ -291,7 +294,7 @@ def test_a_memo_counts_only_under_the_trust_and_public_keys_it_was_made_with(
     assert sum("not trusted to sign here" in p for p in problems) == 2, problems
     new_process()
     other = Ed25519PrivateKey.generate().public_key()
-    log.public_key_path.write_bytes(log.public_key_path.read_bytes() + audit.public_key_pem(other))
+    log.public_key_path.write_bytes(log.public_key_path.read_bytes() + public_key_pem(other))
     checked.clear()
     assert memo_log(tmp_path, trusted).verify() == [] and checked == ["req-1", "req-2"]  # key file changed
 

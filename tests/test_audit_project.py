@@ -28,16 +28,10 @@ import pytest
 from conftest import copy_project, legonet
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from pipeline.audit.envelope import canonical_json, key_id, parse_envelope, parse_statement
 from pipeline.audit.keyring import origin
-from pipeline.audit.log import (
-    AuditLog,
-    canonical_json,
-    key_id,
-    load_or_create_audit_key,
-    load_or_create_signing_key,
-    parse_envelope,
-    parse_statement,
-)
+from pipeline.audit.log import AuditLog
+from pipeline.audit.secrets import load_or_create_audit_key, load_or_create_signing_key
 from pipeline.cli import main as cli
 from pipeline.data.dataset import read_table, write_table
 

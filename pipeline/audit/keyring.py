@@ -22,17 +22,11 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from pipeline.audit.log import (
-    TRUSTED_KEYS_ENV,
-    AuditError,
-    AuditLog,
-    audit_key_id,
-    key_id,
-    load_or_create_audit_key,
-    load_or_create_signing_key,
-    read_public_keys,
-)
+from pipeline.audit.envelope import key_id
+from pipeline.audit.log import TRUSTED_KEYS_ENV, AuditLog
+from pipeline.audit.secrets import audit_key_id, load_or_create_audit_key, load_or_create_signing_key, read_public_keys
 from pipeline.data.dataset import write_bytes_atomic
+from pipeline.errors import AuditError
 
 AUDIT_DIR = Path("audit")
 RECORDS = AUDIT_DIR / "records"

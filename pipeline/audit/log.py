@@ -26,303 +26,50 @@ Records name their audit key by ``audit_key_id``, so a wrong or re-created key i
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
-import hmac
 import json
 import os
 import re
-import stat
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from pipeline.audit.checks import (
+    Entry,
+    as_list,
+    chain_problems,
+    extension_problems,
+    order_problems,
+    rotate,
+    short_fingerprints,
+    signature_problems,
+)
+from pipeline.audit.envelope import (
+    SHA256_HEX,
+    canonical_json,
+    key_id,
+    parse_envelope,
+    parse_statement,
+    sha256_hex,
+    sign_envelope,
+    statement,
+)
+from pipeline.audit.secrets import id_digest, load_public_key, public_key_pem, read_public_keys
 from pipeline.audit.transparency import (
     Checkpoint,
-    TransparencyError,
-    consistency_proof,
     leaf_hash,
     root_hash,
-    verify_consistency,
 )
 from pipeline.data.dataset import write_bytes_atomic
 from pipeline.data.ids import REQUEST_ID_PATTERN
+from pipeline.errors import AuditError
 
-STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
-PREDICATE_TYPE = "https://legonet.dev/forget/v2"
-PAYLOAD_TYPE = "application/vnd.in-toto+json"
-AUDIT_KEY_BYTES = 32
 _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
 _RECORD_NAME = re.compile(r"(\d{6,})-(" + REQUEST_ID_PATTERN.removeprefix("^").removesuffix("$") + r")\.json")
-_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-_PEM_PUBLIC_KEY = re.compile(r"-----BEGIN PUBLIC KEY-----.+?-----END PUBLIC KEY-----", re.DOTALL)
-
-
-class AuditError(Exception):
-    """The audit log or its keys cannot be used as asked; the message names the file and the fix."""
-
-
-def canonical_json(value: object) -> bytes:
-    """The one byte encoding of a JSON value that is signed and hashed: sorted keys, no spaces, UTF-8."""
-    try:
-        text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise AuditError(f"audit record is not plain JSON data: {exc}") from exc
-    return text.encode("utf-8")
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-# --- keys ---
-
-
-def load_or_create_audit_key(path: Path, create: bool = True) -> bytes:
-    """The project's HMAC key for sample IDs: 32 random bytes, created (mode 0600) on first use.
-
-    ``create=False`` when the log already holds records: a re-created key would silently make every forgotten ID
-    look "not forgotten", so a lost key is an error that says to restore it.
-    """
-    if not create and _read_secret(path) is None:
-        raise AuditError(f"{path}: the audit (HMAC) key is missing, but the audit log has records keyed with it; "
-                         "restore the key from your backup (a new key cannot check the old records)")
-    key = _load_or_create_secret(path, lambda: os.urandom(AUDIT_KEY_BYTES))
-    if len(key) != AUDIT_KEY_BYTES:
-        raise AuditError(f"{path}: audit key is {len(key)} bytes, not {AUDIT_KEY_BYTES}; restore it")
-    return key
-
-
-def audit_key_id(audit_key: bytes) -> str:
-    """Names an audit key in the records without revealing it: HMAC of a fixed label, 16 hex digits."""
-    return hmac.new(audit_key, b"legonet audit key id", hashlib.sha256).hexdigest()[:16]
-
-
-def load_or_create_signing_key(path: Path, create: bool = True) -> Ed25519PrivateKey:
-    """The project's Ed25519 signing key (PEM PKCS8, unencrypted, mode 0600), created on first use."""
-
-    def generate() -> bytes:
-        return Ed25519PrivateKey.generate().private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-
-    if not create and _read_secret(path) is None:
-        raise AuditError(f"{path}: the signing key is missing, but the audit log has records; restore it from "
-                         "your backup (only a record signed by the old key can introduce a new one)")
-    return _private_key(path, _load_or_create_secret(path, generate))
-
-
-def _private_key(path: Path | str, data: bytes) -> Ed25519PrivateKey:
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as exc:
-        raise AuditError(f"{path}: not an unencrypted PEM private key ({exc}); restore it") from exc
-    if not isinstance(key, Ed25519PrivateKey):
-        raise AuditError(f"{path}: holds a {type(key).__name__}, not an Ed25519 key; restore the right key")
-    return key
-
-
-def key_id(public_key: Ed25519PublicKey) -> str:
-    """SHA-256 hex of the raw 32-byte public key: the key's fingerprint, in DSSE signatures and trust lists."""
-    return sha256_hex(public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
-
-
-def public_key_pem(public_key: Ed25519PublicKey) -> bytes:
-    return public_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
-def read_public_keys(path: Path) -> dict[str, Ed25519PublicKey]:
-    """The Ed25519 public keys in a PEM file (one or more blocks), by fingerprint."""
-    try:
-        text = path.read_text(encoding="ascii")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise AuditError(f"{path}: cannot read the public key ({exc}); restore it") from exc
-    keys = {}
-    for block in _PEM_PUBLIC_KEY.findall(text):
-        key = load_public_key(path, block.encode("ascii"))
-        keys[key_id(key)] = key
-    if not keys:
-        raise AuditError(f"{path}: holds no PEM public key; restore it from git")
-    return keys
-
-
-def load_public_key(where: Path | str, pem: bytes) -> Ed25519PublicKey:
-    try:
-        key = serialization.load_pem_public_key(pem)
-    except ValueError as exc:
-        raise AuditError(f"{where}: unreadable public key ({exc})") from exc
-    if not isinstance(key, Ed25519PublicKey):
-        raise AuditError(f"{where}: holds a {type(key).__name__}; audit records use Ed25519")
-    return key
-
-
-def _load_or_create_secret(path: Path, generate: Callable[[], bytes]) -> bytes:
-    """Read a secret file, or create it with ``generate()``; never replace one that exists.
-
-    Losing a key is unrecoverable (old HMACs become uncheckable), so creation goes through a private temporary
-    file (``O_EXCL | O_NOFOLLOW``: never through a planted link) and ``os.link``, which fails instead of
-    overwriting when another process created the key first.
-    """
-    existing = _read_secret(path)
-    if existing is not None:
-        return existing
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.unlink(missing_ok=True)  # a leftover of a crashed attempt by this pid
-    descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(generate())
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.link(tmp, path, follow_symlinks=False)
-    except FileExistsError:
-        pass  # another process won the race; its key is the key
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-    created = _read_secret(path)  # ours, or the race winner's
-    if created is None:
-        raise AuditError(f"{path}: key vanished while it was being created; check what else writes there")
-    return created
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a new directory entry durable (a created key must survive a crash that follows)."""
-    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def _read_secret(path: Path) -> bytes | None:
-    """The secret's bytes, ``None`` if absent; refuse a link, a non-file, or a key others can read (as ssh does)."""
-    try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise AuditError(f"{path}: cannot open key ({exc.strerror}); it must be a regular file, not a link") from exc
-    with os.fdopen(descriptor, "rb") as handle:
-        info = os.fstat(handle.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise AuditError(f"{path}: not a regular file; restore the key file")
-        if info.st_mode & 0o077:
-            raise AuditError(f"{path}: key is open to other users (mode {info.st_mode & 0o777:o}); "
-                             f"run chmod 600 {path}")
-        return handle.read()
-
-
-def seal(audit_key: bytes, value: dict[str, Any]) -> str:
-    """Encrypt a record's free-text fields (AES-256-GCM, random nonce) under a key derived from the audit key."""
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-    nonce = os.urandom(12)
-    sealed = AESGCM(_seal_key(audit_key)).encrypt(nonce, canonical_json(value), _SEAL_LABEL)
-    return base64.b64encode(nonce + sealed).decode("ascii")
-
-
-def unseal(audit_key: bytes, sealed: str) -> dict[str, Any]:
-    """The sealed fields, or an AuditError if they were not sealed under this audit key or were changed."""
-    from cryptography.exceptions import InvalidTag
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-    try:
-        data = base64.b64decode(sealed, validate=True)
-        value = json.loads(AESGCM(_seal_key(audit_key)).decrypt(data[:12], data[12:], _SEAL_LABEL))
-    except (InvalidTag, ValueError, binascii.Error) as exc:
-        raise AuditError("sealed fields do not open under this audit key") from exc
-    if not isinstance(value, dict):
-        raise AuditError("sealed fields are not a JSON object")
-    return value
-
-
-_SEAL_LABEL = b"legonet sealed record fields v1"
-
-
-def _seal_key(audit_key: bytes) -> bytes:
-    return hmac.new(audit_key, _SEAL_LABEL, hashlib.sha256).digest()
-
-
-# --- statements and envelopes ---
-
-
-def id_digest(audit_key: bytes, sample_id: str) -> str:
-    """HMAC-SHA256 hex of a sample ID: what the log stores instead of the ID."""
-    return hmac.new(audit_key, sample_id.encode("utf-8"), hashlib.sha256).hexdigest()
-
-
-def statement(subjects: dict[str, str], predicate: dict[str, Any]) -> dict[str, Any]:
-    """An in-toto Statement v1 about ``subjects`` (artifact path -> SHA-256 hex), subjects sorted by name."""
-    for name, digest in subjects.items():
-        if not _SHA256_HEX.fullmatch(digest):
-            raise AuditError(f"subject {name!r}: digest {digest!r} is not a lowercase SHA-256 hex string")
-    return {
-        "_type": STATEMENT_TYPE,
-        "subject": [{"name": name, "digest": {"sha256": subjects[name]}} for name in sorted(subjects)],
-        "predicateType": PREDICATE_TYPE,
-        "predicate": predicate,
-    }
-
-
-def sign_envelope(stmt: dict[str, Any], key: Ed25519PrivateKey) -> dict[str, Any]:
-    """A DSSE envelope of the statement's canonical JSON, signed over the DSSE pre-authentication encoding."""
-    payload = canonical_json(stmt)
-    return {
-        "payloadType": PAYLOAD_TYPE,
-        "payload": base64.b64encode(payload).decode("ascii"),
-        "signatures": [{
-            "keyid": key_id(key.public_key()),
-            "sig": base64.b64encode(key.sign(pae(PAYLOAD_TYPE, payload))).decode("ascii"),
-        }],
-    }
-
-
-def pae(payload_type: str, payload: bytes) -> bytes:
-    """DSSE v1 PAE: binds payload type and payload, so a signature cannot be replayed for another type."""
-    kind = payload_type.encode("utf-8")
-    return b"DSSEv1 %d %b %d %b" % (len(kind), kind, len(payload), payload)
-
-
-_DECODE_ERRORS = (ValueError, TypeError, binascii.Error, RecursionError)  # ValueError: JSON and UTF-8 errors
-
-
-def parse_envelope(data: bytes) -> tuple[dict[str, Any], bytes]:
-    """A record file's DSSE envelope and its payload bytes, parsed without trusting them."""
-    try:
-        envelope = json.loads(data)
-        if not isinstance(envelope, dict) or envelope.get("payloadType") != PAYLOAD_TYPE:
-            raise ValueError(f"not a DSSE envelope with payloadType {PAYLOAD_TYPE}")
-        signatures = envelope.get("signatures")
-        if not isinstance(signatures, list) or not signatures or not all(
-                isinstance(s, dict) and isinstance(s.get("keyid"), str) and isinstance(s.get("sig"), str)
-                for s in signatures):
-            raise ValueError("signatures must be a non-empty list of {keyid, sig}")
-        return envelope, base64.b64decode(envelope.get("payload", ""), validate=True)
-    except _DECODE_ERRORS as exc:
-        raise AuditError(f"bad envelope: {exc}") from exc
-
-
-def parse_statement(payload: bytes) -> dict[str, Any]:
-    """The statement in a payload. Parsed only after the signature check, so edits show as bad signatures."""
-    try:
-        stmt = json.loads(payload)
-        if not isinstance(stmt, dict) or stmt.get("_type") != STATEMENT_TYPE:
-            raise ValueError(f"payload is not an in-toto statement ({STATEMENT_TYPE})")
-        if stmt.get("predicateType") != PREDICATE_TYPE or not isinstance(stmt.get("predicate"), dict):
-            raise ValueError(f"predicate is not a {PREDICATE_TYPE} object")
-    except _DECODE_ERRORS as exc:
-        raise AuditError(f"bad statement: {exc}") from exc
-    return stmt
 
 
 # --- the log ---
@@ -330,15 +77,6 @@ def parse_statement(payload: bytes) -> dict[str, Any]:
 FORGET = "forget"
 KEY_ROTATION = "key-rotation"
 TRUSTED_KEYS_ENV = "LEGONET_TRUSTED_KEYS"
-
-
-@dataclass(frozen=True)
-class _Entry:
-    """A record file, as its name describes it (which ``verify`` checks against its content)."""
-
-    sequence: int
-    request_id: str
-    path: Path
 
 
 # What a forget reads of each forget record; ``summaries`` hands these out without parsing every record again.
@@ -351,7 +89,7 @@ class _Scan:
     """What one pass over the log found: its problems, its records and the keys trusted at its end."""
 
     problems: list[str]
-    entries: list[_Entry]
+    entries: list[Entry]
     blobs: list[bytes]  # each record file's bytes, as verified (empty in a scan loaded from the memo)
     digests: list[str]  # their sha256: the chain's links, and how a later pass knows a record is unchanged
     leaves: list[bytes]  # their RFC 6962 leaf hashes (empty in a scan loaded from the memo)
@@ -433,7 +171,8 @@ class AuditLog:
         signer = key_id(key.public_key())
         if signer not in scan.active:
             raise AuditError(f"signing key {signer[:16]} is not trusted to sign this log (trusted: "
-                             f"{_short(scan.active)}); pin its fingerprint, or rotate to it with the current key")
+                             f"{short_fingerprints(scan.active)}); pin its fingerprint, or rotate to it with the "
+                             "current key")
         if any(entry.request_id == request_id for entry in scan.entries):
             raise AuditError(f"{self.log_dir}: request {request_id!r} already has an audit record")
         self._publish(key.public_key(), scan.keys)
@@ -510,7 +249,7 @@ class AuditLog:
     def extends(self, note: str) -> list[str]:
         """Problems proving that the log extends the signed checkpoint ``note`` (consistency proof); empty if so."""
         scan = self._scan()
-        return _extension_problems(note, scan.keys, self.trusted | scan.active, scan.leaves)
+        return extension_problems(note, scan.keys, self.trusted | scan.active, scan.leaves)
 
     def _checked(self) -> _Scan:
         """The scan of a log that verifies; any problem refuses every use of its records."""
@@ -546,21 +285,21 @@ class AuditLog:
                      key=lambda s: len(s.entries), default=None)
         scan = self._verify(entries, blobs, digests, leaves, key_file, strays, prefix)
         for where, note in self.anchors:
-            scan.problems += [f"{where}: {p}" for p in _extension_problems(note, scan.keys,
+            scan.problems += [f"{where}: {p}" for p in extension_problems(note, scan.keys,
                                                                             self.trusted | scan.active, leaves)]
         _SCANS[self.log_dir.resolve()] = (state, scan)
         if not scan.problems and (memo is None or memo.digests != digests):
             self._write_memo(scan)
         return scan
 
-    def _continues(self, earlier: _Scan, entries: list[_Entry], digests: list[str], key_file: str | None) -> bool:
+    def _continues(self, earlier: _Scan, entries: list[Entry], digests: list[str], key_file: str | None) -> bool:
         """Whether this log starts with exactly the records of ``earlier``, a clean pass under the same trust."""
         size = len(earlier.entries)
         return (not earlier.problems and earlier.trusted == self.trusted and earlier.public_key_file == key_file
                 and 0 < size <= len(entries) and earlier.digests == digests[:size]
                 and [e.path.name for e in earlier.entries] == [e.path.name for e in entries[:size]])
 
-    def _verify(self, entries: list[_Entry], blobs: list[bytes], digests: list[str], leaves: list[bytes],
+    def _verify(self, entries: list[Entry], blobs: list[bytes], digests: list[str], leaves: list[bytes],
                 key_file: str | None, strays: list[Path], prefix: _Scan | None) -> _Scan:
         """Check the records after ``prefix`` (all of them without one), carrying on from the state it left."""
         problems = [f"{path}: not a record (a regular file named NNNNNN-<request_id>.json)" for path in strays]
@@ -581,24 +320,24 @@ class AuditLog:
         for index in range(start, len(entries)):
             entry, data = entries[index], blobs[index]
             before = entries[index - 1] if index else None
-            found = _order_problems(entry, before, first_of.setdefault(entry.request_id, entry))
+            found = order_problems(entry, before, first_of.setdefault(entry.request_id, entry))
             summary: dict[str, Any] = {}
             try:
                 envelope, payload = parse_envelope(data)
                 signers = [s["keyid"] for s in envelope["signatures"]]
-                found += _signature_problems(envelope, payload, keys, active)
+                found += signature_problems(envelope, payload, keys, active)
                 predicate = parse_statement(payload)["predicate"]
             except AuditError as exc:
                 found.append(f"undecodable audit record: {exc}")
             else:
-                found += _chain_problems(entry, predicate, before, digests[index - 1] if index else None)
+                found += chain_problems(entry, predicate, before, digests[index - 1] if index else None)
                 if predicate.get("signing_key_id") not in signers:
                     found.append(f"the record names signing key {str(predicate.get('signing_key_id'))[:16]}, "
-                                 f"its signature is by {_short(signers)}")
+                                 f"its signature is by {short_fingerprints(signers)}")
                 if predicate.get("kind") == KEY_ROTATION and not found:
-                    found += _rotate(predicate, keys, active, signers)
+                    found += rotate(predicate, keys, active, signers)
                 summary = {"kind": predicate.get("kind"), **{f: predicate.get(f) for f in SUMMARY_FIELDS},
-                           "forgotten_ids": _as_list(predicate.get("forgotten_ids"))}
+                           "forgotten_ids": as_list(predicate.get("forgotten_ids"))}
             summaries.append(summary)
             problems += [f"{entry.path.name}: {problem}" for problem in found]
         return _Scan(problems, entries, blobs, digests, leaves, summaries, active, keys, self.trusted, key_file)
@@ -615,9 +354,9 @@ class AuditLog:
             entries = []
             for name, digest, summary in memo["records"]:
                 match = _RECORD_NAME.fullmatch(name)
-                if match is None or not _SHA256_HEX.fullmatch(digest) or set(summary) != {"kind", *SUMMARY_FIELDS}:
+                if match is None or not SHA256_HEX.fullmatch(digest) or set(summary) != {"kind", *SUMMARY_FIELDS}:
                     return None
-                entries.append(_Entry(int(match[1]), match[2], self.log_dir / name))
+                entries.append(Entry(int(match[1]), match[2], self.log_dir / name))
             keys = {fingerprint: load_public_key(self.memo, pem.encode("ascii"))
                     for fingerprint, pem in memo["keys"].items()}
             if any(key_id(key) != fingerprint for fingerprint, key in keys.items()):
@@ -651,7 +390,7 @@ class AuditLog:
         existing = self.public_key_path.read_bytes() if self.public_key_path.exists() else b""
         write_bytes_atomic(self.public_key_path, existing + public_key_pem(public_key))
 
-    def _listing(self) -> tuple[list[_Entry], list[Path]]:
+    def _listing(self) -> tuple[list[Entry], list[Path]]:
         """The record files (regular files only: a planted FIFO or link must not block or redirect a reader) in
         sequence order, and the strays: other ``*.json`` files, or links and FIFOs named like records."""
         entries, strays = [], []
@@ -661,112 +400,7 @@ class AuditLog:
                     continue
                 match = _RECORD_NAME.fullmatch(item.name)
                 if match and item.is_file(follow_symlinks=False):
-                    entries.append(_Entry(int(match[1]), match[2], self.log_dir / item.name))
+                    entries.append(Entry(int(match[1]), match[2], self.log_dir / item.name))
                 else:
                     strays.append(self.log_dir / item.name)
         return sorted(entries, key=lambda e: (e.sequence, e.path.name)), sorted(strays)
-
-
-def _open_checkpoint(note: str, keys: dict[str, Ed25519PublicKey], trusted: Collection[str]) -> Checkpoint:
-    """The checkpoint in ``note`` if one of the trusted keys signed it."""
-    for fingerprint in sorted(trusted):
-        if fingerprint in keys:
-            try:
-                return Checkpoint.open(note, keys[fingerprint])
-            except TransparencyError as exc:
-                if "no signature by" not in str(exc):
-                    raise
-    raise AuditError(f"not signed by a trusted key ({_short(trusted)})")
-
-
-def _extension_problems(note: str, keys: dict[str, Ed25519PublicKey], trusted: Collection[str],
-                        leaves: list[bytes]) -> list[str]:
-    """Why the log (its ``leaves`` hashes) does not extend the signed checkpoint ``note``; a consistency proof
-    decides."""
-    try:
-        old = _open_checkpoint(note, keys, trusted)
-    except (AuditError, TransparencyError) as exc:
-        return [f"checkpoint: {exc}"]
-    if old.size > len(leaves):
-        return [f"checkpoint: the log has {len(leaves)} record(s), but a checkpoint signed for it has "
-                f"{old.size}: records were deleted (truncated or rolled back)"]
-    if old.size and not verify_consistency(old.size, len(leaves), old.root, root_hash(leaves),
-                                           consistency_proof(leaves, old.size)):
-        return [f"checkpoint: the first {old.size} record(s) are not those the checkpoint signed: the log was "
-                "rewritten (records changed, removed or reordered)"]
-    return []
-
-
-def _signature_problems(envelope: dict[str, Any], payload: bytes, keys: dict[str, Ed25519PublicKey],
-                        active: set[str]) -> list[str]:
-    problems = []
-    message = pae(PAYLOAD_TYPE, payload)
-    for signature in envelope["signatures"]:
-        keyid = signature["keyid"]
-        if keyid not in active:
-            problems.append(f"signed by key {keyid[:16]}, which is not trusted to sign here (trusted: "
-                            f"{_short(active)}): a substituted or unpinned key")
-            continue
-        public_key = keys.get(keyid)
-        if public_key is None:
-            problems.append(f"signed by trusted key {keyid[:16]}, whose public key is missing from "
-                            "audit/signing-key.pub; restore it from git")
-            continue
-        try:
-            public_key.verify(base64.b64decode(signature["sig"], validate=True), message)
-        except (InvalidSignature, binascii.Error):
-            problems.append(f"bad signature by key {keyid[:16]}: modified after signing")
-    return problems
-
-
-def _rotate(predicate: dict[str, Any], keys: dict[str, Ed25519PublicKey], active: set[str],
-            signers: list[str]) -> list[str]:
-    """Apply a verified key-rotation record: its new key replaces the key that signed it."""
-    new_id, pem = predicate.get("new_key_id"), predicate.get("new_public_key")
-    try:
-        new_key = load_public_key("key-rotation record", str(pem).encode("ascii"))
-    except (AuditError, UnicodeEncodeError) as exc:
-        return [f"key rotation names no usable public key ({exc})"]
-    if key_id(new_key) != new_id:
-        return [f"key rotation: new_key_id {str(new_id)[:16]} is not the fingerprint of its public key"]
-    keys[str(new_id)] = new_key
-    active.difference_update(signers)
-    active.add(str(new_id))
-    return []
-
-
-def _short(fingerprints: Collection[str]) -> str:
-    return ", ".join(sorted(f[:16] for f in fingerprints)) or "none"
-
-
-def _order_problems(entry: _Entry, before: _Entry | None, first_for_request: _Entry) -> list[str]:
-    """Where a record's file name breaks the sequence 1, 2, ... or repeats a request."""
-    problems = []
-    if first_for_request is not entry:
-        problems.append(f"request {entry.request_id!r} already recorded in {first_for_request.path.name}")
-    if before and entry.sequence == before.sequence:
-        problems.append(f"sequence number {entry.sequence} is also used by {before.path.name}")
-    elif entry.sequence != (before.sequence + 1 if before else 1):
-        after = before.path.name if before else "the start"
-        problems.append(f"sequence jumps to {entry.sequence} after {after}; record(s) missing or renamed")
-    return problems
-
-
-def _chain_problems(entry: _Entry, predicate: dict[str, Any], before: _Entry | None,
-                    before_digest: str | None) -> list[str]:
-    """Where a record's content disagrees with its file name or does not link to the record before it."""
-    problems = []
-    request_id, sequence, previous = (predicate.get(key) for key in ("request_id", "sequence", "previous"))
-    if request_id != entry.request_id:
-        problems.append(f"file name says request {entry.request_id!r}, the record {request_id!r}")
-    if sequence != entry.sequence:
-        problems.append(f"file name says sequence {entry.sequence}, the record {sequence!r}")
-    if previous != before_digest:
-        expected = f"the digest of {before.path.name}, {before_digest}" if before else "null (first record)"
-        problems.append(f"chain broken: previous is {previous!r}, expected {expected}")
-    return problems
-
-
-def _as_list(value: object) -> list[Any]:
-    """A list field of an unverified record, else empty (``in`` on a string would match substrings)."""
-    return value if isinstance(value, list) else []

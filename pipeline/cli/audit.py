@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.audit.keyring import audit_key, audit_log, key_dir, origin, signing_key
-from pipeline.audit.log import AuditError, AuditLog, id_digest, read_public_keys, unseal
+from pipeline.audit.log import AuditLog
 from pipeline.audit.receipt import make_receipt, verify_receipt
+from pipeline.audit.secrets import id_digest, read_public_keys, unseal
+from pipeline.errors import AuditError
 from pipeline.forget import flow
 from pipeline.project.layout import ENCODED_TRAIN, KEYS, PROJECTION, adapter_name, adapter_path, shard_path
 from pipeline.project.scratch import scratch_dir

@@ -156,9 +156,9 @@ def _emit(text: str, output: Path | None, what: str) -> None:
 
 
 def _errors() -> dict[type[BaseException], str]:
-    from pipeline.audit.log import AuditError
     from pipeline.cli.audit import AuditFailed
     from pipeline.cli.predict import ModelError
+    from pipeline.errors import AuditError
     from pipeline.forget.flow import ExactnessError, ForgetError, LockBusy
     from pipeline.forget.manifest import ManifestError
     from pipeline.project.init import InitError

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.audit.keyring import anchor, audit_key, audit_log, origin, signing_key
-from pipeline.audit.log import audit_key_id, id_digest, seal
+from pipeline.audit.secrets import audit_key_id, id_digest, seal
 from pipeline.data.dataset import read_table
 from pipeline.forget import flow
 from pipeline.forget.manifest import DeletionRequest, load_manifest

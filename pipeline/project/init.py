@@ -19,7 +19,7 @@ import pandas as pd
 from ruamel.yaml import YAML
 
 from pipeline.audit.keyring import audit_key, audit_log
-from pipeline.audit.log import id_digest
+from pipeline.audit.secrets import id_digest
 from pipeline.data.dataset import (
     DataError,
     SplitFractions,
