@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.data.contracts import check_shards, routing_schema, validate
-from pipeline.data.dataset import DataError, read_embeddings, read_table, write_bytes_atomic, write_table
+from pipeline.data.dataset import read_embeddings, read_table, write_bytes_atomic, write_table
 from pipeline.data.quality import (
     DATA_DOCS,
     RESULT,
@@ -38,6 +38,7 @@ from pipeline.data.quality import (
     read_norm_bounds,
     tables,
 )
+from pipeline.errors import DataError
 from pipeline.project.layout import PROJECTION, REFERENCE_NORMS, ROUTING, SHARDS, shard_path
 from pipeline.project.params import load_params, run_stage
 from pipeline.tracking.lineage import stage_run

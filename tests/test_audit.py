@@ -601,7 +601,7 @@ def test_the_journal_of_raw_ids_is_private(tmp_path: Path) -> None:
 def test_a_failed_git_commit_after_a_forget_is_an_error(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    from pipeline.forget.flow import ForgetError
+    from pipeline.errors import ForgetError
     from pipeline.forget.steps import _commit
 
     root = git_project(tmp_path / "project")

@@ -21,8 +21,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import copy_project
 
-from pipeline.data.contracts import ContractError, adapter_load_schema, routing_schema, validate
-from pipeline.data.dataset import DataError, check_samples, read_table, write_table
+from pipeline.data.contracts import adapter_load_schema, routing_schema, validate
+from pipeline.data.dataset import check_samples, read_table, write_table
+from pipeline.errors import ContractError, DataError
 from pipeline.tracking.lineage import file_md5
 
 RUNNING = re.compile(r"^Running stage '([^']+)'", re.MULTILINE)

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 import pipeline.model.encoder as enc
-from pipeline.model.encoder import ENCODERS, Encoder, EncoderError, export_encoder, modality
+from pipeline.errors import EncoderError
+from pipeline.model.encoder import ENCODERS, Encoder, export_encoder, modality
 
 IMAGE_SIZE = 64
 # the pretrained encoders; `none` (a table's identity graph, no weights) is covered by tests/test_own_data.py

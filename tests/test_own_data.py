@@ -30,8 +30,9 @@ from conftest import legonet
 from test_forget import artifacts_md5, lock_without_package_listing
 from test_serving import _free_port, _wait_for_ping
 
-from pipeline.data.dataset import DataError, read_table
+from pipeline.data.dataset import read_table
 from pipeline.data.quality import QualityParams, held_out_features, norm_bounds, norm_range, read_norm_bounds
+from pipeline.errors import DataError
 from pipeline.model.keys import fit_projection, project
 from pipeline.project.init import KEYS_PER_REFERENCE, ROWS_PER_PARTITION, defaults_from_data
 from pipeline.tracking.registry import Replaced, gate

@@ -11,7 +11,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from pipeline.audit.transparency import (
     Checkpoint,
-    TransparencyError,
     consistency_proof,
     inclusion_proof,
     leaf_hash,
@@ -22,6 +21,7 @@ from pipeline.audit.transparency import (
     verify_consistency,
     verify_inclusion,
 )
+from pipeline.errors import TransparencyError
 
 VECTORS = Path(__file__).parent / "data" / "rfc6962"
 # transparency-dev/merkle testonly/constants.go: leaf inputs and the root of every prefix of them

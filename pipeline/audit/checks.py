@@ -23,14 +23,8 @@ from pipeline.audit.envelope import (
     pae,
 )
 from pipeline.audit.secrets import load_public_key
-from pipeline.audit.transparency import (
-    Checkpoint,
-    TransparencyError,
-    consistency_proof,
-    root_hash,
-    verify_consistency,
-)
-from pipeline.errors import AuditError
+from pipeline.audit.transparency import Checkpoint, consistency_proof, root_hash, verify_consistency
+from pipeline.errors import AuditError, TransparencyError
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ from cryptography.exceptions import InvalidSignature
 from pipeline.audit.envelope import PAYLOAD_TYPE, key_id, pae, parse_envelope, parse_statement
 from pipeline.audit.log import AuditLog
 from pipeline.audit.secrets import load_public_key, public_key_pem
-from pipeline.audit.transparency import Checkpoint, TransparencyError, inclusion_proof, leaf_hash, verify_inclusion
-from pipeline.errors import AuditError
+from pipeline.audit.transparency import Checkpoint, inclusion_proof, leaf_hash, verify_inclusion
+from pipeline.errors import AuditError, TransparencyError
 
 RECEIPT_FORMAT = "https://legonet.dev/receipt/v1"
 

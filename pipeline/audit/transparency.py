@@ -23,13 +23,11 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from pipeline.errors import TransparencyError
+
 HASH_SIZE = 32
 _ED25519 = b"\x01"  # signed-note signature type of Ed25519 keys
 _SIGNATURE_PREFIX = "\u2014 "  # an em dash and a space start each signature line
-
-
-class TransparencyError(ValueError):
-    """A checkpoint, note or proof that does not parse or does not verify; the message says which and why."""
 
 
 # --- RFC 6962 hashing and proofs ---

@@ -19,7 +19,7 @@ from pipeline.audit.keyring import audit_key, audit_log, key_dir, origin, signin
 from pipeline.audit.log import AuditLog
 from pipeline.audit.receipt import make_receipt, verify_receipt
 from pipeline.audit.secrets import id_digest, read_public_keys, unseal
-from pipeline.errors import AuditError
+from pipeline.errors import AuditError, AuditFailed
 from pipeline.forget import flow
 from pipeline.project.layout import ENCODED_TRAIN, KEYS, PROJECTION, adapter_name, adapter_path, shard_path
 from pipeline.project.scratch import scratch_dir
@@ -28,10 +28,6 @@ from pipeline.runner.build import dvc_lock_digest
 from pipeline.tracking.lineage import file_md5
 
 _MD5 = re.compile(r"[0-9a-f]{32}(\.dir)?")
-
-
-class AuditFailed(RuntimeError):
-    """`legonet audit verify` found problems; the message lists each one."""
 
 
 def verify(root: Path, params: dict[str, Any], rebuild: bool = False, trusted: Sequence[str] = (),

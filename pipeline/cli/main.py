@@ -16,12 +16,9 @@ import yaml
 from rich.console import Console
 from rich.markup import escape
 
-from pipeline.data.dataset import DataError
-from pipeline.project.params import ParamsError
+from pipeline.errors import LegonetError, ParamsError
 
 console = Console(stderr=True)
-EXIT = {"usage": 2, "data": 3, "params": 4, "build": 5, "model": 6, "busy": 7, "exactness": 8, "audit": 9,
-        "store": 10}
 
 
 def _parse_set(values: list[str]) -> dict[str, Any]:
@@ -155,23 +152,6 @@ def _emit(text: str, output: Path | None, what: str) -> None:
         console.print(f"wrote the {what} to {output}")
 
 
-def _errors() -> dict[type[BaseException], str]:
-    from pipeline.cli.audit import AuditFailed
-    from pipeline.cli.predict import ModelError
-    from pipeline.errors import AuditError
-    from pipeline.forget.flow import ExactnessError, ForgetError, LockBusy
-    from pipeline.forget.manifest import ManifestError
-    from pipeline.project.init import InitError
-    from pipeline.purge.s3 import StoreError
-    from pipeline.runner.build import BuildError
-    from pipeline.runner.executor import ExecutorError
-
-    return {LockBusy: "busy", DataError: "data", ParamsError: "params", InitError: "usage", BuildError: "build",
-            ModelError: "model", ManifestError: "data", ForgetError: "data", ExactnessError: "exactness",
-            AuditFailed: "audit", AuditError: "audit", ExecutorError: "params",
-            StoreError: "store"}
-
-
 def main(argv: list[str] | None = None) -> int:
     # `dvc init` (in `legonet init`) starts a detached analytics process before the project's config turns
     # analytics off; this covers every `dvc` child of legonet
@@ -248,14 +228,12 @@ def main(argv: list[str] | None = None) -> int:
         os.chdir(args.directory)
     elif args.directory != ".":
         args.project = str(Path(args.directory) / args.project)
-    errors = _errors()
     handler: Callable[[argparse.Namespace], int] = args.func
     try:
         return handler(args)
-    except tuple(errors) as exc:
-        kind = next(v for k, v in errors.items() if isinstance(exc, k))
+    except LegonetError as exc:  # one line and the type's exit code (pipeline/errors.py)
         console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        return EXIT[kind]
+        return exc.exit_code
 
 
 def run() -> None:

@@ -7,11 +7,8 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.data.dataset import read_samples
+from pipeline.errors import ModelError
 from pipeline.project.params import load_params
-
-
-class ModelError(RuntimeError):
-    """No registered model to predict with, or it cannot be loaded."""
 
 
 def predict_file(root: Path, file: Path, model_uri: str | None = None) -> pd.DataFrame:

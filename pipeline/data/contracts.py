@@ -16,13 +16,8 @@ import numpy as np
 import pandas as pd
 import pandera.pandas as pa
 
-from pipeline.data.dataset import DataError
 from pipeline.data.ids import sample_ids_valid
-
-
-class ContractError(DataError):
-    """A table broke its contract: the message names the file, the rule and the first failing sample IDs."""
-
+from pipeline.errors import ContractError
 
 # one rule with the manifest (pipeline/data/ids.py), applied with fullmatch: ``str_matches`` would accept a trailing
 # newline that no manifest can name

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute
 import pyarrow.parquet as pq
 
+from pipeline.errors import DataError
 from pipeline.project.layout import partition_name
 
 SPLITS = ("reference", "test", "train")
@@ -30,10 +31,6 @@ MODALITIES = ("image", "text", "table")
 PAYLOAD_DIGEST = "payload_sha256"  # encoded tables: sha256 of the payload each embedding was computed from
 METADATA_KEY = "legonet"  # the one Parquet schema-metadata key write_embeddings may set
 _HASH_BUCKETS = 10_000
-
-
-class DataError(ValueError):
-    """Bad input data: the message names the file, the rule and the first offending sample IDs."""
 
 
 @dataclass(frozen=True)
@@ -374,7 +371,7 @@ def read_embeddings(path: Path, *, digests: bool = False) -> tuple[pd.DataFrame,
     elif pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
         widths = pa.compute.list_value_length(column).to_numpy(zero_copy_only=False)
         if len(widths) and (widths != widths[0]).any():
-            from pipeline.data.contracts import ContractError
+            from pipeline.errors import ContractError
 
             ids = table.column("sample_id").to_pylist() if "sample_id" in table.column_names else []
             odd = [str(ids[i]) if ids else str(i) for i in np.flatnonzero(widths != np.bincount(widths).argmax())]

@@ -85,7 +85,7 @@ def norm_range(bounds: dict[str, Any], margin: float) -> tuple[float, float]:
 
 def read_norm_bounds(path: Path = REFERENCE_NORMS) -> dict[str, Any]:
     """The reference split's ``norm_bounds`` as the `keys` stage wrote them."""
-    from pipeline.data.dataset import DataError
+    from pipeline.errors import DataError
 
     try:
         bounds = json.loads(path.read_text())

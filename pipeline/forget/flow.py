@@ -24,6 +24,7 @@ from typing import Any
 
 from pipeline.data.dataset import read_table, read_yaml, write_table
 from pipeline.data.quality import QUALITY_DIR
+from pipeline.errors import ExactnessError, ForgetError, LockBusy
 from pipeline.forget.manifest import DeletionRequest, merge_requests
 from pipeline.project.layout import (
     ENCODED_TEST,
@@ -47,18 +48,6 @@ STATE_DIR = Path(".legonet")
 JOURNAL = STATE_DIR / "journal.json"
 LOCK = STATE_DIR / "lock"
 CRASH_ENV = "LEGONET_CRASH_AFTER"  # fault injection: SIGKILL this process right after the named state
-
-
-class ForgetError(RuntimeError):
-    """The request cannot be applied as given; nothing has been changed."""
-
-
-class LockBusy(ForgetError):
-    """Another forget holds the project lock."""
-
-
-class ExactnessError(RuntimeError):
-    """A post-rebuild check failed: the flow stops before registering or purging anything."""
 
 
 @dataclass

@@ -52,6 +52,7 @@ from typing import Any, NoReturn
 import yaml
 
 from pipeline.data.ids import REQUEST_ID_PATTERN, sample_id_problem, show
+from pipeline.errors import ManifestError
 
 _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
 MAX_SAMPLE_IDS = 1_000_000
@@ -60,10 +61,6 @@ FIELDS = ("request_id", "sample_ids", "reason", "received_at")
 _CSV_ID_COLUMN = "sample_id"
 _CSV_COLUMNS = (_CSV_ID_COLUMN, "request_id", "reason", "received_at")
 _SHOWN = 5  # how many offending IDs an error message names
-
-
-class ManifestError(ValueError):
-    """A manifest that cannot be accepted; the message is one line: file, problem, fix."""
 
 
 @dataclass(frozen=True)

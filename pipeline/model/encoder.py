@@ -25,6 +25,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
+from pipeline.errors import EncoderError
 from pipeline.tracking.lineage import file_sha256
 
 # encoder name -> the modality it reads. `none` is for tables: the features themselves are the embedding (an
@@ -43,10 +44,6 @@ IMAGE_STD = 128.0
 
 _ONNX_OPSET = 17
 _META_PREFIX = "legonet."
-
-
-class EncoderError(ValueError):
-    """An encoder request that cannot be served: unknown name, model file of another encoder or image size."""
 
 
 def _check_name(name: str) -> str:

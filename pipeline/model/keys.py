@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-
-class KeysError(ValueError):
-    """The reference split cannot support the requested projection or number of keys."""
+from pipeline.errors import KeysError
 
 
 def fit_projection(reference: np.ndarray, dim: int, standardise: bool = False) -> np.ndarray:

@@ -21,7 +21,6 @@ from ruamel.yaml import YAML
 from pipeline.audit.keyring import audit_key, audit_log
 from pipeline.audit.secrets import id_digest
 from pipeline.data.dataset import (
-    DataError,
     SplitFractions,
     bundled_mnist,
     carve,
@@ -30,7 +29,8 @@ from pipeline.data.dataset import (
     read_samples,
     write_table,
 )
-from pipeline.forget.flow import JOURNAL, ForgetError, Journal, project_lock
+from pipeline.errors import DataError, ForgetError, InitError
+from pipeline.forget.flow import JOURNAL, Journal, project_lock
 from pipeline.project.layout import REFERENCE, TEST, raw_path
 from pipeline.project.params import PARAMS, check_params, commit_project, load_params, sync_generated
 
@@ -39,10 +39,6 @@ GITIGNORE = "/mlflow.db\n/mlartifacts/\n/.legonet/\n"
 DVCIGNORE = "/mlflow.db\n/mlartifacts/\n/.legonet/\n/audit/\n"
 # autostage: DVC stages the .gitignore and .dvc files it writes; no analytics, no update check (phones home)
 DVC_CONFIG = {"core.autostage": "true", "core.analytics": "false", "core.check_update": "false"}
-
-
-class InitError(RuntimeError):
-    """The target folder cannot become a project as asked; the message says why and what to pass."""
 
 
 def run(cmd: list[str], cwd: Path) -> None:

@@ -10,7 +10,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pipeline.purge.s3 import StoreError, artifact_bucket
+from pipeline.errors import StoreError
+from pipeline.purge.s3 import artifact_bucket
 
 
 def purge_artifact_store(destination: str, live: set[str]) -> dict[str, Any]:

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.data.dataset import read_yaml
-from pipeline.purge.s3 import StoreError, artifact_bucket, remote_bucket
+from pipeline.errors import StoreError
+from pipeline.purge.s3 import artifact_bucket, remote_bucket
 
 DIR_SUFFIX = ".dir"
 

@@ -8,15 +8,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-
-class StoreError(RuntimeError):
-    """A configured store (DVC remote, MLflow server or its artifact bucket) cannot be reached or refuses a purge.
-
-    The forget stops before its purge step is recorded, so the journal keeps the step pending and re-running the
-    same command finishes it once the store answers.
-    """
-
-
+from pipeline.errors import StoreError
 
 _UNREACHABLE = ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError")
 _PERMISSION = {"ListObjectVersions": "s3:ListBucketVersions", "ListObjectsV2": "s3:ListBucket",

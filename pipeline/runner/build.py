@@ -20,15 +20,12 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from pipeline.errors import BuildError, StageFailed
 from pipeline.project.layout import METRICS, block_count
 from pipeline.project.params import load_params, sync_generated
 from pipeline.runner import executor
 
 RUNNING = re.compile(r"^Running stage '([^']+)'")
-
-
-class BuildError(RuntimeError):
-    """`dvc repro` failed; the message carries the failing stage and DVC's own output."""
 
 
 def repro(root: Path, targets: list[str] | None = None, force: bool = False,
@@ -92,8 +89,7 @@ def rerun(root: Path, stages: Sequence[str], console: Console | None = None,
     """
     from dvc.repo import Repo, lock_repo
 
-    from pipeline.data.dataset import DataError
-    from pipeline.project.params import ParamsError
+    from pipeline.errors import DataError, ParamsError
 
     console = console or Console(stderr=True)
     timings = {} if timings is None else timings
@@ -163,10 +159,6 @@ def _finish(worker: StageWorker, stage: Any, timings: dict[str, float]) -> None:
 
 # the stages whose imports cost seconds and that use no torch: Great Expectations (quality) and MLflow (package)
 WORKER_STAGES = ("stages.quality", "stages.package")
-
-
-class StageFailed(RuntimeError):
-    """A stage in the worker process stopped on bad data or params (the message is the stage's own)."""
 
 
 class StageWorker:
@@ -248,8 +240,7 @@ def _serve(conn: Any, root: str, modules: list[str]) -> None:
     import pickle
     import traceback
 
-    from pipeline.data.dataset import DataError
-    from pipeline.project.params import ParamsError
+    from pipeline.errors import DataError, ParamsError
 
     started = time.monotonic()
     os.chdir(root)

@@ -31,15 +31,13 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.errors import ExecutorError
+
 EXECUTORS = ("local", "ray")
 # Top-level params that choose where work runs; they must never change an artifact or a digest.
 EXECUTION_KEYS = ("executor", "ray")
 INSTALL_HINT = "pip install '.[ray]' (or pip install 'legonet[ray]'; Ray 2.60.0)"
 DEFAULT_ENCODE_CHUNK = 1024
-
-
-class ExecutorError(RuntimeError):
-    """The executor cannot run: unknown name, or Ray asked for but not installed / not reachable."""
 
 
 def executor_of(params: Mapping[str, Any]) -> str:
