@@ -5,7 +5,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,7 +36,7 @@ from pipeline.audit.secrets import (
     seal,
     unseal,
 )
-from pipeline.audit.transparency import Checkpoint
+from pipeline.audit.transparency import Checkpoint, inclusion_proof, leaf_hash, root_hash
 from pipeline.errors import AuditError
 
 DIGEST_A = "a" * 64
@@ -388,6 +391,46 @@ def test_undecodable_and_stray_files_are_reported(log: AuditLog, three: list[Pat
         log.records()
 
 
+@pytest.mark.parametrize("hide", ["subfolder", "bak", "dotfile", "empty folder", "dead writer's temp file"])
+def test_every_file_in_the_records_folder_is_a_record_or_refused(log: AuditLog, three: list[Path],
+                                                                 signing_key: Ed25519PrivateKey, hide: str) -> None:
+    """A record signed by an untrusted key is refused wherever it sits; it is never silently skipped."""
+    other = Ed25519PrivateKey.generate()
+    planted = sign_envelope(statement({}, {"request_id": "req-x"}), other)
+    data = json.dumps(planted).encode()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    target = {"subfolder": log.log_dir / "old" / "000004-req-x.json", "bak": log.log_dir / "000004-req-x.json.bak",
+              "dotfile": log.log_dir / ".000004-req-x.json", "empty folder": log.log_dir / "later",
+              "dead writer's temp file": log.log_dir / f".000004-req-x.json.tmp-{dead}"}[hide]
+    if hide == "empty folder":
+        target.mkdir()
+    else:
+        target.parent.mkdir(exist_ok=True)
+        target.write_bytes(data)
+    problems = log.verify()
+    assert any(p.startswith(f"{target}: ") for p in problems), problems
+    with pytest.raises(AuditError):
+        log.records()
+
+
+def test_a_record_being_written_is_not_a_stray(log: AuditLog, three: list[Path]) -> None:
+    (log.log_dir / f".000004-req-4.json.tmp-{os.getpid()}").write_bytes(b"{")  # this process is writing it
+    assert log.verify() == []
+
+
+def test_a_records_folder_that_is_a_link_is_refused(log: AuditLog, three: list[Path], tmp_path: Path) -> None:
+    """The log is the repository's folder: a link to a folder elsewhere (however valid its records) is refused."""
+    elsewhere = tmp_path / "elsewhere"
+    log.log_dir.rename(elsewhere)
+    log.log_dir.symlink_to(elsewhere, target_is_directory=True)
+    new_process()
+    problems = log.verify()
+    assert any(p.startswith(f"{log.log_dir}: is a symbolic link") for p in problems), problems
+    with pytest.raises(AuditError, match="symbolic link"):
+        log.records()
+
+
 def test_a_missing_public_key_is_reported(log: AuditLog, three: list[Path]) -> None:
     log.public_key_path.unlink()
     assert any("cannot read the public key" in p for p in log.verify())
@@ -561,6 +604,50 @@ def test_a_receipt_verifies_offline_and_refuses_tampering(log: AuditLog, three: 
         verify_receipt(moved, fingerprint)
     with pytest.raises(AuditError, match="no audit record for request 'req-9'"):
         make_receipt(log, "req-9", receipt["checkpoint"])
+
+
+def test_a_receipt_follows_the_signed_note_and_dsse_specs(log: AuditLog, three: list[Path],
+                                                          signing_key: Ed25519PrivateKey) -> None:
+    """C2SP signed-note: the note ends with a newline, and every signature line by the key must verify (a good
+    one first does not excuse a bad one). DSSE: URL-safe base64 and a missing keyid are both allowed."""
+    fingerprint = key_id(signing_key.public_key())
+    receipt = make_receipt(log, "req-2", log.checkpoint("legonet.local/audit/test", signing_key))
+    with pytest.raises(AuditError, match="ends with a newline"):
+        verify_receipt({**receipt, "checkpoint": receipt["checkpoint"].rstrip("\n")}, fingerprint)
+    good = receipt["checkpoint"].splitlines()[-1]
+    name, blob = good.removeprefix("\u2014 ").split(" ")
+    raw = base64.b64decode(blob)
+    bad = f"\u2014 {name} {base64.b64encode(raw[:4] + bytes(64)).decode()}"
+    with pytest.raises(AuditError, match="bad signature"):
+        verify_receipt({**receipt, "checkpoint": receipt["checkpoint"] + bad + "\n"}, fingerprint)
+
+    envelope = json.loads(receipt["record"])
+    url_safe = {**envelope, "payload": base64.urlsafe_b64encode(base64.b64decode(envelope["payload"])).decode()
+                .rstrip("="),
+                "signatures": [{"sig": base64.urlsafe_b64encode(base64.b64decode(s["sig"])).decode()}
+                               for s in envelope["signatures"]]}
+    assert "keyid" not in url_safe["signatures"][0]
+    assert url_safe["payload"] != envelope["payload"]
+    # the record's bytes are its Merkle leaf: re-encode it in a log of its own and prove that one
+    respelled = AuditLog(log.log_dir.parent / "respelled", log.public_key_path, log.trusted)
+    respelled.log_dir.mkdir()
+    for index, path in enumerate(three):
+        data = json.dumps(url_safe).encode() if index == 1 else path.read_bytes()
+        (respelled.log_dir / path.name).write_bytes(data)
+    hashes = [leaf_hash(p.read_bytes()) for p in sorted(respelled.log_dir.iterdir())]
+    note = Checkpoint("legonet.local/audit/test", 3, root_hash(hashes)).sign(signing_key)
+    spelled = {**receipt, "record": json.dumps(url_safe), "checkpoint": note,
+               "inclusion_proof": [base64.b64encode(h).decode() for h in inclusion_proof(hashes, 1)]}
+    assert verify_receipt(spelled, fingerprint)["predicate"]["request_id"] == "req-2"
+
+
+def test_a_deeply_nested_receipt_is_an_audit_error(tmp_path: Path, signing_key: Ed25519PrivateKey) -> None:
+    from pipeline.cli.audit import check_receipt
+
+    path = tmp_path / "receipt.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(AuditError, match="nested too deeply"):
+        check_receipt(path, key_id(signing_key.public_key()))
 
 
 # --- where the keys may live, the journal, the commit, paths from DVC's files ---

@@ -7,8 +7,6 @@ has not verified before, and refuses the log if any returns a problem.
 
 from __future__ import annotations
 
-import base64
-import binascii
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from pipeline.audit.envelope import (
     PAYLOAD_TYPE,
+    dsse_b64decode,
     key_id,
     pae,
 )
@@ -72,7 +71,10 @@ def signature_problems(envelope: dict[str, Any], payload: bytes, keys: dict[str,
     problems = []
     message = pae(PAYLOAD_TYPE, payload)
     for signature in envelope["signatures"]:
-        keyid = signature["keyid"]
+        keyid = signature.get("keyid", "")
+        if not keyid:  # DSSE allows it; this log's records name their key, so a reader knows which one to trust
+            problems.append("a signature without a keyid: every record names the key that signed it")
+            continue
         if keyid not in active:
             problems.append(f"signed by key {keyid[:16]}, which is not trusted to sign here (trusted: "
                             f"{short_fingerprints(active)}): a substituted or unpinned key")
@@ -83,8 +85,8 @@ def signature_problems(envelope: dict[str, Any], payload: bytes, keys: dict[str,
                             "audit/signing-key.pub; restore it from git")
             continue
         try:
-            public_key.verify(base64.b64decode(signature["sig"], validate=True), message)
-        except (InvalidSignature, binascii.Error):
+            public_key.verify(dsse_b64decode(signature["sig"]), message)
+        except (InvalidSignature, ValueError):
             problems.append(f"bad signature by key {keyid[:16]}: modified after signing")
     return problems
 

@@ -86,12 +86,23 @@ def parse_envelope(data: bytes) -> tuple[dict[str, Any], bytes]:
             raise ValueError(f"not a DSSE envelope with payloadType {PAYLOAD_TYPE}")
         signatures = envelope.get("signatures")
         if not isinstance(signatures, list) or not signatures or not all(
-                isinstance(s, dict) and isinstance(s.get("keyid"), str) and isinstance(s.get("sig"), str)
+                isinstance(s, dict) and isinstance(s.get("keyid", ""), str) and isinstance(s.get("sig"), str)
                 for s in signatures):
-            raise ValueError("signatures must be a non-empty list of {keyid, sig}")
-        return envelope, base64.b64decode(envelope.get("payload", ""), validate=True)
+            raise ValueError("signatures must be a non-empty list of {sig, optional keyid}")
+        return envelope, dsse_b64decode(envelope.get("payload", ""))
     except _DECODE_ERRORS as exc:
         raise AuditError(f"bad envelope: {exc}") from exc
+
+
+def dsse_b64decode(text: object) -> bytes:
+    """Base64 as DSSE allows it: the standard or the URL-safe alphabet (not both), with or without padding."""
+    if not isinstance(text, str):
+        raise ValueError("base64 fields must be strings")
+    url_safe = any(c in text for c in "-_")
+    if url_safe and any(c in text for c in "+/"):
+        raise ValueError("base64 mixes the standard and the URL-safe alphabet")
+    padded = text + "=" * (-len(text) % 4)
+    return base64.b64decode(padded, altchars=b"-_" if url_safe else None, validate=True)
 
 
 def parse_statement(payload: bytes) -> dict[str, Any]:

@@ -31,7 +31,6 @@ import os
 import re
 import time
 from collections.abc import Collection
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -302,7 +301,7 @@ class AuditLog:
     def _verify(self, entries: list[Entry], blobs: list[bytes], digests: list[str], leaves: list[bytes],
                 key_file: str | None, strays: list[Path], prefix: _Scan | None) -> _Scan:
         """Check the records after ``prefix`` (all of them without one), carrying on from the state it left."""
-        problems = [f"{path}: not a record (a regular file named NNNNNN-<request_id>.json)" for path in strays]
+        problems = [f"{path}: {_stray(path, self.log_dir)}" for path in strays]
         keys: dict[str, Ed25519PublicKey] = {}
         if entries or self.anchors:
             try:
@@ -324,7 +323,7 @@ class AuditLog:
             summary: dict[str, Any] = {}
             try:
                 envelope, payload = parse_envelope(data)
-                signers = [s["keyid"] for s in envelope["signatures"]]
+                signers = [s.get("keyid", "") for s in envelope["signatures"]]
                 found += signature_problems(envelope, payload, keys, active)
                 predicate = parse_statement(payload)["predicate"]
             except AuditError as exc:
@@ -392,15 +391,52 @@ class AuditLog:
 
     def _listing(self) -> tuple[list[Entry], list[Path]]:
         """The record files (regular files only: a planted FIFO or link must not block or redirect a reader) in
-        sequence order, and the strays: other ``*.json`` files, or links and FIFOs named like records."""
+        sequence order, and the strays: every other entry of the records folder, at any depth (a record hidden
+        in a subfolder or renamed ``*.json.bak`` is refused, not skipped), but for the temporary file of a write
+        in progress. A records folder that is a link (or inside one) is itself a stray: the log is the
+        repository's own folder, never a directory elsewhere that a link points at."""
         entries, strays = [], []
-        with os.scandir(self.log_dir) if self.log_dir.is_dir() else nullcontext(iter(())) as listing:
-            for item in listing:
-                if not item.name.endswith(".json") or item.name.startswith("."):
-                    continue
-                match = _RECORD_NAME.fullmatch(item.name)
-                if match and item.is_file(follow_symlinks=False):
-                    entries.append(Entry(int(match[1]), match[2], self.log_dir / item.name))
-                else:
-                    strays.append(self.log_dir / item.name)
+        if _linked(self.log_dir):
+            return [], [self.log_dir]
+        if not self.log_dir.is_dir():
+            return [], []
+        for top, folders, files in os.walk(self.log_dir):
+            where = Path(top)
+            for name in [*folders, *files]:
+                match = _RECORD_NAME.fullmatch(name) if where == self.log_dir else None
+                item = where / name
+                if match and item.is_file() and not item.is_symlink():
+                    entries.append(Entry(int(match[1]), match[2], item))
+                elif not (where == self.log_dir and _writing(name)):
+                    strays.append(item)
         return sorted(entries, key=lambda e: (e.sequence, e.path.name)), sorted(strays)
+
+
+def _stray(path: Path, log_dir: Path) -> str:
+    if path == log_dir:
+        return "is a symbolic link (or inside one): the records must be a real folder of the repository"
+    if path.is_dir() and not path.is_symlink():
+        return "a folder inside the records folder: records sit directly in it, nothing else does"
+    return f"not a record (a regular file named NNNNNN-<request_id>.json directly in {log_dir.name}/)"
+
+
+def _linked(folder: Path) -> bool:
+    """Whether ``folder`` or its parent is a symbolic link (``audit/records`` or ``audit``)."""
+    return folder.is_symlink() or folder.parent.is_symlink()
+
+
+_WRITING = re.compile(r"\.(\d{6,}-[A-Za-z0-9._-]+\.json)\.tmp-(\d+)")
+
+
+def _writing(name: str) -> bool:
+    """A record being written atomically by a live process (``write_bytes_atomic``'s temporary name)."""
+    match = _WRITING.fullmatch(name)
+    if match is None:
+        return False
+    try:
+        os.kill(int(match[2]), 0)
+    except ProcessLookupError:
+        return False  # its writer died: a leftover, reported so that it is removed
+    except PermissionError:
+        return True
+    return True

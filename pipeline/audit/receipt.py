@@ -15,8 +15,9 @@ import json
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from pipeline.audit.envelope import PAYLOAD_TYPE, key_id, pae, parse_envelope, parse_statement
+from pipeline.audit.envelope import PAYLOAD_TYPE, dsse_b64decode, key_id, pae, parse_envelope, parse_statement
 from pipeline.audit.log import AuditLog
 from pipeline.audit.secrets import load_public_key, public_key_pem
 from pipeline.audit.transparency import Checkpoint, inclusion_proof, leaf_hash, verify_inclusion
@@ -68,18 +69,30 @@ def verify_receipt(receipt: dict[str, Any], trusted: str) -> dict[str, Any]:
     if not verify_inclusion(index, checkpoint.size, leaf_hash(record), proof, checkpoint.root):
         raise AuditError(f"the record is not leaf {index} of the checkpointed tree of {checkpoint.size} records")
     envelope, payload = parse_envelope(record)
-    signatures = [s for s in envelope["signatures"] if s["keyid"] == trusted]
-    try:
-        if not signatures:
-            raise InvalidSignature
-        for signature in signatures:
-            public_key.verify(base64.b64decode(signature["sig"], validate=True), pae(PAYLOAD_TYPE, payload))
-    except (InvalidSignature, binascii.Error) as exc:
-        raise AuditError("the record's signature does not verify with the trusted key") from exc
+    if not _signed_by(envelope, payload, public_key, trusted):
+        raise AuditError("the record's signature does not verify with the trusted key")
     stmt = parse_statement(payload)
     if stmt["predicate"].get("request_id") != receipt.get("request_id"):
         raise AuditError("the receipt's request_id is not the record's")
     return stmt
+
+
+def _signed_by(envelope: dict[str, Any], payload: bytes, public_key: Ed25519PublicKey, trusted: str) -> bool:
+    """Whether a signature by ``public_key`` verifies, and none that names it fails (DSSE: the keyid is an
+    optional hint, so a signature without one is tried with the trusted key; one with another keyid is not its)."""
+    verified = False
+    for signature in envelope["signatures"]:
+        named = signature.get("keyid", "")
+        if named not in ("", trusted):
+            continue
+        try:
+            public_key.verify(dsse_b64decode(signature["sig"]), pae(PAYLOAD_TYPE, payload))
+        except (InvalidSignature, ValueError):
+            if named:  # a bad signature that claims the trusted key: the record was changed
+                return False
+            continue
+        verified = True
+    return verified
 
 
 def receipt_json(receipt: dict[str, Any]) -> str:

@@ -166,11 +166,14 @@ def sign_note(text: str, name: str, key: Ed25519PrivateKey) -> str:
 
 def open_note(note: str, name: str, public_key: Ed25519PublicKey) -> str:
     """The text of ``note`` if it carries a valid signature by (``name``, ``public_key``); else raise."""
+    if not note.endswith("\n"):
+        raise TransparencyError("not a signed note: every signature line ends with a newline, the last one too")
     text, sep, signatures = note.rpartition("\n\n")
     if not sep or not text:
         raise TransparencyError("not a signed note: no blank line between text and signatures")
     text += "\n"
     wanted = note_key_hash(name, public_key)
+    verified = False
     for line in signatures.splitlines():
         if not line.startswith(_SIGNATURE_PREFIX) or line.count(" ") != 2:
             raise TransparencyError(f"malformed signature line {line[:60]!r}")
@@ -181,12 +184,14 @@ def open_note(note: str, name: str, public_key: Ed25519PublicKey) -> str:
             raise TransparencyError(f"signature by {signer!r} is not base64") from exc
         if signer != name or blob[:4] != wanted:
             continue  # another witness's signature: not the one asked for
-        try:
+        try:  # every line by this key must verify: a good one does not excuse a bad one beside it
             public_key.verify(blob[4:], text.encode("utf-8"))
         except InvalidSignature as exc:
             raise TransparencyError(f"bad signature by {name!r}: the note was changed after signing") from exc
-        return text
-    raise TransparencyError(f"the note carries no signature by {name!r} with key hash {wanted.hex()}")
+        verified = True
+    if not verified:
+        raise TransparencyError(f"the note carries no signature by {name!r} with key hash {wanted.hex()}")
+    return text
 
 
 @dataclass(frozen=True)

@@ -241,6 +241,8 @@ def check_receipt(path: Path, trusted_key: str) -> list[str]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise AuditError(f"{path}: cannot read the receipt ({exc})") from exc
+    except RecursionError:
+        raise AuditError(f"{path}: not a receipt (JSON nested too deeply)") from None
     fingerprints = sorted(read_public_keys(Path(trusted_key))) if Path(trusted_key).is_file() else [trusted_key]
     if len(fingerprints) != 1 or not re.fullmatch(r"[0-9a-f]{64}", fingerprints[0]):
         raise AuditError(f"--trusted-key {trusted_key!r}: give one PEM public key file or one 64-hex fingerprint")
