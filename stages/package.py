@@ -65,7 +65,7 @@ def main() -> None:
         staging = Path(tmp)
         artifacts = stage_artifacts(staging, files, config)
         shutil.copytree(Path(pipeline.__file__).parent, staging / "code" / "pipeline",
-                        ignore=shutil.ignore_patterns("__pycache__"))
+                        ignore=shutil.ignore_patterns("__pycache__", "template"))  # template: not serving code
         model = {"python_model": LegoNetModel(), "artifacts": artifacts, "code_paths": ["code/pipeline"],
                  "pip_requirements": SERVING_REQUIREMENTS}
         if PACKAGE.exists():

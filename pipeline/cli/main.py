@@ -9,6 +9,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     # analytics off; this covers every `dvc` child of legonet
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     parser = argparse.ArgumentParser(prog="legonet", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"legonet {metadata.version('legonet')}")
     parser.add_argument("-C", dest="directory", default=".", help="run as if started in this project folder")
     sub = parser.add_subparsers(dest="command", required=True)
 
