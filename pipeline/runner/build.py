@@ -366,7 +366,7 @@ def _working_directory(path: Path) -> Any:
 
 def _stage_count(root: Path) -> int:
     params = load_params(root)
-    blocks = block_count(int(params["adapters"]["n"]), int(params["adapters"]["blocks"]))
+    blocks = block_count(int(params["adapters"]["blocks"]))
     return 7 + int(params["data"]["partitions"]) + 2 + blocks  # encoder keys assign quality baseline evaluate package
 
 
