@@ -78,6 +78,19 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_promote(args: argparse.Namespace) -> int:
+    from pipeline.project.params import load_params
+    from pipeline.tracking.lineage import configure
+    from pipeline.tracking.registry import make_champion, project_store
+
+    settings = project_store(load_params()["mlflow"])
+    configure(settings["tracking_uri"], settings["experiment"], Path.cwd())
+    version, previous = make_champion(settings["registered_model"], args.version)
+    print(f"{settings['registered_model']} version {version} is now @champion"
+          + (f" (was version {previous})" if previous else ""))
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from pipeline.cli.predict import predict_file
 
@@ -164,11 +177,12 @@ def _errors() -> dict[type[BaseException], str]:
     from pipeline.purge.s3 import StoreError
     from pipeline.runner.build import BuildError
     from pipeline.runner.executor import ExecutorError
+    from pipeline.tracking.registry import RegistryError
 
     return {LockBusy: "busy", DataError: "data", ParamsError: "params", InitError: "usage", BuildError: "build",
             ModelError: "model", ManifestError: "data", ForgetError: "data", ExactnessError: "exactness",
             AuditFailed: "audit", AuditError: "audit", ExecutorError: "params",
-            StoreError: "store"}
+            StoreError: "store", RegistryError: "model"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("build", help="dvc repro + registry: build the model")
     p.add_argument("--force", action="store_true", help="rebuild every stage (dvc repro -f)")
     p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("promote", help="make a registered version champion, e.g. a DVC experiment's candidate")
+    p.add_argument("version", help="a model version number, or the name of the DVC experiment that built it")
+    p.set_defaults(func=cmd_promote)
 
     p = sub.add_parser("predict", help="predict a file of samples with the champion (or latest) model")
     p.add_argument("file", type=Path)
