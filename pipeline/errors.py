@@ -99,6 +99,12 @@ class ModelError(LegonetError, RuntimeError):
     exit_code = 6
 
 
+class RegistryError(LegonetError, LookupError):
+    """The registry has no such model version; the message names it and where to look."""
+
+    exit_code = 6
+
+
 # --- 7: the project lock is busy ---
 
 

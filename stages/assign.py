@@ -37,14 +37,19 @@ from pipeline.project.layout import (
     PROJECTION,
     ROUTING,
     SHARDS,
+    block_adapters,
+    block_count,
     encoded_path,
     partition_name,
+    shard_dir,
     shard_path,
 )
 from pipeline.project.params import check_generated, load_params, recorded_md5, run_stage
 from pipeline.tracking.lineage import file_md5, stage_run
 
 ROW_COLUMNS = ["sample_id", "label", PAYLOAD_DIGEST]
+EMPTY_BLOCK = "EMPTY"
+EMPTY_NOTE = b"no adapter: this block starts at or after adapters.n\n"
 
 
 def previous_index(identity: dict[str, Any]) -> tuple[pd.DataFrame | None, dict[str, str]]:
@@ -71,6 +76,20 @@ def new_rows(rows: pd.DataFrame, checked: set[int], projection: np.ndarray, widt
         frames.append(frame[wanted].assign(partition=np.int32(index)))
         points.append(project(embeddings[wanted], projection))
     return pd.concat(frames, ignore_index=True) if frames else rows.iloc[:0], np.concatenate(points)
+
+
+def mark_empty_blocks(n: int, blocks: int) -> set[Path]:
+    """Give each block without adapters (adapters.n below adapters.blocks) a marker file; return their paths.
+
+    Its train stage depends on the block's shard folder, and DVC records files, not empty folders: a checkout of
+    ``data/shards`` (a queued `dvc exp run` starts from one) would not recreate an empty one.
+    """
+    markers = {shard_dir(b) / EMPTY_BLOCK for b in range(block_count(blocks)) if not block_adapters(b, n, blocks)}
+    for marker in markers:
+        if not marker.is_file() or marker.read_bytes() != EMPTY_NOTE:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_bytes(EMPTY_NOTE)
+    return markers
 
 
 def main() -> None:
@@ -118,7 +137,7 @@ def main() -> None:
         validate(index, routing_schema(n, k, partitions, classes), ROUTING)
         written = sum(write_embeddings(path, frame, shard_features, keep_identical=True)
                       for path, frame, shard_features in shards)
-        expected = {shard_path(j, n, blocks) for j in range(n)}
+        expected = {shard_path(j, n, blocks) for j in range(n)} | mark_empty_blocks(n, blocks)
         for stray in sorted(p for p in SHARDS.rglob("*") if p.is_file() and p not in expected):
             stray.unlink()  # shards of adapters that left (adapters.n or adapters.blocks changed), stale temp files
         for folder in sorted((p for p in SHARDS.rglob("*") if p.is_dir()), reverse=True):

@@ -1,7 +1,10 @@
 """DVC stage `package`: the whole ensemble, encoder included, as an MLflow pyfunc model; register and gate it.
 
 The gate: alias `champion` moves only when the quality checkpoint (reports/quality/result.json) passed and the
-accuracy gate passed; otherwise the version is `candidate`, tagged with every failed expectation or gate.
+accuracy gate passed, and the build is not a DVC experiment (`dvc exp run`, queued or not: a candidate tagged with
+the experiment's name, for `legonet promote`); otherwise the version is `candidate`, tagged with every failed
+expectation or gate. The model is registered in the project's own MLflow store, also from the temporary copy a
+queued experiment runs in (``project_store``).
 
 This is also where pending lineage records of the build become MLflow runs (the stage imports MLflow anyway).
 """
@@ -13,7 +16,6 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pipeline
@@ -23,7 +25,14 @@ from pipeline.project.layout import ADAPTERS, ENCODER, ENCODER_INFO, KEYS, METRI
 from pipeline.project.params import load_params, run_stage
 from pipeline.project.scratch import scratch_dir
 from pipeline.tracking.lineage import configure, file_md5, file_sha256, flush, stage_run, tree_digests
-from pipeline.tracking.registry import gate, promote, replaced_version
+from pipeline.tracking.registry import (
+    dvc_experiment,
+    gate,
+    project_root,
+    project_store,
+    promote,
+    replaced_version,
+)
 
 
 def preload() -> None:
@@ -37,7 +46,7 @@ def preload() -> None:
     import mlflow
     from mlflow.utils.requirements_utils import warn_dependency_requirement_mismatches
 
-    settings = load_params()["mlflow"]
+    settings = project_store(load_params()["mlflow"])
     uri = settings["tracking_uri"]
     if not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).is_file():
         mlflow.set_tracking_uri(uri)
@@ -58,21 +67,25 @@ def main() -> None:
              "adapters": ADAPTERS}
     metrics_file = METRICS / "evaluate.json"
     used = {"package": config, "gate": params["gate"], "registered_model": name}
-    configure(params["mlflow"]["tracking_uri"], params["mlflow"]["experiment"], Path())
+    store = project_store(params["mlflow"])  # the project's store, also from a queued experiment's copy
+    configure(store["tracking_uri"], store["experiment"], project_root())
     with stage_run("package", Path(), used, [*files.values(), metrics_file, RESULT], [PACKAGE]) as run, \
             scratch_dir(Path(), "package") as tmp:  # not /tmp: a killed build would leave whole adapters there
         accuracy = float(json.loads(metrics_file.read_text())["accuracy"])
         staging = Path(tmp)
         artifacts = stage_artifacts(staging, files, config)
         shutil.copytree(Path(pipeline.__file__).parent, staging / "code" / "pipeline",
-                        ignore=shutil.ignore_patterns("__pycache__"))
+                        ignore=shutil.ignore_patterns("__pycache__", "template"))  # template: not serving code
         model = {"python_model": LegoNetModel(), "artifacts": artifacts, "code_paths": ["code/pipeline"],
                  "pip_requirements": SERVING_REQUIREMENTS}
         if PACKAGE.exists():
             shutil.rmtree(PACKAGE)
         previous = replaced_version(name)  # before this build registers: the version it replaces
         package = PACKAGE.resolve()  # before the working directory changes
-        with inside(staging):
+        # from inside the staging folder: MLflow writes each artifact's source, as given, into MLmodel (`uri`);
+        # relative (``artifacts/keys.npy``) it names the file in the package, never a temporary folder whose random
+        # name would differ between two builds (the tracking URI is absolute: ``project_store``)
+        with contextlib.chdir(staging):
             mlflow.pyfunc.save_model(path=str(package), **model)
             version = str(mlflow.pyfunc.log_model(name="model", registered_model_name=name, **model)
                           .registered_model_version)
@@ -80,7 +93,7 @@ def main() -> None:
         held = [] if quality["success"] else [f"quality checkpoint failed: {line}" for line in quality["failed"]]
         result = gate(accuracy, previous, params["gate"], held)
         run.update({"accuracy": accuracy, "model_version": int(version)})
-    runs = flush(Path(), params["mlflow"])
+    runs = flush(Path(), store)
     client = mlflow.MlflowClient()
     tags = {"accuracy": f"{accuracy:.6f}", "package_run_id": runs.get("package", ""),
             "encoder.md5": file_md5(ENCODER), "adapters": str(len(list(ADAPTERS.rglob("*.safetensors")))),
@@ -89,30 +102,8 @@ def main() -> None:
             "quality_result_sha256": file_sha256(RESULT) if RESULT.is_file() else ""}
     for tag, value in tags.items():
         client.set_model_version_tag(name, version, tag, value)
-    alias = promote(name, version, result)
-    print(f"registered {name} version {version} as @{alias}: {result.reason}")
-
-
-@contextlib.contextmanager
-def inside(staging: Path) -> Iterator[None]:
-    """Save and log the model from inside the staging folder.
-
-    MLflow writes the source of each artifact, as given, into MLmodel (`uri`). Given relative to the staging folder
-    (``artifacts/keys.npy``) it names the file inside the package, never a temporary folder that no longer exists
-    and whose random name would differ between two builds. A relative SQLite tracking URI is made absolute first,
-    or MLflow would open a new store in the staging folder.
-    """
-    import mlflow
-
-    uri = mlflow.get_tracking_uri()
-    local = uri.startswith("sqlite:///") and not uri.startswith("sqlite:////")
-    if local:
-        mlflow.set_tracking_uri(f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}")
-    try:
-        with contextlib.chdir(staging):
-            yield
-    finally:
-        mlflow.set_tracking_uri(uri)
+    alias, reason = promote(name, version, result, dvc_experiment())
+    print(f"registered {name} version {version} as @{alias}: {reason}")
 
 
 def _combined(digests: dict[str, str]) -> str:

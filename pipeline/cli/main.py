@@ -9,6 +9,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,19 @@ def cmd_build(args: argparse.Namespace) -> int:
         print(f"registered model version {registered['version']} aliases [{registered['aliases']}]: "
               f"{registered['gate_reason']}")
     print("look: `dvc metrics show`, `dvc plots show`, `mlflow ui --backend-store-uri sqlite:///mlflow.db`")
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from pipeline.project.params import load_params
+    from pipeline.tracking.lineage import configure
+    from pipeline.tracking.registry import make_champion, project_store
+
+    settings = project_store(load_params()["mlflow"])
+    configure(settings["tracking_uri"], settings["experiment"], Path.cwd())
+    version, previous = make_champion(settings["registered_model"], args.version)
+    print(f"{settings['registered_model']} version {version} is now @champion"
+          + (f" (was version {previous})" if previous else ""))
     return 0
 
 
@@ -157,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     # analytics off; this covers every `dvc` child of legonet
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     parser = argparse.ArgumentParser(prog="legonet", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"legonet {metadata.version('legonet')}")
     parser.add_argument("-C", dest="directory", default=".", help="run as if started in this project folder")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -175,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("build", help="dvc repro + registry: build the model")
     p.add_argument("--force", action="store_true", help="rebuild every stage (dvc repro -f)")
     p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("promote", help="make a registered version champion, e.g. a DVC experiment's candidate")
+    p.add_argument("version", help="a model version number, or the name of the DVC experiment that built it")
+    p.set_defaults(func=cmd_promote)
 
     p = sub.add_parser("predict", help="predict a file of samples with the champion (or latest) model")
     p.add_argument("file", type=Path)

@@ -85,7 +85,7 @@ def predict_frame(encoder: Any, ensemble: Any, config: dict[str, Any], frame: pd
 
 def stage_artifacts(staging: Path, files: dict[str, Path], config: dict[str, Any]) -> dict[str, str]:
     """Copy the artifact files byte for byte into ``staging/artifacts`` and return MLflow's ``artifacts`` mapping,
-    with paths relative to ``staging`` (the package is saved from there: see ``stages.package.inside``)."""
+    with paths relative to ``staging`` (the package is saved from there: see ``stages.package.main``)."""
     workdir = staging / "artifacts"
     workdir.mkdir(parents=True, exist_ok=True)
     artifacts = {}

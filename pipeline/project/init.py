@@ -34,7 +34,9 @@ from pipeline.forget.flow import JOURNAL, Journal, project_lock
 from pipeline.project.layout import REFERENCE, TEST, raw_path
 from pipeline.project.params import PARAMS, check_params, commit_project, load_params, sync_generated
 
-TEMPLATE = Path(__file__).resolve().parents[2]  # the checkout's dvc.yaml and params.yaml are the template
+# The repository's own dvc.yaml and params.yaml, shipped as package data: in a checkout these are symlinks to the
+# files at the root (one source of truth); a built wheel holds copies of them, so `pip install .` can create projects
+TEMPLATE = Path(__file__).resolve().parent / "template"
 GITIGNORE = "/mlflow.db\n/mlartifacts/\n/.legonet/\n"
 DVCIGNORE = "/mlflow.db\n/mlartifacts/\n/.legonet/\n/audit/\n"
 # autostage: DVC stages the .gitignore and .dvc files it writes; no analytics, no update check (phones home)

@@ -43,19 +43,21 @@ def block_name(index: int) -> str:
     return f"block-{index:04d}"
 
 
-def block_count(n: int, blocks: int) -> int:
-    """Number of train blocks: ``adapters.blocks``, but never more than there are adapters."""
-    return max(1, min(n, blocks))
+def block_count(blocks: int) -> int:
+    """Number of train blocks: ``adapters.blocks``, whatever n is (dvc.yaml's train stages must not change with
+    n, so that n can be swept with `dvc exp run -S`); with fewer adapters than blocks, the blocks from n on are
+    empty. Adapter j's block is the same as if the count stopped at n (blocks of one adapter)."""
+    return max(1, blocks)
 
 
 def block_of(adapter: int, n: int, blocks: int) -> int:
     """The block of adapter j: contiguous ranges of ceil(n / blocks) adapters."""
-    size = -(-n // block_count(n, blocks))
+    size = -(-n // block_count(blocks))
     return adapter // size
 
 
 def block_adapters(block: int, n: int, blocks: int) -> range:
-    size = -(-n // block_count(n, blocks))
+    size = -(-n // block_count(blocks))
     return range(block * size, min(n, (block + 1) * size))
 
 

@@ -46,8 +46,10 @@ def repro(root: Path, targets: list[str] | None = None, force: bool = False,
             Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                      TimeElapsedColumn(), console=console, transient=True) as progress:
         task = progress.add_task("dvc repro", total=total)
+        # dvc.yaml's `python -m stages.X` must run this interpreter (a virtual environment need not be activated)
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
         process = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                   env={**os.environ, **ray_env})
+                                   env={**os.environ, **ray_env, "PATH": path})
         assert process.stdout is not None
         mark = time.monotonic()
         for line in process.stdout:
@@ -354,7 +356,7 @@ def _working_directory(path: Path) -> Any:
 
 def _stage_count(root: Path) -> int:
     params = load_params(root)
-    blocks = block_count(int(params["adapters"]["n"]), int(params["adapters"]["blocks"]))
+    blocks = block_count(int(params["adapters"]["blocks"]))
     return 7 + int(params["data"]["partitions"]) + 2 + blocks  # encoder keys assign quality baseline evaluate package
 
 

@@ -1,17 +1,27 @@
 """The MLflow model registry: register each packaged build as a new version; promote it behind the gate.
 
 Aliases: ``champion`` is what serves (``models:/legonet@champion``); a version that fails the gate gets
-``candidate`` and a tag saying why, so nobody has to guess why the champion did not move.
+``candidate`` and a tag saying why, so nobody has to guess why the champion did not move. A version built by a
+DVC experiment (`dvc exp run`) is always a ``candidate``, tagged with the experiment's name: trying params is not a
+release. Promotion stays a deliberate act: `legonet build` on the main line, or `legonet promote VERSION`.
 """
 
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from pipeline.errors import RegistryError
 
 CHAMPION = "champion"
 CANDIDATE = "candidate"
+# what DVC sets for the stages of an experiment, queued or not (dvc/repo/experiments/queue/base.py), as the tags a
+# version built by one carries
+EXPERIMENT_TAGS = {"DVC_EXP_NAME": "dvc_exp_name", "DVC_EXP_BASELINE_REV": "dvc_exp_baseline_rev"}
 
 
 @dataclass(frozen=True)
@@ -73,16 +83,82 @@ def replaced_version(name: str) -> Replaced | None:
     return Replaced(str(version.version), float(value)) if value is not None else None
 
 
-def promote(name: str, version: str, result: GateResult) -> str:
-    """Point ``champion`` (gate passed) or ``candidate`` (held) at the version; returns the alias set."""
+def project_root() -> Path:
+    """The project's root: ``DVC_ROOT``, which DVC sets for every stage it runs, and which names the project itself
+    (not the temporary copy under .dvc/tmp/exps a queued experiment runs in); else the working directory (a stage a
+    forget runs in its own process)."""
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd())
+
+
+def project_store(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The project's ``mlflow`` params with a relative SQLite store (the template's ``sqlite:///mlflow.db``) made
+    absolute against ``project_root()``.
+
+    A queued experiment (`dvc exp run --queue`, then `dvc queue start`) runs its stages in a temporary git copy of
+    the project, where mlflow.db (not in git) does not exist: resolved against the working directory, the version
+    would be registered in a new empty store, deleted with the copy. A server or an absolute path is kept.
+    """
+    uri = str(settings["tracking_uri"])
+    if not uri.startswith("sqlite:///") or uri.startswith("sqlite:////"):
+        return dict(settings)
+    return {**settings, "tracking_uri": f"sqlite:///{(project_root() / uri.removeprefix('sqlite:///')).resolve()}"}
+
+
+def dvc_experiment() -> dict[str, str]:
+    """The tags naming the DVC experiment this stage runs in (empty for `dvc repro`, `legonet build`, a forget)."""
+    return {tag: os.environ[env] for env, tag in EXPERIMENT_TAGS.items() if os.environ.get(env)}
+
+
+def promote(name: str, version: str, result: GateResult, experiment: Mapping[str, str] | None = None
+            ) -> tuple[str, str]:
+    """Point ``champion`` (gate passed) or ``candidate`` (held, or built by the DVC ``experiment``) at the version;
+    returns the alias set and the reason recorded. An experiment's version records its gate result and its
+    experiment, and waits for a deliberate `legonet promote`."""
     from mlflow import MlflowClient
 
     client = MlflowClient()
-    alias = CHAMPION if result.passed else CANDIDATE
-    client.set_model_version_tag(name, version, "gate", "passed" if result.passed else "failed")
-    client.set_model_version_tag(name, version, "gate_reason", result.reason)
+    alias = CHAMPION if result.passed and not experiment else CANDIDATE
+    reason = result.reason
+    if experiment:
+        reason += (f"; built by DVC experiment {experiment.get('dvc_exp_name', '?')}: a candidate, never champion "
+                   f"(`legonet promote {version}` makes it champion)")
+    for tag, value in {**(experiment or {}), "gate": "passed" if result.passed else "failed",
+                       "gate_reason": reason}.items():
+        client.set_model_version_tag(name, version, tag, value)
     client.set_registered_model_alias(name, alias, version)
-    return alias
+    return alias, reason
+
+
+def make_champion(name: str, chosen: str) -> tuple[str, str | None]:
+    """`legonet promote VERSION|EXPERIMENT`: point ``champion`` at an existing version, or at the newest version a
+    DVC experiment of that name built, whatever its gate said, because a person chose it. The version is tagged
+    with the one it replaces. Returns (the version now champion, the previous champion's or None)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    if chosen.isdigit():
+        try:
+            version = client.get_model_version(name, chosen)
+        except MlflowException as exc:
+            raise RegistryError(f"registered model {name!r} has no version {chosen}; `mlflow ui` lists them") from exc
+    else:
+        found = client.search_model_versions(f"name='{name}' and tags.{EXPERIMENT_TAGS['DVC_EXP_NAME']}='{chosen}'")
+        if not found:
+            raise RegistryError(f"no version of {name!r} was built by a DVC experiment named {chosen!r}; "
+                                "`dvc exp show` lists the experiments, `mlflow ui` the versions")
+        newest = max(found, key=lambda v: int(v.version))
+        version = client.get_model_version(name, newest.version)  # search results carry no aliases
+    try:
+        previous: str | None = str(client.get_model_version_by_alias(name, CHAMPION).version)
+    except MlflowException:
+        previous = None
+    client.set_model_version_tag(name, version.version, "promoted",
+                                 f"by `legonet promote`, replacing version {previous}")
+    client.set_registered_model_alias(name, CHAMPION, version.version)
+    if CANDIDATE in version.aliases:
+        client.delete_registered_model_alias(name, CANDIDATE)
+    return str(version.version), previous
 
 
 def latest_version(name: str) -> Any | None:
