@@ -22,6 +22,7 @@ from pipeline.data.quality import RESULT, read_result
 from pipeline.model.package import SERVING_REQUIREMENTS, LegoNetModel, stage_artifacts
 from pipeline.project.layout import ADAPTERS, ENCODER, ENCODER_INFO, KEYS, METRICS, PACKAGE, PROJECTION
 from pipeline.project.params import load_params, run_stage
+from pipeline.tracking.identity import PROJECT_TAG, claim_registered_model, project_id
 from pipeline.tracking.lineage import configure, file_md5, file_sha256, flush, stage_run, tree_digests
 from pipeline.tracking.registry import gate, promote, replaced_version
 
@@ -59,6 +60,8 @@ def main() -> None:
     metrics_file = METRICS / "evaluate.json"
     used = {"package": config, "gate": params["gate"], "registered_model": name}
     configure(params["mlflow"]["tracking_uri"], params["mlflow"]["experiment"], Path())
+    owner = {PROJECT_TAG: project_id(params)}  # on the logged model and, through log_model, on the version
+    claim_registered_model(mlflow.MlflowClient(), name, owner[PROJECT_TAG])  # before log_model creates it untagged
     with stage_run("package", Path(), used, [*files.values(), metrics_file, RESULT], [PACKAGE]) as run, \
             tempfile.TemporaryDirectory() as tmp:
         accuracy = float(json.loads(metrics_file.read_text())["accuracy"])
@@ -74,7 +77,7 @@ def main() -> None:
         package = PACKAGE.resolve()  # before the working directory changes
         with inside(staging):
             mlflow.pyfunc.save_model(path=str(package), **model)
-            version = str(mlflow.pyfunc.log_model(name="model", registered_model_name=name, **model)
+            version = str(mlflow.pyfunc.log_model(name="model", registered_model_name=name, tags=owner, **model)
                           .registered_model_version)
         quality = read_result(RESULT)
         held = [] if quality["success"] else [f"quality checkpoint failed: {line}" for line in quality["failed"]]
@@ -89,7 +92,7 @@ def main() -> None:
             "quality_result_sha256": file_sha256(RESULT) if RESULT.is_file() else ""}
     for tag, value in tags.items():
         client.set_model_version_tag(name, version, tag, value)
-    alias = promote(name, version, result)
+    alias = promote(name, version, result, owner[PROJECT_TAG])
     print(f"registered {name} version {version} as @{alias}: {result.reason}")
 
 

@@ -1,6 +1,6 @@
 """The MLflow model registry: register each packaged build as a new version; promote it behind the gate.
 
-Aliases: ``champion`` is what serves (``models:/legonet@champion``); a version that fails the gate gets
+Aliases: ``champion`` is what serves (``models:/<registered_model>@champion``); a version that fails the gate gets
 ``candidate`` and a tag saying why, so nobody has to guess why the champion did not move.
 """
 
@@ -73,11 +73,21 @@ def replaced_version(name: str) -> Replaced | None:
     return Replaced(str(version.version), float(value)) if value is not None else None
 
 
-def promote(name: str, version: str, result: GateResult) -> str:
-    """Point ``champion`` (gate passed) or ``candidate`` (held) at the version; returns the alias set."""
+def promote(name: str, version: str, result: GateResult, pid: str) -> str:
+    """Point ``champion`` (gate passed) or ``candidate`` (held) at the version; returns the alias set.
+
+    Aliases belong to the registered model, so the model must be this project's (ID ``pid``) and so must the
+    version: a project never moves another project's champion."""
     from mlflow import MlflowClient
 
+    from pipeline.tracking.identity import PROJECT_TAG, IdentityError, claim_registered_model
+
     client = MlflowClient()
+    claim_registered_model(client, name, pid)
+    owner = client.get_model_version(name, version).tags.get(PROJECT_TAG)
+    if owner != pid:
+        raise IdentityError(f"model version {version} of {name!r} carries project {owner}, not this project's {pid}: "
+                            "refusing to point an alias at it")
     alias = CHAMPION if result.passed else CANDIDATE
     client.set_model_version_tag(name, version, "gate", "passed" if result.passed else "failed")
     client.set_model_version_tag(name, version, "gate_reason", result.reason)
@@ -86,8 +96,11 @@ def promote(name: str, version: str, result: GateResult) -> str:
 
 
 def latest_version(name: str) -> Any | None:
-    """The newest registered version of the model, or None."""
+    """The newest registered version of the model (every page searched), or None."""
     from mlflow import MlflowClient
 
-    versions = MlflowClient().search_model_versions(f"name='{name}'")
+    from pipeline.tracking.identity import pages
+
+    client = MlflowClient()
+    versions = list(pages(lambda token: client.search_model_versions(f"name='{name}'", page_token=token)))
     return max(versions, key=lambda v: int(v.version)) if versions else None
