@@ -38,7 +38,7 @@ def project_id(params: dict[str, Any]) -> str:
     if not value:
         raise IdentityError("params.yaml has no project.id (the project was made before project IDs): run "
                             "`legonet adopt` once in the project; it gives the project an ID and claims its MLflow "
-                            "experiment, registered model, versions, logged models and runs (docs/purge.md)")
+                            "experiment, registered model, versions, logged models and runs (docs/project-identity.md)")
     if not _ID.fullmatch(str(value)):
         raise IdentityError(f"params.yaml: project.id {value!r} is not a project ID (32 lowercase hex digits, as "
                             "`legonet init` makes them); restore it from git (`git log -p params.yaml`)")
