@@ -85,7 +85,8 @@ def main() -> None:
         run.update({"accuracy": accuracy, "model_version": int(version)})
     runs = flush(Path(), params["mlflow"])
     client = mlflow.MlflowClient()
-    tags = {"accuracy": f"{accuracy:.6f}", "package_run_id": runs.get("package", ""),
+    # `project` names the project by its ID, never by a folder path (a clone elsewhere is the same project)
+    tags = {"accuracy": f"{accuracy:.6f}", "package_run_id": runs.get("package", ""), "project": owner[PROJECT_TAG],
             "encoder.md5": file_md5(ENCODER), "adapters": str(len(list(ADAPTERS.rglob("*.safetensors")))),
             "inputs.md5": _combined(tree_digests(list(files.values()), Path())),
             "quality": "passed" if quality["success"] else "failed",

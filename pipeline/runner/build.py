@@ -373,11 +373,9 @@ def dvc_lock_digest(root: Path) -> str:
 
 
 def tag_build(root: Path) -> dict[str, str]:
-    """Link the newest registered version to this build: the sha256 of dvc.lock and the project's ID (never its
-    path: another machine's clone is the same project, and a path names a user's folders)."""
+    """Link the newest registered version to this build: the sha256 of dvc.lock."""
     from mlflow import MlflowClient
 
-    from pipeline.tracking.identity import project_id
     from pipeline.tracking.lineage import configure, flush
     from pipeline.tracking.registry import latest_version
 
@@ -388,7 +386,7 @@ def tag_build(root: Path) -> dict[str, str]:
     if latest is None:
         return {}
     version = MlflowClient().get_model_version(latest.name, latest.version)  # search results carry no aliases
-    tags = {"dvc_lock_sha256": dvc_lock_digest(root), "project": project_id(params)}
+    tags = {"dvc_lock_sha256": dvc_lock_digest(root)}
     for key, value in tags.items():
         MlflowClient().set_model_version_tag(version.name, version.version, key, value)
     aliases = ",".join(version.aliases) if version.aliases else ""
