@@ -57,6 +57,10 @@ class ParamsError(LegonetError, ValueError):
     exit_code = 4
 
 
+class IdentityError(ParamsError):
+    """The project has no valid ID, or a name it would use belongs to another project; the message says the fix."""
+
+
 class ExecutorError(LegonetError, RuntimeError):
     """The executor cannot run: unknown name, or Ray asked for but not installed / not reachable."""
 

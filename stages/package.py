@@ -24,6 +24,7 @@ from pipeline.model.package import SERVING_REQUIREMENTS, LegoNetModel, stage_art
 from pipeline.project.layout import ADAPTERS, ENCODER, ENCODER_INFO, KEYS, METRICS, PACKAGE, PROJECTION
 from pipeline.project.params import load_params, run_stage
 from pipeline.project.scratch import scratch_dir
+from pipeline.tracking.identity import PROJECT_TAG, claim_registered_model, project_id
 from pipeline.tracking.lineage import configure, file_md5, file_sha256, flush, stage_run, tree_digests
 from pipeline.tracking.registry import (
     dvc_experiment,
@@ -69,6 +70,8 @@ def main() -> None:
     used = {"package": config, "gate": params["gate"], "registered_model": name}
     store = project_store(params["mlflow"])  # the project's store, also from a queued experiment's copy
     configure(store["tracking_uri"], store["experiment"], project_root())
+    owner = {PROJECT_TAG: project_id(params)}  # on the logged model and, through log_model, on the version
+    claim_registered_model(mlflow.MlflowClient(), name, owner[PROJECT_TAG])  # before log_model creates it untagged
     with stage_run("package", Path(), used, [*files.values(), metrics_file, RESULT], [PACKAGE]) as run, \
             scratch_dir(Path(), "package") as tmp:  # not /tmp: a killed build would leave whole adapters there
         accuracy = float(json.loads(metrics_file.read_text())["accuracy"])
@@ -87,7 +90,7 @@ def main() -> None:
         # name would differ between two builds (the tracking URI is absolute: ``project_store``)
         with contextlib.chdir(staging):
             mlflow.pyfunc.save_model(path=str(package), **model)
-            version = str(mlflow.pyfunc.log_model(name="model", registered_model_name=name, **model)
+            version = str(mlflow.pyfunc.log_model(name="model", registered_model_name=name, tags=owner, **model)
                           .registered_model_version)
         quality = read_result(RESULT)
         held = [] if quality["success"] else [f"quality checkpoint failed: {line}" for line in quality["failed"]]
@@ -95,14 +98,15 @@ def main() -> None:
         run.update({"accuracy": accuracy, "model_version": int(version)})
     runs = flush(Path(), store)
     client = mlflow.MlflowClient()
-    tags = {"accuracy": f"{accuracy:.6f}", "package_run_id": runs.get("package", ""),
+    # `project` names the project by its ID, never by a folder path (a clone elsewhere is the same project)
+    tags = {"accuracy": f"{accuracy:.6f}", "package_run_id": runs.get("package", ""), "project": owner[PROJECT_TAG],
             "encoder.md5": file_md5(ENCODER), "adapters": str(len(list(ADAPTERS.rglob("*.safetensors")))),
             "inputs.md5": _combined(tree_digests(list(files.values()), Path())),
             "quality": "passed" if quality["success"] else "failed",
             "quality_result_sha256": file_sha256(RESULT) if RESULT.is_file() else ""}
     for tag, value in tags.items():
         client.set_model_version_tag(name, version, tag, value)
-    alias, reason = promote(name, version, result, dvc_experiment())
+    alias, reason = promote(name, version, result, owner[PROJECT_TAG], dvc_experiment())
     print(f"registered {name} version {version} as @{alias}: {reason}")
 
 

@@ -54,13 +54,37 @@ def verify(root: Path, params: dict[str, Any], rebuild: bool = False, trusted: S
         found = _forgotten_present(root, records, key)
         problems += [f"forgotten sample of request(s) {', '.join(r)} is present in {p}" for p, r in found]
     problems += remote_residue(root, records)  # superseded objects in any configured DVC remote (S3 included)
+    problems += _mlflow_problems(root, params, records)
     if rebuild and records:
         problems += rebuild_adapters(root, params, records[-1]["predicate"]["affected"]["adapters"])
         passed.append("affected adapters re-derived from scratch in a temporary directory: bit-identical")
     if problems:
         raise AuditFailed("audit verification failed:\n" + "\n".join(f"  - {p}" for p in problems))
     return [*passed, "current model and adapters match the last record", "workspace matches dvc.lock",
-            "`dvc status`: up to date", "no forgotten ID in data, DVC cache or remote tables"]
+            "`dvc status`: up to date", "no forgotten ID in data, DVC cache or remote tables",
+            "no MLflow model version or logged model of this project trained on forgotten data"]
+
+
+def _mlflow_problems(root: Path, params: dict[str, Any], records: list[dict[str, Any]]) -> list[str]:
+    """The project's MLflow objects a forget should have purged and that are still there (``models.residue``)."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.errors import IdentityError
+    from pipeline.purge.models import residue
+    from pipeline.tracking.identity import project_id
+    from pipeline.tracking.lineage import absolute_store
+
+    settings = params["mlflow"]
+    uri = absolute_store(settings["tracking_uri"], root)
+    if not records or (uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file()):
+        return []  # nothing forgotten, or no store to hold anything (opening one would create it)
+    try:
+        return residue(uri, project_id(params), settings["registered_model"], records,
+                       root / "mlartifacts" / "models")
+    except IdentityError as exc:
+        return [str(exc)]
+    except MlflowException as exc:
+        return [f"MLflow store {uri}: cannot check the project's models ({str(exc)[:300]})"]
 
 
 def _dvc_status_problems(root: Path) -> list[str]:

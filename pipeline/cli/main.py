@@ -90,6 +90,17 @@ def cmd_promote(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_adopt(args: argparse.Namespace) -> int:
+    from pipeline.forget.flow import project_lock
+    from pipeline.tracking.identity import adopt
+
+    with project_lock(Path.cwd(), wait=True, notify=lambda m: console.print(m, highlight=False)):
+        done = adopt(Path.cwd())
+    print(f"project ID {done['project_id']} (params.yaml, committed): claimed the experiment, {done['runs']} run(s), "
+          f"the registered model, {done['model_versions']} version(s) and {done['logged_models']} logged model(s)")
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from pipeline.cli.predict import predict_file
 
@@ -194,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("promote", help="make a registered version champion, e.g. a DVC experiment's candidate")
     p.add_argument("version", help="a model version number, or the name of the DVC experiment that built it")
     p.set_defaults(func=cmd_promote)
+
+    p = sub.add_parser("adopt", help="give a project made before project IDs its ID and claim its MLflow objects")
+    p.set_defaults(func=cmd_adopt)
 
     p = sub.add_parser("predict", help="predict a file of samples with the champion (or latest) model")
     p.add_argument("file", type=Path)

@@ -21,6 +21,7 @@ from pipeline.forget.manifest import DeletionRequest, load_manifest
 from pipeline.project.layout import REFERENCE
 from pipeline.project.params import commit_project, params_digest
 from pipeline.runner.build import dvc_add, dvc_lock_digest, dvc_status, in_worker, repro, rerun, stage_worker
+from pipeline.tracking.identity import project_id
 from pipeline.tracking.lineage import file_sha256, git_revision, platform_tags, remembered_digests
 
 
@@ -30,6 +31,7 @@ def forget(root: Path, manifests: Sequence[Path], params: dict[str, Any], *, dry
     """Apply the requests in ``manifests`` as one batch (one rebuild for the union); return a summary."""
     started = time.monotonic()
     requests = [load_manifest(m) for m in manifests]  # all parsing errors surface before anything else
+    project_id(params)  # a project without its ID could not purge its MLflow objects: refuse before any change
     if allow_unknown is None:
         allow_unknown = bool(params.get("audit", {}).get("allow_unknown_ids", False))
     timings: dict[str, float] = {"validate": round(time.monotonic() - started, 3)}
@@ -203,11 +205,15 @@ def _purge(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str], pa
     objects = purge.purge_objects(root, set(journal.results["stale_objects"]), keep, ids)
     retention = int(params.get("purge", {}).get("retention_days", 0))
     registry = journal.results.get("registry", {})
-    name = settings["registered_model"]
     until = (datetime.now(UTC) + timedelta(days=retention)).date().isoformat() if retention > 0 else None
     backend = settings.get("backend_store_uri") or settings["tracking_uri"]
-    models = in_worker(model_purge.purge_models, settings["tracking_uri"], name, registry.get("model_version"),
-                       journal.request_ids, root / "mlartifacts" / "models", backend, retain_until=until,
+    if "mlflow_plan" not in journal.results:  # every MLflow object to delete, named before any is deleted
+        journal.results["mlflow_plan"] = in_worker(
+            model_purge.plan_purge, settings["tracking_uri"], settings["registered_model"], project_id(params),
+            registry.get("model_version"), until)
+        journal.save(root)
+    models = in_worker(model_purge.purge_models, settings["tracking_uri"], journal.results["mlflow_plan"],
+                       journal.request_ids, root / "mlartifacts" / "models", backend,
                        artifacts_destination=destination)
     if backend != settings["tracking_uri"]:  # a server deleted the rows; this process's deletes are zeroed
         model_purge.vacuum_sqlite(backend)

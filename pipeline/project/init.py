@@ -124,6 +124,7 @@ def init_project(
         if overrides:
             set_params(staged, overrides)
         files, choices = _validated_files(staged, data, reference, test, set(overrides), features)
+        choices += _identity(staged, root, set(overrides))  # last: it claims names on a shared MLflow store
         params_text = staged.read_text()
 
     existing = (root / PARAMS).is_file()
@@ -183,6 +184,37 @@ def _write_project(root: Path, params_text: str, files: dict[Path, pd.DataFrame]
         write_table(frame, root / path)
     sync_generated(root)
     run(["dvc", "add", "-q", *[p.as_posix() for p in files]], root)
+
+
+def _identity(params_path: Path, root: Path, user_set: set[str]) -> list[str]:
+    """Give the staged params the project's ID (kept on ``--force``, else new) and MLflow names that no other
+    project on a shared store uses (``pipeline.tracking.identity``); returns the choices made, with reasons."""
+    from pipeline.tracking.identity import choose_names, new_project_id, project_id
+    from pipeline.tracking.lineage import artifact_location
+
+    params = YAML(typ="safe").load(params_path.read_text())
+    pid = (params.get("project") or {}).get("id") or new_project_id()
+    project_id({"project": {"id": pid}})  # an ID given with --set must be one
+    settings = params["mlflow"]
+    names = choose_names(settings["tracking_uri"], pid, settings["experiment"], settings["registered_model"],
+                         user_set, artifact_location(settings["tracking_uri"], root))
+    write_project_id(params_path, pid)
+    set_params(params_path, {f"mlflow.{key}": name for key, name in names.items()})
+    return [f"mlflow.{key}: {name} (`{settings[key]}` belongs to another project on {settings['tracking_uri']})"
+            for key, name in names.items() if name != settings[key]]
+
+
+def write_project_id(path: Path, pid: str) -> None:
+    """Set ``project.id`` in a params file, adding the section (before ``mlflow``) to one made before IDs."""
+    yaml = YAML()
+    yaml.preserve_quotes = True
+    doc = yaml.load(path.read_text())
+    if "project" not in doc:
+        doc.insert(list(doc).index("mlflow") if "mlflow" in doc else len(doc), "project", {"id": pid})
+    else:
+        doc["project"]["id"] = pid
+    with open(path, "w") as handle:
+        yaml.dump(doc, handle)
 
 
 def _validated_files(params_path: Path, data: Path | None, reference: Path | None, test: Path | None,

@@ -97,12 +97,12 @@ def check_params(params: dict[str, Any]) -> None:
 
 def params_digest(root: Path = Path()) -> str:
     """sha256 of the params that determine artifacts: canonical JSON of params.yaml without the keys that only
-    choose where work runs (``executor``, ``ray``) or where lineage is logged (``mlflow.tracking_uri``,
-    ``mlflow.backend_store_uri``, ``mlflow.artifacts_destination``), so a build on Ray with an MLflow server records
-    the same digest as a local one."""
+    choose where work runs (``executor``, ``ray``), where lineage is logged (``mlflow.tracking_uri``,
+    ``mlflow.backend_store_uri``, ``mlflow.artifacts_destination``) or whose MLflow objects they are
+    (``project.id``), so a build on Ray with an MLflow server records the same digest as a local one."""
     from pipeline.runner.executor import EXECUTION_KEYS
 
-    params = {k: v for k, v in load_params(root).items() if k not in EXECUTION_KEYS}
+    params = {k: v for k, v in load_params(root).items() if k not in (*EXECUTION_KEYS, "project")}
     params["mlflow"] = {k: v for k, v in (params.get("mlflow") or {}).items()
                         if k not in ("tracking_uri", "backend_store_uri", "artifacts_destination")}
     return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()

@@ -365,7 +365,7 @@ def dvc_lock_digest(root: Path) -> str:
 
 
 def tag_build(root: Path) -> dict[str, str]:
-    """Link the newest registered version to this build: the sha256 of dvc.lock and the project path."""
+    """Link the newest registered version to this build: the sha256 of dvc.lock."""
     from mlflow import MlflowClient
 
     from pipeline.tracking.lineage import configure, flush
@@ -378,7 +378,7 @@ def tag_build(root: Path) -> dict[str, str]:
     if latest is None:
         return {}
     version = MlflowClient().get_model_version(latest.name, latest.version)  # search results carry no aliases
-    tags = {"dvc_lock_sha256": dvc_lock_digest(root), "project": str(root.resolve())}
+    tags = {"dvc_lock_sha256": dvc_lock_digest(root)}
     for key, value in tags.items():
         MlflowClient().set_model_version_tag(version.name, version.version, key, value)
     aliases = ",".join(version.aliases) if version.aliases else ""

@@ -7,7 +7,6 @@ here, never samples.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -141,24 +140,35 @@ class StageMetrics(dict):
 
 
 def configure(tracking_uri: str, experiment: str, project: Path) -> str:
-    """Point MLflow at the project's store; create the experiment with its artifact root inside the project.
+    """Point MLflow at the project's store; create the experiment, tagged with the project's ID, with its artifact
+    root inside the project. Refuses an experiment another project owns (``identity.claim_experiment``).
 
     Returns the experiment id.
     """
     import mlflow
 
+    from pipeline.project.params import load_params
+    from pipeline.tracking.identity import claim_experiment, project_id
+
     mlflow.set_tracking_uri(tracking_uri)
-    found = mlflow.get_experiment_by_name(experiment)
-    if found is None:
-        # a server (http) keeps artifacts where it was told (`--artifacts-destination`, shared storage); a local
-        # store keeps them inside the project
-        remote = tracking_uri.startswith(("http://", "https://"))
-        artifacts = None if remote else (project / "mlartifacts").resolve().as_uri()
-        with contextlib.suppress(mlflow.exceptions.MlflowException):  # a concurrent process created it first
-            mlflow.create_experiment(experiment, artifact_location=artifacts)
-        found = mlflow.get_experiment_by_name(experiment)
-    mlflow.set_experiment(experiment)
-    return found.experiment_id
+    experiment_id = claim_experiment(mlflow.MlflowClient(), experiment, project_id(load_params(project)),
+                                     artifact_location(tracking_uri, project))
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+def absolute_store(tracking_uri: str, project: Path) -> str:
+    """The tracking URI with a relative SQLite store made absolute from the project folder, whatever the working
+    directory (MLflow would open, and create, ``mlflow.db`` in the working directory)."""
+    if tracking_uri.startswith("sqlite:///") and not tracking_uri.startswith("sqlite:////"):
+        return f"sqlite:///{(project / tracking_uri.removeprefix('sqlite:///')).resolve()}"
+    return tracking_uri
+
+
+def artifact_location(tracking_uri: str, project: Path) -> str | None:
+    """Where a new experiment keeps its artifacts: a server (http) where it was told (`--artifacts-destination`,
+    shared storage), any other store inside the project."""
+    return None if tracking_uri.startswith(("http://", "https://")) else (project / "mlartifacts").resolve().as_uri()
 
 
 @contextmanager
@@ -231,12 +241,16 @@ def flush(project: Path, mlflow_params: Mapping[str, Any]) -> dict[str, str]:
     from mlflow.data.sources import LocalArtifactDatasetSource
     from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 
+    from pipeline.project.params import load_params
+    from pipeline.tracking.identity import PROJECT_TAG, project_id
+
     experiment = configure(mlflow_params["tracking_uri"], mlflow_params["experiment"], project)
     client = MlflowClient()
+    owner = {PROJECT_TAG: project_id(load_params(project))}
     runs: dict[str, str] = {}
     by_record: dict[str, str] = {}
     for path, record in records:
-        tags = dict(record["tags"])
+        tags = {**record["tags"], **owner}
         if "parent" in record:
             if record["parent"] in by_record:
                 tags["mlflow.parentRunId"] = by_record[record["parent"]]

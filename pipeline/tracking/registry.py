@@ -1,9 +1,10 @@
 """The MLflow model registry: register each packaged build as a new version; promote it behind the gate.
 
-Aliases: ``champion`` is what serves (``models:/legonet@champion``); a version that fails the gate gets
+Aliases: ``champion`` is what serves (``models:/<registered_model>@champion``); a version that fails the gate gets
 ``candidate`` and a tag saying why, so nobody has to guess why the champion did not move. A version built by a
 DVC experiment (`dvc exp run`) is always a ``candidate``, tagged with the experiment's name: trying params is not a
-release. Promotion stays a deliberate act: `legonet build` on the main line, or `legonet promote VERSION`.
+release. Promotion stays a deliberate act: `legonet build` on the main line, or `legonet promote VERSION`. Aliases
+belong to the registered model, which must be this project's (its ID): a project never moves another's champion.
 """
 
 from __future__ import annotations
@@ -109,14 +110,23 @@ def dvc_experiment() -> dict[str, str]:
     return {tag: os.environ[env] for env, tag in EXPERIMENT_TAGS.items() if os.environ.get(env)}
 
 
-def promote(name: str, version: str, result: GateResult, experiment: Mapping[str, str] | None = None
+def promote(name: str, version: str, result: GateResult, pid: str, experiment: Mapping[str, str] | None = None
             ) -> tuple[str, str]:
     """Point ``champion`` (gate passed) or ``candidate`` (held, or built by the DVC ``experiment``) at the version;
     returns the alias set and the reason recorded. An experiment's version records its gate result and its
-    experiment, and waits for a deliberate `legonet promote`."""
+    experiment, and waits for a deliberate `legonet promote`. The registered model and the version must be this
+    project's (ID ``pid``): a project never moves another project's champion."""
     from mlflow import MlflowClient
 
+    from pipeline.errors import IdentityError
+    from pipeline.tracking.identity import PROJECT_TAG, claim_registered_model
+
     client = MlflowClient()
+    claim_registered_model(client, name, pid)
+    owner = client.get_model_version(name, version).tags.get(PROJECT_TAG)
+    if owner != pid:
+        raise IdentityError(f"model version {version} of {name!r} carries project {owner}, not this project's {pid}: "
+                            "refusing to point an alias at it")
     alias = CHAMPION if result.passed and not experiment else CANDIDATE
     reason = result.reason
     if experiment:
@@ -162,8 +172,11 @@ def make_champion(name: str, chosen: str) -> tuple[str, str | None]:
 
 
 def latest_version(name: str) -> Any | None:
-    """The newest registered version of the model, or None."""
+    """The newest registered version of the model (every page searched), or None."""
     from mlflow import MlflowClient
 
-    versions = MlflowClient().search_model_versions(f"name='{name}'")
+    from pipeline.tracking.identity import pages
+
+    client = MlflowClient()
+    versions = list(pages(lambda token: client.search_model_versions(f"name='{name}'", page_token=token)))
     return max(versions, key=lambda v: int(v.version)) if versions else None
