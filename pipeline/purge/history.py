@@ -61,11 +61,9 @@ class ObjectIndex:
     def key(self) -> bytes:
         """The memo's own secret: a memo copied off the machine does not confirm a guessed ID."""
         if self._key is None:
-            from pipeline.forget.flow import _write_private as write_private  # atomic, owner-only
-
             path = self.folder / "key"
             if not path.is_file():
-                write_private(path, os.urandom(32))
+                self._write(path, os.urandom(32))
             self._key = path.read_bytes()
         return self._key
 
@@ -84,11 +82,15 @@ class ObjectIndex:
                 found = None
         if found is None and memo is not None and self.stores and (content := self.stores.read(md5)) is not None:
             found = self._describe(md5, content)
-            from pipeline.forget.flow import _write_private as write_private
-
-            write_private(memo, json.dumps(found).encode())
+            self._write(memo, json.dumps(found).encode())
         self._entries[md5] = found
         return found
+
+    def _write(self, path: Path, data: bytes) -> None:
+        from pipeline.forget.flow import _write_private as write_private  # atomic, owner-only
+
+        self.folder.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_private(path, data)
 
     def _describe(self, md5: str, content: Path | bytes) -> dict[str, Any]:
         import pyarrow as pa
@@ -177,23 +179,30 @@ def purged(root: Path, doomed: dict[str, list[str]], request_ids: list[str]) -> 
 def doomed_objects(index: ObjectIndex, runs: set[Run], sample_ids: set[str], keep: set[str], superseded: set[str]
                    ) -> set[str]:
     """The objects the ``runs`` wrote, beyond ``superseded`` (doomed already), derived from a forgotten sample by
-    the rule of this module; never one of ``keep``."""
+    the rule of this module; never one of ``keep``.
+
+    An object is derived through its runs only when every run that wrote it read a doomed object: the same bytes
+    written by a run that never saw the sample carry nothing of it (the package's copy of the encoder, the
+    keys, or of an adapter a forget did not touch; the code files every package holds)."""
     digests = index.id_digests(sample_ids)
-    written = {o for _, outs in runs for o in outs} - keep
-    doomed = {o for o in written if not o.endswith(DIR_SUFFIX) and index.holds(o, digests)} | superseded
+    ordered = sorted(runs, key=lambda run: (sorted(run[0]), sorted(run[1])))
+    producers: dict[str, list[int]] = {}
+    for at, (_, outs) in enumerate(ordered):
+        for out in outs:
+            producers.setdefault(out, []).append(at)
+    files = {o for o in producers if not o.endswith(DIR_SUFFIX)} - keep
+    doomed = {o for o in files if index.holds(o, digests)} | superseded
     changed = True
-    while changed:  # to a fixpoint: a run's outputs are doomed by what its inputs became
+    while changed:  # to a fixpoint: the doomed set only grows, so which runs read a doomed object only grows
         changed = False
-        for deps, outs in runs:
-            read = deps & doomed
-            if not read:
-                continue
-            through_other = any(not index.is_table(d) for d in read)
-            for out in outs - doomed - keep:
-                if not out.endswith(DIR_SUFFIX) and (through_other or not index.is_table(out)):
-                    doomed.add(out)
-                    changed = True
-    for listing in {o for o in written if o.endswith(DIR_SUFFIX)}:
+        tainted = {at: any(not index.is_table(d) for d in read) for at, (deps, _) in enumerate(ordered)
+                   if (read := deps & doomed)}  # run -> whether a doomed input was not a sample table
+        for out in files - doomed:
+            made = producers[out]
+            if all(at in tainted for at in made) and (not index.is_table(out) or all(tainted[at] for at in made)):
+                doomed.add(out)
+                changed = True
+    for listing in {o for o in producers if o.endswith(DIR_SUFFIX)} - keep:
         if any(md5 in doomed for _, md5 in index.listing(listing) or []):
             doomed.add(listing)
     return doomed - superseded - keep
