@@ -245,3 +245,52 @@ def test_a_crafted_listing_or_planted_link_deletes_nothing_outside_the_store(tmp
     assert result["cache"]["deleted_objects"] == 1 and result["cache"]["refused_outside_store"] == 1
     with pytest.raises(ValueError, match="not a DVC md5 digest"):
         object_path(cache, "../../outside/victim.txt")
+
+
+def test_an_object_only_on_an_s3_remote_is_read_there_and_purged_by_provenance(tmp_path: Path) -> None:
+    """A table a past commit's .dvc file names, present only on an S3 remote (moto server), is read there to
+    learn what it holds: purged when it holds a forgotten ID; another table with the ID that no commit names
+    stays, as does the first one when the ID forgotten is not in it."""
+    moto_server = pytest.importorskip("moto.server", reason="needs the test extra: pip install -e '.[test]'")
+    import boto3
+    from conftest import free_port
+
+    port = free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="k", aws_secret_access_key="s",
+                              region_name="us-east-1")
+        client.create_bucket(Bucket="shared")
+        root = tmp_path / "project"
+        root.mkdir()
+        git(root, "init", "-q")
+        dvc(root, "init", "-q")
+        dvc(root, "remote", "add", "-d", "s3", "s3://shared/store")
+        dvc(root, "remote", "modify", "s3", "endpointurl", endpoint)
+        dvc(root, "remote", "modify", "--local", "s3", "access_key_id", "k")
+        dvc(root, "remote", "modify", "--local", "s3", "secret_access_key", "s")
+        digests = {}
+        for name, ids in {"ours": ["x-1", "x-2"], "theirs": ["x-1", "y-1"]}.items():
+            table = tmp_path / f"{name}.parquet"
+            write_table(pd.DataFrame({"sample_id": ids, "label": [0, 1]}), table)
+            digests[name] = hashlib.md5(table.read_bytes()).hexdigest()
+            client.put_object(Bucket="shared", Key=f"store/files/md5/{digests[name][:2]}/{digests[name][2:]}",
+                              Body=table.read_bytes())
+        pointer = root / "ours.parquet.dvc"
+        pointer.write_text(yaml.safe_dump({"outs": [{"md5": digests["ours"], "path": "ours.parquet", "hash": "md5"}]}))
+        git(root, "add", "-A")
+        git(root, "commit", "-q", "-m", "a table, since removed")
+        git(root, "rm", "-q", "ours.parquet.dvc")
+        git(root, "commit", "-q", "-m", "removed")
+
+        assert plan_purge(root, {"nobody"}, []) == {"superseded": [], "history": []}
+        plan = plan_purge(root, {"x-1"}, [])
+        assert plan == {"superseded": [], "history": [digests["ours"]]}
+        result = purge_objects(root, plan, keep=set())
+        keys = {o["Key"] for o in client.list_objects_v2(Bucket="shared").get("Contents", [])}
+        assert keys == {f"store/files/md5/{digests['theirs'][:2]}/{digests['theirs'][2:]}"}
+        assert result["remote:s3"]["deleted_objects"] == 1 and result["remote:s3"]["history"]["objects"] == 1
+    finally:
+        server.stop()

@@ -27,7 +27,7 @@ import hashlib
 import json
 import os
 import subprocess
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +63,7 @@ class ObjectIndex:
         if self._key is None:
             path = self.folder / "key"
             if not path.is_file():
-                self._write(path, os.urandom(32))
+                self.write(path, os.urandom(32))
             self._key = path.read_bytes()
         return self._key
 
@@ -82,11 +82,11 @@ class ObjectIndex:
                 found = None
         if found is None and memo is not None and self.stores and (content := self.stores.read(md5)) is not None:
             found = self._describe(md5, content)
-            self._write(memo, json.dumps(found).encode())
+            self.write(memo, json.dumps(found).encode())
         self._entries[md5] = found
         return found
 
-    def _write(self, path: Path, data: bytes) -> None:
+    def write(self, path: Path, data: bytes) -> None:
         from pipeline.forget.flow import _write_private as write_private  # atomic, owner-only
 
         self.folder.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -213,13 +213,18 @@ def history_runs(root: Path, cache: Path, index: ObjectIndex) -> set[Run]:
     A run-cache entry names its folder deps by digests no store holds; the git history resolved them."""
     runs: set[Run] = set()
     composed: dict[str, frozenset[str]] = {}  # digest of a folder dep -> its files, as the outputs wrote them
-    for document in [*_git_documents(root), *_run_cache(cache)]:
-        runs |= _document_runs(document, index, composed)
+    for stages in [*_git_documents(root, index), *_run_cache(cache)]:
+        runs |= _document_runs(stages, index, composed)
     return runs
 
 
-def _git_documents(root: Path) -> list[Any]:
-    """The parsed ``dvc.lock`` and ``.dvc`` blobs of every commit reachable from any ref, each blob once."""
+Stage = tuple[list[tuple[str, str]], list[tuple[str, str]]]  # the (path, md5) deps and outs of one stage entry
+GIT_MEMO = "git-stages.json"  # git blob id -> its stage entries: a blob never changes, and YAML is slow to parse
+
+
+def _git_documents(root: Path, index: ObjectIndex) -> list[list[Stage]]:
+    """The stage entries of the ``dvc.lock`` and ``.dvc`` blobs of every commit reachable from any ref, each
+    blob once, parsed once per blob id (kept in the memo)."""
     import yaml
 
     listed = subprocess.run(["git", "rev-list", "--all", "--objects"], cwd=root, capture_output=True)
@@ -231,67 +236,75 @@ def _git_documents(root: Path) -> list[Any]:
         name = path.rsplit("/", 1)[-1]
         if name == "dvc.lock" or (name.endswith(".dvc") and name != ".dvc" and ".dvc" not in path.split("/")[:-1]):
             blobs.append(sha)
-    if not blobs:
-        return []
-    batch = subprocess.run(["git", "cat-file", "--batch"], cwd=root, input="\n".join(blobs).encode() + b"\n",
-                           capture_output=True, check=True).stdout
-    documents, at = [], 0
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    while at < len(batch):
-        end = batch.index(b"\n", at)
-        header = batch[at:end].split()
-        if len(header) < 3:  # "<sha> missing"
-            at = end + 1
-            continue
-        size = int(header[2])
-        body = batch[end + 1:end + 1 + size]
-        at = end + 1 + size + 1
-        if header[1] == b"blob":
-            try:
-                documents.append(yaml.load(body, Loader=loader))
-            except yaml.YAMLError:  # a broken file in an old commit: DVC could not use it either
+    memo_path = index.folder / GIT_MEMO
+    try:
+        memo = json.loads(memo_path.read_bytes()) if memo_path.is_file() else {}
+    except ValueError:
+        memo = {}
+    missing = [sha for sha in blobs if sha not in memo]
+    if missing:
+        batch = subprocess.run(["git", "cat-file", "--batch"], cwd=root, input="\n".join(missing).encode() + b"\n",
+                               capture_output=True, check=True).stdout
+        at, loader = 0, getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+        while at < len(batch):
+            end = batch.index(b"\n", at)
+            header = batch[at:end].split()
+            if len(header) < 3:  # "<sha> missing"
+                at = end + 1
                 continue
-    return documents
+            size = int(header[2])
+            body = batch[end + 1:end + 1 + size]
+            at = end + 1 + size + 1
+            try:
+                memo[header[0].decode()] = _stages(yaml.load(body, Loader=loader)) if header[1] == b"blob" else []
+            except yaml.YAMLError:  # a broken file in an old commit: DVC could not use it either
+                memo[header[0].decode()] = []
+        index.write(memo_path, json.dumps(memo).encode())
+    return [[(list(map(tuple, deps)), list(map(tuple, outs))) for deps, outs in memo[sha]] for sha in blobs
+            if sha in memo]
 
 
-def _run_cache(cache: Path) -> list[Any]:
+def _run_cache(cache: Path) -> list[list[Stage]]:
     """DVC's run-cache entries (``<cache>/runs/ab/<key>/<value>``), each the lock entry of one stage run."""
     from pipeline.data.dataset import read_yaml
 
     folder = cache / "runs"
-    return [read_yaml(path) for path in sorted(folder.glob("*/*/*")) if path.is_file()] if folder.is_dir() else []
+    return [_stages(read_yaml(path)) for path in sorted(folder.glob("*/*/*")) if path.is_file()] \
+        if folder.is_dir() else []
 
 
-def _stages(document: Any) -> Iterator[dict[str, Any]]:
+def _stages(document: Any) -> list[Stage]:
+    """(deps, outs) of each stage entry of a ``dvc.lock``, or of the one entry of a ``.dvc`` file or a run-cache
+    entry; entries whose digest is not an md5 are dropped."""
     if not isinstance(document, dict):
-        return
+        return []
     if isinstance(document.get("stages"), dict):  # dvc.lock
-        yield from (s for s in document["stages"].values() if isinstance(s, dict))
-    elif "outs" in document:  # a .dvc file or a run-cache entry: one run
-        yield document
+        stages = [s for s in document["stages"].values() if isinstance(s, dict)]
+    else:
+        stages = [document] if "outs" in document else []
+    return [(_entries(stage, "deps"), _entries(stage, "outs")) for stage in stages]
 
 
 def _entries(stage: dict[str, Any], field: str) -> list[tuple[str, str]]:
-    items = stage.get(field) or []
-    return [(str(e.get("path", "")).strip("/"), e["md5"]) for e in items if isinstance(items, list)
-            and isinstance(e, dict) and valid_digest(e.get("md5"))]
+    items = stage.get(field)
+    return [(str(e.get("path", "")).strip("/"), e["md5"]) for e in (items if isinstance(items, list) else [])
+            if isinstance(e, dict) and valid_digest(e.get("md5"))]
 
 
-def _document_runs(document: Any, index: ObjectIndex, composed: dict[str, frozenset[str]]) -> set[Run]:
+def _document_runs(stages: list[Stage], index: ObjectIndex, composed: dict[str, frozenset[str]]) -> set[Run]:
     """The runs of one document, each dep resolved to the file objects under its path: a dep on a folder inside
     a directory output (``data/shards/block-0000``) or on a folder made of several outputs (``models/adapters``)
     has a digest DVC computes but never stores, so its files come from the outputs that wrote them."""
-    stages = list(_stages(document))
     files: dict[str, str] = {}  # path -> file md5 of everything this document's runs wrote
     outputs: list[tuple[list[tuple[str, str]], set[str]]] = []
-    for stage in stages:
+    for deps, outs in stages:
         written: set[str] = set()
-        for path, md5 in _entries(stage, "outs"):
+        for path, md5 in outs:
             written.add(md5)
             for rel, digest in _expand(path, md5, index):
                 files[rel] = digest
                 written.add(digest)
-        outputs.append((_entries(stage, "deps"), written))
+        outputs.append((deps, written))
     paths = sorted(files)
     runs = set()
     for deps, written in outputs:

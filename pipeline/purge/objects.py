@@ -130,9 +130,7 @@ class Stores:
             if label not in self._listed:  # one listing per remote, not one request per absent object
                 self._listed[label] = {h for e in bucket.entries(False) if (h := object_hash(e["rel"]))}
             if md5 in self._listed[label]:
-                key = "/".join(p for p in (bucket.prefix, "files/md5", md5[:2], md5[2:]) if p)
-                with bucket._calls("read an object"):
-                    return bucket.client.get_object(Bucket=bucket.name, Key=key)["Body"].read()
+                return bucket.read(f"files/md5/{md5[:2]}/{md5[2:]}")
         return None
 
 
