@@ -23,11 +23,10 @@ from pipeline.errors import AuditError, AuditFailed
 from pipeline.forget import flow
 from pipeline.project.layout import ENCODED_TRAIN, KEYS, PROJECTION, adapter_name, adapter_path, shard_path
 from pipeline.project.scratch import scratch_dir
-from pipeline.purge.objects import local_remotes, object_path, remote_residue
+from pipeline.purge.history import history_objects
+from pipeline.purge.objects import DIGEST, dvc_cache, local_remotes, object_path, remote_residue
 from pipeline.runner.build import dvc_lock_digest
 from pipeline.tracking.lineage import file_md5
-
-_MD5 = re.compile(r"[0-9a-f]{32}(\.dir)?")
 
 
 def verify(root: Path, params: dict[str, Any], rebuild: bool = False, trusted: Sequence[str] = (),
@@ -111,11 +110,11 @@ def _subject_problems(root: Path, record: dict[str, Any]) -> list[str]:
 
 def _workspace_problems(root: Path) -> list[str]:
     """Each DVC-tracked file in the workspace must have the digest dvc.lock / its .dvc file records."""
-    cache = root / ".dvc" / "cache"
+    cache = dvc_cache(root)
     problems = []
     for path, md5 in flow.lock_outputs(root).items():
         target = root / path
-        if not _MD5.fullmatch(str(md5)):
+        if not DIGEST.fullmatch(str(md5)):
             problems.append(f"{path}: recorded md5 {str(md5)[:40]!r} is not an md5 hash")
             continue
         if md5.endswith(".dir"):
@@ -125,7 +124,7 @@ def _workspace_problems(root: Path) -> list[str]:
                 continue
             for item in json.loads(listing.read_text()):
                 relpath = Path(str(item.get("relpath", "")))
-                if relpath.is_absolute() or ".." in relpath.parts or not _MD5.fullmatch(str(item.get("md5"))):
+                if relpath.is_absolute() or ".." in relpath.parts or not DIGEST.fullmatch(str(item.get("md5"))):
                     problems.append(f"{path}: directory listing {md5} holds a bad entry {str(item)[:80]}")
                     continue
                 file = target / relpath
@@ -146,8 +145,10 @@ def _forgotten_present(root: Path, records: list[dict[str, Any]], key: bytes) ->
     if not owners:
         return []
     tables = [p for p in (root / "data").rglob("*.parquet")]
-    stores = [root / ".dvc" / "cache", *local_remotes(root).values()]  # the remotes too, as verify promises
-    tables += [p for store in stores for p in (store / "files").rglob("*") if p.is_file() and _is_parquet(p)]
+    stores = [dvc_cache(root), *local_remotes(root).values()]  # the remotes too, as verify promises
+    # only this project's objects: a shared cache or remote holds other projects' tables, whose forgets are theirs
+    objects = sorted(d for d in history_objects(root) if not d.endswith(".dir"))
+    tables += [p for store in stores for md5 in objects if (p := object_path(store, md5)).is_file() and _is_parquet(p)]
     found = []
     for table in tables:
         try:

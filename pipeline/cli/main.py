@@ -116,6 +116,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     import subprocess
 
+    from pipeline.purge.history import purged_outputs
+
+    for line in purged_outputs(Path.cwd()):  # an old commit: why `dvc checkout` cannot restore these
+        console.print(line, highlight=False, soft_wrap=True)
     return subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=Path.cwd()).returncode
 
 

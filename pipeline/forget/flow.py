@@ -267,9 +267,9 @@ def artifact_digests(root: Path, clean: bool = False) -> dict[str, str]:
 
 def _recorded_digests(root: Path) -> dict[str, str]:
     """path -> md5 of every file inside a DVC output, as dvc.lock, the .dvc files and the cache's listings say."""
-    from pipeline.purge.objects import DIR_SUFFIX, object_path
+    from pipeline.purge.objects import DIR_SUFFIX, dvc_cache, object_path
 
-    cache = root / ".dvc" / "cache"
+    cache = dvc_cache(root)
     out: dict[str, str] = {}
     for path, md5 in lock_outputs(root).items():
         if not md5.endswith(DIR_SUFFIX):

@@ -187,6 +187,7 @@ def tag_version(root: Path, settings: dict[str, Any], request_ids: list[str]) ->
 
 def _purge(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str], params: dict[str, Any],
         say: Callable[[str], None], resumed: bool) -> None:
+    from pipeline.purge import history
     from pipeline.purge import models as model_purge
     from pipeline.purge import objects as purge
 
@@ -197,12 +198,12 @@ def _purge(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str], pa
     destination = settings.get("artifacts_destination", "")
     purge.check_stores(root, settings["tracking_uri"], destination)  # before deleting anything anywhere
     pushed = purge.push_remotes(root)
-    cache = root / ".dvc" / "cache"
-    if "stale_objects" not in journal.results:  # kept: a retry finds the .dir listings gone from the cache
-        journal.results["stale_objects"] = sorted(purge.expand_dirs(cache, set(journal.before["outputs"].values())))
+    if "doomed_objects" not in journal.results:  # kept: a retry finds the objects gone from the stores
+        journal.results["doomed_objects"] = history.plan_purge(root, ids, journal.before["outputs"].values())
         journal.save(root)
-    keep = purge.referenced_objects(root, cache)
-    objects = purge.purge_objects(root, set(journal.results["stale_objects"]), keep, ids)
+    doomed = journal.results["doomed_objects"]
+    objects = purge.purge_objects(root, doomed, purge.referenced_objects(root, purge.dvc_cache(root)))
+    history.purged(root, doomed, journal.request_ids)
     retention = int(params.get("purge", {}).get("retention_days", 0))
     registry = journal.results.get("registry", {})
     until = (datetime.now(UTC) + timedelta(days=retention)).date().isoformat() if retention > 0 else None
@@ -217,7 +218,8 @@ def _purge(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str], pa
                        artifacts_destination=destination)
     if backend != settings["tracking_uri"]:  # a server deleted the rows; this process's deletes are zeroed
         model_purge.vacuum_sqlite(backend)
-    journal.results["purge"] = {"dvc": objects, "dvc_pushed_to": pushed, "mlflow": models}
+    journal.results["purge"] = {"dvc": objects, "dvc_doomed": purge.summarise(doomed), "dvc_pushed_to": pushed,
+                                "mlflow": models}
     if retention == 0 and "champion" not in registry.get("aliases", []):
         say("no version is champion now: the previous champion was trained on the forgotten samples and is purged; "
             "the new version stays candidate until a build passes the gate")

@@ -69,6 +69,12 @@ class Bucket:
                     yield {"Key": item["Key"], "VersionId": item.get("VersionId") if versions else None,
                            "Size": item.get("Size", 0), "rel": item["Key"][len(start):]}
 
+    def read(self, rel: str) -> bytes:
+        """The content of the object at ``rel`` (relative to the prefix)."""
+        with self._calls("read an object"):
+            return self.client.get_object(Bucket=self.name, Key="/".join(p for p in (self.prefix, rel) if p)
+                                          )["Body"].read()
+
     def purge(self, doomed: Callable[[str], bool]) -> dict[str, Any]:
         """Delete every object (every version, where the bucket keeps them) whose relative key ``doomed`` selects."""
         versioned = self.versioned()

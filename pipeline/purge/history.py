@@ -1,0 +1,349 @@
+"""Which DVC objects a forget dooms: the objects the project's history references whose lineage includes a
+forgotten sample (docs/remote-stores.md, "Which objects a forget purges").
+
+History is every ``dvc.lock`` and ``.dvc`` file of every git commit reachable from a ref (branches, tags, the
+``refs/exps`` refs of `dvc exp`), read with one `git rev-list --all --objects` and one `git cat-file --batch`,
+plus DVC's run-cache (``<cache>/runs``). Each stage entry is one run: the objects it read (deps) and wrote (outs),
+by md5, files inside directory outputs included. Within a run:
+
+* a **sample table** (a Parquet object with a ``sample_id`` column) is doomed when it holds a forgotten ID, or when
+  its run read a doomed object that is not a sample table (the per-adapter evaluation outputs of a doomed
+  adapter). Rows decide, not the run: the stages that write sample tables (encode, assign) map each row on its
+  own, so a shard that never held the sample is not derived from it although its run read a partition that did;
+* **any other object** is doomed when its run read a doomed object, transitively: the adapters trained on a shard
+  that held the sample, probe statistics, quality reports, evaluation outputs, packages;
+* a directory listing is doomed when a file it lists is.
+
+An object the workspace references is never doomed, and an object no part of the history references is never
+looked at, whatever it holds. What an object holds is read once per digest (an object's content never changes)
+and kept in ``.legonet/objects/``: sample IDs as keyed 64-bit digests, directory listings as they are.
+"""
+
+from __future__ import annotations
+
+import base64
+import bisect
+import hashlib
+import json
+import os
+import subprocess
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from pipeline.purge.objects import (
+    DIR_SUFFIX,
+    Stores,
+    listing_entries,
+    object_path,
+    purged_map,
+    record_purged,
+    valid_digest,
+    workspace_outputs,
+)
+
+MEMO = Path(".legonet/objects")
+Run = tuple[frozenset[str], frozenset[str]]  # the file objects a stage run read, and the objects it wrote
+
+
+class ObjectIndex:
+    """What each object holds, by digest: a directory listing, a sample table's IDs (keyed digests), or other.
+
+    Read from the memo, else from the first store that has the object (none given: the memo only); an object
+    no store has and the memo does not know is unknown (None)."""
+
+    def __init__(self, root: Path, stores: Stores | None) -> None:
+        self.folder = root / MEMO
+        self.stores = stores
+        self._entries: dict[str, dict[str, Any] | None] = {}
+        self._key: bytes | None = None
+
+    def key(self) -> bytes:
+        """The memo's own secret: a memo copied off the machine does not confirm a guessed ID."""
+        if self._key is None:
+            path = self.folder / "key"
+            if not path.is_file():
+                self.write(path, os.urandom(32))
+            self._key = path.read_bytes()
+        return self._key
+
+    def id_digests(self, sample_ids: Iterable[str]) -> set[bytes]:
+        return {hashlib.blake2b(str(i).encode(), key=self.key(), digest_size=8).digest() for i in sample_ids}
+
+    def entry(self, md5: str) -> dict[str, Any] | None:
+        if md5 in self._entries:
+            return self._entries[md5]
+        memo = self.folder / md5 if valid_digest(md5) else None
+        found: dict[str, Any] | None = None
+        if memo is not None and memo.is_file():
+            try:
+                found = json.loads(memo.read_bytes())
+            except ValueError:  # a torn or damaged memo entry is read again from the stores
+                found = None
+        if found is None and memo is not None and self.stores and (content := self.stores.read(md5)) is not None:
+            found = self._describe(md5, content)
+            self.write(memo, json.dumps(found).encode())
+        self._entries[md5] = found
+        return found
+
+    def write(self, path: Path, data: bytes) -> None:
+        from pipeline.forget.flow import _write_private as write_private  # atomic, owner-only
+
+        self.folder.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_private(path, data)
+
+    def _describe(self, md5: str, content: Path | bytes) -> dict[str, Any]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if md5.endswith(DIR_SUFFIX):
+            return {"kind": "listing", "entries": listing_entries(
+                content.read_bytes() if isinstance(content, Path) else content, md5)}
+        if isinstance(content, Path):
+            with open(content, "rb") as handle:
+                magic = handle.read(4)
+        else:
+            magic, content = content[:4], pa.BufferReader(content)
+        if magic != b"PAR1":
+            return {"kind": "other"}
+        try:
+            if "sample_id" not in pq.read_schema(content).names:
+                return {"kind": "other"}
+            ids = pq.read_table(content, columns=["sample_id"]).column(0).to_pylist()
+        except (OSError, ValueError, pa.ArrowException):
+            return {"kind": "other"}
+        return {"kind": "table", "ids": base64.b64encode(b"".join(sorted(self.id_digests(ids)))).decode()}
+
+    def listing(self, md5: str) -> list[tuple[str, str]] | None:
+        entry = self.entry(md5)
+        return [tuple(e) for e in entry["entries"]] if entry and entry["kind"] == "listing" else None
+
+    def is_table(self, md5: str) -> bool:
+        entry = self.entry(md5)
+        return bool(entry and entry["kind"] == "table")
+
+    def holds(self, md5: str, digests: set[bytes]) -> bool:
+        entry = self.entry(md5)
+        if not entry or entry["kind"] != "table":
+            return False
+        raw = base64.b64decode(entry["ids"])
+        return any(raw[i:i + 8] in digests for i in range(0, len(raw), 8))
+
+    def drop(self, digests: Iterable[str]) -> None:
+        """Forget what purged sample tables held (their IDs leave the memo with them); listings stay, so a later
+        forget still knows the files of a directory whose listing is gone."""
+        for md5 in digests:
+            if valid_digest(md5) and not md5.endswith(DIR_SUFFIX):
+                (self.folder / md5).unlink(missing_ok=True)
+                self._entries.pop(md5, None)
+
+
+def plan_purge(root: Path, sample_ids: set[str], before: Iterable[str]) -> dict[str, list[str]]:
+    """The digests a forget of ``sample_ids`` deletes, by kind: ``superseded``, the versions of the outputs it
+    replaced (``before``: dvc.lock's and the .dvc files' digests before the forget, listings expanded), and
+    ``history``, every other object of the project's history derived from a forgotten sample. Never an object
+    the workspace references."""
+    stores = Stores(root)
+    index = ObjectIndex(root, stores)
+    keep = _expanded(workspace_digests(root), index)
+    superseded = _expanded({d for d in before if valid_digest(d)}, index) - keep
+    history = doomed_objects(index, history_runs(root, stores.cache, index), sample_ids, keep, superseded)
+    return {"superseded": sorted(superseded), "history": sorted(history)}
+
+
+def history_objects(root: Path) -> set[str]:
+    """Every object the project's history and workspace reference (files of directory outputs included): what
+    `legonet audit verify` scans for forgotten IDs in a store other projects may share."""
+    stores = Stores(root)
+    index = ObjectIndex(root, stores)
+    written = {o for _, outs in history_runs(root, stores.cache, index) for o in outs}
+    return written | _expanded(workspace_digests(root), index)
+
+
+def workspace_digests(root: Path) -> set[str]:
+    return {md5 for _, md5 in workspace_outputs(root) if valid_digest(md5)}
+
+
+def _expanded(digests: set[str], index: ObjectIndex) -> set[str]:
+    return digests | {d for md5 in digests if md5.endswith(DIR_SUFFIX) for _, d in index.listing(md5) or []}
+
+
+def purged(root: Path, doomed: dict[str, list[str]], request_ids: list[str]) -> None:
+    """After the purge: remember which requests purged each digest (`legonet status`, `legonet audit verify`),
+    and drop what the purged tables held from the memo."""
+    digests = {d for kind in doomed.values() for d in kind}
+    record_purged(root, digests, request_ids)
+    ObjectIndex(root, None).drop(digests)
+
+
+def doomed_objects(index: ObjectIndex, runs: set[Run], sample_ids: set[str], keep: set[str], superseded: set[str]
+                   ) -> set[str]:
+    """The objects the ``runs`` wrote, beyond ``superseded`` (doomed already), derived from a forgotten sample by
+    the rule of this module; never one of ``keep``.
+
+    An object is derived through its runs only when every run that wrote it read a doomed object: the same bytes
+    written by a run that never saw the sample carry nothing of it (the package's copy of the encoder, the
+    keys, or of an adapter a forget did not touch; the code files every package holds)."""
+    digests = index.id_digests(sample_ids)
+    ordered = sorted(runs, key=lambda run: (sorted(run[0]), sorted(run[1])))
+    producers: dict[str, list[int]] = {}
+    for at, (_, outs) in enumerate(ordered):
+        for out in outs:
+            producers.setdefault(out, []).append(at)
+    files = {o for o in producers if not o.endswith(DIR_SUFFIX)} - keep
+    doomed = {o for o in files if index.holds(o, digests)} | superseded
+    changed = True
+    while changed:  # to a fixpoint: the doomed set only grows, so which runs read a doomed object only grows
+        changed = False
+        tainted = {at: any(not index.is_table(d) for d in read) for at, (deps, _) in enumerate(ordered)
+                   if (read := deps & doomed)}  # run -> whether a doomed input was not a sample table
+        for out in files - doomed:
+            made = producers[out]
+            if all(at in tainted for at in made) and (not index.is_table(out) or all(tainted[at] for at in made)):
+                doomed.add(out)
+                changed = True
+    for listing in {o for o in producers if o.endswith(DIR_SUFFIX)} - keep:
+        if any(md5 in doomed for _, md5 in index.listing(listing) or []):
+            doomed.add(listing)
+    return doomed - superseded - keep
+
+
+def history_runs(root: Path, cache: Path, index: ObjectIndex) -> set[Run]:
+    """Every distinct stage run the history records (git, then the run-cache), its objects resolved to files.
+    A run-cache entry names its folder deps by digests no store holds; the git history resolved them."""
+    runs: set[Run] = set()
+    composed: dict[str, frozenset[str]] = {}  # digest of a folder dep -> its files, as the outputs wrote them
+    for stages in [*_git_documents(root, index), *_run_cache(cache)]:
+        runs |= _document_runs(stages, index, composed)
+    return runs
+
+
+Stage = tuple[list[tuple[str, str]], list[tuple[str, str]]]  # the (path, md5) deps and outs of one stage entry
+GIT_MEMO = "git-stages.json"  # git blob id -> its stage entries: a blob never changes, and YAML is slow to parse
+
+
+def _git_documents(root: Path, index: ObjectIndex) -> list[list[Stage]]:
+    """The stage entries of the ``dvc.lock`` and ``.dvc`` blobs of every commit reachable from any ref, each
+    blob once, parsed once per blob id (kept in the memo)."""
+    import yaml
+
+    listed = subprocess.run(["git", "rev-list", "--all", "--objects"], cwd=root, capture_output=True)
+    if listed.returncode != 0:  # not a git repository, or no commit yet: no history beyond the workspace
+        return []
+    blobs = []
+    for line in listed.stdout.decode(errors="replace").splitlines():
+        sha, _, path = line.partition(" ")
+        name = path.rsplit("/", 1)[-1]
+        if name == "dvc.lock" or (name.endswith(".dvc") and name != ".dvc" and ".dvc" not in path.split("/")[:-1]):
+            blobs.append(sha)
+    memo_path = index.folder / GIT_MEMO
+    try:
+        memo = json.loads(memo_path.read_bytes()) if memo_path.is_file() else {}
+    except ValueError:
+        memo = {}
+    missing = [sha for sha in blobs if sha not in memo]
+    if missing:
+        batch = subprocess.run(["git", "cat-file", "--batch"], cwd=root, input="\n".join(missing).encode() + b"\n",
+                               capture_output=True, check=True).stdout
+        at, loader = 0, getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+        while at < len(batch):
+            end = batch.index(b"\n", at)
+            header = batch[at:end].split()
+            if len(header) < 3:  # "<sha> missing"
+                at = end + 1
+                continue
+            size = int(header[2])
+            body = batch[end + 1:end + 1 + size]
+            at = end + 1 + size + 1
+            try:
+                memo[header[0].decode()] = _stages(yaml.load(body, Loader=loader)) if header[1] == b"blob" else []
+            except yaml.YAMLError:  # a broken file in an old commit: DVC could not use it either
+                memo[header[0].decode()] = []
+        index.write(memo_path, json.dumps(memo).encode())
+    return [[(list(map(tuple, deps)), list(map(tuple, outs))) for deps, outs in memo[sha]] for sha in blobs
+            if sha in memo]
+
+
+def _run_cache(cache: Path) -> list[list[Stage]]:
+    """DVC's run-cache entries (``<cache>/runs/ab/<key>/<value>``), each the lock entry of one stage run."""
+    from pipeline.data.dataset import read_yaml
+
+    folder = cache / "runs"
+    return [_stages(read_yaml(path)) for path in sorted(folder.glob("*/*/*")) if path.is_file()] \
+        if folder.is_dir() else []
+
+
+def _stages(document: Any) -> list[Stage]:
+    """(deps, outs) of each stage entry of a ``dvc.lock``, or of the one entry of a ``.dvc`` file or a run-cache
+    entry; entries whose digest is not an md5 are dropped."""
+    if not isinstance(document, dict):
+        return []
+    if isinstance(document.get("stages"), dict):  # dvc.lock
+        stages = [s for s in document["stages"].values() if isinstance(s, dict)]
+    else:
+        stages = [document] if "outs" in document else []
+    return [(_entries(stage, "deps"), _entries(stage, "outs")) for stage in stages]
+
+
+def _entries(stage: dict[str, Any], field: str) -> list[tuple[str, str]]:
+    items = stage.get(field)
+    return [(str(e.get("path", "")).strip("/"), e["md5"]) for e in (items if isinstance(items, list) else [])
+            if isinstance(e, dict) and valid_digest(e.get("md5"))]
+
+
+def _document_runs(stages: list[Stage], index: ObjectIndex, composed: dict[str, frozenset[str]]) -> set[Run]:
+    """The runs of one document, each dep resolved to the file objects under its path: a dep on a folder inside
+    a directory output (``data/shards/block-0000``) or on a folder made of several outputs (``models/adapters``)
+    has a digest DVC computes but never stores, so its files come from the outputs that wrote them."""
+    files: dict[str, str] = {}  # path -> file md5 of everything this document's runs wrote
+    outputs: list[tuple[list[tuple[str, str]], set[str]]] = []
+    for deps, outs in stages:
+        written: set[str] = set()
+        for path, md5 in outs:
+            written.add(md5)
+            for rel, digest in _expand(path, md5, index):
+                files[rel] = digest
+                written.add(digest)
+        outputs.append((deps, written))
+    paths = sorted(files)
+    runs = set()
+    for deps, written in outputs:
+        read: set[str] = set()
+        for path, md5 in deps:
+            at = bisect.bisect_left(paths, path)
+            inside = []
+            while at < len(paths) and (paths[at] == path or paths[at].startswith(path + "/")):
+                inside.append(files[paths[at]])
+                at += 1
+            if inside:
+                composed[md5] = frozenset(inside)
+            read.update(inside or composed.get(md5) or {digest for _, digest in _expand(path, md5, index)})
+        runs.add((frozenset(read), frozenset(written)))
+    return runs
+
+
+def _expand(path: str, md5: str, index: ObjectIndex) -> list[tuple[str, str]]:
+    """(path, md5) of the files an output or dep names: the listing's files for a directory, else itself."""
+    if md5.endswith(DIR_SUFFIX):
+        listing = index.listing(md5)
+        if listing is not None:
+            return [(f"{path}/{rel}", digest) for rel, digest in listing]
+    return [(path, md5)]
+
+
+def purged_outputs(root: Path) -> list[str]:
+    """For `legonet status`: each output of the checked-out commit whose object a forget purged, with the
+    request, so an old commit says why `dvc checkout`/`dvc pull` cannot restore it."""
+    known = purged_map(root)
+    if not known:
+        return []
+    stores = Stores(root)
+    index = ObjectIndex(root, stores)
+    lines = []
+    for path, md5 in sorted(set(workspace_outputs(root))):
+        gone = sorted({r for _, digest in [(path, md5), *_expand(path, md5, index)] for r in known.get(digest, [])
+                       if not object_path(stores.cache, digest).exists()})
+        if gone:
+            lines.append(f"{path}: purged by request {', '.join(gone)} (its data held or was derived from a "
+                         "forgotten sample; this commit cannot be restored)")
+    return lines

@@ -1,0 +1,296 @@
+"""Purge by provenance across the project's whole history (issue 21), for real: git + DVC + MLflow SQLite + torch.
+
+One tiny project with canaries, its DVC cache outside the project (``cache.dir`` in .dvc/config.local, as a team
+sharing a cache sets it) and a local DVC remote, gets three builds with different ``adapters.train.weight_decay``:
+the first on ``main``, the second only on the branch ``side``, the third only on the tag ``v3``. Another project's
+Parquet object holding a canary ID sits in the shared cache and the shared remote. Back on ``main``, the canaries
+are forgotten. Then:
+
+* no object of any build derived from a canary remains in the cache or the remote: no canary byte (ID, pixels,
+  embeddings) in any object, and no object the provenance oracle below derives from a canary;
+* every object of the three builds the oracle does not derive from a canary is still there, and so is the other
+  project's object;
+* the record names the shared cache and counts what it purged there; `legonet status` on the tag says which
+  request purged its objects.
+
+The oracle is this test's own reading of each build's dvc.lock: sample tables hold a canary or not; an adapter
+block is derived from a canary when a shard of its block held one; evaluation, probe, quality and package outputs
+of a build are derived from a canary when any of its shards or test tables held one.
+
+A crafted ``.dir`` listing and a planted link in the cache delete nothing outside the store (no build needed).
+
+Runtime (2 cores): one build, two adapter-only rebuilds, one forget.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import yaml
+from conftest import init_args, legonet
+from test_forget import CANARIES, canary_frame, canary_needles, dvc, forget, parquet_plain, record, write_manifest
+
+from pipeline.data.dataset import read_table, write_table
+from pipeline.purge.history import plan_purge
+from pipeline.purge.objects import dvc_cache, object_path, purge_objects, referenced_objects
+
+BUILDS = {"main": "0.0001", "side": "0.001", "v3": "0.01"}  # where each build lives -> its weight_decay
+
+
+def git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout
+
+
+def build_with(root: Path, weight_decay: str) -> None:
+    params = root / "params.yaml"
+    text = params.read_text()
+    old = next(line for line in text.splitlines() if line.strip().startswith("weight_decay:"))
+    params.write_text(text.replace(old, f"    weight_decay: {weight_decay}"))
+    legonet("build", cwd=root)
+
+
+def store_objects(store: Path) -> dict[str, bytes]:
+    """digest -> content of every object under a DVC 3 store."""
+    return {p.parent.name + p.name: p.read_bytes() for p in (store / "files" / "md5").glob("*/*") if p.is_file()}
+
+
+def parquet_ids(data: bytes) -> set[str]:
+    import io
+
+    import pyarrow.parquet as pq
+
+    if data[:4] != b"PAR1" or "sample_id" not in pq.read_schema(io.BytesIO(data)).names:
+        return set()
+    return set(pq.read_table(io.BytesIO(data), columns=["sample_id"]).column(0).to_pylist())
+
+
+def oracle(locks: list[dict[str, Any]], objects: dict[str, bytes], workspace: set[str]) -> tuple[set[str], set[str]]:
+    """(derived, clean): the file objects of the builds that are / are not derived from a canary, by this test's
+    own reading of the pipeline (see the module docstring). Bytes a build also wrote without a canary (the
+    package's copy of the encoder or of an untouched adapter) are clean; what the workspace references is kept."""
+    def files(out: dict[str, Any]) -> list[str]:
+        if out["md5"].endswith(".dir"):
+            return [e["md5"] for e in json.loads(objects[out["md5"]])]
+        return [out["md5"]]
+
+    held, derived, clean = set(), set(), set()
+    for lock in locks:
+        stages = lock["stages"]
+        outs = {name: [md5 for out in stage.get("outs", []) for md5 in files(out) if md5 in objects]
+                for name, stage in stages.items()}
+        held |= {md5 for found in outs.values() for md5 in found if set(CANARIES) & parquet_ids(objects[md5])}
+        shard_listing = next(o for o in stages["assign"]["outs"] if o["path"] == "data/shards")
+        shards = {e["relpath"]: e["md5"] for e in json.loads(objects[shard_listing["md5"]])}
+        tainted = any(md5 in held for md5 in [*shards.values(), *outs["encode@test"]])
+        for name, found in outs.items():
+            if name.startswith("train@"):
+                block = stages[name]["deps"][0]["path"].removeprefix("data/shards/")  # block-NNNN
+                bad = any(md5 in held for rel, md5 in shards.items() if rel.startswith(block + "/"))
+            else:
+                bad = tainted and name in ("evaluate", "baseline", "quality", "package")
+            (derived if bad else clean).update(found)
+    return (held | (derived - clean)) - workspace, clean - held
+
+
+@pytest.fixture(scope="module")
+def history(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> dict[str, Any]:
+    work = tmp_path_factory.mktemp("history")
+    root, shared, remote = work / "project", work / "shared-cache", work / "shared-remote"
+    root.mkdir()
+    samples = read_table(tiny_data)
+    canaries = canary_frame(samples)
+    write_table(pd.concat([samples, canaries], ignore_index=True), work / "d.parquet")
+    legonet(*init_args(work / "d.parquet"), cwd=root)
+    dvc(root, "config", "--local", "cache.dir", os.path.relpath(shared, root / ".dvc"))  # relative to .dvc/
+    dvc(root, "remote", "add", "-d", "shared", str(remote))
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "the shared remote")
+    legonet("build", cwd=root)  # main
+    dvc(root, "push", "-q")
+    git(root, "checkout", "-q", "-b", "side")
+    build_with(root, BUILDS["side"])
+    dvc(root, "push", "-q")
+    git(root, "checkout", "-q", "-b", "scratch")
+    build_with(root, BUILDS["v3"])
+    dvc(root, "push", "-q")
+    git(root, "tag", "v3")
+    git(root, "checkout", "-q", "main")
+    git(root, "branch", "-q", "-D", "scratch")  # the third build is reachable from the tag only
+    dvc(root, "checkout", "-q")
+    # another project's table holding a canary ID, in the shared cache and on the shared remote
+    other = work / "other.parquet"
+    write_table(pd.DataFrame({"sample_id": [CANARIES[0], "theirs-1"], "label": [1, 2]}), other)
+    other_md5 = hashlib.md5(other.read_bytes()).hexdigest()
+    for store in (shared, remote):
+        object_path(store, other_md5).parent.mkdir(parents=True, exist_ok=True)
+        object_path(store, other_md5).write_bytes(other.read_bytes())
+
+    locks = {ref: yaml.safe_load(git(root, "show", f"{ref}:dvc.lock")) for ref in BUILDS}
+    before = {"cache": store_objects(shared), "remote": store_objects(remote)}
+    assert not (root / ".dvc" / "cache" / "files").exists(), "DVC used the configured cache, not .dvc/cache"
+    needles = canary_needles(root, canaries)
+    manifest = write_manifest(work / "canaries.json", "req-history", CANARIES)
+    summary = forget(root, manifest)
+    derived, clean = oracle(list(locks.values()), {**before["cache"], **before["remote"]},
+                            referenced_objects(root, shared))
+    git(root, "checkout", "-q", "v3")
+    status = legonet("status", cwd=root, check=False)
+    git(root, "checkout", "-q", "main")
+    return {"root": root, "shared": shared, "remote": remote, "other": other_md5, "needles": needles,
+            "before": before, "after": {"cache": store_objects(shared), "remote": store_objects(remote)},
+            "derived": derived, "clean": clean, "locks": locks, "summary": summary,
+            "record": record(root, "req-history"),
+            "status": status.stdout + status.stderr}
+
+
+def test_the_builds_differ_and_the_canaries_were_in_every_store(history: dict[str, Any]) -> None:
+    """The scenario is what it claims: three builds with different adapters, canary bytes in both stores."""
+    adapters = {ref: lock["stages"]["train@0000"]["outs"][0]["md5"] for ref, lock in history["locks"].items()}
+    assert len(set(adapters.values())) == 3, adapters
+    for store in ("cache", "remote"):
+        for name, needle in history["needles"].items():
+            assert any(needle in data or needle in parquet_plain(data) for data in history["before"][store].values()
+                       ), f"{name} not in the {store} before the forget"
+    assert history["derived"] and history["clean"]
+
+
+def test_no_canary_byte_in_any_object_of_the_shared_cache_or_remote(history: dict[str, Any]) -> None:
+    other = history["other"]
+    for store in ("cache", "remote"):
+        for md5, data in history["after"][store].items():
+            if md5 == other:
+                continue
+            plain = data + parquet_plain(data)
+            hits = [name for name, needle in history["needles"].items() if needle in plain]
+            assert not hits, f"{store} object {md5} still holds {hits}"
+
+
+def test_every_object_derived_from_a_canary_is_gone_and_every_other_remains(history: dict[str, Any]) -> None:
+    """Digest check, over the three builds (main, the branch, the tag), against the oracle."""
+    for store in ("cache", "remote"):
+        after = history["after"][store]
+        left = sorted(history["derived"] & set(after))
+        assert not left, f"{store}: objects derived from a canary remain: {left[:5]}"
+        lost = sorted(md5 for md5 in history["clean"] if md5 in history["before"][store] and md5 not in after)
+        assert not lost, f"{store}: objects not derived from a canary were deleted: {lost[:5]}"
+
+
+def test_another_projects_table_holding_the_id_is_untouched(history: dict[str, Any]) -> None:
+    for store in ("cache", "remote"):
+        assert history["other"] in history["after"][store]
+
+
+def test_the_record_counts_the_shared_cache_and_the_history(history: dict[str, Any]) -> None:
+    purge = history["record"]["purge"]
+    cache = purge["dvc"]["cache"]
+    assert Path(cache["store"]).resolve() == history["shared"].resolve()
+    assert cache["deleted_objects"] == len(set(history["before"]["cache"]) - set(history["after"]["cache"])) > 0
+    assert cache["history"]["objects"] > 0 and cache["superseded"]["objects"] > 0
+    assert cache["history"]["objects"] + cache["superseded"]["objects"] == cache["deleted_objects"]
+    assert len(cache["history"]["merkle_root"]) == 64
+    assert purge["dvc_doomed"]["history"]["objects"] >= cache["history"]["objects"]
+    purged = json.loads((history["root"] / ".legonet" / "purged.json").read_text())
+    assert set(history["before"]["cache"]) - set(history["after"]["cache"]) <= set(purged)
+    assert all(requests == ["req-history"] for requests in purged.values())
+
+
+def test_status_on_an_old_commit_names_the_request(history: dict[str, Any]) -> None:
+    assert "models/package: purged by request req-history" in history["status"], history["status"]
+
+
+def test_audit_verify_passes_after_the_forget(history: dict[str, Any]) -> None:
+    """verify scans only this project's objects: the other project's table in the shared stores is not residue."""
+    result = legonet("audit", "verify", cwd=history["root"], check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_crafted_listing_or_planted_link_deletes_nothing_outside_the_store(tmp_path: Path) -> None:
+    root, outside = tmp_path / "project", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    git(root, "init", "-q")
+    dvc(root, "init", "-q")
+    dvc(root, "cache", "dir", "--local", "../cache")  # as typed: relative to the working directory
+    cache = dvc_cache(root)
+    assert cache == (tmp_path / "cache").resolve()
+    victim = outside / "victim.txt"
+    victim.write_text("not DVC's")
+    kept = b"an object of the store"
+    kept_md5 = hashlib.md5(kept).hexdigest()
+    object_path(cache, kept_md5).parent.mkdir(parents=True)
+    object_path(cache, kept_md5).write_bytes(kept)
+    listing = json.dumps([{"md5": "../../../../outside/victim.txt", "relpath": "a"},
+                          {"md5": str(victim), "relpath": "b"},
+                          {"md5": kept_md5, "relpath": "../../escape"},
+                          {"md5": kept_md5, "relpath": "/absolute"}]).encode()
+    listing_md5 = hashlib.md5(listing).hexdigest() + ".dir"
+    object_path(cache, listing_md5).parent.mkdir(parents=True, exist_ok=True)
+    object_path(cache, listing_md5).write_bytes(listing)
+    planted = "ee" + "f" * 30  # the object folder ee/ is a link out of the store
+    (outside / planted[2:]).write_text("outside the store")
+    (cache / "files" / "md5" / "ee").symlink_to(outside)
+
+    plan = plan_purge(root, set(), [listing_md5, "../../outside/victim.txt", str(victim)])
+    assert plan["superseded"] == [listing_md5], plan  # bad entries and digests never became objects
+    result = purge_objects(root, {**plan, "history": [planted, "../../outside/victim.txt"]}, keep=set())
+    assert victim.read_text() == "not DVC's" and (outside / planted[2:]).is_file()
+    assert object_path(cache, kept_md5).is_file() and not object_path(cache, listing_md5).exists()
+    assert result["cache"]["deleted_objects"] == 1 and result["cache"]["refused_outside_store"] == 1
+    with pytest.raises(ValueError, match="not a DVC md5 digest"):
+        object_path(cache, "../../outside/victim.txt")
+
+
+def test_an_object_only_on_an_s3_remote_is_read_there_and_purged_by_provenance(tmp_path: Path) -> None:
+    """A table a past commit's .dvc file names, present only on an S3 remote (moto server), is read there to
+    learn what it holds: purged when it holds a forgotten ID; another table with the ID that no commit names
+    stays, as does the first one when the ID forgotten is not in it."""
+    moto_server = pytest.importorskip("moto.server", reason="needs the test extra: pip install -e '.[test]'")
+    import boto3
+    from conftest import free_port
+
+    port = free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="k", aws_secret_access_key="s",
+                              region_name="us-east-1")
+        client.create_bucket(Bucket="shared")
+        root = tmp_path / "project"
+        root.mkdir()
+        git(root, "init", "-q")
+        dvc(root, "init", "-q")
+        dvc(root, "remote", "add", "-d", "s3", "s3://shared/store")
+        dvc(root, "remote", "modify", "s3", "endpointurl", endpoint)
+        dvc(root, "remote", "modify", "--local", "s3", "access_key_id", "k")
+        dvc(root, "remote", "modify", "--local", "s3", "secret_access_key", "s")
+        digests = {}
+        for name, ids in {"ours": ["x-1", "x-2"], "theirs": ["x-1", "y-1"]}.items():
+            table = tmp_path / f"{name}.parquet"
+            write_table(pd.DataFrame({"sample_id": ids, "label": [0, 1]}), table)
+            digests[name] = hashlib.md5(table.read_bytes()).hexdigest()
+            client.put_object(Bucket="shared", Key=f"store/files/md5/{digests[name][:2]}/{digests[name][2:]}",
+                              Body=table.read_bytes())
+        pointer = root / "ours.parquet.dvc"
+        pointer.write_text(yaml.safe_dump({"outs": [{"md5": digests["ours"], "path": "ours.parquet", "hash": "md5"}]}))
+        git(root, "add", "-A")
+        git(root, "commit", "-q", "-m", "a table, since removed")
+        git(root, "rm", "-q", "ours.parquet.dvc")
+        git(root, "commit", "-q", "-m", "removed")
+
+        assert plan_purge(root, {"nobody"}, []) == {"superseded": [], "history": []}
+        plan = plan_purge(root, {"x-1"}, [])
+        assert plan == {"superseded": [], "history": [digests["ours"]]}
+        result = purge_objects(root, plan, keep=set())
+        keys = {o["Key"] for o in client.list_objects_v2(Bucket="shared").get("Contents", [])}
+        assert keys == {f"store/files/md5/{digests['theirs'][:2]}/{digests['theirs'][2:]}"}
+        assert result["remote:s3"]["deleted_objects"] == 1 and result["remote:s3"]["history"]["objects"] == 1
+    finally:
+        server.stop()
