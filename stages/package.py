@@ -20,6 +20,7 @@ from pathlib import Path
 import pipeline
 from pipeline.data.quality import RESULT, read_result
 from pipeline.model.package import SERVING_REQUIREMENTS, LegoNetModel, stage_artifacts
+from pipeline.project.code import check_code
 from pipeline.project.layout import ADAPTERS, ENCODER, ENCODER_INFO, KEYS, METRICS, PACKAGE, PROJECTION
 from pipeline.project.params import load_params, run_stage
 from pipeline.tracking.lineage import configure, file_md5, file_sha256, flush, stage_run, tree_digests
@@ -51,6 +52,7 @@ def main() -> None:
     import mlflow
 
     params = load_params()
+    check_code(params, "package")  # no persisted output: DVC reruns the whole stage when its code entry changes
     data, k, name = params["data"], int(params["adapters"]["k"]), params["mlflow"]["registered_model"]
     config = {"modality": data["modality"], "image_shape": data.get("image_shape"), "classes": data["classes"],
               "features": data.get("features") or [], "k": k, "threads": int(params["encoder"]["threads"])}

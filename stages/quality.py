@@ -38,6 +38,7 @@ from pipeline.data.quality import (
     read_norm_bounds,
     tables,
 )
+from pipeline.project.code import check_code
 from pipeline.project.layout import PROJECTION, REFERENCE_NORMS, ROUTING, SHARDS, shard_path
 from pipeline.project.params import load_params, run_stage
 from pipeline.tracking.lineage import stage_run
@@ -162,6 +163,7 @@ def _remove(paths: list[Path]) -> None:
 
 def main() -> None:
     params = load_params()
+    check_code(params, "quality")  # no persisted output: DVC reruns the whole stage when its code entry changes
     q = QualityParams.of(params)
     n, k, blocks = int(params["adapters"]["n"]), int(params["adapters"]["k"]), int(params["adapters"]["blocks"])
     partitions, classes = int(params["data"]["partitions"]), list(params["data"]["classes"])

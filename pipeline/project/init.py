@@ -27,6 +27,7 @@ from pipeline.data.dataset import (
     read_samples,
     write_table,
 )
+from pipeline.project.code import sync_code
 from pipeline.project.layout import REFERENCE, TEST, raw_path
 from pipeline.project.params import PARAMS, check_params, commit_project, sync_generated
 
@@ -148,6 +149,7 @@ def init_project(
     for path, frame in files.items():
         write_table(frame, root / path)
     sync_generated(root)
+    sync_code(root)
     run(["dvc", "add", "-q", *[p.as_posix() for p in files]], root)
     commit_project(root, "legonet init" + (f" from {data.name}" if data is not None else " (bundled MNIST)"))
     return InitSummary({path.as_posix(): len(frame) for path, frame in files.items()}, choices)
