@@ -72,41 +72,51 @@ class _Target:
     name: str | None = None
 
 
+@dataclass(frozen=True)
+class _Statement:
+    """What one top-level statement reads: the names its own imports bind, the modules they import, and the dotted
+    names it uses (``np.load`` -> ("np", "load"))."""
+
+    imports: dict[str, _Target]
+    imported: tuple[str, ...]
+    chains: tuple[tuple[str, ...], ...]
+
+
 @dataclass
 class _Module:
     name: str
     path: Path
     relpath: str  # path below the folder holding the top-level package: the same wherever the code is installed
-    is_package: bool
-    tree: ast.Module
-    definitions: dict[str, list[ast.stmt]] = field(default_factory=dict)  # top-level name -> statements binding it
+    body: list[_Statement] = field(default_factory=list)  # every statement but the docstring (the stage module's)
+    definitions: dict[str, list[_Statement]] = field(default_factory=dict)  # top-level name -> statements binding it
     bindings: dict[str, _Target] = field(default_factory=dict)  # top-level name -> what its import binds
-    effects: list[ast.stmt] = field(default_factory=list)  # statements run at import that are not definitions
+    effects: list[_Statement] = field(default_factory=list)  # statements run at import that are not definitions
     imports: list[str] = field(default_factory=list)  # modules its top-level imports import
 
 
+@lru_cache(maxsize=64)
+def _package_dir(top: str) -> Path | None:
+    spec = find_spec(top)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+@lru_cache(maxsize=4096)
 def _locate(module: str) -> tuple[Path, Path] | None:
     """(source file, folder holding its top-level package) of a legonet module, or None when it is not one.
 
     Only the top-level package is looked up (``find_spec`` of a top-level name imports nothing), so finding a
     module never runs its code."""
     top = module.split(".")[0]
-    if top not in LEGONET_PACKAGES:
+    package_dir = _package_dir(top) if top in LEGONET_PACKAGES else None
+    if package_dir is None:
         return None
-    spec = find_spec(top)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    package_dir = Path(next(iter(spec.submodule_search_locations)))
     base = package_dir.joinpath(*module.split(".")[1:])
     for candidate in (base / "__init__.py", base.with_suffix(".py")):
         if candidate.is_file():
             return candidate, package_dir.parent
     return None
-
-
-@lru_cache(maxsize=512)
-def _parse(path: str, digest: str) -> ast.Module:  # keyed by the file's digest: an edited file is parsed again
-    return ast.parse(Path(path).read_bytes(), filename=path)
 
 
 def _import_targets(node: ast.Import | ast.ImportFrom, package: str) -> dict[str, _Target]:
@@ -147,30 +157,48 @@ def _load(module: str) -> _Module | None:
     if located is None:
         return None
     path, root = located
-    tree = _parse(str(path), file_sha256(path))
-    found = _Module(module, path, path.relative_to(root).as_posix(), path.name == "__init__.py", tree)
-    package = module if found.is_package else module.rpartition(".")[0]
+    return _summarise(module, str(path), path.relative_to(root).as_posix(), file_sha256(path))
+
+
+@lru_cache(maxsize=512)
+def _summarise(module: str, path: str, relpath: str, digest: str) -> _Module:
+    """A module's top-level statements, each read once; keyed by the file's digest, so an edit is read again."""
+    tree = ast.parse(Path(path).read_bytes(), filename=path)
+    found = _Module(module, Path(path), relpath)
+    package = module if relpath.endswith("/__init__.py") else module.rpartition(".")[0]
     for index, node in enumerate(tree.body):
         if index == 0 and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
             continue  # the docstring
+        statement = _statement(node, package)
+        found.body.append(statement)
         if isinstance(node, ast.Import | ast.ImportFrom):
-            if not (isinstance(node, ast.ImportFrom) and node.module == "__future__"):
-                found.bindings.update(_import_targets(node, package))
-                found.imports += _imported_modules(node, package)
+            found.bindings.update(statement.imports)
+            found.imports += statement.imported
         elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
-            found.definitions.setdefault(node.name, []).append(node)
+            found.definitions.setdefault(node.name, []).append(statement)
         elif isinstance(node, ast.Assign | ast.AnnAssign) and all(
                 isinstance(t, ast.Name) for t in (node.targets if isinstance(node, ast.Assign) else [node.target])):
             for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
-                found.definitions.setdefault(target.id, []).append(node)
+                found.definitions.setdefault(target.id, []).append(statement)
         elif not _is_main_guard(node):
-            found.effects.append(node)  # runs at import: a call, a try/if around imports, an attribute set
+            found.effects.append(statement)  # runs at import: a call, a try/if around imports, an attribute set
+            found.bindings.update(statement.imports)
             for inner in ast.walk(node):
-                if isinstance(inner, ast.Import | ast.ImportFrom):
-                    found.bindings.update(_import_targets(inner, package))
-                elif isinstance(inner, ast.Name) and isinstance(inner.ctx, ast.Store):
-                    found.definitions.setdefault(inner.id, []).append(node)
+                if isinstance(inner, ast.Name) and isinstance(inner.ctx, ast.Store):
+                    found.definitions.setdefault(inner.id, []).append(statement)
     return found
+
+
+def _statement(node: ast.stmt, package: str) -> _Statement:
+    imports: dict[str, _Target] = {}
+    imported: list[str] = []
+    for inner in ast.walk(node):
+        if isinstance(inner, ast.Import | ast.ImportFrom) and getattr(inner, "module", None) != "__future__":
+            imports.update(_import_targets(inner, package))
+            imported += _imported_modules(inner, package)
+    refs = _References()
+    refs.visit(node)
+    return _Statement(imports, tuple(imported), tuple(refs.chains))
 
 
 class _References(ast.NodeVisitor):
@@ -235,8 +263,8 @@ class _Reach:
         if found is None:
             raise ParamsError(f"dvc.yaml: a stage runs `python -m {name}`, which is not a legonet module")
         self.files[found.relpath] = found.path
-        for node in found.tree.body:
-            self.visit(found, node)
+        for statement in found.body:
+            self.visit(found, statement)
 
     def imported(self, name: str) -> None:
         """Importing a module runs its packages' and its own import-time statements."""
@@ -298,21 +326,14 @@ class _Reach:
         if top and top not in sys.stdlib_module_names and top != "__future__":
             self.libraries.add(top)
 
-    def visit(self, module: _Module, node: ast.AST) -> None:
-        package = module.name if module.is_package else module.name.rpartition(".")[0]
-        local: dict[str, _Target] = {}
-        for inner in ast.walk(node):
-            if isinstance(inner, ast.Import | ast.ImportFrom) and getattr(inner, "module", None) != "__future__":
-                local.update(_import_targets(inner, package))
-                for other in _imported_modules(inner, package):
-                    if _locate(other) is not None:
-                        self.imported(other)
-                    else:
-                        self.library(other)
-        refs = _References()
-        refs.visit(node)
-        for head, *rest in refs.chains:
-            target = local.get(head) or module.bindings.get(head)
+    def visit(self, module: _Module, statement: _Statement) -> None:
+        for other in statement.imported:
+            if _locate(other) is not None:
+                self.imported(other)
+            else:
+                self.library(other)
+        for head, *rest in statement.chains:
+            target = statement.imports.get(head) or module.bindings.get(head)
             if target is not None:
                 self.resolve(target, tuple(rest))
             elif head in module.definitions:
