@@ -82,7 +82,7 @@ def main() -> None:
     partitions, classes = int(params["data"]["partitions"]), list(params["data"]["classes"])
     used = {"adapters.n": n, "adapters.k": k, "adapters.blocks": blocks, "data.partitions": partitions,
             "data.classes": classes}
-    with stage_run("assign", Path(), used, [ENCODED_TRAIN, PROJECTION, KEYS],
+    with stage_run("assign", Path(), {**used, "code": code}, [ENCODED_TRAIN, PROJECTION, KEYS],
                    [SHARDS, ROUTING]) as run:
         projection, keys = np.load(PROJECTION), np.load(KEYS)
         identity = {"projection_md5": file_md5(PROJECTION), "keys_md5": file_md5(KEYS), "code": code, **used}

@@ -56,7 +56,7 @@ def main() -> None:
     classes, ridge = list(params["data"]["classes"]), float(params["baseline"]["ridge"])
     n, k, blocks = int(params["adapters"]["n"]), int(params["adapters"]["k"]), int(params["adapters"]["blocks"])
     used = {"baseline": params["baseline"], "data.classes": classes, "adapters.n": n, "adapters.k": k,
-            "adapters.blocks": blocks}
+            "adapters.blocks": blocks, "code": code}
     with stage_run("baseline", Path(), used, [SHARDS, TEST_POINTS], [METRICS / "baseline.json", PROBE]) as run:
         trusted = PROBE.is_dir() and recorded_md5(PROBE) == dvc_digest(PROBE, Path())
         statistics = [shard_statistics(j, shard_path(j, n, blocks), classes, code, trusted) for j in range(n)]

@@ -61,7 +61,7 @@ def main(name: str, src_path: str | Path, dst_path: str | Path) -> None:
     data, threads = params["data"], int(params["encoder"]["threads"])
     info = json.loads(ENCODER_INFO.read_text())
     samples = validate(read_table(src), samples_contract(data), src)
-    used = {"data": data, "encoder.threads": threads}
+    used = {"data": data, "encoder.threads": threads, "code": code}
     tags = {"encoder.sha256": info.get("weights_sha256", ""), "encoder.name": info["name"]}
     tags["legonet.executor"] = executor_of(params)
     encoding = {"encoder_sha256": info["sha256"], "threads": threads, "modality": data["modality"],

@@ -84,7 +84,7 @@ def main() -> None:
     classes, k = list(params["data"]["classes"]), int(params["adapters"]["k"])
     test = ENCODED_TEST
     outputs = [METRICS / "evaluate.json", METRICS / "per_class.csv", METRICS / "adapter_load.csv"]
-    with stage_run("evaluate", Path(), {"adapters.k": k, "data.classes": classes},
+    with stage_run("evaluate", Path(), {"adapters.k": k, "data.classes": classes, "code": code},
                    [test, PROJECTION, KEYS, ADAPTERS], [*outputs, EVALUATION]) as run:
         projection, keys = np.load(PROJECTION), np.load(KEYS)
         frame = read_table(test, ["sample_id", "label", PAYLOAD_DIGEST])

@@ -15,9 +15,9 @@ from pipeline.tracking.lineage import stage_run
 
 def main() -> None:
     params = load_params()
-    check_code(params, "encoder")  # no persisted output: DVC reruns the whole stage when its code entry changes
+    code = check_code(params, "encoder")  # no persisted output: DVC reruns the whole stage when its code entry changes
     encoder = params["encoder"]
-    used = {"encoder": encoder, "data.features": params["data"].get("features") or []}
+    used = {"encoder": encoder, "data.features": params["data"].get("features") or [], "code": code}
     with stage_run("encoder", Path(), used, [], [ENCODER, ENCODER_INFO]) as run:
         ENCODER.parent.mkdir(parents=True, exist_ok=True)
         info = export_encoder(encoder["name"], int(encoder["image_size"]), ENCODER,

@@ -28,11 +28,11 @@ def save_array(path: Path, array: np.ndarray) -> None:
 
 def main() -> None:
     params = load_params()
-    check_code(params, "keys")  # no persisted output: DVC reruns the whole stage when its code entry changes
+    code = check_code(params, "keys")  # no persisted output: DVC reruns the whole stage when its code entry changes
     reference = ENCODED_REFERENCE
     classes = list(params["data"]["classes"])
     used = {"projection": params["projection"], "keys": params["keys"], "adapters.n": params["adapters"]["n"],
-            "data.classes": classes, "encoder.name": params["encoder"]["name"]}
+            "data.classes": classes, "encoder.name": params["encoder"]["name"], "code": code}
     with stage_run("keys", Path(), used, [reference], [PROJECTION, KEYS, REFERENCE_NORMS]) as run:
         frame, embeddings = read_embeddings(reference)
         check_encoded(frame, embeddings, reference, classes, None)

@@ -52,14 +52,14 @@ def main() -> None:
     import mlflow
 
     params = load_params()
-    check_code(params, "package")  # no persisted output: DVC reruns the whole stage when its code entry changes
+    code = check_code(params, "package")  # no persisted output: DVC reruns the whole stage when its code entry changes
     data, k, name = params["data"], int(params["adapters"]["k"]), params["mlflow"]["registered_model"]
     config = {"modality": data["modality"], "image_shape": data.get("image_shape"), "classes": data["classes"],
               "features": data.get("features") or [], "k": k, "threads": int(params["encoder"]["threads"])}
     files = {"encoder": ENCODER, "encoder_info": ENCODER_INFO, "projection": PROJECTION, "keys": KEYS,
              "adapters": ADAPTERS}
     metrics_file = METRICS / "evaluate.json"
-    used = {"package": config, "gate": params["gate"], "registered_model": name}
+    used = {"package": config, "gate": params["gate"], "registered_model": name, "code": code}
     configure(params["mlflow"]["tracking_uri"], params["mlflow"]["experiment"], Path())
     with stage_run("package", Path(), used, [*files.values(), metrics_file, RESULT], [PACKAGE]) as run, \
             tempfile.TemporaryDirectory() as tmp:

@@ -45,7 +45,8 @@ def is_current(info_file: Path, weights_file: Path, shard_md5: str, params_sha25
 
 def main(block_id: str) -> None:
     params = load_params()
-    code_sha256 = train_digest(check_code(params, "train"))
+    code = check_code(params, "train")
+    code_sha256 = train_digest(code)
     block = int(block_id)
     n, blocks = int(params["adapters"]["n"]), int(params["adapters"]["blocks"])
     classes = list(params["data"]["classes"])
@@ -59,7 +60,7 @@ def main(block_id: str) -> None:
     for stray in out_dir.iterdir():  # adapters that left this block (n or blocks changed)
         if stray.name not in expected:
             stray.unlink()
-    with stage_run(f"train@{block_id}", Path(), {**used, "adapters.n": n, "adapters.blocks": blocks},
+    with stage_run(f"train@{block_id}", Path(), {**used, "adapters.n": n, "adapters.blocks": blocks, "code": code},
                    [shard_dir(block)], [out_dir], {"block": block_id, "legonet.executor": executor_of(params)}
                    ) as run:
         index = {c: i for i, c in enumerate(classes)}
