@@ -1,15 +1,15 @@
 """DVC stage `assign`: route every train sample to its k nearest keys; write one shard per adapter and the index.
 
-Incremental (docs/design.md section 4, cost rule): routing is per sample, so the stage routes only rows that are new
-to the index (a new sample, or one whose partition, label or payload changed), drops rows that left the encoded
+Incremental (docs/design.md section 4, cost rule): routing is per sample, so the stage routes only rows that are new to
+the index (a new sample, or one whose partition, label or payload changed), drops rows that left the encoded
 partitions, and rewrites only the shards of the adapters those rows activate; it reads neither the embeddings of
 unchanged rows nor the other shards. The shard directory is a `persist` output: DVC leaves it in place, untouched
 shards keep their bytes and their mtime, so DVC does not hash them again and every `train@block` whose shards did
-not change stays cached. The previous index is built on only when its md5 is the one ``dvc.lock`` records and it
-was made with the same keys, projection and params (its Parquet metadata); otherwise every sample is routed and
-every shard written. Either way the files are those a full recomputation writes, byte for byte. An encoded
-partition whose md5 differs from the one the index was made from is read and checked against its contract in
-full, so a broken partition is refused even when none of its rows is routed again.
+not change stays cached. The previous index is built on only when its md5 is the one ``dvc.lock`` records and it was
+made with the same keys, projection, params and code entry (its Parquet metadata); otherwise every sample is routed
+and every shard written. Either way the files are those a full recomputation writes, byte for byte. An encoded
+partition whose md5 differs from the one the index was made from is read and checked against its contract in full,
+so a broken partition is refused even when none of its rows is routed again.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from pipeline.data.dataset import (
 )
 from pipeline.model.keys import project
 from pipeline.model.routing import route, routing_changes, routing_index, shard
+from pipeline.project.code import check_code
 from pipeline.project.layout import (
     ENCODED_TRAIN,
     KEYS,
@@ -95,14 +96,15 @@ def mark_empty_blocks(n: int, blocks: int) -> set[Path]:
 def main() -> None:
     params = load_params()
     check_generated(params)
+    code = check_code(params, "assign")
     n, k, blocks = int(params["adapters"]["n"]), int(params["adapters"]["k"]), int(params["adapters"]["blocks"])
     partitions, classes = int(params["data"]["partitions"]), list(params["data"]["classes"])
     used = {"adapters.n": n, "adapters.k": k, "adapters.blocks": blocks, "data.partitions": partitions,
             "data.classes": classes}
-    with stage_run("assign", Path(), used, [ENCODED_TRAIN, PROJECTION, KEYS],
+    with stage_run("assign", Path(), {**used, "code": code}, [ENCODED_TRAIN, PROJECTION, KEYS],
                    [SHARDS, ROUTING]) as run:
         projection, keys = np.load(PROJECTION), np.load(KEYS)
-        identity = {"projection_md5": file_md5(PROJECTION), "keys_md5": file_md5(KEYS), **used}
+        identity = {"projection_md5": file_md5(PROJECTION), "keys_md5": file_md5(KEYS), "code": code, **used}
         current = pd.concat([read_table(encoded_path(index), ROW_COLUMNS).assign(partition=np.int32(index))
                              for index in range(partitions)], ignore_index=True)
         encoded_md5 = {partition_name(index): file_md5(encoded_path(index)) for index in range(partitions)}

@@ -3,7 +3,8 @@
 Incremental (docs/design.md section 4, cost rule): the output is a `persist` output, and an embedding depends on its
 payload alone (the encoder is batch-invariant), so the stage keeps every row its previous output already holds
 for the same sample_id and payload digest under the same encoding (encoder digest, thread count, modality, image
-shape), drops rows that left the input and encodes only the rest. A forget therefore calls the encoder zero
+shape, and the stage's code entry: legonet's source and the library versions, ``pipeline.project.code``), drops
+rows that left the input and encodes only the rest. A forget therefore calls the encoder zero
 times. Each row carries its payload's sha256 and the file its encoding in Parquet metadata, so the table built
 incrementally is byte-identical to a from-scratch one. The previous output is used only when its md5 is the one
 ``dvc.lock`` records for it; otherwise, or when the encoding changed, every row is encoded again.
@@ -33,6 +34,7 @@ from pipeline.data.dataset import (
     reusable_rows,
     write_embeddings,
 )
+from pipeline.project.code import check_code
 from pipeline.project.layout import ENCODER, ENCODER_INFO
 from pipeline.project.params import load_params, recorded_md5, run_stage
 from pipeline.runner.executor import executor_of, run_encode
@@ -55,15 +57,16 @@ def previous_rows(dst: Path, encoding: dict[str, Any], sample_ids: list[str], di
 def main(name: str, src_path: str | Path, dst_path: str | Path) -> None:
     src, dst = Path(src_path), Path(dst_path)
     params = load_params()
+    code = check_code(params, "encode")
     data, threads = params["data"], int(params["encoder"]["threads"])
     info = json.loads(ENCODER_INFO.read_text())
     samples = validate(read_table(src), samples_contract(data), src)
-    used = {"data": data, "encoder.threads": threads}
+    used = {"data": data, "encoder.threads": threads, "code": code}
     tags = {"encoder.sha256": info.get("weights_sha256", ""), "encoder.name": info["name"]}
     tags["legonet.executor"] = executor_of(params)
     encoding = {"encoder_sha256": info["sha256"], "threads": threads, "modality": data["modality"],
                 "image_shape": list(data["image_shape"]) if data["modality"] == "image" else None,
-                "features": list(data.get("features") or [])}
+                "features": list(data.get("features") or []), "code": code}
     with stage_run(f"encode@{name}", Path(), used, [ENCODER, ENCODER_INFO, src], [dst],
                    tags) as run:
         digests = payload_digests(samples, data)

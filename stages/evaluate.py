@@ -1,13 +1,13 @@
 """DVC stage `evaluate`: test accuracy of the ensemble, per-class recall and adapter load (DVC metrics and plots).
 
 Incremental (docs/design.md section 4, cost rule): an adapter's softmax output for a test sample depends on that
-sample's projected features and the adapter's weights alone, so the stage keeps them in ``reports/evaluate/`` (a
-`persist` output): the projected test features, keyed by sample_id and payload digest under the projection's
-md5, and one table per adapter of its outputs for the test samples that activate it, keyed by the adapter's
-weights digest. A rerun projects only new test samples and scores again only the samples whose adapter was
-retrained (or that newly activate an adapter); ``metrics/*`` are byte-identical to a full evaluation. The kept
-outputs are used only when the directory is exactly what ``dvc.lock`` records; test samples that leave the test
-split leave these tables too.
+sample's projected features and the adapter's weights alone, so the stage keeps them in ``reports/evaluate/``
+(a `persist` output): the projected test features, keyed by sample_id and payload digest under the projection's md5, and one
+table per adapter of its outputs for the test samples that activate it, keyed by the adapter's weights digest; both
+under the stage's code entry (``pipeline.project.code``). A rerun projects only new test samples and scores again
+only the samples whose adapter was retrained (or that newly activate an adapter); ``metrics/*`` are byte-identical
+to a full evaluation. The kept outputs are used only when the directory is exactly what ``dvc.lock`` records; test
+samples that leave the test split leave these tables too.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from pipeline.data.dataset import (
 from pipeline.model.ensemble import mean_proba
 from pipeline.model.keys import project
 from pipeline.model.routing import route
+from pipeline.project.code import check_code
 from pipeline.project.layout import (
     ADAPTERS,
     ENCODED_TEST,
@@ -79,16 +80,18 @@ def test_points(test: pd.DataFrame, projection: np.ndarray, width: int, classes:
 
 def main() -> None:
     params = load_params()
+    code = check_code(params, "evaluate")
     classes, k = list(params["data"]["classes"]), int(params["adapters"]["k"])
     test = ENCODED_TEST
     outputs = [METRICS / "evaluate.json", METRICS / "per_class.csv", METRICS / "adapter_load.csv"]
-    with stage_run("evaluate", Path(), {"adapters.k": k, "data.classes": classes},
+    with stage_run("evaluate", Path(), {"adapters.k": k, "data.classes": classes, "code": code},
                    [test, PROJECTION, KEYS, ADAPTERS], [*outputs, EVALUATION]) as run:
         projection, keys = np.load(PROJECTION), np.load(KEYS)
         frame = read_table(test, ["sample_id", "label", PAYLOAD_DIGEST])
         trusted = EVALUATION.is_dir() and recorded_md5(EVALUATION) == dvc_digest(EVALUATION, Path())
         projection_md5 = file_md5(PROJECTION)
-        points = test_points(frame, projection, keys.shape[1], classes, trusted, {"projection_md5": projection_md5})
+        points = test_points(frame, projection, keys.shape[1], classes, trusted,
+                             {"projection_md5": projection_md5, "code": code})
         infos = {adapter_index(p): json.loads(p.read_text()) for p in sorted(ADAPTERS.rglob("adapter-*.json"))}
         missing = sorted(set(range(len(keys))) - set(infos))
         if missing:
@@ -104,7 +107,7 @@ def main() -> None:
             from pipeline.model.adapters import adapter_proba
 
             path = EVALUATION / f"{adapter_name(j)}.parquet"
-            identity = {"weights_md5": infos[j]["weights_md5"], "projection_md5": projection_md5}
+            identity = {"weights_md5": infos[j]["weights_md5"], "projection_md5": projection_md5, "code": code}
             found, previous = kept(path, trusted, identity, frame.iloc[rows])
             proba = np.zeros((len(rows), len(classes)), dtype=np.float32)
             if (found >= 0).any():

@@ -13,6 +13,7 @@ from pipeline.data.contracts import check_encoded
 from pipeline.data.dataset import read_embeddings, write_bytes_atomic
 from pipeline.data.quality import held_out_features, norm_bounds
 from pipeline.model.keys import fit_keys, fit_projection, project
+from pipeline.project.code import check_code
 from pipeline.project.layout import ENCODED_REFERENCE, KEYS, PROJECTION, REFERENCE_NORMS
 from pipeline.project.params import load_params, run_stage
 from pipeline.tracking.lineage import stage_run
@@ -27,10 +28,11 @@ def save_array(path: Path, array: np.ndarray) -> None:
 
 def main() -> None:
     params = load_params()
+    code = check_code(params, "keys")  # no persisted output: DVC reruns the whole stage when its code entry changes
     reference = ENCODED_REFERENCE
     classes = list(params["data"]["classes"])
     used = {"projection": params["projection"], "keys": params["keys"], "adapters.n": params["adapters"]["n"],
-            "data.classes": classes, "encoder.name": params["encoder"]["name"]}
+            "data.classes": classes, "encoder.name": params["encoder"]["name"], "code": code}
     with stage_run("keys", Path(), used, [reference], [PROJECTION, KEYS, REFERENCE_NORMS]) as run:
         frame, embeddings = read_embeddings(reference)
         check_encoded(frame, embeddings, reference, classes, None)

@@ -21,6 +21,7 @@ from pathlib import Path
 import pipeline
 from pipeline.data.quality import RESULT, read_result
 from pipeline.model.package import SERVING_REQUIREMENTS, LegoNetModel, stage_artifacts
+from pipeline.project.code import check_code
 from pipeline.project.layout import ADAPTERS, ENCODER, ENCODER_INFO, KEYS, METRICS, PACKAGE, PROJECTION
 from pipeline.project.params import load_params, run_stage
 from pipeline.project.scratch import scratch_dir
@@ -61,13 +62,14 @@ def main() -> None:
     import mlflow
 
     params = load_params()
+    code = check_code(params, "package")  # no persisted output: DVC reruns the whole stage when its code entry changes
     data, k, name = params["data"], int(params["adapters"]["k"]), params["mlflow"]["registered_model"]
     config = {"modality": data["modality"], "image_shape": data.get("image_shape"), "classes": data["classes"],
               "features": data.get("features") or [], "k": k, "threads": int(params["encoder"]["threads"])}
     files = {"encoder": ENCODER, "encoder_info": ENCODER_INFO, "projection": PROJECTION, "keys": KEYS,
              "adapters": ADAPTERS}
     metrics_file = METRICS / "evaluate.json"
-    used = {"package": config, "gate": params["gate"], "registered_model": name}
+    used = {"package": config, "gate": params["gate"], "registered_model": name, "code": code}
     store = project_store(params["mlflow"])  # the project's store, also from a queued experiment's copy
     configure(store["tracking_uri"], store["experiment"], project_root())
     owner = {PROJECT_TAG: project_id(params)}  # on the logged model and, through log_model, on the version

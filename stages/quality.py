@@ -39,6 +39,7 @@ from pipeline.data.quality import (
     tables,
 )
 from pipeline.errors import DataError
+from pipeline.project.code import check_code
 from pipeline.project.layout import PROJECTION, REFERENCE_NORMS, ROUTING, SHARDS, shard_path
 from pipeline.project.params import load_params, run_stage
 from pipeline.tracking.lineage import stage_run
@@ -164,10 +165,11 @@ def _remove(paths: list[Path]) -> None:
 
 def main() -> None:
     params = load_params()
+    code = check_code(params, "quality")  # no persisted output: DVC reruns the whole stage when its code entry changes
     q = QualityParams.of(params)
     n, k, blocks = int(params["adapters"]["n"]), int(params["adapters"]["k"]), int(params["adapters"]["blocks"])
     partitions, classes = int(params["data"]["partitions"]), list(params["data"]["classes"])
-    used = {"quality": params["quality"], "adapters.n": n, "adapters.k": k, "data.classes": classes}
+    used = {"quality": params["quality"], "adapters.n": n, "adapters.k": k, "data.classes": classes, "code": code}
     inputs = [SHARDS, ROUTING, REFERENCE_NORMS, PROJECTION]
     outputs = [RESULT, TABLES, DATA_DOCS]
     with stage_run("quality", Path(), used, inputs, outputs) as run:

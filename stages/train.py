@@ -1,9 +1,11 @@
 """DVC stage `train@BBBB`: train the stale adapters of block b, each on its shard alone (safetensors + summary).
 
 A block stage reruns when any shard of its block changed, but it retrains only the adapters whose inputs
-changed: each adapter's summary records the md5 of the shard and the digest of the training params it was
-trained from, and an adapter is kept only when both match and its weights still have the recorded digest.
-Training is a pure function of (shard, params, seed_j), so a kept adapter is exactly what retraining would give.
+changed: each adapter's summary records the md5 of the shard, the digest of the training params and the digest of
+the stage's code entry (legonet's source and the library versions, ``pipeline.project.code``) it was trained
+with, and an adapter is kept only when all three match and its weights still have the recorded digest. Training
+is a pure function of (shard, params, seed_j) under that code, so a kept adapter is exactly what retraining would
+give.
 The block's outputs persist between runs (``persist: true`` in dvc.yaml) for that reason.
 """
 
@@ -20,6 +22,7 @@ import numpy as np
 from pipeline.data.contracts import check_shards
 from pipeline.data.dataset import read_embeddings, write_bytes_atomic
 from pipeline.model.adapters import adapter_seed
+from pipeline.project.code import check_code
 from pipeline.project.layout import adapter_dir, adapter_info_path, adapter_path, block_adapters, shard_dir, shard_path
 from pipeline.project.params import load_params, run_stage
 from pipeline.runner.executor import executor_of, run_train
@@ -30,17 +33,20 @@ def train_digest(used: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(used, sort_keys=True).encode()).hexdigest()
 
 
-def is_current(info_file: Path, weights_file: Path, shard_md5: str, params_sha256: str) -> bool:
-    """True when the adapter on disk was trained from exactly this shard and these params, and is intact."""
+def is_current(info_file: Path, weights_file: Path, shard_md5: str, params_sha256: str, code_sha256: str) -> bool:
+    """True when the adapter on disk was trained from exactly this shard and these params by this code, and is
+    intact."""
     if not info_file.is_file() or not weights_file.is_file():
         return False
     info = json.loads(info_file.read_text())
     return (info.get("shard_md5") == shard_md5 and info.get("train_params_sha256") == params_sha256
-            and info.get("weights_md5") == file_md5(weights_file))
+            and info.get("code_sha256") == code_sha256 and info.get("weights_md5") == file_md5(weights_file))
 
 
 def main(block_id: str) -> None:
     params = load_params()
+    code = check_code(params, "train")
+    code_sha256 = train_digest(code)
     block = int(block_id)
     n, blocks = int(params["adapters"]["n"]), int(params["adapters"]["blocks"])
     classes = list(params["data"]["classes"])
@@ -54,7 +60,7 @@ def main(block_id: str) -> None:
     for stray in out_dir.iterdir():  # adapters that left this block (n or blocks changed)
         if stray.name not in expected:
             stray.unlink()
-    with stage_run(f"train@{block_id}", Path(), {**used, "adapters.n": n, "adapters.blocks": blocks},
+    with stage_run(f"train@{block_id}", Path(), {**used, "adapters.n": n, "adapters.blocks": blocks, "code": code},
                    [shard_dir(block)], [out_dir], {"block": block_id, "legonet.executor": executor_of(params)}
                    ) as run:
         index = {c: i for i, c in enumerate(classes)}
@@ -62,7 +68,7 @@ def main(block_id: str) -> None:
         for j in members:
             src, out, info = shard_path(j, n, blocks), adapter_path(j, n, blocks), adapter_info_path(j, n, blocks)
             shard_md5 = file_md5(src)
-            if not is_current(info, out, shard_md5, params_sha256):
+            if not is_current(info, out, shard_md5, params_sha256, code_sha256):
                 read.append((j, src, shard_md5, *read_embeddings(src)))
         # every stale shard is checked against its contract before any adapter is written
         check_shards([(src, frame, features) for _, src, _, frame, features in read], classes, None)
@@ -78,7 +84,8 @@ def main(block_id: str) -> None:
             out, info = adapter_path(j, n, blocks), adapter_info_path(j, n, blocks)
             write_bytes_atomic(out, blob)
             summary = {"adapter": j, "train_samples": len(labels), "seed": job[4], "shard_md5": shard_md5,
-                       "train_params_sha256": params_sha256, "weights_md5": file_md5(out),
+                       "train_params_sha256": params_sha256, "code_sha256": code_sha256,
+                       "weights_md5": file_md5(out),
                        "class_counts": {str(c): int((labels == i).sum()) for c, i in index.items()}}
             write_bytes_atomic(info, (json.dumps(summary, indent=1, sort_keys=True) + "\n").encode())
             if executor_of(params) == "ray":

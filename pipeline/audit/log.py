@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import time
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +65,7 @@ from pipeline.audit.transparency import (
 from pipeline.data.dataset import write_bytes_atomic
 from pipeline.data.ids import REQUEST_ID_PATTERN
 from pipeline.errors import AuditError
+from pipeline.tracking.lineage import remembered
 
 _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
 _RECORD_NAME = re.compile(r"(\d{6,})-(" + REQUEST_ID_PATTERN.removeprefix("^").removesuffix("$") + r")\.json")
@@ -101,30 +101,19 @@ class _Scan:
 
 # log folder -> (the state of its files and the reader's trust, the verified scan of that state)
 _SCANS: dict[Path, tuple[Any, _Scan]] = {}
-# record file -> (its lstat, when it was read, what ``_read_record`` returned)
-_READS: dict[Path, tuple[tuple[int, ...], int, tuple[bytes, str, bytes]]] = {}
-_RACY_NS = 2_000_000_000  # a file changed this close to being read may change again and keep its lstat
-
-
 def _read_record(path: Path) -> tuple[bytes, str, bytes]:
-    """A record file's bytes, sha256 and Merkle leaf hash, read again only when its lstat (inode, size, mtime,
-    ctime) changed.
+    """A record file's bytes, sha256 and Merkle leaf hash, read again only when the file may have changed (the
+    process's one file cache, ``remembered``: git's racy-clean rule).
 
-    Each pass must know every record's digest, and a forget makes several passes: reading and hashing every
-    record each time would grow each forget with the log. An edit keeps the lstat only when it lands within the
-    filesystem clock's tick of the change the cache saw, so, as git does with its index, a file whose last
-    change came less than ``_RACY_NS`` before it was read is read again every time. Nobody can set ctime.
+    Each pass must know every record's digest; reading and hashing all of them again on each of the several
+    passes of a forget grew with the log's history.
     """
-    found = path.lstat()
-    key = (found.st_ino, found.st_size, found.st_mtime_ns, found.st_ctime_ns)
-    cached = _READS.get(path)
-    if cached is not None and cached[0] == key and found.st_ctime_ns < cached[1] - _RACY_NS:
-        return cached[2]
-    started = time.time_ns()
+    return remembered(path, "audit-record", _record)
+
+
+def _record(path: Path) -> tuple[bytes, str, bytes]:
     data = path.read_bytes()
-    read = (data, sha256_hex(data), leaf_hash(data))
-    _READS[path] = (key, started, read)
-    return read
+    return data, sha256_hex(data), leaf_hash(data)
 
 
 class AuditLog:

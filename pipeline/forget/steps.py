@@ -18,11 +18,12 @@ from pipeline.audit.secrets import audit_key_id, id_digest, seal
 from pipeline.data.dataset import read_table
 from pipeline.forget import flow
 from pipeline.forget.manifest import DeletionRequest, load_manifest
+from pipeline.project.code import check_all_code
 from pipeline.project.layout import REFERENCE
 from pipeline.project.params import commit_project, params_digest
 from pipeline.runner.build import dvc_add, dvc_lock_digest, dvc_status, in_worker, repro, rerun, stage_worker
 from pipeline.tracking.identity import project_id
-from pipeline.tracking.lineage import file_sha256, git_revision, platform_tags, remembered_digests
+from pipeline.tracking.lineage import file_sha256, git_revision, platform_tags
 
 
 def forget(root: Path, manifests: Sequence[Path], params: dict[str, Any], *, dry_run: bool = False,
@@ -40,10 +41,10 @@ def forget(root: Path, manifests: Sequence[Path], params: dict[str, Any], *, dry
     lock_started = time.monotonic()
     from pipeline.runner.executor import executor_of
 
-    # files hashed once unless they change; quality, package and the MLflow steps (registry, purge of model
-    # versions, checkpoint tag) run in a second process that imports GX and MLflow meanwhile (Ray runs every stage
-    # under `dvc repro` instead, and the MLflow steps here)
-    with flow.project_lock(root, wait, say), remembered_digests(), \
+    # quality, package and the MLflow steps (registry, purge of model versions, checkpoint tag) run in a second
+    # process that imports GX and MLflow meanwhile (Ray runs every stage under `dvc repro` instead, and the MLflow
+    # steps here)
+    with flow.project_lock(root, wait, say), \
             stage_worker(root, executor_of(params) == "local", preload=["pipeline.purge.models"]):
         timings["lock"] = round(time.monotonic() - lock_started, 3)
         pending = flow.Journal.load(root)
@@ -100,6 +101,7 @@ def _start(root: Path, requests: Sequence[DeletionRequest], params: dict[str, An
         raise flow.ForgetError(
             f"{len(plan.unknown_ids)} sample ID(s) are not in this project: {plan.unknown_ids[:5]}; check the "
             "manifest, or pass --allow-unknown to record them as 'not present'")
+    check_all_code(root)  # a forget reruns only what its rows reach: the rest must be this code's build
     if plan.changes_data and dvc_status(root):
         raise flow.ForgetError("the project has changes that are not built yet (`dvc status` is not clean): run "
                                "`legonet build` first, so the forget rebuilds only what the request touches")

@@ -31,6 +31,7 @@ from pipeline.data.dataset import (
 )
 from pipeline.errors import DataError, ForgetError, InitError
 from pipeline.forget.flow import JOURNAL, Journal, project_lock
+from pipeline.project.code import sync_code
 from pipeline.project.layout import REFERENCE, TEST, raw_path
 from pipeline.project.params import PARAMS, check_params, commit_project, load_params, sync_generated
 
@@ -183,6 +184,7 @@ def _write_project(root: Path, params_text: str, files: dict[Path, pd.DataFrame]
     for path, frame in files.items():
         write_table(frame, root / path)
     sync_generated(root)
+    sync_code(root)
     run(["dvc", "add", "-q", *[p.as_posix() for p in files]], root)
 
 

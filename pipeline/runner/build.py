@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pipeline.errors import BuildError, StageFailed
+from pipeline.project.code import sync_code
 from pipeline.project.layout import METRICS, block_count
 from pipeline.project.params import load_params, sync_generated
 from pipeline.runner import executor
@@ -37,6 +38,8 @@ def repro(root: Path, targets: list[str] | None = None, force: bool = False,
     console = console or Console(stderr=True)
     if sync_generated(root):
         console.print("params.yaml: regenerated the encode/adapter lists from data.partitions and adapters.n")
+    if sync_code(root):
+        console.print("params.yaml: regenerated `code` (legonet's source and library versions of each stage)")
     total = _stage_count(root)
     cmd = [sys.executable, "-m", "dvc", "repro", *(["-f"] if force else []), *(targets or [])]
     ran: list[str] = []

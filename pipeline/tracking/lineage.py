@@ -13,48 +13,51 @@ import os
 import platform
 import subprocess
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-# (path, algorithm) -> (inode, size, mtime_ns, digest) of the files hashed inside ``remembered_digests``, or None
-# outside it.
-_DIGESTS: dict[tuple[str, str], tuple[int, int, int, str]] | None = None
+T = TypeVar("T")
+
+# (absolute path, what was computed) -> ((inode, size, mtime_ns, ctime_ns), when computed (ns), value)
+_REMEMBERED: dict[tuple[str, str], tuple[tuple[int, int, int, int], int, Any]] = {}
+RACY_NS = 2_000_000_000  # a file changed this close before it was read may change again and keep its stat
 
 
-@contextmanager
-def remembered_digests() -> Iterator[None]:
-    """Within the block, a file is hashed again only when its (inode, size, mtime) changes.
+def remembered(path: Path, kind: str, compute: Callable[[Path], T]) -> T:
+    """``compute(path)``, computed again only when the file may have changed: the one file cache of the process.
 
-    A forget runs its stages in one process, and its lineage, checks and audit record hashed every file under
-    data/ and models/ several times. The forget holds the project lock and every
-    legonet write is an atomic replace (a new inode), so no file changes behind an entry; DVC's state cache relies
-    on the same stat triple. Outside such a block every call reads the file, so a check that runs after someone
-    edited a file in place always sees the edit.
+    A forget runs its stages, checks and audit record in one process, which would otherwise hash every file under
+    data/ and models/ several times. A value is trusted while the file's (inode, size, mtime, ctime) are those it
+    was computed under AND the file had not changed for ``RACY_NS`` before it was read: git's racy-clean rule.
+    Not every write is an atomic replace (a new inode): pandas ``to_csv`` and editors rewrite in place, and a
+    rewrite of the same size within the filesystem clock's tick keeps size and times; only a file that was still
+    changing when read can be caught so, so such a file is read again each time until it has settled. Nobody can
+    set ctime (``utime`` sets it to now), so a later change always shows.
     """
-    global _DIGESTS
-    outer = _DIGESTS
-    _DIGESTS = {} if outer is None else outer
-    try:
-        yield
-    finally:
-        _DIGESTS = outer
+    key, found = (os.path.abspath(path), kind), os.stat(path)
+    state = (found.st_ino, found.st_size, found.st_mtime_ns, found.st_ctime_ns)
+    known = _REMEMBERED.get(key)
+    if known is not None and known[0] == state and found.st_ctime_ns < known[1] - RACY_NS:
+        return known[2]
+    started = time.time_ns()
+    value = compute(path)
+    _REMEMBERED[key] = (state, started, value)
+    return value
 
 
-def file_digest(path: Path, algorithm: str = "md5") -> str:
-    """Hex digest of a file's bytes, read in 1 MiB blocks."""
-    key, stat = (os.path.abspath(path), algorithm), os.stat(path)
-    known = _DIGESTS.get(key) if _DIGESTS is not None else None
-    if known is not None and known[:3] == (stat.st_ino, stat.st_size, stat.st_mtime_ns):
-        return known[3]
+def _hash_file(path: Path, algorithm: str) -> str:
     digest = hashlib.new(algorithm)
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
-    if _DIGESTS is not None:
-        _DIGESTS[key] = (stat.st_ino, stat.st_size, stat.st_mtime_ns, digest.hexdigest())
     return digest.hexdigest()
+
+
+def file_digest(path: Path, algorithm: str = "md5") -> str:
+    """Hex digest of a file's bytes, read in 1 MiB blocks (``remembered``)."""
+    return remembered(path, algorithm, lambda p: _hash_file(p, algorithm))
 
 
 def file_md5(path: Path) -> str:

@@ -1,0 +1,183 @@
+"""Code in the lineage (pipeline/project/code.py): a change of legonet's source or of a library version reruns
+exactly the stages whose bytes it decides, and nothing built by other code is reused.
+
+The code under test runs from a private copy of legonet's source (``PYTHONPATH``), so a test can edit it like a
+developer would without touching the checkout other tests import.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import copy_project, legonet
+
+import pipeline
+from pipeline.data.dataset import read_table
+from pipeline.tracking import lineage
+
+RUNNING = re.compile(r"^Running stage '([^']+)':", re.MULTILINE)
+SOURCE = Path(pipeline.__file__).resolve().parents[1]  # the folder holding `pipeline` and `stages`
+TRAIN_STAGES = {"train@0000", "train@0001"}
+
+
+def code_copy(dst: Path) -> dict[str, str]:
+    """A copy of legonet's source at ``dst``; the environment that runs it (CLI, DVC's stage commands)."""
+    for package in ("pipeline", "stages"):
+        shutil.copytree(SOURCE / package, dst / package, ignore=shutil.ignore_patterns("__pycache__"))
+    return {"PYTHONPATH": str(dst)}
+
+
+def run(*args: str, cwd: Path, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, env={**os.environ, **env})
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def python(code: str, cwd: Path, env: dict[str, str]) -> str:
+    return run(sys.executable, "-c", code, cwd=cwd, env=env).stdout
+
+
+def sync(root: Path, env: dict[str, str]) -> bool:
+    """What `legonet build` does first: regenerate `code` in params.yaml; whether it changed."""
+    return python("from pathlib import Path; from pipeline.project.code import sync_code; "
+                  "print(sync_code(Path()))", root, env).strip() == "True"
+
+
+def stale(root: Path, env: dict[str, str]) -> set[str]:
+    """The stages `dvc status` reports as changed."""
+    return set(json.loads(run(sys.executable, "-m", "dvc", "status", "--json", cwd=root, env=env).stdout or "{}"))
+
+
+def repro(root: Path, env: dict[str, str]) -> tuple[set[str], str]:
+    output = run(sys.executable, "-m", "dvc", "repro", cwd=root, env=env).stdout
+    return set(RUNNING.findall(output)), output
+
+
+def files(root: Path, *tops: str) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for top in tops for p in sorted((root / top).rglob("*"))
+            if p.is_file()}
+
+
+def test_code_entries_follow_the_code_each_stage_runs(tmp_path: Path) -> None:
+    """The entries do not depend on where the code is installed; a comment in the adapters' module changes the
+    entries of the stages that call it (train, evaluate) and of the package (which ships the source), not encode's;
+    the libraries are those each stage's code calls."""
+    shutil.copy(SOURCE / "dvc.yaml", tmp_path / "dvc.yaml")
+    show = "from pathlib import Path; import json; from pipeline.project.code import code_params; " \
+           "print(json.dumps(code_params(Path())))"
+    here = json.loads(python(show, tmp_path, {"PYTHONPATH": str(SOURCE)}))
+    env = code_copy(tmp_path / "code")
+    assert json.loads(python(show, tmp_path, env)) == here  # same source bytes elsewhere: same entries
+    assert set(here) == {"encoder", "encode", "keys", "assign", "train", "quality", "baseline", "evaluate",
+                         "package"}
+    assert "onnxruntime" in here["encode"] and "torch" not in here["encode"]
+    assert {"torch", "safetensors"} <= set(here["train"]) and "onnxruntime" not in here["train"]
+    assert {"torch", "onnx", "protobuf"} <= set(here["encoder"])
+    assert "great-expectations" in here["quality"] and "great-expectations" not in here["train"]
+    assert {"mlflow", "cloudpickle"} <= set(here["package"])
+    assert not {"rich", "ray"} & {library for entry in here.values() for library in entry}
+    adapters = tmp_path / "code/pipeline/model/adapters.py"
+    adapters.write_text(adapters.read_text() + "# a comment\n")
+    after = json.loads(python(show, tmp_path, env))
+    assert {stage for stage in here if after[stage] != here[stage]} == {"train", "evaluate", "package"}
+    assert all(after[stage]["legonet"] != here[stage]["legonet"] for stage in ("train", "evaluate", "package"))
+
+
+@pytest.fixture()
+def project(built_project: Path, tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A copy of the built tiny project, and the environment of a copy of the code that built it."""
+    root = copy_project(built_project, tmp_path / "p")
+    env = code_copy(tmp_path / "code")
+    before = (root / "params.yaml").read_bytes()
+    assert not sync(root, env) and (root / "params.yaml").read_bytes() == before  # byte-stable, path-free
+    assert stale(root, env) == set()
+    return root, env
+
+
+def test_a_comment_in_a_stage_reruns_it_and_its_dependants_only(project: tuple[Path, dict[str, str]],
+                                                                tmp_path: Path) -> None:
+    root, env = project
+    train = tmp_path / "code/stages/train.py"
+    train.write_text(train.read_text() + "# a comment changes no behaviour, but it is other code\n")
+
+    # before the entries are regenerated, DVC cannot see the change, and a stage that runs refuses
+    assert stale(root, env) == set()
+    forced = run(sys.executable, "-m", "dvc", "repro", "-f", "train@0000", cwd=root, env=env, check=False)
+    assert forced.returncode != 0 and "code.train" in forced.stderr + forced.stdout
+    assert "legonet build" in forced.stderr + forced.stdout
+    sample = read_table(root / "data/routing.parquet")["sample_id"].iloc[0]
+    manifest = tmp_path / "request.json"
+    manifest.write_text(json.dumps({"request_id": "r-1", "sample_ids": [sample], "reason": "test",
+                                    "received_at": "2024-05-01T09:30:00Z"}))
+    raw = files(root, "data/raw")
+    refused = legonet("forget", str(manifest), cwd=root, env=env, check=False)
+    assert refused.returncode == 4 and "code.train" in refused.stderr, refused.stderr
+    assert files(root, "data/raw") == raw  # refused before a row was touched
+
+    encoded, adapters = files(root, "data/encoded"), files(root, "models/adapters")
+    assert sync(root, env)
+    assert stale(root, env) == TRAIN_STAGES
+    ran, log = repro(root, env)
+    assert ran == TRAIN_STAGES | {"evaluate", "package"}, log
+    assert "retrained adapters [0, 1] of [0, 1]" in log and "retrained adapters [2, 3] of [2, 3]" in log
+    assert files(root, "data/encoded") == encoded
+    now = files(root, "models/adapters")
+    # training is the same function: the same weights; the summaries name the code that trained them
+    assert {p: b for p, b in now.items() if p.endswith(".safetensors")} == \
+        {p: b for p, b in adapters.items() if p.endswith(".safetensors")}
+    assert all(now[p] != adapters[p] for p in now if p.endswith(".json"))
+    assert stale(root, env) == set()
+    assert "up to date" in legonet("build", cwd=root, env=env).stdout
+
+
+def test_a_library_version_reruns_the_stages_that_call_it(project: tuple[Path, dict[str, str]],
+                                                          tmp_path: Path) -> None:
+    """Another installed version of Great Expectations (a distribution found first on the path) reruns the quality
+    checkpoint, and only what reads its result."""
+    root, env = project
+    dist = tmp_path / "site/great_expectations-0.0.1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: great_expectations\nVersion: 0.0.1\n")
+    env = {"PYTHONPATH": f"{env['PYTHONPATH']}{os.pathsep}{dist.parent}"}
+    assert sync(root, env)
+    assert stale(root, env) == {"quality"}
+    ran, log = repro(root, env)
+    assert "quality" in ran and ran <= {"quality", "package"}, log
+    assert stale(root, env) == set()
+
+
+def test_the_file_cache_follows_the_racy_clean_rule(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A digest is reused while the file's stat holds and it had settled before it was read; a file rewritten in
+    place, same size, same mtime, right after it was hashed is hashed again."""
+    path = tmp_path / "metrics.csv"
+    path.write_bytes(b"label,recall\n0,0.5\n")
+    first = lineage.file_md5(path)
+    times = path.stat()
+    with open(path, "r+b") as handle:  # in place (the same inode), as pandas' to_csv writes
+        handle.write(b"label,recall\n0,0.7\n")
+    os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
+    assert (path.stat().st_ino, path.stat().st_size, path.stat().st_mtime_ns) == \
+        (times.st_ino, times.st_size, times.st_mtime_ns)
+    assert lineage.file_md5(path) != first
+    assert lineage.file_md5(path) == lineage._hash_file(path, "md5")
+
+    calls: list[Path] = []
+
+    def count(p: Path) -> int:
+        calls.append(p)
+        return len(calls)
+
+    assert lineage.remembered(path, "count", count) == 1
+    assert lineage.remembered(path, "count", count) == 2  # changed within RACY_NS of being read: read again
+    monkeypatch.setattr(lineage, "RACY_NS", 0)  # as if the file had settled long before it was read
+    assert lineage.remembered(path, "count", count) == 2  # trusted: not read again
+    path.write_bytes(b"label,recall\n0,0.9\n")  # any later write changes ctime
+    assert lineage.remembered(path, "count", count) == 3
