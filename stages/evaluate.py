@@ -1,13 +1,13 @@
 """DVC stage `evaluate`: test accuracy of the ensemble, per-class recall and adapter load (DVC metrics and plots).
 
 Incremental (docs/design.md section 4, cost rule): an adapter's softmax output for a test sample depends on that
-sample's projected features and the adapter's weights alone, so the stage keeps them in ``reports/evaluate/``
-(a `persist` output): the projected test features, keyed by sample_id and payload digest under the projection's md5, and one
-table per adapter of its outputs for the test samples that activate it, keyed by the adapter's weights digest; both
-under the stage's code entry (``pipeline.project.code``). A rerun projects only new test samples and scores again
-only the samples whose adapter was retrained (or that newly activate an adapter); ``metrics/*`` are byte-identical
-to a full evaluation. The kept outputs are used only when the directory is exactly what ``dvc.lock`` records; test
-samples that leave the test split leave these tables too.
+sample's projected features and the adapter's weights alone, so the stage keeps them in ``reports/evaluate/`` (a
+`persist` output): the projected test features, keyed by sample_id and payload digest under the projection's md5,
+and one table per adapter of its outputs for the test samples that activate it, keyed by the adapter's weights
+digest; both under the stage's code entry (``pipeline.project.code``). A rerun projects only new test samples and
+scores again only the samples whose adapter was retrained (or that newly activate an adapter); ``metrics/*`` are
+byte-identical to a full evaluation. The kept outputs are used only when the directory is exactly what ``dvc.lock``
+records; test samples that leave the test split leave these tables too.
 """
 
 from __future__ import annotations
