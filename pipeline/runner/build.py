@@ -11,16 +11,15 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pipeline.project.layout import METRICS, block_count
+from pipeline.project.layout import METRICS
 from pipeline.project.params import load_params, sync_generated
 from pipeline.runner import executor
 
@@ -32,15 +31,17 @@ class BuildError(RuntimeError):
 
 
 def repro(root: Path, targets: list[str] | None = None, force: bool = False,
-          console: Console | None = None, timings: dict[str, float] | None = None) -> list[str]:
+          console: Console | None = None, timings: dict[str, float] | None = None, total: int | None = None
+          ) -> list[str]:
     """Run `dvc repro` in ``root``, streaming a progress bar; return the stages DVC actually ran, in order.
 
-    ``timings`` (if given) receives the wall time of each stage, DVC's own bookkeeping included.
+    ``timings`` (if given) receives the wall time of each stage, DVC's own bookkeeping included; ``total`` is the
+    number of stages the bar counts to (default: every stage of dvc.yaml, as DVC's index lists them).
     """
     console = console or Console(stderr=True)
     if sync_generated(root):
         console.print("params.yaml: regenerated the encode/adapter lists from data.partitions and adapters.n")
-    total = _stage_count(root)
+    total = stage_total(root) if total is None else total
     cmd = [sys.executable, "-m", "dvc", "repro", *(["-f"] if force else []), *(targets or [])]
     ran: list[str] = []
     lines: list[str] = []
@@ -71,7 +72,7 @@ def repro(root: Path, targets: list[str] | None = None, force: bool = False,
     return ran
 
 
-def rerun(root: Path, stages: Sequence[str], console: Console | None = None,
+def rerun(root: Path, stages: Sequence[str], worker: StageWorker | None = None, console: Console | None = None,
           timings: dict[str, float] | None = None) -> dict[str, Any]:
     """Run ``stages`` (DVC addresses, in an order DVC could run them) and record them in dvc.lock; return what
     `dvc status` says afterwards (empty: every stage is up to date).
@@ -83,15 +84,16 @@ def rerun(root: Path, stages: Sequence[str], console: Console | None = None,
     DVC saves and commits every stage's deps and outs, run cache included, and writes dvc.lock once; a stage that
     fails stops the run before anything is committed. The stages are pure functions of their files and params, so
     the bytes are those `dvc repro` gives (the oracle tests hold it). A stage whose command is not a legonet entry
-    point is refused before anything runs: use ``repro``.
+    point runs as DVC runs it (its command in a shell, in the stage's folder).
 
-    Inside a ``stage_worker()`` block, the stages it names run in that warm second process, beside this one's
-    next stages that do not read their outputs; this process waits for them only where a later stage reads what
-    they write. (A child started at the quality stage itself was measured and dropped: its imports cost more than
-    the overlap saved, 12.5 s against 7.5 s in this process on the default project. Started with the forget, it
-    imports while this process plans, removes rows and trains.)
+    With a ``worker`` (``stage_worker``), the stages of the modules it imported run in that warm second process,
+    beside this one's next stages that do not read their outputs; this process waits for them only where a later
+    stage reads what they write. (A worker started at the quality stage itself would spend longer importing than
+    the overlap saves; started with the forget, it imports while this process plans, removes rows and trains.)
     """
     from dvc.repo import Repo, lock_repo
+    from dvc.stage.exceptions import StageCmdFailedError
+    from dvc.stage.run import cmd_run
 
     from pipeline.data.dataset import DataError
     from pipeline.project.params import ParamsError
@@ -100,12 +102,12 @@ def rerun(root: Path, stages: Sequence[str], console: Console | None = None,
     timings = {} if timings is None else timings
     with Repo(str(root)) as repo:
         with lock_repo(repo):
-            chosen, entries = _entry_points(repo, stages)
+            chosen = _stages(repo, stages)
             with _working_directory(root), Progress(
                     TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                     TimeElapsedColumn(), console=console, transient=True) as progress:
                 task = progress.add_task("rerun", total=len(chosen) + 1)
-                worker, away = _WORKER.get(), None  # away: the stage the worker runs now
+                away = None  # the stage the worker runs now
                 for stage in chosen:
                     if away is not None and _feeds(away, stage):
                         _finish(worker, away, timings)
@@ -114,21 +116,25 @@ def rerun(root: Path, stages: Sequence[str], console: Console | None = None,
                     mark = time.monotonic()
                     progress.update(task, description=f"stage {stage.addressing}")
                     stage.remove_outs(ignore_remove=False, force=False)
-                    module, args = entries[stage.addressing]
-                    if worker is not None and module in worker.modules:
+                    entry = entry_point(stage.cmd)
+                    if worker is not None and entry is not None and entry[0] in worker.modules:
                         if away is not None:  # one stage at a time in the worker
                             _finish(worker, away, timings)
                             progress.advance(task)
-                        worker.start(module, args)
+                        worker.start(*entry)
                         away = stage
                         continue
                     try:
-                        importlib.import_module(module).main(*args)
-                    except (DataError, ParamsError) as exc:
+                        if entry is None:
+                            cmd_run(stage)
+                        else:
+                            importlib.import_module(entry[0]).main(*entry[1])
+                    except (DataError, ParamsError, StageCmdFailedError) as exc:
                         raise BuildError(f"stage {stage.addressing} failed: {exc}") from exc
                     timings[f"repro:{stage.addressing}"] = round(time.monotonic() - mark, 3)
                     progress.advance(task)
                 if away is not None:
+                    assert worker is not None
                     _finish(worker, away, timings)
                     progress.advance(task)
                 mark = time.monotonic()
@@ -162,8 +168,26 @@ def _finish(worker: StageWorker, stage: Any, timings: dict[str, float]) -> None:
         timings["worker:imports"] = imports
 
 
-# the stages whose imports cost seconds and that use no torch: Great Expectations (quality) and MLflow (package)
-WORKER_STAGES = ("stages.quality", "stages.package")
+def worker_modules(root: Path) -> frozenset[str]:
+    """The entry-point modules of dvc.yaml's stages that run in the stage worker: those that declare a
+    ``preload()``, the imports that cost seconds (Great Expectations, MLflow), made ahead in the worker while this
+    process plans and trains. Read from the source, not imported: importing them here is the cost the worker
+    exists to keep off the forget's path."""
+    import ast
+    import importlib.util
+
+    from pipeline.data.dataset import read_yaml
+
+    commands = [(stage.get("do") or stage).get("cmd") for stage in
+                (read_yaml(root / "dvc.yaml") or {}).get("stages", {}).values()]
+    modules = {entry[0] for cmd in commands if (entry := entry_point(cmd)) is not None}
+    declared = set()
+    for module in modules:
+        spec = importlib.util.find_spec(module)
+        source = Path(spec.origin).read_text() if spec is not None and spec.origin else ""
+        if any(isinstance(node, ast.FunctionDef) and node.name == "preload" for node in ast.parse(source).body):
+            declared.add(module)
+    return frozenset(declared)
 
 
 class StageFailed(RuntimeError):
@@ -287,52 +311,49 @@ def _serve(conn: Any, root: str, modules: list[str]) -> None:
         conn.send(reply)
 
 
-_WORKER: ContextVar[StageWorker | None] = ContextVar("legonet_stage_worker", default=None)
-
-
 @contextmanager
-def stage_worker(root: Path, enabled: bool = True, modules: Sequence[str] = WORKER_STAGES,
-                 preload: Sequence[str] = ()) -> Iterator[None]:
-    """Within the block, ``rerun`` hands the stages of ``modules`` to a warm ``StageWorker`` (started now, and
-    told to import ``preload`` too) and ``in_worker`` runs functions there."""
-    if not enabled:
-        yield
+def stage_worker(root: Path, modules: Iterable[str] | None, preload: Sequence[str] = ()
+                 ) -> Iterator[StageWorker | None]:
+    """A warm ``StageWorker`` for the block that runs the stages of ``modules`` (``worker_modules``) and imports
+    ``preload`` too (None: no worker); pass it to ``rerun``, and ``call`` functions in it."""
+    if modules is None:
+        yield None
         return
-    worker = StageWorker(root, modules, preload)
-    token = _WORKER.set(worker)
+    worker = StageWorker(root, sorted(modules), preload)
     try:
-        yield
+        yield worker
     finally:
-        _WORKER.reset(token)
         worker.close()
 
 
-def in_worker(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """``function(*args, **kwargs)`` in the ``stage_worker`` of this block, or in this process outside one."""
-    worker = _WORKER.get()
+def call(worker: StageWorker | None, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``function(*args, **kwargs)`` in ``worker``, or in this process without one."""
     return function(*args, **kwargs) if worker is None else worker.call(function, *args, **kwargs)
 
 
-def _entry_points(repo: Any, names: Sequence[str]) -> tuple[list[Any], dict[str, tuple[str, list[str]]]]:
-    """DVC's Stage objects for ``names``, and the entry point (module, args) each one's command runs."""
+def _stages(repo: Any, names: Sequence[str]) -> list[Any]:
+    """DVC's Stage objects for ``names``, in that order."""
     found = {stage.addressing: stage for stage in repo.index.stages}
     missing = [name for name in names if name not in found]
     if missing:
         raise BuildError(f"dvc.yaml has no stage {missing}; run `legonet build` to regenerate params.yaml")
-    chosen = [found[name] for name in names]
-    entries = {stage.addressing: _entry_point(stage.cmd) for stage in chosen}
-    foreign = [name for name, entry in entries.items() if entry is None]
-    if foreign:
-        raise BuildError(f"stages {foreign} do not run a legonet entry point (`python -m stages.NAME`); "
-                         "they can only run under `dvc repro`")
-    return chosen, {name: entry for name, entry in entries.items() if entry is not None}
+    return [found[name] for name in names]
 
 
-def dvc_status(root: Path) -> dict[str, Any]:
-    """`dvc status` in this process (the CLI costs a Python start-up and DVC's imports): {} when up to date."""
+@contextmanager
+def dvc_repo(root: Path) -> Iterator[Any]:
+    """DVC's Repo of the project, in this process (the CLI costs a Python start-up and DVC's imports): its
+    ``status()`` is `dvc status` ({} when up to date), its ``index.graph`` the stage graph of dvc.yaml and the .dvc
+    files, built once for both."""
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
+        yield repo
+
+
+def dvc_status(root: Path) -> dict[str, Any]:
+    """`dvc status` in this process: {} when up to date."""
+    with dvc_repo(root) as repo:
         return repo.status()
 
 
@@ -344,7 +365,7 @@ def dvc_add(root: Path, paths: Sequence[str]) -> None:
         repo.add(list(paths))
 
 
-def _entry_point(cmd: Any) -> tuple[str, list[str]] | None:
+def entry_point(cmd: Any) -> tuple[str, list[str]] | None:
     """``python -m stages.X ARGS`` -> ("stages.X", ARGS); None for any other command."""
     argv = shlex.split(cmd) if isinstance(cmd, str) else []
     if len(argv) >= 3 and argv[0] == "python" and argv[1] == "-m" and re.fullmatch(r"stages\.\w+", argv[2]):
@@ -362,10 +383,10 @@ def _working_directory(path: Path) -> Any:
         os.chdir(previous)
 
 
-def _stage_count(root: Path) -> int:
-    params = load_params(root)
-    blocks = block_count(int(params["adapters"]["n"]), int(params["adapters"]["blocks"]))
-    return 7 + int(params["data"]["partitions"]) + 2 + blocks  # encoder keys assign quality baseline evaluate package
+def stage_total(root: Path) -> int:
+    """How many stages dvc.yaml defines (each foreach item one), as DVC's index lists them."""
+    with dvc_repo(root) as repo:
+        return sum(1 for stage in repo.index.stages if not stage.is_data_source)
 
 
 def dvc_lock_digest(root: Path) -> str:
