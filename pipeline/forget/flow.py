@@ -14,7 +14,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
@@ -24,6 +24,7 @@ from typing import Any
 from pipeline.data.dataset import read_table, read_yaml, write_table
 from pipeline.forget.manifest import DeletionRequest, merge_requests
 from pipeline.project.layout import ROUTING, TEST, adapter_info_path, adapter_path, raw_path, shard_path
+from pipeline.runner.build import address, entry_point
 from pipeline.tracking.lineage import file_md5, file_sha256
 
 STATES = ("received", "data-removed", "rebuilt", "registered", "purged", "audited", "committed")
@@ -87,7 +88,7 @@ class Plan:
         return "already-forgotten" if self.already_forgotten else "not-present"
 
 
-def rebuild_plan(plan: Plan, index: Any, in_worker: Callable[[Any], bool]) -> Plan:
+def rebuild_plan(plan: Plan, index: Any, worker_modules: frozenset[str]) -> Plan:
     """``plan`` with the stages the forget reruns and the paths it may change, from DVC's graph (``index``: a
     ``dvc.repo.index.Index``) of dvc.yaml and the .dvc files.
 
@@ -95,9 +96,9 @@ def rebuild_plan(plan: Plan, index: Any, in_worker: Callable[[Any], bool]) -> Pl
     them; a foreach item (``train@0003``) runs only when a file it reads changes, with a folder output narrowed to
     the files inside it the plan knows change (``Plan.known_changes``: a train block whose adapters keep their shards
     does not rerun); every other downstream stage runs whole. Among the stages ready to run, those the stage worker
-    runs (``in_worker``) go first, so that it works beside this process (the quality checkpoint right after
-    `assign`, while the adapters train), then dvc.yaml's order. The paths a forget may change are the rewritten
-    files and the (narrowed) outputs of those stages.
+    runs (their entry point is one of ``worker_modules``) go first, so that it works beside this process (the
+    quality checkpoint right after `assign`, while the adapters train), then dvc.yaml's order. The paths a forget
+    may change are the rewritten files and the (narrowed) outputs of those stages.
     """
     import networkx as nx
 
@@ -115,13 +116,15 @@ def rebuild_plan(plan: Plan, index: Any, in_worker: Callable[[Any], bool]) -> Pl
         raise ForgetError(f"{untracked}: not tracked by DVC (no .dvc file); run `legonet build` first")
     downstream = set().union(*(nx.ancestors(graph, stage) for stage in sources.values()))
     position = {stage: i for i, stage in enumerate(index.stages)}
+    in_worker = {stage: (entry_point(stage.cmd) or ("",))[0] in worker_modules for stage in downstream}
     changed = list(plan.rewritten)
     stages = []
     for stage in nx.lexicographical_topological_sort(graph.subgraph(downstream).reverse(copy=False),
-                                                     key=lambda s: (not in_worker(s), position[s])):
-        if "@" in stage.addressing and not any(_overlaps(rel(dep), changed) for dep in stage.deps):
+                                                     key=lambda s: (not in_worker[s], position[s])):
+        name = address(stage, root)
+        if "@" in name and not any(_overlaps(rel(dep), changed) for dep in stage.deps):
             continue
-        stages.append(stage.addressing)
+        stages.append(name)
         for out in stage.outs:
             inside = [p for p in plan.known_changes if p.startswith(f"{rel(out)}/")]
             changed += inside or [rel(out)]
@@ -205,8 +208,13 @@ def project_lock(root: Path, wait: bool, notify: Callable[[str], None]) -> Itera
 
 
 def plan_batch(root: Path, sample_ids: Sequence[str], reference_ids: set[str],
-               forgotten_before: Callable[[str], list[str]], n: int, blocks: int) -> Plan:
-    """Look up each ID: train (routing index), test, reference (refused), forgotten earlier, or unknown."""
+               forgotten: Callable[[Iterable[str]], dict[str, list[str]]], n: int, blocks: int) -> Plan:
+    """Look up each ID: train (routing index), test, reference (refused), forgotten earlier, or unknown.
+
+    ``forgotten(ids)`` names the requests that forgot each of ``ids`` earlier (the audit log). The project's
+    training and test data must hold none of them but those requested now: a sample a request forgot that is back
+    (a dataset re-imported with it, then built) is refused here, before anything changes.
+    """
     routing_path = root / ROUTING
     if not routing_path.is_file():
         raise ForgetError(f"{routing_path}: missing; build the project (`legonet build`) before forgetting")
@@ -216,10 +224,16 @@ def plan_batch(root: Path, sample_ids: Sequence[str], reference_ids: set[str],
     if refused:
         raise ForgetError(f"{len(refused)} ID(s) belong to the reference split, which keys and projection are "
                           f"fitted on and which is not deletable: {refused[:5]}; remove them from the manifest")
+    back = forgotten(sorted((set(routing.index) | test_ids) - set(sample_ids)))
+    if back:
+        owners = sorted({r for found in back.values() for r in found})
+        raise ForgetError(f"{len(back)} sample(s) that request(s) {', '.join(owners)} forgot are back in "
+                          f"{ROUTING} or {TEST}: {sorted(back)[:5]}; add them to this request's manifest to forget "
+                          "them again")
     train = sorted(i for i in sample_ids if i in routing.index)
     test = sorted(i for i in sample_ids if i in test_ids)
     rest = sorted(set(sample_ids) - set(train) - set(test))
-    earlier = {i: found for i in rest if (found := forgotten_before(i))}
+    earlier = forgotten(rest)
     rows = routing.loc[train]
     adapters = sorted({int(a) for row in rows["adapters"] for a in row})
     return Plan(train, test, sorted(set(rest) - set(earlier)), earlier,

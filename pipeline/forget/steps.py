@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,6 @@ from pipeline.runner.build import (
     dvc_lock_digest,
     dvc_repo,
     dvc_status,
-    entry_point,
     repro,
     rerun,
     stage_worker,
@@ -99,22 +98,23 @@ def _run(root: Path, journal: flow.Journal, params: dict[str, Any], executor: st
     return summary
 
 
-def _already(root: Path, params: dict[str, Any]) -> Callable[[str], list[str]]:
+def _forgotten(root: Path, params: dict[str, Any]) -> Callable[[Iterable[str]], dict[str, list[str]]]:
+    """ids -> {id: the requests that forgot it} for the IDs the audit log lists as forgotten."""
     log = audit_log(root, params, memo=True)
     records = log.summaries()  # verified: a forged or planted record must not make an ID look forgotten
     if not records:  # nothing forgotten yet: do not create the audit key just to look (input checks and
-        return lambda sample_id: []  # --dry-run must leave the project untouched)
+        return lambda sample_ids: {}  # --dry-run must leave the project untouched)
     key = audit_key(root, params, log)
     owners: dict[str, list[str]] = {}
     for record in records:
         for digest in record["forgotten_ids"]:
             owners.setdefault(digest, []).append(record["request_id"])
-    return lambda sample_id: owners.get(id_digest(key, sample_id), [])
+    return lambda sample_ids: {i: found for i in sample_ids if (found := owners.get(id_digest(key, i)))}
 
 
 def _plan(root: Path, requests: Sequence[DeletionRequest], params: dict[str, Any]) -> flow.Plan:
     reference = set(read_table(root / REFERENCE)["sample_id"])
-    return flow.plan_batch(root, merge_requests(requests), reference, _already(root, params),
+    return flow.plan_batch(root, merge_requests(requests), reference, _forgotten(root, params),
                            int(params["adapters"]["n"]), int(params["adapters"]["blocks"]))
 
 
@@ -139,19 +139,13 @@ def _start(root: Path, requests: Sequence[DeletionRequest], params: dict[str, An
                 raise flow.ForgetError("the project has changes that are not built yet (`dvc status` is not clean): "
                                        "run `legonet build` first, so the forget rebuilds only what the request "
                                        "touches")
-            plan = _with_stages(plan, repo, modules)  # the index `dvc status` just built
+            plan = flow.rebuild_plan(plan, repo.index, modules)  # the index `dvc status` just built
     journal = flow.new_journal(requests, plan)
     journal.before = {"artifacts": flow.artifact_digests(root, clean=plan.changes_data),  # status just checked
                       "outputs": flow.lock_outputs(root),
                       "dvc_lock": dvc_lock_digest(root)}
     journal.save(root)
     return journal
-
-
-def _with_stages(plan: flow.Plan, repo: Any, modules: frozenset[str]) -> flow.Plan:
-    """The plan with its stages and the paths it may change, from DVC's graph (``flow.rebuild_plan``); the stages
-    of ``modules`` run in the stage worker."""
-    return flow.rebuild_plan(plan, repo.index, lambda stage: (entry_point(stage.cmd) or ("",))[0] in modules)
 
 
 def remove(root: Path, plan: flow.Plan, ids: set[str], say: Callable[[str], None]) -> None:
@@ -344,7 +338,7 @@ def _dry_run(root: Path, requests: Sequence[DeletionRequest], params: dict[str, 
     plan = _plan(root, requests, params)
     if plan.changes_data:
         with dvc_repo(root) as repo:
-            plan = _with_stages(plan, repo, worker_modules(root))
+            plan = flow.rebuild_plan(plan, repo.index, worker_modules(root))
     estimate = _estimate(root, params, plan.stages)
     say(f"would forget {len(plan.train_ids)} train and {len(plan.test_ids)} test samples "
         f"({len(plan.unknown_ids)} unknown, {len(plan.already_forgotten)} already forgotten)")

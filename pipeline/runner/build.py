@@ -331,9 +331,18 @@ def call(worker: StageWorker | None, function: Callable[..., Any], *args: Any, *
     return function(*args, **kwargs) if worker is None else worker.call(function, *args, **kwargs)
 
 
+def address(stage: Any, root: Path) -> str:
+    """A stage's DVC address from the project's root (``train@0003``, ``sub/dvc.yaml:name``, ``data/x.dvc``),
+    whatever the working directory (DVC's own ``addressing`` is relative to it)."""
+    path = Path(stage.path).relative_to(root).as_posix()
+    name = getattr(stage, "name", None)
+    return path if name is None else name if path == "dvc.yaml" else f"{path}:{name}"
+
+
 def _stages(repo: Any, names: Sequence[str]) -> list[Any]:
     """DVC's Stage objects for ``names``, in that order."""
-    found = {stage.addressing: stage for stage in repo.index.stages}
+    root = Path(repo.root_dir)
+    found = {address(stage, root): stage for stage in repo.index.stages}
     missing = [name for name in names if name not in found]
     if missing:
         raise BuildError(f"dvc.yaml has no stage {missing}; run `legonet build` to regenerate params.yaml")
