@@ -698,11 +698,11 @@ def test_a_stage_that_fails_mid_forget_commits_nothing_and_a_rerun_finishes(clon
 
 
 def test_the_stage_worker_reports_a_failing_stage_and_a_dead_worker(tmp_path: Path) -> None:
-    """The forget's second process (pipeline.runner.build.StageWorker) hands back a stage's own error and a function's
+    """The forget's second process (pipeline.runner.worker.StageWorker) hands back a stage's own error and a function's
     result or exception, and a worker that died is a build error, not a hang."""
     from pipeline.data.dataset import DataError
     from pipeline.data.quality import norm_range, read_norm_bounds
-    from pipeline.runner.build import BuildError, StageFailed, StageWorker
+    from pipeline.runner.worker import StageFailed, StageWorker, WorkerFailed
 
     worker = StageWorker(tmp_path, ["stages.quality"])
     try:
@@ -714,7 +714,7 @@ def test_the_stage_worker_reports_a_failing_stage_and_a_dead_worker(tmp_path: Pa
             worker.call(read_norm_bounds, tmp_path / "missing.json")
         worker._process.kill()
         worker._process.join()
-        with pytest.raises(BuildError, match="ended unexpectedly"):
+        with pytest.raises(WorkerFailed, match="ended unexpectedly"):
             worker.start("stages.quality", [])
             worker.result()
     finally:

@@ -28,7 +28,8 @@ from pipeline.data.dataset import read_table
 from pipeline.forget import flow
 from pipeline.project.layout import block_of
 from pipeline.project.params import load_params
-from pipeline.runner.build import address, stage_total, worker_modules
+from pipeline.runner.build import address, stage_total
+from pipeline.runner.worker import worker_modules
 
 
 def plan_for(root: Path, sample_ids: list[str]) -> tuple[flow.Plan, Any]:

@@ -163,10 +163,11 @@ def _errors() -> dict[type[BaseException], str]:
     from pipeline.purge.s3 import StoreError
     from pipeline.runner.build import BuildError
     from pipeline.runner.executor import ExecutorError
+    from pipeline.runner.worker import WorkerFailed
 
     return {LockBusy: "busy", DataError: "data", ParamsError: "params", InitError: "usage", BuildError: "build",
             ModelError: "model", ManifestError: "data", ForgetError: "data", ExactnessError: "exactness",
-            AuditFailed: "audit", AuditError: "audit", ExecutorError: "params",
+            AuditFailed: "audit", AuditError: "audit", ExecutorError: "params", WorkerFailed: "build",
             StoreError: "store"}
 
 

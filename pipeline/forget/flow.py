@@ -24,7 +24,8 @@ from typing import Any
 from pipeline.data.dataset import read_table, read_yaml, write_table
 from pipeline.forget.manifest import DeletionRequest, merge_requests
 from pipeline.project.layout import ROUTING, TEST, adapter_info_path, adapter_path, raw_path, shard_path
-from pipeline.runner.build import address, entry_point
+from pipeline.runner.build import address
+from pipeline.runner.worker import entry_point
 from pipeline.tracking.lineage import file_md5, file_sha256
 
 STATES = ("received", "data-removed", "rebuilt", "registered", "purged", "audited", "committed")

@@ -22,18 +22,17 @@ from pipeline.forget.manifest import DeletionRequest, load_manifest, merge_reque
 from pipeline.project.layout import REFERENCE
 from pipeline.project.params import commit_project, params_digest
 from pipeline.runner.build import (
-    StageWorker,
-    call,
     dvc_add,
     dvc_lock_digest,
     dvc_repo,
     dvc_status,
     repro,
     rerun,
-    stage_worker,
-    worker_modules,
+    tag_checkpoint,
+    tag_forget,
 )
 from pipeline.runner.executor import executor_of
+from pipeline.runner.worker import StageWorker, call, stage_worker, worker_modules
 from pipeline.tracking.lineage import file_sha256, git_revision, platform_tags, remembered_digests
 
 
@@ -175,33 +174,10 @@ def register(root: Path, journal: flow.Journal, plan: flow.Plan, settings: dict[
              worker: StageWorker | None, say: Callable[[str], None]) -> None:
     if not plan.changes_data:
         return
-    registry = call(worker, tag_version, root, settings, journal.request_ids)
+    registry = call(worker, tag_forget, root, settings, journal.request_ids)
     journal.results["registry"] = registry
     say(f"model version {registry['model_version']} @{','.join(registry['aliases']) or '-'}: "
         f"{registry['gate_reason']}")
-
-
-def tag_version(root: Path, settings: dict[str, Any], request_ids: list[str]) -> dict[str, Any]:
-    """Log the pending lineage, tag the version the rebuild registered with dvc.lock's digest and the requests;
-    return what the audit record says of it. (Run in the stage worker, where MLflow is imported and its store
-    open: importing MLflow and opening the store in the forget's own process too took 2.8 s of an 11 s forget at
-    70k samples, profiled.)"""
-    from mlflow import MlflowClient
-
-    from pipeline.tracking.lineage import configure, flush
-    from pipeline.tracking.registry import latest_version
-
-    configure(settings["tracking_uri"], settings["experiment"], root)
-    flush(root, settings)
-    name = settings["registered_model"]
-    client = MlflowClient()
-    version = client.get_model_version(name, latest_version(name).version)
-    for key, value in {"dvc_lock_sha256": dvc_lock_digest(root), "legonet.forget_requests": ",".join(request_ids)
-                       }.items():
-        client.set_model_version_tag(name, version.version, key, value)
-    return {"model_version": version.version, "aliases": sorted(version.aliases), "gate": version.tags.get("gate", ""),
-            "gate_reason": version.tags.get("gate_reason", ""), "run_id": version.tags.get("package_run_id", ""),
-            "quality": version.tags.get("quality", "")}
 
 
 def purge(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str], params: dict[str, Any],
@@ -293,19 +269,6 @@ def audit(root: Path, journal: flow.Journal, plan: flow.Plan, params: dict[str, 
     if version is not None:
         call(worker, tag_checkpoint, root, params["mlflow"], version, note)
     say(f"audit checkpoint (keep it: `legonet audit verify --checkpoint FILE` proves later logs extend it):\n{note}")
-
-
-def tag_checkpoint(root: Path, settings: dict[str, Any], version: str, note: str) -> None:
-    """Store the signed checkpoint on the registered model version this forget produced."""
-    from mlflow import MlflowClient
-
-    from pipeline.tracking.lineage import configure
-
-    configure(settings["tracking_uri"], settings["experiment"], root)
-    MlflowClient().set_model_version_tag(settings["registered_model"], version, CHECKPOINT_TAG, note)
-
-
-CHECKPOINT_TAG = "legonet.audit_checkpoint"
 
 
 def _quality(root: Path) -> dict[str, Any]:
