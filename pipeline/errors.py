@@ -94,6 +94,12 @@ class StageFailed(LegonetError, RuntimeError):
     exit_code = 5
 
 
+class WorkerFailed(LegonetError, RuntimeError):
+    """The stage worker process crashed or ended; the message carries its traceback or exit code."""
+
+    exit_code = 5
+
+
 # --- 6: no model ---
 
 

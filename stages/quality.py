@@ -1,7 +1,7 @@
 """DVC stage `quality`: a Great Expectations checkpoint over the training data as a whole and per adapter.
 
 Runs after `assign`. Three suites (``data.quality``): ``training_data`` (one row per training sample: row count,
-label set, in at most k shards, embedding norm within the range learned on the reference split, no forgotten ID),
+label set, in at most k shards, embedding norm within the range learned on the reference split),
 ``training_classes`` (every class keeps ``quality.min_class_samples``) and ``adapters`` (one row per adapter: at
 least ``quality.min_samples``, class balance, classes present). Writes ``reports/quality/result.json`` (the
 checkpoint result without run times or random ids: the `package` stage gates promotion on it, and the forget
@@ -9,7 +9,9 @@ flow's audit record holds its sha256), the tables validated, and Data Docs (stat
 
 The stage itself succeeds when the checkpoint fails: the data is what it is (a forget must still finish); the
 `package` stage keeps the new version `candidate` and says which expectation failed. Only this stage imports
-Great Expectations, whose import costs seconds. The GX context is ephemeral: nothing but the reports is written.
+Great Expectations (its import costs seconds). The GX context is ephemeral: nothing but the reports is written.
+It reads only what dvc.yaml declares: whether a sample the audit log lists as forgotten is back in the data is the
+forget flow's check (pipeline.forget.flow.plan_batch), where the audit key and the log are.
 """
 
 from __future__ import annotations
@@ -38,37 +40,10 @@ from pipeline.data.quality import (
     read_norm_bounds,
     tables,
 )
-from pipeline.errors import DataError
 from pipeline.project.code import check_code
 from pipeline.project.layout import PROJECTION, REFERENCE_NORMS, ROUTING, SHARDS, shard_path
 from pipeline.project.params import load_params, run_stage
 from pipeline.tracking.lineage import stage_run
-
-
-def forgotten_ids(root: Path, params: dict[str, Any]) -> Any:
-    """A function ids -> bool array: which IDs the audit log (or the forget in progress) says are forgotten.
-
-    Compared by HMAC under the project's audit key (outside git); with no audit log and no forget in progress
-    there is nothing to compare and the key is not created.
-    """
-    from pipeline.audit.keyring import audit_key, audit_log
-    from pipeline.audit.secrets import id_digest
-    from pipeline.errors import AuditError
-    from pipeline.forget.flow import JOURNAL
-
-    try:
-        log = audit_log(root, params, memo=True)
-        records = log.summaries()  # verified: a forged log must not decide what counts as forgotten
-        journal = root / JOURNAL
-        pending = json.loads(journal.read_text()).get("sample_ids", []) if journal.is_file() else []
-        if not records and not pending:
-            return lambda ids: np.zeros(len(ids), dtype=bool)
-        key = audit_key(root, params, log)
-    except AuditError as exc:  # one clear line from the stage, not a traceback
-        raise DataError(f"the quality stage needs the audit log: {exc}") from exc
-    digests = {d for r in records for d in r["forgotten_ids"]}
-    digests |= {id_digest(key, i) for i in pending}
-    return lambda ids: np.array([id_digest(key, i) in digests for i in ids], dtype=bool)
 
 
 def suites(q: QualityParams, n: int, k: int, classes: list[int], norms: tuple[float, float],
@@ -89,8 +64,6 @@ def suites(q: QualityParams, n: int, k: int, classes: list[int], norms: tuple[fl
                                               meta={"rule": "no sample in more than adapters.k shards"}),
             gxe.ExpectColumnValuesToBeBetween(column="norm", min_value=low, max_value=high, mostly=q.norm_mostly,
                                               meta={"rule": "embedding norm in the range of the reference split"}),
-            gxe.ExpectColumnValuesToBeInSet(column="forgotten", value_set=[False],
-                                            meta={"rule": "no ID the audit log lists as forgotten"}),
         ],
         "training_classes": [
             gxe.ExpectTableRowCountToEqual(value=len(classes)),
@@ -182,7 +155,7 @@ def main() -> None:
         bounds = read_norm_bounds()
         norms = norm_range(bounds, q.norm_margin)
         q = q.for_reference(int(bounds["samples"]))  # what a reference split of this size can support
-        found = tables(shards, routing["sample_id"].tolist(), classes, forgotten_ids(Path(), params))
+        found = tables(shards, routing["sample_id"].tolist(), classes)
 
         _remove(outputs)
         try:

@@ -686,10 +686,9 @@ def test_the_journal_of_raw_ids_is_private(tmp_path: Path) -> None:
 
 
 def test_a_failed_git_commit_after_a_forget_is_an_error(tmp_path: Path) -> None:
-    from types import SimpleNamespace
 
     from pipeline.errors import ForgetError
-    from pipeline.forget.steps import _commit
+    from pipeline.forget.steps import commit
 
     root = git_project(tmp_path / "project")
     (root / "audit").mkdir()
@@ -698,10 +697,10 @@ def test_a_failed_git_commit_after_a_forget_is_an_error(tmp_path: Path) -> None:
     hook.write_text("#!/bin/sh\necho refused by policy >&2\nexit 1\n")
     hook.chmod(0o755)
     with pytest.raises(ForgetError, match="`git commit` of the forget failed: refused by policy"):
-        _commit(root, SimpleNamespace(request_ids=["req-1"]))
+        commit(root, ["req-1"])
     hook.unlink()
-    _commit(root, SimpleNamespace(request_ids=["req-1"]))
-    _commit(root, SimpleNamespace(request_ids=["req-1"]))  # nothing left to commit is not an error
+    commit(root, ["req-1"])
+    commit(root, ["req-1"])  # nothing left to commit is not an error
 
 
 def test_md5_values_from_dvc_files_are_checked_before_they_become_paths(tmp_path: Path) -> None:

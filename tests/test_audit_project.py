@@ -452,7 +452,7 @@ def test_each_forget_tags_its_model_version_with_the_signed_checkpoint(audited: 
                                                                       capsys: pytest.CaptureFixture[str]) -> None:
     from mlflow import MlflowClient
 
-    from pipeline.forget.steps import CHECKPOINT_TAG
+    from pipeline.runner.build import CHECKPOINT_TAG
 
     root = audited["root"]
     uri = f"sqlite:///{root / 'mlflow.db'}"

@@ -47,7 +47,7 @@ from pipeline.model.keys import project as project_points
 from pipeline.project.layout import adapter_info_path, adapter_path, block_of, shard_path
 from pipeline.tracking.lineage import file_md5
 
-STATES = ("data-removed", "rebuilt", "registered", "purged", "audited")
+STATES = ("data-removed", "rebuilt", "registered", "purged", "audited", "committed")
 RECEIVED = "2024-05-01T09:30:00Z"
 # Raw inputs: what the user gave (a from-scratch project is initialised from D \ M instead of forgetting).
 RAW_INPUTS = ("data/raw/", "data/reference/", "data/test/")
@@ -156,18 +156,53 @@ def split_predictions(root: Path) -> dict[str, tuple[bytes, frozenset[int]]]:
 
 
 
-def expected_stages(routing: pd.DataFrame, test_ids: set[str], ids: Iterable[str], n: int = ADAPTERS,
+def expected_stages(root: Path, routing: pd.DataFrame, test_ids: set[str], ids: Iterable[str], n: int = ADAPTERS,
                     blocks: int = BLOCKS) -> tuple[list[int], set[str]]:
-    """The adapters the samples activate (from the routing index) and the DVC stages that must rerun."""
+    """The adapters the samples activate (from the routing index) and the DVC stages that must rerun: in DVC's
+    graph of the project, every stage downstream of the raw partitions and the test split the samples are in,
+    with the train blocks narrowed to those of the adapters the samples activate."""
+    import networkx as nx
+    from dvc.repo import Repo
+
     ids = set(ids)
     rows = routing[routing["sample_id"].isin(ids)]
     adapters = sorted({int(a) for row in rows["adapters"] for a in row})
-    stages = {f"encode@part-{int(p):04d}" for p in rows["partition"]}
-    if ids & test_ids:
-        stages.add("encode@test")
-    if len(rows):
-        stages |= {"assign", "quality", *(f"train@{block_of(j, n, blocks):04d}" for j in adapters)}
-    return adapters, stages | {"baseline", "evaluate", "package"}
+    rewritten = {f"data/raw/part-{int(p):04d}.parquet" for p in rows["partition"]}
+    rewritten |= {"data/test/test.parquet"} if ids & test_ids else set()
+    with Repo(str(root)) as repo:
+        graph = repo.index.graph
+        sources = [stage for stage in graph for out in stage.outs
+                   if Path(out.fs_path).relative_to(repo.root_dir).as_posix() in rewritten]
+        downstream = {stage.name for source in sources for stage in nx.ancestors(graph, source)}  # dvc.yaml's
+    blocks_hit = {f"train@{block_of(j, n, blocks):04d}" for j in adapters}
+    return adapters, {s for s in downstream if not s.startswith("train@") or s in blocks_hit}
+
+
+# a user's stage added to dvc.yaml downstream of the data: the forget runs it (as DVC would: its command in a shell)
+SUMMARY = ("summary", {"cmd": "python summarize.py", "deps": ["summarize.py", "metrics/evaluate.json"],
+                       "outs": ["reports/summary.json"]}, "summarize.py", """\
+import json, pathlib
+accuracy = json.loads(pathlib.Path("metrics/evaluate.json").read_text())["accuracy"]
+pathlib.Path("reports/summary.json").write_text(json.dumps({"accuracy": round(accuracy, 4)}) + "\\n")
+""")
+# one that fails while FAIL_STAGE is set, listed first in dvc.yaml (it runs once the adapters are trained)
+LISTING = ("adapter-files", {"cmd": "python list_adapters.py", "deps": ["list_adapters.py", "models/adapters"],
+                             "outs": ["reports/adapter-files.txt"]}, "list_adapters.py", """\
+import os, pathlib, sys
+if os.environ.get("FAIL_STAGE"):
+    sys.exit("planted failure: FAIL_STAGE is set")
+names = sorted(p.as_posix() for p in pathlib.Path("models/adapters").rglob("*.safetensors"))
+pathlib.Path("reports/adapter-files.txt").write_text("\\n".join(names) + "\\n")
+""")
+
+
+def add_stage(root: Path, stage: tuple[str, dict[str, Any], str, str], first: bool = False) -> None:
+    """Add a stage (name, definition, script name, script) to the project's dvc.yaml, its script beside it."""
+    name, definition, script_name, script = stage
+    (root / script_name).write_text(script)
+    doc = yaml.safe_load((root / "dvc.yaml").read_text())
+    doc["stages"] = {name: definition, **doc["stages"]} if first else {**doc["stages"], name: definition}
+    (root / "dvc.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
 
 
 def dvc(root: Path, *args: str) -> str:
@@ -283,6 +318,7 @@ def exactness(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> dict
     full = pd.concat([samples, canaries], ignore_index=True)
     write_table(full, work / "d.parquet")
     legonet(*init_args(work / "d.parquet", ORACLE), cwd=root)
+    add_stage(root, SUMMARY)
     legonet("build", cwd=root)
     dvc(root, "remote", "add", "-d", "local", str(remote))
     dvc(root, "push", "-q")
@@ -321,6 +357,7 @@ def exactness(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> dict
     def build_scratch() -> None:
         try:
             legonet(*init_args(work / "retained.parquet", ORACLE), cwd=oracle)
+            add_stage(oracle, SUMMARY)
             legonet("build", cwd=oracle)
         except BaseException as exc:  # re-raised in the main thread
             scratch_error.append(exc)
@@ -336,11 +373,11 @@ def exactness(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> dict
         routing_now = read_table(root / "data/routing.parquet")
         tests_now = set(read_table(root / "data/test/test.parquet")["sample_id"])
         ids = set(load_manifest(manifest).sample_ids)
-        adapters, stages = expected_stages(routing_now, tests_now, ids, ORACLE_N, ORACLE_BLOCKS)
+        adapters, stages = expected_stages(root, routing_now, tests_now, ids, ORACLE_N, ORACLE_BLOCKS)
         predictions = split_predictions(root)
         summary = forget(root, manifest)
         steps.append({"request_id": request_id, "ids": ids, "adapters": adapters, "stages": stages,
-                      "summary": summary, "record": record(root, request_id),
+                      "summary": summary, "record": record(root, request_id), "status": dvc(root, "status"),
                       "before": predictions, "after": split_predictions(root)})
     builder.join()
     if scratch_error:
@@ -377,6 +414,18 @@ def test_forget_equals_a_from_scratch_build_on_the_retained_data(exactness: dict
     info = json.loads((exactness["root"] / emptied).read_text())
     assert info["train_samples"] == 0
     assert not (set(read_table(exactness["root"] / "data/routing.parquet")["sample_id"]) & exactness["removed"])
+
+
+def test_a_stage_added_downstream_of_the_data_is_run_by_the_forget(exactness: dict[str, Any]) -> None:
+    """A user's stage in dvc.yaml (not a legonet entry point) that reads the evaluation metrics: each forget runs
+    it, `dvc status` is clean afterwards, and its output is the fresh build's."""
+    for step in exactness["steps"]:
+        assert "summary" in step["record"]["stages_run"] and "summary" in step["stages"], step["request_id"]
+        assert "up to date" in step["status"], step["status"]
+    forgot, scratch = (exactness[name] / "reports/summary.json" for name in ("root", "oracle"))
+    assert forgot.read_bytes() == scratch.read_bytes()
+    assert json.loads(forgot.read_text())["accuracy"] == round(
+        json.loads((exactness["root"] / "metrics/evaluate.json").read_text())["accuracy"], 4)
 
 
 def test_only_the_activated_adapters_are_retrained(exactness: dict[str, Any]) -> None:
@@ -545,8 +594,8 @@ def clone_runs(tmp_path_factory: pytest.TempPathFactory, built_project: Path,
     * once: the same request killed right after data-removed, then re-run once;
     * concurrent: two requests started at the same moment (one of them waits for the lock, so this job uses
       about one core);
-    * failed: the same request, whose quality checkpoint fails (after the training) because the audit key dir is
-      unusable, then re-run as it should be.
+    * failed: the same request in a project with a stage of its own downstream of the adapters (``LISTING``), which
+      fails (after the training) while FAIL_STAGE is set, then re-run as it should be.
     """
     work = tmp_path_factory.mktemp("clones")
     manifest = write_manifest(work / "requests" / "x.json", "req-x", small_request)
@@ -581,8 +630,10 @@ def clone_runs(tmp_path_factory: pytest.TempPathFactory, built_project: Path,
 
     def failed() -> dict[str, Any]:
         root = projects["failed"]
+        add_stage(root, LISTING, first=True)
+        legonet("build", cwd=root)
         lock = (root / "dvc.lock").read_bytes()
-        broken = legonet("forget", str(manifest), cwd=root, check=False, env={"LEGONET_KEY_DIR": "/dev/null/keys"})
+        broken = legonet("forget", str(manifest), cwd=root, check=False, env={"FAIL_STAGE": "1"})
         return {"broken": broken, "lock_kept": (root / "dvc.lock").read_bytes() == lock,
                 "rerun": legonet("forget", str(manifest), cwd=root)}
 
@@ -597,8 +648,8 @@ def clone_runs(tmp_path_factory: pytest.TempPathFactory, built_project: Path,
 
 
 def test_dry_run_changes_nothing_and_names_adapters_and_stages(clone_runs: dict[str, Any]) -> None:
-    adapters, stages = expected_stages(clone_runs["plain"]["routing"], clone_runs["plain"]["test_ids"],
-                                       clone_runs["ids"])
+    adapters, stages = expected_stages(clone_runs["projects"]["plain"], clone_runs["plain"]["routing"],
+                                       clone_runs["plain"]["test_ids"], clone_runs["ids"])
     dry = clone_runs["plain"]["dry_run"]
     summary = json.loads(dry.stdout.strip().splitlines()[-1])
     assert summary["status"] == "dry-run" and summary["adapters"] == adapters and set(summary["stages"]) == stages
@@ -628,27 +679,30 @@ def test_a_crash_in_any_state_is_finished_by_rerunning(clone_runs: dict[str, Any
 
 
 def test_a_stage_that_fails_mid_forget_commits_nothing_and_a_rerun_finishes(clone_runs: dict[str, Any]) -> None:
-    """A stage of the forget's rebuild fails (here the checkpoint, after the training ran): the command exits
-    with the build error naming the stage and its own message, dvc.lock is as before, and the same command re-run
-    finishes with the bytes of an uninterrupted forget."""
+    """A stage of the forget's rebuild fails (here a stage of the project's own, after the training ran): the
+    command exits with the build error naming the stage and its own message, dvc.lock is as before, and the same
+    command re-run finishes with the bytes of an uninterrupted forget."""
     run = clone_runs["failed"]
     assert run["broken"].returncode == 5, run["broken"].stderr
-    assert "stage quality failed" in run["broken"].stderr and "/dev/null/keys" in run["broken"].stderr
+    assert "stage adapter-files failed" in run["broken"].stderr and "planted failure" in run["broken"].stderr
     assert run["lock_kept"], "dvc.lock changed although the rebuild failed"
     assert "resuming the forget of req-x from state 'data-removed'" in run["rerun"].stderr
     artifacts, lock, records = clone_runs["final"]["failed"]
     plain_artifacts, plain_lock, _ = clone_runs["final"]["plain"]
+    assert lock["stages"].pop(LISTING[0])["cmd"] == LISTING[1]["cmd"]
     assert artifacts == plain_artifacts and lock == plain_lock and records == ["000001-req-x.json"]
+    listing = (clone_runs["projects"]["failed"] / "reports/adapter-files.txt").read_text().split()
+    assert listing == sorted(p for p in artifacts if p.startswith("models/adapters/") and p.endswith(".safetensors"))
     assert "up to date" in subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=clone_runs["projects"]["failed"],
                                           capture_output=True, text=True, check=True).stdout
 
 
 def test_the_stage_worker_reports_a_failing_stage_and_a_dead_worker(tmp_path: Path) -> None:
-    """The forget's second process (pipeline.runner.build.StageWorker) hands back a stage's own error and a function's
+    """The forget's second process (pipeline.runner.worker.StageWorker) hands back a stage's own error and a function's
     result or exception, and a worker that died is a build error, not a hang."""
     from pipeline.data.quality import norm_range, read_norm_bounds
-    from pipeline.errors import BuildError, DataError, StageFailed
-    from pipeline.runner.build import StageWorker
+    from pipeline.errors import DataError, StageFailed, WorkerFailed
+    from pipeline.runner.worker import StageWorker
 
     worker = StageWorker(tmp_path, ["stages.quality"])
     try:
@@ -660,7 +714,7 @@ def test_the_stage_worker_reports_a_failing_stage_and_a_dead_worker(tmp_path: Pa
             worker.call(read_norm_bounds, tmp_path / "missing.json")
         worker._process.kill()
         worker._process.join()
-        with pytest.raises(BuildError, match="ended unexpectedly"):
+        with pytest.raises(WorkerFailed, match="ended unexpectedly"):
             worker.start("stages.quality", [])
             worker.result()
     finally:

@@ -193,6 +193,7 @@ def _seal_key(audit_key: bytes) -> bytes:
 
 def id_digest(audit_key: bytes, sample_id: str) -> str:
     """HMAC-SHA256 hex of a sample ID: what the log stores instead of the ID."""
-    return hmac.new(audit_key, sample_id.encode("utf-8"), hashlib.sha256).hexdigest()
+    # the one-shot C path: a forget digests every training and test ID to find forgotten ones that are back
+    return hmac.digest(audit_key, sample_id.encode("utf-8"), "sha256").hex()
 
 

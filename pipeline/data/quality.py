@@ -4,7 +4,7 @@ Great Expectations validates three small tables derived from the shards and the 
 importing GX, so they can be tested and reused cheaply):
 
 * ``samples``: one row per training sample: its label, in how many shards it is, whether the routing index holds
-  it, the norm of its (projected) embedding, and whether its ID is one the audit log says was forgotten;
+  it, and the norm of its (projected) embedding;
 * ``classes``: one row per class of ``data.classes``: training samples and share;
 * ``adapters``: one row per adapter: samples, classes present, the largest class's share.
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,10 +128,10 @@ def held_out_features(reference: np.ndarray, projection: np.ndarray) -> np.ndarr
     return out
 
 
-def tables(shards: Sequence[tuple[pd.DataFrame, np.ndarray]], routed_ids: Sequence[str], classes: Sequence[int],
-           forgotten: Callable[[Sequence[str]], np.ndarray]) -> dict[str, pd.DataFrame]:
+def tables(shards: Sequence[tuple[pd.DataFrame, np.ndarray]], routed_ids: Sequence[str], classes: Sequence[int]
+           ) -> dict[str, pd.DataFrame]:
     """The three tables from the shards (each ``(frame with sample_id and label, features)``, adapter order) and the
-    sample IDs of the routing index; ``forgotten(ids)`` says which IDs the audit log lists as forgotten."""
+    sample IDs of the routing index."""
     rows = []
     adapters = []
     for j, (frame, features) in enumerate(shards):
@@ -149,8 +149,6 @@ def tables(shards: Sequence[tuple[pd.DataFrame, np.ndarray]], routed_ids: Sequen
     per_sample = per_sample.reindex(per_sample.index.union(routed))
     per_sample["in_routing"] = per_sample.index.isin(routed)
     per_sample["shards"] = per_sample["shards"].fillna(0).astype(np.int64)
-    ids = per_sample.index.to_list()
-    per_sample["forgotten"] = np.asarray(forgotten(ids), dtype=bool) if ids else np.zeros(0, dtype=bool)
     samples = per_sample.reset_index(drop=True)  # no IDs leave this function
     if pd.api.types.is_numeric_dtype(samples["label"]):  # integer classes: reindexing made them floats
         samples["label"] = samples["label"].astype("Int64")
@@ -159,7 +157,7 @@ def tables(shards: Sequence[tuple[pd.DataFrame, np.ndarray]], routed_ids: Sequen
     class_table = pd.DataFrame({"label": list(classes),
                                 "samples": [int(counts.get(c, 0)) for c in classes]})
     class_table["share"] = (class_table["samples"] / total).round(6)
-    return {"samples": samples[["label", "shards", "in_routing", "norm", "forgotten"]],
+    return {"samples": samples[["label", "shards", "in_routing", "norm"]],
             "classes": class_table, "adapters": pd.DataFrame(adapters)}
 
 

@@ -1,9 +1,9 @@
 """The forget flow (docs/design.md section 5): a deletion request in, exactly-unlearned artifacts, a signed record out.
 
 The flow is a journalled state machine, ``received -> data-removed -> rebuilt -> registered -> purged ->
-audited``. The journal (outside git, in ``.legonet/``) is written before each step's effects are trusted, so a
-crash anywhere is finished by re-running the same command; every step is idempotent. One writer at a time holds
-the project lock.
+audited -> committed``. The journal (outside git, in ``.legonet/``) is written before each step's effects are
+trusted, so a crash anywhere is finished by re-running the same command; every step is idempotent. One writer at
+a time holds the project lock.
 """
 
 from __future__ import annotations
@@ -15,35 +15,24 @@ import json
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from pipeline.data.dataset import read_table, read_yaml, write_table
-from pipeline.data.quality import QUALITY_DIR
 from pipeline.errors import ExactnessError, ForgetError, LockBusy
 from pipeline.forget.manifest import DeletionRequest, merge_requests
-from pipeline.project.layout import (
-    ENCODED_TEST,
-    PACKAGE,
-    ROUTING,
-    TEST,
-    adapter_info_path,
-    adapter_path,
-    block_of,
-    encoded_path,
-    partition_name,
-    raw_path,
-    shard_path,
-)
+from pipeline.project.layout import ROUTING, TEST, adapter_info_path, adapter_path, raw_path, shard_path
+from pipeline.runner.build import address
+from pipeline.runner.worker import entry_point
 from pipeline.tracking.lineage import file_md5, file_sha256
 
-STATES = ("received", "data-removed", "rebuilt", "registered", "purged", "audited")
+STATES = ("received", "data-removed", "rebuilt", "registered", "purged", "audited", "committed")
 PHASES = {"data-removed": "remove", "rebuilt": "rebuild", "registered": "register", "purged": "purge",
-          "audited": "audit"}
+          "audited": "audit", "committed": "commit"}
 STATE_DIR = Path(".legonet")
 JOURNAL = STATE_DIR / "journal.json"
 LOCK = STATE_DIR / "lock"
@@ -52,7 +41,8 @@ CRASH_ENV = "LEGONET_CRASH_AFTER"  # fault injection: SIGKILL this process right
 
 @dataclass
 class Plan:
-    """What a batch of requests touches, computed from the routing index before anything changes."""
+    """What a batch of requests touches, computed from the routing index before anything changes; ``stages`` and
+    ``changes`` from DVC's graph of the project (``rebuild_plan``) once the forget knows the project is built."""
 
     train_ids: list[str]
     test_ids: list[str]
@@ -62,25 +52,20 @@ class Plan:
     adapters: list[int]
     n: int  # adapters.n and adapters.blocks of the build the plan was made against
     blocks: int
+    stages: list[str] = field(default_factory=list)  # the DVC stages that rerun, and no others, in running order
+    changes: list[str] = field(default_factory=list)  # the files and folders (with all inside) the forget may change
 
     @property
-    def train_blocks(self) -> list[int]:
-        return sorted({block_of(j, self.n, self.blocks) for j in self.adapters})
+    def rewritten(self) -> list[str]:
+        """The DVC-tracked files the forget rewrites without the forgotten rows: every other change follows."""
+        return [raw_path(p).as_posix() for p in self.partitions] + ([TEST.as_posix()] if self.test_ids else [])
 
     @property
-    def stages(self) -> list[str]:
-        """The DVC stages that must rerun, and no others, in an order `dvc repro` could run them."""
-        stages = [f"encode@{partition_name(p)}" for p in self.partitions]
-        if self.test_ids:
-            stages.append("encode@test")
-        if self.partitions:  # train data changes: routing and shards are rewritten, so the checkpoint reruns
-            # the checkpoint reads only what `assign` writes: listed before the adapters, a forget's stage worker
-            # runs it while this process trains them (pipeline.runner.build.rerun)
-            stages += ["assign", "quality"]
-            stages += [f"train@{b:04d}" for b in self.train_blocks]
-        if self.train_ids or self.test_ids:  # in DVC's order: the probe is scored on evaluate's test points
-            stages += ["evaluate", "baseline", "package"]
-        return stages
+    def known_changes(self) -> list[str]:
+        """The files inside stage outputs that the plan knows are the only ones to change (a forget changes the
+        shards and the weights of the adapters its samples activated, and nothing else of those folders)."""
+        return [f(j, self.n, self.blocks).as_posix() for j in self.adapters
+                for f in (shard_path, adapter_path, adapter_info_path)]
 
     @property
     def changes_data(self) -> bool:
@@ -92,6 +77,54 @@ class Plan:
         if self.changes_data:
             return "forgotten"
         return "already-forgotten" if self.already_forgotten else "not-present"
+
+
+def rebuild_plan(plan: Plan, index: Any, worker_modules: frozenset[str]) -> Plan:
+    """``plan`` with the stages the forget reruns and the paths it may change, from DVC's graph (``index``: a
+    ``dvc.repo.index.Index``) of dvc.yaml and the .dvc files.
+
+    The stages are those downstream of the files the forget rewrites (``Plan.rewritten``), in an order DVC could run
+    them; a foreach item (``train@0003``) runs only when a file it reads changes, with a folder output narrowed to
+    the files inside it the plan knows change (``Plan.known_changes``: a train block whose adapters keep their shards
+    does not rerun); every other downstream stage runs whole. Among the stages ready to run, those the stage worker
+    runs (their entry point is one of ``worker_modules``) go first, so that it works beside this process (the
+    quality checkpoint right after `assign`, while the adapters train), then dvc.yaml's order. The paths a forget
+    may change are the rewritten files and the (narrowed) outputs of those stages.
+    """
+    import networkx as nx
+
+    if not plan.changes_data:
+        return plan
+    root = Path(index.repo.root_dir)
+
+    def rel(item: Any) -> str:
+        return Path(item.fs_path).relative_to(root).as_posix()
+
+    graph = index.graph  # an edge runs from a stage to each stage whose output it reads
+    sources = {rel(out): stage for stage in graph for out in stage.outs if rel(out) in plan.rewritten}
+    untracked = sorted(set(plan.rewritten) - set(sources))
+    if untracked:
+        raise ForgetError(f"{untracked}: not tracked by DVC (no .dvc file); run `legonet build` first")
+    downstream = set().union(*(nx.ancestors(graph, stage) for stage in sources.values()))
+    position = {stage: i for i, stage in enumerate(index.stages)}
+    in_worker = {stage: (entry_point(stage.cmd) or ("",))[0] in worker_modules for stage in downstream}
+    changed = list(plan.rewritten)
+    stages = []
+    for stage in nx.lexicographical_topological_sort(graph.subgraph(downstream).reverse(copy=False),
+                                                     key=lambda s: (not in_worker[s], position[s])):
+        name = address(stage, root)
+        if "@" in name and not any(_overlaps(rel(dep), changed) for dep in stage.deps):
+            continue
+        stages.append(name)
+        for out in stage.outs:
+            inside = [p for p in plan.known_changes if p.startswith(f"{rel(out)}/")]
+            changed += inside or [rel(out)]
+    return replace(plan, stages=stages, changes=sorted(set(changed)))
+
+
+def _overlaps(path: str, paths: Sequence[str]) -> bool:
+    """Whether ``path`` is one of ``paths``, inside one, or holds one."""
+    return any(p == path or p.startswith(f"{path}/") or path.startswith(f"{p}/") for p in paths)
 
 
 @dataclass
@@ -173,8 +206,13 @@ def project_lock(root: Path, wait: bool, notify: Callable[[str], None]) -> Itera
 
 
 def plan_batch(root: Path, sample_ids: Sequence[str], reference_ids: set[str],
-               forgotten_before: Callable[[str], list[str]], n: int, blocks: int) -> Plan:
-    """Look up each ID: train (routing index), test, reference (refused), forgotten earlier, or unknown."""
+               forgotten: Callable[[Iterable[str]], dict[str, list[str]]], n: int, blocks: int) -> Plan:
+    """Look up each ID: train (routing index), test, reference (refused), forgotten earlier, or unknown.
+
+    ``forgotten(ids)`` names the requests that forgot each of ``ids`` earlier (the audit log). The project's
+    training and test data must hold none of them but those requested now: a sample a request forgot that is back
+    (a dataset re-imported with it, then built) is refused here, before anything changes.
+    """
     routing_path = root / ROUTING
     if not routing_path.is_file():
         raise ForgetError(f"{routing_path}: missing; build the project (`legonet build`) before forgetting")
@@ -184,10 +222,16 @@ def plan_batch(root: Path, sample_ids: Sequence[str], reference_ids: set[str],
     if refused:
         raise ForgetError(f"{len(refused)} ID(s) belong to the reference split, which keys and projection are "
                           f"fitted on and which is not deletable: {refused[:5]}; remove them from the manifest")
+    back = forgotten(sorted((set(routing.index) | test_ids) - set(sample_ids)))
+    if back:
+        owners = sorted({r for found in back.values() for r in found})
+        raise ForgetError(f"{len(back)} sample(s) that request(s) {', '.join(owners)} forgot are back in "
+                          f"{ROUTING} or {TEST}: {sorted(back)[:5]}; add them to this request's manifest to forget "
+                          "them again")
     train = sorted(i for i in sample_ids if i in routing.index)
     test = sorted(i for i in sample_ids if i in test_ids)
     rest = sorted(set(sample_ids) - set(train) - set(test))
-    earlier = {i: found for i in rest if (found := forgotten_before(i))}
+    earlier = forgotten(rest)
     rows = routing.loc[train]
     adapters = sorted({int(a) for row in rows["adapters"] for a in row})
     return Plan(train, test, sorted(set(rest) - set(earlier)), earlier,
@@ -280,17 +324,10 @@ def _recorded_digests(root: Path) -> dict[str, str]:
 
 
 def expected_changes(plan: Plan) -> Callable[[str], bool]:
-    """Which artifact paths a plan is allowed to change; everything else must keep its digest."""
-    paths = [raw_path(p) for p in plan.partitions] + [encoded_path(p) for p in plan.partitions]
-    for j in plan.adapters:
-        paths += [f(j, plan.n, plan.blocks) for f in (shard_path, adapter_path, adapter_info_path)]
-    if plan.partitions:
-        paths.append(ROUTING)
-    if plan.test_ids:
-        paths += [TEST, ENCODED_TEST]
-    allowed = {p.as_posix() for p in paths}
-    rebuilt = [f"{PACKAGE.as_posix()}/", *([f"{QUALITY_DIR.as_posix()}/"] if plan.partitions else [])]
-    return lambda path: path in allowed or path.startswith(tuple(rebuilt))
+    """Which artifact paths a plan is allowed to change (``Plan.changes``); everything else keeps its digest."""
+    allowed = set(plan.changes)
+    folders = tuple(f"{p}/" for p in plan.changes)
+    return lambda path: path in allowed or path.startswith(folders)
 
 
 def check_rebuild(root: Path, plan: Plan, before: dict[str, str], ran: list[str] | None,

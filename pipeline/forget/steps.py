@@ -1,14 +1,15 @@
 """`legonet forget MANIFEST...`: apply deletion requests through the journalled flow of pipeline.forget.flow.
 
-Steps (docs/design.md section 5): validate -> lock -> journal -> remove rows -> rebuild -> checks -> registry ->
-purge -> audit record -> git commit. Re-running the same command after a crash finishes the job.
+Steps (docs/design.md section 5), one per state of the journal (``_run`` holds the table): remove the rows -> rebuild
+the stages DVC's graph puts downstream of them -> register -> purge -> write the signed audit record -> commit to
+git. Re-running the same command after a crash finishes the job.
 """
 
 from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,11 +18,22 @@ from pipeline.audit.keyring import anchor, audit_key, audit_log, origin, signing
 from pipeline.audit.secrets import audit_key_id, id_digest, seal
 from pipeline.data.dataset import read_table
 from pipeline.forget import flow
-from pipeline.forget.manifest import DeletionRequest, load_manifest
+from pipeline.forget.manifest import DeletionRequest, load_manifest, merge_requests
 from pipeline.project.code import check_all_code
 from pipeline.project.layout import REFERENCE
 from pipeline.project.params import commit_project, params_digest
-from pipeline.runner.build import dvc_add, dvc_lock_digest, dvc_status, in_worker, repro, rerun, stage_worker
+from pipeline.runner.build import (
+    dvc_add,
+    dvc_lock_digest,
+    dvc_repo,
+    dvc_status,
+    repro,
+    rerun,
+    tag_checkpoint,
+    tag_forget,
+)
+from pipeline.runner.executor import executor_of
+from pipeline.runner.worker import StageWorker, call, stage_worker, worker_modules
 from pipeline.tracking.identity import project_id
 from pipeline.tracking.lineage import file_sha256, git_revision, platform_tags
 
@@ -39,22 +51,21 @@ def forget(root: Path, manifests: Sequence[Path], params: dict[str, Any], *, dry
     if dry_run:
         return _dry_run(root, requests, params, say)
     lock_started = time.monotonic()
-    from pipeline.runner.executor import executor_of
-
-    # quality, package and the MLflow steps (registry, purge of model versions, checkpoint tag) run in a second
-    # process that imports GX and MLflow meanwhile (Ray runs every stage under `dvc repro` instead, and the MLflow
-    # steps here)
+    # the stages that declare a preload (quality, package) and the MLflow
+    # steps (registry, purge of model versions, checkpoint tag) run in a second process that imports GX and MLflow
+    # meanwhile (Ray runs every stage under `dvc repro` instead, and the MLflow steps here)
+    executor, modules = executor_of(params), worker_modules(root)
     with flow.project_lock(root, wait, say), \
-            stage_worker(root, executor_of(params) == "local", preload=["pipeline.purge.models"]):
+            stage_worker(root, modules if executor == "local" else None, preload=["pipeline.purge.models"]) as worker:
         timings["lock"] = round(time.monotonic() - lock_started, 3)
         pending = flow.Journal.load(root)
         if pending is not None and pending.batch != flow.batch_id(requests):
             say(f"finishing the interrupted forget of {', '.join(pending.request_ids)} first")
-            _run(root, pending, params, say, resumed=True)
+            _run(root, pending, params, executor, worker, say, resumed=True)
             pending = None
         if pending is None:
             plan_started = time.monotonic()
-            journal = _start(root, requests, params, allow_unknown, say)
+            journal = _start(root, requests, params, allow_unknown, modules, say)
             if journal is None:
                 return {"status": "already-forgotten", "request_ids": [r.request_id for r in requests]}
             journal.timings.update(timings, plan=round(time.monotonic() - plan_started, 3))
@@ -62,32 +73,55 @@ def forget(root: Path, manifests: Sequence[Path], params: dict[str, Any], *, dry
         else:
             say(f"resuming the forget of {', '.join(pending.request_ids)} from state '{pending.state}'")
             journal, resumed = pending, True
-        return _run(root, journal, params, say, resumed)
+        return _run(root, journal, params, executor, worker, say, resumed)
 
 
-def _already(root: Path, params: dict[str, Any]) -> Callable[[str], list[str]]:
+def _run(root: Path, journal: flow.Journal, params: dict[str, Any], executor: str, worker: StageWorker | None,
+         say: Callable[[str], None], resumed: bool) -> dict[str, Any]:
+    """Take the journal from its state to the last one, one step per state, each recorded durably when done."""
+    plan = flow.plan_of(journal)
+    ids = set(journal.sample_ids)
+    steps: dict[str, Callable[[], None]] = {  # the state a step reaches -> the step
+        "data-removed": lambda: remove(root, plan, ids, say),
+        "rebuilt": lambda: rebuild(root, journal, plan, ids, executor, worker, say, resumed),
+        "registered": lambda: register(root, journal, plan, params["mlflow"], worker, say),
+        "purged": lambda: purge(root, journal, plan, ids, params, worker, say),
+        "audited": lambda: audit(root, journal, plan, params, worker, say, resumed),
+        "committed": lambda: commit(root, journal.request_ids),
+    }
+    for state in flow.STATES[flow.STATES.index(journal.state) + 1:]:
+        started = time.monotonic()
+        steps[state]()
+        flow.advance(journal, root, state, started)
+    summary = {"status": plan.status,
+               "request_ids": journal.request_ids, "retrained_adapters": plan.adapters,
+               "timings": journal.timings, **journal.results.get("registry", {})}
+    (root / flow.JOURNAL).unlink()  # holds raw IDs: gone once the record is written
+    return summary
+
+
+def _forgotten(root: Path, params: dict[str, Any]) -> Callable[[Iterable[str]], dict[str, list[str]]]:
+    """ids -> {id: the requests that forgot it} for the IDs the audit log lists as forgotten."""
     log = audit_log(root, params, memo=True)
     records = log.summaries()  # verified: a forged or planted record must not make an ID look forgotten
     if not records:  # nothing forgotten yet: do not create the audit key just to look (input checks and
-        return lambda sample_id: []  # --dry-run must leave the project untouched)
+        return lambda sample_ids: {}  # --dry-run must leave the project untouched)
     key = audit_key(root, params, log)
     owners: dict[str, list[str]] = {}
     for record in records:
         for digest in record["forgotten_ids"]:
             owners.setdefault(digest, []).append(record["request_id"])
-    return lambda sample_id: owners.get(id_digest(key, sample_id), [])
+    return lambda sample_ids: {i: found for i in sample_ids if (found := owners.get(id_digest(key, i)))}
 
 
 def _plan(root: Path, requests: Sequence[DeletionRequest], params: dict[str, Any]) -> flow.Plan:
-    from pipeline.forget.manifest import merge_requests
-
     reference = set(read_table(root / REFERENCE)["sample_id"])
-    return flow.plan_batch(root, merge_requests(requests), reference, _already(root, params),
+    return flow.plan_batch(root, merge_requests(requests), reference, _forgotten(root, params),
                            int(params["adapters"]["n"]), int(params["adapters"]["blocks"]))
 
 
 def _start(root: Path, requests: Sequence[DeletionRequest], params: dict[str, Any], allow_unknown: bool,
-           say: Callable[[str], None]) -> flow.Journal | None:
+           modules: frozenset[str], say: Callable[[str], None]) -> flow.Journal | None:
     recorded = {r["request_id"] for r in audit_log(root, params, memo=True).summaries()}  # verified first
     done = [r.request_id for r in requests if r.request_id in recorded]
     if done and len(done) == len(requests):
@@ -102,9 +136,13 @@ def _start(root: Path, requests: Sequence[DeletionRequest], params: dict[str, An
             f"{len(plan.unknown_ids)} sample ID(s) are not in this project: {plan.unknown_ids[:5]}; check the "
             "manifest, or pass --allow-unknown to record them as 'not present'")
     check_all_code(root)  # a forget reruns only what its rows reach: the rest must be this code's build
-    if plan.changes_data and dvc_status(root):
-        raise flow.ForgetError("the project has changes that are not built yet (`dvc status` is not clean): run "
-                               "`legonet build` first, so the forget rebuilds only what the request touches")
+    if plan.changes_data:
+        with dvc_repo(root) as repo:
+            if repo.status():
+                raise flow.ForgetError("the project has changes that are not built yet (`dvc status` is not clean): "
+                                       "run `legonet build` first, so the forget rebuilds only what the request "
+                                       "touches")
+            plan = flow.rebuild_plan(plan, repo.index, modules)  # the index `dvc status` just built
     journal = flow.new_journal(requests, plan)
     journal.before = {"artifacts": flow.artifact_digests(root, clean=plan.changes_data),  # status just checked
                       "outputs": flow.lock_outputs(root),
@@ -113,82 +151,41 @@ def _start(root: Path, requests: Sequence[DeletionRequest], params: dict[str, An
     return journal
 
 
-def _run(root: Path, journal: flow.Journal, params: dict[str, Any], say: Callable[[str], None],
-         resumed: bool) -> dict[str, Any]:
-    plan = flow.plan_of(journal)
-    ids = set(journal.sample_ids)
-    step = STEPS.index(journal.state) if journal.state in STEPS else -1
-    for state, action in list(zip(STEPS, ACTIONS, strict=True))[step + 1:]:
-        started = time.monotonic()
-        action(root, journal, plan, ids, params, say, resumed)
-        flow.advance(journal, root, state, started)
-    summary = {"status": plan.status,
-               "request_ids": journal.request_ids, "retrained_adapters": plan.adapters,
-               "timings": journal.timings, **journal.results.get("registry", {})}
-    (root / flow.JOURNAL).unlink()  # holds raw IDs: gone once the record is written
-    return summary
-
-
-def _remove(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str], params: dict[str, Any],
-        say: Callable[[str], None], resumed: bool) -> None:
+def remove(root: Path, plan: flow.Plan, ids: set[str], say: Callable[[str], None]) -> None:
     files = flow.remove_rows(root, plan, ids) if plan.changes_data else []
     if files:
         dvc_add(root, files)
     say(f"removed {len(plan.train_ids)} train and {len(plan.test_ids)} test samples from {len(files)} file(s)")
 
 
-def _rebuild(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str], params: dict[str, Any],
-        say: Callable[[str], None], resumed: bool) -> None:
+def rebuild(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str], executor: str,
+            worker: StageWorker | None, say: Callable[[str], None], resumed: bool) -> None:
     if not plan.changes_data:
         journal.results["checks"] = []
         return
-    from pipeline.runner.executor import executor_of
-
-    if executor_of(params) == "local":  # the plan's stages in this process, then `dvc commit` (runner.build.rerun)
-        stale = rerun(root, plan.stages, timings=journal.timings)
+    if executor == "local":  # the plan's stages in this process (and the worker), then `dvc commit`
+        stale = rerun(root, plan.stages, worker, timings=journal.timings)
         ran, checked = list(plan.stages), None
     else:  # Ray: `dvc repro`, which starts one local Ray for all its stage processes
-        ran = repro(root, timings=journal.timings)
+        ran = repro(root, timings=journal.timings, total=len(plan.stages))
         stale, checked = dvc_status(root), None if resumed else ran
     journal.results["stages_run"] = ran
     say(f"retrained adapters {plan.adapters} ({len(ran)} stages)")
     journal.results["checks"] = flow.check_rebuild(root, plan, journal.before["artifacts"], checked, ids, stale)
 
 
-def _register(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str], params: dict[str, Any],
-        say: Callable[[str], None], resumed: bool) -> None:
+def register(root: Path, journal: flow.Journal, plan: flow.Plan, settings: dict[str, Any],
+             worker: StageWorker | None, say: Callable[[str], None]) -> None:
     if not plan.changes_data:
         return
-    registry = in_worker(tag_version, root, params["mlflow"], journal.request_ids)
+    registry = call(worker, tag_forget, root, settings, journal.request_ids)
     journal.results["registry"] = registry
     say(f"model version {registry['model_version']} @{','.join(registry['aliases']) or '-'}: "
         f"{registry['gate_reason']}")
 
 
-def tag_version(root: Path, settings: dict[str, Any], request_ids: list[str]) -> dict[str, Any]:
-    """Log the pending lineage, tag the version the rebuild registered with dvc.lock's digest and the requests;
-    return what the audit record says of it. (Run in the stage worker, where MLflow is imported and its store
-    open, so the forget's own process never pays for importing MLflow and opening the store a second time.)"""
-    from mlflow import MlflowClient
-
-    from pipeline.tracking.lineage import configure, flush
-    from pipeline.tracking.registry import latest_version
-
-    configure(settings["tracking_uri"], settings["experiment"], root)
-    flush(root, settings)
-    name = settings["registered_model"]
-    client = MlflowClient()
-    version = client.get_model_version(name, latest_version(name).version)
-    for key, value in {"dvc_lock_sha256": dvc_lock_digest(root), "legonet.forget_requests": ",".join(request_ids)
-                       }.items():
-        client.set_model_version_tag(name, version.version, key, value)
-    return {"model_version": version.version, "aliases": sorted(version.aliases), "gate": version.tags.get("gate", ""),
-            "gate_reason": version.tags.get("gate_reason", ""), "run_id": version.tags.get("package_run_id", ""),
-            "quality": version.tags.get("quality", "")}
-
-
-def _purge(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str], params: dict[str, Any],
-        say: Callable[[str], None], resumed: bool) -> None:
+def purge(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str], params: dict[str, Any],
+          worker: StageWorker | None, say: Callable[[str], None]) -> None:
     from pipeline.purge import history
     from pipeline.purge import models as model_purge
     from pipeline.purge import objects as purge
@@ -211,13 +208,13 @@ def _purge(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str], pa
     until = (datetime.now(UTC) + timedelta(days=retention)).date().isoformat() if retention > 0 else None
     backend = settings.get("backend_store_uri") or settings["tracking_uri"]
     if "mlflow_plan" not in journal.results:  # every MLflow object to delete, named before any is deleted
-        journal.results["mlflow_plan"] = in_worker(
-            model_purge.plan_purge, settings["tracking_uri"], settings["registered_model"], project_id(params),
+        journal.results["mlflow_plan"] = call(
+            worker, model_purge.plan_purge, settings["tracking_uri"], settings["registered_model"], project_id(params),
             registry.get("model_version"), until)
         journal.save(root)
-    models = in_worker(model_purge.purge_models, settings["tracking_uri"], journal.results["mlflow_plan"],
-                       journal.request_ids, root / "mlartifacts" / "models", backend,
-                       artifacts_destination=destination)
+    models = call(worker, model_purge.purge_models, settings["tracking_uri"], journal.results["mlflow_plan"],
+                  journal.request_ids, root / "mlartifacts" / "models", backend,
+                  artifacts_destination=destination)
     if backend != settings["tracking_uri"]:  # a server deleted the rows; this process's deletes are zeroed
         model_purge.vacuum_sqlite(backend)
     journal.results["purge"] = {"dvc": objects, "dvc_doomed": purge.summarise(doomed), "dvc_pushed_to": pushed,
@@ -229,8 +226,8 @@ def _purge(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str], pa
         f"{len(models.get('deleted_model_versions', []))} model version(s)")
 
 
-def _audit(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str], params: dict[str, Any],
-        say: Callable[[str], None], resumed: bool) -> None:
+def audit(root: Path, journal: flow.Journal, plan: flow.Plan, params: dict[str, Any], worker: StageWorker | None,
+          say: Callable[[str], None], resumed: bool) -> None:
     log = audit_log(root, params, memo=True)
     hmac_key = audit_key(root, params, log)
     signing = signing_key(root, params, log)  # pins its fingerprint in the key dir when it is created
@@ -280,22 +277,8 @@ def _audit(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str], pa
     anchor(root, params, note)
     version = journal.results.get("registry", {}).get("model_version")
     if version is not None:
-        in_worker(tag_checkpoint, root, params["mlflow"], version, note)
+        call(worker, tag_checkpoint, root, params["mlflow"], version, note)
     say(f"audit checkpoint (keep it: `legonet audit verify --checkpoint FILE` proves later logs extend it):\n{note}")
-    _commit(root, journal)
-
-
-def tag_checkpoint(root: Path, settings: dict[str, Any], version: str, note: str) -> None:
-    """Store the signed checkpoint on the registered model version this forget produced."""
-    from mlflow import MlflowClient
-
-    from pipeline.tracking.lineage import configure
-
-    configure(settings["tracking_uri"], settings["experiment"], root)
-    MlflowClient().set_model_version_tag(settings["registered_model"], version, CHECKPOINT_TAG, note)
-
-
-CHECKPOINT_TAG = "legonet.audit_checkpoint"
 
 
 def _quality(root: Path) -> dict[str, Any]:
@@ -312,10 +295,10 @@ def _digests(key: bytes, sample_ids: set[str]) -> list[str]:
     return sorted(id_digest(key, i) for i in sample_ids)
 
 
-def _commit(root: Path, journal: flow.Journal) -> None:
+def commit(root: Path, request_ids: list[str]) -> None:
     """Commit everything the forget changed (dvc.lock, .dvc files, params, metrics, the audit log) to git."""
     try:
-        commit_project(root, f"legonet forget {', '.join(journal.request_ids)}")
+        commit_project(root, f"legonet forget {', '.join(request_ids)}")
     except subprocess.CalledProcessError as exc:  # e.g. a pre-commit hook: the audit record is not committed
         output = (exc.stderr or exc.stdout or b"").decode(errors="replace").strip()
         raise flow.ForgetError(f"`git commit` of the forget failed: {output[-500:]}; "
@@ -323,13 +306,12 @@ def _commit(root: Path, journal: flow.Journal) -> None:
                                ) from exc
 
 
-STEPS = flow.STATES[1:]
-ACTIONS = (_remove, _rebuild, _register, _purge, _audit)
-
-
 def _dry_run(root: Path, requests: Sequence[DeletionRequest], params: dict[str, Any], say: Callable[[str], None]
              ) -> dict[str, Any]:
     plan = _plan(root, requests, params)
+    if plan.changes_data:
+        with dvc_repo(root) as repo:
+            plan = flow.rebuild_plan(plan, repo.index, worker_modules(root))
     estimate = _estimate(root, params, plan.stages)
     say(f"would forget {len(plan.train_ids)} train and {len(plan.test_ids)} test samples "
         f"({len(plan.unknown_ids)} unknown, {len(plan.already_forgotten)} already forgotten)")

@@ -49,7 +49,8 @@ from typing import Any
 import yaml
 
 from pipeline.data.dataset import read_yaml, write_bytes_atomic
-from pipeline.project.params import GENERATED_NOTE, PARAMS, ParamsError, load_params
+from pipeline.errors import ParamsError
+from pipeline.project.params import GENERATED_NOTE, PARAMS, load_params
 from pipeline.tracking.lineage import file_sha256
 
 LEGONET_PACKAGES = ("pipeline", "stages")

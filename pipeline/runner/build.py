@@ -7,40 +7,41 @@ import importlib
 import json
 import os
 import re
-import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
-from contextvars import ContextVar
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pipeline.errors import BuildError, StageFailed
+from pipeline.errors import BuildError, StageFailed, WorkerFailed
 from pipeline.project.code import sync_code
-from pipeline.project.layout import METRICS, block_count
+from pipeline.project.layout import METRICS
 from pipeline.project.params import load_params, sync_generated
 from pipeline.runner import executor
+from pipeline.runner.worker import StageWorker, entry_point
 
 RUNNING = re.compile(r"^Running stage '([^']+)'")
 
 
 def repro(root: Path, targets: list[str] | None = None, force: bool = False,
-          console: Console | None = None, timings: dict[str, float] | None = None) -> list[str]:
+          console: Console | None = None, timings: dict[str, float] | None = None, total: int | None = None
+          ) -> list[str]:
     """Run `dvc repro` in ``root``, streaming a progress bar; return the stages DVC actually ran, in order.
 
-    ``timings`` (if given) receives the wall time of each stage, DVC's own bookkeeping included.
+    ``timings`` (if given) receives the wall time of each stage, DVC's own bookkeeping included; ``total`` is the
+    number of stages the bar counts to (default: every stage of dvc.yaml, as DVC's index lists them).
     """
     console = console or Console(stderr=True)
     if sync_generated(root):
         console.print("params.yaml: regenerated the encode/adapter lists from data.partitions and adapters.n")
     if sync_code(root):
         console.print("params.yaml: regenerated `code` (legonet's source and library versions of each stage)")
-    total = _stage_count(root)
+    total = stage_total(root) if total is None else total
     cmd = [sys.executable, "-m", "dvc", "repro", *(["-f"] if force else []), *(targets or [])]
     ran: list[str] = []
     lines: list[str] = []
@@ -73,7 +74,7 @@ def repro(root: Path, targets: list[str] | None = None, force: bool = False,
     return ran
 
 
-def rerun(root: Path, stages: Sequence[str], console: Console | None = None,
+def rerun(root: Path, stages: Sequence[str], worker: StageWorker | None = None, console: Console | None = None,
           timings: dict[str, float] | None = None) -> dict[str, Any]:
     """Run ``stages`` (DVC addresses, in an order DVC could run them) and record them in dvc.lock; return what
     `dvc status` says afterwards (empty: every stage is up to date).
@@ -85,14 +86,16 @@ def rerun(root: Path, stages: Sequence[str], console: Console | None = None,
     DVC saves and commits every stage's deps and outs, run cache included, and writes dvc.lock once; a stage that
     fails stops the run before anything is committed. The stages are pure functions of their files and params, so
     the bytes are those `dvc repro` gives (the oracle tests hold it). A stage whose command is not a legonet entry
-    point is refused before anything runs: use ``repro``.
+    point runs as DVC runs it (its command in a shell, in the stage's folder).
 
-    Inside a ``stage_worker()`` block, the stages it names run in that warm second process, beside this one's
-    next stages that do not read their outputs; this process waits for them only where a later stage reads what
-    they write. (The worker is started with the forget, so it imports while this process plans, removes rows and
-    trains; a child started at the quality stage itself would spend on its imports more than the overlap saves.)
+    With a ``worker`` (``stage_worker``), the stages of the modules it imported run in that warm second process,
+    beside this one's next stages that do not read their outputs; this process waits for them only where a later
+    stage reads what they write. (A worker started at the quality stage itself would spend longer importing than
+    the overlap saves; started with the forget, it imports while this process plans, removes rows and trains.)
     """
     from dvc.repo import Repo, lock_repo
+    from dvc.stage.exceptions import StageCmdFailedError
+    from dvc.stage.run import cmd_run
 
     from pipeline.errors import DataError, ParamsError
 
@@ -100,12 +103,12 @@ def rerun(root: Path, stages: Sequence[str], console: Console | None = None,
     timings = {} if timings is None else timings
     with Repo(str(root)) as repo:
         with lock_repo(repo):
-            chosen, entries = _entry_points(repo, stages)
+            chosen = _stages(repo, stages)
             with _working_directory(root), Progress(
                     TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                     TimeElapsedColumn(), console=console, transient=True) as progress:
                 task = progress.add_task("rerun", total=len(chosen) + 1)
-                worker, away = _WORKER.get(), None  # away: the stage the worker runs now
+                away = None  # the stage the worker runs now
                 for stage in chosen:
                     if away is not None and _feeds(away, stage):
                         _finish(worker, away, timings)
@@ -114,21 +117,25 @@ def rerun(root: Path, stages: Sequence[str], console: Console | None = None,
                     mark = time.monotonic()
                     progress.update(task, description=f"stage {stage.addressing}")
                     stage.remove_outs(ignore_remove=False, force=False)
-                    module, args = entries[stage.addressing]
-                    if worker is not None and module in worker.modules:
+                    entry = entry_point(stage.cmd)
+                    if worker is not None and entry is not None and entry[0] in worker.modules:
                         if away is not None:  # one stage at a time in the worker
                             _finish(worker, away, timings)
                             progress.advance(task)
-                        worker.start(module, args)
+                        worker.start(*entry)
                         away = stage
                         continue
                     try:
-                        importlib.import_module(module).main(*args)
-                    except (DataError, ParamsError) as exc:
+                        if entry is None:
+                            cmd_run(stage)
+                        else:
+                            importlib.import_module(entry[0]).main(*entry[1])
+                    except (DataError, ParamsError, StageCmdFailedError) as exc:
                         raise BuildError(f"stage {stage.addressing} failed: {exc}") from exc
                     timings[f"repro:{stage.addressing}"] = round(time.monotonic() - mark, 3)
                     progress.advance(task)
                 if away is not None:
+                    assert worker is not None
                     _finish(worker, away, timings)
                     progress.advance(task)
                 mark = time.monotonic()
@@ -155,179 +162,45 @@ def _finish(worker: StageWorker, stage: Any, timings: dict[str, float]) -> None:
     """Wait for the stage the worker runs; its failure is the rerun's."""
     try:
         _, seconds, imports = worker.result()
-    except StageFailed as exc:
+    except (StageFailed, WorkerFailed) as exc:
         raise BuildError(f"stage {stage.addressing} failed: {exc}") from exc
     timings[f"repro:{stage.addressing}"] = seconds
     if imports is not None:
         timings["worker:imports"] = imports
 
 
-# the stages whose imports cost seconds and that use no torch: Great Expectations (quality) and MLflow (package)
-WORKER_STAGES = ("stages.quality", "stages.package")
+def address(stage: Any, root: Path) -> str:
+    """A stage's DVC address from the project's root (``train@0003``, ``sub/dvc.yaml:name``, ``data/x.dvc``),
+    whatever the working directory (DVC's own ``addressing`` is relative to it)."""
+    path = Path(stage.path).relative_to(root).as_posix()
+    name = getattr(stage, "name", None)
+    return path if name is None else name if path == "dvc.yaml" else f"{path}:{name}"
 
 
-class StageWorker:
-    """A second Python process that imports the stage modules it is given, then runs their entry points (and other
-    functions of theirs) on request.
-
-    A forget's stages run in the forget's own process (``rerun``), and each import is paid once per forget; the
-    quality checkpoint's Great Expectations and the package's MLflow cost seconds more, on a path where the other
-    core sits idle. Started when the forget starts, this process imports them while the first one plans, removes
-    the rows and retrains; then runs those stages with the project as working directory, and the forget's own
-    MLflow steps (``call``), so that MLflow is imported and its store opened once per forget, here. Spawned, not
-    forked: a fork of a process that holds DVC's repo lock, threads and open SQLite handles is not safe.
-    """
-
-    def __init__(self, root: Path, modules: Sequence[str], preload: Sequence[str] = ()) -> None:
-        import multiprocessing
-
-        context = multiprocessing.get_context("spawn")
-        self.modules = frozenset(modules)
-        self._conn, child = context.Pipe()
-        self._process = context.Process(target=_serve, args=(child, str(root.resolve()), [*modules, *preload]),
-                                        name="legonet-stage-worker", daemon=True)
-        self._process.start()
-        child.close()
-        self._imports_reported = False
-
-    def start(self, module: str, args: Sequence[Any], function: str = "main", **kwargs: Any) -> None:
-        """Ask the worker to run ``module.function(*args, **kwargs)`` (a stage's entry point by default)."""
-        try:
-            self._conn.send((module, function, list(args), kwargs))
-        except OSError:
-            raise self._ended() from None
-
-    def result(self) -> tuple[Any, float, float | None]:
-        """(what the function returned, the seconds it took, the seconds the worker spent importing: reported
-        once); raises ``StageFailed`` for bad data or params, ``BuildError`` for anything else."""
-        try:
-            kind, value, imports = self._conn.recv()
-        except (EOFError, OSError):
-            raise self._ended() from None
-        if kind != "ok":
-            error, text = value
-            if kind == "failed":
-                raise StageFailed(text) from error
-            raise BuildError(f"the stage worker process failed:\n{text}") from error
-        first = not self._imports_reported
-        self._imports_reported = True
-        return *value, imports if first else None
-
-    def call(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """``function(*args, **kwargs)`` in the worker (a module-level function; arguments and result pickle),
-        raising its own exception as this process would have (when it pickles; else ``BuildError`` with the
-        traceback)."""
-        self.start(function.__module__, args, function.__qualname__, **kwargs)
-        try:
-            return self.result()[0]
-        except (StageFailed, BuildError) as exc:
-            raise exc.__cause__ or exc from None
-
-    def _ended(self) -> BuildError:
-        self._process.join(timeout=1)
-        return BuildError(f"the stage worker process ended unexpectedly (exit code {self._process.exitcode})")
-
-    def close(self) -> None:
-        """Stop the worker: at once if it is still importing (a forget with nothing to rebuild) or running a stage (a
-        forget that failed); each stage's output is flushed before its reply, so nothing printed is lost."""
-        with suppress(OSError):
-            self._conn.send(None)
-        self._process.join(timeout=0.2)
-        if self._process.is_alive():
-            self._process.terminate()
-            self._process.join()
-        self._conn.close()
-
-
-def _serve(conn: Any, root: str, modules: list[str]) -> None:
-    """The worker's loop: in the project ``root``, import ``modules`` and call each one's ``preload()`` (what its
-    entry point would import or open late), then run one function per request."""
-    import pickle
-    import traceback
-
-    from pipeline.errors import DataError, ParamsError
-
-    started = time.monotonic()
-    os.chdir(root)
-    for name in modules:
-        with suppress(Exception):  # only a head start: the stage itself meets and reports the same error
-            getattr(importlib.import_module(name), "preload", lambda: None)()
-    imports = round(time.monotonic() - started, 3)
-    while True:
-        try:
-            request = conn.recv()
-        except (EOFError, OSError):  # the forget's process is gone
-            request = None
-        if request is None:  # no interpreter teardown: MLflow's and GX's exit hooks hold it for seconds
-            from multiprocessing import util
-
-            util._run_finalizers(0)  # but release the semaphores a stage made (tqdm's lock): unreleased, they
-            os._exit(0)  # are reported as leaked when the forget's process exits
-        module, function, args, kwargs = request
-        mark = time.monotonic()
-        try:
-            value = getattr(importlib.import_module(module), function)(*args, **kwargs)
-        except BaseException as exc:  # reported to the forget, which stops (with the exception itself if it pickles)
-            try:
-                error: BaseException | None = pickle.loads(pickle.dumps(exc))
-            except Exception:
-                error = None
-            expected = isinstance(exc, DataError | ParamsError)  # bad data or params: the stage's own message
-            reply: tuple[str, Any, float] = ("failed" if expected else "crashed",
-                                             (error, str(exc) if expected else traceback.format_exc()), imports)
-        else:
-            reply = ("ok", (value, round(time.monotonic() - mark, 3)), imports)
-        sys.stdout.flush()  # what the stage printed is out before the forget goes on (or stops this process)
-        sys.stderr.flush()
-        conn.send(reply)
-
-
-_WORKER: ContextVar[StageWorker | None] = ContextVar("legonet_stage_worker", default=None)
-
-
-@contextmanager
-def stage_worker(root: Path, enabled: bool = True, modules: Sequence[str] = WORKER_STAGES,
-                 preload: Sequence[str] = ()) -> Iterator[None]:
-    """Within the block, ``rerun`` hands the stages of ``modules`` to a warm ``StageWorker`` (started now, and
-    told to import ``preload`` too) and ``in_worker`` runs functions there."""
-    if not enabled:
-        yield
-        return
-    worker = StageWorker(root, modules, preload)
-    token = _WORKER.set(worker)
-    try:
-        yield
-    finally:
-        _WORKER.reset(token)
-        worker.close()
-
-
-def in_worker(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """``function(*args, **kwargs)`` in the ``stage_worker`` of this block, or in this process outside one."""
-    worker = _WORKER.get()
-    return function(*args, **kwargs) if worker is None else worker.call(function, *args, **kwargs)
-
-
-def _entry_points(repo: Any, names: Sequence[str]) -> tuple[list[Any], dict[str, tuple[str, list[str]]]]:
-    """DVC's Stage objects for ``names``, and the entry point (module, args) each one's command runs."""
-    found = {stage.addressing: stage for stage in repo.index.stages}
+def _stages(repo: Any, names: Sequence[str]) -> list[Any]:
+    """DVC's Stage objects for ``names``, in that order."""
+    root = Path(repo.root_dir)
+    found = {address(stage, root): stage for stage in repo.index.stages}
     missing = [name for name in names if name not in found]
     if missing:
         raise BuildError(f"dvc.yaml has no stage {missing}; run `legonet build` to regenerate params.yaml")
-    chosen = [found[name] for name in names]
-    entries = {stage.addressing: _entry_point(stage.cmd) for stage in chosen}
-    foreign = [name for name, entry in entries.items() if entry is None]
-    if foreign:
-        raise BuildError(f"stages {foreign} do not run a legonet entry point (`python -m stages.NAME`); "
-                         "they can only run under `dvc repro`")
-    return chosen, {name: entry for name, entry in entries.items() if entry is not None}
+    return [found[name] for name in names]
 
 
-def dvc_status(root: Path) -> dict[str, Any]:
-    """`dvc status` in this process (the CLI costs a Python start-up and DVC's imports): {} when up to date."""
+@contextmanager
+def dvc_repo(root: Path) -> Iterator[Any]:
+    """DVC's Repo of the project, in this process (the CLI costs a Python start-up and DVC's imports): its
+    ``status()`` is `dvc status` ({} when up to date), its ``index.graph`` the stage graph of dvc.yaml and the .dvc
+    files, built once for both."""
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
+        yield repo
+
+
+def dvc_status(root: Path) -> dict[str, Any]:
+    """`dvc status` in this process: {} when up to date."""
+    with dvc_repo(root) as repo:
         return repo.status()
 
 
@@ -337,14 +210,6 @@ def dvc_add(root: Path, paths: Sequence[str]) -> None:
 
     with Repo(str(root)) as repo:
         repo.add(list(paths))
-
-
-def _entry_point(cmd: Any) -> tuple[str, list[str]] | None:
-    """``python -m stages.X ARGS`` -> ("stages.X", ARGS); None for any other command."""
-    argv = shlex.split(cmd) if isinstance(cmd, str) else []
-    if len(argv) >= 3 and argv[0] == "python" and argv[1] == "-m" and re.fullmatch(r"stages\.\w+", argv[2]):
-        return argv[2], argv[3:]
-    return None
 
 
 @contextmanager
@@ -357,10 +222,10 @@ def _working_directory(path: Path) -> Any:
         os.chdir(previous)
 
 
-def _stage_count(root: Path) -> int:
-    params = load_params(root)
-    blocks = block_count(int(params["adapters"]["blocks"]))
-    return 7 + int(params["data"]["partitions"]) + 2 + blocks  # encoder keys assign quality baseline evaluate package
+def stage_total(root: Path) -> int:
+    """How many stages dvc.yaml defines (each foreach item one), as DVC's index lists them."""
+    with dvc_repo(root) as repo:
+        return sum(1 for stage in repo.index.stages if not stage.is_data_source)
 
 
 def dvc_lock_digest(root: Path) -> str:
@@ -368,25 +233,56 @@ def dvc_lock_digest(root: Path) -> str:
 
 
 def tag_build(root: Path) -> dict[str, str]:
-    """Link the newest registered version to this build: the sha256 of dvc.lock."""
+    """Link the newest registered version to this build: the sha256 of dvc.lock. (The version's ``project`` tag is
+    the project's ID, set by the package stage; never a folder path.)"""
+    params = load_params(root)
+    version = _tag_newest(root, params["mlflow"], {})
+    if version is None:
+        return {}
+    return {"version": version.version, "aliases": ",".join(version.aliases), "gate_reason":
+            version.tags.get("gate_reason", ""), "dvc_lock_sha256": dvc_lock_digest(root)}
+
+
+def tag_forget(root: Path, settings: Mapping[str, Any], request_ids: list[str]) -> dict[str, Any]:
+    """Link the version a forget's rebuild registered to dvc.lock and the requests; return what the audit record
+    says of it. (Run in the stage worker, where MLflow is imported and its store open.)"""
+    version = _tag_newest(root, settings, {"legonet.forget_requests": ",".join(request_ids)})
+    assert version is not None, "the forget's package stage registers a version"
+    return {"model_version": version.version, "aliases": sorted(version.aliases), "gate": version.tags.get("gate", ""),
+            "gate_reason": version.tags.get("gate_reason", ""), "run_id": version.tags.get("package_run_id", ""),
+            "quality": version.tags.get("quality", "")}
+
+
+def _tag_newest(root: Path, settings: Mapping[str, Any], tags: dict[str, str]) -> Any:
+    """Log the pending lineage, then tag the newest registered version with dvc.lock's sha256 and ``tags``;
+    return it as MLflow has it now (None: no version registered yet)."""
     from mlflow import MlflowClient
 
     from pipeline.tracking.lineage import configure, flush
     from pipeline.tracking.registry import latest_version
 
-    params = load_params(root)
-    configure(params["mlflow"]["tracking_uri"], params["mlflow"]["experiment"], root)
-    flush(root, params["mlflow"])  # lineage of stages that ran without reaching `package`
-    latest = latest_version(params["mlflow"]["registered_model"])
+    configure(settings["tracking_uri"], settings["experiment"], root)
+    flush(root, settings)  # lineage of stages that ran without reaching `package`
+    latest = latest_version(settings["registered_model"])
     if latest is None:
-        return {}
-    version = MlflowClient().get_model_version(latest.name, latest.version)  # search results carry no aliases
-    tags = {"dvc_lock_sha256": dvc_lock_digest(root)}
-    for key, value in tags.items():
-        MlflowClient().set_model_version_tag(version.name, version.version, key, value)
-    aliases = ",".join(version.aliases) if version.aliases else ""
-    return {"version": version.version, "aliases": aliases, "gate_reason": version.tags.get("gate_reason", ""),
-            **tags}
+        return None
+    client = MlflowClient()
+    for key, value in {"dvc_lock_sha256": dvc_lock_digest(root), **tags}.items():
+        client.set_model_version_tag(latest.name, latest.version, key, value)
+    return client.get_model_version(latest.name, latest.version)  # search results carry no aliases
+
+
+CHECKPOINT_TAG = "legonet.audit_checkpoint"
+
+
+def tag_checkpoint(root: Path, settings: Mapping[str, Any], version: str, note: str) -> None:
+    """Store a forget's signed audit checkpoint on the registered model version it produced."""
+    from mlflow import MlflowClient
+
+    from pipeline.tracking.lineage import configure
+
+    configure(settings["tracking_uri"], settings["experiment"], root)
+    MlflowClient().set_model_version_tag(settings["registered_model"], version, CHECKPOINT_TAG, note)
 
 
 def summary(root: Path) -> dict[str, float]:
