@@ -38,6 +38,7 @@ from pipeline.audit.secrets import (
 )
 from pipeline.audit.transparency import Checkpoint, inclusion_proof, leaf_hash, root_hash
 from pipeline.errors import AuditError
+from pipeline.tracking import lineage
 
 DIGEST_A = "a" * 64
 DIGEST_B = "b" * 64
@@ -85,7 +86,7 @@ def three(log: AuditLog, signing_key: Ed25519PrivateKey, audit_key: bytes) -> li
 def new_process() -> None:
     """Forget what this process verified and read, as a new process would not know it."""
     audit._SCANS.clear()
-    audit._READS.clear()
+    lineage._REMEMBERED.clear()  # the process's file cache (record files among them)
 
 
 def payload_of(path: Path) -> dict:
@@ -706,6 +707,7 @@ def test_a_failed_git_commit_after_a_forget_is_an_error(tmp_path: Path) -> None:
 def test_md5_values_from_dvc_files_are_checked_before_they_become_paths(tmp_path: Path) -> None:
     from pipeline.cli.audit import _workspace_problems
 
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
     (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages:\n  s:\n    outs:\n    - path: a\n"
                                        "      md5: ../../../../etc/passwd\n")
     assert _workspace_problems(tmp_path) == ["a: recorded md5 '../../../../etc/passwd' is not an md5 hash"]

@@ -27,7 +27,6 @@ Records name their audit key by ``audit_key_id``, so a wrong or re-created key i
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -56,19 +55,17 @@ from pipeline.audit.envelope import (
     sign_envelope,
     statement,
 )
+from pipeline.audit.folder import RECORD_NAME, listing, read_record, stray_reason
 from pipeline.audit.secrets import id_digest, load_public_key, public_key_pem, read_public_keys
 from pipeline.audit.transparency import (
     Checkpoint,
-    leaf_hash,
     root_hash,
 )
 from pipeline.data.dataset import write_bytes_atomic
 from pipeline.data.ids import REQUEST_ID_PATTERN
 from pipeline.errors import AuditError
-from pipeline.tracking.lineage import remembered
 
 _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
-_RECORD_NAME = re.compile(r"(\d{6,})-(" + REQUEST_ID_PATTERN.removeprefix("^").removesuffix("$") + r")\.json")
 
 
 # --- the log ---
@@ -101,21 +98,6 @@ class _Scan:
 
 # log folder -> (the state of its files and the reader's trust, the verified scan of that state)
 _SCANS: dict[Path, tuple[Any, _Scan]] = {}
-def _read_record(path: Path) -> tuple[bytes, str, bytes]:
-    """A record file's bytes, sha256 and Merkle leaf hash, read again only when the file may have changed (the
-    process's one file cache, ``remembered``: git's racy-clean rule).
-
-    Each pass must know every record's digest; reading and hashing all of them again on each of the several
-    passes of a forget grew with the log's history.
-    """
-    return remembered(path, "audit-record", _record)
-
-
-def _record(path: Path) -> tuple[bytes, str, bytes]:
-    data = path.read_bytes()
-    return data, sha256_hex(data), leaf_hash(data)
-
-
 class AuditLog:
     """The audit log in ``log_dir``, trusted only as far as the signing-key fingerprints in ``trusted`` reach.
 
@@ -185,7 +167,7 @@ class AuditLog:
 
     def size(self) -> int:
         """How many record files the log holds (not verified: for "is this log empty" before any key exists)."""
-        return len(self._listing()[0])
+        return len(listing(self.log_dir)[0])
 
     def records(self) -> list[dict[str, Any]]:
         """The forget statements in sequence order, after verifying the whole log; refuses a log that does not."""
@@ -225,7 +207,7 @@ class AuditLog:
 
     def leaf_data(self) -> list[bytes]:
         """The Merkle leaves' data: the record files' bytes, in sequence order."""
-        return [entry.path.read_bytes() for entry in self._listing()[0]]
+        return [entry.path.read_bytes() for entry in listing(self.log_dir)[0]]
 
     def checkpoint(self, origin: str, key: Ed25519PrivateKey) -> str:
         """A signed C2SP checkpoint of the log as it is now (verified first), by the key trusted to sign it."""
@@ -258,8 +240,8 @@ class AuditLog:
         The state is each record file's sha256 (see ``_read_record``), the stray files, the public key file's
         sha256 and the reader's trust and anchors.
         """
-        entries, strays = self._listing()
-        reads = [_read_record(entry.path) for entry in entries]
+        entries, strays = listing(self.log_dir)
+        reads = [read_record(entry.path) for entry in entries]
         blobs, digests, leaves = ([read[i] for read in reads] for i in range(3))
         key_file = sha256_hex(self.public_key_path.read_bytes()) if self.public_key_path.is_file() else None
         state = (tuple(map(str, strays)), tuple(zip([e.path.name for e in entries], digests, strict=True)),
@@ -290,7 +272,7 @@ class AuditLog:
     def _verify(self, entries: list[Entry], blobs: list[bytes], digests: list[str], leaves: list[bytes],
                 key_file: str | None, strays: list[Path], prefix: _Scan | None) -> _Scan:
         """Check the records after ``prefix`` (all of them without one), carrying on from the state it left."""
-        problems = [f"{path}: {_stray(path, self.log_dir)}" for path in strays]
+        problems = [f"{path}: {stray_reason(path, self.log_dir)}" for path in strays]
         keys: dict[str, Ed25519PublicKey] = {}
         if entries or self.anchors:
             try:
@@ -341,7 +323,7 @@ class AuditLog:
                 return None
             entries = []
             for name, digest, summary in memo["records"]:
-                match = _RECORD_NAME.fullmatch(name)
+                match = RECORD_NAME.fullmatch(name)
                 if match is None or not SHA256_HEX.fullmatch(digest) or set(summary) != {"kind", *SUMMARY_FIELDS}:
                     return None
                 entries.append(Entry(int(match[1]), match[2], self.log_dir / name))
@@ -377,55 +359,3 @@ class AuditLog:
             return
         existing = self.public_key_path.read_bytes() if self.public_key_path.exists() else b""
         write_bytes_atomic(self.public_key_path, existing + public_key_pem(public_key))
-
-    def _listing(self) -> tuple[list[Entry], list[Path]]:
-        """The record files (regular files only: a planted FIFO or link must not block or redirect a reader) in
-        sequence order, and the strays: every other entry of the records folder, at any depth (a record hidden
-        in a subfolder or renamed ``*.json.bak`` is refused, not skipped), but for the temporary file of a write
-        in progress. A records folder that is a link (or inside one) is itself a stray: the log is the
-        repository's own folder, never a directory elsewhere that a link points at."""
-        entries, strays = [], []
-        if _linked(self.log_dir):
-            return [], [self.log_dir]
-        if not self.log_dir.is_dir():
-            return [], []
-        for top, folders, files in os.walk(self.log_dir):
-            where = Path(top)
-            for name in [*folders, *files]:
-                match = _RECORD_NAME.fullmatch(name) if where == self.log_dir else None
-                item = where / name
-                if match and item.is_file() and not item.is_symlink():
-                    entries.append(Entry(int(match[1]), match[2], item))
-                elif not (where == self.log_dir and _writing(name)):
-                    strays.append(item)
-        return sorted(entries, key=lambda e: (e.sequence, e.path.name)), sorted(strays)
-
-
-def _stray(path: Path, log_dir: Path) -> str:
-    if path == log_dir:
-        return "is a symbolic link (or inside one): the records must be a real folder of the repository"
-    if path.is_dir() and not path.is_symlink():
-        return "a folder inside the records folder: records sit directly in it, nothing else does"
-    return f"not a record (a regular file named NNNNNN-<request_id>.json directly in {log_dir.name}/)"
-
-
-def _linked(folder: Path) -> bool:
-    """Whether ``folder`` or its parent is a symbolic link (``audit/records`` or ``audit``)."""
-    return folder.is_symlink() or folder.parent.is_symlink()
-
-
-_WRITING = re.compile(r"\.(\d{6,}-[A-Za-z0-9._-]+\.json)\.tmp-(\d+)")
-
-
-def _writing(name: str) -> bool:
-    """A record being written atomically by a live process (``write_bytes_atomic``'s temporary name)."""
-    match = _WRITING.fullmatch(name)
-    if match is None:
-        return False
-    try:
-        os.kill(int(match[2]), 0)
-    except ProcessLookupError:
-        return False  # its writer died: a leftover, reported so that it is removed
-    except PermissionError:
-        return True
-    return True
