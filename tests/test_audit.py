@@ -643,7 +643,7 @@ def test_a_receipt_follows_the_signed_note_and_dsse_specs(log: AuditLog, three: 
 
 
 def test_a_deeply_nested_receipt_is_an_audit_error(tmp_path: Path, signing_key: Ed25519PrivateKey) -> None:
-    from pipeline.cli.audit import check_receipt
+    from pipeline.audit.review import check_receipt
 
     path = tmp_path / "receipt.json"
     path.write_text("[" * 100_000 + "]" * 100_000)
@@ -705,7 +705,7 @@ def test_a_failed_git_commit_after_a_forget_is_an_error(tmp_path: Path) -> None:
 
 
 def test_md5_values_from_dvc_files_are_checked_before_they_become_paths(tmp_path: Path) -> None:
-    from pipeline.cli.audit import _workspace_problems
+    from pipeline.audit.review import _workspace_problems
 
     subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
     (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages:\n  s:\n    outs:\n    - path: a\n"

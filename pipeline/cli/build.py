@@ -1,0 +1,45 @@
+"""`legonet build`: `dvc repro` with a progress bar, then the registry tags and a git commit, under the lock."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from pipeline.cli.output import console
+
+
+def add(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("build", help="dvc repro + registry: build the model")
+    p.add_argument("--force", action="store_true", help="rebuild every stage (dvc repro -f)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    # lazy: DVC and MLflow load only for the commands that need them (`legonet --help` stays instant)
+    from pipeline.forget.flow import project_lock
+    from pipeline.project.params import commit_project
+    from pipeline.runner.build import repro, summary, tag_build
+
+    root = Path.cwd()
+    started = time.monotonic()
+    with project_lock(root, wait=True, notify=lambda m: console.print(m, highlight=False)):  # not under a forget
+        ran = repro(root, force=args.force, console=console)
+        registered = tag_build(root) if ran else {}
+        metrics = summary(root)
+        built = (f": model version {registered['version']} [{registered['aliases']}], test accuracy "
+                 f"{metrics.get('accuracy', float('nan')):.4f}") if registered else ""
+        # dvc.lock, metrics, regenerated params: git status stays clean; under the lock, so a forget that starts
+        # now sees the build committed, not a work tree between two states
+        commit_project(root, f"legonet build{built}")
+    elapsed = time.monotonic() - started
+    print(f"stages run: {len(ran)} ({elapsed:.1f} s)" if ran else "Data and pipelines are up to date.")
+    if "accuracy" in metrics:
+        print(f"test accuracy (LegoNet ensemble): {metrics['accuracy']:.4f}")
+    if "probe_accuracy" in metrics:
+        print(f"test accuracy (single linear probe, same features): {metrics['probe_accuracy']:.4f}")
+    if registered:
+        print(f"registered model version {registered['version']} aliases [{registered['aliases']}]: "
+              f"{registered['gate_reason']}")
+    print("look: `dvc metrics show`, `dvc plots show`, `mlflow ui --backend-store-uri sqlite:///mlflow.db`")
+    return 0
