@@ -152,6 +152,18 @@ def _trace_minilm(buf: io.BytesIO) -> int:
     return int(module(*example).shape[1])
 
 
+def _save(model: Any, meta: dict[str, str], out_path: str | pathlib.Path) -> pathlib.Path:
+    """Write the ONNX ``model`` with ``meta`` (sorted, so the bytes are stable) atomically to ``out_path``."""
+    for key in sorted(meta):
+        model.metadata_props.add(key=_META_PREFIX + key, value=meta[key])
+    out_path = pathlib.Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    tmp.write_bytes(model.SerializeToString())
+    os.replace(tmp, out_path)
+    return out_path
+
+
 def _identity_graph(features: Sequence[str]) -> Any:
     """(batch, len(features)) float32 -> the same values: the `none` encoder of tabular data (an onnx ModelProto)."""
     from onnx import TensorProto, helper
@@ -177,15 +189,8 @@ def export_encoder(name: str, image_size: int, out_path: pathlib.Path, features:
     if kind == "table":
         if not features:
             raise EncoderError("encoder `none` needs the table's feature columns (data.features)")
-        model = _identity_graph(features)
-        meta = {"encoder": name, "modality": kind, "features": json.dumps(list(features))}
-        for key in sorted(meta):
-            model.metadata_props.add(key=_META_PREFIX + key, value=meta[key])
-        out_path = pathlib.Path(out_path)
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_path.with_name(out_path.name + ".tmp")
-        tmp.write_bytes(model.SerializeToString())
-        os.replace(tmp, out_path)
+        out_path = _save(_identity_graph(features), {"encoder": name, "modality": kind,
+                                                     "features": json.dumps(list(features))}, out_path)
         digest = file_sha256(out_path)
         return {"name": name, "modality": kind, "dim": len(features), "features": list(features),
                 "weights_sha256": digest, "sha256": digest, "engine": "onnxruntime", "onnxruntime": ort.__version__}
@@ -228,14 +233,7 @@ def export_encoder(name: str, image_size: int, out_path: pathlib.Path, features:
             "tokenizer": (_minilm_dir() / "tokenizer.json").read_text(encoding="utf-8"),
         }
     del model.metadata_props[:]
-    for key in sorted(meta):
-        model.metadata_props.add(key=_META_PREFIX + key, value=meta[key])
-
-    out_path = pathlib.Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    tmp.write_bytes(model.SerializeToString())
-    os.replace(tmp, out_path)
+    out_path = _save(model, meta, out_path)
 
     info: dict = {
         "name": name,
