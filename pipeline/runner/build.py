@@ -24,6 +24,7 @@ from pipeline.project.layout import METRICS
 from pipeline.project.params import load_params, sync_generated
 from pipeline.runner import executor
 from pipeline.runner.worker import StageWorker, entry_point
+from pipeline.tracking.head import HEAD_TAG
 
 RUNNING = re.compile(r"^Running stage '([^']+)'")
 
@@ -276,13 +277,17 @@ CHECKPOINT_TAG = "legonet.audit_checkpoint"
 
 
 def tag_checkpoint(root: Path, settings: Mapping[str, Any], version: str, note: str) -> None:
-    """Store a forget's signed audit checkpoint on the registered model version it produced."""
+    """Store a forget's signed audit checkpoint on the registered model version it produced, and on the registered
+    model as the project's audit head."""
     from mlflow import MlflowClient
 
     from pipeline.tracking.lineage import configure
 
     configure(settings["tracking_uri"], settings["experiment"], root)
-    MlflowClient().set_model_version_tag(settings["registered_model"], version, CHECKPOINT_TAG, note)
+    client = MlflowClient()
+    client.set_model_version_tag(settings["registered_model"], version, CHECKPOINT_TAG, note)
+    # the head every clone's next forget or build must extend (pipeline.tracking.head)
+    client.set_registered_model_tag(settings["registered_model"], HEAD_TAG, note)
 
 
 def summary(root: Path) -> dict[str, float]:
