@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from conftest import TINY, copy_project, legonet
 
+from pipeline.project.init import defaults_from_data
 from pipeline.project.params import ParamsError, check_generated, generated_lists
 
 
@@ -70,6 +71,15 @@ def test_the_generated_lists_do_not_depend_on_n_and_a_changed_block_count_names_
         check_generated({**params, **lists, "adapters": {**params["adapters"], "blocks": 3}})
     with pytest.raises(ParamsError, match=r"data.partitions=3.*legonet init --force"):
         check_generated({**params, **lists, "data": {"partitions": 3}})
+
+
+def test_init_chooses_no_more_blocks_than_adapters() -> None:
+    params = {"adapters": {"n": 32, "k": 3, "blocks": 32},
+              "data": {"reference_fraction": 0.1, "test_fraction": 0.2, "partitions": 4}}
+    chosen = {key: value for key, value, _ in defaults_from_data(params, {"data": 5000}, set())}
+    assert chosen["adapters.n"] == chosen["adapters.blocks"] == 16
+    kept = defaults_from_data(params, {"data": 5000}, {"adapters.blocks"})  # --set wins
+    assert all(key != "adapters.blocks" for key, _, _ in kept)
 
 
 def test_dvc_exp_run_sweeps_n_and_leaves_the_champion(built_project: Path, tmp_path: Path) -> None:
