@@ -93,6 +93,8 @@ class ObjectIndex:
         write_private(path, data)
 
     def _describe(self, md5: str, content: Path | bytes) -> dict[str, Any]:
+        """A listing's entries; for a file, only whether it is a sample table (its footer): what it holds is read
+        when asked (``holds``), so the versions a forget supersedes, doomed anyway, are never read whole."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -103,16 +105,12 @@ class ObjectIndex:
             with open(content, "rb") as handle:
                 magic = handle.read(4)
         else:
-            magic, content = content[:4], pa.BufferReader(content)
-        if magic != b"PAR1":
-            return {"kind": "other"}
+            magic = content[:4]
         try:
-            if "sample_id" not in pq.read_schema(content).names:
-                return {"kind": "other"}
-            ids = pq.read_table(content, columns=["sample_id"]).column(0).to_pylist()
+            table = magic == b"PAR1" and "sample_id" in pq.read_schema(_source(content)).names
         except (OSError, ValueError, pa.ArrowException):
-            return {"kind": "other"}
-        return {"kind": "table", "ids": base64.b64encode(b"".join(sorted(self.id_digests(ids)))).decode()}
+            table = False
+        return {"kind": "table" if table else "other"}
 
     def listing(self, md5: str) -> list[tuple[str, str]] | None:
         entry = self.entry(md5)
@@ -123,9 +121,19 @@ class ObjectIndex:
         return bool(entry and entry["kind"] == "table")
 
     def holds(self, md5: str, digests: set[bytes]) -> bool:
+        """Whether the object is a sample table holding one of the IDs ``digests`` name (``id_digests``)."""
+        import pyarrow.parquet as pq
+
         entry = self.entry(md5)
         if not entry or entry["kind"] != "table":
             return False
+        if "ids" not in entry:
+            content = self.stores.read(md5) if self.stores else None
+            if content is None:  # gone from every store since it was classified: nothing left to delete
+                return False
+            ids = pq.read_table(_source(content), columns=["sample_id"]).column(0).to_pylist()
+            entry["ids"] = base64.b64encode(b"".join(sorted(self.id_digests(ids)))).decode()
+            self.write(self.folder / md5, json.dumps(entry).encode())
         raw = base64.b64decode(entry["ids"])
         return any(raw[i:i + 8] in digests for i in range(0, len(raw), 8))
 
@@ -136,6 +144,12 @@ class ObjectIndex:
             if valid_digest(md5) and not md5.endswith(DIR_SUFFIX):
                 (self.folder / md5).unlink(missing_ok=True)
                 self._entries.pop(md5, None)
+
+
+def _source(content: Path | bytes) -> Any:
+    import pyarrow as pa
+
+    return content if isinstance(content, Path) else pa.BufferReader(content)
 
 
 def plan_purge(root: Path, sample_ids: set[str], before: Iterable[str]) -> dict[str, list[str]]:
@@ -191,7 +205,7 @@ def doomed_objects(index: ObjectIndex, runs: set[Run], sample_ids: set[str], kee
         for out in outs:
             producers.setdefault(out, []).append(at)
     files = {o for o in producers if not o.endswith(DIR_SUFFIX)} - keep
-    doomed = {o for o in files if index.holds(o, digests)} | superseded
+    doomed = {o for o in files - superseded if index.holds(o, digests)} | superseded
     changed = True
     while changed:  # to a fixpoint: the doomed set only grows, so which runs read a doomed object only grows
         changed = False
