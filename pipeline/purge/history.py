@@ -34,10 +34,12 @@ from typing import Any
 from pipeline.purge.objects import (
     DIR_SUFFIX,
     Stores,
+    expand_dirs,
     listing_entries,
     object_path,
     purged_map,
     record_purged,
+    referenced_objects,
     valid_digest,
     workspace_outputs,
 )
@@ -159,8 +161,8 @@ def plan_purge(root: Path, sample_ids: set[str], before: Iterable[str]) -> dict[
     the workspace references."""
     stores = Stores(root)
     index = ObjectIndex(root, stores)
-    keep = _expanded(workspace_digests(root), index)
-    superseded = _expanded({d for d in before if valid_digest(d)}, index) - keep
+    keep = referenced_objects(root, stores.cache)
+    superseded = expand_dirs(stores.cache, set(before)) - keep  # before the purge: their listings are there
     history = doomed_objects(index, history_runs(root, stores.cache, index), sample_ids, keep, superseded)
     return {"superseded": sorted(superseded), "history": sorted(history)}
 
@@ -171,15 +173,7 @@ def history_objects(root: Path) -> set[str]:
     stores = Stores(root)
     index = ObjectIndex(root, stores)
     written = {o for _, outs in history_runs(root, stores.cache, index) for o in outs}
-    return written | _expanded(workspace_digests(root), index)
-
-
-def workspace_digests(root: Path) -> set[str]:
-    return {md5 for _, md5 in workspace_outputs(root) if valid_digest(md5)}
-
-
-def _expanded(digests: set[str], index: ObjectIndex) -> set[str]:
-    return digests | {d for md5 in digests if md5.endswith(DIR_SUFFIX) for _, d in index.listing(md5) or []}
+    return written | referenced_objects(root, stores.cache)
 
 
 def purged(root: Path, doomed: dict[str, list[str]], request_ids: list[str]) -> None:
