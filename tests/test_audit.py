@@ -32,6 +32,7 @@ from pipeline.audit.log import (
 )
 from pipeline.audit.receipt import make_receipt, verify_receipt
 from pipeline.audit.transparency import Checkpoint
+from pipeline.tracking import lineage
 
 DIGEST_A = "a" * 64
 DIGEST_B = "b" * 64
@@ -79,7 +80,7 @@ def three(log: AuditLog, signing_key: Ed25519PrivateKey, audit_key: bytes) -> li
 def new_process() -> None:
     """Forget what this process verified and read, as a new process would not know it."""
     audit._SCANS.clear()
-    audit._READS.clear()
+    lineage._REMEMBERED.clear()
 
 
 def payload_of(path: Path) -> dict:
