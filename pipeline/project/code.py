@@ -430,8 +430,9 @@ def check_code(params: dict[str, Any], stage: str, root: Path = Path()) -> dict[
     """The code entry of ``stage`` from params.yaml, after checking it is the code and libraries running now.
 
     Stages call this first and put the entry into the reuse keys of what they persist. Only the legonet digest is
-    computed (a few milliseconds of parsing); the libraries are the ones the entry names, at their installed
-    versions: the set itself follows from the code, which the digest covers.
+    computed (mapping import names to distributions reads every installed distribution's metadata, too slow for
+    each stage process); the libraries are the ones the entry names, at their installed versions: the set itself
+    follows from the code, which the digest covers.
     """
     recorded = (params.get(CODE_KEY) or {}).get(stage)
     module = stage_modules(root).get(stage)
