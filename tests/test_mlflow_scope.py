@@ -7,7 +7,8 @@
   un-gc'ed. A third project cannot take a name another project owns.
 * A forget killed at every step of the MLflow purge (after a version is deleted and before its logged model, before
   gc, after gc) is finished by re-running it: nothing of the superseded versions is left and the record lists them.
-* `legonet audit verify` finds a superseded version kept past its `purge.retention_days` date.
+* `legonet audit verify` finds a purged logged model's weights put back, and a superseded version kept past its
+  `purge.retention_days` date.
 * A project made before project IDs is refused by `forget` with the way out, and `legonet adopt` gives it one.
 
 Runtime (2 cores): two builds against the server, four forgets on a copy of the session's project.
@@ -16,6 +17,7 @@ Runtime (2 cores): two builds against the server, four forgets on a copy of the 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -186,6 +188,13 @@ def test_after_the_crashes_verify_passes_and_finds_a_version_kept_past_its_reten
     root, client = crashed["root"], crashed["client"]
     assert [str(v.version) for v in client.search_model_versions("name='legonet'")] == [str(len(CRASH_POINTS) + 1)]
     legonet("audit", "verify", cwd=root)
+    purged = crashed["steps"][CRASH_POINTS[0]]["record"]["purge"]["mlflow"]["deleted_logged_models"][0]
+    restored = root / "mlartifacts" / "models" / purged / "artifacts"
+    restored.mkdir(parents=True)  # its weights put back, e.g. from a backup
+    (restored / "model.pkl").write_bytes(b"weights")
+    result = legonet("audit", "verify", cwd=root, check=False)
+    assert result.returncode == 9 and f"logged model {purged}, purged by request req-0, still exists" in result.stderr
+    shutil.rmtree(restored.parent)
     text = (root / "params.yaml").read_text()
     (root / "params.yaml").write_text(text.replace("retention_days: 0", "retention_days: 30"))
     subprocess.run(["git", "commit", "-qam", "keep superseded versions 30 days"], cwd=root, check=True)
