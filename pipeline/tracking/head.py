@@ -86,6 +86,7 @@ def check_head(root: Path, params: dict[str, Any], settings: dict[str, Any]) -> 
     note = registry_head(settings)
     if note is None:
         return
+    audit_log(root, params, memo=True).summaries()  # a log that does not verify is an AuditError, as ever
     where = "the registry's audit head"
     log = audit_log(root, params, memo=True, notes=[(where, note)])  # the key holder's read: only new records
     problems = [p.removeprefix(f"{where}: ") for p in log.verify() if p.startswith(where)]
