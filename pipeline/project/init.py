@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -41,6 +42,8 @@ TEMPLATE = Path(__file__).resolve().parent / "template"
 GITIGNORE = "/mlflow.db\n/mlartifacts/\n/.legonet/\n"
 DVCIGNORE = "/mlflow.db\n/mlartifacts/\n/.legonet/\n/audit/\n"
 # autostage: DVC stages the .gitignore and .dvc files it writes; no analytics, no update check (phones home)
+# the DVC installed beside this legonet, also from a virtual environment that is not activated
+DVC = [sys.executable, "-m", "dvc"]
 DVC_CONFIG = {"core.autostage": "true", "core.analytics": "false", "core.check_update": "false"}
 
 
@@ -171,9 +174,9 @@ def _write_project(root: Path, params_text: str, files: dict[Path, pd.DataFrame]
     if not (root / ".git").exists():
         run(["git", "init", "-q"], root)
     if not (root / ".dvc").exists():
-        run(["dvc", "init", "-q"], root)
+        run([*DVC, "init", "-q"], root)
     for key, value in DVC_CONFIG.items():
-        run(["dvc", "config", key, value], root)
+        run([*DVC, "config", key, value], root)
     for name, text in ((".gitignore", GITIGNORE), (".dvcignore", DVCIGNORE)):
         path = root / name
         existing = path.read_text() if path.exists() else ""
@@ -185,7 +188,7 @@ def _write_project(root: Path, params_text: str, files: dict[Path, pd.DataFrame]
         write_table(frame, root / path)
     sync_generated(root)
     sync_code(root)
-    run(["dvc", "add", "-q", *[p.as_posix() for p in files]], root)
+    run([*DVC, "add", "-q", *[p.as_posix() for p in files]], root)
 
 
 def _identity(params_path: Path, root: Path, user_set: set[str]) -> list[str]:
