@@ -501,8 +501,10 @@ def test_tampering_is_detected(exactness: dict[str, Any], tmp_path: Path) -> Non
         records[1].write_bytes(middle)
     assert result.returncode == 9 and records[2].name in result.stderr, result.stderr
     assert "missing" in result.stderr and "chain broken" in result.stderr, result.stderr
-    # a forgotten sample put back into the DVC remote (e.g. pushed from a stale clone)
-    stale = exactness["remote"] / "files" / "md5" / "00" / "0000000000000000000000000000aa"
+    # a forgotten sample put back into the DVC remote (e.g. pushed from a stale clone): an object of the project's
+    # history that a forget purged (an object no commit references is another project's, never this one's residue)
+    purged = sorted(d for d in json.loads((root / ".legonet/purged.json").read_text()) if not d.endswith(".dir"))
+    stale = exactness["remote"] / "files" / "md5" / purged[0][:2] / purged[0][2:]
     stale.parent.mkdir(parents=True, exist_ok=True)
     write_table(pd.DataFrame({"sample_id": [TRAIN_CANARIES[0]], "label": [0]}), stale)
     try:

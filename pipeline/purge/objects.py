@@ -180,8 +180,8 @@ def purge_objects(root: Path, doomed: Mapping[str, Iterable[str]], keep: set[str
 
 def _purge_local(base: Path, doomed: set[str]) -> dict[str, Any]:
     """Unlink each doomed object found under ``base/files/md5`` (the entry itself, never a link's target); an
-    object folder that resolves outside the store (a planted link) is left alone and counted."""
-    objects = (base / "files" / "md5").resolve()
+    object folder that resolves anywhere else than there (a planted link) is left alone and counted."""
+    objects = base.resolve() / "files" / "md5"
     gone, size, outside = set(), 0, 0
     for md5 in sorted(doomed):
         path = object_path(base, md5)
