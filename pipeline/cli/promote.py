@@ -16,12 +16,14 @@ def add(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     # lazy: MLflow loads only for the commands that need it
     from pipeline.project.params import load_params
+    from pipeline.tracking.identity import project_id
     from pipeline.tracking.lineage import configure
     from pipeline.tracking.registry import make_champion, project_store
 
-    settings = project_store(load_params()["mlflow"])
+    params = load_params()
+    settings = project_store(params["mlflow"])
     configure(settings["tracking_uri"], settings["experiment"], Path.cwd())
-    version, previous = make_champion(settings["registered_model"], args.version)
+    version, previous = make_champion(settings["registered_model"], args.version, project_id(params))
     print(f"{settings['registered_model']} version {version} is now @champion"
           + (f" (was version {previous})" if previous else ""))
     return 0

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import RegistryError
+from pipeline.errors import IdentityError, RegistryError
 
 CHAMPION = "champion"
 CANDIDATE = "candidate"
@@ -139,14 +140,20 @@ def promote(name: str, version: str, result: GateResult, pid: str, experiment: M
     return alias, reason
 
 
-def make_champion(name: str, chosen: str) -> tuple[str, str | None]:
+def make_champion(name: str, chosen: str, pid: str) -> tuple[str, str | None]:
     """`legonet promote VERSION|EXPERIMENT`: point ``champion`` at an existing version, or at the newest version a
     DVC experiment of that name built, whatever its gate said, because a person chose it. The version is tagged
-    with the one it replaces. Returns (the version now champion, the previous champion's or None)."""
+    with the one it replaces. Returns (the version now champion, the previous champion's or None). Like every
+    alias this project sets, only on its own registered model and its own version (ID ``pid``)."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    from pipeline.tracking.identity import PROJECT_TAG, claim_registered_model
+
     client = MlflowClient()
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,200}", chosen):
+        raise RegistryError(f"{chosen!r} is neither a version number nor a DVC experiment name")
+    claim_registered_model(client, name, pid)
     if chosen.isdigit():
         try:
             version = client.get_model_version(name, chosen)
@@ -159,6 +166,9 @@ def make_champion(name: str, chosen: str) -> tuple[str, str | None]:
                                 "`dvc exp show` lists the experiments, `mlflow ui` the versions")
         newest = max(found, key=lambda v: int(v.version))
         version = client.get_model_version(name, newest.version)  # search results carry no aliases
+    if version.tags.get(PROJECT_TAG) != pid:
+        raise IdentityError(f"model version {version.version} of {name!r} carries project "
+                            f"{version.tags.get(PROJECT_TAG)}, not this project's {pid}: refusing to promote it")
     try:
         previous: str | None = str(client.get_model_version_by_alias(name, CHAMPION).version)
     except MlflowException:
