@@ -299,7 +299,7 @@ def test_a_pending_purge_does_not_block_the_next_forget(while_down: dict[str, An
     and completes its own rebuild and record: both purges are pending."""
     root, second = while_down["root"], while_down["second"]
     assert second.returncode == 10, second.stdout + second.stderr
-    assert "the purge of request(s) req-down-1" in second.stdout and "is still refused" in second.stdout
+    assert "the purge of request(s) req-down-1" in second.stderr and "is still refused" in second.stderr
     assert "req-down-2 is done and recorded, but its purge is recorded as pending" in second.stderr
     assert len(audit_records(root)) == len(while_down["records"]) + 2
     assert record(root, "req-down-2")["purge"]["status"] == "pending"

@@ -2,7 +2,8 @@
 
 Steps (docs/design.md section 5), one per state of the journal (``_run`` holds the table): remove the rows -> rebuild
 the stages DVC's graph puts downstream of them -> register -> purge -> write the signed audit record -> commit to
-git. Re-running the same command after a crash finishes the job.
+git. Re-running the same command after a crash finishes the job. A purge a store refuses does not stop the forget:
+it is kept as pending (pipeline.purge.pending), which every later forget retries first.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def forget(root: Path, manifests: Sequence[Path], params: dict[str, Any], *, dry
             stage_worker(root, modules if executor == "local" else None, preload=["pipeline.purge.models"]) as worker:
         timings["lock"] = round(time.monotonic() - lock_started, 3)
         interrupted = flow.Journal.load(root)
-        pending.retry(root, params, worker, say, skip=set(interrupted.request_ids) if interrupted else set())
+        pending.retry(root, params, worker, say, skip=interrupted.request_ids if interrupted else ())
         if interrupted is not None and interrupted.batch != flow.batch_id(requests):
             say(f"finishing the interrupted forget of {', '.join(interrupted.request_ids)} first")
             _run(root, interrupted, params, executor, worker, say, resumed=True)  # a refused purge stays pending

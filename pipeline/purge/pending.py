@@ -14,7 +14,7 @@ still fails stays and the forget goes on.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -118,11 +118,11 @@ def record(root: Path, task: dict[str, Any], reason: str) -> dict[str, Any]:
     return {"status": "pending", "reason": reason, "pending_since": since}
 
 
-def retry(root: Path, params: dict[str, Any], worker: Any, say: Say, skip: set[str] = frozenset()) -> None:
+def retry(root: Path, params: dict[str, Any], worker: Any, say: Say, skip: Iterable[str] = ()) -> None:
     """Retry every pending purge (but those of the requests in ``skip``, which a resumed journal finishes itself):
     one that succeeds moves to ``completed``, one a store still refuses stays pending, with the new reason."""
     state = load(root)
-    for entry in [e for e in state["pending"] if not set(e["request_ids"]) & skip]:
+    for entry in [e for e in state["pending"] if not set(e["request_ids"]) & set(skip)]:
         requests = ", ".join(entry["request_ids"])
         try:
             result = run_purge(root, entry, params, worker, lambda: save(root, state))
