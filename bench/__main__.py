@@ -8,7 +8,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from bench.run import MODES, REPO, command_line, run
+from bench.run import command_line, run
+from bench.setting import MODES, REPO
 
 
 def main(argv: list[str] | None = None) -> int:

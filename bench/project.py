@@ -155,7 +155,8 @@ def forget(root: Path, request_id: str, sample_ids: list[str], calibration: dict
     shown, _ = legonet("audit", "show", request_id, cwd=root, what="audit show")
     record = json.loads(shown.stdout)["predicate"]
     timings = {k: float(v) for k, v in record["timings_seconds"].items()}
-    # The record is written inside the audit phase, so its own duration is only in the --profile printout.
+    # The record is written inside the audit phase, so its own duration and the commit's after it are only in the
+    # --profile printout.
     for line in lines[:-1]:
         match = PROFILE_LINE.match(line)
         if match and match.group(1) not in timings:
@@ -192,7 +193,7 @@ def breakdown(wall: float, timings: dict[str, float], bodies: dict[str, float], 
         "repro_dvc_outside_stages_and_checks": round(rebuild - in_stages, 3),
         "register_mlflow": phases.get("register", 0.0),
         "purge_dvc_and_mlflow": phases.get("purge", 0.0),
-        "audit_sign_and_git": phases.get("audit", 0.0),
+        "audit_sign_and_git": round(phases.get("audit", 0.0) + phases.get("commit", 0.0), 3),
     }
     by_kind: dict[str, dict[str, float]] = {}
     for stage, row in stage_rows.items():

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.run import MODES, REPO, Runner, load, machine, versions
+from bench.run import Runner
+from bench.setting import MODES, REPO, load, machine, versions
 from bench.systems import LegoNet, nearest_keys
 from pipeline.model.adapters import TrainParams
 from pipeline.model.keys import fit_keys

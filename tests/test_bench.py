@@ -119,7 +119,8 @@ def test_resume_reuses_finished_parts_unless_told_to_measure_them_again(tmp_path
     dataset is measured again with the project (the project's compute floor needs its in-process systems)."""
     from dataclasses import asdict
 
-    from bench.run import MODES, _previous, _reusable
+    from bench.run import _previous, _reusable
+    from bench.setting import MODES
 
     previous = {"datasets": {"mnist5k": {}, "fashion70k": {}}, "project": {"forget": {}},
                 "phase_seconds": {"mnist5k": 1.0, "fashion70k": 1.0, "project": 1.0}}

@@ -14,10 +14,13 @@ from pathlib import Path
 
 import pytest
 from conftest import copy_project, init_args, legonet
-from test_forget import tree_md5, write_manifest
+from test_forget import forget, tree_md5, write_manifest
 
 from pipeline.data.dataset import read_table, write_table
+from pipeline.project.params import load_params
 from pipeline.project.scratch import SCRATCH, scratch_dir
+from pipeline.tracking.head import check_head
+from pipeline.tracking.registry import project_store
 
 
 @pytest.fixture()
@@ -93,3 +96,25 @@ def test_a_build_leaves_no_scratch_behind(built_project: Path) -> None:
     scratch = built_project / SCRATCH
     assert scratch.is_dir(), "the package stage stages its model under .legonet/tmp"
     assert list(scratch.iterdir()) == []
+
+
+def test_a_clone_behind_the_registry_head_refuses_to_forget_or_build(tmp_path: Path, built_project: Path) -> None:
+    """Two clones on one MLflow store: after a forget in one, the other refuses (nothing changed) until it pulls,
+    so the audit log never forks and no build registers a model trained on samples already forgotten."""
+    first = copy_project(built_project, tmp_path / "first")
+    second = copy_project(first, tmp_path / "second")
+    (second / "mlflow.db").unlink()
+    (second / "mlflow.db").symlink_to(first / "mlflow.db")  # one shared store, as an `mlflow server` would be
+    ids = sorted(read_table(first / "data/routing.parquet")["sample_id"])
+    forget(first, write_manifest(tmp_path / "a.json", "r-first", [ids[0]]))
+
+    before = tree_md5(second)
+    for args in (("forget", str(write_manifest(tmp_path / "b.json", "r-second", [ids[1]]))), ("build",)):
+        result = legonet(*args, cwd=second, check=False)
+        message = " ".join(result.stderr.split())
+        assert result.returncode == 3 and "another clone of this project forgot" in message, (args, message)
+        assert "git pull" in message and "Traceback" not in result.stderr
+    assert tree_md5(second) == before, "a refused command changed the clone"
+
+    subprocess.run(["git", "pull", "-q", str(first), "HEAD"], cwd=second, check=True, capture_output=True)
+    check_head(second, load_params(second), project_store(load_params(second)["mlflow"]))  # extends it now

@@ -137,3 +137,20 @@ def test_a_stage_added_downstream_of_the_data_joins_the_plan(built_project: Path
         assert "summary" in plan.stages and "encoder-size" not in plan.stages
         assert plan.stages.index("summary") > plan.stages.index("evaluate")
         assert "reports/summary.json" in plan.changes
+
+
+def test_a_forgotten_sample_back_in_the_data_is_refused_before_anything_changes(built_project: Path) -> None:
+    """The check the quality stage made from the audit log (an input dvc.yaml does not declare) is the plan's: a
+    sample an earlier request forgot that is back in the training or test data stops the forget, naming it."""
+    routing = sorted(read_table(built_project / "data/routing.parquet")["sample_id"])
+    back, requested = routing[0], routing[1]
+    params = load_params(built_project)
+    n, blocks = int(params["adapters"]["n"]), int(params["adapters"]["blocks"])
+
+    def forgotten(ids: Any) -> dict[str, list[str]]:  # what the audit log says of these IDs
+        return {i: ["req-old"] for i in ids if i == back}
+
+    with pytest.raises(flow.ForgetError, match=rf"request\(s\) req-old forgot are back in .*'{back}'"):
+        flow.plan_batch(built_project, [requested], set(), forgotten, n, blocks)
+    plan = flow.plan_batch(built_project, [requested, back], set(), forgotten, n, blocks)  # forgotten again
+    assert plan.train_ids == sorted([requested, back]) and not plan.already_forgotten

@@ -2,9 +2,9 @@
 
 One tiny project with canaries, its DVC cache outside the project (``cache.dir`` in .dvc/config.local, as a team
 sharing a cache sets it) and a local DVC remote, gets three builds with different ``adapters.train.weight_decay``:
-the first on ``main``, the second only on the branch ``side``, the third only on the tag ``v3``. Another project's
-Parquet object holding a canary ID sits in the shared cache and the shared remote. Back on ``main``, the canaries
-are forgotten. Then:
+the first on the default branch, the second only on the branch ``side``, the third only on the tag ``v3``. Another
+project's Parquet object holding a canary ID sits in the shared cache and the shared remote. Back on the default
+branch, the canaries are forgotten. Then:
 
 * no object of any build derived from a canary remains in the cache or the remote: no canary byte (ID, pixels,
   embeddings) in any object, and no object the provenance oracle below derives from a canary;
@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ from pipeline.data.dataset import read_table, write_table
 from pipeline.purge.history import plan_purge
 from pipeline.purge.objects import dvc_cache, object_path, purge_objects, referenced_objects
 
-BUILDS = {"main": "0.0001", "side": "0.001", "v3": "0.01"}  # where each build lives -> its weight_decay
+BUILDS = {"side": "0.001", "v3": "0.01"}  # the later builds' refs -> their weight_decay (the first: the default)
 
 
 def git(root: Path, *args: str) -> str:
@@ -108,12 +109,15 @@ def history(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> dict[s
     canaries = canary_frame(samples)
     write_table(pd.concat([samples, canaries], ignore_index=True), work / "d.parquet")
     legonet(*init_args(work / "d.parquet"), cwd=root)
-    dvc(root, "config", "--local", "cache.dir", os.path.relpath(shared, root / ".dvc"))  # relative to .dvc/
+    # the cache moved out of the project (init's `dvc add` filled .dvc/cache), set in config.local
+    dvc(root, "config", "--local", "cache.dir", os.path.relpath(shared, root))  # as typed; DVC stores it from .dvc/
+    shutil.move(root / ".dvc" / "cache", shared)
     dvc(root, "remote", "add", "-d", "shared", str(remote))
     git(root, "add", "-A")
     git(root, "commit", "-q", "-m", "the shared remote")
-    legonet("build", cwd=root)  # main
+    legonet("build", cwd=root)
     dvc(root, "push", "-q")
+    trunk = git(root, "rev-parse", "--abbrev-ref", "HEAD").strip()
     git(root, "checkout", "-q", "-b", "side")
     build_with(root, BUILDS["side"])
     dvc(root, "push", "-q")
@@ -121,7 +125,7 @@ def history(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> dict[s
     build_with(root, BUILDS["v3"])
     dvc(root, "push", "-q")
     git(root, "tag", "v3")
-    git(root, "checkout", "-q", "main")
+    git(root, "checkout", "-q", trunk)
     git(root, "branch", "-q", "-D", "scratch")  # the third build is reachable from the tag only
     dvc(root, "checkout", "-q")
     # another project's table holding a canary ID, in the shared cache and on the shared remote
@@ -132,9 +136,10 @@ def history(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> dict[s
         object_path(store, other_md5).parent.mkdir(parents=True, exist_ok=True)
         object_path(store, other_md5).write_bytes(other.read_bytes())
 
-    locks = {ref: yaml.safe_load(git(root, "show", f"{ref}:dvc.lock")) for ref in BUILDS}
+    locks = {ref: yaml.safe_load(git(root, "show", f"{ref}:dvc.lock")) for ref in [trunk, *BUILDS]}
     before = {"cache": store_objects(shared), "remote": store_objects(remote)}
-    assert not (root / ".dvc" / "cache" / "files").exists(), "DVC used the configured cache, not .dvc/cache"
+    assert not (root / ".dvc" / "cache").exists(), "DVC used the configured cache, not .dvc/cache"
+    assert dvc_cache(root) == shared.resolve()
     needles = canary_needles(root, canaries)
     manifest = write_manifest(work / "canaries.json", "req-history", CANARIES)
     summary = forget(root, manifest)
@@ -142,7 +147,7 @@ def history(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> dict[s
                             referenced_objects(root, shared))
     git(root, "checkout", "-q", "v3")
     status = legonet("status", cwd=root, check=False)
-    git(root, "checkout", "-q", "main")
+    git(root, "checkout", "-q", trunk)
     return {"root": root, "shared": shared, "remote": remote, "other": other_md5, "needles": needles,
             "before": before, "after": {"cache": store_objects(shared), "remote": store_objects(remote)},
             "derived": derived, "clean": clean, "locks": locks, "summary": summary,
@@ -173,7 +178,7 @@ def test_no_canary_byte_in_any_object_of_the_shared_cache_or_remote(history: dic
 
 
 def test_every_object_derived_from_a_canary_is_gone_and_every_other_remains(history: dict[str, Any]) -> None:
-    """Digest check, over the three builds (main, the branch, the tag), against the oracle."""
+    """Digest check, over the three builds (default branch, branch, tag), against the oracle."""
     for store in ("cache", "remote"):
         after = history["after"][store]
         left = sorted(history["derived"] & set(after))

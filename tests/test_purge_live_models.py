@@ -39,7 +39,7 @@ def tracking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
 
 def project_models(client: Any, artifacts: Path, pid: str, name: str, count: int, registered: int
                    ) -> tuple[list[str], list[str]]:
-    """``count`` logged models of project ``pid`` with a weights file each, the first ``registered`` registered in
+    """``count`` logged models of project ``pid`` with a weights file each, the last ``registered`` registered in
     ``name`` (as a build does: claimed, then log_model with the project's tag); returns (model ids, versions)."""
     experiment = claim_experiment(client, name, pid, artifacts.as_uri())
     claim_registered_model(client, name, pid)
@@ -50,7 +50,7 @@ def project_models(client: Any, artifacts: Path, pid: str, name: str, count: int
         folder.mkdir(parents=True)
         (folder / "model.onnx").write_bytes(b"weights")
     versions = [str(client.create_model_version(name, f"models:/{m}", model_id=m, tags={PROJECT_TAG: pid}).version)
-                for m in models[:registered]]
+                for m in models[count - registered:]]
     return models, versions
 
 
@@ -60,17 +60,18 @@ def test_more_than_a_page_of_logged_models_all_survive_with_retention(tmp_path: 
     client = MlflowClient(tracking)
     artifacts = tmp_path / "mlartifacts"
     models, versions = project_models(client, artifacts, OURS, "legonet", LOGGED, LOGGED - 2)
-    # every version but the newest is superseded and retained; the two unregistered models serve no version (an
-    # interrupted build or purge left them), so they are this project's residue
+    # every version but the newest is superseded and retained; the two oldest models serve no version (an
+    # interrupted build or purge left them) and are found only on the second page of search_logged_models
+    orphans, registered = models[:2], models[2:]
     plan = plan_purge(tracking, "legonet", OURS, versions[-1], retain_until="2999-01-01")
-    assert plan["delete"] == [] and plan["orphan_logged_models"] == sorted(models[-2:])
+    assert plan["delete"] == [] and plan["orphan_logged_models"] == sorted(orphans)
     assert plan["retain"] == [{"name": "legonet", "version": v, "until": "2999-01-01"} for v in versions[:-1]]
     result = purge_models(tracking, plan, ["req-1"], artifacts / "models")
     assert result["retained_model_versions"] == {v: "2999-01-01" for v in versions[:-1]}
     assert result["deleted_model_versions"] == [] and result["removed_after_gc_skipped"] == []
-    assert result["deleted_logged_models"] == sorted(models[-2:])
-    assert sorted(p.name for p in (artifacts / "models").iterdir()) == sorted(models[:-2])
-    assert all((artifacts / "models" / m / "artifacts" / "model.onnx").is_file() for m in models[:-2])
+    assert result["deleted_logged_models"] == sorted(orphans)
+    assert sorted(p.name for p in (artifacts / "models").iterdir()) == sorted(registered)
+    assert all((artifacts / "models" / m / "artifacts" / "model.onnx").is_file() for m in registered)
     assert client.get_model_version("legonet", versions[0]).tags["legonet.purge_after"] == "2999-01-01"
 
 

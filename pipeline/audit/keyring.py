@@ -78,7 +78,8 @@ def _fingerprints(item: str, source: str) -> list[str]:
 
 
 def audit_log(root: Path, params: dict[str, Any], trusted: Sequence[str] = (),
-              checkpoints: Sequence[Path] = (), memo: bool = False) -> AuditLog:
+              checkpoints: Sequence[Path] = (), memo: bool = False, notes: Sequence[tuple[str, str]] = ()
+              ) -> AuditLog:
     """The project's audit log, trusting the fingerprints from outside the repository (see module doc), and
     anchored to the checkpoint kept in the key dir and to any checkpoint files a reader kept.
 
@@ -86,7 +87,7 @@ def audit_log(root: Path, params: dict[str, Any], trusted: Sequence[str] = (),
     the key dir, so only records added since are verified; `legonet audit` commands verify every record.
     """
     keys = key_dir(root, params)
-    anchors = [(f"{path}", _read_checkpoint(path)) for path in checkpoints]
+    anchors = [(f"{path}", _read_checkpoint(path)) for path in checkpoints] + list(notes)  # notes: (where, note)
     if (keys / CHECKPOINT).is_file():
         anchors.insert(0, ("the checkpoint kept in the key dir", _read_checkpoint(keys / CHECKPOINT)))
     return AuditLog(root / RECORDS, root / PUBLIC_KEY, trusted_fingerprints(root, params, trusted), anchors,

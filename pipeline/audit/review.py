@@ -15,19 +15,30 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+from safetensors.numpy import save
+
 from pipeline.audit.keyring import audit_key, audit_log, key_dir, origin, signing_key
 from pipeline.audit.log import AuditLog
 from pipeline.audit.receipt import make_receipt, verify_receipt
 from pipeline.audit.secrets import id_digest, read_public_keys, unseal
-from pipeline.errors import AuditError, AuditFailed
+from pipeline.data.dataset import read_embeddings, write_embeddings
+from pipeline.errors import AuditError, AuditFailed, IdentityError
 from pipeline.forget import flow
+from pipeline.model.adapters import TrainParams, adapter_seed, train_adapter
+from pipeline.model.keys import project
+from pipeline.model.routing import route, shard
 from pipeline.project.layout import ENCODED_TRAIN, KEYS, PROJECTION, adapter_name, adapter_path, shard_path
 from pipeline.project.scratch import scratch_dir
 from pipeline.purge import pending
 from pipeline.purge.history import history_objects
+from pipeline.purge.models import residue
 from pipeline.purge.objects import DIGEST, dvc_cache, local_remotes, object_path, remote_residue
 from pipeline.runner.build import dvc_lock_digest
-from pipeline.tracking.lineage import file_md5
+from pipeline.tracking.identity import project_id
+from pipeline.tracking.lineage import absolute_store, file_md5
 
 
 def verify(root: Path, params: dict[str, Any], rebuild: bool = False, trusted: Sequence[str] = (),
@@ -69,12 +80,8 @@ def verify(root: Path, params: dict[str, Any], rebuild: bool = False, trusted: S
 
 def _mlflow_problems(root: Path, params: dict[str, Any], records: list[dict[str, Any]]) -> list[str]:
     """The project's MLflow objects a forget should have purged and that are still there (``models.residue``)."""
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # lazy: MLflow loads only when there are records to check
 
-    from pipeline.errors import IdentityError
-    from pipeline.purge.models import residue
-    from pipeline.tracking.identity import project_id
-    from pipeline.tracking.lineage import absolute_store
 
     settings = params["mlflow"]
     uri = absolute_store(settings["tracking_uri"], root)
@@ -139,8 +146,6 @@ def _workspace_problems(root: Path) -> list[str]:
 
 
 def _forgotten_present(root: Path, records: list[dict[str, Any]], key: bytes) -> list[tuple[str, list[str]]]:
-    import pyarrow.parquet as pq
-
     owners: dict[str, list[str]] = {}
     for record in records:
         for digest in record["predicate"].get("forgotten_ids", []):
@@ -175,14 +180,6 @@ def rebuild_adapters(root: Path, params: dict[str, Any], adapters: list[int]) ->
     Shards are recomputed from the encoded train partitions, projection and keys (not read from data/shards),
     then each adapter is retrained with its seed; both must equal the files the project holds.
     """
-    import numpy as np
-    from safetensors.numpy import save
-
-    from pipeline.data.dataset import read_embeddings, write_embeddings
-    from pipeline.model.adapters import TrainParams, adapter_seed, train_adapter
-    from pipeline.model.keys import project
-    from pipeline.model.routing import route, shard
-
     projection, keys = np.load(root / PROJECTION), np.load(root / KEYS)
     n, blocks = int(params["adapters"]["n"]), int(params["adapters"]["blocks"])
     frames, points = [], []
@@ -190,8 +187,6 @@ def rebuild_adapters(root: Path, params: dict[str, Any], adapters: list[int]) ->
         frame, embeddings = read_embeddings(part)
         frames.append(frame)
         points.append(project(embeddings, projection))
-    import pandas as pd
-
     frame = pd.concat(frames, ignore_index=True)
     features = np.concatenate(points)
     shards = shard(frame.assign(row=np.arange(len(frame))), route(features, keys, int(params["adapters"]["k"])),

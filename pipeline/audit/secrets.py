@@ -19,8 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from pipeline.audit.envelope import canonical_json, key_id
 from pipeline.errors import AuditError
@@ -162,8 +164,6 @@ def _read_secret(path: Path) -> bytes | None:
 
 def seal(audit_key: bytes, value: dict[str, Any]) -> str:
     """Encrypt a record's free-text fields (AES-256-GCM, random nonce) under a key derived from the audit key."""
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
     nonce = os.urandom(12)
     sealed = AESGCM(_seal_key(audit_key)).encrypt(nonce, canonical_json(value), _SEAL_LABEL)
     return base64.b64encode(nonce + sealed).decode("ascii")
@@ -171,9 +171,6 @@ def seal(audit_key: bytes, value: dict[str, Any]) -> str:
 
 def unseal(audit_key: bytes, sealed: str) -> dict[str, Any]:
     """The sealed fields, or an AuditError if they were not sealed under this audit key or were changed."""
-    from cryptography.exceptions import InvalidTag
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
     try:
         data = base64.b64decode(sealed, validate=True)
         value = json.loads(AESGCM(_seal_key(audit_key)).decrypt(data[:12], data[12:], _SEAL_LABEL))

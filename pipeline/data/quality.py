@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline.errors import DataError
+from pipeline.model.keys import fit_projection, project
 from pipeline.project.layout import REFERENCE_NORMS
 
 QUALITY_DIR = Path("reports/quality")
@@ -85,8 +87,6 @@ def norm_range(bounds: dict[str, Any], margin: float) -> tuple[float, float]:
 
 def read_norm_bounds(path: Path = REFERENCE_NORMS) -> dict[str, Any]:
     """The reference split's ``norm_bounds`` as the `keys` stage wrote them."""
-    from pipeline.errors import DataError
-
     try:
         bounds = json.loads(path.read_text())
     except FileNotFoundError:
@@ -114,8 +114,6 @@ def held_out_features(reference: np.ndarray, projection: np.ndarray) -> np.ndarr
     (alternate rows: the split is sorted by sample_id) is projected by a PCA fitted on the other half. A projection
     that is no PCA (none, or a table's standardisation, whose axes are not unit vectors) is applied as it is.
     """
-    from pipeline.model.keys import fit_projection, project
-
     dim = projection.shape[0] - 1
     axes = projection[1:]
     if dim <= 0 or not np.allclose(np.linalg.norm(axes.astype(np.float64), axis=1), 1.0, atol=1e-3) \

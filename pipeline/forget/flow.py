@@ -91,11 +91,12 @@ def rebuild_plan(plan: Plan, index: Any, worker_modules: frozenset[str]) -> Plan
     quality checkpoint right after `assign`, while the adapters train), then dvc.yaml's order. The paths a forget
     may change are the rewritten files and the (narrowed) outputs of those stages.
     """
-    import networkx as nx
+    import networkx as nx  # DVC's graph library: a few tenths of a second to import, paid where DVC builds a graph
 
     if not plan.changes_data:
         return plan
     root = Path(index.repo.root_dir)
+    known = plan.known_changes
 
     def rel(item: Any) -> str:
         return Path(item.fs_path).relative_to(root).as_posix()
@@ -113,11 +114,11 @@ def rebuild_plan(plan: Plan, index: Any, worker_modules: frozenset[str]) -> Plan
     for stage in nx.lexicographical_topological_sort(graph.subgraph(downstream).reverse(copy=False),
                                                      key=lambda s: (not in_worker[s], position[s])):
         name = address(stage, root)
-        if "@" in name and not any(_overlaps(rel(dep), changed) for dep in stage.deps):
+        if "@" in name and not any(_overlaps(rel(dep), changed) for dep in stage.deps):  # "@": a foreach item
             continue
         stages.append(name)
         for out in stage.outs:
-            inside = [p for p in plan.known_changes if p.startswith(f"{rel(out)}/")]
+            inside = [p for p in known if p.startswith(f"{rel(out)}/")]
             changed += inside or [rel(out)]
     return replace(plan, stages=stages, changes=sorted(set(changed)))
 

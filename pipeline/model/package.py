@@ -30,6 +30,7 @@ class LegoNetModel(PythonModel):
     consulted)."""
 
     def load_context(self, context: Any) -> None:
+        # lazy: MLflow unpickles this class to log and register it; ONNX Runtime loads only when it is served
         from pipeline.model.encoder import Encoder
         from pipeline.model.ensemble import load_ensemble
 

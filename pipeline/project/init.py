@@ -306,7 +306,8 @@ ROWS_PER_PARTITION = 4096
 
 def defaults_from_data(params: dict[str, Any], counts: dict[str, int], user_set: set[str]
                        ) -> list[tuple[str, Any, str]]:
-    """adapters.n, data.reference_fraction and data.partitions from the number of samples, unless the user set them.
+    """adapters.n (and adapters.blocks, at most n), data.reference_fraction and data.partitions from the number of
+    samples, unless the user set them.
 
     n is the largest power of two that leaves each adapter about ``ROWS_PER_ADAPTER`` training rows (a sample
     trains k adapters: n = train x k / 600), within ``ADAPTERS_RANGE`` and at least k + 1; the reference split,
@@ -327,6 +328,10 @@ def defaults_from_data(params: dict[str, Any], counts: dict[str, int], user_set:
         n = n if n > k else n * 2
         choices.append(("adapters.n", n, f"~{train:,} training samples x k={k} / {n} adapters = "
                                          f"~{train * k // n:,} rows per adapter; aim {ROWS_PER_ADAPTER}"))
+    blocks = params["adapters"].get("blocks")
+    if "adapters.blocks" not in user_set and blocks is not None and int(blocks) > n:
+        choices.append(("adapters.blocks", n, f"one train stage per adapter: a block past the {n} adapters would "
+                                              "train none (`dvc exp run -S adapters.n=...` may still add adapters)"))
     needed = KEYS_PER_REFERENCE * n
     if carved_reference and "data.reference_fraction" not in user_set and reference * total < needed:
         fraction = round(min(0.5, needed / max(total, 1) + 0.02), 2)  # + 0.02: the hash carve is not exact

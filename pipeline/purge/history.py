@@ -34,10 +34,12 @@ from typing import Any
 from pipeline.purge.objects import (
     DIR_SUFFIX,
     Stores,
+    expand_dirs,
     listing_entries,
     object_path,
     purged_map,
     record_purged,
+    referenced_objects,
     valid_digest,
     workspace_outputs,
 )
@@ -93,6 +95,8 @@ class ObjectIndex:
         write_private(path, data)
 
     def _describe(self, md5: str, content: Path | bytes) -> dict[str, Any]:
+        """A listing's entries; for a file, only whether it is a sample table (its footer): what it holds is read
+        when asked (``holds``), so the versions a forget supersedes, doomed anyway, are never read whole."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -103,16 +107,12 @@ class ObjectIndex:
             with open(content, "rb") as handle:
                 magic = handle.read(4)
         else:
-            magic, content = content[:4], pa.BufferReader(content)
-        if magic != b"PAR1":
-            return {"kind": "other"}
+            magic = content[:4]
         try:
-            if "sample_id" not in pq.read_schema(content).names:
-                return {"kind": "other"}
-            ids = pq.read_table(content, columns=["sample_id"]).column(0).to_pylist()
+            table = magic == b"PAR1" and "sample_id" in pq.read_schema(_source(content)).names
         except (OSError, ValueError, pa.ArrowException):
-            return {"kind": "other"}
-        return {"kind": "table", "ids": base64.b64encode(b"".join(sorted(self.id_digests(ids)))).decode()}
+            table = False
+        return {"kind": "table" if table else "other"}
 
     def listing(self, md5: str) -> list[tuple[str, str]] | None:
         entry = self.entry(md5)
@@ -123,9 +123,19 @@ class ObjectIndex:
         return bool(entry and entry["kind"] == "table")
 
     def holds(self, md5: str, digests: set[bytes]) -> bool:
+        """Whether the object is a sample table holding one of the IDs ``digests`` name (``id_digests``)."""
+        import pyarrow.parquet as pq
+
         entry = self.entry(md5)
         if not entry or entry["kind"] != "table":
             return False
+        if "ids" not in entry:
+            content = self.stores.read(md5) if self.stores else None
+            if content is None:  # gone from every store since it was classified: nothing left to delete
+                return False
+            ids = pq.read_table(_source(content), columns=["sample_id"]).column(0).to_pylist()
+            entry["ids"] = base64.b64encode(b"".join(sorted(self.id_digests(ids)))).decode()
+            self.write(self.folder / md5, json.dumps(entry).encode())
         raw = base64.b64decode(entry["ids"])
         return any(raw[i:i + 8] in digests for i in range(0, len(raw), 8))
 
@@ -136,6 +146,12 @@ class ObjectIndex:
             if valid_digest(md5) and not md5.endswith(DIR_SUFFIX):
                 (self.folder / md5).unlink(missing_ok=True)
                 self._entries.pop(md5, None)
+
+
+def _source(content: Path | bytes) -> Any:
+    import pyarrow as pa
+
+    return content if isinstance(content, Path) else pa.BufferReader(content)
 
 
 def plan_purge(root: Path, sample_ids: Iterable[str], before: Iterable[str]) -> dict[str, list[str]]:
@@ -151,8 +167,8 @@ def plan_keyed_purge(root: Path, keyed_ids: set[bytes], before: Iterable[str]) -
     refused keeps, outside the journal, to find its objects later without the raw IDs."""
     stores = Stores(root)
     index = ObjectIndex(root, stores)
-    keep = _expanded(workspace_digests(root), index)
-    superseded = _expanded({d for d in before if valid_digest(d)}, index) - keep
+    keep = referenced_objects(root, stores.cache)
+    superseded = expand_dirs(stores.cache, set(before)) - keep  # before the purge: their listings are there
     history = doomed_objects(index, history_runs(root, stores.cache, index), keyed_ids, keep, superseded)
     return {"superseded": sorted(superseded), "history": sorted(history)}
 
@@ -163,15 +179,7 @@ def history_objects(root: Path) -> set[str]:
     stores = Stores(root)
     index = ObjectIndex(root, stores)
     written = {o for _, outs in history_runs(root, stores.cache, index) for o in outs}
-    return written | _expanded(workspace_digests(root), index)
-
-
-def workspace_digests(root: Path) -> set[str]:
-    return {md5 for _, md5 in workspace_outputs(root) if valid_digest(md5)}
-
-
-def _expanded(digests: set[str], index: ObjectIndex) -> set[str]:
-    return digests | {d for md5 in digests if md5.endswith(DIR_SUFFIX) for _, d in index.listing(md5) or []}
+    return written | referenced_objects(root, stores.cache)
 
 
 def purged(root: Path, doomed: dict[str, list[str]], request_ids: list[str]) -> None:
@@ -196,7 +204,7 @@ def doomed_objects(index: ObjectIndex, runs: set[Run], keyed_ids: set[bytes], ke
         for out in outs:
             producers.setdefault(out, []).append(at)
     files = {o for o in producers if not o.endswith(DIR_SUFFIX)} - keep
-    doomed = {o for o in files if index.holds(o, keyed_ids)} | superseded
+    doomed = {o for o in files - superseded if index.holds(o, keyed_ids)} | superseded
     changed = True
     while changed:  # to a fixpoint: the doomed set only grows, so which runs read a doomed object only grows
         changed = False

@@ -45,10 +45,13 @@ def dvc_cache(root: Path) -> Path:
     """The cache directory DVC uses for this project (`dvc cache dir`): ``cache.dir`` from .dvc/config,
     config.local and the user's and system's config (relative to the config file that sets it), else
     ``.dvc/cache``; ``cache.local`` (a remote used as the cache) resolves to that remote's path."""
-    from dvc.repo import Repo
+    from dvc.config import Config
 
-    with Repo(str(root)) as repo:
-        return Path(repo.cache.legacy.path)
+    config = Config(dvc_dir=root / ".dvc")  # merged, each relative path resolved from the file that sets it
+    settings = config["cache"]
+    if settings.get("local"):
+        return Path(config["remote"][settings["local"]]["url"])
+    return Path(settings.get("dir") or root / ".dvc" / "cache").resolve()
 
 
 def listing_entries(data: bytes, md5: str) -> list[tuple[str, str]]:

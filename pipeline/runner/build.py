@@ -24,6 +24,7 @@ from pipeline.project.layout import METRICS
 from pipeline.project.params import load_params, sync_generated
 from pipeline.runner import executor
 from pipeline.runner.worker import StageWorker, entry_point
+from pipeline.tracking.head import HEAD_TAG
 
 RUNNING = re.compile(r"^Running stage '([^']+)'")
 
@@ -34,14 +35,14 @@ def repro(root: Path, targets: list[str] | None = None, force: bool = False,
     """Run `dvc repro` in ``root``, streaming a progress bar; return the stages DVC actually ran, in order.
 
     ``timings`` (if given) receives the wall time of each stage, DVC's own bookkeeping included; ``total`` is the
-    number of stages the bar counts to (default: every stage of dvc.yaml, as DVC's index lists them).
+    number of stages the bar counts to (default: every stage of dvc.yaml, as DVC's index lists them, counted here
+    while `dvc repro` starts: building the index costs about as long as DVC's own start-up).
     """
     console = console or Console(stderr=True)
     if sync_generated(root):
-        console.print("params.yaml: regenerated the encode/adapter lists from data.partitions and adapters.n")
+        console.print("params.yaml: regenerated the encode/train lists from data.partitions and adapters.blocks")
     if sync_code(root):
         console.print("params.yaml: regenerated `code` (legonet's source and library versions of each stage)")
-    total = stage_total(root) if total is None else total
     cmd = [sys.executable, "-m", "dvc", "repro", *(["-f"] if force else []), *(targets or [])]
     ran: list[str] = []
     lines: list[str] = []
@@ -55,6 +56,8 @@ def repro(root: Path, targets: list[str] | None = None, force: bool = False,
         process = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                    env={**os.environ, **ray_env, "PATH": path})
         assert process.stdout is not None
+        if total is None:
+            progress.update(task, total=stage_total(root))
         mark = time.monotonic()
         for line in process.stdout:
             lines.append(line)
@@ -276,13 +279,17 @@ CHECKPOINT_TAG = "legonet.audit_checkpoint"
 
 
 def tag_checkpoint(root: Path, settings: Mapping[str, Any], version: str, note: str) -> None:
-    """Store a forget's signed audit checkpoint on the registered model version it produced."""
+    """Store a forget's signed audit checkpoint on the registered model version it produced, and on the registered
+    model as the project's audit head."""
     from mlflow import MlflowClient
 
     from pipeline.tracking.lineage import configure
 
     configure(settings["tracking_uri"], settings["experiment"], root)
-    MlflowClient().set_model_version_tag(settings["registered_model"], version, CHECKPOINT_TAG, note)
+    client = MlflowClient()
+    client.set_model_version_tag(settings["registered_model"], version, CHECKPOINT_TAG, note)
+    # the head every clone's next forget or build must extend (pipeline.tracking.head)
+    client.set_registered_model_tag(settings["registered_model"], HEAD_TAG, note)
 
 
 def summary(root: Path) -> dict[str, float]:

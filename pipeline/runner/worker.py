@@ -33,8 +33,9 @@ def worker_modules(root: Path) -> frozenset[str]:
     ``preload()``, the imports that cost seconds (Great Expectations, MLflow), made ahead in the worker while this
     process plans and trains. Read from the source, not imported: importing them here is the cost the worker
     exists to keep off the forget's path."""
-    commands = [(stage.get("do") or stage).get("cmd") for stage in
-                (read_yaml(root / "dvc.yaml") or {}).get("stages", {}).values()]
+    dvc_yaml = root / "dvc.yaml"
+    stages = (read_yaml(dvc_yaml) or {}).get("stages", {}) if dvc_yaml.is_file() else {}  # not a project: none
+    commands = [(stage.get("do") or stage).get("cmd") for stage in stages.values()]
     modules = {entry[0] for cmd in commands if (entry := entry_point(cmd)) is not None}
     declared = set()
     for module in modules:

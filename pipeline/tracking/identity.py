@@ -110,8 +110,7 @@ def claim_registered_model(client: Any, name: str, pid: str) -> None:
             if again.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
             model = client.get_registered_model(name)
-    if not model.tags.get(PROJECT_TAG) and not list(pages(
-            lambda token: client.search_model_versions(f"name='{name}'", max_results=1, page_token=token), 1)):
+    if not model.tags.get(PROJECT_TAG) and not client.search_model_versions(f"name='{name}'", max_results=1):
         client.set_registered_model_tag(name, PROJECT_TAG, pid)
         return
     problem = _owner_problem("registered model", name, model.tags, pid, client.tracking_uri, "registered_model")
@@ -119,17 +118,12 @@ def claim_registered_model(client: Any, name: str, pid: str) -> None:
         raise IdentityError(problem)
 
 
-def pages(search: Callable[[str | None], Any], limit: int | None = None) -> Iterator[Any]:
-    """Every result of an MLflow search, page by page (each call returns one page and a token for the next);
-    with ``limit``, stop after that many results."""
-    token, seen = None, 0
+def pages(search: Callable[[str | None], Any]) -> Iterator[Any]:
+    """Every result of an MLflow search, page by page (each call returns one page and a token for the next)."""
+    token = None
     while True:
         page = search(token)
-        for item in page:
-            yield item
-            seen += 1
-            if limit is not None and seen >= limit:
-                return
+        yield from page
         token = page.token
         if not token:
             return
