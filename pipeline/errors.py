@@ -160,8 +160,8 @@ class TransparencyError(LegonetError, ValueError):
 class StoreError(LegonetError, RuntimeError):
     """A configured store (DVC remote, MLflow server or its artifact bucket) cannot be reached or refuses a purge.
 
-    The forget stops before its purge step is recorded, so the journal keeps the step pending and re-running the
-    same command finishes it once the store answers.
+    The forget does not stop: what is left to purge is recorded as pending (pipeline.purge.pending), the audit
+    record says so, and the command ends with this exit code; the next `legonet forget` retries the purge.
     """
 
     exit_code = 10

@@ -13,10 +13,12 @@ extra version and a delete marker on objects of the canaries, as uploads and `dv
   no canary ID, pixel or embedding bytes, nor the bytes of a superseded adapter; the project equals a fresh build
   on the retained data (the session's ``built_project``); every remote holds what the new dvc.lock names and a
   fresh clone pulls; `legonet audit verify` finds a superseded object put back into a remote;
-* (c) a forget while the DVC endpoint is down stops at purge (exit 10, a clear message, journal pending, no
-  record); with the endpoint back, re-running finishes it and writes the record once.
+* (c) a forget while the DVC endpoint is down records its purge as pending and goes on (record, commit, no
+  journal; exit 10 with one line); `legonet audit verify` names the pending purge; a second forget while it is
+  still down is not blocked (both purges pending); the next forget with the endpoint back finishes both and its
+  record lists them.
 
-Runtime (2 cores): one build (~1-2 min), one forget of the canaries, one forget split over two runs.
+Runtime (2 cores): one build (~1-2 min), one forget of the canaries, three forgets of one sample.
 """
 
 from __future__ import annotations
@@ -236,31 +238,90 @@ def test_verify_finds_a_superseded_object_put_back_into_a_remote(remote_forget: 
     assert legonet("audit", "verify", cwd=root, env=remote_forget["env"]).returncode == 0
 
 
-def test_a_forget_while_the_remote_is_down_finishes_when_it_is_back(remote_forget: dict[str, Any],
-                                                                    stores: dict[str, Any], tmp_path: Path) -> None:
-    """(c) runs last: it forgets one more sample from the same project."""
+@pytest.fixture(scope="module")
+def while_down(remote_forget: dict[str, Any], stores: dict[str, Any],
+               tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """(c) forgets one sample, then another, while the DVC endpoint is down (`audit verify` in between), and
+    brings the endpoint back. Used by the last tests of the module: it changes the project."""
     root, env = remote_forget["root"], remote_forget["env"]
-    sample = sorted(set(read_table(root / "data/routing.parquet")["sample_id"]))[0]
-    request = write_manifest(tmp_path / "one.json", "req-while-down", [sample])
+    work = tmp_path_factory.mktemp("down")
+    samples = sorted(set(read_table(root / "data/routing.parquet")["sample_id"]))[:3]
+    manifests = {r: write_manifest(work / f"{r}.json", r, [s])
+                 for r, s in zip(("req-down-1", "req-down-2", "req-back"), samples, strict=True)}
     records = audit_records(root)
     stores["servers"]["dvc"].stop()
     try:
-        down = legonet("forget", str(request), cwd=root, env=env, check=False)
+        first = legonet("forget", str(manifests["req-down-1"]), cwd=root, env=env, check=False)
+        verify = legonet("audit", "verify", cwd=root, env=env, check=False)
+        second = legonet("forget", str(manifests["req-down-2"]), cwd=root, env=env, check=False)
     finally:
         stores["servers"]["dvc"] = moto_server.ThreadedMotoServer(ip_address="127.0.0.1",
                                                                   port=stores["ports"]["dvc"], verbose=False)
         stores["servers"]["dvc"].start()
-    assert down.returncode == 10, down.stdout + down.stderr
-    assert "DVC remote 'plain' (s3://dvc-plain/store) unreachable" in down.stderr, down.stderr
-    assert "Traceback" not in down.stderr and "re-run the same `legonet forget`" in down.stderr
-    assert json.loads((root / ".legonet/journal.json").read_text())["state"] == "registered"
-    assert audit_records(root) == records, "no record may claim a purge that did not happen"
+    return {"root": root, "env": env, "samples": samples, "manifests": manifests, "records": records,
+            "first": first, "verify": verify, "second": second,
+            "pending": (root / ".legonet/pending-purges.json").read_text()}
 
-    summary = forget(root, request, env=env)
-    assert summary["status"] == "forgotten" and summary["request_ids"] == ["req-while-down"]
-    assert len(audit_records(root)) == len(records) + 1
+
+def superseded_on_remotes(client: Any, root: Path, request_ids: list[str]) -> list[str]:
+    """The keys in the DVC buckets (any version) of a file the forgets of ``request_ids`` superseded."""
+    superseded = {change["before"] for r in request_ids for change in record(root, r)["artifacts"].values()
+                  if change["before"] and change["before"] != change["after"]}
+    assert superseded, "each forget supersedes files"
+    return [f"{bucket}/{v['Key']}" for bucket in ("dvc-plain", "dvc-versioned")
+            for page in client.get_paginator("list_object_versions").paginate(Bucket=bucket)
+            for v in [*page.get("Versions", []), *page.get("DeleteMarkers", [])]
+            if v["Key"].removeprefix("store/files/md5/").replace("/", "") in superseded]
+
+
+def test_a_refused_purge_is_recorded_as_pending_and_the_forget_goes_on(while_down: dict[str, Any]) -> None:
+    """(c) with the DVC endpoint down the forget rebuilds, writes its record (purge pending, with the reason),
+    commits and deletes its journal (raw IDs), then exits 10 with one line; `audit verify` names the pending
+    purge; the pending file holds no raw ID."""
+    root, first = while_down["root"], while_down["first"]
+    assert first.returncode == 10, first.stdout + first.stderr
+    assert "Traceback" not in first.stderr
+    assert "req-down-1 is done and recorded, but its purge is recorded as pending" in first.stderr, first.stderr
+    assert "the next `legonet forget` retries it" in first.stderr
+    purge = record(root, "req-down-1")["purge"]
+    assert purge["status"] == "pending" and "DVC remote 'plain' (s3://dvc-plain/store) unreachable" in purge["reason"]
+    assert set(purge) == {"status", "reason", "pending_since"}, "no record may claim a purge that did not happen"
     assert not (root / ".legonet/journal.json").exists()
-    assert record(root, "req-while-down")["purge"]["dvc"]["remote:plain"]["deleted_objects"] > 0
+    assert not git(root, "status", "--porcelain"), "the forget commits its changes"
+    verify = while_down["verify"]
+    assert verify.returncode == 9, verify.stdout + verify.stderr
+    assert f"purge of request req-down-1 pending since {purge['pending_since']}: DVC remote" in verify.stderr
+    assert not any(s in while_down["pending"] for s in while_down["samples"]), "the pending file holds raw IDs"
+
+
+def test_a_pending_purge_does_not_block_the_next_forget(while_down: dict[str, Any]) -> None:
+    """With the endpoint still down, the next forget retries the pending purge (refused again, said in one line)
+    and completes its own rebuild and record: both purges are pending."""
+    root, second = while_down["root"], while_down["second"]
+    assert second.returncode == 10, second.stdout + second.stderr
+    assert "the purge of request(s) req-down-1" in second.stderr and "is still refused" in second.stderr
+    assert "req-down-2 is done and recorded, but its purge is recorded as pending" in second.stderr
+    assert len(audit_records(root)) == len(while_down["records"]) + 2
+    assert record(root, "req-down-2")["purge"]["status"] == "pending"
+    assert record(root, "req-down-2")["status"] == "forgotten"
+    assert [e["request_ids"] for e in json.loads(while_down["pending"])["pending"]] == [["req-down-1"],
+                                                                                       ["req-down-2"]]
+
+
+def test_the_next_forget_with_the_store_back_finishes_every_pending_purge(while_down: dict[str, Any],
+                                                                          stores: dict[str, Any]) -> None:
+    """Runs last. With the endpoint back, the next forget finishes both pending purges first and its record lists
+    them; no object either forget superseded is left in any version of the DVC buckets; `audit verify` passes."""
+    root, env = while_down["root"], while_down["env"]
+    summary = forget(root, while_down["manifests"]["req-back"], env=env)
+    assert summary["status"] == "forgotten" and "purge_pending" not in summary
+    completed = record(root, "req-back")["completed_purges"]
+    assert [c["request_ids"] for c in completed] == [["req-down-1"], ["req-down-2"]]
+    assert completed[0]["purge"]["dvc"]["remote:plain"]["deleted_objects"] > 0
+    assert all(c["purge"]["dvc"]["cache"]["deleted_objects"] > 0 for c in completed)
+    assert json.loads((root / ".legonet/pending-purges.json").read_text()) == {"pending": [], "completed": []}
+    assert not superseded_on_remotes(stores["client"], root, ["req-down-1", "req-down-2", "req-back"])
     for name in ("plain", "versioned"):
         assert json.loads(dvc(root, "status", "-c", "-r", name, "--json") or "{}") == {}, name
-    assert legonet("audit", "verify", cwd=root, env=env).returncode == 0
+    verify = legonet("audit", "verify", cwd=root, env=env, check=False)
+    assert verify.returncode == 0, verify.stdout + verify.stderr

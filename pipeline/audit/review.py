@@ -32,6 +32,7 @@ from pipeline.model.keys import project
 from pipeline.model.routing import route, shard
 from pipeline.project.layout import ENCODED_TRAIN, KEYS, PROJECTION, adapter_name, adapter_path, shard_path
 from pipeline.project.scratch import scratch_dir
+from pipeline.purge import pending
 from pipeline.purge.history import history_objects
 from pipeline.purge.models import residue
 from pipeline.purge.objects import DIGEST, dvc_cache, local_remotes, object_path, remote_residue
@@ -63,6 +64,7 @@ def verify(root: Path, params: dict[str, Any], rebuild: bool = False, trusted: S
     if key is not None:
         found = _forgotten_present(root, records, key)
         problems += [f"forgotten sample of request(s) {', '.join(r)} is present in {p}" for p, r in found]
+    problems += pending.outstanding(root, records)  # purges a store refused, not finished since
     problems += remote_residue(root, records)  # superseded objects in any configured DVC remote (S3 included)
     problems += _mlflow_problems(root, params, records)
     if rebuild and records:
@@ -70,8 +72,9 @@ def verify(root: Path, params: dict[str, Any], rebuild: bool = False, trusted: S
         passed.append("affected adapters re-derived from scratch in a temporary directory: bit-identical")
     if problems:
         raise AuditFailed("audit verification failed:\n" + "\n".join(f"  - {p}" for p in problems))
-    return [*passed, "current model and adapters match the last record", "workspace matches dvc.lock",
-            "`dvc status`: up to date", "no forgotten ID in data, DVC cache or remote tables",
+    return [*passed, "no purge pending", "current model and adapters match the last record",
+            "workspace matches dvc.lock", "`dvc status`: up to date",
+            "no forgotten ID in data, DVC cache or remote tables",
             "no MLflow model version or logged model of this project trained on forgotten data"]
 
 

@@ -2,7 +2,8 @@
 
 Steps (docs/design.md section 5), one per state of the journal (``_run`` holds the table): remove the rows -> rebuild
 the stages DVC's graph puts downstream of them -> register -> purge -> write the signed audit record -> commit to
-git. Re-running the same command after a crash finishes the job.
+git. Re-running the same command after a crash finishes the job. A purge a store refuses does not stop the forget:
+it is kept as pending (pipeline.purge.pending), which every later forget retries first.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from typing import Any
 from pipeline.audit.keyring import anchor, audit_key, audit_log, origin, signing_key
 from pipeline.audit.secrets import audit_key_id, id_digest, seal
 from pipeline.data.dataset import read_table
+from pipeline.errors import StoreError
 from pipeline.forget import flow
 from pipeline.forget.manifest import DeletionRequest, load_manifest, merge_requests
 from pipeline.project.code import check_all_code
 from pipeline.project.layout import REFERENCE
 from pipeline.project.params import commit_project, params_digest
+from pipeline.purge import pending
 from pipeline.runner.build import (
     dvc_add,
     dvc_lock_digest,
@@ -61,12 +64,13 @@ def forget(root: Path, manifests: Sequence[Path], params: dict[str, Any], *, dry
             stage_worker(root, modules if executor == "local" else None, preload=["pipeline.purge.models"]) as worker:
         timings["lock"] = round(time.monotonic() - lock_started, 3)
         check_head(root, params, project_store(params["mlflow"]))  # another clone forgot since this one pulled?
-        pending = flow.Journal.load(root)
-        if pending is not None and pending.batch != flow.batch_id(requests):
-            say(f"finishing the interrupted forget of {', '.join(pending.request_ids)} first")
-            _run(root, pending, params, executor, worker, say, resumed=True)
-            pending = None
-        if pending is None:
+        interrupted = flow.Journal.load(root)
+        pending.retry(root, params, worker, say, skip=interrupted.request_ids if interrupted else ())
+        if interrupted is not None and interrupted.batch != flow.batch_id(requests):
+            say(f"finishing the interrupted forget of {', '.join(interrupted.request_ids)} first")
+            _run(root, interrupted, params, executor, worker, say, resumed=True)  # a refused purge stays pending
+            interrupted = None
+        if interrupted is None:
             plan_started = time.monotonic()
             journal = _start(root, requests, params, allow_unknown, modules, say)
             if journal is None:
@@ -74,9 +78,14 @@ def forget(root: Path, manifests: Sequence[Path], params: dict[str, Any], *, dry
             journal.timings.update(timings, plan=round(time.monotonic() - plan_started, 3))
             resumed = False
         else:
-            say(f"resuming the forget of {', '.join(pending.request_ids)} from state '{pending.state}'")
-            journal, resumed = pending, True
-        return _run(root, journal, params, executor, worker, say, resumed)
+            say(f"resuming the forget of {', '.join(interrupted.request_ids)} from state '{interrupted.state}'")
+            journal, resumed = interrupted, True
+        summary = _run(root, journal, params, executor, worker, say, resumed)
+    if "purge_pending" in summary:
+        raise StoreError(f"the forget of {', '.join(summary['request_ids'])} is done and recorded, but its purge is "
+                         f"recorded as pending ({summary['purge_pending']}); the next `legonet forget` retries it "
+                         "(`legonet audit verify` reports it until then)")
+    return summary
 
 
 def _run(root: Path, journal: flow.Journal, params: dict[str, Any], executor: str, worker: StageWorker | None,
@@ -96,7 +105,8 @@ def _run(root: Path, journal: flow.Journal, params: dict[str, Any], executor: st
         started = time.monotonic()
         steps[state]()
         flow.advance(journal, root, state, started)
-    summary = {"status": plan.status,
+    refused = journal.results.get("purge", {}).get("status") == "pending"
+    summary = {"status": plan.status, **({"purge_pending": journal.results["purge"]["reason"]} if refused else {}),
                "request_ids": journal.request_ids, "retrained_adapters": plan.adapters,
                "timings": journal.timings, **journal.results.get("registry", {})}
     (root / flow.JOURNAL).unlink()  # holds raw IDs: gone once the record is written
@@ -189,44 +199,38 @@ def register(root: Path, journal: flow.Journal, plan: flow.Plan, settings: dict[
 
 def purge(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str], params: dict[str, Any],
           worker: StageWorker | None, say: Callable[[str], None]) -> None:
-    from pipeline.purge import history
-    from pipeline.purge import models as model_purge
-    from pipeline.purge import objects as purge
-
+    """Purge the DVC stores and MLflow of what the forgotten samples produced. A store that cannot be reached or
+    refuses (StoreError) does not stop the forget: what is left to do is kept as a pending purge (no raw ID) and
+    the record says so; the next `legonet forget` retries it."""
     if not plan.changes_data:
         journal.results["purge"] = {}
         return
-    settings = params["mlflow"]
-    destination = settings.get("artifacts_destination", "")
-    purge.check_stores(root, settings["tracking_uri"], destination)  # before deleting anything anywhere
-    pushed = purge.push_remotes(root)
-    if "doomed_objects" not in journal.results:  # kept: a retry finds the objects gone from the stores
-        journal.results["doomed_objects"] = history.plan_purge(root, ids, journal.before["outputs"].values())
-        journal.save(root)
-    doomed = journal.results["doomed_objects"]
-    objects = purge.purge_objects(root, doomed, purge.referenced_objects(root, purge.dvc_cache(root)))
-    history.purged(root, doomed, journal.request_ids)
     retention = int(params.get("purge", {}).get("retention_days", 0))
     registry = journal.results.get("registry", {})
     until = (datetime.now(UTC) + timedelta(days=retention)).date().isoformat() if retention > 0 else None
-    backend = settings.get("backend_store_uri") or settings["tracking_uri"]
-    if "mlflow_plan" not in journal.results:  # every MLflow object to delete, named before any is deleted
-        journal.results["mlflow_plan"] = call(
-            worker, model_purge.plan_purge, settings["tracking_uri"], settings["registered_model"], project_id(params),
-            registry.get("model_version"), until)
+    task = {"request_ids": journal.request_ids, "before": sorted(set(journal.before["outputs"].values())),
+            "keep_version": registry.get("model_version"), "retain_until": until,
+            **{k: journal.results[k] for k in ("doomed_objects", "mlflow_plan") if k in journal.results}}
+    if "doomed_objects" not in task:
+        task["keyed_ids"] = pending.keyed(root, ids)
+
+    def saved() -> None:
+        journal.results.update({k: task[k] for k in ("doomed_objects", "mlflow_plan") if k in task})
         journal.save(root)
-    models = call(worker, model_purge.purge_models, settings["tracking_uri"], journal.results["mlflow_plan"],
-                  journal.request_ids, root / "mlartifacts" / "models", backend,
-                  artifacts_destination=destination)
-    if backend != settings["tracking_uri"]:  # a server deleted the rows; this process's deletes are zeroed
-        model_purge.vacuum_sqlite(backend)
-    journal.results["purge"] = {"dvc": objects, "dvc_doomed": purge.summarise(doomed), "dvc_pushed_to": pushed,
-                                "mlflow": models}
+
+    try:
+        result = pending.run_purge(root, task, params, worker, saved)
+    except StoreError as exc:
+        journal.results["purge"] = pending.record(root, task, pending.one_line(exc))
+        say("a store refused the purge: recorded as pending, the forget goes on")
+        return
+    pending.dropped(root, journal.request_ids)  # a resumed forget whose first try was recorded as pending
+    journal.results["purge"] = result
     if retention == 0 and "champion" not in registry.get("aliases", []):
         say("no version is champion now: the previous champion was trained on the forgotten samples and is purged; "
             "the new version stays candidate until a build passes the gate")
-    say(f"purged {sum(v['deleted_objects'] for v in objects.values())} DVC object(s) from {len(objects)} store(s), "
-        f"{len(models.get('deleted_model_versions', []))} model version(s)")
+    say(f"purged {sum(v['deleted_objects'] for v in result['dvc'].values())} DVC object(s) from "
+        f"{len(result['dvc'])} store(s), {len(result['mlflow'].get('deleted_model_versions', []))} model version(s)")
 
 
 def audit(root: Path, journal: flow.Journal, plan: flow.Plan, params: dict[str, Any], worker: StageWorker | None,
@@ -240,6 +244,7 @@ def audit(root: Path, journal: flow.Journal, plan: flow.Plan, params: dict[str, 
     after = flow.artifact_digests(root, clean=plan.changes_data and not resumed)
     before = journal.before["artifacts"]
     touched = {p for p in set(before) | set(after) if before.get(p) != after.get(p)}
+    completed = pending.completed(root)
     shared = {
         "batch_request_ids": journal.request_ids,
         "audit_key_id": audit_key_id(hmac_key),
@@ -260,6 +265,7 @@ def audit(root: Path, journal: flow.Journal, plan: flow.Plan, params: dict[str, 
         "stages_run": journal.results.get("stages_run", []),
         "checks": journal.results.get("checks", []),
         "purge": journal.results.get("purge", {}),
+        "completed_purges": completed,  # pending purges of earlier requests finished since the last record
         "timings_seconds": journal.timings,
         "platform": platform_tags(),
         "recorded_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -276,6 +282,7 @@ def audit(root: Path, journal: flow.Journal, plan: flow.Plan, params: dict[str, 
                      "already_forgotten_ids": _digests(hmac_key, own & set(plan.already_forgotten)),
                      "not_present_ids": _digests(hmac_key, own & set(plan.unknown_ids))}
         log.append(predicate, flow.subjects(root), signing)
+    pending.recorded(root, completed)
     note = log.checkpoint(origin(hmac_key), signing)
     anchor(root, params, note)
     version = journal.results.get("registry", {}).get("model_version")

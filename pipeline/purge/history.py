@@ -154,16 +154,22 @@ def _source(content: Path | bytes) -> Any:
     return content if isinstance(content, Path) else pa.BufferReader(content)
 
 
-def plan_purge(root: Path, sample_ids: set[str], before: Iterable[str]) -> dict[str, list[str]]:
+def plan_purge(root: Path, sample_ids: Iterable[str], before: Iterable[str]) -> dict[str, list[str]]:
     """The digests a forget of ``sample_ids`` deletes, by kind: ``superseded``, the versions of the outputs it
     replaced (``before``: dvc.lock's and the .dvc files' digests before the forget, listings expanded), and
     ``history``, every other object of the project's history derived from a forgotten sample. Never an object
     the workspace references."""
+    return plan_keyed_purge(root, ObjectIndex(root, None).id_digests(sample_ids), before)
+
+
+def plan_keyed_purge(root: Path, keyed_ids: set[bytes], before: Iterable[str]) -> dict[str, list[str]]:
+    """``plan_purge`` for the forgotten IDs in keyed form (``ObjectIndex.id_digests``): what a purge a store
+    refused keeps, outside the journal, to find its objects later without the raw IDs."""
     stores = Stores(root)
     index = ObjectIndex(root, stores)
     keep = referenced_objects(root, stores.cache)
     superseded = expand_dirs(stores.cache, set(before)) - keep  # before the purge: their listings are there
-    history = doomed_objects(index, history_runs(root, stores.cache, index), sample_ids, keep, superseded)
+    history = doomed_objects(index, history_runs(root, stores.cache, index), keyed_ids, keep, superseded)
     return {"superseded": sorted(superseded), "history": sorted(history)}
 
 
@@ -184,7 +190,7 @@ def purged(root: Path, doomed: dict[str, list[str]], request_ids: list[str]) -> 
     ObjectIndex(root, None).drop(digests)
 
 
-def doomed_objects(index: ObjectIndex, runs: set[Run], sample_ids: set[str], keep: set[str], superseded: set[str]
+def doomed_objects(index: ObjectIndex, runs: set[Run], keyed_ids: set[bytes], keep: set[str], superseded: set[str]
                    ) -> set[str]:
     """The objects the ``runs`` wrote, beyond ``superseded`` (doomed already), derived from a forgotten sample by
     the rule of this module; never one of ``keep``.
@@ -192,14 +198,13 @@ def doomed_objects(index: ObjectIndex, runs: set[Run], sample_ids: set[str], kee
     An object is derived through its runs only when every run that wrote it read a doomed object: the same bytes
     written by a run that never saw the sample carry nothing of it (the package's copy of the encoder, the
     keys, or of an adapter a forget did not touch; the code files every package holds)."""
-    digests = index.id_digests(sample_ids)
     ordered = sorted(runs, key=lambda run: (sorted(run[0]), sorted(run[1])))
     producers: dict[str, list[int]] = {}
     for at, (_, outs) in enumerate(ordered):
         for out in outs:
             producers.setdefault(out, []).append(at)
     files = {o for o in producers if not o.endswith(DIR_SUFFIX)} - keep
-    doomed = {o for o in files - superseded if index.holds(o, digests)} | superseded
+    doomed = {o for o in files - superseded if index.holds(o, keyed_ids)} | superseded
     changed = True
     while changed:  # to a fixpoint: the doomed set only grows, so which runs read a doomed object only grows
         changed = False

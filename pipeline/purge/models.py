@@ -141,8 +141,7 @@ def purge_models(tracking_uri: str, plan: dict[str, Any], request_ids: list[str]
     store = purge_artifact_store(artifacts_destination, set(doomed)) if artifacts_destination else None
     remaining = still_present(client, plan)
     if remaining:
-        raise StoreError(f"MLflow still holds {', '.join(remaining)} after the purge (the purge step stays pending: "
-                         "re-run the same `legonet forget`)")
+        raise StoreError(f"MLflow still holds {', '.join(remaining)} after the purge")
     name = plan["registered_model"]
     return {"project_id": plan["project_id"], "registered_model": name,
             "deleted_model_versions": [_label(item, name) for item in sorted(
@@ -186,9 +185,8 @@ def hard_delete_logged_models(tracking_uri: str, backend_store_uri: str, model_i
         _gc_tracking_resources(_get_store(backend_store_uri), run_ids=[], experiment_ids=None,
                                logged_model_ids=model_ids, older_than=None, time_delta=0, skip_experiments=True,
                                skip_logged_models=False, ignore_not_found=True)
-    except Exception as exc:  # MLflow raises its own kinds; the journal keeps the step pending
-        raise StoreError(f"mlflow gc of logged models {', '.join(model_ids)} failed (the purge step stays "
-                         f"pending): {exc}") from exc
+    except Exception as exc:  # MLflow raises its own kinds; the purge stays pending (pipeline.purge.pending)
+        raise StoreError(f"mlflow gc of logged models {', '.join(model_ids)} failed: {exc}") from exc
 
 
 def still_present(client: Any, plan: dict[str, Any]) -> list[str]:

@@ -218,8 +218,7 @@ def check_stores(root: Path, tracking_uri: str, artifacts_destination: str) -> N
             with urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=10):
                 pass
         except OSError as exc:
-            raise StoreError(f"MLflow server {tracking_uri} unreachable: {exc}; the purge step stays pending: "
-                             "re-run the same `legonet forget` when it answers") from None
+            raise StoreError(f"MLflow server {tracking_uri} unreachable: {exc}") from None
     if artifacts_destination:
         artifact_bucket(artifacts_destination).probe()
 
@@ -231,8 +230,7 @@ def push_remotes(root: Path) -> list[str]:
         result = subprocess.run([sys.executable, "-m", "dvc", "push", "-q", "-r", name], cwd=root,
                                 capture_output=True, text=True)
         if result.returncode != 0:
-            raise StoreError(f"`dvc push -r {name}` failed, the purge step stays pending (re-run the same "
-                             f"`legonet forget`): {(result.stdout + result.stderr).strip()[-600:]}")
+            raise StoreError(f"`dvc push -r {name}` failed: {(result.stdout + result.stderr).strip()[-600:]}")
     return names
 
 

@@ -45,8 +45,7 @@ class Bucket:
             raise StoreError(f"{self.label} ({self.url}): {action} failed: {code} {exc}") from None
         except BotoCoreError as exc:
             kind = "unreachable" if type(exc).__name__ in _UNREACHABLE else "failed"
-            raise StoreError(f"{self.label} ({self.url}) {kind} while trying to {action}: {exc}; the purge step "
-                             "stays pending: re-run the same `legonet forget` when the store answers") from None
+            raise StoreError(f"{self.label} ({self.url}) {kind} while trying to {action}: {exc}") from None
 
     def probe(self) -> None:
         with self._calls("reach the bucket"):
