@@ -45,6 +45,7 @@ def preload() -> None:
     It runs before the forget has checked its request, so it only reads: a SQLite store that does not exist yet is
     left alone (opening it would create it), and the experiment is looked up, never created (``configure`` does
     that when the stage runs)."""
+    # lazy: MLflow imported only where needed (seconds), not by every command and stage
     import mlflow
     from mlflow.utils.requirements_utils import warn_dependency_requirement_mismatches
 
@@ -59,6 +60,7 @@ def preload() -> None:
 def main() -> None:
     # MLflow copies each of the 2n adapter files with a progress bar per file group: thousands of lines in DVC's log
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # lazy: MLflow imported only where needed (seconds), not by every command and stage
     import mlflow
 
     params = load_params()

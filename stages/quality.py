@@ -49,6 +49,7 @@ from pipeline.tracking.lineage import stage_run
 def suites(q: QualityParams, n: int, k: int, classes: list[int], norms: tuple[float, float],
            samples: int) -> dict[str, list[Any]]:
     preload()
+    # lazy: Great Expectations imported only where needed (seconds), not by every command and stage
     import great_expectations.expectations as gxe
 
     low, high = norms
@@ -93,6 +94,7 @@ def preload() -> None:
 def checkpoint(table_dir: Path, docs_dir: Path, expectations: dict[str, list[Any]]) -> dict[str, Any]:
     """Run one checkpoint (a validation definition per suite, each on its table) and build Data Docs."""
     preload()
+    # lazy: Great Expectations imported only where needed (seconds), not by every command and stage
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 

@@ -332,6 +332,7 @@ def _dry_run(root: Path, requests: Sequence[DeletionRequest], params: dict[str, 
 
 
 def _estimate(root: Path, params: dict[str, Any], stages: Sequence[str]) -> float:
+    # lazy: MLflow imported only where needed (seconds), not by every command and stage
     import mlflow
 
     from pipeline.tracking.lineage import configure

@@ -75,6 +75,7 @@ def _trace_efficientnet(image_size: int, buf: io.BytesIO) -> int:
 
     The net is built for `image_size` because its "same" padding is static (computed from the input size).
     """
+    # lazy: torch imported only where needed (seconds), not by every command and stage
     import torch
     from efficientnet_lite_pytorch import EfficientNet
 
@@ -113,6 +114,7 @@ def _trace_minilm(buf: io.BytesIO) -> int:
     """
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    # lazy: torch imported only where needed (seconds), not by every command and stage
     import torch
     import transformers
 

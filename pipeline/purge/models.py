@@ -46,6 +46,7 @@ def zero_deleted_sqlite_rows() -> None:
     (``PRAGMA secure_delete``), so the rows a purge deletes through MLflow leave no bytes in free pages or inside
     pages. A ``VACUUM`` would do it by rewriting the whole store, which grows with every forget's lineage runs.
     Set on checkout, not on connect, so that connections MLflow opened before this call are covered too."""
+    # lazy: SQLAlchemy imported only where needed (seconds), not by every command and stage
     from sqlalchemy import event
     from sqlalchemy.pool import Pool
 
@@ -77,6 +78,7 @@ def plan_purge(tracking_uri: str, name: str, pid: str, keep_version: str | None,
     ``purge.retention_days``) superseded versions are kept until then; a version tagged ``legonet.purge_after`` by
     an earlier forget is kept until its own date. Objects without the project's ID are never listed.
     """
+    # lazy: MLflow imported only where needed (seconds), not by every command and stage
     from datetime import UTC, datetime
 
     from mlflow import MlflowClient
@@ -111,6 +113,7 @@ def purge_models(tracking_uri: str, plan: dict[str, Any], request_ids: list[str]
     the bucket too. Returns what the audit record says: the IDs purged (every planned one, whichever attempt
     deleted it).
     """
+    # lazy: MLflow imported only where needed (seconds), not by every command and stage
     from mlflow import MlflowClient
 
     zero_deleted_sqlite_rows()
@@ -177,6 +180,7 @@ def hard_delete_logged_models(tracking_uri: str, backend_store_uri: str, model_i
     """
     if not model_ids:
         return
+    # lazy: MLflow imported only where needed (seconds), not by every command and stage
     from mlflow.cli import _gc_tracking_resources
     from mlflow.tracking import _get_store, set_tracking_uri
 
@@ -223,6 +227,7 @@ def residue(tracking_uri: str, pid: str, name: str, records: list[dict[str, Any]
       samples) that is neither gone nor kept by ``purge.retention_days`` (tag ``legonet.purge_after`` in the
       future), and a logged model of the project from before it that no such version serves.
     """
+    # lazy: MLflow imported only where needed (seconds), not by every command and stage
     from datetime import UTC, datetime
 
     from mlflow import MlflowClient
@@ -267,6 +272,7 @@ def _label(item: dict[str, Any], name: str) -> str:
 
 
 def _unless_gone(call: Any, *args: Any) -> None:
+    # lazy: MLflow imported only where needed (seconds), not by every command and stage
     from mlflow.exceptions import MlflowException
 
     try:
@@ -277,6 +283,7 @@ def _unless_gone(call: Any, *args: Any) -> None:
 
 
 def _exists(call: Any, *args: Any) -> bool:
+    # lazy: MLflow imported only where needed (seconds), not by every command and stage
     from mlflow.exceptions import MlflowException
 
     try:

@@ -45,6 +45,7 @@ def dvc_cache(root: Path) -> Path:
     """The cache directory DVC uses for this project (`dvc cache dir`): ``cache.dir`` from .dvc/config,
     config.local and the user's and system's config (relative to the config file that sets it), else
     ``.dvc/cache``; ``cache.local`` (a remote used as the cache) resolves to that remote's path."""
+    # lazy: DVC imported only where needed (seconds), not by every command and stage
     from dvc.config import Config
 
     config = Config(dvc_dir=root / ".dvc")  # merged, each relative path resolved from the file that sets it
@@ -101,6 +102,7 @@ def referenced_objects(root: Path, cache: Path) -> set[str]:
 def dvc_remotes(root: Path) -> dict[str, dict[str, Any]]:
     """Every DVC remote as DVC resolves it: .dvc/config, config.local and the user's and system's config merged,
     local paths made absolute."""
+    # lazy: DVC imported only where needed (seconds), not by every command and stage
     from dvc.config import Config
 
     return {name: dict(conf) for name, conf in Config(dvc_dir=root / ".dvc")["remote"].items()}

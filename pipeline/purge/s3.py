@@ -32,6 +32,7 @@ class Bucket:
     @contextmanager
     def _calls(self, action: str) -> Iterator[None]:
         """Map boto3's errors to one StoreError line that says which store, what failed and what to do."""
+        # lazy: botocore imported only where needed (seconds), not by every command and stage
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
@@ -96,6 +97,7 @@ class Bucket:
 
 
 def _bucket(url: str, session: Any, label: str, **client: Any) -> Bucket:
+    # lazy: botocore imported only where needed (seconds), not by every command and stage
     from urllib.parse import urlsplit
 
     from botocore.config import Config
@@ -112,6 +114,7 @@ def _bucket(url: str, session: Any, label: str, **client: Any) -> Bucket:
 def remote_bucket(name: str, conf: dict[str, Any]) -> Bucket:
     """A DVC S3 remote with the credentials DVC itself would use (``endpointurl``, keys, ``profile``,
     ``credentialpath``, ``region``, ``ssl_verify``, ``allow_anonymous_login`` from the merged DVC config)."""
+    # lazy: boto3, botocore imported only where needed (seconds), not by every command and stage
     import boto3
     import botocore
     import botocore.session
@@ -132,6 +135,7 @@ def remote_bucket(name: str, conf: dict[str, Any]) -> Bucket:
 def artifact_bucket(destination: str) -> Bucket:
     """The MLflow server's ``--artifacts-destination``, reached the way MLflow's own S3 store reaches it:
     ``MLFLOW_S3_ENDPOINT_URL``, ``MLFLOW_S3_IGNORE_TLS`` and the standard AWS credential chain."""
+    # lazy: boto3 imported only where needed (seconds), not by every command and stage
     import os
 
     import boto3

@@ -96,6 +96,7 @@ def rerun(root: Path, stages: Sequence[str], worker: StageWorker | None = None, 
     stage reads what they write. (A worker started at the quality stage itself would spend longer importing than
     the overlap saves; started with the forget, it imports while this process plans, removes rows and trains.)
     """
+    # lazy: DVC imported only where needed (seconds), not by every command and stage
     from dvc.repo import Repo, lock_repo
     from dvc.stage.exceptions import StageCmdFailedError
     from dvc.stage.run import cmd_run
@@ -195,6 +196,7 @@ def dvc_repo(root: Path) -> Iterator[Any]:
     """DVC's Repo of the project, in this process (the CLI costs a Python start-up and DVC's imports): its
     ``status()`` is `dvc status` ({} when up to date), its ``index.graph`` the stage graph of dvc.yaml and the .dvc
     files, built once for both."""
+    # lazy: DVC imported only where needed (seconds), not by every command and stage
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
@@ -209,6 +211,7 @@ def dvc_status(root: Path) -> dict[str, Any]:
 
 def dvc_add(root: Path, paths: Sequence[str]) -> None:
     """`dvc add PATHS` in this process: cache the files and rewrite their .dvc pointers."""
+    # lazy: DVC imported only where needed (seconds), not by every command and stage
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
@@ -259,6 +262,7 @@ def tag_forget(root: Path, settings: Mapping[str, Any], request_ids: list[str]) 
 def _tag_newest(root: Path, settings: Mapping[str, Any], tags: dict[str, str]) -> Any:
     """Log the pending lineage, then tag the newest registered version with dvc.lock's sha256 and ``tags``;
     return it as MLflow has it now (None: no version registered yet)."""
+    # lazy: MLflow imported only where needed (seconds), not by every command and stage
     from mlflow import MlflowClient
 
     from pipeline.tracking.lineage import configure, flush
@@ -281,6 +285,7 @@ CHECKPOINT_TAG = "legonet.audit_checkpoint"
 def tag_checkpoint(root: Path, settings: Mapping[str, Any], version: str, note: str) -> None:
     """Store a forget's signed audit checkpoint on the registered model version it produced, and on the registered
     model as the project's audit head."""
+    # lazy: MLflow imported only where needed (seconds), not by every command and stage
     from mlflow import MlflowClient
 
     from pipeline.tracking.lineage import configure

@@ -75,6 +75,7 @@ def _owner_problem(kind: str, name: str, tags: dict[str, str], pid: str, uri: st
 def claim_experiment(client: Any, name: str, pid: str, artifact_location: str | None) -> str:
     """The ID of experiment ``name``, created with this project's tag if missing; IdentityError if another
     project (or none) owns it."""
+    # lazy: MLflow imported only where needed (seconds), not by every command and stage
     from mlflow.exceptions import MlflowException
 
     check_name("mlflow.experiment", name)
@@ -95,6 +96,7 @@ def claim_experiment(client: Any, name: str, pid: str, artifact_location: str | 
 def claim_registered_model(client: Any, name: str, pid: str) -> None:
     """Create registered model ``name`` with this project's tag if missing; IdentityError if another project owns
     it, or if it carries no ID and holds versions (an empty untagged model is claimed: it holds nothing)."""
+    # lazy: MLflow imported only where needed (seconds), not by every command and stage
     from mlflow.exceptions import MlflowException
 
     check_name("mlflow.registered_model", name)
@@ -156,6 +158,7 @@ def choose_names(tracking_uri: str, pid: str, experiment: str, registered_model:
         check_name(f"mlflow.{key}", name)
     if not shared_store(tracking_uri):
         return names
+    # lazy: MLflow imported only where needed (seconds), not by every command and stage
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
@@ -174,6 +177,7 @@ def choose_names(tracking_uri: str, pid: str, experiment: str, registered_model:
 
 
 def _taken(client: Any, key: str, name: str, pid: str) -> bool:
+    # lazy: MLflow imported only where needed (seconds), not by every command and stage
     from mlflow.exceptions import MlflowException
 
     if key == "experiment":
@@ -192,6 +196,7 @@ def adopt(root: Path) -> dict[str, Any]:
     registered model, its versions and their logged models. Objects that already carry this ID stay as they are;
     if any carries another project's ID nothing is changed and IdentityError names it (the names are then shared
     with that project: set new ones in params.yaml and build). Commits params.yaml. Returns the counts tagged."""
+    # lazy: MLflow imported only where needed (seconds), not by every command and stage
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 

@@ -148,6 +148,7 @@ def configure(tracking_uri: str, experiment: str, project: Path) -> str:
 
     Returns the experiment id.
     """
+    # lazy: MLflow imported only where needed (seconds), not by every command and stage
     import mlflow
 
     from pipeline.project.params import load_params
@@ -239,6 +240,7 @@ def flush(project: Path, mlflow_params: Mapping[str, Any]) -> dict[str, str]:
         return {}
     records = [(path, json.loads(path.read_text())) for path in found]
     records.sort(key=lambda item: ("parent" in item[1], item[0].name))  # stages before their tasks
+    # lazy: MLflow imported only where needed (seconds), not by every command and stage
     from mlflow import MlflowClient
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.data.sources import LocalArtifactDatasetSource

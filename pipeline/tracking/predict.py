@@ -12,6 +12,7 @@ from pipeline.project.params import load_params
 
 
 def predict_file(root: Path, file: Path, model_uri: str | None = None) -> pd.DataFrame:
+    # lazy: MLflow imported only where needed (seconds), not by every command and stage
     import mlflow
     from mlflow.exceptions import MlflowException
 

@@ -72,6 +72,7 @@ def gate(accuracy: float, replaced: Replaced | None, params: dict[str, Any],
 def replaced_version(name: str) -> Replaced | None:
     """The version a new build replaces: the champion, else the newest version (what `legonet predict` serves),
     with its ``accuracy`` tag; None when no version with a recorded accuracy exists."""
+    # lazy: MLflow imported only where needed (seconds), not by every command and stage
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -117,6 +118,7 @@ def promote(name: str, version: str, result: GateResult, pid: str, experiment: M
     returns the alias set and the reason recorded. An experiment's version records its gate result and its
     experiment, and waits for a deliberate `legonet promote`. The registered model and the version must be this
     project's (ID ``pid``): a project never moves another project's champion."""
+    # lazy: MLflow imported only where needed (seconds), not by every command and stage
     from mlflow import MlflowClient
 
     from pipeline.errors import IdentityError
@@ -145,6 +147,7 @@ def make_champion(name: str, chosen: str, pid: str) -> tuple[str, str | None]:
     DVC experiment of that name built, whatever its gate said, because a person chose it. The version is tagged
     with the one it replaces. Returns (the version now champion, the previous champion's or None). Like every
     alias this project sets, only on its own registered model and its own version (ID ``pid``)."""
+    # lazy: MLflow imported only where needed (seconds), not by every command and stage
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -183,6 +186,7 @@ def make_champion(name: str, chosen: str, pid: str) -> tuple[str, str | None]:
 
 def latest_version(name: str) -> Any | None:
     """The newest registered version of the model (every page searched), or None."""
+    # lazy: MLflow imported only where needed (seconds), not by every command and stage
     from mlflow import MlflowClient
 
     from pipeline.tracking.identity import pages
