@@ -18,8 +18,8 @@ def add(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     # lazy: DVC and MLflow load only for the commands that need them (`legonet --help` stays instant)
     from pipeline.forget.flow import project_lock
-    from pipeline.project.params import commit_project, load_params
-    from pipeline.runner.build import repro, summary, tag_build
+    from pipeline.project.params import load_params
+    from pipeline.runner.build import commit_project, repro, summary, tag_build
     from pipeline.tracking.head import check_head
     from pipeline.tracking.registry import project_store
 

@@ -22,13 +22,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline.data.dataset import read_table, read_yaml, write_table
+from pipeline.data.dataset import read_table, read_yaml, write_private, write_table
 from pipeline.errors import ExactnessError, ForgetError, LockBusy
 from pipeline.forget.manifest import DeletionRequest, merge_requests
-from pipeline.project.layout import ROUTING, TEST, adapter_info_path, adapter_path, raw_path, shard_path
-from pipeline.runner.build import address
+from pipeline.project.code import check_all_code
+from pipeline.project.layout import REFERENCE, ROUTING, TEST, adapter_info_path, adapter_path, raw_path, shard_path
+from pipeline.runner.build import address, dvc_repo
 from pipeline.runner.worker import entry_point
+from pipeline.tracking.head import check_head
+from pipeline.tracking.identity import project_id
 from pipeline.tracking.lineage import file_md5, file_sha256
+from pipeline.tracking.registry import project_store
 
 STATES = ("received", "data-removed", "rebuilt", "registered", "purged", "audited", "committed")
 PHASES = {"data-removed": "remove", "rebuilt": "rebuild", "registered": "register", "purged": "purge",
@@ -144,32 +148,12 @@ class Journal:
 
     def save(self, root: Path) -> None:
         """Durably and privately: the journal holds raw sample IDs, so it is 0600 in a 0700 folder."""
-        _write_private(root / JOURNAL, (json.dumps(asdict(self), indent=1, sort_keys=True) + "\n").encode())
+        write_private(root / JOURNAL, (json.dumps(asdict(self), indent=1, sort_keys=True) + "\n").encode())
 
     @classmethod
     def load(cls, root: Path) -> Journal | None:
         path = root / JOURNAL
         return cls(**json.loads(path.read_text())) if path.is_file() else None
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Atomic replace through an owner-only temporary file (never through a planted link), then fsync the folder
-    so the new entry survives a crash."""
-    path.parent.mkdir(mode=0o700, exist_ok=True)
-    path.parent.chmod(0o700)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(descriptor, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
 
 
 @contextmanager
@@ -237,6 +221,36 @@ def plan_batch(root: Path, sample_ids: Sequence[str], reference_ids: set[str],
     adapters = sorted({int(a) for row in rows["adapters"] for a in row})
     return Plan(train, test, sorted(set(rest) - set(earlier)), earlier,
                 sorted({int(p) for p in rows["partition"]}), adapters, n, blocks)
+
+
+def preconditions(root: Path, params: dict[str, Any]) -> None:
+    """Refuse before any change, under the project lock: a project without its ID could not purge its MLflow
+    objects, and a clone behind the registry's audit head would rebuild on data another clone forgot."""
+    project_id(params)
+    check_head(root, params, project_store(params["mlflow"]))
+
+
+def plan_requests(root: Path, requests: Sequence[DeletionRequest], params: dict[str, Any],
+                  forgotten: Callable[[Iterable[str]], dict[str, list[str]]], worker_modules: frozenset[str],
+                  allow_unknown: bool, dry_run: bool = False) -> Plan:
+    """The plan of a batch: its rows (``plan_batch``), then, if it changes data, the stages DVC's graph puts
+    downstream of them. Refuses unknown IDs (unless ``allow_unknown``), code that is not this build's and a project
+    with changes not built yet (a forget reruns only what its rows reach: the rest must be this build)."""
+    reference = set(read_table(root / REFERENCE)["sample_id"])
+    plan = plan_batch(root, merge_requests(requests), reference, forgotten, int(params["adapters"]["n"]),
+                      int(params["adapters"]["blocks"]))
+    if not dry_run and plan.unknown_ids and not allow_unknown:
+        raise ForgetError(f"{len(plan.unknown_ids)} sample ID(s) are not in this project: {plan.unknown_ids[:5]}; "
+                          "check the manifest, or pass --allow-unknown to record them as 'not present'")
+    if not dry_run:
+        check_all_code(root)
+    if not plan.changes_data:
+        return plan
+    with dvc_repo(root) as repo:
+        if not dry_run and repo.status():
+            raise ForgetError("the project has changes that are not built yet (`dvc status` is not clean): run "
+                              "`legonet build` first, so the forget rebuilds only what the request touches")
+        return rebuild_plan(plan, repo.index, worker_modules)  # the index `dvc status` just built
 
 
 def batch_id(requests: Sequence[DeletionRequest]) -> str:

@@ -34,7 +34,8 @@ from pipeline.errors import DataError, ForgetError, InitError
 from pipeline.forget.flow import JOURNAL, Journal, project_lock
 from pipeline.project.code import sync_code
 from pipeline.project.layout import REFERENCE, TEST, raw_path
-from pipeline.project.params import PARAMS, check_params, commit_project, load_params, sync_generated
+from pipeline.project.params import PARAMS, check_params, load_params, sync_generated
+from pipeline.runner.build import commit_project
 
 # The repository's own dvc.yaml and params.yaml, shipped as package data: in a checkout these are symlinks to the
 # files at the root (one source of truth); a built wheel holds copies of them, so `pip install .` can create projects

@@ -31,6 +31,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from pipeline.data.dataset import write_private
 from pipeline.purge.objects import (
     DIR_SUFFIX,
     Stores,
@@ -89,8 +90,6 @@ class ObjectIndex:
         return found
 
     def write(self, path: Path, data: bytes) -> None:
-        from pipeline.forget.flow import _write_private as write_private  # atomic, owner-only
-
         self.folder.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         write_private(path, data)
 

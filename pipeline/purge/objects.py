@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from pipeline.data.dataset import read_yaml
+from pipeline.data.dataset import read_yaml, write_private
 from pipeline.errors import StoreError
 from pipeline.purge.s3 import Bucket, artifact_bucket, remote_bucket
 
@@ -248,8 +248,6 @@ def purged_map(root: Path) -> dict[str, list[str]]:
 
 def record_purged(root: Path, digests: Iterable[str], request_ids: list[str]) -> None:
     """Add ``digests`` to the purged map under ``request_ids`` (idempotent: a resumed purge adds nothing new)."""
-    from pipeline.forget.flow import _write_private as write_private  # atomic, owner-only
-
     known = purged_map(root)
     for md5 in digests:
         known[md5] = sorted(set(known.get(md5, [])) | set(request_ids))

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from pipeline.data.dataset import write_private
 from pipeline.errors import StoreError
 
 PENDING = Path(".legonet/pending-purges.json")
@@ -42,8 +43,6 @@ def load(root: Path) -> dict[str, list[dict[str, Any]]]:
 
 def save(root: Path, state: dict[str, list[dict[str, Any]]]) -> None:
     """Atomically and privately, like the journal (a crash leaves the old file or the new one)."""
-    from pipeline.forget.flow import _write_private as write_private
-
     write_private(root / PENDING, (json.dumps(state, indent=1, sort_keys=True) + "\n").encode())
 
 
@@ -57,6 +56,36 @@ def keyed(root: Path, sample_ids: set[str]) -> list[str]:
     from pipeline.purge.history import ObjectIndex
 
     return sorted(d.hex() for d in ObjectIndex(root, None).id_digests(sample_ids))
+
+
+def purge_request(root: Path, request_ids: list[str], before: list[str], registry: dict[str, Any],
+                  progress: dict[str, Any], sample_ids: set[str], params: dict[str, Any], worker: Any,
+                  saved: Callable[[dict[str, Any]], None], say: Say) -> dict[str, Any]:
+    """The forget's purge (docs/design.md section 10): what the forgotten ``sample_ids`` produced, found from the
+    outputs ``before`` the forget and the project's history, from every DVC store and MLflow, keeping the forget's
+    own model version (``registry``). Returns the audit record's purge section. ``progress`` holds what an earlier
+    try of the same forget worked out (``PROGRESS_FIELDS``); ``saved(progress)`` keeps what this one works out, as
+    soon as known. A store that cannot be reached or refuses does not stop the forget: what is left is recorded as
+    pending (no raw ID) and the next `legonet forget` retries it."""
+    retention = int(params.get("purge", {}).get("retention_days", 0))
+    until = (datetime.now(UTC) + timedelta(days=retention)).date().isoformat() if retention > 0 else None
+    task = {"request_ids": request_ids, "before": before, "keep_version": registry.get("model_version"),
+            "retain_until": until, **progress}
+    if "doomed_objects" not in task:
+        task["keyed_ids"] = keyed(root, sample_ids)
+    try:
+        result = run_purge(root, task, params, worker,
+                           lambda: saved({k: task[k] for k in ("doomed_objects", "mlflow_plan") if k in task}))
+    except StoreError as exc:
+        say("a store refused the purge: recorded as pending, the forget goes on")
+        return record(root, task, one_line(exc))
+    dropped(root, request_ids)  # a resumed forget whose first try was recorded as pending
+    if retention == 0 and "champion" not in registry.get("aliases", []):
+        say("no version is champion now: the previous champion was trained on the forgotten samples and is purged; "
+            "the new version stays candidate until a build passes the gate")
+    say(f"purged {sum(v['deleted_objects'] for v in result['dvc'].values())} DVC object(s) from "
+        f"{len(result['dvc'])} store(s), {len(result['mlflow'].get('deleted_model_versions', []))} model version(s)")
+    return result
 
 
 def run_purge(root: Path, task: dict[str, Any], params: dict[str, Any], worker: Any, saved: Callable[[], None]

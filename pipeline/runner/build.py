@@ -1,4 +1,5 @@
-"""`legonet build`: `dvc repro` with a progress bar, then tag the registered version with its `dvc.lock` digest."""
+"""`legonet build`: `dvc repro` with a progress bar, the registry tags of a built version, and the git commit of
+what a command changed (`commit_project`)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from pipeline.data.dataset import read_yaml
 from pipeline.errors import BuildError, StageFailed, WorkerFailed
 from pipeline.project.code import sync_code
 from pipeline.project.layout import METRICS
@@ -305,3 +307,96 @@ def summary(root: Path) -> dict[str, float]:
         if path.is_file():
             out.update(json.loads(path.read_text()))
     return out
+
+
+def estimate_seconds(root: Path, params: dict[str, Any], stages: Sequence[str]) -> float:
+    """What ``stages`` cost in the last build or forget that ran each (MLflow's ``stage_seconds``; a stage of an
+    adapter block never run alone takes the median of its kind): the estimate `legonet forget --dry-run` shows."""
+    # lazy: MLflow imported only where needed (seconds), not by every command and stage
+    import mlflow
+
+    from pipeline.tracking.lineage import configure
+
+    configure(params["mlflow"]["tracking_uri"], params["mlflow"]["experiment"], root)
+    runs = mlflow.search_runs(experiment_names=[params["mlflow"]["experiment"]], max_results=5000)
+    if runs.empty or "metrics.stage_seconds" not in runs:
+        return float("nan")
+    if "tags.mlflow.parentRunId" in runs:  # Ray task runs nested under a stage run are not stages
+        runs = runs[runs["tags.mlflow.parentRunId"].isna()]
+    last = runs.sort_values("start_time").groupby("tags.mlflow.runName")["metrics.stage_seconds"].last()
+    kinds = last.groupby(lambda n: n.split("@")[0]).median()
+    return float(sum(last.get(s, kinds.get(s.split("@")[0], 0.0)) for s in stages))
+
+
+# What git holds of a project: the pipeline, its params, DVC's pointers (.dvc files, dvc.lock and the .gitignore
+# files next to DVC's outputs), metrics and the audit log. Named by pattern rather than `git add -A`: a file the
+# user drops into the folder (a deletion manifest holds raw sample IDs) or a data file must never reach git history,
+# which no forget can purge.
+GIT_PATHS = ("dvc.yaml", "dvc.lock", "params.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore", "metrics",
+             "audit", ":(glob)**/.gitignore", ":(glob)data/**/*.dvc")
+
+
+def commit_project(root: Path, message: str) -> bool:
+    """Commit every change under ``GIT_PATHS`` (deletions too) when the project is a git repository, so that
+    `git status` is clean after each legonet command and every state a record names can be checked out.
+    Returns whether a commit was made."""
+    if not (root / ".git").exists():
+        return False
+    ignore_outputs(root)
+    # a pathspec matching nothing fails `git add`: keep those that match a tracked (deleted ones too) or an
+    # untracked, not ignored file
+    paths = [p for p in GIT_PATHS if subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "--", p],
+                                                    cwd=root, capture_output=True, text=True, check=True).stdout]
+    if not paths:  # `git add -A --` with no path would add the whole tree
+        return False
+    subprocess.run(["git", "add", "-A", "--", *paths], cwd=root, check=True, capture_output=True)
+    if subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=root).returncode == 0:
+        return False
+    has_identity = subprocess.run(["git", "config", "user.email"], cwd=root, capture_output=True).returncode == 0
+    identity = [] if has_identity else ["-c", "user.name=legonet", "-c", "user.email=legonet@localhost"]
+    subprocess.run(["git", *identity, "commit", "-q", "-m", message], cwd=root, check=True, capture_output=True)
+    return True
+
+
+def ignore_outputs(root: Path) -> list[str]:
+    """List in a .gitignore beside it every DVC output (dvc.lock and .dvc files) that git does not ignore yet.
+
+    DVC writes these entries when a stage succeeds, but a `dvc repro` that fails later removes the entries of
+    every stage it ran (its scm_context undoes them on error), although those stages stay in dvc.lock and are not
+    run again: their outputs (embeddings, adapters) would then show as untracked files in git. Returns the paths
+    added.
+    """
+    outputs = []
+    lock = root / "dvc.lock"
+    if lock.is_file():
+        stages = (read_yaml(lock) or {}).get("stages", {})
+        uncached = _uncached(root)  # in git by design (metrics, plots)
+        outputs += [out["path"] for stage in stages.values() for out in stage.get("outs", [])
+                    if out["path"] not in uncached]
+    for pointer in (root / "data").rglob("*.dvc"):
+        base = pointer.parent.relative_to(root)
+        outputs += [(base / out["path"]).as_posix() for out in (read_yaml(pointer) or {})
+                    .get("outs", [])]
+    if not outputs:
+        return []
+    checked = subprocess.run(["git", "check-ignore", "--no-index", "--stdin", "-v", "-n"], cwd=root,
+                             input="\n".join(outputs) + "\n", capture_output=True, text=True).stdout
+    missing = [line.split("\t", 1)[1] for line in checked.splitlines() if line.startswith("::\t")]
+    for path in missing:
+        gitignore = (root / path).parent / ".gitignore"
+        existing = gitignore.read_text() if gitignore.is_file() else ""
+        gitignore.write_text(existing + ("" if not existing or existing.endswith("\n") else "\n")
+                             + f"/{Path(path).name}\n")
+    return missing
+
+
+def _uncached(root: Path) -> set[str]:
+    """Outputs dvc.yaml marks `cache: false` (metrics and plots): git, not DVC, holds them."""
+    pipeline = read_yaml(root / "dvc.yaml") or {}
+    found = set()
+    for stage in pipeline.get("stages", {}).values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind, []) or []:
+                if isinstance(entry, dict):
+                    found |= {path for path, flags in entry.items() if (flags or {}).get("cache") is False}
+    return found

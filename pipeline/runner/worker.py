@@ -11,13 +11,14 @@ import re
 import shlex
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 from pipeline.data.dataset import read_yaml
 from pipeline.errors import StageFailed, WorkerFailed
+from pipeline.runner.executor import executor_of
 
 
 def entry_point(cmd: Any) -> tuple[str, list[str]] | None:
@@ -163,11 +164,12 @@ def _serve(conn: Any, root: str, modules: list[str]) -> None:
 
 
 @contextmanager
-def stage_worker(root: Path, modules: Iterable[str] | None, preload: Sequence[str] = ()
+def stage_worker(root: Path, params: Mapping[str, Any], modules: Iterable[str], preload: Sequence[str] = ()
                  ) -> Iterator[StageWorker | None]:
     """A warm ``StageWorker`` for the block that runs the stages of ``modules`` (``worker_modules``) and imports
-    ``preload`` too (None: no worker); pass it to ``rerun``, and ``call`` functions in it."""
-    if modules is None:
+    ``preload`` too; pass it to ``rerun``, and ``call`` functions in it. None with the Ray executor: `dvc repro`
+    then runs every stage (one local Ray for all its stage processes), and ``call`` runs in this process."""
+    if executor_of(params) != "local":
         yield None
         return
     worker = StageWorker(root, sorted(modules), preload)

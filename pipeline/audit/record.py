@@ -1,0 +1,110 @@
+"""The audit log as the forget sees it: which requests and IDs it already holds, and the signed records of a batch.
+
+The forget's one entry into pipeline.audit (docs/design.md section 5, step "audited"): the flow hands over what it
+measured (digests before and after, the stages run, the purge) and gets back the checkpoint it must keep. Keys,
+envelopes and the transparency log stay behind this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pipeline.audit.keyring import anchor, audit_key, audit_log, origin, signing_key
+from pipeline.audit.secrets import audit_key_id, id_digest, seal
+from pipeline.data.quality import RESULT, read_result
+from pipeline.project.params import params_digest
+from pipeline.tracking.lineage import file_sha256, git_revision, platform_tags
+
+Forgotten = Callable[[Iterable[str]], dict[str, list[str]]]
+
+
+def recorded_requests(root: Path, params: dict[str, Any]) -> set[str]:
+    """The request IDs the (verified) audit log holds."""
+    return {r["request_id"] for r in audit_log(root, params, memo=True).summaries()}
+
+
+def forgotten_lookup(root: Path, params: dict[str, Any]) -> Forgotten:
+    """ids -> {id: the requests that forgot it} for the IDs the audit log lists as forgotten."""
+    log = audit_log(root, params, memo=True)
+    records = log.summaries()  # verified: a forged or planted record must not make an ID look forgotten
+    if not records:  # nothing forgotten yet: do not create the audit key just to look (input checks and
+        return lambda sample_ids: {}  # --dry-run must leave the project untouched)
+    key = audit_key(root, params, log)
+    owners: dict[str, list[str]] = {}
+    for record in records:
+        for digest in record["forgotten_ids"]:
+            owners.setdefault(digest, []).append(record["request_id"])
+    return lambda sample_ids: {i: found for i in sample_ids if (found := owners.get(id_digest(key, i)))}
+
+
+def write_records(root: Path, journal: Any, plan: Any, measured: dict[str, Any], params: dict[str, Any],
+                  subjects: dict[str, str]) -> str:
+    """Append one signed record per request of the batch ``journal`` (a forget's journal: its requests and
+    results; ``plan``: what the batch touched) and return the new checkpoint, anchored where params say.
+
+    ``measured``: ``before``/``after`` (artifact path -> digest), ``dvc_lock`` before/after, ``completed_purges``
+    (pending purges of earlier requests finished since the last record). ``subjects``: the files the records name
+    as their in-toto subjects. A request already in the log (written before a crash that lost the state change) is
+    not written again.
+    """
+    log = audit_log(root, params, memo=True)
+    hmac_key = audit_key(root, params, log)
+    signing = signing_key(root, params, log)  # pins its fingerprint in the key dir when it is created
+    log = audit_log(root, params, memo=True)  # trust as it stands after a first-use pin
+    before, after = measured["before"], measured["after"]
+    touched = {p for p in set(before) | set(after) if before.get(p) != after.get(p)}
+    shared = {
+        "batch_request_ids": journal.request_ids,
+        "audit_key_id": audit_key_id(hmac_key),
+        # keyed: an unkeyed digest of a manifest would confirm a guess of its (few, guessable) sample IDs
+        "manifest_hmac": {r: id_digest(hmac_key, f"manifest:{d}") for r, d in journal.manifest_digests.items()},
+        "status": plan.status,
+        "affected": {"partitions": plan.partitions, "adapters": plan.adapters,
+                     "test_samples": len(plan.test_ids), "train_samples": len(plan.train_ids)},
+        "artifacts": {p: {"before": before.get(p), "after": after.get(p)} for p in sorted(touched)},
+        # per adapter file (weights and summary), not per train block: a block holds retrained and kept adapters
+        "untouched_adapters": {p: d for p, d in after.items()
+                               if p.startswith("models/adapters/") and before.get(p) == d},
+        "dvc_lock": measured["dvc_lock"],
+        "code_revision": git_revision(root),
+        "params_sha256": params_digest(root),
+        "registry": journal.results.get("registry", {}),
+        "quality": _quality(root),
+        "stages_run": journal.results.get("stages_run", []),
+        "checks": journal.results.get("checks", []),
+        "purge": journal.results.get("purge", {}),
+        "completed_purges": measured["completed_purges"],
+        "timings_seconds": journal.timings,
+        "platform": platform_tags(),
+        "recorded_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    removed = set(plan.train_ids) | set(plan.test_ids)
+    recorded = recorded_requests(root, params)
+    for request_id, sample_ids in journal.request_samples.items():
+        if request_id in recorded:
+            continue
+        own = set(sample_ids)
+        predicate = {**shared, "request_id": request_id,
+                     "sealed": seal(hmac_key, journal.request_meta[request_id]),  # reason, received_at
+                     "forgotten_ids": _digests(hmac_key, own & removed),
+                     "already_forgotten_ids": _digests(hmac_key, own & set(plan.already_forgotten)),
+                     "not_present_ids": _digests(hmac_key, own & set(plan.unknown_ids))}
+        log.append(predicate, subjects, signing)
+    note = log.checkpoint(origin(hmac_key), signing)
+    anchor(root, params, note)
+    return note
+
+
+def _quality(root: Path) -> dict[str, Any]:
+    """The quality checkpoint of the build this forget produced: its result file's sha256, pass/fail, failures."""
+    path = root / RESULT
+    result = read_result(path)
+    return {"result": RESULT.as_posix(), "result_sha256": file_sha256(path) if path.is_file() else None,
+            "passed": bool(result["success"]), "failed_expectations": result["failed"]}
+
+
+def _digests(key: bytes, sample_ids: set[str]) -> list[str]:
+    return sorted(id_digest(key, i) for i in sample_ids)
