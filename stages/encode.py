@@ -76,7 +76,7 @@ def main(name: str, src_path: str | Path, dst_path: str | Path) -> None:
         if len(todo) < len(samples):
             embeddings[rows >= 0] = previous[rows[rows >= 0]]
         if len(todo):
-            from pipeline.model.encoder import Encoder
+            from pipeline.model.encoder import Encoder  # lazy: no ONNX Runtime when nothing is left to encode
 
             model = ENCODER.read_bytes()
             encoder = Encoder(info["name"], model, int(info.get("image_size") or 0), threads=threads)

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from safetensors.numpy import load_file
 
 from pipeline.data.contracts import adapter_load_schema, check_encoded, validate
 from pipeline.data.dataset import (
@@ -29,6 +30,7 @@ from pipeline.data.dataset import (
     write_bytes_atomic,
     write_embeddings,
 )
+from pipeline.model.adapters import adapter_proba
 from pipeline.model.ensemble import mean_proba
 from pipeline.model.keys import project
 from pipeline.model.routing import route
@@ -102,10 +104,6 @@ def main() -> None:
 
         def outputs_of(j: int, rows: np.ndarray) -> np.ndarray:
             """Adapter j's outputs for ``rows``: kept ones where its weights and the rows are unchanged."""
-            from safetensors.numpy import load_file
-
-            from pipeline.model.adapters import adapter_proba
-
             path = EVALUATION / f"{adapter_name(j)}.parquet"
             identity = {"weights_md5": infos[j]["weights_md5"], "projection_md5": projection_md5, "code": code}
             found, previous = kept(path, trusted, identity, frame.iloc[rows])

@@ -116,7 +116,7 @@ def checkpoint(table_dir: Path, docs_dir: Path, expectations: dict[str, list[Any
             gx.ValidationDefinition(name=suite_name, data=batch, suite=suite)))
     check = context.checkpoints.add(gx.Checkpoint(
         name="legonet_quality", validation_definitions=definitions, result_format={"result_format": "SUMMARY"}))
-    from great_expectations.core.run_identifier import RunIdentifier
+    from great_expectations.core.run_identifier import RunIdentifier  # lazy: GX, as above
 
     result = check.run(run_id=RunIdentifier(run_name="legonet-quality"))
     # one site build for the three results (GX's UpdateDataDocsAction rebuilds the whole site once per suite)

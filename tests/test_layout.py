@@ -47,10 +47,10 @@ def test_no_import_cycle_between_legonet_modules() -> None:
             node, trail = stack.pop()
             for nxt in graph[node]:
                 if nxt == start:
-                    cycles.append(trail + [start])
+                    cycles.append([*trail, start])
                 elif nxt not in seen:
                     seen.add(nxt)
-                    stack.append((nxt, trail + [nxt]))
+                    stack.append((nxt, [*trail, nxt]))
     assert not cycles, f"import cycles: {cycles[:3]}"
 
 

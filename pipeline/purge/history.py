@@ -31,7 +31,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from pipeline.data.dataset import write_private
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+from pipeline.data.dataset import read_yaml, write_private
 from pipeline.purge.objects import (
     DIR_SUFFIX,
     Stores,
@@ -96,8 +100,6 @@ class ObjectIndex:
     def _describe(self, md5: str, content: Path | bytes) -> dict[str, Any]:
         """A listing's entries; for a file, only whether it is a sample table (its footer): what it holds is read
         when asked (``holds``), so the versions a forget supersedes, doomed anyway, are never read whole."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
 
         if md5.endswith(DIR_SUFFIX):
             return {"kind": "listing", "entries": listing_entries(
@@ -123,8 +125,6 @@ class ObjectIndex:
 
     def holds(self, md5: str, digests: set[bytes]) -> bool:
         """Whether the object is a sample table holding one of the IDs ``digests`` name (``id_digests``)."""
-        import pyarrow.parquet as pq
-
         entry = self.entry(md5)
         if not entry or entry["kind"] != "table":
             return False
@@ -148,8 +148,6 @@ class ObjectIndex:
 
 
 def _source(content: Path | bytes) -> Any:
-    import pyarrow as pa
-
     return content if isinstance(content, Path) else pa.BufferReader(content)
 
 
@@ -237,8 +235,6 @@ GIT_MEMO = "git-stages.json"  # git blob id -> its stage entries: a blob never c
 def _git_documents(root: Path, index: ObjectIndex) -> list[list[Stage]]:
     """The stage entries of the ``dvc.lock`` and ``.dvc`` blobs of every commit reachable from any ref, each
     blob once, parsed once per blob id (kept in the memo)."""
-    import yaml
-
     listed = subprocess.run(["git", "rev-list", "--all", "--objects"], cwd=root, capture_output=True)
     if listed.returncode != 0:  # not a git repository, or no commit yet: no history beyond the workspace
         return []
@@ -278,8 +274,6 @@ def _git_documents(root: Path, index: ObjectIndex) -> list[list[Stage]]:
 
 def _run_cache(cache: Path) -> list[list[Stage]]:
     """DVC's run-cache entries (``<cache>/runs/ab/<key>/<value>``), each the lock entry of one stage run."""
-    from pipeline.data.dataset import read_yaml
-
     folder = cache / "runs"
     return [_stages(read_yaml(path)) for path in sorted(folder.glob("*/*/*")) if path.is_file()] \
         if folder.is_dir() else []

@@ -10,7 +10,11 @@ so the artifacts are checked and purged here too.
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import shutil
+import signal
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +59,6 @@ def zero_deleted_sqlite_rows() -> None:
 
 
 def _secure_delete(connection: Any, record: Any, proxy: Any) -> None:
-    import sqlite3
-
     if isinstance(connection, sqlite3.Connection):
         connection.execute("PRAGMA secure_delete = ON")
 
@@ -157,10 +159,6 @@ def purge_models(tracking_uri: str, plan: dict[str, Any], request_ids: list[str]
 def crash_point(name: str) -> None:
     """Fault injection (tests): with ``LEGONET_CRASH_AFTER=name``, SIGKILL the forget here, as a power cut would;
     in a forget's stage worker, the forget process that started it first."""
-    import multiprocessing
-    import os
-    import signal
-
     if os.environ.get(CRASH_ENV) != name:
         return
     parent = multiprocessing.parent_process()
@@ -299,7 +297,5 @@ def vacuum_sqlite(tracking_uri: str) -> None:
     """Compact a SQLite store that an `mlflow server` deleted rows from: its connections do not zero deleted
     content (``zero_deleted_sqlite_rows`` covers this process's only), so they could linger in free pages."""
     if tracking_uri.startswith("sqlite:///"):
-        import sqlite3
-
         with sqlite3.connect(tracking_uri.removeprefix("sqlite:///")) as db:
             db.execute("VACUUM")

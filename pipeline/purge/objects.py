@@ -15,10 +15,12 @@ import json
 import re
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from pipeline.audit.transparency import leaf_hash, root_hash
 from pipeline.data.dataset import read_yaml, write_private
 from pipeline.errors import StoreError
 from pipeline.purge.s3 import Bucket, artifact_bucket, remote_bucket
@@ -142,8 +144,6 @@ class Stores:
 
 def merkle_root(digests: Iterable[str]) -> str:
     """SHA-256 RFC 6962 Merkle root of the sorted digests: what the record carries instead of the list."""
-    from pipeline.audit.transparency import leaf_hash, root_hash
-
     return root_hash([leaf_hash(d.encode()) for d in sorted(set(digests))]).hex()
 
 
@@ -210,8 +210,6 @@ def object_hash(rel: str) -> str | None:
 
 def check_stores(root: Path, tracking_uri: str, artifacts_destination: str) -> None:
     """Reach every store the purge must change before changing any: an unreachable one fails fast (StoreError)."""
-    import urllib.request
-
     for name, conf in dvc_remotes(root).items():
         if "://" in conf["url"]:
             remote_bucket(name, conf).probe()

@@ -21,6 +21,11 @@ from typing import Any
 
 from pipeline.data.dataset import write_private
 from pipeline.errors import StoreError
+from pipeline.purge import history
+from pipeline.purge import models as model_purge
+from pipeline.purge import objects as purge
+from pipeline.runner.worker import call
+from pipeline.tracking.identity import project_id
 
 PENDING = Path(".legonet/pending-purges.json")
 Say = Callable[[str], None]
@@ -53,9 +58,7 @@ def one_line(exc: StoreError) -> str:
 
 def keyed(root: Path, sample_ids: set[str]) -> list[str]:
     """The forgotten IDs as the object memo keys them (hex): enough to find their objects, not to name them."""
-    from pipeline.purge.history import ObjectIndex
-
-    return sorted(d.hex() for d in ObjectIndex(root, None).id_digests(sample_ids))
+    return sorted(d.hex() for d in history.ObjectIndex(root, None).id_digests(sample_ids))
 
 
 def purge_request(root: Path, request_ids: list[str], before: list[str], registry: dict[str, Any],
@@ -94,12 +97,6 @@ def run_purge(root: Path, task: dict[str, Any], params: dict[str, Any], worker: 
     and MLflow; return what the audit record says was purged. Raises StoreError when a store cannot be reached or
     refuses; ``saved()`` is called each time the task learns something a retry must not compute again (the DVC
     objects are found before any store is changed, the MLflow objects before any is deleted)."""
-    from pipeline.purge import history
-    from pipeline.purge import models as model_purge
-    from pipeline.purge import objects as purge
-    from pipeline.runner.worker import call
-    from pipeline.tracking.identity import project_id
-
     settings = params["mlflow"]
     destination = settings.get("artifacts_destination", "")
     if "doomed_objects" not in task:  # kept: a retry finds the objects gone from the stores

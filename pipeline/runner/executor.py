@@ -30,8 +30,10 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from safetensors.numpy import save
 
 from pipeline.errors import ExecutorError
+from pipeline.model.adapters import TrainParams, train_adapter
 
 EXECUTORS = ("local", "ray")
 # Top-level params that choose where work runs; they must never change an artifact or a digest.
@@ -57,7 +59,7 @@ def ray_settings(params: Mapping[str, Any]) -> dict[str, Any]:
 
 def import_ray() -> Any:
     try:
-        import ray
+        import ray  # lazy: Ray is an optional extra (`pip install legonet[ray]`)
     except ImportError as exc:
         raise ExecutorError(f"executor: ray needs Ray, which is not installed: {INSTALL_HINT}") from exc
     return ray
@@ -121,7 +123,7 @@ def cluster(params: Mapping[str, Any]) -> Iterator[dict[str, str]]:
 def _task_tags(started: float) -> tuple[dict[str, str], int, int]:
     tags = {"task.host": socket.gethostname(), "task.pid": str(os.getpid())}
     with contextlib.suppress(Exception):  # inside a Ray worker: where it ran
-        import ray
+        import ray  # lazy: Ray is an optional extra
 
         if ray.is_initialized():
             context = ray.get_runtime_context()
@@ -134,10 +136,6 @@ def _task_tags(started: float) -> tuple[dict[str, str], int, int]:
 def train_task(adapter: int, features: np.ndarray, labels: np.ndarray, n_classes: int, seed: int,
                train: Mapping[str, Any]) -> tuple[bytes, dict[str, Any]]:
     """Train adapter j; return its safetensors bytes (no metadata: byte-stable) and a small lineage record."""
-    from safetensors.numpy import save
-
-    from pipeline.model.adapters import TrainParams, train_adapter
-
     started, clock = time.time(), time.monotonic()
     weights = train_adapter(features, labels, n_classes, seed, TrainParams(**train))
     blob = save(weights)
@@ -154,7 +152,7 @@ _SESSIONS: dict[tuple[str, str, int, int], Any] = {}  # one ONNX Runtime session
 def encode_task(chunk: int, model: bytes, digest: str, name: str, image_size: int, threads: int,
                 payloads: Sequence) -> tuple[np.ndarray, dict[str, Any]]:
     """Embed one chunk of payloads with the encoder given as ONNX bytes; return embeddings and lineage."""
-    from pipeline.model.encoder import Encoder
+    from pipeline.model.encoder import Encoder  # lazy: ONNX Runtime only in an encoding task
 
     started, clock = time.time(), time.monotonic()
     key = (digest, name, image_size, threads)

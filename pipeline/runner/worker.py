@@ -6,18 +6,22 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.util
+import multiprocessing
+import multiprocessing.util
 import os
+import pickle
 import re
 import shlex
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 from pipeline.data.dataset import read_yaml
-from pipeline.errors import StageFailed, WorkerFailed
+from pipeline.errors import DataError, ParamsError, StageFailed, WorkerFailed
 from pipeline.runner.executor import executor_of
 
 
@@ -60,8 +64,6 @@ class StageWorker:
     """
 
     def __init__(self, root: Path, modules: Sequence[str], preload: Sequence[str] = ()) -> None:
-        import multiprocessing
-
         context = multiprocessing.get_context("spawn")
         self.modules = frozenset(modules)
         self._conn, child = context.Pipe()
@@ -123,11 +125,6 @@ class StageWorker:
 def _serve(conn: Any, root: str, modules: list[str]) -> None:
     """The worker's loop: in the project ``root``, import ``modules`` and call each one's ``preload()`` (what its
     entry point would import or open late), then run one function per request."""
-    import pickle
-    import traceback
-
-    from pipeline.errors import DataError, ParamsError
-
     started = time.monotonic()
     os.chdir(root)
     for name in modules:
@@ -140,10 +137,10 @@ def _serve(conn: Any, root: str, modules: list[str]) -> None:
         except (EOFError, OSError):  # the forget's process is gone
             request = None
         if request is None:  # no interpreter teardown: MLflow's and GX's exit hooks hold it for seconds
-            from multiprocessing import util
-
-            util._run_finalizers(0)  # but release the semaphores a stage made (tqdm's lock): unreleased, they
-            os._exit(0)  # are reported as leaked when the forget's process exits
+            # but release the semaphores a stage made (tqdm's lock): unreleased, they are reported as leaked when
+            # the forget's process exits
+            multiprocessing.util._run_finalizers(0)
+            os._exit(0)
         module, function, args, kwargs = request
         mark = time.monotonic()
         try:

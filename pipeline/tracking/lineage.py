@@ -15,6 +15,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -111,8 +112,6 @@ def platform_tags() -> dict[str, str]:
     Versions come from the installed distributions' metadata: importing onnxruntime only to read its version would
     cost every stage process its import, and most stages never run it.
     """
-    from importlib.metadata import version
-
     flags = ""
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
