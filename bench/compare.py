@@ -14,8 +14,8 @@ and of each phase, and the head/base ratios; writes ``bench/results/compare-<REV
     python -m bench.compare --base REV [--data mnist5k,fashion70k] [--rounds 3] [--batch 100] [--workdir DIR]
 
 ``--workdir DIR`` keeps the projects: a later run reuses a project that DIR holds for the same code (the digest of
-its pipeline/ and stages/ source) and settings, so the builds can run while the machine is busy (``--rounds 0``) and the rounds later
-on a quiet one.
+its pipeline/ and stages/ source) and settings, so the builds can run while the machine is busy (``--rounds 0``)
+and the rounds later on a quiet one.
 """
 
 from __future__ import annotations
