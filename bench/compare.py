@@ -202,9 +202,14 @@ def report(result: dict) -> list[str]:
                    key=lambda k: -max(max(r["base"]["phases"].get(k, 0.0), r["head"]["phases"].get(k, 0.0))
                                       for r, _ in columns))
     lines += ["| phase | " + " | ".join(label for _, label in columns) + " |", "|---|" + "---|" * len(columns)]
-    lines += [f"| {k} | " + " | ".join(f"{r['base']['phases'].get(k, 0.0):.2f} → {r['head']['phases'].get(k, 0.0):.2f}"
-                                       for r, _ in columns) + " |" for k in names]
+    lines += [f"| {k} | " + " | ".join(f"{_phase(r['base'], k)} → {_phase(r['head'], k)}" for r, _ in columns) + " |"
+              for k in names]
     return lines
+
+
+def _phase(medians: dict, name: str) -> str:
+    """A phase's median, or "-" where that code's ``--profile`` has no such phase."""
+    return f"{medians['phases'][name]:.2f}" if name in medians["phases"] else "-"
 
 
 def main(argv: list[str] | None = None) -> int:
