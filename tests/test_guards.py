@@ -7,19 +7,24 @@ elsewhere. Each case is refused with one error line (exit 3) and changes nothing
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
-from conftest import copy_project, init_args, legonet
+from conftest import copy_project, init_args, legonet, mlflow_server
+from mlflow import MlflowClient
 from test_forget import forget, tree_md5, write_manifest
 
 from pipeline.data.dataset import read_table, write_table
+from pipeline.errors import LockBusy
 from pipeline.project.params import load_params
 from pipeline.project.scratch import SCRATCH, scratch_dir
-from pipeline.tracking.head import check_head
+from pipeline.tracking.head import LEASE_TAG, check_head, registry_lease, writer_lease
 from pipeline.tracking.registry import project_store
 
 
@@ -118,3 +123,62 @@ def test_a_clone_behind_the_registry_head_refuses_to_forget_or_build(tmp_path: P
 
     subprocess.run(["git", "pull", "-q", str(first), "HEAD"], cwd=second, check=True, capture_output=True)
     check_head(second, load_params(second), project_store(load_params(second)["mlflow"]))  # extends it now
+
+
+def test_two_clones_never_write_at_once_a_held_lease_refuses_the_other(tmp_path: Path, built_project: Path) -> None:
+    """Two clones on one MLflow store, both at the registry's head: while one holds the writer lease (a forget or
+    build under way), the other's forget and build refuse at once (exit 7) and change nothing; the holder may take
+    it again (a re-run after a crash), and it is gone once released."""
+    first = copy_project(built_project, tmp_path / "first")
+    second = copy_project(first, tmp_path / "second")
+    (second / "mlflow.db").unlink()
+    (second / "mlflow.db").symlink_to(first / "mlflow.db")  # one shared store, as an `mlflow server` would be
+    store = project_store(load_params(first)["mlflow"])
+    ids = sorted(read_table(first / "data/routing.parquet")["sample_id"])
+    before = tree_md5(first)
+    with writer_lease(second, store):
+        for args in (("forget", str(write_manifest(tmp_path / "a.json", "r-first", [ids[0]]))), ("build",)):
+            result = legonet(*args, cwd=first, check=False)
+            message = " ".join(result.stderr.split())
+            assert result.returncode == 7 and "another clone of this project is forgetting or building" in message
+            assert "Traceback" not in result.stderr, result.stderr
+        with writer_lease(second, store):  # its own lease: a forget re-run in the same clone goes on
+            pass
+    assert tree_md5(first) == before, "a refused command changed the clone"
+    assert registry_lease(store) is None, "the lease outlived its holder"
+
+
+def test_on_an_mlflow_server_one_of_two_clones_racing_for_the_lease_wins(tmp_path: Path) -> None:
+    """`mlflow server` has no compare-and-set: two clones that write the lease at the same moment both read it
+    back, and exactly one of them holds it; an expired lease is free to take."""
+    home = tmp_path / "server"
+    home.mkdir()
+    with mlflow_server(home, str(home / "artifacts")) as server:
+        MlflowClient(server["uri"]).create_registered_model("shared-model")
+        store = {"tracking_uri": server["uri"], "registered_model": "shared-model"}
+        clones = [tmp_path / "a", tmp_path / "b"]
+        for clone in clones:
+            clone.mkdir()
+        start, outcome = threading.Barrier(2), {}
+
+        def race(clone: Path) -> None:
+            start.wait()
+            try:
+                with writer_lease(clone, store):
+                    outcome[clone.name] = "held"
+                    time.sleep(2)  # hold it while the other reads it back
+            except LockBusy:
+                outcome[clone.name] = "refused"
+
+        threads = [threading.Thread(target=race, args=(c,)) for c in clones]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sorted(outcome.values()) == ["held", "refused"], outcome
+        assert registry_lease(store) is None
+
+        stale = {"clone": "another", "expires": "2000-01-01T00:00:00+00:00"}
+        MlflowClient(server["uri"]).set_registered_model_tag("shared-model", LEASE_TAG, json.dumps(stale))
+        with writer_lease(clones[0], store):  # a lease its holder let expire is taken over
+            assert json.loads(registry_lease(store) or "{}").get("clone") != "another"

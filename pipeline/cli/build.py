@@ -20,22 +20,24 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.forget.flow import project_lock
     from pipeline.project.params import load_params
     from pipeline.runner.build import commit_project, repro, summary, tag_build
-    from pipeline.tracking.head import check_head
+    from pipeline.tracking.head import check_head, writer_lease
     from pipeline.tracking.registry import project_store
 
     root = Path.cwd()
     started = time.monotonic()
     with project_lock(root, wait=True, notify=lambda m: console.print(m, highlight=False)):  # not under a forget
         params = load_params(root)
-        check_head(root, params, project_store(params["mlflow"]))  # never build on data another clone forgot
-        ran = repro(root, force=args.force, console=console)
-        registered = tag_build(root) if ran else {}
-        metrics = summary(root)
-        built = (f": model version {registered['version']} [{registered['aliases']}], test accuracy "
-                 f"{metrics.get('accuracy', float('nan')):.4f}") if registered else ""
-        # dvc.lock, metrics, regenerated params: git status stays clean; under the lock, so a forget that starts
-        # now sees the build committed, not a work tree between two states
-        commit_project(root, f"legonet build{built}")
+        store = project_store(params["mlflow"])
+        check_head(root, params, store)  # never build on data another clone forgot
+        with writer_lease(root, store):  # nor while another clone forgets
+            ran = repro(root, force=args.force, console=console)
+            registered = tag_build(root) if ran else {}
+            metrics = summary(root)
+            built = (f": model version {registered['version']} [{registered['aliases']}], test accuracy "
+                     f"{metrics.get('accuracy', float('nan')):.4f}") if registered else ""
+            # dvc.lock, metrics, regenerated params: git status stays clean; under the lock, so a forget that
+            # starts now sees the build committed, not a work tree between two states
+            commit_project(root, f"legonet build{built}")
     elapsed = time.monotonic() - started
     print(f"stages run: {len(ran)} ({elapsed:.1f} s)" if ran else "Data and pipelines are up to date.")
     if "accuracy" in metrics:

@@ -32,7 +32,7 @@ from pipeline.project.layout import REFERENCE, ROUTING, TEST, adapter_info_path,
 from pipeline.purge.objects import DIR_SUFFIX, dvc_cache, object_path
 from pipeline.runner.build import address, dvc_repo
 from pipeline.runner.worker import entry_point
-from pipeline.tracking.head import check_head
+from pipeline.tracking.head import check_head, writer_lease
 from pipeline.tracking.identity import project_id
 from pipeline.tracking.lineage import file_md5, file_sha256
 from pipeline.tracking.registry import project_store
@@ -226,11 +226,17 @@ def plan_batch(root: Path, sample_ids: Sequence[str], reference_ids: set[str],
                 sorted({int(p) for p in rows["partition"]}), adapters, n, blocks)
 
 
-def preconditions(root: Path, params: dict[str, Any]) -> None:
+@contextmanager
+def preconditions(root: Path, params: dict[str, Any]) -> Iterator[None]:
     """Refuse before any change, under the project lock: a project without its ID could not purge its MLflow
-    objects, and a clone behind the registry's audit head would rebuild on data another clone forgot."""
+    objects, and a clone behind the registry's audit head would rebuild on data another clone forgot; then hold
+    the shared registry's writer lease, so that no other clone starts a forget or build until this one is
+    committed."""
     project_id(params)
-    check_head(root, params, project_store(params["mlflow"]))
+    store = project_store(params["mlflow"])
+    check_head(root, params, store)
+    with writer_lease(root, store):
+        yield
 
 
 def plan_requests(root: Path, requests: Sequence[DeletionRequest], params: dict[str, Any],

@@ -49,10 +49,9 @@ def forget(root: Path, manifests: Sequence[Path], params: dict[str, Any], *, dry
     # checkpoint tag) run in a second process that imports GX and MLflow meanwhile; with Ray there is no worker:
     # `dvc repro` runs every stage, and the MLflow steps run here
     modules = worker_modules(root)
-    with flow.project_lock(root, wait, say), \
+    with flow.project_lock(root, wait, say), flow.preconditions(root, params), \
             stage_worker(root, params, modules, preload=["pipeline.purge.models"]) as worker:
         timings["lock"] = round(time.monotonic() - lock_started, 3)
-        flow.preconditions(root, params)
         interrupted = flow.Journal.load(root)
         pending.retry(root, params, worker, say, skip=interrupted.request_ids if interrupted else ())
         if interrupted is not None and interrupted.batch != flow.batch_id(requests):
