@@ -133,10 +133,12 @@ def test_two_clones_never_write_at_once_a_held_lease_refuses_the_other(tmp_path:
     second = copy_project(first, tmp_path / "second")
     (second / "mlflow.db").unlink()
     (second / "mlflow.db").symlink_to(first / "mlflow.db")  # one shared store, as an `mlflow server` would be
-    store = project_store(load_params(first)["mlflow"])
+    settings = load_params(first)["mlflow"]  # the store as the clones' commands resolve it, from their folder
+    store = {**settings, "tracking_uri": f"sqlite:///{(first / 'mlflow.db').resolve()}"}
     ids = sorted(read_table(first / "data/routing.parquet")["sample_id"])
     before = tree_md5(first)
     with writer_lease(second, store):
+        assert json.loads(registry_lease(store) or "{}").get("clone"), "the lease is on the shared store"
         for args in (("forget", str(write_manifest(tmp_path / "a.json", "r-first", [ids[0]]))), ("build",)):
             result = legonet(*args, cwd=first, check=False)
             message = " ".join(result.stderr.split())
