@@ -145,7 +145,8 @@ class Follower:
             if self.current is not served:  # the loader swapped a new version in meanwhile: its tags are newer
                 return
             self.current = updated
-            log.info("model version %s: quarantine %s%s", served.version, sorted(updated.quarantine),
+            log.info("model version %s: quarantine %s, audit checkpoint %s%s", served.version,
+                     sorted(updated.quarantine), "present" if updated.checkpoint else "none",
                      f" (refusing to predict: {updated.refusal})" if updated.refusal else "")
 
     def _load(self, version: str) -> None:
