@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -23,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import copy_project, free_port, legonet
+from conftest import copy_project, free_port, legonet, stop_group
 
 from pipeline.data.dataset import read_table
 from pipeline.serve.quarantine import QUARANTINE_TAG, QuarantineUnreadable, read_quarantine
@@ -98,16 +96,6 @@ def _until(check: Any, seconds: float, what: str) -> float:
     return time.monotonic() - start
 
 
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(30)
-
-
 @pytest.fixture()
 def served(built_project: Path, tmp_path: Path) -> Iterator[dict[str, Any]]:
     """A private copy of the built project and `legonet serve --workers 2` on it."""
@@ -129,7 +117,7 @@ def served(built_project: Path, tmp_path: Path) -> Iterator[dict[str, Any]]:
         _until(up, 300, f"legonet serve answering /ping:\n{log.read_text()}")
         yield {"root": root, "url": url, "log": log}
     finally:
-        _stop(server)
+        stop_group(server)
 
 
 def test_serve_follows_the_champion_under_load_across_a_forget(served: dict[str, Any], tmp_path: Path) -> None:
