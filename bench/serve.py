@@ -11,7 +11,8 @@ quiet it was measured in. Writes ``bench/results/serve.json``.
     python -m bench.serve [--project BUILT_PROJECT] [--workers 1] [--concurrency 8] [--duration 20] [--rate 20]
 
 Without ``--project`` the default project (the bundled MNIST 5k digits, default params) is initialised and built
-in a temporary folder first.
+in a temporary folder first. ``--rounds`` repeats the pair, alternating which server goes first; the table
+gives the medians over the rounds.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import os
 import platform
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -124,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=8, help="client connections")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per phase")
     parser.add_argument("--rate", type=float, default=20.0, help="requests/s of the open-loop phase")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="rounds; the servers take turns, first in one order then the other")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "serve.json")
     args = parser.parse_args(argv)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
@@ -136,18 +140,25 @@ def main(argv: list[str] | None = None) -> int:
                "project": str(project), "commit": commit, "date": datetime.now(UTC).isoformat(timespec="seconds"),
                "cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
                "workers": args.workers, "concurrency": args.concurrency, "duration": args.duration,
-               "rate": args.rate, "request": "one 28x28 test image, JSON dataframe_split"}
+               "rate": args.rate, "rounds": args.rounds, "request": "one 28x28 test image, JSON dataframe_split"}
         print(f"bench.serve: {json.dumps(how)}", flush=True)
-        servers = {kind: measure(kind, project, body, args, workdir) for kind in ("legonet", "mlflow")}
+        servers: dict[str, list[dict[str, Any]]] = {"legonet": [], "mlflow": []}
+        for round_ in range(args.rounds):  # alternate who goes first: the shared machine's load drifts
+            for kind in list(servers) if round_ % 2 == 0 else list(servers)[::-1]:
+                servers[kind].append(measure(kind, project, body, args, workdir))
+    medians = {kind: {f"{phase}_{key}": statistics.median(r[phase][key] for r in runs)
+                      for phase in ("closed", "open") for key in ("throughput_rps", "p50_ms", "p99_ms")}
+               for kind, runs in servers.items()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"how": how, "servers": servers}, indent=1) + "\n")
-    print("\n| server | closed loop: req/s | p50 ms | p99 ms | open loop at "
-          f"{args.rate:g}/s: p50 ms | p99 ms | load avg |")
+    args.out.write_text(json.dumps({"how": how, "servers": servers, "medians": medians}, indent=1) + "\n")
+    print(f"\nmedians of {args.rounds} rounds:\n| server | closed loop: req/s | p50 ms | p99 ms | open loop at "
+          f"{args.rate:g}/s: p50 ms | p99 ms | 1-min load average during its phases |")
     print("|---|---|---|---|---|---|---|")
-    for kind, s in servers.items():
-        c, o = s["closed"], s["open"]
-        print(f"| {kind} | {c['throughput_rps']} | {c['p50_ms']} | {c['p99_ms']} | {o['p50_ms']} | {o['p99_ms']} | "
-              f"{c['loadavg_1min_before']}-{o['loadavg_1min_after']} |")
+    for kind, m in medians.items():
+        loads = [r[phase][f"loadavg_1min_{when}"] for r in servers[kind] for phase in ("closed", "open")
+                 for when in ("before", "after")]
+        print(f"| {kind} | {m['closed_throughput_rps']:.1f} | {m['closed_p50_ms']:.0f} | {m['closed_p99_ms']:.0f} | "
+              f"{m['open_p50_ms']:.0f} | {m['open_p99_ms']:.0f} | {min(loads):.1f}-{max(loads):.1f} |")
     print(f"wrote {args.out}")
     return 0
 
