@@ -186,3 +186,17 @@ def test_serve_follows_the_champion_under_load_across_a_forget(served: dict[str,
     status, health, _ = _get(f"{url}/health")
     assert status == 200 and health["status"] == "degraded" and health["serving"]["version"] == new
     assert _post(f"{url}/invocations", {"inputs": {"image": [image]}})[0]["adapters"]
+    # the forget's version links to its package run, as a build's does
+    forgot_version = client.get_model_version("legonet", new)
+    assert forgot_version.run_id and forgot_version.run_id == forgot_version.tags["package_run_id"]
+
+    # a quarantine tag that cannot be read stops predictions (never read as "no quarantine")
+    client.set_model_version_tag("legonet", new, QUARANTINE_TAG, '{"adapters": "0"}')
+
+    def refused() -> bool:
+        try:
+            _post(f"{url}/invocations", {"inputs": {"image": [image]}})
+        except urllib.error.HTTPError as exc:
+            return exc.code == 503 and "legonet.quarantine" in exc.read().decode()
+        return False
+    _until(lambda: all(refused() for _ in range(4)), 5, "predictions refused for an unreadable quarantine")
