@@ -35,7 +35,10 @@ def run(args: argparse.Namespace) -> int:
     if tracking_uri is None or model is None:  # outside a project (a container) both must be given
         from pipeline.project.params import load_params
 
-        settings = load_params()["mlflow"]
+        try:
+            settings = load_params()["mlflow"]
+        except ParamsError as exc:
+            raise ParamsError(f"{exc}; outside a project give both --tracking-uri and --model") from exc
         tracking_uri = tracking_uri or absolute_store(str(settings["tracking_uri"]), Path.cwd())
         model = model or str(settings["registered_model"])
     os.environ.update(settings_env(tracking_uri, model, args.alias, args.poll))  # the workers' settings
