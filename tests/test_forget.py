@@ -53,7 +53,7 @@ RECEIVED = "2024-05-01T09:30:00Z"
 RAW_INPUTS = ("data/raw/", "data/reference/", "data/test/")
 # What MLflow writes into the package that is not a function of the model: MLmodel holds a fresh model_uuid, the
 # save time and the absolute path of the package stage's temporary staging folder. Every other package file
-# (weights, keys, projection, encoder, config, code, python_model.pkl, environment files) must be identical.
+# (weights, keys, projection, encoder, config, code, served.py, input example, environment files) must be identical.
 PACKAGE_VOLATILE = ("models/package/MLmodel",)
 ADAPTERS = int(TINY["adapters.n"])
 BLOCKS = int(TINY["adapters.blocks"])
