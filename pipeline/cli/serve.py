@@ -26,6 +26,7 @@ def run(args: argparse.Namespace) -> int:
     # lazy: uvicorn, FastAPI and MLflow load only for `serve`
     import uvicorn
 
+    from pipeline.project.params import load_params
     from pipeline.serve.app import settings_env
     from pipeline.tracking.lineage import absolute_store
 
@@ -33,8 +34,6 @@ def run(args: argparse.Namespace) -> int:
         raise ParamsError("--workers must be at least 1 and --poll above 0 seconds")
     tracking_uri, model = args.tracking_uri, args.model
     if tracking_uri is None or model is None:  # outside a project (a container) both must be given
-        from pipeline.project.params import load_params
-
         try:
             settings = load_params()["mlflow"]
         except ParamsError as exc:
