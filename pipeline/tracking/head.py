@@ -204,7 +204,12 @@ def _server_lease(uri: str, name: str, me: str, lease: str) -> bool:
     if model is None:
         return False
     _refuse(_server_head(uri, name, LEASE_TAG), me)
-    _server_call(uri, "POST", "set-tag", {"name": name, "key": LEASE_TAG, "value": lease}, name)
+    try:
+        _server_call(uri, "POST", "set-tag", {"name": name, "key": LEASE_TAG, "value": lease}, name)
+    except StoreError:  # a server may reject one of two writes of the same tag at once: the other clone's
+        time.sleep(SETTLE_SECONDS)
+        _refuse(_server_head(uri, name, LEASE_TAG), me)
+        raise
     time.sleep(SETTLE_SECONDS)
     _refuse(_server_head(uri, name, LEASE_TAG), me)  # a clone that wrote after this one holds it
     return True
