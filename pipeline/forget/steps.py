@@ -15,8 +15,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from pipeline.audit.keyring import anchor, audit_key, audit_log, origin, signing_key
-from pipeline.audit.secrets import audit_key_id, id_digest, seal
+from pipeline.audit.keyring import anchor, audit_key, audit_keys, audit_log, origin, signing_key
+from pipeline.audit.secrets import audit_key_id, forgotten_by, id_digest, seal
 from pipeline.data.dataset import read_table
 from pipeline.errors import StoreError
 from pipeline.forget import flow
@@ -119,12 +119,7 @@ def _forgotten(root: Path, params: dict[str, Any]) -> Callable[[Iterable[str]], 
     records = log.summaries()  # verified: a forged or planted record must not make an ID look forgotten
     if not records:  # nothing forgotten yet: do not create the audit key just to look (input checks and
         return lambda sample_ids: {}  # --dry-run must leave the project untouched)
-    key = audit_key(root, params, log)
-    owners: dict[str, list[str]] = {}
-    for record in records:
-        for digest in record["forgotten_ids"]:
-            owners.setdefault(digest, []).append(record["request_id"])
-    return lambda sample_ids: {i: found for i in sample_ids if (found := owners.get(id_digest(key, i)))}
+    return forgotten_by(records, audit_keys(root, params, log))  # each record under the audit key it names
 
 
 def _plan(root: Path, requests: Sequence[DeletionRequest], params: dict[str, Any]) -> flow.Plan:
@@ -283,7 +278,7 @@ def audit(root: Path, journal: flow.Journal, plan: flow.Plan, params: dict[str, 
                      "not_present_ids": _digests(hmac_key, own & set(plan.unknown_ids))}
         log.append(predicate, flow.subjects(root), signing)
     pending.recorded(root, completed)
-    note = log.checkpoint(origin(hmac_key), signing)
+    note = log.checkpoint(origin(log, hmac_key), signing)
     anchor(root, params, note)
     version = journal.results.get("registry", {}).get("model_version")
     if version is not None:
