@@ -505,6 +505,33 @@ def test_key_rotation_is_a_record_signed_by_the_old_key(log: AuditLog, three: li
     assert predicate["new_key_id"] == key_id(new_key.public_key())
 
 
+def test_an_audit_key_rotation_keys_the_records_after_it(log: AuditLog, three: list[Path],
+                                                         signing_key: Ed25519PrivateKey, audit_key: bytes) -> None:
+    new_key = os.urandom(32)
+    rotation = log.rotate_audit_key(audit_key, new_key, signing_key)
+    assert rotation.name == "000004-audit-key-rotation-000004.json"
+    predicate = payload_of(rotation)["predicate"]
+    assert (predicate["old_audit_key_id"], predicate["new_audit_key_id"]) == (audit_key_id(audit_key),
+                                                                              audit_key_id(new_key))
+    log.append({"request_id": "req-5", "audit_key_id": audit_key_id(new_key),
+                "forgotten_ids": [id_digest(new_key, "mnist-00005")]}, {}, signing_key)
+    new_process()
+    assert log.verify() == []
+    assert log.audit_key_ids() == [audit_key_id(audit_key), audit_key_id(new_key)]
+    assert [s["request_id"] for s in log.summaries()] == ["req-1", "req-2", "req-3", "req-5"]  # forgets only
+    assert log.find_id([audit_key, new_key], "mnist-00002") == ["req-1"]  # each record under its own key
+    assert log.find_id([audit_key, new_key], "mnist-00005") == ["req-5"]
+    assert log.find_id([new_key], "mnist-00002") == []  # the retired key is needed for the records it keyed
+    log.append({"request_id": "req-6", "audit_key_id": audit_key_id(audit_key)}, {}, signing_key)
+    assert any("000006-req-6.json: keyed with audit key" in p and "the key in force is" in p for p in log.verify())
+
+
+def test_an_audit_key_rotation_must_replace_the_key_in_force(log: AuditLog, three: list[Path],
+                                                            signing_key: Ed25519PrivateKey) -> None:
+    log.rotate_audit_key(os.urandom(32), os.urandom(32), signing_key)
+    assert any("audit-key rotation replaces key" in p for p in log.verify())
+
+
 def test_a_rotation_signed_by_an_untrusted_key_does_not_take_effect(log: AuditLog, three: list[Path]) -> None:
     intruder = Ed25519PrivateKey.generate()
     stmt = payload_of(three[2])["predicate"]

@@ -25,10 +25,12 @@ from typing import Any
 from pipeline.audit.envelope import key_id
 from pipeline.audit.keyring import (
     AUDIT_KEY,
+    CHECKPOINT,
     IN_PROJECT,
     NEXT,
     RETIRED,
     SIGNING_KEY,
+    TRUSTED_KEYS,
     VERIFIED,
     anchor,
     audit_key,
@@ -125,9 +127,11 @@ def backup(root: Path, params: dict[str, Any], dest: Path) -> int:
     return len(files)
 
 
-def restore(root: Path, params: dict[str, Any], src: Path) -> list[str]:
-    """Put the files of a backup into the key dir. Checks everything first: a file that exists with other bytes
-    refuses the whole restore (nothing is written), since it may be the only copy of a key."""
+def restore(root: Path, params: dict[str, Any], src: Path) -> tuple[list[str], list[str]]:
+    """Put the files of a backup that are missing into the key dir; return those restored, and the public files
+    kept as they are (the pins and the kept checkpoint, which later rotations and forgets advance past the
+    backup's). Checks everything first: a key file that exists with other bytes refuses the whole restore
+    (nothing is written), since it may be the only copy of a key."""
     data = read_secret(src)
     if data is None:
         raise AuditError(f"{src}: no such backup file")
@@ -145,7 +149,8 @@ def restore(root: Path, params: dict[str, Any], src: Path) -> list[str]:
     for name in files:
         if Path(name).is_absolute() or ".." in Path(name).parts or not name:
             raise AuditError(f"{src}: file name {name!r} is not inside the key dir")
-    clashes = [name for name, content in files.items() if _read(keys / name) not in (None, content)]
+    differ = sorted(name for name, content in files.items() if _read(keys / name) not in (None, content))
+    clashes = [name for name in differ if name not in (TRUSTED_KEYS, CHECKPOINT)]
     if clashes:
         raise AuditError(f"{keys}: {', '.join(sorted(clashes))} exist with other bytes than the backup's; nothing "
                          "was restored (move them aside first if the backup's are the ones to keep)")
@@ -153,7 +158,7 @@ def restore(root: Path, params: dict[str, Any], src: Path) -> list[str]:
     for name in restored:
         (keys / name).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         keep_secret(keys / name, files[name])
-    return restored
+    return restored, [name for name in differ if name not in clashes]
 
 
 def move(root: Path, params: dict[str, Any]) -> Path:

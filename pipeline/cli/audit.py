@@ -106,8 +106,10 @@ def _keys(root: Path, params: dict[str, object], args: argparse.Namespace) -> in
             print(f"wrote {count} key dir file(s) to {args.dest} (mode 0600)")
             say(keyops.LOSS)
         elif args.action == "restore-keys":
-            restored = keyops.restore(root, params, args.src)
+            restored, kept = keyops.restore(root, params, args.src)
             print(f"restored {len(restored)} file(s): {', '.join(restored) or 'none (all were already there)'}")
+            if kept:
+                print(f"kept the key dir's own {', '.join(kept)} (the backup's are older or another)")
         else:
             print(f"moved the audit keys to {keyops.move(root, params)}")
     return 0
