@@ -107,16 +107,21 @@ def test_backup_and_restore_keep_every_key_and_never_overwrite(tmp_path: Path) -
 
 
 def test_move_keys_takes_an_older_projects_keys_out_of_its_folder(tmp_path: Path) -> None:
-    root, params = tmp_path / "project", {"project": {"id": uuid.uuid4().hex}}
+    root = tmp_path / "project"
     (root / IN_PROJECT).mkdir(parents=True)
+    (root / "params.yaml").write_text(f"project:\n  id: {uuid.uuid4().hex}\naudit:\n  key_dir: .legonet/keys  # "
+                                      "the template's value before the per-user default\n")
+    params = load_params(root)
     keys = _keys(root, params)
     assert keys == root / IN_PROJECT
     files = {p.relative_to(keys).as_posix(): p.read_bytes() for p in keys.rglob("*") if p.is_file()}
     target = keyops.move(root, params)
+    params = load_params(root)
+    assert params["audit"]["key_dir"] is None and "# the template's value" in (root / "params.yaml").read_text()
     assert target == key_dir(root, params) and not target.is_relative_to(root) and not keys.exists()
     files.pop("verified-log.json")
     assert {p.relative_to(target).as_posix(): p.read_bytes() for p in target.rglob("*") if p.is_file()} == files
-    with pytest.raises(AuditError, match="no keys inside the project folder"):
+    with pytest.raises(AuditError, match="already outside the project folder"):
         keyops.move(root, params)
     (root / IN_PROJECT).mkdir()  # another copy's keys, clashing with those moved: refused, and put back
     load_or_create_audit_key(root / IN_PROJECT / "audit.key")

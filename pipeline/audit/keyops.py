@@ -26,7 +26,7 @@ from pipeline.audit.envelope import key_id
 from pipeline.audit.keyring import (
     AUDIT_KEY,
     CHECKPOINT,
-    IN_PROJECT,
+    KEY_DIR_ENV,
     NEXT,
     RETIRED,
     SIGNING_KEY,
@@ -35,6 +35,7 @@ from pipeline.audit.keyring import (
     anchor,
     audit_key,
     audit_log,
+    default_key_dir,
     key_dir,
     origin,
     pin,
@@ -49,7 +50,8 @@ from pipeline.audit.secrets import (
     read_secret,
 )
 from pipeline.errors import AuditError
-from pipeline.project.params import commit_project
+from pipeline.project.init import set_params
+from pipeline.project.params import PARAMS, commit_project
 from pipeline.tracking.identity import project_id
 
 BACKUP_FORMAT = "https://legonet.dev/key-backup/v1"
@@ -163,21 +165,28 @@ def restore(root: Path, params: dict[str, Any], src: Path) -> tuple[list[str], l
 
 def move(root: Path, params: dict[str, Any]) -> Path:
     """Move a project's keys out of its folder (``.legonet/keys``, where projects made before the per-user
-    default keep them) to the key dir it resolves to without them; copied and checked before anything is
-    removed."""
-    source = root / IN_PROJECT
-    if not source.is_dir():
-        raise AuditError(f"{source}: no keys inside the project folder; they are in {key_dir(root, params)}")
+    default keep them, named by ``audit.key_dir`` or found there) to the per-user key dir; ``audit.key_dir`` is
+    reset in params.yaml. Everything is copied and checked before the old folder is removed."""
+    source = key_dir(root, params)
+    if not source.resolve().is_relative_to(root.resolve()):
+        raise AuditError(f"the audit keys are in {source}, already outside the project folder")
+    if os.environ.get(KEY_DIR_ENV):
+        raise AuditError(f"{KEY_DIR_ENV} names {source}, inside the project folder: point it elsewhere and move "
+                         "the files there yourself")
     files = _files(source)
-    os.rename(source, hidden := source.with_name(".keys-moving"))  # the resolver now looks past it
+    hidden = source.with_name(f".{source.name}-moving")
+    os.rename(source, hidden)  # the resolver now looks past it
     try:
-        target = key_dir(root, params)
+        target = default_key_dir(params)
         for name, content in sorted(files.items()):
             (target / name).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             keep_secret(target / name, content)
+        if params.get("audit", {}).get("key_dir"):
+            set_params(root / PARAMS, {"audit.key_dir": None})
     except BaseException:
         os.rename(hidden, source)
         raise
+    commit_project(root, "legonet audit move-keys: the audit keys are outside the project folder")
     shutil.rmtree(hidden)
     return target
 

@@ -51,15 +51,14 @@ _FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 
 def key_dir(root: Path, params: dict[str, Any]) -> Path:
     """The folder of the audit secrets: ``LEGONET_KEY_DIR``, else ``audit.key_dir``, else a project's
-    ``.legonet/keys`` that exists (made before the per-user default), else ``default_key_dir``. Refused inside
-    ``audit/`` or anywhere in the project git would commit."""
+    ``.legonet/keys`` that exists (a project made before the per-user default), else ``default_key_dir``.
+    Refused inside ``audit/`` or anywhere in the project git would commit; inside the project folder, said once."""
     configured = os.environ.get(KEY_DIR_ENV) or params.get("audit", {}).get("key_dir")
     if configured:
         path = Path(configured).expanduser()
         path = path if path.is_absolute() else root / path
     elif (root / IN_PROJECT).is_dir():
         path = root / IN_PROJECT
-        _note_in_project(root)
     else:
         return default_key_dir(params)
     resolved, project = path.resolve(), root.resolve()
@@ -70,6 +69,8 @@ def key_dir(root: Path, params: dict[str, Any]) -> Path:
             ["git", "check-ignore", "-q", "--no-index", str(resolved / AUDIT_KEY)], cwd=root).returncode != 0:
         raise AuditError(f"audit.key_dir {configured!r} is inside the project and not ignored by git, so "
                          "`git add` would commit the private keys; use a folder outside it")
+    if resolved.is_relative_to(project):
+        _note_in_project(path)
     return path
 
 
@@ -85,14 +86,13 @@ def default_key_dir(params: dict[str, Any]) -> Path:
 _NOTED: set[Path] = set()
 
 
-def _note_in_project(root: Path) -> None:
+def _note_in_project(path: Path) -> None:
     """Say once per process that the keys travel with the project folder, and how to move them out."""
-    if root.resolve() in _NOTED:
+    if path.resolve() in _NOTED:
         return
-    _NOTED.add(root.resolve())
-    print(f"note: the audit keys are in {root / IN_PROJECT}, inside the project folder, so a copy or an archive "
-          "of the folder carries them; `legonet audit move-keys` moves them to the per-user key dir",
-          file=sys.stderr)
+    _NOTED.add(path.resolve())
+    print(f"note: the audit keys are in {path}, inside the project folder, so a copy or an archive of the folder "
+          "carries them; `legonet audit move-keys` moves them to the per-user key dir", file=sys.stderr)
 
 
 def trusted_fingerprints(root: Path, params: dict[str, Any], given: Sequence[str] = ()) -> frozenset[str]:

@@ -219,8 +219,9 @@ class AuditLog:
         return forgotten_by(self.summaries(), audit_keys)([sample_id]).get(sample_id, [])
 
     def verify(self) -> list[str]:
-        """Every problem found in the log, one line each naming the file(s); empty when the log is intact."""
-        return self._scan().problems
+        """Every problem found in the log, one line each naming the file(s); empty when the log is intact (a copy:
+        a caller that adds its own problems must not make the verified scan fail)."""
+        return list(self._scan().problems)
 
     def active_keys(self) -> set[str]:
         """The fingerprints trusted to sign the next record (the pinned ones, as rotations left them)."""
@@ -370,8 +371,9 @@ class AuditLog:
 
     def _write_memo(self, scan: _Scan) -> None:
         """Keep a clean pass for the next one. Only beside an existing key dir; a memo that cannot be written
-        (a read-only key dir) costs later passes time, never correctness, so the error is not raised."""
-        if self.memo is None or not self.memo.parent.is_dir():
+        (a read-only key dir) costs later passes time, never correctness, so the error is not raised. An empty log
+        leaves none: there is nothing to skip, and a read before the first forget writes nothing."""
+        if self.memo is None or not self.memo.parent.is_dir() or not scan.entries:
             return
         memo = {"format": _MEMO_FORMAT, "log": str(self.log_dir.resolve()), "trusted": sorted(scan.trusted),
                 "public_key_file": scan.public_key_file, "active": sorted(scan.active),
