@@ -196,8 +196,10 @@ def _manifest(path: Path, request_id: str, ids: list[str]) -> str:
 
 
 def test_rotating_both_keys_between_forgets_keeps_every_record_receipt_and_id_checkable(
-        built_project: Path, tmp_path: Path) -> None:
+        built_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = copy_project(built_project, tmp_path / "project")  # keys in .legonet/keys: a project made before
+    # the copy has the session project's ID: its per-user key dir must not be the one other copies start from
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data-home"))
     part0 = sorted(read_table(root / "data/routing.parquet").query("partition == 0")["sample_id"])
     first, second = part0[:2], part0[2:4]
     forgot = legonet("forget", _manifest(tmp_path / "a.json", "req-a", first), cwd=root)
