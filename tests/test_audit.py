@@ -70,7 +70,8 @@ def three(log: AuditLog, signing_key: Ed25519PrivateKey, audit_key: bytes) -> li
     process's (nothing verified in memory) that finds the three records in the memo."""
     paths = [
         log.append(
-            {"request_id": request_id, "forgotten_ids": [id_digest(audit_key, i) for i in ids]},
+            {"request_id": request_id, "forgotten_ids": [id_digest(audit_key, i) for i in ids],
+             "audit_key_id": audit_key_id(audit_key)},
             {"models/package/model.pkl": DIGEST_A, "models/adapters/adapter-0001.safetensors": DIGEST_B},
             signing_key,
         )
@@ -197,10 +198,10 @@ def test_find_and_find_id(log: AuditLog, three: list[Path], audit_key: bytes) ->
     found = log.find("req-2")
     assert found is not None and found["predicate"]["sequence"] == 2
     assert log.find("req-9") is None
-    assert log.find_id(audit_key, "mnist-00002") == ["req-1"]
-    assert log.find_id(audit_key, "mnist-00004") == ["req-3"]
-    assert log.find_id(audit_key, "mnist-00005") == []  # never forgotten
-    assert log.find_id(b"x" * 32, "mnist-00001") == []  # the wrong audit key finds nothing
+    assert log.find_id([audit_key], "mnist-00002") == ["req-1"]
+    assert log.find_id([audit_key], "mnist-00004") == ["req-3"]
+    assert log.find_id([audit_key], "mnist-00005") == []  # never forgotten
+    assert log.find_id([b"x" * 32], "mnist-00001") == []  # the wrong audit key finds nothing
 
 
 def test_files_never_hold_raw_sample_ids(tmp_path: Path, three: list[Path]) -> None:
@@ -242,7 +243,7 @@ def test_append_with_an_untrusted_key_is_refused(log: AuditLog, three: list[Path
 
 
 def test_empty_log(log: AuditLog) -> None:
-    assert (log.records(), log.verify(), log.find("r"), log.find_id(b"k" * 32, "x")) == ([], [], None, [])
+    assert (log.records(), log.verify(), log.find("r"), log.find_id([b"k" * 32], "x")) == ([], [], None, [])
 
 
 # --- the memo of the last clean pass ---
@@ -457,7 +458,7 @@ def test_a_planted_unsigned_record_is_refused_by_every_reader(log: AuditLog, thr
     problems = log.verify()
     assert any(p.startswith("000004-req-9.json: signed by key 0000000000000000, which is not trusted")
                for p in problems), problems
-    for read in (log.records, lambda: log.find("req-9"), lambda: log.find_id(audit_key, "mnist-00009")):
+    for read in (log.records, lambda: log.find("req-9"), lambda: log.find_id([audit_key], "mnist-00009")):
         with pytest.raises(AuditError, match=r"does not verify, so nothing in it is used: 000004-req-9\.json"):
             read()
 
@@ -489,11 +490,11 @@ def test_without_a_trusted_fingerprint_nothing_is_trusted(log: AuditLog, three: 
 
 
 def test_key_rotation_is_a_record_signed_by_the_old_key(log: AuditLog, three: list[Path],
-                                                        signing_key: Ed25519PrivateKey) -> None:
+                                                        signing_key: Ed25519PrivateKey, audit_key: bytes) -> None:
     new_key = Ed25519PrivateKey.generate()
     rotation = log.rotate(signing_key, new_key.public_key())
     assert rotation.name == "000004-key-rotation-000004.json"
-    log.append({"request_id": "req-5"}, {}, new_key)
+    log.append({"request_id": "req-5", "audit_key_id": audit_key_id(audit_key)}, {}, new_key)
     assert log.verify() == []  # a reader who pinned only the old key follows the rotation
     assert [r["predicate"]["request_id"] for r in log.records()] == ["req-1", "req-2", "req-3", "req-5"]
     assert log.active_keys() == {key_id(new_key.public_key())}
@@ -502,6 +503,33 @@ def test_key_rotation_is_a_record_signed_by_the_old_key(log: AuditLog, three: li
     predicate = payload_of(rotation)["predicate"]
     assert predicate["signing_key_id"] == key_id(signing_key.public_key())
     assert predicate["new_key_id"] == key_id(new_key.public_key())
+
+
+def test_an_audit_key_rotation_keys_the_records_after_it(log: AuditLog, three: list[Path],
+                                                         signing_key: Ed25519PrivateKey, audit_key: bytes) -> None:
+    new_key = os.urandom(32)
+    rotation = log.rotate_audit_key(audit_key, new_key, signing_key)
+    assert rotation.name == "000004-audit-key-rotation-000004.json"
+    predicate = payload_of(rotation)["predicate"]
+    assert (predicate["old_audit_key_id"], predicate["new_audit_key_id"]) == (audit_key_id(audit_key),
+                                                                              audit_key_id(new_key))
+    log.append({"request_id": "req-5", "audit_key_id": audit_key_id(new_key),
+                "forgotten_ids": [id_digest(new_key, "mnist-00005")]}, {}, signing_key)
+    new_process()
+    assert log.verify() == []
+    assert log.audit_key_ids() == [audit_key_id(audit_key), audit_key_id(new_key)]
+    assert [s["request_id"] for s in log.summaries()] == ["req-1", "req-2", "req-3", "req-5"]  # forgets only
+    assert log.find_id([audit_key, new_key], "mnist-00002") == ["req-1"]  # each record under its own key
+    assert log.find_id([audit_key, new_key], "mnist-00005") == ["req-5"]
+    assert log.find_id([new_key], "mnist-00002") == []  # the retired key is needed for the records it keyed
+    log.append({"request_id": "req-6", "audit_key_id": audit_key_id(audit_key)}, {}, signing_key)
+    assert any("000006-req-6.json: keyed with audit key" in p and "the key in force is" in p for p in log.verify())
+
+
+def test_an_audit_key_rotation_must_replace_the_key_in_force(log: AuditLog, three: list[Path],
+                                                            signing_key: Ed25519PrivateKey) -> None:
+    log.rotate_audit_key(os.urandom(32), os.urandom(32), signing_key)
+    assert any("audit-key rotation replaces key" in p for p in log.verify())
 
 
 def test_a_rotation_signed_by_an_untrusted_key_does_not_take_effect(log: AuditLog, three: list[Path]) -> None:
@@ -516,10 +544,10 @@ def test_a_rotation_signed_by_an_untrusted_key_does_not_take_effect(log: AuditLo
 
 
 def test_checkpoints_catch_truncation_and_rollback(log: AuditLog, three: list[Path],
-                                                  signing_key: Ed25519PrivateKey) -> None:
+                                                  signing_key: Ed25519PrivateKey, audit_key: bytes) -> None:
     kept = log.checkpoint("legonet.local/audit/test", signing_key)
     assert kept.splitlines()[1] == "3" and log.extends(kept) == []
-    log.append({"request_id": "req-4"}, {}, signing_key)
+    log.append({"request_id": "req-4", "audit_key_id": audit_key_id(audit_key)}, {}, signing_key)
     assert log.extends(kept) == []  # the log grew: it still extends what was published
     sorted(log.log_dir.iterdir())[-1].unlink()
     three[2].unlink()  # drop the two newest: what is left is still an intact chain
@@ -595,7 +623,7 @@ def test_a_receipt_verifies_offline_and_refuses_tampering(log: AuditLog, three: 
     receipt = make_receipt(log, "req-2", log.checkpoint("legonet.local/audit/test", signing_key))
     assert verify_receipt(receipt, fingerprint)["predicate"]["request_id"] == "req-2"
     assert receipt["leaf_index"] == 1 and receipt["record"].encode() == three[1].read_bytes()
-    with pytest.raises(AuditError, match="not the trusted key"):
+    with pytest.raises(AuditError, match="not a trusted key"):
         verify_receipt(receipt, "0" * 64)
     other = {**receipt, "record": three[2].read_text()}
     with pytest.raises(AuditError, match="not leaf 1 of the checkpointed tree"):
@@ -648,7 +676,7 @@ def test_a_deeply_nested_receipt_is_an_audit_error(tmp_path: Path, signing_key: 
     path = tmp_path / "receipt.json"
     path.write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(AuditError, match="nested too deeply"):
-        check_receipt(path, key_id(signing_key.public_key()))
+        check_receipt(path, [key_id(signing_key.public_key())])
 
 
 # --- where the keys may live, the journal, the commit, paths from DVC's files ---

@@ -12,8 +12,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline.audit.keyring import anchor, audit_key, audit_log, origin, signing_key
-from pipeline.audit.secrets import audit_key_id, id_digest, seal
+from pipeline.audit.keyring import anchor, audit_key, audit_keys, audit_log, origin, signing_key
+from pipeline.audit.secrets import audit_key_id, forgotten_by, id_digest, seal
 from pipeline.data.quality import RESULT, read_result
 from pipeline.project.params import params_digest
 from pipeline.tracking.lineage import file_sha256, git_revision, platform_tags
@@ -32,12 +32,7 @@ def forgotten_lookup(root: Path, params: dict[str, Any]) -> Forgotten:
     records = log.summaries()  # verified: a forged or planted record must not make an ID look forgotten
     if not records:  # nothing forgotten yet: do not create the audit key just to look (input checks and
         return lambda sample_ids: {}  # --dry-run must leave the project untouched)
-    key = audit_key(root, params, log)
-    owners: dict[str, list[str]] = {}
-    for record in records:
-        for digest in record["forgotten_ids"]:
-            owners.setdefault(digest, []).append(record["request_id"])
-    return lambda sample_ids: {i: found for i in sample_ids if (found := owners.get(id_digest(key, i)))}
+    return forgotten_by(records, audit_keys(root, params, log))  # each record under the audit key it names
 
 
 def write_records(root: Path, journal: Any, plan: Any, measured: dict[str, Any], params: dict[str, Any],
@@ -93,7 +88,7 @@ def write_records(root: Path, journal: Any, plan: Any, measured: dict[str, Any],
                      "already_forgotten_ids": _digests(hmac_key, own & set(plan.already_forgotten)),
                      "not_present_ids": _digests(hmac_key, own & set(plan.unknown_ids))}
         log.append(predicate, subjects, signing)
-    note = log.checkpoint(origin(hmac_key), signing)
+    note = log.checkpoint(origin(log, hmac_key), signing)
     anchor(root, params, note)
     return note
 

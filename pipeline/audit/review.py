@@ -20,10 +20,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 from safetensors.numpy import save
 
-from pipeline.audit.keyring import audit_key, audit_log, key_dir, origin, signing_key
+from pipeline.audit.checks import artifact_chain_problems
+from pipeline.audit.keyring import AUDIT_KEY, audit_key, audit_keys, audit_log, key_dir, origin, signing_key
 from pipeline.audit.log import AuditLog
 from pipeline.audit.receipt import make_receipt, verify_receipt
-from pipeline.audit.secrets import id_digest, read_public_keys, unseal
+from pipeline.audit.secrets import audit_key_id, forgotten_by, read_public_keys, unseal
 from pipeline.data.dataset import read_embeddings, write_embeddings
 from pipeline.errors import AuditError, AuditFailed, IdentityError
 from pipeline.forget import flow
@@ -47,13 +48,15 @@ def verify(root: Path, params: dict[str, Any], rebuild: bool = False, trusted: S
     log = audit_log(root, params, trusted, checkpoints)
     problems = log.verify()  # also proves, by consistency proofs, that the log extends every kept checkpoint
     records = [] if problems else log.records()
-    key: bytes | None = None
+    keys: list[bytes] | None = None
     if log.leaf_data() and not problems:
         try:
-            key = audit_key(root, params, log)
+            keys = audit_keys(root, params, log)
         except AuditError as exc:
             problems.append(f"audit key: {exc}")
-    passed = [f"{len(records)} forget record(s): trusted signatures, hash chain and Merkle tree intact"]
+    problems += artifact_chain_problems([r["predicate"] for r in records])
+    passed = [f"{len(records)} forget record(s): trusted signatures, hash chain and Merkle tree intact",
+              "each record starts from the artifacts the one before it left (or from a build recorded between)"]
     passed += [f"the log extends {where} (consistency proof)" for where, _ in log.anchors]
     if records:
         last = records[-1]
@@ -61,8 +64,8 @@ def verify(root: Path, params: dict[str, Any], rebuild: bool = False, trusted: S
         if last["predicate"]["dvc_lock"]["after"] != dvc_lock_digest(root):
             problems.append(f"dvc.lock changed since the last audited request {last['predicate']['request_id']}")
     problems += _workspace_problems(root) + _dvc_status_problems(root)
-    if key is not None:
-        found = _forgotten_present(root, records, key)
+    if keys is not None:
+        found = _forgotten_present(root, log.summaries(), keys)
         problems += [f"forgotten sample of request(s) {', '.join(r)} is present in {p}" for p, r in found]
     problems += pending.outstanding(root, records)  # purges a store refused, not finished since
     problems += remote_residue(root, records)  # superseded objects in any configured DVC remote (S3 included)
@@ -145,13 +148,11 @@ def _workspace_problems(root: Path) -> list[str]:
     return problems
 
 
-def _forgotten_present(root: Path, records: list[dict[str, Any]], key: bytes) -> list[tuple[str, list[str]]]:
-    owners: dict[str, list[str]] = {}
-    for record in records:
-        for digest in record["predicate"].get("forgotten_ids", []):
-            owners.setdefault(digest, []).append(record["predicate"]["request_id"])
-    if not owners:
+def _forgotten_present(root: Path, summaries: list[dict[str, Any]], keys: list[bytes]
+                       ) -> list[tuple[str, list[str]]]:
+    if not any(summary["forgotten_ids"] for summary in summaries):
         return []
+    owners = forgotten_by(summaries, keys)
     tables = [p for p in (root / "data").rglob("*.parquet")]
     stores = [dvc_cache(root), *local_remotes(root).values()]  # the remotes too, as verify promises
     # only this project's objects: a shared cache or remote holds other projects' tables, whose forgets are theirs
@@ -163,7 +164,7 @@ def _forgotten_present(root: Path, records: list[dict[str, Any]], key: bytes) ->
             ids = pq.read_table(table, columns=["sample_id"]).column(0).to_pylist()
         except (OSError, KeyError, ValueError):
             continue
-        hits = sorted({r for i in ids for r in owners.get(id_digest(key, i), [])})
+        hits = sorted({r for requests in owners(ids).values() for r in requests})
         if hits:
             found.append((table.relative_to(root).as_posix() if table.is_relative_to(root) else str(table), hits))
     return found
@@ -221,15 +222,17 @@ def show(root: Path, params: dict[str, Any], request_id: str, trusted: Sequence[
         raise AuditFailed(f"no audit record for request {request_id!r}; `legonet audit report` lists them")
     opened = _opener(root, params, log)
     sealed = record["predicate"].get("sealed")
-    return {**record, "opened": opened(sealed)} if opened and isinstance(sealed, str) else record
+    opens = opened and isinstance(sealed, str)
+    return {**record, "opened": opened(record["predicate"]["audit_key_id"], sealed)} if opens else record
 
 
 def _opener(root: Path, params: dict[str, Any], log: AuditLog) -> Any:
-    """unseal under the audit key, or None for a reader without it (the record stays opaque to them)."""
-    if not (key_dir(root, params) / "audit.key").exists():
+    """(audit key id, sealed) -> the opened fields, under the audit key the record names; None for a reader
+    without the keys (the records stay opaque to them)."""
+    if not (key_dir(root, params) / AUDIT_KEY).exists():
         return None
-    key = audit_key(root, params, log)
-    return lambda sealed: unseal(key, sealed)
+    keys = {audit_key_id(key): key for key in audit_keys(root, params, log)}
+    return lambda named, sealed: unseal(keys[named], sealed)
 
 
 def check_id(root: Path, params: dict[str, Any], sample_id: str, trusted: Sequence[str] = (),
@@ -239,7 +242,7 @@ def check_id(root: Path, params: dict[str, Any], sample_id: str, trusted: Sequen
     records = log.records()
     if not records:  # nothing forgotten: do not create the audit key just to look
         return []
-    found = set(log.find_id(audit_key(root, params, log), sample_id))
+    found = set(log.find_id(audit_keys(root, params, log), sample_id))
     return [{"request_id": r["predicate"]["request_id"], "recorded_at": r["predicate"]["recorded_at"]}
             for r in records if r["predicate"]["request_id"] in found]
 
@@ -248,7 +251,7 @@ def checkpoint(root: Path, params: dict[str, Any], trusted: Sequence[str] = (),
                checkpoints: Sequence[Path] = ()) -> str:
     """The current signed checkpoint (tree size and root of the verified log), signed with the project's key."""
     log = audit_log(root, params, trusted, checkpoints)
-    return log.checkpoint(origin(audit_key(root, params, log)), signing_key(root, params, log))
+    return log.checkpoint(origin(log, audit_key(root, params, log)), signing_key(root, params, log))
 
 
 def receipt(root: Path, params: dict[str, Any], request_id: str, trusted: Sequence[str] = (),
@@ -258,23 +261,26 @@ def receipt(root: Path, params: dict[str, Any], request_id: str, trusted: Sequen
                         checkpoint(root, params, trusted, checkpoints))
 
 
-def check_receipt(path: Path, trusted_key: str) -> list[str]:
-    """Verify a receipt file with no project: KEY is a PEM public key file or a 64-hex fingerprint."""
+def check_receipt(path: Path, trusted_keys: Sequence[str]) -> list[str]:
+    """Verify a receipt file with no project: each KEY is a PEM public key file (every key in it is trusted) or a
+    64-hex fingerprint."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise AuditError(f"{path}: cannot read the receipt ({exc})") from exc
     except RecursionError:
         raise AuditError(f"{path}: not a receipt (JSON nested too deeply)") from None
-    fingerprints = sorted(read_public_keys(Path(trusted_key))) if Path(trusted_key).is_file() else [trusted_key]
-    if len(fingerprints) != 1 or not re.fullmatch(r"[0-9a-f]{64}", fingerprints[0]):
-        raise AuditError(f"--trusted-key {trusted_key!r}: give one PEM public key file or one 64-hex fingerprint")
+    fingerprints = {f for given in trusted_keys
+                    for f in (read_public_keys(Path(given)) if Path(given).is_file() else [given])}
+    if not fingerprints or not all(re.fullmatch(r"[0-9a-f]{64}", f) for f in fingerprints):
+        raise AuditError(f"--trusted-key {', '.join(trusted_keys)!r}: give PEM public key files or 64-hex "
+                         "fingerprints")
     if not isinstance(data, dict):
         raise AuditError(f"{path}: not a receipt (a JSON object)")
-    stmt = verify_receipt(data, fingerprints[0])
+    stmt = verify_receipt(data, fingerprints)
     p = stmt["predicate"]
     return [f"receipt of request {p['request_id']} (record {p['sequence']}, {p['status']}, recorded "
-            f"{p['recorded_at']}): signed by key {fingerprints[0][:16]}",
+            f"{p['recorded_at']}): signed by key {p['signing_key_id'][:16]}",
             f"included in the signed checkpoint of {data['checkpoint'].splitlines()[1]} record(s)",
             f"{len(p.get('forgotten_ids', []))} sample(s) forgotten; model version "
             f"{p.get('registry', {}).get('model_version', '-')}"]
@@ -294,7 +300,7 @@ def report(root: Path, params: dict[str, Any], out: Path, trusted: Sequence[str]
              "<span class='ok'>trusted signatures, hash chain and Merkle tree verified</span></p>"]
     for record in records:
         p = record["predicate"]
-        meta = opened(p["sealed"]) if opened and isinstance(p.get("sealed"), str) else {}
+        meta = opened(p["audit_key_id"], p["sealed"]) if opened and isinstance(p.get("sealed"), str) else {}
         rows = [("request", p["request_id"]), ("reason", meta.get("reason", "(sealed)")),
                 ("received", meta.get("received_at", "(sealed)")), ("recorded", p["recorded_at"]),
                 ("status", p["status"]), ("samples removed", len(p["forgotten_ids"])),

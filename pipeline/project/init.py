@@ -22,8 +22,8 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedSeq
 from ruamel.yaml.scalarstring import DoubleQuotedScalarString
 
-from pipeline.audit.keyring import audit_key, audit_log
-from pipeline.audit.secrets import id_digest
+from pipeline.audit.keyring import audit_keys, audit_log
+from pipeline.audit.secrets import forgotten_by
 from pipeline.data.dataset import (
     SplitFractions,
     bundled_mnist,
@@ -152,12 +152,11 @@ def _refuse_unfinished_and_forgotten(root: Path, files: dict[Path, pd.DataFrame]
                           "finish it (re-run the same `legonet forget`) before replacing the data")
     params = load_params(root)
     log = audit_log(root, params)
-    forgotten = {digest for record in log.summaries() for digest in record["forgotten_ids"]}
-    if not forgotten:
+    summaries = log.summaries()
+    if not any(record["forgotten_ids"] for record in summaries):
         return
-    key = audit_key(root, params, log)
-    back = sorted(sample_id for path, frame in files.items() for sample_id in frame["sample_id"]
-                  if id_digest(key, sample_id) in forgotten)
+    back = sorted(forgotten_by(summaries, audit_keys(root, params, log))(
+        sample_id for frame in files.values() for sample_id in frame["sample_id"]))
     if back:
         shown = ", ".join(repr(i) for i in back[:5]) + (f" (and {len(back) - 5} more)" if len(back) > 5 else "")
         raise DataError(f"{len(back)} sample(s) of the new data were forgotten by an earlier request (the audit "
