@@ -17,6 +17,7 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # lazy: DVC and MLflow load only for the commands that need them (`legonet --help` stays instant)
+    from pipeline.forget import deferred
     from pipeline.forget.flow import project_lock
     from pipeline.project.params import commit_project, load_params
     from pipeline.runner.build import repro, summary, tag_build
@@ -28,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
     with project_lock(root, wait=True, notify=lambda m: console.print(m, highlight=False)):  # not under a forget
         params = load_params(root)
         check_head(root, params, project_store(params["mlflow"]))  # never build on data another clone forgot
+        deferred.check_deadlines(root, lambda m: console.print(m, highlight=False, soft_wrap=True))
         ran = repro(root, force=args.force, console=console)
         registered = tag_build(root) if ran else {}
         metrics = summary(root)

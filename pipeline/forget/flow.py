@@ -1,7 +1,7 @@
 """The forget flow (docs/design.md section 5): a deletion request in, exactly-unlearned artifacts, a signed record out.
 
-The flow is a journalled state machine, ``received -> data-removed -> rebuilt -> registered -> purged ->
-audited -> committed``. The journal (outside git, in ``.legonet/``) is written before each step's effects are
+The flow is a journalled state machine, ``received -> quarantined -> data-removed -> rebuilt -> registered ->
+purged -> audited -> committed``. The journal (outside git, in ``.legonet/``) is written before each step's effects are
 trusted, so a crash anywhere is finished by re-running the same command; every step is idempotent. One writer at
 a time holds the project lock.
 """
@@ -30,9 +30,9 @@ from pipeline.runner.build import address
 from pipeline.runner.worker import entry_point
 from pipeline.tracking.lineage import file_md5, file_sha256
 
-STATES = ("received", "data-removed", "rebuilt", "registered", "purged", "audited", "committed")
-PHASES = {"data-removed": "remove", "rebuilt": "rebuild", "registered": "register", "purged": "purge",
-          "audited": "audit", "committed": "commit"}
+STATES = ("received", "quarantined", "data-removed", "rebuilt", "registered", "purged", "audited", "committed")
+PHASES = {"quarantined": "quarantine", "data-removed": "remove", "rebuilt": "rebuild", "registered": "register",
+          "purged": "purge", "audited": "audit", "committed": "commit"}
 STATE_DIR = Path(".legonet")
 JOURNAL = STATE_DIR / "journal.json"
 LOCK = STATE_DIR / "lock"
@@ -262,7 +262,12 @@ def advance(journal: Journal, root: Path, state: str, started: float) -> None:
     journal.timings[phase] = round(journal.timings.get(phase, 0.0) + time.monotonic() - started, 3)
     journal.state = state
     journal.save(root)
-    if os.environ.get(CRASH_ENV) == state:
+    crash_point(state)
+
+
+def crash_point(name: str) -> None:
+    """The fault-injection hook: SIGKILL this process here when ``LEGONET_CRASH_AFTER`` names this point."""
+    if os.environ.get(CRASH_ENV) == name:
         os.kill(os.getpid(), signal.SIGKILL)
 
 

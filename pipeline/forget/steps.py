@@ -1,6 +1,7 @@
 """`legonet forget MANIFEST...`: apply deletion requests through the journalled flow of pipeline.forget.flow.
 
-Steps (docs/design.md section 5), one per state of the journal (``_run`` holds the table): remove the rows -> rebuild
+Steps (docs/design.md section 5), one per state of the journal (``_run`` holds the table): quarantine the adapters
+the requests activate (pipeline.tracking.quarantine) -> remove the rows -> rebuild
 the stages DVC's graph puts downstream of them -> register -> purge -> write the signed audit record -> commit to
 git. Re-running the same command after a crash finishes the job. A purge a store refuses does not stop the forget:
 it is kept as pending (pipeline.purge.pending), which every later forget retries first.
@@ -19,7 +20,7 @@ from pipeline.audit.keyring import anchor, audit_key, audit_log, origin, signing
 from pipeline.audit.secrets import audit_key_id, id_digest, seal
 from pipeline.data.dataset import read_table
 from pipeline.errors import StoreError
-from pipeline.forget import flow
+from pipeline.forget import deferred, flow
 from pipeline.forget.manifest import DeletionRequest, load_manifest, merge_requests
 from pipeline.project.code import check_all_code
 from pipeline.project.layout import REFERENCE
@@ -40,13 +41,18 @@ from pipeline.runner.worker import StageWorker, call, stage_worker, worker_modul
 from pipeline.tracking.head import check_head
 from pipeline.tracking.identity import project_id
 from pipeline.tracking.lineage import file_sha256, git_revision, platform_tags
+from pipeline.tracking.quarantine import publish
 from pipeline.tracking.registry import project_store
+
+TIMED = ("rebuilt", "purged")  # states whose time the record carries (as "retrained", "purged")
 
 
 def forget(root: Path, manifests: Sequence[Path], params: dict[str, Any], *, dry_run: bool = False,
-           wait: bool = True, allow_unknown: bool | None = None, say: Callable[[str], None] = print
-           ) -> dict[str, Any]:
-    """Apply the requests in ``manifests`` as one batch (one rebuild for the union); return a summary."""
+           wait: bool = True, allow_unknown: bool | None = None, say: Callable[[str], None] = print,
+           skip_recorded: bool = False) -> dict[str, Any]:
+    """Apply the requests in ``manifests`` as one batch (one rebuild for the union); return a summary.
+    ``skip_recorded``: leave out requests the audit log already records (a batch of deferred requests, some of
+    which a plain `legonet forget` has done since) instead of refusing the batch."""
     started = time.monotonic()
     requests = [load_manifest(m) for m in manifests]  # all parsing errors surface before anything else
     project_id(params)  # a project without its ID could not purge its MLflow objects: refuse before any change
@@ -66,13 +72,14 @@ def forget(root: Path, manifests: Sequence[Path], params: dict[str, Any], *, dry
         check_head(root, params, project_store(params["mlflow"]))  # another clone forgot since this one pulled?
         interrupted = flow.Journal.load(root)
         pending.retry(root, params, worker, say, skip=interrupted.request_ids if interrupted else ())
+        deferred.check_deadlines(root, say)
         if interrupted is not None and interrupted.batch != flow.batch_id(requests):
             say(f"finishing the interrupted forget of {', '.join(interrupted.request_ids)} first")
             _run(root, interrupted, params, executor, worker, say, resumed=True)  # a refused purge stays pending
             interrupted = None
         if interrupted is None:
             plan_started = time.monotonic()
-            journal = _start(root, requests, params, allow_unknown, modules, say)
+            journal = _start(root, requests, params, allow_unknown, modules, say, skip_recorded)
             if journal is None:
                 return {"status": "already-forgotten", "request_ids": [r.request_id for r in requests]}
             journal.timings.update(timings, plan=round(time.monotonic() - plan_started, 3))
@@ -94,6 +101,7 @@ def _run(root: Path, journal: flow.Journal, params: dict[str, Any], executor: st
     plan = flow.plan_of(journal)
     ids = set(journal.sample_ids)
     steps: dict[str, Callable[[], None]] = {  # the state a step reaches -> the step
+        "quarantined": lambda: quarantine(root, journal, params, worker, say),
         "data-removed": lambda: remove(root, plan, ids, say),
         "rebuilt": lambda: rebuild(root, journal, plan, ids, executor, worker, say, resumed),
         "registered": lambda: register(root, journal, plan, params["mlflow"], worker, say),
@@ -104,12 +112,15 @@ def _run(root: Path, journal: flow.Journal, params: dict[str, Any], executor: st
     for state in flow.STATES[flow.STATES.index(journal.state) + 1:]:
         started = time.monotonic()
         steps[state]()
+        if state in TIMED and plan.changes_data:  # when the request was retrained, purged: for the record
+            journal.results.setdefault("times", {})[state] = deferred.stamp(deferred.now())
         flow.advance(journal, root, state, started)
     refused = journal.results.get("purge", {}).get("status") == "pending"
     summary = {"status": plan.status, **({"purge_pending": journal.results["purge"]["reason"]} if refused else {}),
                "request_ids": journal.request_ids, "retrained_adapters": plan.adapters,
                "timings": journal.timings, **journal.results.get("registry", {})}
-    (root / flow.JOURNAL).unlink()  # holds raw IDs: gone once the record is written
+    deferred.drop(root, journal.request_ids)  # their stored manifests hold raw IDs too; before the journal goes,
+    (root / flow.JOURNAL).unlink()  # so a crash between the two is finished by re-running (the record is written)
     return summary
 
 
@@ -127,15 +138,17 @@ def _forgotten(root: Path, params: dict[str, Any]) -> Callable[[Iterable[str]], 
     return lambda sample_ids: {i: found for i in sample_ids if (found := owners.get(id_digest(key, i)))}
 
 
-def _plan(root: Path, requests: Sequence[DeletionRequest], params: dict[str, Any]) -> flow.Plan:
+def make_plan(root: Path, requests: Sequence[DeletionRequest], params: dict[str, Any]) -> flow.Plan:
     reference = set(read_table(root / REFERENCE)["sample_id"])
     return flow.plan_batch(root, merge_requests(requests), reference, _forgotten(root, params),
                            int(params["adapters"]["n"]), int(params["adapters"]["blocks"]))
 
 
 def _start(root: Path, requests: Sequence[DeletionRequest], params: dict[str, Any], allow_unknown: bool,
-           modules: frozenset[str], say: Callable[[str], None]) -> flow.Journal | None:
+           modules: frozenset[str], say: Callable[[str], None], skip_recorded: bool = False) -> flow.Journal | None:
     recorded = {r["request_id"] for r in audit_log(root, params, memo=True).summaries()}  # verified first
+    if skip_recorded and any(r.request_id not in recorded for r in requests):
+        requests = [r for r in requests if r.request_id not in recorded]
     done = [r.request_id for r in requests if r.request_id in recorded]
     if done and len(done) == len(requests):
         say(f"request(s) {', '.join(done)} already forgotten (see `legonet audit show {done[0]}`); nothing to do")
@@ -143,7 +156,7 @@ def _start(root: Path, requests: Sequence[DeletionRequest], params: dict[str, An
     if done:
         raise flow.ForgetError(f"request(s) {', '.join(done)} are already in the audit log; "
                                "run them separately from the new requests")
-    plan = _plan(root, requests, params)
+    plan = make_plan(root, requests, params)
     if plan.unknown_ids and not allow_unknown:
         raise flow.ForgetError(
             f"{len(plan.unknown_ids)} sample ID(s) are not in this project: {plan.unknown_ids[:5]}; check the "
@@ -162,6 +175,22 @@ def _start(root: Path, requests: Sequence[DeletionRequest], params: dict[str, An
                       "dvc_lock": dvc_lock_digest(root)}
     journal.save(root)
     return journal
+
+
+def quarantine(root: Path, journal: flow.Journal, params: dict[str, Any], worker: StageWorker | None,
+               say: Callable[[str], None]) -> None:
+    """Before any retraining: switch off, in every version a server may load, the adapters whose shards hold a
+    sample of this batch or of a deferred request (the quarantine accumulates; only a new version lifts it). The
+    record names it in its sealed part (which adapters a forget touched is for audit-key holders only)."""
+    adapters, requests = deferred.held(root)
+    at = deferred.stamp(deferred.now())
+    published = call(worker, publish, root, params["mlflow"], adapters, requests, at) if adapters else {}
+    accepted = {d.request_id: d.quarantined_at for d in deferred.pending(root)}  # deferred: quarantined back then
+    journal.results.setdefault("times", {})["quarantined"] = {r: accepted.get(r) or at for r in journal.request_ids}
+    for request_id in journal.request_ids:
+        journal.request_meta[request_id]["quarantine"] = {"adapters": journal.plan["adapters"], "versions": published}
+    if published:
+        say(f"quarantined adapters {adapters} in model version(s) {', '.join(published)} until retrained")
 
 
 def remove(root: Path, plan: flow.Plan, ids: set[str], say: Callable[[str], None]) -> None:
@@ -276,7 +305,7 @@ def audit(root: Path, journal: flow.Journal, plan: flow.Plan, params: dict[str, 
         if request_id in recorded:  # written before a crash that lost the state change
             continue
         own = set(sample_ids)
-        predicate = {**shared, "request_id": request_id,
+        predicate = {**shared, "request_id": request_id, "times": deferred.times(journal, request_id, params),
                      "sealed": seal(hmac_key, journal.request_meta[request_id]),  # reason, received_at
                      "forgotten_ids": _digests(hmac_key, own & removed),
                      "already_forgotten_ids": _digests(hmac_key, own & set(plan.already_forgotten)),
@@ -318,7 +347,7 @@ def commit(root: Path, request_ids: list[str]) -> None:
 
 def _dry_run(root: Path, requests: Sequence[DeletionRequest], params: dict[str, Any], say: Callable[[str], None]
              ) -> dict[str, Any]:
-    plan = _plan(root, requests, params)
+    plan = make_plan(root, requests, params)
     if plan.changes_data:
         with dvc_repo(root) as repo:
             plan = flow.rebuild_plan(plan, repo.index, worker_modules(root))
