@@ -48,8 +48,8 @@ def defer(root: Path, manifests: Sequence[Path], params: dict[str, Any], *, wait
                 say(f"request {request.request_id} is already forgotten (`legonet audit show {request.request_id}`)")
             elif (known := kept.get(request.request_id)) is not None:
                 if known.digest != request.digest:
-                    raise ForgetError(f"{request.path}: request {request.request_id} is already deferred with another "
-                                      "manifest; give this one another request_id")
+                    raise ForgetError(f"{request.source}: request {request.request_id} is already deferred with "
+                                      "another manifest; give this one another request_id")
                 items.append(known)  # re-run after a crash, or a repeat: finish its quarantine
             else:
                 deferred.refuse_late(request, params, at)

@@ -96,8 +96,8 @@ def store(root: Path, request: DeletionRequest, adapters: Iterable[int], params:
     byte so the batch computes the same request digest."""
     place = folder(root, request.request_id)
     (root / REQUESTS).mkdir(mode=0o700, parents=True, exist_ok=True)
-    copy = place / f"manifest{request.path.suffix}"
-    flow._write_private(copy, request.path.read_bytes())
+    copy = place / f"manifest{request.source.suffix}"
+    flow._write_private(copy, request.source.read_bytes())
     item = Deferred(request.request_id, copy.relative_to(root).as_posix(), request.digest, request.received_at,
                     stamp(deadline(request.received_at, params)), stamp(now()), sorted(set(adapters)), allow_unknown)
     save(root, item)
@@ -166,7 +166,7 @@ def refuse_late(request: DeletionRequest, params: dict[str, Any], at: datetime) 
     """A request already past its deadline cannot wait for a batch."""
     due = deadline(request.received_at, params)
     if due <= at:
-        raise ForgetError(f"{request.path}: request {request.request_id} was received {request.received_at}, so its "
+        raise ForgetError(f"{request.source}: request {request.request_id} was received {request.received_at}, so its "
                           f"deadline ({stamp(due)}, requests.sla_days {sla_days(params)}) has passed; run "
                           "`legonet forget` on it now, without --defer")
 
