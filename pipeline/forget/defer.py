@@ -41,7 +41,7 @@ def defer(root: Path, manifests: Sequence[Path], params: dict[str, Any], *, wait
             raise ForgetError(f"the forget of {', '.join(journal.request_ids)} was interrupted; finish it first "
                               "(re-run that `legonet forget`, or `legonet requests run`), then defer")
         recorded = {r["request_id"] for r in audit_log(root, params, memo=True).summaries()}
-        kept = {d.request_id: d for d in deferred.pending(root)}
+        kept = {d.request_id: d for d in deferred.pending(root, clean=True)}
         items, new = [], []
         for request in requests:
             if request.request_id in recorded:

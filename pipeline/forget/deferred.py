@@ -109,15 +109,17 @@ def save(root: Path, item: Deferred) -> None:
                         (json.dumps(asdict(item), indent=1, sort_keys=True) + "\n").encode())
 
 
-def pending(root: Path) -> list[Deferred]:
+def pending(root: Path, clean: bool = False) -> list[Deferred]:
     """Every deferred request not yet retrained, earliest deadline first. A folder without ``state.json`` is a
-    defer that crashed before its state was written: it holds nothing yet, and is removed."""
+    defer that crashed before its state was written (or one being written now): it is no request yet; ``clean``
+    (under the project lock, so no defer is writing) removes it, since its manifest holds raw IDs."""
     items = []
     base = root / REQUESTS
     for place in sorted(base.iterdir()) if base.is_dir() else []:
         state = place / "state.json"
         if not state.is_file():
-            shutil.rmtree(place)
+            if clean:
+                shutil.rmtree(place)
             continue
         items.append(Deferred(**json.loads(state.read_text())))
     return sorted(items, key=lambda d: (d.deadline, d.request_id))
