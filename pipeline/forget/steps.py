@@ -306,7 +306,7 @@ def audit(root: Path, journal: flow.Journal, plan: flow.Plan, params: dict[str, 
             continue
         own = set(sample_ids)
         predicate = {**shared, "request_id": request_id, "times": deferred.times(journal, request_id, params),
-                     "sealed": seal(hmac_key, journal.request_meta[request_id]),  # reason, received_at
+                     "sealed": seal(hmac_key, journal.request_meta[request_id]),  # reason, received_at, quarantine
                      "forgotten_ids": _digests(hmac_key, own & removed),
                      "already_forgotten_ids": _digests(hmac_key, own & set(plan.already_forgotten)),
                      "not_present_ids": _digests(hmac_key, own & set(plan.unknown_ids))}
