@@ -20,12 +20,14 @@ from pathlib import Path
 
 import pipeline
 from pipeline.data.quality import RESULT, read_result
+from pipeline.forget import deferred
 from pipeline.model.package import SERVING_REQUIREMENTS, stage_artifacts
 from pipeline.model.signature import input_example, model_signature
 from pipeline.project.code import check_code
 from pipeline.project.layout import ADAPTERS, ENCODER, ENCODER_INFO, KEYS, METRICS, PACKAGE, PROJECTION
 from pipeline.project.params import load_params, run_stage
 from pipeline.project.scratch import scratch_dir
+from pipeline.tracking import quarantine
 from pipeline.tracking.identity import PROJECT_TAG, claim_registered_model, project_id
 from pipeline.tracking.lineage import configure, file_md5, file_sha256, flush, stage_run, tree_digests
 from pipeline.tracking.registry import (
@@ -121,6 +123,10 @@ def main() -> None:
             "quality_result_sha256": file_sha256(RESULT) if RESULT.is_file() else ""}
     for tag, value in tags.items():
         client.set_model_version_tag(name, version, tag, value)
+    # before an alias can point at it: the requests whose samples are still in the data keep their adapters
+    # quarantined in this version too (a forget's batch is no longer held once its rows are removed)
+    held, requests = deferred.held(project_root())
+    quarantine.tag_version(client, name, version, held, requests, deferred.stamp(deferred.now()))
     alias, reason = promote(name, version, result, owner[PROJECT_TAG], dvc_experiment())
     print(f"registered {name} version {version} as @{alias}: {reason}")
 

@@ -47,7 +47,7 @@ from pipeline.model.keys import project as project_points
 from pipeline.project.layout import adapter_info_path, adapter_path, block_of, shard_path
 from pipeline.tracking.lineage import file_md5
 
-STATES = ("data-removed", "rebuilt", "registered", "purged", "audited", "committed")
+STATES = ("quarantined", "data-removed", "rebuilt", "registered", "purged", "audited", "committed")
 RECEIVED = "2024-05-01T09:30:00Z"
 # Raw inputs: what the user gave (a from-scratch project is initialised from D \ M instead of forgetting).
 RAW_INPUTS = ("data/raw/", "data/reference/", "data/test/")

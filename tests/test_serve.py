@@ -24,7 +24,9 @@ import yaml
 from conftest import copy_project, free_port, legonet, stop_group
 
 from pipeline.data.dataset import read_table
-from pipeline.serve.quarantine import QUARANTINE_TAG, QuarantineUnreadable, read_quarantine
+from pipeline.errors import QuarantineUnreadable
+from pipeline.tracking.quarantine import TAG as QUARANTINE_TAG
+from pipeline.tracking.quarantine import read as read_quarantine
 
 REPO = Path(__file__).resolve().parents[1]
 RATE = 50  # requests per second

@@ -41,7 +41,8 @@ def write_records(root: Path, journal: Any, plan: Any, measured: dict[str, Any],
     results; ``plan``: what the batch touched) and return the new checkpoint, anchored where params say.
 
     ``measured``: ``before``/``after`` (artifact path -> digest), ``dvc_lock`` before/after, ``completed_purges``
-    (pending purges of earlier requests finished since the last record). ``subjects``: the files the records name
+    (pending purges of earlier requests finished since the last record), ``times`` (request -> received, deadline,
+    quarantined, retrained, purged). ``subjects``: the files the records name
     as their in-toto subjects. A request already in the log (written before a crash that lost the state change) is
     not written again.
     """
@@ -82,8 +83,8 @@ def write_records(root: Path, journal: Any, plan: Any, measured: dict[str, Any],
         if request_id in recorded:
             continue
         own = set(sample_ids)
-        predicate = {**shared, "request_id": request_id,
-                     "sealed": seal(hmac_key, journal.request_meta[request_id]),  # reason, received_at
+        predicate = {**shared, "request_id": request_id, "times": measured["times"][request_id],
+                     "sealed": seal(hmac_key, journal.request_meta[request_id]),  # reason, received_at, quarantine
                      "forgotten_ids": _digests(hmac_key, own & removed),
                      "already_forgotten_ids": _digests(hmac_key, own & set(plan.already_forgotten)),
                      "not_present_ids": _digests(hmac_key, own & set(plan.unknown_ids))}

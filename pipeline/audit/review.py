@@ -283,7 +283,8 @@ def check_receipt(path: Path, trusted_keys: Sequence[str]) -> list[str]:
             f"{p['recorded_at']}): signed by key {p['signing_key_id'][:16]}",
             f"included in the signed checkpoint of {data['checkpoint'].splitlines()[1]} record(s)",
             f"{len(p.get('forgotten_ids', []))} sample(s) forgotten; model version "
-            f"{p.get('registry', {}).get('model_version', '-')}"]
+            f"{p.get('registry', {}).get('model_version', '-')}",
+            *([" ".join(f"{name} {at or '-'}" for name, at in p["times"].items())] if "times" in p else [])]
 
 
 def report(root: Path, params: dict[str, Any], out: Path, trusted: Sequence[str] = (),

@@ -17,6 +17,7 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # lazy: DVC and MLflow load only for the commands that need them (`legonet --help` stays instant)
+    from pipeline.forget import deferred
     from pipeline.forget.flow import project_lock
     from pipeline.project.params import load_params
     from pipeline.runner.build import commit_project, repro, summary, tag_build
@@ -29,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
         params = load_params(root)
         store = project_store(params["mlflow"])
         check_head(root, params, store)  # never build on data another clone forgot
+        deferred.check_deadlines(root, lambda m: console.print(m, highlight=False, soft_wrap=True))
         with writer_lease(root, store):  # nor while another clone forgets
             ran = repro(root, force=args.force, console=console)
             registered = tag_build(root) if ran else {}

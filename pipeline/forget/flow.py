@@ -1,7 +1,7 @@
 """The forget flow (docs/design.md section 5): a deletion request in, exactly-unlearned artifacts, a signed record out.
 
-The flow is a journalled state machine, ``received -> data-removed -> rebuilt -> registered -> purged ->
-audited -> committed``. The journal (outside git, in ``.legonet/``) is written before each step's effects are
+The flow is a journalled state machine, ``received -> quarantined -> data-removed -> rebuilt -> registered ->
+purged -> audited -> committed``. The journal (outside git, in ``.legonet/``) is written before each step's effects are
 trusted, so a crash anywhere is finished by re-running the same command; every step is idempotent. One writer at
 a time holds the project lock.
 """
@@ -37,9 +37,9 @@ from pipeline.tracking.identity import project_id
 from pipeline.tracking.lineage import file_md5, file_sha256
 from pipeline.tracking.registry import project_store
 
-STATES = ("received", "data-removed", "rebuilt", "registered", "purged", "audited", "committed")
-PHASES = {"data-removed": "remove", "rebuilt": "rebuild", "registered": "register", "purged": "purge",
-          "audited": "audit", "committed": "commit"}
+STATES = ("received", "quarantined", "data-removed", "rebuilt", "registered", "purged", "audited", "committed")
+PHASES = {"quarantined": "quarantine", "data-removed": "remove", "rebuilt": "rebuild", "registered": "register",
+          "purged": "purge", "audited": "audit", "committed": "commit"}
 STATE_DIR = Path(".legonet")
 JOURNAL = STATE_DIR / "journal.json"
 LOCK = STATE_DIR / "lock"
@@ -239,15 +239,21 @@ def preconditions(root: Path, params: dict[str, Any]) -> Iterator[None]:
         yield
 
 
+def rows_plan(root: Path, requests: Sequence[DeletionRequest], params: dict[str, Any],
+              forgotten: Callable[[Iterable[str]], dict[str, list[str]]]) -> Plan:
+    """The rows a batch touches and the adapters they activate (``plan_batch``), before any stage is planned."""
+    reference = set(read_table(root / REFERENCE)["sample_id"])
+    return plan_batch(root, merge_requests(requests), reference, forgotten, int(params["adapters"]["n"]),
+                      int(params["adapters"]["blocks"]))
+
+
 def plan_requests(root: Path, requests: Sequence[DeletionRequest], params: dict[str, Any],
                   forgotten: Callable[[Iterable[str]], dict[str, list[str]]], worker_modules: frozenset[str],
                   allow_unknown: bool, dry_run: bool = False) -> Plan:
     """The plan of a batch: its rows (``plan_batch``), then, if it changes data, the stages DVC's graph puts
     downstream of them. Refuses unknown IDs (unless ``allow_unknown``), code that is not this build's and a project
     with changes not built yet (a forget reruns only what its rows reach: the rest must be this build)."""
-    reference = set(read_table(root / REFERENCE)["sample_id"])
-    plan = plan_batch(root, merge_requests(requests), reference, forgotten, int(params["adapters"]["n"]),
-                      int(params["adapters"]["blocks"]))
+    plan = rows_plan(root, requests, params, forgotten)
     if not dry_run and plan.unknown_ids and not allow_unknown:
         raise ForgetError(f"{len(plan.unknown_ids)} sample ID(s) are not in this project: {plan.unknown_ids[:5]}; "
                           "check the manifest, or pass --allow-unknown to record them as 'not present'")
@@ -285,7 +291,12 @@ def advance(journal: Journal, root: Path, state: str, started: float) -> None:
     journal.timings[phase] = round(journal.timings.get(phase, 0.0) + time.monotonic() - started, 3)
     journal.state = state
     journal.save(root)
-    if os.environ.get(CRASH_ENV) == state:
+    crash_point(state)
+
+
+def crash_point(name: str) -> None:
+    """The fault-injection hook: SIGKILL this process here when ``LEGONET_CRASH_AFTER`` names this point."""
+    if os.environ.get(CRASH_ENV) == name:
         os.kill(os.getpid(), signal.SIGKILL)
 
 

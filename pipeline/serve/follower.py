@@ -22,8 +22,9 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from pipeline.errors import QuarantineUnreadable
 from pipeline.runner.build import CHECKPOINT_TAG
-from pipeline.serve.quarantine import QuarantineUnreadable, read_quarantine
+from pipeline.tracking import quarantine
 
 log = logging.getLogger("uvicorn.error")  # uvicorn configures it: the server's own log lines
 
@@ -176,7 +177,7 @@ class Follower:
 def _with_tags(served: Served, tags: dict[str, str]) -> Served:
     """``served`` with the quarantine and audit checkpoint its version's ``tags`` hold now."""
     try:
-        adapters, tag = read_quarantine(tags, served.version)
+        adapters, tag = quarantine.read(tags, served.version)
     except QuarantineUnreadable as exc:
         return replace(served, refusal=str(exc), checkpoint=tags.get(CHECKPOINT_TAG))
     return replace(served, quarantine=adapters, quarantine_tag=tag, checkpoint=tags.get(CHECKPOINT_TAG),
