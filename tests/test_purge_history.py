@@ -312,7 +312,8 @@ def test_the_final_scan_is_exact_and_reads_each_table_once_per_digest(tmp_path: 
 
     data = tmp_path / "data"
     data.mkdir()
-    for name, ids in {"a": ["s-1", "s-2"], "b": ["s-3"], "c": ["s-4", "s-5"]}.items():
+    for name, ids in {"a": ["s-1", "s-2"], "b": ["s-3"], "c": ["s-4", "s-5"],
+                      "d": [f"d-{i}" for i in range(1000)]}.items():
         write_table(pd.DataFrame({"sample_id": ids, "label": range(len(ids))}), data / f"{name}.parquet")
     write_table(pd.DataFrame({"label": [0, 1], "samples": [5, 7]}), data / "classes.parquet")  # no sample IDs
     (data / "keys.npy").write_bytes(b"not a table")
@@ -322,7 +323,8 @@ def test_the_final_scan_is_exact_and_reads_each_table_once_per_digest(tmp_path: 
 
     index = ObjectIndex(tmp_path, None)
     assert forgotten_ids_in(tmp_path, digests(), {"s-3"}, index) == ["data/b.parquet"]
-    assert index.tables_read == 3
+    assert forgotten_ids_in(tmp_path, digests(), {"d-500"}, index) == ["data/d.parquet"]
+    assert index.tables_read == 4
     write_table(pd.DataFrame({"sample_id": ["s-6"], "label": [0]}), data / "b.parquet")  # the forget rewrote b
     index = ObjectIndex(tmp_path, None)  # the next forget's process: only the memo carries over
     assert forgotten_ids_in(tmp_path, digests(), {"s-3"}, index) == []

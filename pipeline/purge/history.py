@@ -52,7 +52,7 @@ from pipeline.purge.objects import (
 
 MEMO = Path(".legonet/objects")
 Run = tuple[frozenset[str], frozenset[str]]  # the file objects a stage run read, and the objects it wrote
-ID_DIGEST = np.dtype(">u8")  # one keyed 64-bit ID digest (``ObjectIndex.id_digests``) as an integer
+ID_DIGEST = np.dtype(np.uint64)  # one keyed 64-bit ID digest (``ObjectIndex.id_digests``) as an integer
 
 
 class ObjectIndex:
@@ -153,7 +153,8 @@ class ObjectIndex:
         if not digests:
             return False
         held = np.frombuffer(base64.b64decode(entry["ids"]), dtype=ID_DIGEST)
-        return bool(np.isin(held, np.frombuffer(b"".join(digests), dtype=ID_DIGEST)).any())
+        # kind="sort": the digests span all 64 bits, too wide for numpy's lookup-table method
+        return bool(np.isin(held, np.frombuffer(b"".join(digests), dtype=ID_DIGEST), kind="sort").any())
 
     def drop(self, digests: Iterable[str]) -> None:
         """Forget what purged sample tables held (their IDs leave the memo with them); listings stay, so a later
