@@ -22,13 +22,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
-
 from pipeline.data.dataset import read_table, read_yaml, write_private, write_table
 from pipeline.errors import ExactnessError, ForgetError, LockBusy
 from pipeline.forget.manifest import DeletionRequest, merge_requests
 from pipeline.project.code import check_all_code
 from pipeline.project.layout import REFERENCE, ROUTING, TEST, adapter_info_path, adapter_path, raw_path, shard_path
+from pipeline.purge.history import ObjectIndex
 from pipeline.purge.objects import DIR_SUFFIX, dvc_cache, object_path
 from pipeline.runner.build import address, dvc_repo
 from pipeline.runner.worker import entry_point
@@ -204,23 +203,24 @@ def plan_batch(root: Path, sample_ids: Sequence[str], reference_ids: set[str],
     routing_path = root / ROUTING
     if not routing_path.is_file():
         raise ForgetError(f"{routing_path}: missing; build the project (`legonet build`) before forgetting")
-    routing = read_table(routing_path).set_index("sample_id")
-    test_ids = set(read_table(root / TEST)["sample_id"])
+    # the columns the look-up needs, not the label and payload digest of every row
+    routing = read_table(routing_path, ["sample_id", "partition", "adapters"]).set_index("sample_id")
+    test_ids = set(read_table(root / TEST, ["sample_id"])["sample_id"])
     refused = sorted(set(sample_ids) & reference_ids)
     if refused:
         raise ForgetError(f"{len(refused)} ID(s) belong to the reference split, which keys and projection are "
                           f"fitted on and which is not deletable: {refused[:5]}; remove them from the manifest")
-    back = forgotten(sorted((set(routing.index) | test_ids) - set(sample_ids)))
+    back = forgotten((set(routing.index) | test_ids) - set(sample_ids))
     if back:
         owners = sorted({r for found in back.values() for r in found})
         raise ForgetError(f"{len(back)} sample(s) that request(s) {', '.join(owners)} forgot are back in "
                           f"{ROUTING} or {TEST}: {sorted(back)[:5]}; add them to this request's manifest to forget "
                           "them again")
-    train = sorted(i for i in sample_ids if i in routing.index)
+    rows = routing[routing.index.isin(set(sample_ids))]
+    train = sorted(rows.index)
     test = sorted(i for i in sample_ids if i in test_ids)
     rest = sorted(set(sample_ids) - set(train) - set(test))
     earlier = forgotten(rest)
-    rows = routing.loc[train]
     adapters = sorted({int(a) for row in rows["adapters"] for a in row})
     return Plan(train, test, sorted(set(rest) - set(earlier)), earlier,
                 sorted({int(p) for p in rows["partition"]}), adapters, n, blocks)
@@ -242,7 +242,7 @@ def preconditions(root: Path, params: dict[str, Any]) -> Iterator[None]:
 def rows_plan(root: Path, requests: Sequence[DeletionRequest], params: dict[str, Any],
               forgotten: Callable[[Iterable[str]], dict[str, list[str]]]) -> Plan:
     """The rows a batch touches and the adapters they activate (``plan_batch``), before any stage is planned."""
-    reference = set(read_table(root / REFERENCE)["sample_id"])
+    reference = set(read_table(root / REFERENCE, ["sample_id"])["sample_id"])
     return plan_batch(root, merge_requests(requests), reference, forgotten, int(params["adapters"]["n"]),
                       int(params["adapters"]["blocks"]))
 
@@ -383,7 +383,7 @@ def check_rebuild(root: Path, plan: Plan, before: dict[str, str], ran: list[str]
     problems += [f"still stale: {sorted(stale)[:10]}"] if stale else []
     checks.append({"name": "exactly the planned stages were stale", "passed": not problems,
                    "detail": "; ".join(problems) or f"{len(plan.stages)} stages rebuilt, `dvc status` clean"})
-    residue = [p for p in after if p.endswith(".parquet") and _holds_ids(root / p, sample_ids)]
+    residue = forgotten_ids_in(root, after, sample_ids)
     checks.append({"name": "no forgotten ID in any data artifact", "passed": not residue,
                    "detail": f"{sum(p.endswith('.parquet') for p in after)} tables scanned" if not residue
                    else f"found in {residue}"})
@@ -393,11 +393,16 @@ def check_rebuild(root: Path, plan: Plan, before: dict[str, str], ran: list[str]
     return checks
 
 
-def _holds_ids(path: Path, sample_ids: set[str]) -> bool:
-    names = pq.read_schema(path).names
-    if "sample_id" not in names:
-        return False
-    return bool(sample_ids.intersection(pq.read_table(path, columns=["sample_id"]).column(0).to_pylist()))
+def forgotten_ids_in(root: Path, digests: dict[str, str], sample_ids: set[str],
+                     index: ObjectIndex | None = None) -> list[str]:
+    """The Parquet artifacts among ``digests`` (path -> md5, ``artifact_digests``) that hold one of ``sample_ids``.
+
+    Complete and exact, yet in proportion to the change: the IDs of a table are read once per md5 and kept in the
+    object memo (``pipeline.purge.history.ObjectIndex``, the purge's own index), so only the files the forget
+    wrote are read; every other answer is a lookup of keyed digests."""
+    index = index or ObjectIndex(root, None)
+    keyed = index.id_digests(sample_ids)
+    return [p for p, md5 in digests.items() if p.endswith(".parquet") and index.holds(md5, keyed, root / p)]
 
 
 def subjects(root: Path) -> dict[str, str]:
