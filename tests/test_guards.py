@@ -24,6 +24,7 @@ from pipeline.data.dataset import read_table, write_table
 from pipeline.errors import LockBusy
 from pipeline.project.params import load_params
 from pipeline.project.scratch import SCRATCH, scratch_dir
+from pipeline.tracking import quarantine
 from pipeline.tracking.head import LEASE_TAG, check_head, registry_lease, writer_lease
 from pipeline.tracking.registry import project_store
 
@@ -188,3 +189,15 @@ def test_on_an_mlflow_server_one_of_two_clones_racing_for_the_lease_wins(tmp_pat
         MlflowClient(server["uri"]).set_registered_model_tag("shared-model", LEASE_TAG, json.dumps(stale))
         with writer_lease(clones[0], store):  # a lease its holder let expire is taken over
             assert json.loads(registry_lease(store) or "{}").get("clone") != "another"
+
+        # the quarantine is written the same way, without MLflow: on the newest version and every aliased one
+        client = MlflowClient(server["uri"])
+        first = client.create_model_version("shared-model", source=str(home / "artifacts" / "m1")).version
+        newest = client.create_model_version("shared-model", source=str(home / "artifacts" / "m2")).version
+        client.set_registered_model_alias("shared-model", "champion", first)
+        assert quarantine.publish(tmp_path, store, [3, 1], ["r-1"], "2026-01-01T00:00:00+00:00") == {
+            str(first): [1, 3], str(newest): [1, 3]}
+        quarantine.publish(tmp_path, store, [2], ["r-2"], "2026-01-02T00:00:00+00:00")  # accumulates
+        for version in (first, newest):
+            tags = client.get_model_version("shared-model", version).tags
+            assert quarantine.read(tags, str(version))[0] == {1, 2, 3}

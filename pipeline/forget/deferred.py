@@ -26,7 +26,6 @@ from typing import Any
 from pipeline.errors import ForgetError, ParamsError
 from pipeline.forget import flow
 from pipeline.forget.manifest import DeletionRequest
-from pipeline.runner.worker import call
 from pipeline.tracking.quarantine import publish
 
 REQUESTS = flow.STATE_DIR / "requests"
@@ -184,14 +183,13 @@ def times(journal: flow.Journal, request_id: str, params: dict[str, Any]) -> dic
             "retrained": recorded.get("rebuilt"), "purged": recorded.get("purged")}
 
 
-def quarantine(root: Path, journal: flow.Journal, params: dict[str, Any], worker: Any,
-               say: Callable[[str], None]) -> None:
+def quarantine(root: Path, journal: flow.Journal, params: dict[str, Any], say: Callable[[str], None]) -> None:
     """Before any retraining: switch off, in every version a server may load, the adapters whose shards hold a
     sample of this batch or of a deferred request (the quarantine accumulates; only a new version lifts it). The
     record names it in its sealed part (which adapters a forget touched is for audit-key holders only)."""
     adapters, requests = held(root)
     at = stamp(now())
-    published = call(worker, publish, root, params["mlflow"], adapters, requests, at) if adapters else {}
+    published = publish(root, params["mlflow"], adapters, requests, at) if adapters else {}
     accepted = {d.request_id: d.quarantined_at for d in pending(root)}  # deferred: quarantined back then
     journal.results.setdefault("times", {})["quarantined"] = {r: accepted.get(r) or at for r in journal.request_ids}
     for request_id in journal.request_ids:

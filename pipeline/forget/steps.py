@@ -88,7 +88,7 @@ def _run(root: Path, journal: flow.Journal, params: dict[str, Any], worker: Stag
     plan = flow.plan_of(journal)
     ids = set(journal.sample_ids)
     steps: dict[str, Callable[[], None]] = {  # the state a step reaches -> the step
-        "quarantined": lambda: deferred.quarantine(root, journal, params, worker, say),
+        "quarantined": lambda: deferred.quarantine(root, journal, params, say),
         "data-removed": lambda: remove(root, plan, ids, say),
         "rebuilt": lambda: rebuild(root, journal, plan, ids, worker, say, resumed),
         "registered": lambda: register(root, journal, plan, params["mlflow"], worker, say),

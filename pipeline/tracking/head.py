@@ -69,17 +69,19 @@ def registry_lease(settings: dict[str, Any]) -> str | None:
 
 
 def _server_head(uri: str, name: str, key: str = HEAD_TAG) -> str | None:
-    model = _server_call(uri, "GET", f"get?{urllib.parse.urlencode({'name': name})}", None, name)
+    model = server_call(uri, "GET", f"get?{urllib.parse.urlencode({'name': name})}", None, name)
     if model is None:  # no such registered model yet
         return None
     tags = model.get("registered_model", {}).get("tags", [])
     return next((tag.get("value") for tag in tags if tag.get("key") == key), None)
 
 
-def _server_call(uri: str, method: str, path: str, body: dict[str, Any] | None, name: str) -> dict[str, Any] | None:
-    """One call of MLflow's REST API for registered models; None when the model does not exist."""
+def server_call(uri: str, method: str, path: str, body: dict[str, Any] | None, name: str) -> dict[str, Any] | None:
+    """One call of MLflow's REST API for registered models (``path`` below ``/api/2.0/mlflow/``: without a
+    folder, ``registered-models/``); None when the model does not exist."""
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(f"{uri}/api/2.0/mlflow/registered-models/{path}", data=data, method=method,
+    path = path if "/" in path.split("?")[0] else f"registered-models/{path}"
+    request = urllib.request.Request(f"{uri}/api/2.0/mlflow/{path}", data=data, method=method,
                                      headers={"Content-Type": "application/json", **_auth_headers()})
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
@@ -200,12 +202,12 @@ def _sqlite_lease(path: Path, name: str, me: str, lease: str) -> bool:
 
 
 def _server_lease(uri: str, name: str, me: str, lease: str) -> bool:
-    model = _server_call(uri, "GET", f"get?{urllib.parse.urlencode({'name': name})}", None, name)
+    model = server_call(uri, "GET", f"get?{urllib.parse.urlencode({'name': name})}", None, name)
     if model is None:
         return False
     _refuse(_server_head(uri, name, LEASE_TAG), me)
     try:
-        _server_call(uri, "POST", "set-tag", {"name": name, "key": LEASE_TAG, "value": lease}, name)
+        server_call(uri, "POST", "set-tag", {"name": name, "key": LEASE_TAG, "value": lease}, name)
     except StoreError:  # a server may reject one of two writes of the same tag at once: the other clone's
         time.sleep(SETTLE_SECONDS)
         _refuse(_server_head(uri, name, LEASE_TAG), me)
@@ -228,7 +230,7 @@ def _release(uri: str, name: str, me: str) -> None:
         return
     current = _server_head(uri, name, LEASE_TAG)
     if current and _holder(current) == me:
-        _server_call(uri, "DELETE", "delete-tag", {"name": name, "key": LEASE_TAG}, name)
+        server_call(uri, "DELETE", "delete-tag", {"name": name, "key": LEASE_TAG}, name)
 
 
 def _holder(lease: str) -> str | None:
