@@ -28,7 +28,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -47,17 +48,28 @@ def data_target(data: str, key: str) -> float:
     return DATA_TARGET_OVERRIDES.get(data, {}).get(key, DATA_TARGETS[key])
 
 
-def timed(cmd: list[str], cwd: Path) -> tuple[float, str]:
+@dataclass(frozen=True)
+class Cli:
+    """How to run one code's ``legonet``: the command prefix and the environment it runs in. The default is the code
+    this process imports; ``bench.compare`` runs another commit's code from its own checkout (``PYTHONPATH``)."""
+
+    prefix: tuple[str, ...] = (sys.executable, "-m", "pipeline.cli.main")
+    env: dict[str, str] | None = None
+
+    def __call__(self, *args: str) -> list[str]:
+        return [*self.prefix, *args]
+
+
+HEAD = Cli()
+
+
+def timed(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> tuple[float, str]:
     started = time.perf_counter()
-    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - started
     if result.returncode != 0:
         raise SystemExit(f"`{' '.join(cmd)}` failed in {cwd}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return seconds, result.stdout
-
-
-def legonet(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli.main", *args]
 
 
 # Fashion-MNIST over and over under new IDs: 280k as four exact copies (new IDs only), 1M (1,050,000) as 15 copies
@@ -90,13 +102,17 @@ def reference_fraction(samples: int, n: int) -> float:
     return 0.1 if 0.1 * samples >= 4 * n else 0.25
 
 
-def build(data: Path, samples: int, n: int, blocks: int, root: Path, extra: dict[str, str]) -> float:
-    """`legonet init --data` + `legonet build` at n adapters; the build's seconds."""
-    settings = {"adapters.n": n, "adapters.k": 3, "adapters.blocks": min(blocks, n),
-                "data.reference_fraction": reference_fraction(samples, n), **extra}
-    timed(legonet("init", str(root), "--data", str(data),
-                  *[a for k, v in settings.items() for a in ("--set", f"{k}={v}")]), root.parent)
-    return timed(legonet("build"), root)[0]
+def settings(samples: int, n: int, blocks: int, extra: dict[str, str]) -> dict[str, object]:
+    """The params every benchmark project is initialised with (``legonet init --set``)."""
+    return {"adapters.n": n, "adapters.k": 3, "adapters.blocks": min(blocks, n),
+            "data.reference_fraction": reference_fraction(samples, n), **extra}
+
+
+def build(data: Path, root: Path, params: Mapping[str, object], cli: Cli = HEAD) -> float:
+    """`legonet init --data` + `legonet build` with these params; the build's seconds."""
+    timed(cli("init", str(root), "--data", str(data), *[a for k, v in params.items() for a in ("--set", f"{k}={v}")]),
+          root.parent, cli.env)
+    return timed(cli("build"), root, cli.env)[0]
 
 
 def status_and_noop(root: Path) -> tuple[float, float]:
@@ -107,20 +123,24 @@ def status_and_noop(root: Path) -> tuple[float, float]:
     return status, noop
 
 
-def forget(root: Path, rng: random.Random, request_id: str, count: int) -> dict[str, object]:
-    """`legonet forget --profile` of ``count`` random train samples: wall time, phases, adapters retrained."""
-    import pyarrow.parquet as pq
+def train_ids(root: Path) -> list[str]:
+    """The project's routed train sample IDs, sorted: what a benchmark forget picks from."""
+    import pyarrow.parquet as pq  # pyarrow's parquet reader only where a project is read
 
-    ids = sorted(pq.read_table(root / "data/routing.parquet", columns=["sample_id"]).column(0).to_pylist())
+    return sorted(pq.read_table(root / "data/routing.parquet", columns=["sample_id"]).column(0).to_pylist())
+
+
+def forget(root: Path, sample_ids: list[str], request_id: str, cli: Cli = HEAD) -> dict[str, object]:
+    """`legonet forget --profile` of these samples: wall time, phases, adapters retrained."""
     manifest = root.parent / f"{request_id}.json"
-    manifest.write_text(json.dumps({"request_id": request_id, "sample_ids": rng.sample(ids, count),
-                                    "reason": "benchmark",
+    manifest.write_text(json.dumps({"request_id": request_id, "sample_ids": sample_ids, "reason": "benchmark",
                                     "received_at": datetime.now(UTC).isoformat(timespec="seconds")}))
-    seconds, out = timed(legonet("forget", "--profile", str(manifest)), root)
+    seconds, out = timed(cli("forget", "--profile", str(manifest)), root, cli.env)
     phases = {m.group(1): float(m.group(2)) for m in map(PROFILE_LINE.match, out.splitlines()) if m}
     summary = json.loads(out.strip().splitlines()[-1])
     training = sum(v for k, v in phases.items() if k.startswith("repro:train@"))
-    return {"samples": count, "seconds": round(seconds, 2), "retrained_adapters": summary.get("retrained_adapters"),
+    return {"samples": len(sample_ids), "seconds": round(seconds, 2),
+            "retrained_adapters": summary.get("retrained_adapters"),
             "train_stage_seconds": round(training, 2), "non_training_seconds": round(seconds - training, 2),
             "phases": phases, "load_average": [round(v, 2) for v in os.getloadavg()]}
 
@@ -138,7 +158,7 @@ def measure(datasets: list[str], sizes: list[int], blocks: int, batch: int, work
         frame.to_parquet(data, index=False)
         for n in sizes:
             roots[name, n] = workdir / f"{name}-n{n}"
-            builds[name, n] = build(data, samples[name], n, blocks, roots[name, n], extra)
+            builds[name, n] = build(data, roots[name, n], settings(samples[name], n, blocks, extra))
             say(f"{name} ({samples[name]} samples), n={n}: built in {builds[name, n]:.1f} s")
     checks: dict[tuple[str, int], list[tuple[float, float]]] = {c: [] for c in configs}
     forgets: dict[tuple[str, int], list[dict[str, object]]] = {c: [] for c in configs}
@@ -148,7 +168,8 @@ def measure(datasets: list[str], sizes: list[int], blocks: int, batch: int, work
             checks[c].append(status_and_noop(roots[c]))
         for count in (1, batch):
             for c in configs:
-                forgets[c].append(forget(roots[c], rngs[c], f"scale-{c[0]}-{c[1]}-{request}-{count}", count))
+                forgets[c].append(forget(roots[c], rngs[c].sample(train_ids(roots[c]), count),
+                                         f"scale-{c[0]}-{c[1]}-{request}-{count}"))
                 last = forgets[c][-1]
                 say(f"round {request + 1}/{rounds}, {c[0]} n={c[1]}: forget of {count}: {last['seconds']} s "
                     f"({last['train_stage_seconds']} s in train stages), adapters {last['retrained_adapters']}")
@@ -194,6 +215,15 @@ def verdicts(rows: list[dict[str, object]]) -> dict[str, object]:
     return out
 
 
+def phase_kinds(phases: Mapping[str, float]) -> dict[str, float]:
+    """A forget's ``--profile`` phases with the stages of one ``foreach`` summed (``repro:train@*``)."""
+    by_kind: dict[str, float] = {}
+    for name, seconds in phases.items():
+        kind = name.split("@")[0] + ("@*" if "@" in name else "")
+        by_kind[kind] = by_kind.get(kind, 0.0) + seconds
+    return by_kind
+
+
 def report(result: dict) -> list[str]:
     """The Markdown section docs/benchmarks.md shows for a ``scale.json``: per project its build, the median forgets
     and their ratios against the targets, then the phases of each 1-sample forget (median over the rounds)."""
@@ -219,13 +249,7 @@ def report(result: dict) -> list[str]:
               "inside `rebuild`, the stages of one `foreach` summed):", ""]
     phases = []
     for r in result["rows"]:
-        summed = []
-        for f in (f for f in r["forgets"] if f["samples"] == 1):
-            by_kind: dict[str, float] = {}
-            for name, seconds in f["phases"].items():
-                kind = name.split("@")[0] + ("@*" if "@" in name else "")
-                by_kind[kind] = by_kind.get(kind, 0.0) + seconds
-            summed.append(by_kind)
+        summed = [phase_kinds(f["phases"]) for f in r["forgets"] if f["samples"] == 1]
         phases.append((f"{r['data']} n={r['n']}",
                        {k: statistics.median(p.get(k, 0.0) for p in summed) for k in {k for p in summed for k in p}}))
     names = sorted({k for _, m in phases for k in m}, key=lambda k: -max(m.get(k, 0.0) for _, m in phases))

@@ -136,11 +136,13 @@ def versions() -> dict:
     return out
 
 
-def code_digest() -> str:
-    """sha256 over bench/*.py and every module of pipeline/ (sorted): the exact code of a run, committed or not."""
+def code_digest(root: Path = REPO, patterns: tuple[str, ...] = ("bench/*.py", "pipeline/**/*.py")) -> str:
+    """sha256 over the files under ``root`` that match ``patterns`` (sorted; by default bench/*.py and every module of
+    pipeline/): the exact code of a run, committed or not."""
     digest = hashlib.sha256()
-    for path in sorted([*(REPO / "bench").glob("*.py"), *(REPO / "pipeline").rglob("*.py")]):
-        digest.update(path.relative_to(REPO).as_posix().encode() + b"\0" + path.read_bytes())
+    files = {p for pattern in patterns for p in root.glob(pattern) if p.is_file() and "__pycache__" not in p.parts}
+    for path in sorted(files):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
 

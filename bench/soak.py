@@ -23,19 +23,13 @@ import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench.scale import _setting, dataset_frame, forget, legonet, timed
+from bench.scale import _setting, build, dataset_frame, forget, train_ids
 from pipeline.data.dataset import read_table, write_table
 from pipeline.forget.flow import artifact_digests
 
 WINDOW = 20
 # Raw inputs are compared too (hash-carved, byte-deterministic); MLmodel carries MLflow's uuid and creation time.
 VOLATILE = ("models/package/MLmodel",)
-
-
-def init_and_build(data: Path, root: Path, settings: dict[str, str]) -> float:
-    timed(legonet("init", str(root), "--data", str(data),
-                  *[a for k, v in settings.items() for a in ("--set", f"{k}={v}")]), root.parent)
-    return timed(legonet("build"), root)[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,18 +52,18 @@ def main(argv: list[str] | None = None) -> int:
         frame = dataset_frame(args.data)
         write_table(frame, work / "data.parquet")
         root = work / "project"
-        build_seconds = init_and_build(work / "data.parquet", root, settings)
+        build_seconds = build(work / "data.parquet", root, settings)
         print(f"built in {build_seconds:.1f} s", flush=True)
         forgets = []
         for request in range(args.requests):
-            forgets.append(forget(root, rng, f"soak-{request:04d}", 1))
+            forgets.append(forget(root, rng.sample(train_ids(root), 1), f"soak-{request:04d}"))
             if request % 10 == 9:
                 print(f"{request + 1}/{args.requests}: last {forgets[-1]['seconds']} s", flush=True)
         retained = read_table(root / "data/routing.parquet")["sample_id"]
         removed = set(frame["sample_id"]) - set(retained) - set(read_table(root / "data/test/test.parquet")[
             "sample_id"]) - set(read_table(root / "data/reference/reference.parquet")["sample_id"])
         write_table(frame[~frame["sample_id"].isin(removed)].reset_index(drop=True), work / "retained.parquet")
-        fresh_seconds = init_and_build(work / "retained.parquet", work / "fresh", settings)
+        fresh_seconds = build(work / "retained.parquet", work / "fresh", settings)
         soaked, fresh = artifact_digests(root), artifact_digests(work / "fresh")
         differ = sorted(p for p in set(soaked) | set(fresh)
                         if p not in VOLATILE and soaked.get(p) != fresh.get(p))

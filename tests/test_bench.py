@@ -152,3 +152,53 @@ def test_the_copies_of_a_scale_dataset_have_new_ids_and_with_pixel_new_payloads(
     assert exact["image"].tolist() == frame["image"].tolist() * 3
     assert changed["image"].nunique() == 6 and changed["image"].iloc[:2].tolist() == frame["image"].tolist()
     assert changed["label"].tolist() == [0, 1] * 3
+
+
+def _forget(data: str, code: str, samples: int, seconds: float, train: float, plan: float) -> dict:
+    return {"data": data, "code": code, "samples": samples, "seconds": seconds, "non_training_seconds": seconds - train,
+            "phases": {"plan": plan, "repro:train@1": train / 2, "repro:train@2": train / 2}}
+
+
+def test_compare_summary_ratios_of_medians_and_the_phase_that_grew(tmp_path: Path) -> None:
+    """bench.compare: head/base is the ratio of the medians over the rounds, a `foreach`'s stages are summed, the
+    phase that grew leads the growth list, and a head slower by more than 10 % is flagged in the report."""
+    from bench.compare import report, summarize
+
+    records = [_forget("mnist5k", "base", 1, s, 2.0, 0.8) for s in (10.0, 12.0, 11.0)]
+    records += [_forget("mnist5k", "head", 1, s, 2.0, 2.0) for s in (13.0, 30.0, 12.5)]
+    records += [_forget("mnist5k", code, 100, 40.0, 20.0, 1.0) for code in ("base", "head")]
+    one, batch = summarize(records)
+    assert (one["base"]["seconds"], one["head"]["seconds"], one["ratio"]) == (11.0, 13.0, round(13 / 11, 3))
+    assert one["non_training_ratio"] == round(11 / 9, 3) and not one["within_tolerance"]
+    assert one["base"]["phases"] == {"plan": 0.8, "repro:train@*": 2.0}
+    assert one["phase_growth_seconds"][0] == ("plan", 1.2)
+    assert batch["samples"] == 100 and batch["ratio"] == 1.0 and batch["within_tolerance"]
+
+    code = {"revision": "abc", "source_sha256": "00", "cli": "-m pipeline.cli.main"}
+    build = {"build_seconds": 100.0}
+    lines = report({"command": "python -m bench.compare --base abc", "date": "today", "machine": {"nproc": 2},
+                    "load_average_before": [0.1], "load_average_after": [0.2], "codes": {"base": code, "head": code},
+                    "builds": {"base/mnist5k": build, "head/mnist5k": build}, "rows": [one, batch]})
+    assert "| mnist5k | 1 | 11.00 | 13.00 | 1.182 | 9.00, 11.00, 1.222 | no |" in lines
+    assert "| mnist5k | 100 | 40.00 | 40.00 | 1.000 | 20.00, 20.00, 1.000 | yes |" in lines
+    assert "| plan | 0.80 → 2.00 | 1.00 → 1.00 |" in lines
+
+
+def test_compare_runs_each_code_s_own_cli_and_reuses_only_what_the_same_code_built(tmp_path: Path) -> None:
+    from bench.compare import code_cli, reusable
+    from bench.scale import settings
+
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "stages/cli.py").write_text("")
+    old = code_cli(tmp_path)
+    assert old("build")[1:] == ["-m", "stages.cli", "build"] and old.env["PYTHONPATH"] == str(tmp_path)
+    assert code_cli(REPO).prefix[1:] == ("-m", "pipeline.cli.main")
+    with pytest.raises(SystemExit, match="no legonet CLI"):
+        code_cli(tmp_path / "stages")
+
+    code = {"revision": "abc", "source_sha256": "00"}
+    recorded = {"code": code, "samples": 5000, "settings": settings(5000, 32, 32, {})}
+    assert reusable(recorded, {**code, "revision": "def"}, 32, 32)  # a commit that changes only bench/
+    assert not reusable(recorded, {**code, "source_sha256": "01"}, 32, 32)
+    assert not reusable(recorded, code, 16, 32)
+    assert not reusable({}, code, 32, 32)
