@@ -106,13 +106,10 @@ def main() -> None:
             result = gate(accuracy, previous, params["gate"], held)
             run.update({"accuracy": accuracy})
         runs = flush(Path(), store)
-        # registered once the stage's run exists: the version (and its logged model) link to the run that made it.
-        # MLflow would load the whole model again to score the input example, on every forget; the example is a
-        # function of the config alone, and tests/test_serve.py scores it through the served model
+        # registered once the stage's run exists: the version (and its logged model) link to the run that made it
         with contextlib.chdir(staging):
             logged = mlflow.models.Model.log(artifact_path=None, name="model", flavor=mlflow.pyfunc,
-                                             run_id=runs["package"], registered_model_name=name, tags=owner,
-                                             validate_serving_input=False, **model)
+                                             run_id=runs["package"], registered_model_name=name, tags=owner, **model)
             version = str(logged.registered_model_version)
     client = mlflow.MlflowClient()
     # `project` names the project by its ID, never by a folder path (a clone elsewhere is the same project)
