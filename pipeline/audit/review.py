@@ -18,16 +18,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
-from safetensors.numpy import save
 
 from pipeline.audit.keyring import audit_key, audit_log, key_dir, origin, signing_key
 from pipeline.audit.log import AuditLog
 from pipeline.audit.receipt import make_receipt, verify_receipt
 from pipeline.audit.secrets import id_digest, read_public_keys, unseal
 from pipeline.data.dataset import read_embeddings, write_embeddings
+from pipeline.data.salt import salt_of
 from pipeline.errors import AuditError, AuditFailed, IdentityError
 from pipeline.forget import flow
-from pipeline.model.adapters import TrainParams, adapter_seed, train_adapter
+from pipeline.model.adapters import TrainParams, adapter_bytes, adapter_seed, train_adapter
 from pipeline.model.keys import project
 from pipeline.model.routing import route, shard
 from pipeline.project.layout import ENCODED_TRAIN, KEYS, PROJECTION, adapter_name, adapter_path, shard_path
@@ -207,7 +207,8 @@ def rebuild_adapters(root: Path, params: dict[str, Any], adapters: list[int]) ->
                                     adapter_seed(int(params["adapters"]["seed"]), j),
                                     TrainParams(**params["adapters"]["train"]))
             stored = adapter_path(j, n, blocks)
-            if save(weights) != (root / stored).read_bytes():
+            salt = salt_of(root / stored, sorted(rows["sample_id"]))
+            if adapter_bytes(weights, salt) != (root / stored).read_bytes():
                 problems.append(f"{stored}: retraining from scratch gives different bits")
     return problems
 

@@ -194,3 +194,14 @@ def id_digest(audit_key: bytes, sample_id: str) -> str:
     return hmac.digest(audit_key, sample_id.encode("utf-8"), "sha256").hex()
 
 
+
+
+def random_secret(path: Path, size: int, create: bool, value: bytes | None = None) -> bytes | None:
+    """A secret of ``size`` random bytes (or ``value``, a copy of another's) kept at ``path`` (mode 0600): read,
+    else created when ``create``, else None. Created the way the audit keys are (never through a link, never over
+    an existing file)."""
+    secret = (_load_or_create_secret(path, lambda: os.urandom(size) if value is None else value) if create
+              else _read_secret(path))
+    if secret is not None and len(secret) != size:
+        raise AuditError(f"{path}: holds {len(secret)} bytes, not {size}; restore it from your backup")
+    return secret
