@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from pipeline.audit.disclosure import opened, root_problems
 from pipeline.audit.keyring import audit_key, audit_log, key_dir, origin, signing_key
 from pipeline.audit.log import AuditLog
 from pipeline.audit.receipt import make_receipt, verify_receipt
@@ -55,6 +56,9 @@ def verify(root: Path, params: dict[str, Any], rebuild: bool = False, trusted: S
             problems.append(f"audit key: {exc}")
     passed = [f"{len(records)} forget record(s): trusted signatures, hash chain and Merkle tree intact"]
     passed += [f"the log extends {where} (consistency proof)" for where, _ in log.anchors]
+    if key is not None:  # the sealed changes, opened: each must give the adapter roots the record published
+        records = [opened(r, lambda sealed: unseal(key, sealed)) for r in records]
+        problems += [p for r in records for p in root_problems(r)]
     if records:
         last = records[-1]
         problems += _subject_problems(root, last)
@@ -67,7 +71,9 @@ def verify(root: Path, params: dict[str, Any], rebuild: bool = False, trusted: S
     problems += pending.outstanding(root, records)  # purges a store refused, not finished since
     problems += remote_residue(root, records)  # superseded objects in any configured DVC remote (S3 included)
     problems += _mlflow_problems(root, params, records)
-    if rebuild and records:
+    if rebuild and records and key is None:
+        problems.append("--rebuild needs the audit key: the record seals which adapters the last forget retrained")
+    elif rebuild and records:
         problems += rebuild_adapters(root, params, records[-1]["predicate"]["affected"]["adapters"])
         passed.append("affected adapters re-derived from scratch in a temporary directory: bit-identical")
     if problems:
@@ -220,9 +226,11 @@ def show(root: Path, params: dict[str, Any], request_id: str, trusted: Sequence[
     record = log.find(request_id)
     if record is None:
         raise AuditFailed(f"no audit record for request {request_id!r}; `legonet audit report` lists them")
-    opened = _opener(root, params, log)
+    opener = _opener(root, params, log)
     sealed = record["predicate"].get("sealed")
-    return {**record, "opened": opened(sealed)} if opened and isinstance(sealed, str) else record
+    if not opener or not isinstance(sealed, str):
+        return record
+    return {**opened(record, opener), "opened": opener(sealed)}
 
 
 def _opener(root: Path, params: dict[str, Any], log: AuditLog) -> Any:
@@ -286,7 +294,7 @@ def report(root: Path, params: dict[str, Any], out: Path, trusted: Sequence[str]
     """A self-contained HTML page for a compliance officer: one section per request, of a verified log only."""
     log = audit_log(root, params, trusted, checkpoints)
     records = log.records()
-    opened = _opener(root, params, log)
+    opener = _opener(root, params, log)
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>legonet audit report</title>",
              "<style>body{font-family:sans-serif;max-width:70em;margin:2em auto}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:.2em .5em;text-align:left}.ok{color:#060}.bad{color:#a00}"
@@ -294,15 +302,15 @@ def report(root: Path, params: dict[str, Any], out: Path, trusted: Sequence[str]
              f"<p>Project: {_h(root.resolve())}. Records: {len(records)}. Log integrity: "
              "<span class='ok'>trusted signatures, hash chain and Merkle tree verified</span></p>"]
     for record in records:
-        p = record["predicate"]
-        meta = opened(p["sealed"]) if opened and isinstance(p.get("sealed"), str) else {}
+        p = opened(record, opener)["predicate"]
+        meta = opener(p["sealed"]) if opener and isinstance(p.get("sealed"), str) else {}
         rows = [("request", p["request_id"]), ("reason", meta.get("reason", "(sealed)")),
                 ("received", meta.get("received_at", "(sealed)")), ("recorded", p["recorded_at"]),
                 ("status", p["status"]), ("samples removed", len(p["forgotten_ids"])),
                 ("not present / already forgotten", f"{len(p['not_present_ids'])} / {len(p['already_forgotten_ids'])}"),
                 ("partitions rewritten", p["affected"]["partitions"]),
-                ("adapters retrained", p["affected"]["adapters"]),
-                ("adapters untouched", len(p["untouched_adapters"])),
+                ("adapters retrained", p["affected"].get("adapters", "(sealed)")),
+                ("adapter files (Merkle root after)", f"{p['adapter_files']['files']} ({p['adapter_files']['after']})"),
                 ("model version", f"{p['registry'].get('model_version', '-')} "
                                   f"{p['registry'].get('aliases', '')} {p['registry'].get('gate_reason', '')}"),
                 ("purge", json.dumps(p["purge"], sort_keys=True)),

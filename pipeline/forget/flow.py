@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pipeline.audit import disclosure
 from pipeline.data.dataset import read_table, read_yaml, write_table
 from pipeline.errors import ExactnessError, ForgetError, LockBusy
 from pipeline.forget.manifest import DeletionRequest, merge_requests
@@ -371,6 +372,7 @@ def _holds_ids(path: Path, sample_ids: set[str]) -> bool:
 
 
 def subjects(root: Path) -> dict[str, str]:
-    """The in-toto subjects: every file of the packaged model and every adapter, by sha256."""
+    """The in-toto subjects: every file of the packaged model and every adapter, by sha256 (the adapter files as
+    one Merkle root: ``disclosure.subjects``)."""
     files = sorted(p for d in ("models/package", "models/adapters") for p in (root / d).rglob("*") if p.is_file())
-    return {p.relative_to(root).as_posix(): file_sha256(p) for p in files}
+    return disclosure.subjects({p.relative_to(root).as_posix(): file_sha256(p) for p in files})
