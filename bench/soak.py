@@ -25,6 +25,7 @@ from pathlib import Path
 
 from bench.scale import _setting, dataset_frame, forget, legonet, timed
 from pipeline.data.dataset import read_table, write_table
+from pipeline.data.salt import secret_path
 from pipeline.forget.flow import artifact_digests
 
 WINDOW = 20
@@ -32,8 +33,9 @@ WINDOW = 20
 VOLATILE = ("models/package/MLmodel",)
 
 
-def init_and_build(data: Path, root: Path, settings: dict[str, str]) -> float:
-    timed(legonet("init", str(root), "--data", str(data),
+def init_and_build(data: Path, root: Path, settings: dict[str, str], secret: Path | None = None) -> float:
+    """Init (with ``secret``, another project's data secret, for a build that must equal it) and build."""
+    timed(legonet("init", str(root), "--data", str(data), *(["--data-secret", str(secret)] if secret else []),
                   *[a for k, v in settings.items() for a in ("--set", f"{k}={v}")]), root.parent)
     return timed(legonet("build"), root)[0]
 
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         removed = set(frame["sample_id"]) - set(retained) - set(read_table(root / "data/test/test.parquet")[
             "sample_id"]) - set(read_table(root / "data/reference/reference.parquet")["sample_id"])
         write_table(frame[~frame["sample_id"].isin(removed)].reset_index(drop=True), work / "retained.parquet")
-        fresh_seconds = init_and_build(work / "retained.parquet", work / "fresh", settings)
+        fresh_seconds = init_and_build(work / "retained.parquet", work / "fresh", settings, secret_path(root))
         soaked, fresh = artifact_digests(root), artifact_digests(work / "fresh")
         differ = sorted(p for p in set(soaked) | set(fresh)
                         if p not in VOLATILE and soaked.get(p) != fresh.get(p))

@@ -60,7 +60,8 @@ def data_secret(root: Path) -> bytes:
         if secret is None:
             raise AuditError(f"{path}: the project's data secret is missing; every data artifact's bytes depend on "
                              "it, so a new one would change every digest: restore the key dir from your backup (or "
-                             "point LEGONET_KEY_DIR / audit.key_dir at it)")
+                             "point LEGONET_KEY_DIR / audit.key_dir at it); a project made before legonet had data "
+                             "secrets gets one from `legonet init --force --data FILE`")
         _secrets[root] = secret
     return _secrets[root]
 
