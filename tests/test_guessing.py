@@ -219,3 +219,17 @@ def test_the_control_attack_on_an_unsalted_write_finds_exactly_the_forgotten_sam
         same_size |= {sample} if unsalted.stat().st_size == size else set()
     print(f"unsalted size alone leaves {len(same_size)} of {len(rows['raw'])} candidates")
     assert victim in same_size
+
+
+def test_a_forget_without_the_data_secret_refuses_before_any_change(built_project: Path, tmp_path: Path) -> None:
+    """A lost data secret is an error naming the fix, never a new secret (which would change every digest)."""
+    root = copy_project(built_project, tmp_path / "project")
+    secret = secret_path(root)
+    secret.rename(tmp_path / "kept.secret")
+    sample = sorted(read_table(root / "data/routing.parquet")["sample_id"])[0]
+    before = git(root, "status", "--porcelain")
+    result = legonet("forget", str(write_manifest(tmp_path / "m.json", "req-lost", [sample])), cwd=root, check=False)
+    assert result.returncode == 9, result.stderr
+    assert "data secret is missing" in result.stderr and "restore the key dir" in result.stderr, result.stderr
+    assert not secret.exists() and git(root, "status", "--porcelain") == before
+    assert not (root / ".legonet/journal.json").exists()

@@ -19,6 +19,7 @@ from pipeline.audit.disclosure import changes
 from pipeline.audit.keyring import anchor, audit_key, audit_log, origin, signing_key
 from pipeline.audit.secrets import audit_key_id, id_digest, seal
 from pipeline.data.dataset import read_table
+from pipeline.data.salt import data_secret
 from pipeline.errors import StoreError
 from pipeline.forget import flow
 from pipeline.forget.manifest import DeletionRequest, load_manifest, merge_requests
@@ -51,6 +52,7 @@ def forget(root: Path, manifests: Sequence[Path], params: dict[str, Any], *, dry
     started = time.monotonic()
     requests = [load_manifest(m) for m in manifests]  # all parsing errors surface before anything else
     project_id(params)  # a project without its ID could not purge its MLflow objects: refuse before any change
+    data_secret(root)  # nor could one without its data secret write its tables (pipeline.data.salt)
     if allow_unknown is None:
         allow_unknown = bool(params.get("audit", {}).get("allow_unknown_ids", False))
     timings: dict[str, float] = {"validate": round(time.monotonic() - started, 3)}
