@@ -108,10 +108,12 @@ def settings(samples: int, n: int, blocks: int, extra: dict[str, str]) -> dict[s
             "data.reference_fraction": reference_fraction(samples, n), **extra}
 
 
-def build(data: Path, root: Path, params: Mapping[str, object], cli: Cli = HEAD) -> float:
-    """`legonet init --data` + `legonet build` with these params; the build's seconds."""
-    timed(cli("init", str(root), "--data", str(data), *[a for k, v in params.items() for a in ("--set", f"{k}={v}")]),
-          root.parent, cli.env)
+def build(data: Path, root: Path, params: Mapping[str, object], cli: Cli = HEAD, secret: Path | None = None
+          ) -> float:
+    """`legonet init --data` + `legonet build` with these params (``secret``: another project's data secret, for a
+    build that must equal it); the build's seconds."""
+    timed(cli("init", str(root), "--data", str(data), *(["--data-secret", str(secret)] if secret else []),
+              *[a for k, v in params.items() for a in ("--set", f"{k}={v}")]), root.parent, cli.env)
     return timed(cli("build"), root, cli.env)[0]
 
 

@@ -51,6 +51,7 @@ from pipeline.data.quality import (
     shard_values,
     tables,
 )
+from pipeline.data.salt import SALT_KEY, salt_of
 from pipeline.project.code import check_code
 from pipeline.project.layout import PROJECTION, REFERENCE_NORMS, ROUTING, SHARDS, adapter_name, shard_path
 from pipeline.project.params import load_params, recorded_md5, run_stage
@@ -211,6 +212,9 @@ def main() -> None:
                                       "training_classes": ("classes", classes)})
         payload = {"success": bool(described["success"]), "failed": failed,
                    "norm_range_from_reference": list(norms), "checkpoint": described}
+        # salted (pipeline.data.salt): its digest is published and its statistics are recomputable from the data
+        salt = salt_of(RESULT, [json.dumps(payload, sort_keys=True, default=str)])
+        payload |= {SALT_KEY: salt} if salt is not None else {}
         write_bytes_atomic(RESULT, (json.dumps(payload, indent=1, sort_keys=True, default=str) + "\n").encode())
         run.update({"quality_passed": int(payload["success"]), "quality_failed_expectations": len(failed)})
         print(f"quality checkpoint {'passed' if payload['success'] else 'FAILED'}"

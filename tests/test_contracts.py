@@ -49,7 +49,7 @@ OUTPUTS = {
     "train@0000": [],
     "quality": ["reports/quality/result.json", "reports/quality/tables", "reports/quality/data_docs"],
     "baseline": ["metrics/baseline.json"],
-    "evaluate": ["metrics/evaluate.json", "metrics/per_class.csv", "metrics/adapter_load.csv"],
+    "evaluate": ["metrics/evaluate.json", "metrics/per_class.csv", "reports/evaluate/adapter_load.csv"],
 }
 
 

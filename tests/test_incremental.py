@@ -29,7 +29,7 @@ RAW = [f"data/raw/part-{p:04d}.parquet" for p in range(PARTITIONS)]
 TEST = "data/test/test.parquet"
 # every file an incremental stage writes (the persisted state and the results)
 WRITTEN = ("data/encoded", "data/shards", "data/routing.parquet", "reports/probe", "reports/evaluate",
-           "metrics/evaluate.json", "metrics/baseline.json", "metrics/per_class.csv", "metrics/adapter_load.csv",
+           "metrics/evaluate.json", "metrics/baseline.json", "metrics/per_class.csv",
            "reports/quality/result.json", "reports/quality/tables", "reports/quality/partials")
 ENCODED = re.compile(r"encode (\S+): encoded (\d+) of (\d+) samples")
 

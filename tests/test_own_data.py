@@ -32,6 +32,7 @@ from test_serving import _free_port, _wait_for_ping
 
 from pipeline.data.dataset import read_table
 from pipeline.data.quality import QualityParams, held_out_features, norm_bounds, norm_range, read_norm_bounds
+from pipeline.data.salt import secret_path
 from pipeline.errors import DataError
 from pipeline.model.keys import fit_projection, project
 from pipeline.project.init import KEYS_PER_REFERENCE, ROWS_PER_PARTITION, defaults_from_data
@@ -89,7 +90,8 @@ def wine(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
     def build_scratch() -> None:
         try:
-            legonet("init", str(scratch), "--data", str(retained), *FAST, cwd=work)
+            legonet("init", str(scratch), "--data", str(retained), "--data-secret", str(secret_path(root)), *FAST,
+                    cwd=work)
             legonet("build", cwd=scratch)
         except BaseException as exc:  # re-raised in the test thread
             errors.append(exc)

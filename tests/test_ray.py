@@ -131,7 +131,7 @@ def test_a_ray_forget_equals_the_local_forget(ray_build: dict[str, Any], built_p
         # any two builds; MLmodel is compared below up to those fields.
         artifacts = {p: v for p, v in predicate["artifacts"].items()
                      if p not in ("models/package", "models/package/MLmodel")}
-        return {"artifacts": artifacts, "untouched": predicate["untouched_adapters"],
+        return {"artifacts": artifacts, "adapter_files": predicate["adapter_files"],
                 "affected": predicate["affected"], "params": predicate["params_sha256"],
                 "stages": sorted(predicate["stages_run"]), "checks": predicate["checks"]}
 

@@ -370,9 +370,9 @@ class AuditLog:
             return None
 
     def _write_memo(self, scan: _Scan) -> None:
-        """Keep a clean pass for the next one. Only beside an existing key dir; a memo that cannot be written
-        (a read-only key dir) costs later passes time, never correctness, so the error is not raised. An empty log
-        leaves none: there is nothing to skip, and a read before the first forget writes nothing."""
+        """Keep a clean pass for the next one. Only beside an existing key dir, and of a log with records (an empty
+        one costs nothing to verify, and a refused command must leave the key dir as it was); a memo that cannot be
+        written (a read-only key dir) costs later passes time, never correctness, so the error is not raised."""
         if self.memo is None or not self.memo.parent.is_dir() or not scan.entries:
             return
         memo = {"format": _MEMO_FORMAT, "log": str(self.log_dir.resolve()), "trusted": sorted(scan.trusted),

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pipeline.audit.disclosure import changes
 from pipeline.audit.keyring import anchor, audit_key, audit_keys, audit_log, origin, signing_key
 from pipeline.audit.secrets import audit_key_id, forgotten_by, id_digest, seal
 from pipeline.data.quality import RESULT, read_result
@@ -51,24 +52,21 @@ def write_records(root: Path, journal: Any, plan: Any, measured: dict[str, Any],
     signing = signing_key(root, params, log)  # pins its fingerprint in the key dir when it is created
     log = audit_log(root, params, memo=True)  # trust as it stands after a first-use pin
     before, after = measured["before"], measured["after"]
-    touched = {p for p in set(before) | set(after) if before.get(p) != after.get(p)}
     shared = {
         "batch_request_ids": journal.request_ids,
         "audit_key_id": audit_key_id(hmac_key),
         # keyed: an unkeyed digest of a manifest would confirm a guess of its (few, guessable) sample IDs
         "manifest_hmac": {r: id_digest(hmac_key, f"manifest:{d}") for r, d in journal.manifest_digests.items()},
         "status": plan.status,
-        "affected": {"partitions": plan.partitions, "adapters": plan.adapters,
-                     "test_samples": len(plan.test_ids), "train_samples": len(plan.train_ids)},
-        "artifacts": {p: {"before": before.get(p), "after": after.get(p)} for p in sorted(touched)},
-        # per adapter file (weights and summary), not per train block: a block holds retrained and kept adapters
-        "untouched_adapters": {p: d for p, d in after.items()
-                               if p.startswith("models/adapters/") and before.get(p) == d},
+        "affected": {"partitions": plan.partitions, "test_samples": len(plan.test_ids),
+                     "train_samples": len(plan.train_ids)},
+        # changed artifacts; the adapter files only as Merkle roots, the retrained adapters sealed (they would
+        # point at the forgotten sample): pipeline.audit.disclosure
+        **changes(hmac_key, before, after, plan.adapters, _quality(root)),
         "dvc_lock": measured["dvc_lock"],
         "code_revision": git_revision(root),
         "params_sha256": params_digest(root),
         "registry": journal.results.get("registry", {}),
-        "quality": _quality(root),
         "stages_run": journal.results.get("stages_run", []),
         "checks": journal.results.get("checks", []),
         "purge": journal.results.get("purge", {}),

@@ -18,17 +18,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
-from safetensors.numpy import save
 
 from pipeline.audit.checks import artifact_chain_problems
+from pipeline.audit.disclosure import opened, root_problems
 from pipeline.audit.keyring import AUDIT_KEY, audit_key, audit_keys, audit_log, key_dir, origin, signing_key
 from pipeline.audit.log import AuditLog
 from pipeline.audit.receipt import make_receipt, verify_receipt
 from pipeline.audit.secrets import audit_key_id, forgotten_by, read_public_keys, unseal
 from pipeline.data.dataset import read_embeddings, write_embeddings
+from pipeline.data.salt import salt_of
 from pipeline.errors import AuditError, AuditFailed, IdentityError
 from pipeline.forget import flow
-from pipeline.model.adapters import TrainParams, adapter_seed, train_adapter
+from pipeline.model.adapters import TrainParams, adapter_bytes, adapter_seed, train_adapter
 from pipeline.model.keys import project
 from pipeline.model.routing import route, shard
 from pipeline.project.layout import ENCODED_TRAIN, KEYS, PROJECTION, adapter_name, adapter_path, shard_path
@@ -58,6 +59,11 @@ def verify(root: Path, params: dict[str, Any], rebuild: bool = False, trusted: S
     passed = [f"{len(records)} forget record(s): trusted signatures, hash chain and Merkle tree intact",
               "each record starts from the artifacts the one before it left (or from a build recorded between)"]
     passed += [f"the log extends {where} (consistency proof)" for where, _ in log.anchors]
+    if keys is not None:  # the sealed changes, opened: each must give the adapter roots the record published
+        known = {audit_key_id(k) for k in keys}
+        records = [opened(r, _unsealer(_keyed(keys), r) if r["predicate"].get("audit_key_id") in known else None)
+                   for r in records]
+        problems += [p for r in records for p in root_problems(r)]
     if records:
         last = records[-1]
         problems += _subject_problems(root, last)
@@ -70,7 +76,9 @@ def verify(root: Path, params: dict[str, Any], rebuild: bool = False, trusted: S
     problems += pending.outstanding(root, records)  # purges a store refused, not finished since
     problems += remote_residue(root, records)  # superseded objects in any configured DVC remote (S3 included)
     problems += _mlflow_problems(root, params, records)
-    if rebuild and records:
+    if rebuild and records and keys is None:
+        problems.append("--rebuild needs the audit key: the record seals which adapters the last forget retrained")
+    elif rebuild and records:
         problems += rebuild_adapters(root, params, records[-1]["predicate"]["affected"]["adapters"])
         passed.append("affected adapters re-derived from scratch in a temporary directory: bit-identical")
     if problems:
@@ -208,7 +216,8 @@ def rebuild_adapters(root: Path, params: dict[str, Any], adapters: list[int]) ->
                                     adapter_seed(int(params["adapters"]["seed"]), j),
                                     TrainParams(**params["adapters"]["train"]))
             stored = adapter_path(j, n, blocks)
-            if save(weights) != (root / stored).read_bytes():
+            salt = salt_of(root / stored, sorted(rows["sample_id"]))
+            if adapter_bytes(weights, salt) != (root / stored).read_bytes():
                 problems.append(f"{stored}: retraining from scratch gives different bits")
     return problems
 
@@ -220,10 +229,12 @@ def show(root: Path, params: dict[str, Any], request_id: str, trusted: Sequence[
     record = log.find(request_id)
     if record is None:
         raise AuditFailed(f"no audit record for request {request_id!r}; `legonet audit report` lists them")
-    opened = _opener(root, params, log)
+    opener = _opener(root, params, log)
     sealed = record["predicate"].get("sealed")
-    opens = opened and isinstance(sealed, str)
-    return {**record, "opened": opened(record["predicate"]["audit_key_id"], sealed)} if opens else record
+    unseal_own = _unsealer(opener, record)
+    if unseal_own is None or not isinstance(sealed, str):
+        return record
+    return {**opened(record, unseal_own), "opened": unseal_own(sealed)}
 
 
 def _opener(root: Path, params: dict[str, Any], log: AuditLog) -> Any:
@@ -231,8 +242,20 @@ def _opener(root: Path, params: dict[str, Any], log: AuditLog) -> Any:
     without the keys (the records stay opaque to them)."""
     if not (key_dir(root, params) / AUDIT_KEY).exists():
         return None
-    keys = {audit_key_id(key): key for key in audit_keys(root, params, log)}
-    return lambda named, sealed: unseal(keys[named], sealed)
+    return _keyed(audit_keys(root, params, log))
+
+
+def _keyed(keys: Sequence[bytes]) -> Any:
+    """(audit key id, sealed) -> the opened fields, for records keyed with one of ``keys``."""
+    by_id = {audit_key_id(key): key for key in keys}
+    return lambda named, sealed: unseal(by_id[named], sealed)
+
+
+def _unsealer(opener: Any, record: dict[str, Any]) -> Any:
+    """sealed -> opened, under the audit key ``record`` names; None without an opener."""
+    if opener is None:
+        return None
+    return lambda sealed: opener(record["predicate"]["audit_key_id"], sealed)
 
 
 def check_id(root: Path, params: dict[str, Any], sample_id: str, trusted: Sequence[str] = (),
@@ -292,7 +315,7 @@ def report(root: Path, params: dict[str, Any], out: Path, trusted: Sequence[str]
     """A self-contained HTML page for a compliance officer: one section per request, of a verified log only."""
     log = audit_log(root, params, trusted, checkpoints)
     records = log.records()
-    opened = _opener(root, params, log)
+    opener = _opener(root, params, log)
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>legonet audit report</title>",
              "<style>body{font-family:sans-serif;max-width:70em;margin:2em auto}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:.2em .5em;text-align:left}.ok{color:#060}.bad{color:#a00}"
@@ -300,15 +323,16 @@ def report(root: Path, params: dict[str, Any], out: Path, trusted: Sequence[str]
              f"<p>Project: {_h(root.resolve())}. Records: {len(records)}. Log integrity: "
              "<span class='ok'>trusted signatures, hash chain and Merkle tree verified</span></p>"]
     for record in records:
-        p = record["predicate"]
-        meta = opened(p["audit_key_id"], p["sealed"]) if opened and isinstance(p.get("sealed"), str) else {}
+        unseal_own = _unsealer(opener, record)
+        p = opened(record, unseal_own)["predicate"]
+        meta = unseal_own(p["sealed"]) if unseal_own and isinstance(p.get("sealed"), str) else {}
         rows = [("request", p["request_id"]), ("reason", meta.get("reason", "(sealed)")),
                 ("received", meta.get("received_at", "(sealed)")), ("recorded", p["recorded_at"]),
                 ("status", p["status"]), ("samples removed", len(p["forgotten_ids"])),
                 ("not present / already forgotten", f"{len(p['not_present_ids'])} / {len(p['already_forgotten_ids'])}"),
                 ("partitions rewritten", p["affected"]["partitions"]),
-                ("adapters retrained", p["affected"]["adapters"]),
-                ("adapters untouched", len(p["untouched_adapters"])),
+                ("adapters retrained", p["affected"].get("adapters", "(sealed)")),
+                ("adapter files (Merkle root after)", f"{p['adapter_files']['files']} ({p['adapter_files']['after']})"),
                 ("model version", f"{p['registry'].get('model_version', '-')} "
                                   f"{p['registry'].get('aliases', '')} {p['registry'].get('gate_reason', '')}"),
                 ("purge", json.dumps(p["purge"], sort_keys=True)),

@@ -222,3 +222,14 @@ def forgotten_by(summaries: list[dict[str, Any]], audit_keys: Collection[bytes]
         return found
 
     return lookup
+
+
+def random_secret(path: Path, size: int, create: bool, value: bytes | None = None) -> bytes | None:
+    """A secret of ``size`` random bytes (or ``value``, a copy of another's) kept at ``path`` (mode 0600): read,
+    else created when ``create``, else None. Created the way the audit keys are (never through a link, never over
+    an existing file)."""
+    secret = (load_or_create_secret(path, lambda: os.urandom(size) if value is None else value) if create
+              else read_secret(path))
+    if secret is not None and len(secret) != size:
+        raise AuditError(f"{path}: holds {len(secret)} bytes, not {size}; restore it from your backup")
+    return secret

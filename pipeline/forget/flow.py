@@ -22,7 +22,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pipeline.audit import disclosure
 from pipeline.data.dataset import read_table, read_yaml, write_private, write_table
+from pipeline.data.salt import data_secret
 from pipeline.errors import ExactnessError, ForgetError, LockBusy
 from pipeline.forget.manifest import DeletionRequest, merge_requests
 from pipeline.project.code import check_all_code
@@ -233,6 +235,7 @@ def preconditions(root: Path, params: dict[str, Any]) -> Iterator[None]:
     the shared registry's writer lease, so that no other clone starts a forget or build until this one is
     committed."""
     project_id(params)
+    data_secret(root)  # nor could one without its data secret write its tables (pipeline.data.salt)
     store = project_store(params["mlflow"])
     check_head(root, params, store)
     with writer_lease(root, store):
@@ -406,6 +409,7 @@ def forgotten_ids_in(root: Path, digests: dict[str, str], sample_ids: set[str],
 
 
 def subjects(root: Path) -> dict[str, str]:
-    """The in-toto subjects: every file of the packaged model and every adapter, by sha256."""
+    """The in-toto subjects: every file of the packaged model and every adapter, by sha256 (the adapter files as
+    one Merkle root: ``disclosure.subjects``)."""
     files = sorted(p for d in ("models/package", "models/adapters") for p in (root / d).rglob("*") if p.is_file())
-    return {p.relative_to(root).as_posix(): file_sha256(p) for p in files}
+    return disclosure.subjects({p.relative_to(root).as_posix(): file_sha256(p) for p in files})
