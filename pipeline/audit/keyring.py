@@ -10,9 +10,10 @@ against, so the trusted fingerprints come from outside it, first source found wi
 The key dir holds the secrets, the pins and the last checkpoint the operator signed. It is outside the project
 folder by default (``$XDG_DATA_HOME/legonet/keys/<project id>``, else ``~/.local/share/...``), so a tarball, an
 rsync or a container build context of the project carries no key; ``LEGONET_KEY_DIR`` or ``audit.key_dir``
-override it. A project made before that default keeps its keys in ``.legonet/keys`` until `legonet audit
-move-keys` moves them. ``key_dir`` is the one resolver of that folder: every key file is found through it.
-The key dir must not be inside ``audit/`` or anywhere git would commit.
+override it. A project made before that default keeps its keys in ``.legonet/keys`` (`legonet forget` and
+`legonet audit verify` say so) until `legonet audit move-keys` moves them. ``key_dir`` is the one resolver of
+that folder: every key file is found through it. The key dir must not be inside ``audit/`` or anywhere git
+would commit.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -69,8 +69,6 @@ def key_dir(root: Path, params: dict[str, Any]) -> Path:
             ["git", "check-ignore", "-q", "--no-index", str(resolved / AUDIT_KEY)], cwd=root).returncode != 0:
         raise AuditError(f"audit.key_dir {configured!r} is inside the project and not ignored by git, so "
                          "`git add` would commit the private keys; use a folder outside it")
-    if resolved.is_relative_to(project):
-        _note_in_project(path)
     return path
 
 
@@ -83,16 +81,14 @@ def default_key_dir(params: dict[str, Any]) -> Path:
     return base / "legonet" / "keys" / project_id(params)
 
 
-_NOTED: set[Path] = set()
-
-
-def _note_in_project(path: Path) -> None:
-    """Say once per process that the keys travel with the project folder, and how to move them out."""
-    if path.resolve() in _NOTED:
-        return
-    _NOTED.add(path.resolve())
-    print(f"note: the audit keys are in {path}, inside the project folder, so a copy or an archive of the folder "
-          "carries them; `legonet audit move-keys` moves them to the per-user key dir", file=sys.stderr)
+def in_project_note(root: Path, params: dict[str, Any]) -> str | None:
+    """Why and how to move the keys, when the key dir is inside the project folder (a project made before the
+    per-user default): a copy or an archive of the folder carries them."""
+    path = key_dir(root, params)
+    if not path.resolve().is_relative_to(root.resolve()):
+        return None
+    return (f"note: the audit keys are in {path}, inside the project folder, so a copy or an archive of the folder "
+            "carries them; `legonet audit move-keys` moves them to the per-user key dir")
 
 
 def trusted_fingerprints(root: Path, params: dict[str, Any], given: Sequence[str] = ()) -> frozenset[str]:

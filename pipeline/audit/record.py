@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.audit.disclosure import changes
-from pipeline.audit.keyring import anchor, audit_key, audit_keys, audit_log, origin, signing_key
+from pipeline.audit.keyring import anchor, audit_key, audit_keys, audit_log, in_project_note, origin, signing_key
 from pipeline.audit.secrets import audit_key_id, forgotten_by, id_digest, seal
 from pipeline.data.quality import RESULT, read_result
 from pipeline.project.params import params_digest
@@ -34,6 +34,12 @@ def forgotten_lookup(root: Path, params: dict[str, Any]) -> Forgotten:
     if not records:  # nothing forgotten yet: do not create the audit key just to look (input checks and
         return lambda sample_ids: {}  # --dry-run must leave the project untouched)
     return forgotten_by(records, audit_keys(root, params, log))  # each record under the audit key it names
+
+
+def keys_note(root: Path, params: dict[str, Any]) -> str | None:
+    """The note a forget ends with while the audit keys sit inside the project folder (a project made before the
+    per-user key dir): how to move them."""
+    return in_project_note(root, params)
 
 
 def write_records(root: Path, journal: Any, plan: Any, measured: dict[str, Any], params: dict[str, Any],

@@ -54,6 +54,7 @@ def add(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     # lazy: the log's cryptography, DVC and MLflow load only for `audit`
     from pipeline.audit import review
+    from pipeline.audit.keyring import in_project_note
     from pipeline.audit.receipt import receipt_json
     from pipeline.project.params import load_params
 
@@ -68,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "verify":
         for line in review.verify(root, params, args.rebuild, *reader):
             print(f"ok: {line}")
+        if note := in_project_note(root, params):
+            print(note, file=sys.stderr)
     elif args.action == "show":
         print(json.dumps(review.show(root, params, args.request_id, *reader), indent=1, sort_keys=True))
     elif args.action == "report":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from pipeline.cli.output import console
@@ -26,6 +27,7 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # lazy: DVC, torch and the audit log load only for the commands that need them
+    from pipeline.audit.record import keys_note
     from pipeline.forget.defer import defer
     from pipeline.forget.steps import forget
     from pipeline.project.params import load_params
@@ -45,4 +47,6 @@ def run(args: argparse.Namespace) -> int:
         for phase, seconds in summary["timings"].items():
             print(f"{phase:>14} {seconds:8.2f} s")
     print(json.dumps({k: v for k, v in summary.items() if k != "timings"}, sort_keys=True))
+    if note := keys_note(Path.cwd(), load_params()):
+        print(note, file=sys.stderr)
     return 0
