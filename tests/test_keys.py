@@ -180,6 +180,12 @@ def test_each_record_starts_from_what_the_forget_before_it_left() -> None:
     assert artifact_chain_problems([first, second, built_between]) == []  # a build changed dvc.lock in between
     split = {**second, "artifacts": {}}
     assert "states other artifacts" in artifact_chain_problems([first, split])[0]
+    # records that publish the adapter files as one Merkle root (docs/audit.md): the roots chain the same way
+    rooted = [{**_forget(r, lock, {}, {}), "adapter_files": {"before": b, "after": a, "files": 4}}
+              for r, lock, b, a in (("r1", ("L0", "L1"), "R0", "R1"), ("r2", ("L1", "L2"), "R1", "R2"))]
+    assert artifact_chain_problems(rooted) == []
+    forged = {**rooted[1], "adapter_files": {"before": "RX", "after": "R2", "files": 4}}
+    assert "adapter files (Merkle root) starts from RX" in artifact_chain_problems([rooted[0], forged])[0]
 
 
 # --- rotation, backup and restore on a real project ---

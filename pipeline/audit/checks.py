@@ -176,6 +176,9 @@ def in_force(summaries: list[dict[str, Any]]) -> str | None:
                  if s.get("kind") in (FORGET, AUDIT_KEY_ROTATION) and s.get("audit_key_id")), None)
 
 
+ADAPTER_ROOT = "adapter files (Merkle root)"  # how the chain names the adapter files a record publishes as one root
+
+
 def artifact_chain_problems(predicates: list[dict[str, Any]]) -> list[str]:
     """Where a forget record's ``before`` artifact digests are not what the forgets before it left.
 
@@ -193,6 +196,8 @@ def artifact_chain_problems(predicates: list[dict[str, Any]]) -> list[str]:
         lock = predicate.get("dvc_lock") if isinstance(predicate.get("dvc_lock"), dict) else {}
         artifacts = predicate.get("artifacts") if isinstance(predicate.get("artifacts"), dict) else {}
         untouched = predicate.get("untouched_adapters") if isinstance(predicate.get("untouched_adapters"), dict) else {}
+        if isinstance(predicate.get("adapter_files"), dict):  # the adapter files, published as one root
+            artifacts = {**artifacts, ADAPTER_ROOT: predicate["adapter_files"]}
         batch = (as_list(predicate.get("batch_request_ids")), lock, artifacts, untouched)
         if last is not None and batch[0] == last[0]:
             if batch != last:

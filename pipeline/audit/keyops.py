@@ -51,7 +51,8 @@ from pipeline.audit.secrets import (
 )
 from pipeline.errors import AuditError
 from pipeline.project.init import set_params
-from pipeline.project.params import PARAMS, commit_project
+from pipeline.project.params import PARAMS
+from pipeline.runner.build import commit_project
 from pipeline.tracking.identity import project_id
 
 BACKUP_FORMAT = "https://legonet.dev/key-backup/v1"
