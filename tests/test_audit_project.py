@@ -178,12 +178,12 @@ def rewrite_with_the_real_key(root: Path, ctx: dict[str, Any]) -> None:
 
 
 def rewrite_a_before(root: Path, ctx: dict[str, Any]) -> None:
-    """req-3 (no rebuild) claims to start from another adapter than the batch before it left."""
+    """req-3 (no rebuild) claims to start from other adapter files (their Merkle root) than the batch before it
+    left."""
 
     def other_start(predicate: dict[str, Any]) -> None:
         if predicate["request_id"] == "req-3":
-            first = sorted(predicate["untouched_adapters"])[0]
-            predicate["untouched_adapters"][first] = "0" * 32
+            predicate["adapter_files"]["before"] = "0" * 64
 
     _rewrite_with_the_real_key(root, other_start)
 
