@@ -66,11 +66,9 @@ def previous_index(identity: dict[str, Any]) -> tuple[pd.DataFrame | None, dict[
 
 def partition_rows(indices: list[int]) -> pd.DataFrame:
     """The ``ROW_COLUMNS`` and partition of every row of the encoded partitions ``indices``."""
-    frames = [read_table(encoded_path(index), ROW_COLUMNS).assign(partition=np.int32(index)) for index in indices]
-    if not frames:
-        return pd.DataFrame({c: pd.Series(dtype=object) for c in ROW_COLUMNS}).assign(
-            partition=pd.Series(dtype=np.int32))
-    return pd.concat(frames, ignore_index=True)
+    frames = [read_table(encoded_path(index), ROW_COLUMNS).assign(partition=np.int32(index))
+              for index in indices or [0]]  # none to read (a forced rerun of unchanged data): the columns' own types
+    return pd.concat(frames, ignore_index=True) if indices else frames[0].iloc[:0]
 
 
 def new_rows(rows: pd.DataFrame, checked: set[int], projection: np.ndarray, width: int, classes: list[int]

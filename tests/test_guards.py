@@ -192,8 +192,8 @@ def test_on_an_mlflow_server_one_of_two_clones_racing_for_the_lease_wins(tmp_pat
 
         # the quarantine is written the same way, without MLflow: on the newest version and every aliased one
         client = MlflowClient(server["uri"])
-        first = client.create_model_version("shared-model", source=str(home / "artifacts" / "m1")).version
-        newest = client.create_model_version("shared-model", source=str(home / "artifacts" / "m2")).version
+        first = client.create_model_version("shared-model", source="s3://legonet-test/m1").version
+        newest = client.create_model_version("shared-model", source="s3://legonet-test/m2").version
         client.set_registered_model_alias("shared-model", "champion", first)
         assert quarantine.publish(tmp_path, store, [3, 1], ["r-1"], "2026-01-01T00:00:00+00:00") == {
             str(first): [1, 3], str(newest): [1, 3]}

@@ -18,10 +18,11 @@ def add(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     # lazy: DVC and MLflow load only for the commands that need them (`legonet --help` stays instant)
     from pipeline.forget import deferred
-    from pipeline.forget.flow import project_lock
-    from pipeline.project.params import load_params
-    from pipeline.runner.build import commit_project, repro, summary, tag_build
-    from pipeline.tracking.head import check_head, writer_lease
+    from pipeline.forget.flow import Writer, project_lock
+    from pipeline.project.code import sync_code
+    from pipeline.project.params import load_params, sync_generated
+    from pipeline.runner.build import commit_project, dvc_status, repro, summary, tag_build
+    from pipeline.tracking.head import check_head
     from pipeline.tracking.registry import project_store
 
     root = Path.cwd()
@@ -31,7 +32,10 @@ def run(args: argparse.Namespace) -> int:
         store = project_store(params["mlflow"])
         check_head(root, params, store)  # never build on data another clone forgot
         deferred.check_deadlines(root, lambda m: console.print(m, highlight=False, soft_wrap=True))
-        with writer_lease(root, store):  # nor while another clone forgets
+        with Writer(root, params) as writer:
+            # nor while another clone forgets; an up-to-date build writes nothing, the lease included
+            if args.force or sync_generated(root) | sync_code(root) or dvc_status(root):
+                writer.hold()
             ran = repro(root, force=args.force, console=console)
             registered = tag_build(root) if ran else {}
             metrics = summary(root)

@@ -30,7 +30,8 @@ def defer(root: Path, manifests: Sequence[Path], params: dict[str, Any], *, wait
     if allow_unknown is None:
         allow_unknown = bool(params.get("audit", {}).get("allow_unknown_ids", False))
     at = deferred.now()
-    with flow.project_lock(root, wait, say), flow.preconditions(root, params):
+    with flow.project_lock(root, wait, say), flow.Writer(root, params) as writer:
+        flow.preconditions(root, params)
         journal = flow.Journal.load(root)
         if journal is not None:  # its rows may be half removed: plans made now would not hold
             raise ForgetError(f"the forget of {', '.join(journal.request_ids)} was interrupted; finish it first "
@@ -55,6 +56,7 @@ def defer(root: Path, manifests: Sequence[Path], params: dict[str, Any], *, wait
         if unknown and not allow_unknown:
             raise ForgetError(f"{len(unknown)} sample ID(s) are not in this project: {unknown[:5]}; check the "
                               "manifest, or pass --allow-unknown to record them as 'not present'")
+        writer.hold()  # every request is valid: from here on the command writes
         items += [deferred.store(root, r, p.adapters, params, allow_unknown) for r, p in zip(new, plans, strict=True)]
         flow.crash_point(STORED)
         adapters, held = deferred.held(root)

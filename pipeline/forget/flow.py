@@ -16,7 +16,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -228,18 +228,32 @@ def plan_batch(root: Path, sample_ids: Sequence[str], reference_ids: set[str],
                 sorted({int(p) for p in rows["partition"]}), adapters, n, blocks)
 
 
-@contextmanager
-def preconditions(root: Path, params: dict[str, Any]) -> Iterator[None]:
+def preconditions(root: Path, params: dict[str, Any]) -> None:
     """Refuse before any change, under the project lock: a project without its ID could not purge its MLflow
-    objects, and a clone behind the registry's audit head would rebuild on data another clone forgot; then hold
-    the shared registry's writer lease, so that no other clone starts a forget or build until this one is
-    committed."""
+    objects, and a clone behind the registry's audit head would rebuild on data another clone forgot."""
     project_id(params)
     data_secret(root)  # nor could one without its data secret write its tables (pipeline.data.salt)
-    store = project_store(params["mlflow"])
-    check_head(root, params, store)
-    with writer_lease(root, store):
-        yield
+    check_head(root, params, project_store(params["mlflow"]))
+
+
+class Writer:
+    """The shared registry's writer lease (pipeline.tracking.head), taken by ``hold`` before a command's first
+    write, so that no other clone starts a forget or build until this one is committed; a request refused before
+    that writes nothing, the lease included. Released when the block ends."""
+
+    def __init__(self, root: Path, params: dict[str, Any]) -> None:
+        self.root, self.store, self.held, self.taken = root, project_store(params["mlflow"]), ExitStack(), False
+
+    def hold(self) -> None:
+        if not self.taken:
+            self.held.enter_context(writer_lease(self.root, self.store))
+            self.taken = True
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.held.close()
 
 
 def rows_plan(root: Path, requests: Sequence[DeletionRequest], params: dict[str, Any],

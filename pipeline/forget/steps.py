@@ -54,10 +54,13 @@ def forget(root: Path, manifests: Sequence[Path], params: dict[str, Any], *, dry
     # checkpoint tag) run in a second process that imports GX and MLflow meanwhile; with Ray there is no worker:
     # `dvc repro` runs every stage, and the MLflow steps run here
     modules = worker_modules(root)
-    with flow.project_lock(root, wait, say), flow.preconditions(root, params), \
+    with flow.project_lock(root, wait, say), flow.Writer(root, params) as writer, \
             stage_worker(root, params, modules, preload=["pipeline.purge.models"]) as worker:
         timings["lock"] = round(time.monotonic() - lock_started, 3)
+        flow.preconditions(root, params)
         interrupted = flow.Journal.load(root)
+        if interrupted is not None or pending.load(root)["pending"]:
+            writer.hold()  # finishing an earlier forget or purge writes to the shared stores
         pending.retry(root, params, worker, say, skip=interrupted.request_ids if interrupted else ())
         deferred.check_deadlines(root, say)
         if interrupted is not None and interrupted.batch != flow.batch_id(requests):
@@ -74,6 +77,7 @@ def forget(root: Path, manifests: Sequence[Path], params: dict[str, Any], *, dry
         else:
             say(f"resuming the forget of {', '.join(interrupted.request_ids)} from state '{interrupted.state}'")
             journal, resumed = interrupted, True
+        writer.hold()  # the request is valid: from here on the forget writes
         summary = _run(root, journal, params, worker, say, resumed)
     if "purge_pending" in summary:
         raise StoreError(f"the forget of {', '.join(summary['request_ids'])} is done and recorded, but its purge is "
