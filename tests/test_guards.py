@@ -144,7 +144,8 @@ def test_two_clones_never_write_at_once_a_held_lease_refuses_the_other(tmp_path:
     before = project_files()
     with writer_lease(second, store):
         assert json.loads(registry_lease(store) or "{}").get("clone"), "the lease is on the shared store"
-        for args in (("forget", str(write_manifest(tmp_path / "a.json", "r-first", [ids[0]]))), ("build",)):
+        # a build with work to do (an up-to-date one writes nothing and needs no lease)
+        for args in (("forget", str(write_manifest(tmp_path / "a.json", "r-first", [ids[0]]))), ("build", "--force")):
             result = legonet(*args, cwd=first, check=False)
             message = " ".join(result.stderr.split())
             assert result.returncode == 7 and "another clone of this project is forgetting or building" in message
