@@ -23,6 +23,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from pipeline.data.dataset import write_private
 from pipeline.errors import ForgetError, ParamsError
 from pipeline.forget import flow
 from pipeline.forget.manifest import DeletionRequest
@@ -98,7 +99,7 @@ def store(root: Path, request: DeletionRequest, adapters: Iterable[int], params:
     place = folder(root, request.request_id)
     (root / REQUESTS).mkdir(mode=0o700, parents=True, exist_ok=True)
     copy = place / f"manifest{request.source.suffix}"
-    flow._write_private(copy, request.source.read_bytes())
+    write_private(copy, request.source.read_bytes())
     item = Deferred(request.request_id, copy.relative_to(root).as_posix(), request.digest, request.received_at,
                     stamp(deadline(request.received_at, params)), stamp(now()), sorted(set(adapters)), allow_unknown)
     save(root, item)
@@ -106,7 +107,7 @@ def store(root: Path, request: DeletionRequest, adapters: Iterable[int], params:
 
 
 def save(root: Path, item: Deferred) -> None:
-    flow._write_private(folder(root, item.request_id) / "state.json",
+    write_private(folder(root, item.request_id) / "state.json",
                         (json.dumps(asdict(item), indent=1, sort_keys=True) + "\n").encode())
 
 
