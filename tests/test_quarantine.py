@@ -22,6 +22,7 @@ from test_forget import artifacts_md5, lock_without_package_listing
 from pipeline.audit.envelope import key_id
 from pipeline.audit.secrets import load_or_create_signing_key
 from pipeline.data.dataset import read_table, write_table
+from pipeline.data.salt import secret_path
 from pipeline.errors import ParamsError
 from pipeline.forget import deferred
 from pipeline.model.ensemble import Ensemble
@@ -167,7 +168,8 @@ def deferred_run(tmp_path_factory: pytest.TempPathFactory, built_project: Path, 
 
     def build_oracle() -> None:
         try:
-            legonet(*init_args(work / "retained.parquet"), cwd=oracle)
+            # the data secret of built_project (which the project was copied from): compared byte for byte
+            legonet(*init_args(work / "retained.parquet"), "--data-secret", str(secret_path(built_project)), cwd=oracle)
             legonet("build", cwd=oracle)
         except BaseException as exc:  # re-raised in the main thread
             failures.append(exc)
