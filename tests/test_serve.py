@@ -1,7 +1,7 @@
 """`legonet serve` and the packaged model as an MLflow citizen, on real processes: a built tiny project, its SQLite
 MLflow store, the server as a subprocess on 127.0.0.1 with two workers, and a load generator in a third process
-(bench/load.py) at a steady 50 requests/s across a `legonet forget`, a published quarantine and a version that
-cannot load."""
+(bench/load.py) at a steady 50 requests/s across a deferred forget (its quarantine), the batch that retrains it
+and a version that cannot load."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 import warnings
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -122,7 +123,7 @@ def served(built_project: Path, tmp_path: Path) -> Iterator[dict[str, Any]]:
         stop_group(server)
 
 
-def test_serve_follows_the_champion_under_load_across_a_forget(served: dict[str, Any], tmp_path: Path) -> None:
+def test_serve_follows_the_quarantine_and_the_champion_under_load(served: dict[str, Any], tmp_path: Path) -> None:
     import mlflow
 
     root, url = served["root"], served["url"]
@@ -143,27 +144,30 @@ def test_serve_follows_the_champion_under_load_across_a_forget(served: dict[str,
                              "--out", str(results)], cwd=REPO, start_new_session=True)  # -m: bench from REPO
     try:
         time.sleep(2)
-        forgotten = read_table(sorted((root / "data/raw").glob("*.parquet"))[0])["sample_id"].iloc[0]
+        # a train sample that shares an adapter with the probe image: its quarantine must change the probe's answer
+        probe = {int(a) for a in answers[0][0]["adapters"].split()}
+        routing = read_table(root / "data/routing.parquet")
+        forgotten, affected = next((s, {int(j) for j in a}) for s, a in zip(routing["sample_id"], routing["adapters"],
+                                                                           strict=True) if probe & {int(j) for j in a})
         manifest = tmp_path / "req-serve.json"
         manifest.write_text(json.dumps({"request_id": "req-serve", "sample_ids": [forgotten], "reason": "test",
-                                        "received_at": "2026-12-01T09:00:00+00:00"}))
-        result = legonet("forget", str(manifest), cwd=root)
+                                        "received_at": datetime.now(UTC).isoformat(timespec="seconds")}))
+        loaded_at = {_get(f"{url}/version")[1]["loaded_at"] for _ in range(6)}
+        legonet("forget", "--defer", str(manifest), cwd=root)
+        published = time.monotonic()  # the command returns once the quarantine is published
+        took_quarantine = _until(lambda: set(_get(f"{url}/version")[1]["quarantine"]["adapters"]) == affected, 2,
+                                 f"the quarantine of adapters {sorted(affected)} on the server")
+        time.sleep(3)
+        assert {_get(f"{url}/version")[1]["loaded_at"] for _ in range(6)} == loaded_at  # applied without a reload
+        retrain = time.monotonic()
+        result = legonet("requests", "run", cwd=root)
         assert "WARNING" not in result.stderr, result.stderr  # MLflow's cloudpickle and signature warnings are gone
         new = str(json.loads(result.stdout.strip().splitlines()[-1])["model_version"])
         assert new != "1"
         took = _until(lambda: _get(f"{url}/version")[1]["version"] == new, 10, f"serving version {new}")
         forgot = time.monotonic()
         time.sleep(3)  # both workers swap by themselves
-        # a quarantine published on the serving version applies within 2 s, without a reload
-        loaded_at = {_get(f"{url}/version")[1]["loaded_at"] for _ in range(6)}
-        mlflow.set_tracking_uri(_store(root))
-        client = mlflow.MlflowClient()
-        tag = {"adapters": [0], "requests": ["req-q"], "published_at": "2026-12-05T00:00:00+00:00"}
-        client.set_model_version_tag("legonet", new, QUARANTINE_TAG, json.dumps(tag))
-        published = time.monotonic()
-        _until(lambda: _get(f"{url}/version")[1]["quarantine"] == {"adapters": [0], "tag": tag}, 2, "quarantine")
-        time.sleep(3)
-        assert {_get(f"{url}/version")[1]["loaded_at"] for _ in range(6)} == loaded_at  # no reload
+        assert _get(f"{url}/version")[1]["quarantine"]["adapters"] == []  # the retrained version lifts it
     finally:
         stop.touch()
         load.wait(120)
@@ -172,14 +176,23 @@ def test_serve_follows_the_champion_under_load_across_a_forget(served: dict[str,
     assert summary["failed"] == 0, [r for r in records["records"] if r["status"] != 200][:5]
     assert summary["requests"] >= 0.9 * RATE * summary["seconds"], summary  # steady: none skipped
     assert set(summary["versions_in_order"]) == {"1", new}
-    after_forget = [r for r in records["records"] if r["sent"] > forgot - origin + 2]
-    assert after_forget and all(r["version"] == new for r in after_forget)
-    quarantined = [r for r in after_forget if r["sent"] > published - origin + 2]
-    assert quarantined and all(r["quarantine"] == "0" for r in quarantined)
-    assert all(r["quarantine"] == "" for r in after_forget if r["sent"] < published - origin - 1)
-    print(f"load: {summary}; version {new} served {took:.2f} s after the forget returned")
+    header = ",".join(map(str, sorted(affected)))
+
+    def consulted(record: dict[str, Any]) -> set[int]:
+        return {int(a) for row in record["adapters"] for a in row.split()}
+    before = [r for r in records["records"] if r["sent"] < published - origin - 1]
+    assert before and all(r["quarantine"] == "" and consulted(r) & affected for r in before)
+    held = [r for r in records["records"] if published - origin + 2 < r["sent"] < retrain - origin]
+    assert held and all(r["version"] == "1" and r["quarantine"] == header and not consulted(r) & affected
+                        for r in held), [r for r in held if consulted(r) & affected][:3]
+    after = [r for r in records["records"] if r["sent"] > forgot - origin + 2]
+    assert after and all(r["version"] == new and r["quarantine"] == "" for r in after)
+    print(f"load: {summary}; quarantine served {took_quarantine:.2f} s after `forget --defer` returned, "
+          f"version {new} {took:.2f} s after `requests run` returned")
 
     # a version that cannot load: the old one keeps serving, /health says why
+    mlflow.set_tracking_uri(_store(root))
+    client = mlflow.MlflowClient()
     broken = client.create_model_version("legonet", source=str(tmp_path / "no-such-model"), tags=dict(
         client.get_model_version("legonet", new).tags))
     client.set_registered_model_alias("legonet", "champion", broken.version)
