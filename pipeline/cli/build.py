@@ -22,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.project.code import sync_code
     from pipeline.project.params import load_params, sync_generated
     from pipeline.runner.build import commit_project, dvc_status, repro, summary, tag_build
-    from pipeline.tracking.head import check_head
+    from pipeline.tracking.head import check_head, check_lease
     from pipeline.tracking.registry import project_store
 
     root = Path.cwd()
@@ -31,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
         params = load_params(root)
         store = project_store(params["mlflow"])
         check_head(root, params, store)  # never build on data another clone forgot
+        check_lease(root, store)  # nor while another clone forgets or builds (the lease is taken below, if needed)
         deferred.check_deadlines(root, lambda m: console.print(m, highlight=False, soft_wrap=True))
         with Writer(root, params) as writer:
             # nor while another clone forgets; an up-to-date build writes nothing, the lease included

@@ -33,7 +33,7 @@ from pipeline.purge.history import ObjectIndex
 from pipeline.purge.objects import DIR_SUFFIX, dvc_cache, object_path
 from pipeline.runner.build import address, dvc_repo
 from pipeline.runner.worker import entry_point
-from pipeline.tracking.head import check_head, writer_lease
+from pipeline.tracking.head import check_head, check_lease, writer_lease
 from pipeline.tracking.identity import project_id
 from pipeline.tracking.lineage import file_md5, file_sha256
 from pipeline.tracking.registry import project_store
@@ -230,10 +230,13 @@ def plan_batch(root: Path, sample_ids: Sequence[str], reference_ids: set[str],
 
 def preconditions(root: Path, params: dict[str, Any]) -> None:
     """Refuse before any change, under the project lock: a project without its ID could not purge its MLflow
-    objects, and a clone behind the registry's audit head would rebuild on data another clone forgot."""
+    objects, a clone behind the registry's audit head would rebuild on data another clone forgot, and one whose
+    peer holds the writer lease would write beside it."""
     project_id(params)
     data_secret(root)  # nor could one without its data secret write its tables (pipeline.data.salt)
-    check_head(root, params, project_store(params["mlflow"]))
+    store = project_store(params["mlflow"])
+    check_head(root, params, store)
+    check_lease(root, store)
 
 
 class Writer:

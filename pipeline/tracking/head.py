@@ -162,6 +162,13 @@ def writer_lease(root: Path, settings: dict[str, Any]) -> Iterator[None]:
             _release(uri, name, me)
 
 
+def check_lease(root: Path, settings: dict[str, Any]) -> None:
+    """LockBusy at once while another clone holds a live lease: a command checks this before it reads or writes
+    anything (the lease itself is taken at its first write, ``writer_lease``, which refuses again if another clone
+    took it meanwhile)."""
+    _refuse(registry_lease(settings), clone_id(root))
+
+
 def _refuse(current: str | None, me: str) -> None:
     """LockBusy unless the lease ``current`` is free: none, expired, or this clone's (a forget it runs again)."""
     if current is None:
