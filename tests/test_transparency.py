@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,10 @@ from pipeline.audit.transparency import (
     inclusion_proof,
     leaf_hash,
     open_note,
+    replace_leaf,
     root_hash,
     sign_note,
+    update_proofs,
     verifier_key,
     verify_consistency,
     verify_inclusion,
@@ -123,3 +126,40 @@ def test_checkpoint_round_trip_and_refusals() -> None:
     for bad in ("x\n08\nAA==\n", "x\n1\nAA==\n", "x\n1\n"):
         with pytest.raises(TransparencyError, match="checkpoint"):
             Checkpoint.parse(bad)
+
+
+# --- leaf-update proofs: a few leaves replaced, every other leaf kept ---
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 7, 8, 13, 32, 33])
+def test_leaf_update_proofs_replay_the_old_root_into_the_new_one(size: int) -> None:
+    """Every subset of changed leaves up to three (and all of them), at sizes on and off a power of two: the
+    proofs, replayed in ascending order, each show the old leaf and give the new tree's root."""
+    rng = random.Random(size)
+    old = [leaf_hash(f"old {i}".encode()) for i in range(size)]
+    for changed in [{0}, {size - 1}, set(rng.sample(range(size), min(3, size))), set(range(size))]:
+        new = [leaf_hash(f"new {i}".encode()) if i in changed else leaf for i, leaf in enumerate(old)]
+        proofs = update_proofs(old, new)
+        assert sorted(proofs) == sorted(changed)
+        root: bytes | None = root_hash(old)
+        for i, proof in sorted(proofs.items()):
+            assert len(proof) <= (size - 1).bit_length()
+            root = replace_leaf(i, size, old[i], new[i], proof, root)
+        assert root == root_hash(new)
+
+
+def test_leaf_update_proofs_catch_a_wrong_leaf_and_any_other_change() -> None:
+    old = [leaf_hash(bytes([i])) for i in range(13)]
+    new = [leaf_hash(b"x") if i in (2, 9) else leaf for i, leaf in enumerate(old)]
+    proofs = update_proofs(old, new)
+    assert replace_leaf(2, 13, leaf_hash(b"not the old leaf"), new[2], proofs[2], root_hash(old)) is None
+    assert replace_leaf(2, 4, old[2], new[2], proofs[2], root_hash(old)) is None  # a tree of another shape
+    root = replace_leaf(9, 13, old[9], new[9], proofs[9], replace_leaf(2, 13, old[2], new[2], proofs[2],
+                                                                         root_hash(old)) or b"")
+    assert root == root_hash(new)
+    # a third leaf changed too, but no proof names it: the replay ends elsewhere
+    also = [leaf_hash(b"y") if i == 5 else leaf for i, leaf in enumerate(new)]
+    assert root != root_hash(also)
+    with pytest.raises(TransparencyError, match="from a tree of 13 leaves to one of 12"):
+        update_proofs(old, new[:12])
+    assert update_proofs([], []) == {}

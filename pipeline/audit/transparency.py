@@ -6,6 +6,9 @@ it is a signed note (C2SP signed-note, Ed25519): anyone who kept one can later a
 today's tree extends it, so dropping, rewriting or reordering any record that existed when the checkpoint was
 published is caught, even by a verifier who trusts nothing the operator stores. An inclusion proof shows that one
 record is a leaf of a checkpointed tree (the data subject's receipt).
+Leaf-update proofs (``update_proofs``, ``replace_leaf``) replay the replacement of a few leaves of a tree whose
+size does not change, from its old root to its new one: they show that no other leaf changed, in O(changed x log n)
+(the adapter files of an audit record, pipeline.audit.disclosure).
 
 The proof algorithms are RFC 6962 section 2.1 (generation) and RFC 9162 section 2.1.3.2 / 2.1.4.2
 (verification); ``tests/test_transparency.py`` checks them against transparency-dev/merkle's test vectors.
@@ -50,22 +53,55 @@ def root_hash(leaves: Sequence[bytes]) -> bytes:
     """MTH(D[n]) over leaf hashes; the empty tree's root is SHA-256 of nothing."""
     if not leaves:
         return hashlib.sha256(b"").digest()
+    return _subtrees(leaves, 0, {})
+
+
+def _subtrees(leaves: Sequence[bytes], first: int, into: dict[tuple[int, int], bytes]) -> bytes:
+    """MTH of ``leaves`` (non-empty; leaves ``first``.. of a larger tree), keeping every node's hash in ``into`` by
+    the range of leaves it covers (first, end)."""
     if len(leaves) == 1:
-        return leaves[0]
-    k = _split(len(leaves))
-    return _node(root_hash(leaves[:k]), root_hash(leaves[k:]))
+        digest = leaves[0]
+    else:
+        k = _split(len(leaves))
+        digest = _node(_subtrees(leaves[:k], first, into), _subtrees(leaves[k:], first + k, into))
+    into[first, first + len(leaves)] = digest
+    return digest
+
+
+def _path_ranges(index: int, size: int) -> list[tuple[int, int]]:
+    """The leaf ranges (first, end) of the subtrees on leaf ``index``'s audit path, bottom-up (PATH's order)."""
+    first, end, ranges = 0, size, []
+    while end - first > 1:
+        middle = first + _split(end - first)
+        ranges.append((middle, end) if index < middle else (first, middle))
+        first, end = (first, middle) if index < middle else (middle, end)
+    return ranges[::-1]
 
 
 def inclusion_proof(leaves: Sequence[bytes], index: int) -> list[bytes]:
     """PATH(m, D[n]): the audit path from leaf ``index`` to the root."""
     if not 0 <= index < len(leaves):
         raise TransparencyError(f"leaf {index} is not in a tree of {len(leaves)} leaves")
-    if len(leaves) == 1:
-        return []
-    k = _split(len(leaves))
-    if index < k:
-        return [*inclusion_proof(leaves[:k], index), root_hash(leaves[k:])]
-    return [*inclusion_proof(leaves[k:], index - k), root_hash(leaves[:k])]
+    nodes: dict[tuple[int, int], bytes] = {}
+    _subtrees(leaves, 0, nodes)
+    return [nodes[r] for r in _path_ranges(index, len(leaves))]
+
+
+def update_proofs(old: Sequence[bytes], new: Sequence[bytes]) -> dict[int, list[bytes]]:
+    """For each leaf where the trees ``old`` and ``new`` (of one size) differ, in ascending order, its audit path in
+    the tree where every differing leaf before it already holds its new value: ``replace_leaf`` replays them, one
+    after another, from the old root to the new one. O(n) to make, O(changed x log n) to keep and to check."""
+    if len(old) != len(new):
+        raise TransparencyError(f"no leaf-update proofs from a tree of {len(old)} leaves to one of {len(new)}")
+    if not old:
+        return {}
+    before: dict[tuple[int, int], bytes] = {}
+    after: dict[tuple[int, int], bytes] = {}
+    _subtrees(old, 0, before)
+    _subtrees(new, 0, after)
+    # a subtree left of the leaf holds only leaves already replaced (or equal in both trees); one right of it, none
+    return {i: [(after if end <= i else before)[first, end] for first, end in _path_ranges(i, len(old))]
+            for i in range(len(old)) if old[i] != new[i]}
 
 
 def consistency_proof(leaves: Sequence[bytes], old_size: int) -> list[bytes]:
@@ -87,12 +123,26 @@ def _subproof(leaves: Sequence[bytes], m: int, complete: bool) -> list[bytes]:
 
 def verify_inclusion(index: int, size: int, leaf: bytes, proof: Sequence[bytes], root: bytes) -> bool:
     """RFC 9162 2.1.3.2: does ``proof`` show ``leaf`` at ``index`` in the tree of ``size`` with ``root``?"""
+    return _path_root(index, size, leaf, proof) == root
+
+
+def replace_leaf(index: int, size: int, old: bytes, new: bytes, proof: Sequence[bytes], root: bytes) -> bytes | None:
+    """The root of the tree (``size``, ``root``) with its leaf ``index`` replaced by ``new``, if ``proof`` shows
+    ``old`` there (every other leaf keeps its value: the path's siblings are the same); else None."""
+    if not verify_inclusion(index, size, old, proof, root):
+        return None
+    return _path_root(index, size, new, proof)
+
+
+def _path_root(index: int, size: int, leaf: bytes, proof: Sequence[bytes]) -> bytes | None:
+    """The root that the audit path ``proof`` leads to from ``leaf`` at ``index`` of a tree of ``size`` (RFC 9162
+    2.1.3.2's computation), or None if the path cannot be one of that position."""
     if not 0 <= index < size or len(leaf) != HASH_SIZE or any(len(p) != HASH_SIZE for p in proof):
-        return False
+        return None
     fn, sn, r = index, size - 1, leaf
     for p in proof:
         if sn == 0:
-            return False
+            return None
         if fn & 1 or fn == sn:
             r = _node(p, r)
             while not fn & 1 and fn:
@@ -100,7 +150,7 @@ def verify_inclusion(index: int, size: int, leaf: bytes, proof: Sequence[bytes],
         else:
             r = _node(r, p)
         fn, sn = fn >> 1, sn >> 1
-    return sn == 0 and r == root
+    return r if sn == 0 else None
 
 
 def verify_consistency(old_size: int, new_size: int, old_root: bytes, new_root: bytes,
