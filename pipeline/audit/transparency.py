@@ -6,9 +6,9 @@ it is a signed note (C2SP signed-note, Ed25519): anyone who kept one can later a
 today's tree extends it, so dropping, rewriting or reordering any record that existed when the checkpoint was
 published is caught, even by a verifier who trusts nothing the operator stores. An inclusion proof shows that one
 record is a leaf of a checkpointed tree (the data subject's receipt).
-Leaf-update proofs (``update_proofs``, ``replace_leaf``) replay the replacement of a few leaves of a tree whose
-size does not change, from its old root to its new one: they show that no other leaf changed, in O(changed x log n)
-(the adapter files of an audit record, pipeline.audit.disclosure).
+The audit paths of a few leaves of a tree also give the root of that tree with those leaves replaced
+(``updated_root``): the new root, if it is the one published, shows that no other leaf changed, in O(changed x
+log n) (the adapter files of an audit record, pipeline.audit.disclosure).
 
 The proof algorithms are RFC 6962 section 2.1 (generation) and RFC 9162 section 2.1.3.2 / 2.1.4.2
 (verification); ``tests/test_transparency.py`` checks them against transparency-dev/merkle's test vectors.
@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature
@@ -80,28 +81,40 @@ def _path_ranges(index: int, size: int) -> list[tuple[int, int]]:
 
 def inclusion_proof(leaves: Sequence[bytes], index: int) -> list[bytes]:
     """PATH(m, D[n]): the audit path from leaf ``index`` to the root."""
-    if not 0 <= index < len(leaves):
-        raise TransparencyError(f"leaf {index} is not in a tree of {len(leaves)} leaves")
+    return inclusion_proofs(leaves, [index])[0]
+
+
+def inclusion_proofs(leaves: Sequence[bytes], indices: Sequence[int]) -> list[list[bytes]]:
+    """The audit paths of several leaves, hashing the tree once."""
+    for index in indices:
+        if not 0 <= index < len(leaves):
+            raise TransparencyError(f"leaf {index} is not in a tree of {len(leaves)} leaves")
     nodes: dict[tuple[int, int], bytes] = {}
-    _subtrees(leaves, 0, nodes)
-    return [nodes[r] for r in _path_ranges(index, len(leaves))]
+    if indices:
+        _subtrees(leaves, 0, nodes)
+    return [[nodes[r] for r in _path_ranges(index, len(leaves))] for index in indices]
 
 
-def update_proofs(old: Sequence[bytes], new: Sequence[bytes]) -> dict[int, list[bytes]]:
-    """For each leaf where the trees ``old`` and ``new`` (of one size) differ, in ascending order, its audit path in
-    the tree where every differing leaf before it already holds its new value: ``replace_leaf`` replays them, one
-    after another, from the old root to the new one. O(n) to make, O(changed x log n) to keep and to check."""
-    if len(old) != len(new):
-        raise TransparencyError(f"no leaf-update proofs from a tree of {len(old)} leaves to one of {len(new)}")
-    if not old:
-        return {}
-    before: dict[tuple[int, int], bytes] = {}
-    after: dict[tuple[int, int], bytes] = {}
-    _subtrees(old, 0, before)
-    _subtrees(new, 0, after)
-    # a subtree left of the leaf holds only leaves already replaced (or equal in both trees); one right of it, none
-    return {i: [(after if end <= i else before)[first, end] for first, end in _path_ranges(i, len(old))]
-            for i in range(len(old)) if old[i] != new[i]}
+def updated_root(size: int, root: bytes, updates: Mapping[int, tuple[bytes, bytes, Sequence[bytes]]]) -> bytes | None:
+    """The root of the tree (``size``, ``root``) with some leaves replaced, every other leaf kept: ``updates`` maps
+    each replaced leaf's index to its old leaf hash, its new one and its audit path in the old tree. None if a path
+    does not show its old leaf under ``root``. O(replaced x log n): the untouched subtrees' hashes are the paths'."""
+    known = {(0, size): root}
+    for index, (old, _, proof) in updates.items():
+        if not verify_inclusion(index, size, old, proof, root):
+            return None
+        known.update(zip(_path_ranges(index, size), proof, strict=True))
+    replaced = sorted(updates)
+
+    def subtree(first: int, end: int) -> bytes:
+        if bisect.bisect_left(replaced, first) == bisect.bisect_left(replaced, end):
+            return known[first, end]  # no leaf replaced below: a sibling on some replaced leaf's path, or the root
+        if end - first == 1:
+            return updates[first][1]
+        middle = first + _split(end - first)
+        return _node(subtree(first, middle), subtree(middle, end))
+
+    return subtree(0, size)
 
 
 def consistency_proof(leaves: Sequence[bytes], old_size: int) -> list[bytes]:
@@ -123,26 +136,12 @@ def _subproof(leaves: Sequence[bytes], m: int, complete: bool) -> list[bytes]:
 
 def verify_inclusion(index: int, size: int, leaf: bytes, proof: Sequence[bytes], root: bytes) -> bool:
     """RFC 9162 2.1.3.2: does ``proof`` show ``leaf`` at ``index`` in the tree of ``size`` with ``root``?"""
-    return _path_root(index, size, leaf, proof) == root
-
-
-def replace_leaf(index: int, size: int, old: bytes, new: bytes, proof: Sequence[bytes], root: bytes) -> bytes | None:
-    """The root of the tree (``size``, ``root``) with its leaf ``index`` replaced by ``new``, if ``proof`` shows
-    ``old`` there (every other leaf keeps its value: the path's siblings are the same); else None."""
-    if not verify_inclusion(index, size, old, proof, root):
-        return None
-    return _path_root(index, size, new, proof)
-
-
-def _path_root(index: int, size: int, leaf: bytes, proof: Sequence[bytes]) -> bytes | None:
-    """The root that the audit path ``proof`` leads to from ``leaf`` at ``index`` of a tree of ``size`` (RFC 9162
-    2.1.3.2's computation), or None if the path cannot be one of that position."""
     if not 0 <= index < size or len(leaf) != HASH_SIZE or any(len(p) != HASH_SIZE for p in proof):
-        return None
+        return False
     fn, sn, r = index, size - 1, leaf
     for p in proof:
         if sn == 0:
-            return None
+            return False
         if fn & 1 or fn == sn:
             r = _node(p, r)
             while not fn & 1 and fn:
@@ -150,7 +149,7 @@ def _path_root(index: int, size: int, leaf: bytes, proof: Sequence[bytes]) -> by
         else:
             r = _node(r, p)
         fn, sn = fn >> 1, sn >> 1
-    return r if sn == 0 else None
+    return sn == 0 and r == root
 
 
 def verify_consistency(old_size: int, new_size: int, old_root: bytes, new_root: bytes,
