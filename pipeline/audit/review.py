@@ -20,7 +20,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from pipeline.audit.checks import artifact_chain_problems
-from pipeline.audit.disclosure import adapter_root, opened, root_problems
+from pipeline.audit.disclosure import adapter_root, names_adapter, opened, root_problems
 from pipeline.audit.keyring import AUDIT_KEY, audit_key, audit_keys, audit_log, key_dir, origin, signing_key
 from pipeline.audit.log import AuditLog
 from pipeline.audit.receipt import make_receipt, verify_receipt
@@ -133,13 +133,14 @@ def _subject_problems(root: Path, record: dict[str, Any]) -> list[str]:
 
 
 def _adapter_root_problems(root: Path, record: dict[str, Any]) -> list[str]:
-    """The last record's published after root must be the root over the project's adapter files, by the digests
-    dvc.lock records (``_workspace_problems`` checks the files against them): the chain of roots ends in the
-    project, so each adapter file's digest is stated without a record listing it."""
+    """The last record's published after root must be the root over the project's adapter files as they are: the
+    chain of roots ends in the workspace, so each adapter file's digest is stated without a record listing it."""
     published = record["predicate"].get("adapter_files")
     if not isinstance(published, dict):
         return []  # a record made before the adapter files were published as roots
-    current = adapter_root(flow.artifact_digests(root, clean=True))
+    files = [f for top in ("data", "models") if (root / top).is_dir() for f in (root / top).rglob("adapter-*")
+             if f.is_file() and names_adapter(f.name)]
+    current = adapter_root({f.relative_to(root).as_posix(): file_md5(f) for f in files})
     if current == published.get("after"):
         return []
     return [f"adapter files: their Merkle root {current[:16]} is not the after root {str(published.get('after'))[:16]} "
