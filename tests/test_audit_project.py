@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from pipeline.audit.envelope import canonical_json, key_id, parse_envelope, parse_statement
 from pipeline.audit.log import AuditLog
-from pipeline.audit.secrets import load_or_create_audit_key, load_or_create_signing_key
+from pipeline.audit.secrets import load_or_create_audit_key, load_or_create_signing_key, seal, unseal
 from pipeline.audit.transparency import Checkpoint, leaf_hash, root_hash
 from pipeline.cli import main as cli
 from pipeline.data.dataset import read_table, write_table
@@ -188,6 +188,20 @@ def rewrite_a_before(root: Path, ctx: dict[str, Any]) -> None:
     _rewrite_with_the_real_key(root, other_start)
 
 
+def reseal_an_adapter_digest(root: Path, ctx: dict[str, Any]) -> None:
+    """req-1's sealed changes re-sealed under the real audit key with another after digest for one changed adapter
+    file (the published roots as they were), re-signed, re-anchored."""
+    audit_key = load_or_create_audit_key(root / KEYS / "audit.key", create=False)
+
+    def other_digest(predicate: dict[str, Any]) -> None:
+        if predicate["request_id"] == "req-1":
+            inner = unseal(audit_key, predicate["sealed_changes"])
+            inner["artifacts"][sorted(inner["adapter_proofs"])[0]]["after"] = "0" * 32
+            predicate["sealed_changes"] = seal(audit_key, inner)
+
+    _rewrite_with_the_real_key(root, other_digest)
+
+
 def rewrite_the_audit_key_id(root: Path, ctx: dict[str, Any]) -> None:
     """req-3 keyed with an audit key no rotation introduced (its IDs would match under no key the log names)."""
 
@@ -298,6 +312,11 @@ TAMPERS = [
            "but request 'req-1' left it at", GENUINE_LOG,
            readers_say="each record verifies on its own: they answer from it; the chain of states is "
                        "`audit verify`'s check"),
+    Tamper("re-seal a record's changes with another digest for an adapter file, re-sign, re-anchor",
+           reseal_an_adapter_digest, "request req-1: the sealed after digests of the changed adapter files do not "
+           "give the published after root", GENUINE_LOG,
+           readers_say="each record verifies on its own: they answer from it; the sealed digests against the "
+                       "published roots are `audit verify`'s check, with the audit key"),
     Tamper("re-sign a record keyed with an audit key no rotation introduced, re-anchor", rewrite_the_audit_key_id,
            "keyed with audit key 0000000000000000, but the key in force is"),
     Tamper("sign a rotation to an audit key the key dir does not hold, re-anchor", rotate_to_an_unknown_audit_key,

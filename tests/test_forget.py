@@ -39,13 +39,14 @@ import pytest
 import yaml
 from conftest import TINY, copy_project, init_args, legonet
 
+from pipeline.audit.disclosure import names_adapter, root_problems
 from pipeline.data.dataset import SplitFractions, read_embeddings, read_table, split_of, write_table
 from pipeline.data.salt import secret_path
 from pipeline.forget.flow import project_lock
 from pipeline.forget.manifest import load_manifest
 from pipeline.model.ensemble import load_ensemble
 from pipeline.model.keys import project as project_points
-from pipeline.project.layout import adapter_info_path, adapter_path, block_of, shard_path
+from pipeline.project.layout import adapter_index, adapter_info_path, adapter_path, block_of, shard_path
 from pipeline.tracking.lineage import file_md5
 
 STATES = ("quarantined", "data-removed", "rebuilt", "registered", "purged", "audited", "committed")
@@ -438,9 +439,11 @@ def test_only_the_activated_adapters_are_retrained(exactness: dict[str, Any]) ->
         assert predicate["affected"]["adapters"] == step["adapters"]
         assert all(check["passed"] for check in predicate["checks"]) and len(predicate["checks"]) == 3
         assert predicate["status"] == "forgotten" and len(predicate["forgotten_ids"]) == len(step["ids"])
-        untouched = [p for p in predicate["opened_adapter_files"]  # the sealed fields, opened by `audit show`
-                     if p.startswith("models/adapters/") and p not in predicate["artifacts"]]
-        assert len(untouched) == 2 * (ORACLE_N - len(step["adapters"]))  # weights + json
+        # the sealed fields, opened by `audit show`: the retrained adapters' files changed, and their audit paths
+        # take the published before root to the after root, so no other adapter file did
+        changed = sorted(p for p in predicate["artifacts"] if names_adapter(p))
+        assert sorted(predicate["opened_adapter_proofs"]) == changed and not root_problems({"predicate": predicate})
+        assert {adapter_index(Path(p)) for p in changed if p.startswith("models/adapters/")} == set(step["adapters"])
     emptying = exactness["steps"][-1]
     assert exactness["emptied"] in emptying["adapters"]
 

@@ -20,7 +20,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from pipeline.audit.checks import artifact_chain_problems
-from pipeline.audit.disclosure import opened, root_problems
+from pipeline.audit.disclosure import adapter_root, names_adapter, opened, root_problems
 from pipeline.audit.keyring import AUDIT_KEY, audit_key, audit_keys, audit_log, key_dir, origin, signing_key
 from pipeline.audit.log import AuditLog
 from pipeline.audit.receipt import make_receipt, verify_receipt
@@ -64,9 +64,11 @@ def verify(root: Path, params: dict[str, Any], rebuild: bool = False, trusted: S
         records = [opened(r, _unsealer(_keyed(keys), r) if r["predicate"].get("audit_key_id") in known else None)
                    for r in records]
         problems += [p for r in records for p in root_problems(r)]
+        passed.append("each record's sealed adapter digests give its published before and after roots: no other "
+                      "adapter file changed")
     if records:
         last = records[-1]
-        problems += _subject_problems(root, last)
+        problems += _subject_problems(root, last) + _adapter_root_problems(root, last)
         if last["predicate"]["dvc_lock"]["after"] != dvc_lock_digest(root):
             problems.append(f"dvc.lock changed since the last audited request {last['predicate']['request_id']}")
     problems += _workspace_problems(root) + _dvc_status_problems(root)
@@ -83,7 +85,8 @@ def verify(root: Path, params: dict[str, Any], rebuild: bool = False, trusted: S
         passed.append("affected adapters re-derived from scratch in a temporary directory: bit-identical")
     if problems:
         raise AuditFailed("audit verification failed:\n" + "\n".join(f"  - {p}" for p in problems))
-    return [*passed, "no purge pending", "current model and adapters match the last record",
+    return [*passed, "no purge pending", "current model and adapters match the last record (the adapter files: its "
+            "Merkle root)",
             "workspace matches dvc.lock", "`dvc status`: up to date",
             "no forgotten ID in data, DVC cache or remote tables",
             "no MLflow model version or logged model of this project trained on forgotten data"]
@@ -127,6 +130,21 @@ def _subject_problems(root: Path, record: dict[str, Any]) -> list[str]:
                  for name in sorted(set(expected) - set(current))]
     problems += [f"{name}: not in the last audit record" for name in sorted(set(current) - set(expected))]
     return problems
+
+
+def _adapter_root_problems(root: Path, record: dict[str, Any]) -> list[str]:
+    """The last record's published after root must be the root over the project's adapter files as they are: the
+    chain of roots ends in the workspace, so each adapter file's digest is stated without a record listing it."""
+    published = record["predicate"].get("adapter_files")
+    if not isinstance(published, dict):
+        return []  # a record made before the adapter files were published as roots
+    files = [f for top in ("data", "models") if (root / top).is_dir() for f in (root / top).rglob("adapter-*")
+             if f.is_file() and names_adapter(f.name)]
+    current = adapter_root({f.relative_to(root).as_posix(): file_md5(f) for f in files})
+    if current == published.get("after"):
+        return []
+    return [f"adapter files: their Merkle root {current[:16]} is not the after root {str(published.get('after'))[:16]} "
+            f"of the last audited request {record['predicate']['request_id']}"]
 
 
 def _workspace_problems(root: Path) -> list[str]:
