@@ -26,12 +26,13 @@ QUARANTINE_HEADER = "X-Legonet-Quarantine"
 
 
 class Client:
-    """One connection per thread, opened again after any error."""
+    """One connection per thread, opened again after any error; ``keep_alive=False``: a new connection for every
+    request (a kept connection stays with one worker process of a multi-worker server)."""
 
-    def __init__(self, url: str, body: bytes, timeout: float) -> None:
+    def __init__(self, url: str, body: bytes, timeout: float, keep_alive: bool = True) -> None:
         parts = urlsplit(url)
         self.host, self.port, self.path = parts.hostname or "127.0.0.1", parts.port or 80, parts.path
-        self.body, self.timeout, self.local = body, timeout, threading.local()
+        self.body, self.timeout, self.keep_alive, self.local = body, timeout, keep_alive, threading.local()
 
     def send(self, due: float, origin: float) -> dict[str, Any]:
         sent = time.monotonic()
@@ -56,6 +57,9 @@ class Client:
         done = time.monotonic()
         record["latency"] = round(done - due, 5)  # from when it was due: queueing in the generator counts
         record["service"] = round(done - sent, 5)
+        if not self.keep_alive and (connection := getattr(self.local, "connection", None)) is not None:
+            connection.close()
+            self.local.connection = None
         return record
 
 
