@@ -10,14 +10,16 @@ with one worker). The quarantine counts as applied at the end of the first answe
 that still consulted one of the request's adapters, among the probe's answers and the load's (the load sends the
 probe too, on connections spread over the workers); the round ends once answers have stayed clean for
 ``--settle`` seconds. Per round: that moment from the command's return and from its start, and the command's own
-duration. Nothing is retrained between rounds (the quarantine accumulates; each round picks the sample that adds
-the fewest new adapters, so the model stays answerable); ``--batch`` runs `legonet requests run` at the end under
-the same load and times the swap to the retrained version. Writes ``bench/results/defer.json``.
+duration. Nothing is retrained between rounds: the quarantine accumulates, each round picking the sample that adds
+the fewest adapters to it, until the next request could leave fewer than k adapters to answer with; then
+`legonet requests run` forgets the pending requests in one rebuild (as the batch would), timed the same way until
+the server answers from the retrained version with no quarantine. One last batch leaves the project with nothing
+pending. Writes ``bench/results/defer.json``.
 
-    python -m bench.defer [--project BUILT_PROJECT] [--workers 1,2] [--rounds 10] [--rate 20] [--batch]
+    python -m bench.defer [--project BUILT_PROJECT] [--workers 1,2] [--rounds 10] [--rate 20]
 
-``--project`` is changed: its requests are deferred (and forgotten with ``--batch``); give a copy. Without it the
-default project (the bundled MNIST 5k digits, default params) is initialised and built in a temporary folder.
+``--project`` is changed: its requests are deferred and forgotten; give a copy. Without it the default project
+(the bundled MNIST 5k digits, default params) is initialised and built in a temporary folder.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,7 @@ from bench.serve import default_project, request_body, running
 from bench.setting import REPO, machine
 from pipeline.data.dataset import read_table
 from pipeline.project.layout import ROUTING
+from pipeline.project.params import load_params
 
 TARGET = 2.0  # seconds from the command's return (issue 23)
 SERVER_POLL = 0.5  # `legonet serve --poll`: its default, passed explicitly so the results name it
@@ -74,14 +77,21 @@ def pick(routing: pd.DataFrame, probe: set[int], quarantined: set[int], used: se
     return best[np.random.default_rng(seed).integers(len(best))]
 
 
-def applied_at(answers: Iterable[dict[str, Any]], adapters: Iterable[int]) -> float | None:
-    """When the server is taken to answer without ``adapters``: the end (``done``) of the first successful answer
-    sent after every answer that consulted one of them was sent (``sent``); None if no such answer. ``answers``
-    carry absolute ``sent`` and ``done`` times and the ``adapters`` column of a 200 answer."""
+def applied_at(answers: Iterable[dict[str, Any]], stale: Callable[[dict[str, Any]], bool]) -> float | None:
+    """When the server is taken to answer as it should: the end (``done``) of the first successful answer sent
+    after every ``stale`` one was sent (``sent``); None if there is no such answer. ``answers`` carry absolute
+    ``sent`` and ``done`` times; failed requests say nothing either way."""
     ok = sorted((a for a in answers if a.get("status") == 200), key=lambda a: a["sent"])
-    stale = [a["sent"] for a in ok if not consulted(a).isdisjoint(adapters)]
-    after = [a["done"] for a in ok if not stale or a["sent"] > max(stale)]
-    return min(after) if after else None
+    last_stale = max((a["sent"] for a in ok if stale(a)), default=None)
+    return min((a["done"] for a in ok if last_stale is None or a["sent"] > last_stale), default=None)
+
+
+def stale_for(event: dict[str, Any]) -> Callable[[dict[str, Any]], bool]:
+    """What a stale answer is after ``event``: one consulting the deferred request's adapters, or, after a
+    batch, one from the version before it or with a quarantine left."""
+    if event["kind"] == "defer":
+        return lambda a: not consulted(a).isdisjoint(event["adapters"])
+    return lambda a: a.get("version") == event["version_before"] or bool(a.get("quarantine"))
 
 
 def stats(values: list[float]) -> dict[str, float | None]:
@@ -116,32 +126,30 @@ class Prober:
         self.answers.append(answer)
         return answer
 
-    def until_clean(self, adapters: list[int], returned: threading.Event, settle: float, timeout: float) -> None:
-        """Probe until the command has returned and the answers have been clean for ``settle`` seconds."""
-        clean_since = None
-        started = time.monotonic()
-        while time.monotonic() - started < timeout:
+    def until_clean(self, stale: Callable[[dict[str, Any]], bool], returned: threading.Event, settle: float,
+                    timeout: float) -> None:
+        """Probe until the command has returned and the answers have been clean for ``settle`` seconds, or for
+        at most ``timeout`` seconds after the return."""
+        clean_since = seen_return = None
+        while seen_return is None or time.monotonic() - seen_return < timeout:
             answer = self.send()
-            if answer["status"] == 200 and consulted(answer).isdisjoint(adapters):
+            if seen_return is None and returned.is_set():
+                seen_return = time.monotonic()
+            if answer["status"] == 200 and not stale(answer):
                 clean_since = answer["done"] if clean_since is None else clean_since
-                if returned.is_set() and time.monotonic() - clean_since >= settle:
+                if seen_return is not None and time.monotonic() - clean_since >= settle:
                     return
             else:
                 clean_since = None
             time.sleep(self.interval)
 
 
-def round_(project: Path, prober: Prober, routing: pd.DataFrame, state: dict[str, Any], args: argparse.Namespace,
-           workdir: Path) -> dict[str, Any]:
-    """One deferred request: pick, defer, probe until applied. ``state``: the samples used and adapters held."""
-    probe = prober.send()
-    if probe["status"] != 200:
-        raise RuntimeError(f"the probe failed before the request: {probe.get('error')}")
-    request_id = f"bench-defer-{len(state['used']) + 1:03d}"
-    sample, adapters = pick(routing, consulted(probe), state["quarantined"], state["used"], len(state["used"]))
-    path = manifest(workdir, request_id, sample)
+def timed(project: Path, prober: Prober, event: dict[str, Any], command: list[str], args: argparse.Namespace
+          ) -> dict[str, Any]:
+    """Run a legonet command while probing until its effect shows (``event``: what ``stale_for`` needs); return
+    ``event`` with the start, return and end times, the command's output and the probe's answers."""
     started, returned, ended = time.monotonic(), threading.Event(), {}
-    process = legonet(project, "forget", "--defer", str(path))
+    process = legonet(project, *command)
 
     def wait() -> None:
         ended["out"], ended["err"] = process.communicate()
@@ -151,31 +159,62 @@ def round_(project: Path, prober: Prober, routing: pd.DataFrame, state: dict[str
     waiter = threading.Thread(target=wait)
     waiter.start()
     first = len(prober.answers)
-    prober.until_clean(adapters, returned, args.settle, args.timeout)
+    prober.until_clean(stale_for(event), returned, args.settle, args.timeout)
     waiter.join()
     if process.returncode != 0:
-        raise RuntimeError(f"legonet forget --defer {path} exited {process.returncode}:\n{ended['err'][-3000:]}")
-    state["used"].add(sample)
-    state["quarantined"] |= set(adapters)
-    return {"request_id": request_id, "sample_id": sample, "adapters": adapters,
-            "probe_consulted_before": sorted(consulted(probe)), "started": started, "returned": ended["at"],
-            "ended": time.monotonic(), "command_seconds": round(ended["at"] - started, 3),
-            "quarantine_after": json.loads(ended["out"].strip().splitlines()[-1])["quarantined_adapters"],
+        raise RuntimeError(f"legonet {' '.join(command)} exited {process.returncode}:\n{ended['err'][-3000:]}")
+    return {**event, "started": started, "returned": ended["at"], "ended": time.monotonic(),
+            "command_seconds": round(ended["at"] - started, 3), "output": ended["out"],
             "probe_answers": prober.answers[first:]}
 
 
-def figures(rounds: list[dict[str, Any]], load_records: list[dict[str, Any]]) -> None:
-    """Add to each round when the quarantine applied, from the probe's answers and the load's in its window."""
-    for r in rounds:
-        window = [a for a in load_records if r["started"] <= a["sent"] <= r["ended"]]
-        at = applied_at([*r["probe_answers"], *window], r["adapters"])
-        r["load_answers_in_window"] = len(window)
-        r["stale_answers_after_return"] = sum(1 for a in [*r["probe_answers"], *window] if a["status"] == 200
-                                              and a["sent"] > r["returned"] and not consulted(a).isdisjoint(
-                                                  r["adapters"]))
-        r["from_return_seconds"] = None if at is None else round(at - r["returned"], 3)
-        r["from_start_seconds"] = None if at is None else round(at - r["started"], 3)
-        r["probe_answers"] = len(r["probe_answers"])
+def round_(project: Path, prober: Prober, routing: pd.DataFrame, state: dict[str, Any], args: argparse.Namespace,
+           workdir: Path) -> dict[str, Any]:
+    """One deferred request: pick, defer, probe until applied. ``state``: the samples used and adapters held."""
+    probe = prober.send()
+    if probe["status"] != 200:
+        raise RuntimeError(f"the probe failed before the request: {probe.get('error')}")
+    request_id = f"bench-defer-{state['run']}-{len(state['used']) + 1:03d}"  # unique in the project's audit log
+    sample, adapters = pick(routing, consulted(probe), state["quarantined"], state["used"], len(state["used"]))
+    path = manifest(workdir, request_id, sample)
+    event = timed(project, prober, {"kind": "defer", "request_id": request_id, "sample_id": sample,
+                                    "adapters": adapters, "probe_consulted_before": sorted(consulted(probe))},
+                  ["forget", "--defer", str(path)], args)
+    summary = json.loads(event.pop("output").strip().splitlines()[-1])
+    if summary.get("request_ids") != [request_id] or not set(adapters) <= set(summary["quarantined_adapters"]):
+        raise RuntimeError(f"legonet forget --defer {path} did not quarantine adapters {adapters}: {summary}")
+    state["used"].add(sample)
+    state["quarantined"] |= set(adapters)
+    event["quarantine_after"] = summary["quarantined_adapters"]
+    return event
+
+
+def batch(project: Path, prober: Prober, state: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """`legonet requests run`: every deferred request forgotten in one rebuild, which lifts the quarantine;
+    timed until the probe is answered by the new version with no quarantine."""
+    before = prober.send()
+    if before["status"] != 200:
+        raise RuntimeError(f"the probe failed before the batch: {before.get('error')}")
+    event = timed(project, prober, {"kind": "batch", "version_before": before["version"]}, ["requests", "run"],
+                  args)
+    event.pop("output")
+    state["quarantined"] = set()
+    return event
+
+
+def figures(events: list[dict[str, Any]], load_records: list[dict[str, Any]]) -> None:
+    """Add to each event when the server answered as it should, from the probe's answers and the load's in its
+    window, from the command's return and from its start."""
+    for e in events:
+        window = [a for a in load_records if e["started"] <= a["sent"] <= e["ended"]]
+        answers, stale = [*e["probe_answers"], *window], stale_for(e)
+        at = applied_at(answers, stale)
+        e["load_answers_in_window"] = len(window)
+        e["stale_answers_after_return"] = sum(1 for a in answers if a["status"] == 200 and a["sent"] > e["returned"]
+                                              and stale(a))
+        e["from_return_seconds"] = None if at is None else round(at - e["returned"], 3)
+        e["from_start_seconds"] = None if at is None else round(at - e["started"], 3)
+        e["probe_answers"] = len(e["probe_answers"])
 
 
 def absolute(load: dict[str, Any]) -> list[dict[str, Any]]:
@@ -184,28 +223,10 @@ def absolute(load: dict[str, Any]) -> list[dict[str, Any]]:
             for r in load["records"]]
 
 
-def batch(project: Path, prober: Prober, before: str) -> dict[str, Any]:
-    """`legonet requests run` under the load: its duration, and when the probe's answer comes from a new version
-    with no quarantine, from its return."""
-    started = time.monotonic()
-    process = legonet(project, "requests", "run")
-    _, err = process.communicate()
-    returned = time.monotonic()
-    if process.returncode != 0:
-        raise RuntimeError(f"legonet requests run exited {process.returncode}:\n{err[-3000:]}")
-    while time.monotonic() - returned < 600:
-        answer = prober.send()
-        if answer["status"] == 200 and answer["version"] != before and not answer["quarantine"]:
-            return {"command_seconds": round(returned - started, 2), "version_before": before,
-                    "version_after": answer["version"],
-                    "new_version_served_after_return_seconds": round(answer["done"] - returned, 3)}
-        time.sleep(prober.interval)
-    raise RuntimeError(f"the server still answers from version {before} or a quarantine 600 s after the batch")
-
-
 def phase(project: Path, workers: int, body: bytes, routing: pd.DataFrame, state: dict[str, Any],
           args: argparse.Namespace, workdir: Path, last: bool) -> dict[str, Any]:
-    """One server with ``workers`` workers under the load, ``args.rounds`` rounds (then the batch, if ``last``)."""
+    """One server with ``workers`` workers under the load: ``args.rounds`` deferred requests, with a batch
+    whenever the next request could leave fewer than k adapters to answer with, and one at the end if ``last``."""
     extra = ["--poll", str(SERVER_POLL)]
     with running("legonet", project, workers, workdir, extra) as (url, startup, cmd):
         (workdir / "body.json").write_bytes(body)
@@ -214,34 +235,40 @@ def phase(project: Path, workers: int, body: bytes, routing: pd.DataFrame, state
                                  str(workdir / "body.json"), "--rate", str(args.rate), "--concurrency", "4",
                                  "--duration", "86400", "--stop-file", str(stop), "--out", str(out)], cwd=REPO)
         prober = Prober(url, body, args.interval)
+        events: list[dict[str, Any]] = []
         try:
             time.sleep(3.0)  # warm-up: the load's connections, the server's first requests
             before = os.getloadavg()
-            rounds = []
             for i in range(args.rounds):
-                rounds.append(round_(project, prober, routing, state, args, workdir))
-                print(f"  workers {workers} round {i + 1}: command {rounds[-1]['command_seconds']} s, "
-                      f"{rounds[-1]['adapters']} quarantined", flush=True)
+                if len(state["quarantined"]) > state["n"] - 2 * state["k"]:  # a request adds up to k adapters
+                    events.append(batch(project, prober, state, args))
+                    print(f"  workers {workers}: batch, {events[-1]['command_seconds']} s", flush=True)
+                events.append(round_(project, prober, routing, state, args, workdir))
+                print(f"  workers {workers} round {i + 1}: command {events[-1]['command_seconds']} s, "
+                      f"{events[-1]['adapters']} quarantined", flush=True)
+            if last and state["quarantined"]:
+                events.append(batch(project, prober, state, args))
             after = os.getloadavg()
-            done_batch = batch(project, prober, prober.send()["version"]) if args.batch and last else None
         finally:
             stop.touch()
             load.wait(300)
         result = json.loads(out.read_text())
-    figures(rounds, absolute(result))
-    for r in rounds:
-        print(f"  workers {workers} {r['request_id']}: applied {r['from_return_seconds']} s after the return "
-              f"({r['from_start_seconds']} s after the start)", flush=True)
+    figures(events, absolute(result))
+    rounds = [e for e in events if e["kind"] == "defer"]
+    for e in events:
+        print(f"  workers {workers} {e.get('request_id', 'batch')}: answered as it should "
+              f"{e['from_return_seconds']} s after the return ({e['from_start_seconds']} s after the start)",
+              flush=True)
     measured = [r["from_return_seconds"] for r in rounds]
     return {"workers": workers, "server_command": " ".join(cmd), "startup_seconds": round(startup, 2),
             "loadavg_before": [round(v, 2) for v in before], "loadavg_after": [round(v, 2) for v in after],
-            "load": result["summary"], "rounds": rounds,
+            "load": result["summary"], "events": events,
             "from_return_seconds": stats([v for v in measured if v is not None]),
             "from_start_seconds": stats([r["from_start_seconds"] for r in rounds if r["from_start_seconds"]
                                          is not None]),
             "command_seconds": stats([r["command_seconds"] for r in rounds]),
             "not_applied": sum(v is None for v in measured),
-            "target_met": all(v is not None and v <= TARGET for v in measured), "batch": done_batch}
+            "target_met": all(v is not None and v <= TARGET for v in measured)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -253,8 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=20.0, help="requests/s of the background load")
     parser.add_argument("--interval", type=float, default=0.02, help="seconds between two probes")
     parser.add_argument("--settle", type=float, default=2.0, help="seconds of clean answers that end a round")
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds a round may take")
-    parser.add_argument("--batch", action="store_true", help="run `legonet requests run` at the end, timed")
+    parser.add_argument("--timeout", type=float, default=120.0,
+                        help="seconds after a command returns within which its effect must show")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "defer.json")
     args = parser.parse_args(argv)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
@@ -264,26 +291,32 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tmp)
         project = args.project.resolve() if args.project else default_project(workdir)
         routing = read_table(project / ROUTING)
+        adapters = load_params(project)["adapters"]
+        state: dict[str, Any] = {"used": set(), "quarantined": set(), "n": int(adapters["n"]),
+                                 "k": int(adapters["k"]), "run": datetime.now(UTC).strftime("%Y%m%dT%H%M%S")}
         how = {"command": " ".join(["python -m bench.defer", *(argv if argv is not None else sys.argv[1:])]),
                "project": str(project), "commit": commit, "date": datetime.now(UTC).isoformat(timespec="seconds"),
                "machine": machine(), "rate": args.rate, "rounds": args.rounds, "probe_interval": args.interval,
-               "settle": args.settle, "server_poll": SERVER_POLL, "target_seconds": TARGET,
+               "settle": args.settle, "adapters": {"n": state["n"], "k": state["k"]}, "server_poll": SERVER_POLL,
+               "target_seconds": TARGET,
                "probe": "test image 0 of data/test/test.parquet, JSON dataframe_split (the load sends it too)"}
         print(f"bench.defer: {json.dumps(how)}", flush=True)
-        state: dict[str, Any] = {"used": set(), "quarantined": set()}
         phases = []
         for i, workers in enumerate(counts):
             phases.append(phase(project, workers, request_body(project), routing, state, args, workdir,
                                 last=i == len(counts) - 1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"how": how, "phases": phases}, indent=1) + "\n")
-    print(f"\n| workers | rounds | from the return: median / p90 / max s | from the start: median / p90 / max s | "
-          f"command s (median) | load: requests, failed | 1-min load average | at most {TARGET:g} s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"\n| workers | deferred requests | from the return: median / p90 / max s | from the start: median / p90 / "
+          f"max s | command s (median) | batches: command s; retrained version served, s after the return | "
+          f"load: requests, failed | 1-min load average | at most {TARGET:g} s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for p in phases:
         r, s = p["from_return_seconds"], p["from_start_seconds"]
-        print(f"| {p['workers']} | {len(p['rounds'])} | {r['median']} / {r['p90']} / {r['max']} | "
-              f"{s['median']} / {s['p90']} / {s['max']} | {p['command_seconds']['median']} | "
+        batches = "; ".join(f"{e['command_seconds']:.1f}, {e['from_return_seconds']}" for e in p["events"]
+                            if e["kind"] == "batch") or "-"
+        print(f"| {p['workers']} | {sum(e['kind'] == 'defer' for e in p['events'])} | {r['median']} / {r['p90']} / "
+              f"{r['max']} | {s['median']} / {s['p90']} / {s['max']} | {p['command_seconds']['median']} | {batches} | "
               f"{p['load']['requests']}, {p['load']['failed']} | {p['loadavg_before'][0]}-{p['loadavg_after'][0]} | "
               f"{'yes' if p['target_met'] else 'no'} |")
     print(f"wrote {args.out}")

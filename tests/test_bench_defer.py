@@ -6,7 +6,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from bench.defer import applied_at, consulted, pick
+from bench.defer import applied_at, consulted, pick, stale_for
 
 
 def _answer(sent: float, adapters: str | None, status: int | None = 200) -> dict:
@@ -24,9 +24,17 @@ def test_applied_after_the_last_stale_answer_from_any_worker() -> None:
                _answer(1.2, "3 5 8"),  # ...the other not yet
                _answer(1.25, None, status=None),  # a failed request says nothing either way
                _answer(1.3, "0 2 5"), _answer(1.4, "0 2 5")]
-    assert applied_at(answers, [3, 6]) == pytest.approx(1.35)
-    assert applied_at(answers[:3], [3, 6]) is None  # the last answer is still stale
-    assert applied_at(answers, [7]) == pytest.approx(1.05)  # never consulted: the first answer counts
+    defer = stale_for({"kind": "defer", "adapters": [3, 6]})
+    assert applied_at(answers, defer) == pytest.approx(1.35)
+    assert applied_at(answers[:3], defer) is None  # the last answer is still stale
+    assert applied_at(answers, stale_for({"kind": "defer", "adapters": [7]})) == pytest.approx(1.05)  # never stale
+
+
+def test_after_a_batch_stale_is_the_old_version_or_any_quarantine() -> None:
+    stale = stale_for({"kind": "batch", "version_before": "3"})
+    assert stale({"version": "3", "quarantine": ""})
+    assert stale({"version": "4", "quarantine": "1,5"})
+    assert not stale({"version": "4", "quarantine": ""})
 
 
 def test_pick_takes_a_sample_of_the_probes_adapters_adding_the_fewest_to_the_quarantine() -> None:
