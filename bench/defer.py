@@ -43,7 +43,7 @@ import pandas as pd
 
 from bench.load import Client, percentile
 from bench.serve import default_project, request_body, running
-from bench.setting import REPO, machine
+from bench.setting import REPO, commit, machine
 from pipeline.data.dataset import read_table
 from pipeline.project.layout import ROUTING
 from pipeline.project.params import load_params
@@ -262,7 +262,8 @@ def phase(project: Path, workers: int, body: bytes, routing: pd.DataFrame, state
     measured = [r["from_return_seconds"] for r in rounds]
     return {"workers": workers, "server_command": " ".join(cmd), "startup_seconds": round(startup, 2),
             "loadavg_before": [round(v, 2) for v in before], "loadavg_after": [round(v, 2) for v in after],
-            "load": result["summary"], "events": events,
+            "load": result["summary"], "load_failures": [r for r in result["records"] if r["status"] != 200],
+            "events": events,
             "from_return_seconds": stats([v for v in measured if v is not None]),
             "from_start_seconds": stats([r["from_start_seconds"] for r in rounds if r["from_start_seconds"]
                                          is not None]),
@@ -284,8 +285,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds after a command returns within which its effect must show")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "defer.json")
     args = parser.parse_args(argv)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
     counts = [int(w) for w in args.workers.split(",")]
     with tempfile.TemporaryDirectory(prefix="bench-defer-") as tmp:
         workdir = Path(tmp)
@@ -295,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         state: dict[str, Any] = {"used": set(), "quarantined": set(), "n": int(adapters["n"]),
                                  "k": int(adapters["k"]), "run": datetime.now(UTC).strftime("%Y%m%dT%H%M%S")}
         how = {"command": " ".join(["python -m bench.defer", *(argv if argv is not None else sys.argv[1:])]),
-               "project": str(project), "commit": commit, "date": datetime.now(UTC).isoformat(timespec="seconds"),
+               "project": str(project), "commit": commit(), "date": datetime.now(UTC).isoformat(timespec="seconds"),
                "machine": machine(), "rate": args.rate, "rounds": args.rounds, "probe_interval": args.interval,
                "settle": args.settle, "adapters": {"n": state["n"], "k": state["k"]}, "server_poll": SERVER_POLL,
                "target_seconds": TARGET,

@@ -23,11 +23,12 @@ from urllib.parse import urlsplit
 
 VERSION_HEADER = "X-Legonet-Model-Version"
 QUARANTINE_HEADER = "X-Legonet-Quarantine"
+IDLE = 4.0  # seconds a kept connection may idle: uvicorn closes one idle for 5 s, and a request sent as it does fails
 
 
 class Client:
-    """One connection per thread, opened again after any error; ``keep_alive=False``: a new connection for every
-    request (a kept connection stays with one worker process of a multi-worker server)."""
+    """One connection per thread, opened again after any error or ``IDLE`` seconds unused; ``keep_alive=False``: a
+    new connection for every request (a kept connection stays with one worker process of a multi-worker server)."""
 
     def __init__(self, url: str, body: bytes, timeout: float, keep_alive: bool = True) -> None:
         parts = urlsplit(url)
@@ -39,6 +40,9 @@ class Client:
         record: dict[str, Any] = {"due": round(due - origin, 4), "sent": round(sent - origin, 4)}
         try:
             connection = getattr(self.local, "connection", None)
+            if connection is not None and sent - self.local.used_at > IDLE:
+                connection.close()
+                connection = None
             if connection is None:
                 connection = self.local.connection = http.client.HTTPConnection(self.host, self.port,
                                                                                timeout=self.timeout)
@@ -54,7 +58,7 @@ class Client:
         except (OSError, http.client.HTTPException, ValueError) as exc:
             self.local.connection = None
             record.update(status=None, error=f"{type(exc).__name__}: {exc}")
-        done = time.monotonic()
+        done = self.local.used_at = time.monotonic()
         record["latency"] = round(done - due, 5)  # from when it was due: queueing in the generator counts
         record["service"] = round(done - sent, 5)
         if not self.keep_alive and (connection := getattr(self.local, "connection", None)) is not None:

@@ -39,7 +39,7 @@ import numpy as np
 import yaml
 
 from bench.load import run as load
-from bench.setting import REPO
+from bench.setting import REPO, commit
 from pipeline.data.dataset import read_table
 from pipeline.tracking.lineage import absolute_store
 
@@ -142,14 +142,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="rounds; the servers take turns, first in one order then the other")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "serve.json")
     args = parser.parse_args(argv)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         workdir = Path(tmp)
         project = args.project.resolve() if args.project else default_project(workdir)
         body = request_body(project)
         how = {"command": " ".join(["python -m bench.serve", *(argv if argv is not None else sys.argv[1:])]),
-               "project": str(project), "commit": commit, "date": datetime.now(UTC).isoformat(timespec="seconds"),
+               "project": str(project), "commit": commit(), "date": datetime.now(UTC).isoformat(timespec="seconds"),
                "cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
                "workers": args.workers, "concurrency": args.concurrency, "duration": args.duration,
                "rate": args.rate, "rounds": args.rounds, "request": "one 28x28 test image, JSON dataframe_split"}
