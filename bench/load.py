@@ -23,21 +23,26 @@ from urllib.parse import urlsplit
 
 VERSION_HEADER = "X-Legonet-Model-Version"
 QUARANTINE_HEADER = "X-Legonet-Quarantine"
+IDLE = 4.0  # seconds a kept connection may idle: uvicorn closes one idle for 5 s, and a request sent as it does fails
 
 
 class Client:
-    """One connection per thread, opened again after any error."""
+    """One connection per thread, opened again after any error or ``IDLE`` seconds unused; ``keep_alive=False``: a
+    new connection for every request (a kept connection stays with one worker process of a multi-worker server)."""
 
-    def __init__(self, url: str, body: bytes, timeout: float) -> None:
+    def __init__(self, url: str, body: bytes, timeout: float, keep_alive: bool = True) -> None:
         parts = urlsplit(url)
         self.host, self.port, self.path = parts.hostname or "127.0.0.1", parts.port or 80, parts.path
-        self.body, self.timeout, self.local = body, timeout, threading.local()
+        self.body, self.timeout, self.keep_alive, self.local = body, timeout, keep_alive, threading.local()
 
     def send(self, due: float, origin: float) -> dict[str, Any]:
         sent = time.monotonic()
         record: dict[str, Any] = {"due": round(due - origin, 4), "sent": round(sent - origin, 4)}
         try:
             connection = getattr(self.local, "connection", None)
+            if connection is not None and sent - self.local.used_at > IDLE:
+                connection.close()
+                connection = None
             if connection is None:
                 connection = self.local.connection = http.client.HTTPConnection(self.host, self.port,
                                                                                timeout=self.timeout)
@@ -53,9 +58,12 @@ class Client:
         except (OSError, http.client.HTTPException, ValueError) as exc:
             self.local.connection = None
             record.update(status=None, error=f"{type(exc).__name__}: {exc}")
-        done = time.monotonic()
+        done = self.local.used_at = time.monotonic()
         record["latency"] = round(done - due, 5)  # from when it was due: queueing in the generator counts
         record["service"] = round(done - sent, 5)
+        if not self.keep_alive and (connection := getattr(self.local, "connection", None)) is not None:
+            connection.close()
+            self.local.connection = None
         return record
 
 

@@ -29,6 +29,8 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,7 @@ import numpy as np
 import yaml
 
 from bench.load import run as load
-from bench.setting import REPO
+from bench.setting import REPO, commit
 from pipeline.data.dataset import read_table
 from pipeline.tracking.lineage import absolute_store
 
@@ -76,16 +78,33 @@ def wait_for_ping(url: str, process: subprocess.Popen, log: Path, timeout: float
     raise RuntimeError(f"server did not answer /ping in {timeout} s:\n{log.read_text()[-3000:]}")
 
 
-def measure(kind: str, project: Path, body: bytes, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+@contextmanager
+def running(kind: str, project: Path, workers: int, workdir: Path, extra: Sequence[str] = ()
+            ) -> Iterator[tuple[str, float, list[str]]]:
+    """One server on ``project``'s champion, up until the block ends: its URL, its start-up seconds (to the first
+    /ping) and its command line. ``extra``: more options of `legonet serve`. Stopped by process group (uvicorn's
+    workers with it)."""
     port = free_port()
-    cmd, env = server_command(kind, project, port, args.workers)
-    log = workdir / f"{kind}.log"
+    cmd, env = server_command(kind, project, port, workers)
+    cmd = [*cmd, *extra]
+    log = workdir / f"{kind}-{port}.log"
     with open(log, "w") as out:
         process = subprocess.Popen(cmd, cwd=project, env={**os.environ, **env}, stdout=out,
                                    stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        startup = wait_for_ping(url, process, log)
+        yield url, wait_for_ping(url, process, log), cmd
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(30)
+
+
+def measure(kind: str, project: Path, body: bytes, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    with running(kind, project, args.workers, workdir) as (url, startup, cmd):
         load(f"{url}/invocations", body, None, 2, 3.0, None)  # warm-up: sessions, caches, connections
         phases = {}
         for phase, rate in (("closed", None), ("open", args.rate)):
@@ -95,13 +114,6 @@ def measure(kind: str, project: Path, body: bytes, args: argparse.Namespace, wor
                              "loadavg_1min_after": round(os.getloadavg()[0], 2)}
             print(f"  {kind} {phase}: {json.dumps(phases[phase])}", flush=True)
         return {"command": " ".join(cmd), "startup_seconds": round(startup, 2), **phases}
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(30)
 
 
 def default_project(workdir: Path) -> Path:
@@ -130,14 +142,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="rounds; the servers take turns, first in one order then the other")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "serve.json")
     args = parser.parse_args(argv)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         workdir = Path(tmp)
         project = args.project.resolve() if args.project else default_project(workdir)
         body = request_body(project)
         how = {"command": " ".join(["python -m bench.serve", *(argv if argv is not None else sys.argv[1:])]),
-               "project": str(project), "commit": commit, "date": datetime.now(UTC).isoformat(timespec="seconds"),
+               "project": str(project), "commit": commit(), "date": datetime.now(UTC).isoformat(timespec="seconds"),
                "cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
                "workers": args.workers, "concurrency": args.concurrency, "duration": args.duration,
                "rate": args.rate, "rounds": args.rounds, "request": "one 28x28 test image, JSON dataframe_split"}
