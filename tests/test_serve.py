@@ -196,10 +196,12 @@ def test_serve_follows_the_quarantine_and_the_champion_under_load(served: dict[s
     broken = client.create_model_version("legonet", source=str(tmp_path / "no-such-model"), tags=dict(
         client.get_model_version("legonet", new).tags))
     client.set_registered_model_alias("legonet", "champion", broken.version)
-    _until(lambda: (_get(f"{url}/health")[1].get("load_failure") or {}).get("version") == str(broken.version), 30,
-           "the load failure on /health")
-    status, health, _ = _get(f"{url}/health")
-    assert status == 200 and health["status"] == "degraded" and health["serving"]["version"] == new
+
+    def degraded() -> bool:  # asked of whichever worker answers: each polls the registry on its own
+        status, health, _ = _get(f"{url}/health")
+        return (status == 200 and health["status"] == "degraded" and health["serving"]["version"] == new
+                and (health.get("load_failure") or {}).get("version") == str(broken.version))
+    _until(lambda: all(degraded() for _ in range(4)), 30, "the load failure on every worker's /health")
     assert _post(f"{url}/invocations", {"inputs": {"image": [image]}})[0]["adapters"]
     # the forget's version links to its package run, as a build's does
     forgot_version = client.get_model_version("legonet", new)
