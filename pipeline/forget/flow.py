@@ -281,7 +281,7 @@ def plan_requests(root: Path, requests: Sequence[DeletionRequest], params: dict[
         check_all_code(root)
     if not plan.changes_data:
         return plan
-    with dvc_repo(root, reading=True) as repo:
+    with dvc_repo(root, reading=not dry_run) as repo:  # a dry run reads the graph only, taking no DVC lock
         if not dry_run and repo.status():
             raise ForgetError("the project has changes that are not built yet (`dvc status` is not clean): run "
                               "`legonet build` first, so the forget rebuilds only what the request touches")
