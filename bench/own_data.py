@@ -115,6 +115,7 @@ def measure(name: str, work: Path, say: Callable[[str], None]) -> dict:
 
     params = yaml.safe_load((root / "params.yaml").read_text())
     evaluate = json.loads((root / "metrics/evaluate.json").read_text())
+    load = pd.read_csv(root / "reports/evaluate/adapter_load.csv")
     probe = json.loads((root / "metrics/baseline.json").read_text())["probe_accuracy"]
     quality = json.loads((root / "reports/quality/result.json").read_text())
     registered = next((line for line in build.stdout.splitlines() if line.startswith("registered")), "")
@@ -127,7 +128,7 @@ def measure(name: str, work: Path, say: Callable[[str], None]) -> dict:
             "choices": [" ".join(line.split()) for line in init.stderr.split("  chose ")[1:]],
             "accuracy": evaluate["accuracy"], "probe_accuracy": probe,
             "gap_points": round(100 * (evaluate["accuracy"] - probe), 2),
-            "empty_adapters": evaluate["empty_adapters"], "test_samples": evaluate["test_samples"],
+            "empty_adapters": int((load["train_samples"] == 0).sum()), "test_samples": evaluate["test_samples"],
             "quality_passed": bool(quality["success"]), "quality_failed": quality.get("failed", []),
             "registered": registered, "champion": "[champion]" in registered, "git_clean": git_clean,
             "init_seconds": round(init_s, 1), "build_seconds": round(build_s, 1)}

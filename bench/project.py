@@ -186,6 +186,7 @@ def breakdown(wall: float, timings: dict[str, float], bodies: dict[str, float], 
     totals = {
         "cli_startup_and_unaccounted": round(wall - sum(phases.values()), 3),
         "validate_and_lock": round(phases.get("validate", 0.0) + phases.get("lock", 0.0), 3),
+        "quarantine_mlflow": phases.get("quarantine", 0.0),
         "remove_rows_and_dvc_add": phases.get("remove", 0.0),
         "repro_stage_bodies": round(sum(r["body"] for r in stage_rows.values()), 3),
         "repro_stage_startup_imports": round(sum(r["startup_imports"] for r in stage_rows.values()), 3),

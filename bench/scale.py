@@ -1,7 +1,8 @@
 """Scale benchmark: does a forget cost follow the work it touches, not the size of the model or of the data?
 
 Two axes, measured side by side: the number of adapters (``--sizes``, n) and the size of the data (``--data``:
-the default 5k digits, Fashion-MNIST 70k, and ``fashion280k``, Fashion-MNIST four times over with new IDs). Every
+the default 5k digits, Fashion-MNIST 70k, ``fashion280k``, Fashion-MNIST four times over with new IDs, and
+``fashion1m``, 15 times over with new IDs and a per-copy pixel: ``COPIES``). Every
 (dataset, n) project is initialised with ``legonet init --data`` and built from scratch (``legonet build``, timed),
 then measured in rounds: each round runs ``dvc status`` and a no-op ``dvc repro`` in every project, then
 ``legonet forget --profile`` of one random train sample in every project, then of ``--batch`` random train samples
@@ -71,16 +72,30 @@ def timed(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> tuple
     return seconds, result.stdout
 
 
+# Fashion-MNIST over and over under new IDs: 280k as four exact copies (new IDs only), 1M (1,050,000) as 15 copies
+# each with its own corner pixel, so no two copies share a payload (nor an embedding)
+COPIES = {"fashion280k": (4, False), "fashion1m": (15, True)}
+
+
 def dataset_frame(name: str) -> pd.DataFrame:
-    """The samples of a benchmark dataset as a user's table; ``fashion280k`` is Fashion-MNIST x4 with new IDs."""
+    """The samples of a benchmark dataset as a user's table (``COPIES`` for fashion280k and fashion1m)."""
     from bench.data import LOADERS
 
-    copies = 4 if name == "fashion280k" else 1
-    frame = LOADERS["fashion70k" if copies > 1 else name]().frame
-    if copies == 1:
-        return frame
-    return pd.concat([frame.assign(sample_id=frame["sample_id"] + f"-c{c}") for c in range(copies)],
-                     ignore_index=True)
+    count, pixel = COPIES.get(name, (1, False))
+    frame = LOADERS["fashion70k" if count > 1 else name]().frame
+    return frame if count == 1 else copies(frame, count, pixel)
+
+
+def copies(frame: pd.DataFrame, count: int, pixel: bool) -> pd.DataFrame:
+    """``count`` copies of an image table, copy c with IDs suffixed ``-c<c>`` and, with ``pixel``, its first pixel
+    set to c (copy 0 keeps its own)."""
+    def copy(c: int) -> pd.DataFrame:
+        out = frame.assign(sample_id=frame["sample_id"] + f"-c{c}")
+        if pixel and c:
+            out["image"] = [bytes([c]) + image[1:] for image in out["image"]]
+        return out
+
+    return pd.concat([copy(c) for c in range(count)], ignore_index=True)
 
 
 def reference_fraction(samples: int, n: int) -> float:
@@ -93,10 +108,12 @@ def settings(samples: int, n: int, blocks: int, extra: dict[str, str]) -> dict[s
             "data.reference_fraction": reference_fraction(samples, n), **extra}
 
 
-def build(data: Path, root: Path, params: Mapping[str, object], cli: Cli = HEAD) -> float:
-    """`legonet init --data` + `legonet build` with these params; the build's seconds."""
-    timed(cli("init", str(root), "--data", str(data), *[a for k, v in params.items() for a in ("--set", f"{k}={v}")]),
-          root.parent, cli.env)
+def build(data: Path, root: Path, params: Mapping[str, object], cli: Cli = HEAD, secret: Path | None = None
+          ) -> float:
+    """`legonet init --data` + `legonet build` with these params (``secret``: another project's data secret, for a
+    build that must equal it); the build's seconds."""
+    timed(cli("init", str(root), "--data", str(data), *(["--data-secret", str(secret)] if secret else []),
+              *[a for k, v in params.items() for a in ("--set", f"{k}={v}")]), root.parent, cli.env)
     return timed(cli("build"), root, cli.env)[0]
 
 
@@ -266,7 +283,7 @@ def _adapters(text: str) -> int:
 def _dataset(text: str) -> str:
     from bench.data import LOADERS
 
-    if text not in {*LOADERS, "fashion280k"} or text == "wordnet":
+    if text not in {*LOADERS, *COPIES} or text == "wordnet":
         raise KeyError(text)
     return text
 
@@ -280,8 +297,8 @@ def _setting(text: str) -> tuple[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=_list(_dataset, "datasets (mnist5k, mnist1k, fashion70k, fashion280k)"),
-                        default=["mnist5k", "fashion70k"])
+    parser.add_argument("--data", type=_list(_dataset, "datasets (mnist5k, mnist1k, fashion70k, fashion280k, "
+                                                        "fashion1m)"), default=["mnist5k", "fashion70k"])
     parser.add_argument("--sizes", type=_list(_adapters, "adapter counts >= 1"), default=[32],
                         help="comma-separated adapter counts, e.g. 32,256,1024")
     parser.add_argument("--blocks", type=int, default=32)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -121,6 +122,12 @@ def machine() -> dict:
                 mem = round(int(line.split()[1]) / 1024**2, 1)
     return {"nproc": os.cpu_count(), "cpu_model": cpu, "cpu_isa": ",".join(flags), "mem_gib": mem,
             "platform": platform.platform(), "python": platform.python_version(), "hostname": platform.node()}
+
+
+def commit() -> str:
+    """The short commit of the checkout being measured."""
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                          text=True).stdout.strip()
 
 
 def versions() -> dict:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from bench.scale import _setting, build, dataset_frame, forget, train_ids
 from pipeline.data.dataset import read_table, write_table
+from pipeline.data.salt import secret_path
 from pipeline.forget.flow import artifact_digests
 
 WINDOW = 20
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         removed = set(frame["sample_id"]) - set(retained) - set(read_table(root / "data/test/test.parquet")[
             "sample_id"]) - set(read_table(root / "data/reference/reference.parquet")["sample_id"])
         write_table(frame[~frame["sample_id"].isin(removed)].reset_index(drop=True), work / "retained.parquet")
-        fresh_seconds = build(work / "retained.parquet", work / "fresh", settings)
+        fresh_seconds = build(work / "retained.parquet", work / "fresh", settings, secret=secret_path(root))
         soaked, fresh = artifact_digests(root), artifact_digests(work / "fresh")
         differ = sorted(p for p in set(soaked) | set(fresh)
                         if p not in VOLATILE and soaked.get(p) != fresh.get(p))

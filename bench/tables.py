@@ -207,6 +207,7 @@ def project_tables(project: dict) -> list[str]:
             ("CLI start-up + unaccounted (wall - phases)",
              lambda f: f["breakdown"]["totals"]["cli_startup_and_unaccounted"]),
             ("validate + lock", lambda f: f["breakdown"]["totals"]["validate_and_lock"]),
+            ("quarantine (registry tag)", lambda f: f["breakdown"]["totals"].get("quarantine_mlflow")),
             ("remove rows + `dvc add`", lambda f: f["breakdown"]["totals"]["remove_rows_and_dvc_add"]),
             ("rebuild: stage bodies (MLflow `stage_seconds`)",
              lambda f: f["breakdown"]["totals"]["repro_stage_bodies"]),

@@ -109,6 +109,11 @@ class ModelError(LegonetError, RuntimeError):
     exit_code = 6
 
 
+class QuarantineUnreadable(ModelError, ValueError):
+    """A model version's quarantine tag is not the JSON legonet writes: never read as "no quarantine" (serving the
+    adapters it names would answer from a forgotten sample)."""
+
+
 class RegistryError(LegonetError, LookupError):
     """The registry has no such model version; the message names it and where to look."""
 

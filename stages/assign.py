@@ -2,7 +2,8 @@
 
 Incremental (docs/design.md section 4, cost rule): routing is per sample, so the stage routes only rows that are new to
 the index (a new sample, or one whose partition, label or payload changed), drops rows that left the encoded
-partitions, and rewrites only the shards of the adapters those rows activate; it reads neither the embeddings of
+partitions, and rewrites only the shards of the adapters those rows activate; it reads only the encoded partitions
+whose md5 differs from the one the index was made from, and neither the embeddings of
 unchanged rows nor the other shards. The shard directory is a `persist` output: DVC leaves it in place, untouched
 shards keep their bytes and their mtime, so DVC does not hash them again and every `train@block` whose shards did
 not change stays cached. The previous index is built on only when its md5 is the one ``dvc.lock`` records and it was
@@ -63,6 +64,13 @@ def previous_index(identity: dict[str, Any]) -> tuple[pd.DataFrame | None, dict[
     return read_table(ROUTING), dict(stored.get("encoded_md5", {}))
 
 
+def partition_rows(indices: list[int]) -> pd.DataFrame:
+    """The ``ROW_COLUMNS`` and partition of every row of the encoded partitions ``indices``."""
+    frames = [read_table(encoded_path(index), ROW_COLUMNS).assign(partition=np.int32(index))
+              for index in indices or [0]]  # none to read (a forced rerun of unchanged data): the columns' own types
+    return pd.concat(frames, ignore_index=True) if indices else frames[0].iloc[:0]
+
+
 def new_rows(rows: pd.DataFrame, checked: set[int], projection: np.ndarray, width: int, classes: list[int]
              ) -> tuple[pd.DataFrame, np.ndarray]:
     """The rows to route (sample_id, label, payload digest, partition) and their projected features, read from
@@ -105,17 +113,20 @@ def main() -> None:
                    [SHARDS, ROUTING]) as run:
         projection, keys = np.load(PROJECTION), np.load(KEYS)
         identity = {"projection_md5": file_md5(PROJECTION), "keys_md5": file_md5(KEYS), "code": code, **used}
-        current = pd.concat([read_table(encoded_path(index), ROW_COLUMNS).assign(partition=np.int32(index))
-                             for index in range(partitions)], ignore_index=True)
         encoded_md5 = {partition_name(index): file_md5(encoded_path(index)) for index in range(partitions)}
         previous, seen = previous_index(identity)
+        checked = {index for index in range(partitions)
+                   if seen.get(partition_name(index)) != encoded_md5[partition_name(index)]}
+        # a partition with the md5 the index was made from holds exactly the index's rows of it: only the others
+        # are read and compared (a forget: the partitions of its samples)
+        current = partition_rows(sorted(checked))
         if previous is None:
             kept, fresh = previous, np.ones(len(current), dtype=bool)
         else:
-            still, fresh = routing_changes(previous, current)
+            moving = previous["partition"].isin(checked).to_numpy()
+            still = ~moving
+            still[moving], fresh = routing_changes(previous[moving], current)
             kept = previous[still]
-        checked = {index for index in range(partitions)
-                   if seen.get(partition_name(index)) != encoded_md5[partition_name(index)]}
         rows, features = new_rows(current[fresh], checked, projection, keys.shape[1], classes)
         assignment = route(features, keys, k)
         gone = set() if previous is None else set(previous["sample_id"][~still])

@@ -1,4 +1,6 @@
-"""DVC stage `evaluate`: test accuracy of the ensemble, per-class recall and adapter load (DVC metrics and plots).
+"""DVC stage `evaluate`: test accuracy of the ensemble and per-class recall (DVC metrics and plots, in git), and the
+load of each adapter (``reports/evaluate/adapter_load.csv``, a DVC output: in git its diff would name the adapters a
+forget retrained).
 
 Incremental (docs/design.md section 4, cost rule): an adapter's softmax output for a test sample depends on that
 sample's projected features and the adapter's weights alone, so the stage keeps them in ``reports/evaluate/`` (a
@@ -36,6 +38,7 @@ from pipeline.model.keys import project
 from pipeline.model.routing import route
 from pipeline.project.code import check_code
 from pipeline.project.layout import (
+    ADAPTER_LOAD,
     ADAPTERS,
     ENCODED_TEST,
     EVALUATION,
@@ -85,9 +88,9 @@ def main() -> None:
     code = check_code(params, "evaluate")
     classes, k = list(params["data"]["classes"]), int(params["adapters"]["k"])
     test = ENCODED_TEST
-    outputs = [METRICS / "evaluate.json", METRICS / "per_class.csv", METRICS / "adapter_load.csv"]
+    outputs = [METRICS / "evaluate.json", METRICS / "per_class.csv", ADAPTER_LOAD]
     with stage_run("evaluate", Path(), {"adapters.k": k, "data.classes": classes, "code": code},
-                   [test, PROJECTION, KEYS, ADAPTERS], [*outputs, EVALUATION]) as run:
+                   [test, PROJECTION, KEYS, ADAPTERS], [*outputs[:2], EVALUATION]) as run:  # the load is in it
         projection, keys = np.load(PROJECTION), np.load(KEYS)
         frame = read_table(test, ["sample_id", "label", PAYLOAD_DIGEST])
         trusted = EVALUATION.is_dir() and recorded_md5(EVALUATION) == dvc_digest(EVALUATION, Path())
@@ -121,7 +124,7 @@ def main() -> None:
             return proba
 
         proba = mean_proba(activated, len(classes), outputs_of)
-        for stray in sorted(set(EVALUATION.iterdir()) - written - {TEST_POINTS}):
+        for stray in sorted(set(EVALUATION.iterdir()) - written - {TEST_POINTS, ADAPTER_LOAD}):
             stray.unlink()  # outputs of adapters no test sample activates now, stale temp files
         predicted = np.asarray(classes)[proba.argmax(axis=1)]
         truth = frame["label"].to_numpy()
@@ -137,12 +140,11 @@ def main() -> None:
         METRICS.mkdir(exist_ok=True)
         pd.DataFrame({"label": classes, "recall": recall}).to_csv(outputs[1], index=False)
         load.to_csv(outputs[2], index=False)
-        metrics = {"accuracy": round(accuracy, 6), "test_samples": len(truth),
-                   "empty_adapters": int((load["train_samples"] == 0).sum()),
-                   "max_adapter_load": int(load["train_samples"].max()),
-                   "train_samples_routed": int(load["train_samples"].sum())}
+        metrics = {"accuracy": round(accuracy, 6), "test_samples": len(truth)}
         write_json(outputs[0], metrics)
-        run.update(metrics)
+        run.update({**metrics, "empty_adapters": int((load["train_samples"] == 0).sum()),  # MLflow only, not git
+                    "max_adapter_load": int(load["train_samples"].max()),
+                    "train_samples_routed": int(load["train_samples"].sum())})
         run["test_outputs_scored"] = sum(scored.values())
 
 

@@ -20,11 +20,14 @@ from pathlib import Path
 
 import pipeline
 from pipeline.data.quality import RESULT, read_result
-from pipeline.model.package import SERVING_REQUIREMENTS, LegoNetModel, stage_artifacts
+from pipeline.forget import deferred
+from pipeline.model.package import SERVING_REQUIREMENTS, stage_artifacts
+from pipeline.model.signature import input_example, model_signature
 from pipeline.project.code import check_code
 from pipeline.project.layout import ADAPTERS, ENCODER, ENCODER_INFO, KEYS, METRICS, PACKAGE, PROJECTION
 from pipeline.project.params import load_params, run_stage
 from pipeline.project.scratch import scratch_dir
+from pipeline.tracking import quarantine
 from pipeline.tracking.identity import PROJECT_TAG, claim_registered_model, project_id
 from pipeline.tracking.lineage import configure, file_md5, file_sha256, flush, stage_run, tree_digests
 from pipeline.tracking.registry import (
@@ -76,31 +79,38 @@ def main() -> None:
     configure(store["tracking_uri"], store["experiment"], project_root())
     owner = {PROJECT_TAG: project_id(params)}  # on the logged model and, through log_model, on the version
     claim_registered_model(mlflow.MlflowClient(), name, owner[PROJECT_TAG])  # before log_model creates it untagged
-    with stage_run("package", Path(), used, [*files.values(), metrics_file, RESULT], [PACKAGE]) as run, \
-            scratch_dir(Path(), "package") as tmp:  # not /tmp: a killed build would leave whole adapters there
-        accuracy = float(json.loads(metrics_file.read_text())["accuracy"])
+    # not /tmp: a killed build would leave whole adapters there; kept until the version is logged from it
+    with scratch_dir(Path(), "package") as tmp:
         staging = Path(tmp)
-        artifacts = stage_artifacts(staging, files, config)
-        shutil.copytree(Path(pipeline.__file__).parent, staging / "code" / "pipeline",
-                        ignore=shutil.ignore_patterns("__pycache__", "template"))  # template: not serving code
-        model = {"python_model": LegoNetModel(), "artifacts": artifacts, "code_paths": ["code/pipeline"],
-                 "pip_requirements": SERVING_REQUIREMENTS}
-        if PACKAGE.exists():
-            shutil.rmtree(PACKAGE)
-        previous = replaced_version(name)  # before this build registers: the version it replaces
-        package = PACKAGE.resolve()  # before the working directory changes
-        # from inside the staging folder: MLflow writes each artifact's source, as given, into MLmodel (`uri`);
-        # relative (``artifacts/keys.npy``) it names the file in the package, never a temporary folder whose random
-        # name would differ between two builds (the tracking URI is absolute: ``project_store``)
+        with stage_run("package", Path(), used, [*files.values(), metrics_file, RESULT], [PACKAGE]) as run:
+            accuracy = float(json.loads(metrics_file.read_text())["accuracy"])
+            artifacts = stage_artifacts(staging, files, config)
+            shutil.copytree(Path(pipeline.__file__).parent, staging / "code" / "pipeline",
+                            ignore=shutil.ignore_patterns("__pycache__", "template"))  # template: not serving code
+            # models from code: the package holds served.py's source, never a pickled object. MLflow records its
+            # absolute path (only its name is used to load): the installed file's, the same for every build here
+            model = {"python_model": str(Path(pipeline.__file__).parent / "model" / "served.py"),
+                     "artifacts": artifacts, "code_paths": ["code/pipeline"], "pip_requirements": SERVING_REQUIREMENTS,
+                     "signature": model_signature(config), "input_example": input_example(config)}
+            if PACKAGE.exists():
+                shutil.rmtree(PACKAGE)
+            previous = replaced_version(name)  # before this build registers: the version it replaces
+            package = PACKAGE.resolve()  # before the working directory changes
+            # from inside the staging folder: MLflow writes each artifact's source, as given, into MLmodel (`uri`);
+            # relative (``artifacts/keys.npy``) it names the file in the package, never a temporary folder whose
+            # random name would differ between two builds (the tracking URI is absolute: ``project_store``)
+            with contextlib.chdir(staging):
+                mlflow.pyfunc.save_model(path=str(package), **model)
+            quality = read_result(RESULT)
+            held = [] if quality["success"] else [f"quality checkpoint failed: {line}" for line in quality["failed"]]
+            result = gate(accuracy, previous, params["gate"], held)
+            run.update({"accuracy": accuracy})
+        runs = flush(Path(), store)
+        # registered once the stage's run exists: the version (and its logged model) link to the run that made it
         with contextlib.chdir(staging):
-            mlflow.pyfunc.save_model(path=str(package), **model)
-            version = str(mlflow.pyfunc.log_model(name="model", registered_model_name=name, tags=owner, **model)
-                          .registered_model_version)
-        quality = read_result(RESULT)
-        held = [] if quality["success"] else [f"quality checkpoint failed: {line}" for line in quality["failed"]]
-        result = gate(accuracy, previous, params["gate"], held)
-        run.update({"accuracy": accuracy, "model_version": int(version)})
-    runs = flush(Path(), store)
+            logged = mlflow.models.Model.log(artifact_path=None, name="model", flavor=mlflow.pyfunc,
+                                             run_id=runs["package"], registered_model_name=name, tags=owner, **model)
+            version = str(logged.registered_model_version)
     client = mlflow.MlflowClient()
     # `project` names the project by its ID, never by a folder path (a clone elsewhere is the same project)
     tags = {"accuracy": f"{accuracy:.6f}", "package_run_id": runs.get("package", ""), "project": owner[PROJECT_TAG],
@@ -110,6 +120,10 @@ def main() -> None:
             "quality_result_sha256": file_sha256(RESULT) if RESULT.is_file() else ""}
     for tag, value in tags.items():
         client.set_model_version_tag(name, version, tag, value)
+    # before an alias can point at it: the requests whose samples are still in the data keep their adapters
+    # quarantined in this version too (a forget's batch is no longer held once its rows are removed)
+    held, requests = deferred.held(project_root())
+    quarantine.tag_version(client, name, version, held, requests, deferred.stamp(deferred.now()))
     alias, reason = promote(name, version, result, owner[PROJECT_TAG], dvc_experiment())
     print(f"registered {name} version {version} as @{alias}: {reason}")
 

@@ -12,6 +12,14 @@ The stage itself succeeds when the checkpoint fails: the data is what it is (a f
 Great Expectations (its import costs seconds). The GX context is ephemeral: nothing but the reports is written.
 It reads only what dvc.yaml declares: whether a sample the audit log lists as forgotten is back in the data is the
 forget flow's check (pipeline.forget.flow.plan_batch), where the audit key and the log are.
+
+Incremental (docs/design.md section 4, cost rule): what the checkpoint needs of a shard (each row's ID, label and
+embedding norm, ``pipeline.data.quality.shard_values``) depends on the shard's bytes alone, so it is kept per shard
+in ``reports/quality/partials`` (a `persist` output), keyed by the shard's md5, the classes, the feature width and
+the stage's code entry. A rerun reads and checks only the shards whose md5 changed (a forget: the k shards of its
+sample) and takes the others' values from their partials; the tables, the checkpoint and ``result.json`` are
+those a full run writes, byte for byte. The partials are built on only when the folder is exactly what
+``dvc.lock`` records.
 """
 
 from __future__ import annotations
@@ -25,11 +33,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from pipeline.data.contracts import check_shards, routing_schema, validate
-from pipeline.data.dataset import read_embeddings, read_table, write_bytes_atomic, write_table
+from pipeline.data.dataset import read_embeddings, read_metadata, read_table, write_bytes_atomic, write_table
 from pipeline.data.quality import (
     DATA_DOCS,
+    PARTIALS,
     RESULT,
     SUITES,
     TABLE_OF_SUITE,
@@ -38,12 +48,14 @@ from pipeline.data.quality import (
     failures,
     norm_range,
     read_norm_bounds,
+    shard_values,
     tables,
 )
+from pipeline.data.salt import SALT_KEY, salt_of
 from pipeline.project.code import check_code
-from pipeline.project.layout import PROJECTION, REFERENCE_NORMS, ROUTING, SHARDS, shard_path
-from pipeline.project.params import load_params, run_stage
-from pipeline.tracking.lineage import stage_run
+from pipeline.project.layout import PROJECTION, REFERENCE_NORMS, ROUTING, SHARDS, adapter_name, shard_path
+from pipeline.project.params import load_params, recorded_md5, run_stage
+from pipeline.tracking.lineage import dvc_digest, file_md5, stage_run
 
 
 def suites(q: QualityParams, n: int, k: int, classes: list[int], norms: tuple[float, float],
@@ -130,6 +142,33 @@ def checkpoint(table_dir: Path, docs_dir: Path, expectations: dict[str, list[Any
     return described
 
 
+def shard_partials(n: int, blocks: int, classes: list[int], width: int, code: dict[str, str], trusted: bool
+                   ) -> tuple[list[pd.DataFrame], int]:
+    """Each adapter's ``shard_values`` (adapter order) and how many shards were read: a kept partial when it was
+    made from the same shard bytes under the same identity, else the shard is read, checked against its contract
+    (every shard read, in one call, before any partial is written) and its partial written."""
+    values: dict[int, pd.DataFrame] = {}
+    fresh = []
+    for j in range(n):
+        path, partial = shard_path(j, n, blocks), partial_path(j)
+        identity = {"shard_md5": file_md5(path), "classes": classes, "width": width, "code": code}
+        if trusted and partial.is_file() and read_metadata(partial) == identity:
+            values[j] = read_table(partial)
+        else:
+            fresh.append((j, identity, path, *read_embeddings(path)))
+    check_shards([(path, frame, features) for _, _, path, frame, features in fresh], classes, width)
+    for j, identity, _, frame, features in fresh:
+        values[j] = shard_values(frame, features)
+        write_table(values[j], partial_path(j), metadata=identity)
+    for stray in sorted(set(PARTIALS.iterdir()) - {partial_path(j) for j in range(n)}):
+        stray.unlink()  # adapters that no longer exist, stale temp files
+    return [values[j] for j in range(n)], len(fresh)
+
+
+def partial_path(adapter: int) -> Path:
+    return PARTIALS / f"{adapter_name(adapter)}.parquet"
+
+
 def _remove(paths: list[Path]) -> None:
     for path in paths:
         if path.is_dir():
@@ -140,20 +179,22 @@ def _remove(paths: list[Path]) -> None:
 
 def main() -> None:
     params = load_params()
-    code = check_code(params, "quality")  # no persisted output: DVC reruns the whole stage when its code entry changes
+    code = check_code(params, "quality")
     q = QualityParams.of(params)
     n, k, blocks = int(params["adapters"]["n"]), int(params["adapters"]["k"]), int(params["adapters"]["blocks"])
     partitions, classes = int(params["data"]["partitions"]), list(params["data"]["classes"])
     used = {"quality": params["quality"], "adapters.n": n, "adapters.k": k, "data.classes": classes, "code": code}
     inputs = [SHARDS, ROUTING, REFERENCE_NORMS, PROJECTION]
     outputs = [RESULT, TABLES, DATA_DOCS]
-    with stage_run("quality", Path(), used, inputs, outputs) as run:
+    with stage_run("quality", Path(), used, inputs, [*outputs, PARTIALS]) as run:
         projection = np.load(PROJECTION)
         width = projection.shape[0] - 1 if projection.shape[0] else projection.shape[1]
         routing = validate(read_table(ROUTING), routing_schema(n, k, partitions, classes), ROUTING)
-        read = [(path, *read_embeddings(path)) for path in (shard_path(j, n, blocks) for j in range(n))]
-        check_shards(read, classes, width)
-        shards = [(frame, features) for _, frame, features in read]
+        trusted = PARTIALS.is_dir() and recorded_md5(PARTIALS) == dvc_digest(PARTIALS, Path())
+        PARTIALS.mkdir(parents=True, exist_ok=True)
+        shards, read = shard_partials(n, blocks, classes, width, code, trusted)
+        run["shards_read"] = read
+        print(f"quality: read {read} of {n} shards (the others' values kept)")
         bounds = read_norm_bounds()
         norms = norm_range(bounds, q.norm_margin)
         q = q.for_reference(int(bounds["samples"]))  # what a reference split of this size can support
@@ -171,6 +212,9 @@ def main() -> None:
                                       "training_classes": ("classes", classes)})
         payload = {"success": bool(described["success"]), "failed": failed,
                    "norm_range_from_reference": list(norms), "checkpoint": described}
+        # salted (pipeline.data.salt): its digest is published and its statistics are recomputable from the data
+        salt = salt_of(RESULT, [json.dumps(payload, sort_keys=True, default=str)])
+        payload |= {SALT_KEY: salt} if salt is not None else {}
         write_bytes_atomic(RESULT, (json.dumps(payload, indent=1, sort_keys=True, default=str) + "\n").encode())
         run.update({"quality_passed": int(payload["success"]), "quality_failed_expectations": len(failed)})
         print(f"quality checkpoint {'passed' if payload['success'] else 'FAILED'}"

@@ -21,6 +21,7 @@ import numpy as np
 
 from pipeline.data.contracts import check_shards
 from pipeline.data.dataset import read_embeddings, write_bytes_atomic
+from pipeline.data.salt import salt_of
 from pipeline.model.adapters import adapter_seed
 from pipeline.project.code import check_code
 from pipeline.project.layout import adapter_dir, adapter_info_path, adapter_path, block_adapters, shard_dir, shard_path
@@ -77,7 +78,8 @@ def main(block_id: str) -> None:
             labels = np.array([index[c] for c in frame["label"]], dtype=np.int64)
             seed = adapter_seed(int(params["adapters"]["seed"]), j)
             stale.append((j, src, shard_md5, labels))
-            jobs.append((j, features, labels, len(classes), seed, dict(train)))
+            salt = salt_of(adapter_path(j, n, blocks), sorted(frame["sample_id"]))
+            jobs.append((j, features, labels, len(classes), seed, dict(train), salt))
         # the same pure function in this process or as Ray tasks: the same bytes either way
         results = run_train(params, jobs, int(train["threads"]))
         for (j, src, shard_md5, labels), job, (blob, lineage) in zip(stale, jobs, results, strict=True):

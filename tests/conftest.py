@@ -17,7 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.audit.keyring import IN_PROJECT, key_dir
 from pipeline.data.dataset import bundled_mnist, write_table
+from pipeline.errors import ParamsError
+from pipeline.project.params import load_params
 
 # A small configuration so a full build is ~14 DVC stages: the same code paths as the default, less work.
 TINY = {
@@ -48,6 +51,20 @@ def init_args(data: Path, overrides: dict[str, object] | None = None) -> list[st
     return ["init", ".", "--data", str(data), *[a for k, v in settings.items() for a in ("--set", f"{k}={v}")]]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def key_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The per-user data folder, where projects keep their audit keys by default: a session folder, so no test
+    ever writes keys into the real home (every `legonet` subprocess inherits it)."""
+    home = tmp_path_factory.mktemp("xdg-data")
+    saved = {name: os.environ.pop(name, None) for name in ("XDG_DATA_HOME", "LEGONET_KEY_DIR")}
+    os.environ["XDG_DATA_HOME"] = str(home)
+    yield home
+    for name, value in saved.items():
+        os.environ.pop(name, None)
+        if value is not None:
+            os.environ[name] = value
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A stratified tenth of the bundled MNIST digits as a user's Parquet file."""
@@ -71,8 +88,18 @@ def copy_project(src: Path, dst: Path) -> Path:
     MLflow stores absolute artifact locations (experiment, runs, logged models, model versions); a plain copy
     would log into, and a forget's `mlflow gc` delete from, the original's mlartifacts/. They are rewritten to
     the copy.
+
+    A copy has the original's project ID, so it would share its per-user key dir (and the checkpoint kept there,
+    which the copy's own log soon leaves behind): the copy keeps its keys in its own folder (``.legonet/keys``,
+    where `legonet` finds them), starting from the original's.
     """
     shutil.copytree(src, dst, symlinks=True)
+    if not (dst / IN_PROJECT).exists():
+        try:
+            keys = key_dir(src, load_params(src))
+        except ParamsError:  # a project without an ID (made before IDs) has no per-user key dir
+            keys = dst / IN_PROJECT
+        shutil.copytree(keys, dst / IN_PROJECT) if keys.is_dir() else (dst / IN_PROJECT).mkdir(parents=True)
     old, new = str(src.resolve()), str(dst.resolve())
     if not (dst / "mlflow.db").is_file():
         return dst
@@ -120,10 +147,19 @@ def mlflow_server(home: Path, artifacts_destination: str, env: dict[str, str] | 
             time.sleep(0.5)
         yield {"uri": uri, "backend": backend, "log": str(home / "server.log")}
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(30)
+        stop_group(process)
         log.close()
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    """Stop a server started with ``start_new_session=True`` and its children (uvicorn workers): SIGTERM to its
+    process group, SIGKILL after 30 s."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:  # the whole group has already exited
+        return
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(30)

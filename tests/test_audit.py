@@ -9,6 +9,7 @@ import os
 import stat
 import subprocess
 import sys
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from pipeline.audit import log as audit
+from pipeline.audit.disclosure import adapter_root, changes, opened, root_problems
 from pipeline.audit.envelope import (
     PAYLOAD_TYPE,
     PREDICATE_TYPE,
@@ -70,7 +72,8 @@ def three(log: AuditLog, signing_key: Ed25519PrivateKey, audit_key: bytes) -> li
     process's (nothing verified in memory) that finds the three records in the memo."""
     paths = [
         log.append(
-            {"request_id": request_id, "forgotten_ids": [id_digest(audit_key, i) for i in ids]},
+            {"request_id": request_id, "forgotten_ids": [id_digest(audit_key, i) for i in ids],
+             "audit_key_id": audit_key_id(audit_key)},
             {"models/package/model.pkl": DIGEST_A, "models/adapters/adapter-0001.safetensors": DIGEST_B},
             signing_key,
         )
@@ -197,10 +200,10 @@ def test_find_and_find_id(log: AuditLog, three: list[Path], audit_key: bytes) ->
     found = log.find("req-2")
     assert found is not None and found["predicate"]["sequence"] == 2
     assert log.find("req-9") is None
-    assert log.find_id(audit_key, "mnist-00002") == ["req-1"]
-    assert log.find_id(audit_key, "mnist-00004") == ["req-3"]
-    assert log.find_id(audit_key, "mnist-00005") == []  # never forgotten
-    assert log.find_id(b"x" * 32, "mnist-00001") == []  # the wrong audit key finds nothing
+    assert log.find_id([audit_key], "mnist-00002") == ["req-1"]
+    assert log.find_id([audit_key], "mnist-00004") == ["req-3"]
+    assert log.find_id([audit_key], "mnist-00005") == []  # never forgotten
+    assert log.find_id([b"x" * 32], "mnist-00001") == []  # the wrong audit key finds nothing
 
 
 def test_files_never_hold_raw_sample_ids(tmp_path: Path, three: list[Path]) -> None:
@@ -242,7 +245,7 @@ def test_append_with_an_untrusted_key_is_refused(log: AuditLog, three: list[Path
 
 
 def test_empty_log(log: AuditLog) -> None:
-    assert (log.records(), log.verify(), log.find("r"), log.find_id(b"k" * 32, "x")) == ([], [], None, [])
+    assert (log.records(), log.verify(), log.find("r"), log.find_id([b"k" * 32], "x")) == ([], [], None, [])
 
 
 # --- the memo of the last clean pass ---
@@ -457,7 +460,7 @@ def test_a_planted_unsigned_record_is_refused_by_every_reader(log: AuditLog, thr
     problems = log.verify()
     assert any(p.startswith("000004-req-9.json: signed by key 0000000000000000, which is not trusted")
                for p in problems), problems
-    for read in (log.records, lambda: log.find("req-9"), lambda: log.find_id(audit_key, "mnist-00009")):
+    for read in (log.records, lambda: log.find("req-9"), lambda: log.find_id([audit_key], "mnist-00009")):
         with pytest.raises(AuditError, match=r"does not verify, so nothing in it is used: 000004-req-9\.json"):
             read()
 
@@ -489,11 +492,11 @@ def test_without_a_trusted_fingerprint_nothing_is_trusted(log: AuditLog, three: 
 
 
 def test_key_rotation_is_a_record_signed_by_the_old_key(log: AuditLog, three: list[Path],
-                                                        signing_key: Ed25519PrivateKey) -> None:
+                                                        signing_key: Ed25519PrivateKey, audit_key: bytes) -> None:
     new_key = Ed25519PrivateKey.generate()
     rotation = log.rotate(signing_key, new_key.public_key())
     assert rotation.name == "000004-key-rotation-000004.json"
-    log.append({"request_id": "req-5"}, {}, new_key)
+    log.append({"request_id": "req-5", "audit_key_id": audit_key_id(audit_key)}, {}, new_key)
     assert log.verify() == []  # a reader who pinned only the old key follows the rotation
     assert [r["predicate"]["request_id"] for r in log.records()] == ["req-1", "req-2", "req-3", "req-5"]
     assert log.active_keys() == {key_id(new_key.public_key())}
@@ -502,6 +505,33 @@ def test_key_rotation_is_a_record_signed_by_the_old_key(log: AuditLog, three: li
     predicate = payload_of(rotation)["predicate"]
     assert predicate["signing_key_id"] == key_id(signing_key.public_key())
     assert predicate["new_key_id"] == key_id(new_key.public_key())
+
+
+def test_an_audit_key_rotation_keys_the_records_after_it(log: AuditLog, three: list[Path],
+                                                         signing_key: Ed25519PrivateKey, audit_key: bytes) -> None:
+    new_key = os.urandom(32)
+    rotation = log.rotate_audit_key(audit_key, new_key, signing_key)
+    assert rotation.name == "000004-audit-key-rotation-000004.json"
+    predicate = payload_of(rotation)["predicate"]
+    assert (predicate["old_audit_key_id"], predicate["new_audit_key_id"]) == (audit_key_id(audit_key),
+                                                                              audit_key_id(new_key))
+    log.append({"request_id": "req-5", "audit_key_id": audit_key_id(new_key),
+                "forgotten_ids": [id_digest(new_key, "mnist-00005")]}, {}, signing_key)
+    new_process()
+    assert log.verify() == []
+    assert log.audit_key_ids() == [audit_key_id(audit_key), audit_key_id(new_key)]
+    assert [s["request_id"] for s in log.summaries()] == ["req-1", "req-2", "req-3", "req-5"]  # forgets only
+    assert log.find_id([audit_key, new_key], "mnist-00002") == ["req-1"]  # each record under its own key
+    assert log.find_id([audit_key, new_key], "mnist-00005") == ["req-5"]
+    assert log.find_id([new_key], "mnist-00002") == []  # the retired key is needed for the records it keyed
+    log.append({"request_id": "req-6", "audit_key_id": audit_key_id(audit_key)}, {}, signing_key)
+    assert any("000006-req-6.json: keyed with audit key" in p and "the key in force is" in p for p in log.verify())
+
+
+def test_an_audit_key_rotation_must_replace_the_key_in_force(log: AuditLog, three: list[Path],
+                                                            signing_key: Ed25519PrivateKey) -> None:
+    log.rotate_audit_key(os.urandom(32), os.urandom(32), signing_key)
+    assert any("audit-key rotation replaces key" in p for p in log.verify())
 
 
 def test_a_rotation_signed_by_an_untrusted_key_does_not_take_effect(log: AuditLog, three: list[Path]) -> None:
@@ -516,10 +546,10 @@ def test_a_rotation_signed_by_an_untrusted_key_does_not_take_effect(log: AuditLo
 
 
 def test_checkpoints_catch_truncation_and_rollback(log: AuditLog, three: list[Path],
-                                                  signing_key: Ed25519PrivateKey) -> None:
+                                                  signing_key: Ed25519PrivateKey, audit_key: bytes) -> None:
     kept = log.checkpoint("legonet.local/audit/test", signing_key)
     assert kept.splitlines()[1] == "3" and log.extends(kept) == []
-    log.append({"request_id": "req-4"}, {}, signing_key)
+    log.append({"request_id": "req-4", "audit_key_id": audit_key_id(audit_key)}, {}, signing_key)
     assert log.extends(kept) == []  # the log grew: it still extends what was published
     sorted(log.log_dir.iterdir())[-1].unlink()
     three[2].unlink()  # drop the two newest: what is left is still an intact chain
@@ -586,6 +616,131 @@ def test_sealed_fields_open_only_under_the_audit_key(audit_key: bytes) -> None:
     assert audit_key_id(audit_key) != audit_key_id(b"x" * 32) and len(audit_key_id(audit_key)) == 16
 
 
+# --- the adapter files of a record: Merkle roots, sealed leaf-update proofs, constant size in n ---
+
+
+def adapter_digests(n: int, changed: Collection[int] = ()) -> dict[str, str]:
+    """path -> md5 of the artifacts of a project with ``n`` adapters in two blocks (five files each, as a build
+    writes them), the files of the ``changed`` adapters (and the routing index) with other digests."""
+    out = {"data/routing.parquet": hashlib.md5(f"routing {bool(changed)}".encode()).hexdigest()}
+    for j in range(n):
+        block, name = f"block-{j * 2 // n:04d}", f"adapter-{j:04d}"
+        for path in (f"data/shards/{block}/{name}.parquet", f"models/adapters/{block}/{name}.safetensors",
+                     f"models/adapters/{block}/{name}.json", f"models/package/artifacts/adapters/{block}/{name}.json",
+                     f"models/package/artifacts/adapters/{block}/{name}.safetensors"):
+            out[path] = hashlib.md5(f"{path} {j in changed}".encode()).hexdigest()
+    return out
+
+
+def forget_record(key: bytes, before: dict[str, str], after: dict[str, str], adapters: list[int]) -> dict:
+    """A forget record's predicate as `changes` makes it (the fields the adapter checks read), in a statement."""
+    return {"predicate": {"request_id": "req-1", "affected": {"partitions": [0]},
+                          **changes(key, before, after, adapters, {"passed": True, "failed_expectations": []})}}
+
+
+def resealed(key: bytes, record: dict, edit: Callable[[dict], None]) -> dict:
+    """``record`` with its sealed changes edited by someone who holds the audit key (the operator)."""
+    inner = unseal(key, record["predicate"]["sealed_changes"])
+    edit(inner)
+    return {"predicate": {**record["predicate"], "sealed_changes": seal(key, inner)}}
+
+
+def problems_of(key: bytes, record: dict) -> list[str]:
+    return root_problems(opened(record, lambda sealed: unseal(key, sealed)))
+
+
+@pytest.mark.parametrize("retrained", [[5], [0, 1, 31], list(range(32))])
+def test_a_record_seals_proofs_that_give_both_published_roots(audit_key: bytes, retrained: list[int]) -> None:
+    """One, several and every adapter retrained: the sealed changes name exactly the changed adapter files, and
+    their leaf-update proofs lead from the published before root to the published after root."""
+    before, after = adapter_digests(32), adapter_digests(32, retrained)
+    record = forget_record(audit_key, before, after, retrained)
+    predicate = record["predicate"]
+    assert predicate["adapter_files"] == {"before": adapter_root(before), "after": adapter_root(after), "files": 160}
+    assert list(predicate["artifacts"]) == ["data/routing.parquet"]  # no adapter file is public
+    full = opened(record, lambda sealed: unseal(audit_key, sealed))["predicate"]
+    assert sorted(full["opened_adapter_proofs"]) == sorted(p for p in full["artifacts"] if "adapter-" in p)
+    assert len(full["opened_adapter_proofs"]) == 5 * len(retrained) and "opened_adapter_files" not in full
+    assert full["affected"]["adapters"] == retrained
+    assert problems_of(audit_key, record) == []
+
+
+def test_a_tampered_sealed_proof_or_digest_is_named(audit_key: bytes) -> None:
+    """The operator holds the audit key and re-seals: each lie about the adapter files is caught, by name."""
+    before, after = adapter_digests(32), adapter_digests(32, [3, 20])
+    record = forget_record(audit_key, before, after, [3, 20])
+    shard = "data/shards/block-0000/adapter-0003.parquet"
+
+    def other_before(inner: dict) -> None:
+        inner["artifacts"][shard]["before"] = "0" * 32
+
+    def flipped_node(inner: dict) -> None:
+        node = inner["adapter_proofs"][shard]["proof"][2]
+        inner["adapter_proofs"][shard]["proof"][2] = ("1" if node[0] == "0" else "0") + node[1:]
+
+    def other_after(inner: dict) -> None:
+        inner["artifacts"][shard]["after"] = "0" * 32
+
+    def hidden_file(inner: dict) -> None:  # a changed file left out of the sealed changes and of the proofs
+        del inner["artifacts"][shard], inner["adapter_proofs"][shard]
+
+    def missing_proof(inner: dict) -> None:
+        del inner["adapter_proofs"][shard]
+
+    def bad_index(inner: dict) -> None:
+        inner["adapter_proofs"][shard]["index"] = "three"
+
+    not_in_before = f"request req-1: {shard}: the sealed proof does not show its sealed before digest in the " \
+                    "adapter files' published before root"
+    not_after = "request req-1: the sealed after digests of the changed adapter files do not give the published " \
+                "after root: another adapter file changed, or a sealed digest is wrong"
+    for edit, expected in [(other_before, not_in_before), (flipped_node, not_in_before), (other_after, not_after),
+                           (hidden_file, not_after),
+                           (missing_proof, "request req-1: the sealed proofs name 9 adapter file(s), the sealed "
+                                           "changes 10 other ones"),
+                           (bad_index, "request req-1: malformed sealed proof or published root (TypeError")]:
+        found = problems_of(audit_key, resealed(audit_key, record, edit))
+        assert len(found) == 1 and found[0].startswith(expected), (edit.__name__, found)
+    # the public side: a root rewritten (and re-signed) no longer matches the sealed proofs
+    forged = {"predicate": {**record["predicate"], "adapter_files": {**record["predicate"]["adapter_files"],
+                                                                     "after": adapter_root(before)}}}
+    assert problems_of(audit_key, forged) == [not_after]
+
+
+def test_a_forget_that_adds_or_removes_an_adapter_file_seals_every_digest(audit_key: bytes) -> None:
+    """The tree's size changes, so no leaf-update proof exists: the record seals every adapter file's digest after
+    (as records made before the proofs do), and both roots are recomputed from it."""
+    before = adapter_digests(32)
+    after = {p: d for p, d in adapter_digests(32, [7]).items() if not p.endswith("adapter-0031.json")}
+    record = forget_record(audit_key, before, after, [7])
+    full = opened(record, lambda sealed: unseal(audit_key, sealed))["predicate"]
+    assert "opened_adapter_proofs" not in full and len(full["opened_adapter_files"]) == 158
+    assert record["predicate"]["adapter_files"]["files"] == 158 and problems_of(audit_key, record) == []
+
+    def other_digest(inner: dict) -> None:
+        inner["adapter_files"]["data/shards/block-0000/adapter-0001.parquet"] = "0" * 32
+
+    assert problems_of(audit_key, resealed(audit_key, record, other_digest)) == [
+        f"request req-1: sealed adapter digests do not give the published {when} root" for when in ("before", "after")]
+
+
+def test_a_record_does_not_grow_with_the_number_of_adapters(audit_key: bytes) -> None:
+    """Three adapters retrained at n = 32 and at n = 1,024: the record (its public and its sealed fields) differs
+    by the proofs' length, O(log n), not by a digest per adapter file; and which leaves changed does not show in the
+    sealed length."""
+    sizes = {}
+    for n in (32, 1024):
+        retrained = [1, n // 2, n - 1]
+        record = forget_record(audit_key, adapter_digests(n), adapter_digests(n, retrained), retrained)
+        sizes[n] = len(canonical_json(record["predicate"]))
+    full_map = seal(audit_key, {"adapter_files": adapter_digests(1024)})  # what a record sealed before, at n = 1,024
+    assert sizes[1024] < 1.5 * sizes[32] and sizes[1024] < len(full_map) / 20, (sizes, len(full_map))
+    lengths = {len(forget_record(audit_key, adapter_digests(32), adapter_digests(32, retrained), retrained)
+                   ["predicate"]["sealed_changes"]) for retrained in ([10, 11, 12], [13, 14, 15], [29, 30, 31])}
+    assert len(lengths) == 1, lengths  # padded: the proofs' length does not show where the changed leaves sit
+    # (adapters 29-31's package copies are leaves 128.. of 160, whose audit paths are two nodes shorter)
+
+
 # --- receipts ---
 
 
@@ -595,7 +750,7 @@ def test_a_receipt_verifies_offline_and_refuses_tampering(log: AuditLog, three: 
     receipt = make_receipt(log, "req-2", log.checkpoint("legonet.local/audit/test", signing_key))
     assert verify_receipt(receipt, fingerprint)["predicate"]["request_id"] == "req-2"
     assert receipt["leaf_index"] == 1 and receipt["record"].encode() == three[1].read_bytes()
-    with pytest.raises(AuditError, match="not the trusted key"):
+    with pytest.raises(AuditError, match="not a trusted key"):
         verify_receipt(receipt, "0" * 64)
     other = {**receipt, "record": three[2].read_text()}
     with pytest.raises(AuditError, match="not leaf 1 of the checkpointed tree"):
@@ -648,7 +803,7 @@ def test_a_deeply_nested_receipt_is_an_audit_error(tmp_path: Path, signing_key: 
     path = tmp_path / "receipt.json"
     path.write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(AuditError, match="nested too deeply"):
-        check_receipt(path, key_id(signing_key.public_key()))
+        check_receipt(path, [key_id(signing_key.public_key())])
 
 
 # --- where the keys may live, the journal, the commit, paths from DVC's files ---

@@ -29,9 +29,9 @@ from conftest import copy_project, legonet
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from pipeline.audit.envelope import canonical_json, key_id, parse_envelope, parse_statement
-from pipeline.audit.keyring import origin
 from pipeline.audit.log import AuditLog
-from pipeline.audit.secrets import load_or_create_audit_key, load_or_create_signing_key
+from pipeline.audit.secrets import load_or_create_audit_key, load_or_create_signing_key, seal, unseal
+from pipeline.audit.transparency import Checkpoint, leaf_hash, root_hash
 from pipeline.cli import main as cli
 from pipeline.data.dataset import read_table, write_table
 
@@ -149,25 +149,75 @@ def substitute_and_repin(root: Path, ctx: dict[str, Any]) -> None:
     forger = Ed25519PrivateKey.generate()
     _resign(root, forger)
     (root / KEYS / "trusted-keys").write_text(key_id(forger.public_key()) + "\n")
-    log = AuditLog(root / RECORDS, root / "audit/signing-key.pub", {key_id(forger.public_key())})
-    (root / KEYS / "checkpoint").write_text(log.checkpoint(_origin(root), forger))
+    _anchor(root, forger)
 
 
-def _origin(root: Path) -> str:
-    return origin(load_or_create_audit_key(root / KEYS / "audit.key", create=False))
+def _anchor(root: Path, key: Ed25519PrivateKey) -> None:
+    """Sign a checkpoint of the log's files as they are now with ``key`` (whether they verify or not), under the
+    log's name, and keep it in the key dir."""
+    name = (root / KEYS / "checkpoint").read_text().splitlines()[0]
+    leaves = [leaf_hash(path.read_bytes()) for path in records(root)]
+    (root / KEYS / "checkpoint").write_text(Checkpoint(name, len(leaves), root_hash(leaves)).sign(key))
+
+
+def _rewrite_with_the_real_key(root: Path, edit: Callable[[dict[str, Any]], None]) -> None:
+    """The operator holds the real signing key: rewrites the records through ``edit``, re-chains, re-anchors."""
+    key = load_or_create_signing_key(root / KEYS / "signing.key", create=False)
+    _resign(root, key, edit)
+    _anchor(root, key)
 
 
 def rewrite_with_the_real_key(root: Path, ctx: dict[str, Any]) -> None:
-    """The operator holds the real signing key: rewrites req-2 to have forgotten nothing, re-chains, re-anchors."""
-    key = load_or_create_signing_key(root / KEYS / "signing.key", create=False)
+    """req-2 rewritten to have forgotten nothing."""
 
     def hide(predicate: dict[str, Any]) -> None:
         if predicate["request_id"] == "req-2":
             predicate["forgotten_ids"] = []
 
-    _resign(root, key, hide)
+    _rewrite_with_the_real_key(root, hide)
+
+
+def rewrite_a_before(root: Path, ctx: dict[str, Any]) -> None:
+    """req-3 (no rebuild) claims to start from other adapter files (their Merkle root) than the batch before it
+    left."""
+
+    def other_start(predicate: dict[str, Any]) -> None:
+        if predicate["request_id"] == "req-3":
+            predicate["adapter_files"]["before"] = "0" * 64
+
+    _rewrite_with_the_real_key(root, other_start)
+
+
+def reseal_an_adapter_digest(root: Path, ctx: dict[str, Any]) -> None:
+    """req-1's sealed changes re-sealed under the real audit key with another after digest for one changed adapter
+    file (the published roots as they were), re-signed, re-anchored."""
+    audit_key = load_or_create_audit_key(root / KEYS / "audit.key", create=False)
+
+    def other_digest(predicate: dict[str, Any]) -> None:
+        if predicate["request_id"] == "req-1":
+            inner = unseal(audit_key, predicate["sealed_changes"])
+            inner["artifacts"][sorted(inner["adapter_proofs"])[0]]["after"] = "0" * 32
+            predicate["sealed_changes"] = seal(audit_key, inner)
+
+    _rewrite_with_the_real_key(root, other_digest)
+
+
+def rewrite_the_audit_key_id(root: Path, ctx: dict[str, Any]) -> None:
+    """req-3 keyed with an audit key no rotation introduced (its IDs would match under no key the log names)."""
+
+    def other_key(predicate: dict[str, Any]) -> None:
+        if predicate["request_id"] == "req-3":
+            predicate["audit_key_id"] = "0" * 16
+
+    _rewrite_with_the_real_key(root, other_key)
+
+
+def rotate_to_an_unknown_audit_key(root: Path, ctx: dict[str, Any]) -> None:
+    """A signed audit-key rotation to a key the key dir does not hold (the new key lost, or never kept)."""
+    key = load_or_create_signing_key(root / KEYS / "signing.key", create=False)
     log = AuditLog(root / RECORDS, root / "audit/signing-key.pub", {key_id(key.public_key())})
-    (root / KEYS / "checkpoint").write_text(log.checkpoint(_origin(root), key))
+    log.rotate_audit_key(load_or_create_audit_key(root / KEYS / "audit.key", create=False), os.urandom(32), key)
+    _anchor(root, key)
 
 
 def plant_unsigned(root: Path, ctx: dict[str, Any]) -> None:
@@ -231,6 +281,7 @@ class Tamper:
     names_it: str  # the words of `audit verify`'s message that name the problem
     refused_by: tuple[str, ...] = ("show", "check-id", "forget")  # readers that must refuse (exit 9)
     reader_has: str = ""  # what the reader brings: "", "checkpoint" (one they kept) or "pin" (their own pin)
+    readers_say: str = ""  # when the readers answer from a log that verifies: why that is right
 
 
 OPERATOR = ("show", "check-id")  # the operator rewrote the key dir too: their own `forget` trusts it
@@ -257,6 +308,19 @@ TAMPERS = [
     Tamper("change dvc.lock", change_dvc_lock, "dvc.lock changed since the last audited request", GENUINE_LOG),
     Tamper("re-insert a forgotten row, its .dvc file fixed", reinsert_row,
            "forgotten sample of request(s) req-1 is present in data/raw/part-0000.parquet", GENUINE_LOG),
+    Tamper("re-sign a record whose `before` is not what the forget before it left, re-anchor", rewrite_a_before,
+           "but request 'req-1' left it at", GENUINE_LOG,
+           readers_say="each record verifies on its own: they answer from it; the chain of states is "
+                       "`audit verify`'s check"),
+    Tamper("re-seal a record's changes with another digest for an adapter file, re-sign, re-anchor",
+           reseal_an_adapter_digest, "request req-1: the sealed after digests of the changed adapter files do not "
+           "give the published after root", GENUINE_LOG,
+           readers_say="each record verifies on its own: they answer from it; the sealed digests against the "
+                       "published roots are `audit verify`'s check, with the audit key"),
+    Tamper("re-sign a record keyed with an audit key no rotation introduced, re-anchor", rewrite_the_audit_key_id,
+           "keyed with audit key 0000000000000000, but the key in force is"),
+    Tamper("sign a rotation to an audit key the key dir does not hold, re-anchor", rotate_to_an_unknown_audit_key,
+           "restore the right key"),
 ]
 
 
@@ -294,7 +358,9 @@ def test_every_tamper_is_caught_and_no_reader_acts_on_a_forged_log(
 def _row(tamper: Tamper, code: int, named: bool, verdicts: dict[str, int]) -> str:
     given = {"": "", "checkpoint": " `--checkpoint KEPT`", "pin": " `--trusted-key FINGERPRINT`"}[tamper.reader_has]
     readers = ", ".join(f"{name} exit {v}" for name, v in verdicts.items())
-    if tamper.refused_by is GENUINE_LOG:
+    if tamper.readers_say:
+        readers = tamper.readers_say
+    elif tamper.refused_by is GENUINE_LOG:
         readers = "the log is genuine: they answer from it"
     elif tamper.refused_by is OPERATOR:
         readers += " (given the same" + given + "); the operator's own `forget` trusts the key dir they rewrote"

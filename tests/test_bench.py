@@ -141,6 +141,19 @@ def test_resume_reuses_finished_parts_unless_told_to_measure_them_again(tmp_path
     assert _previous(tmp_path, "full", {**out, "params": {"adapters": {"n": 64}}}) is None
 
 
+def test_the_copies_of_a_scale_dataset_have_new_ids_and_with_pixel_new_payloads() -> None:
+    import pandas as pd
+
+    from bench.scale import copies
+
+    frame = pd.DataFrame({"sample_id": ["a", "b"], "label": [0, 1], "image": [b"\x00\x01\x02", b"\x09\x08\x07"]})
+    exact, changed = copies(frame, 3, False), copies(frame, 3, True)
+    assert exact["sample_id"].tolist() == ["a-c0", "b-c0", "a-c1", "b-c1", "a-c2", "b-c2"]
+    assert exact["image"].tolist() == frame["image"].tolist() * 3
+    assert changed["image"].nunique() == 6 and changed["image"].iloc[:2].tolist() == frame["image"].tolist()
+    assert changed["label"].tolist() == [0, 1] * 3
+
+
 def _forget(data: str, code: str, samples: int, seconds: float, train: float, plan: float) -> dict:
     return {"data": data, "code": code, "samples": samples, "seconds": seconds, "non_training_seconds": seconds - train,
             "phases": {"plan": plan, "repro:train@1": train / 2, "repro:train@2": train / 2}}

@@ -181,3 +181,24 @@ def test_the_file_cache_follows_the_racy_clean_rule(tmp_path: Path, monkeypatch:
     assert lineage.remembered(path, "count", count) == 2  # trusted: not read again
     path.write_bytes(b"label,recall\n0,0.9\n")  # any later write changes ctime
     assert lineage.remembered(path, "count", count) == 3
+
+
+def test_the_digest_memo_answers_only_for_the_source_it_was_made_from(tmp_path: Path) -> None:
+    """`check_code` remembers each stage's legonet digest under a digest of every legonet file: the memo gives
+    what a fresh reach gives, is used while no file changed, and is not after any file changed (one the stage does
+    not reach included); a torn memo is computed again."""
+    env, memo = code_copy(tmp_path / "code"), tmp_path / "memo.json"
+    show = ("import json; from pathlib import Path; from pipeline.project.reach import Reach, legonet_digest, "
+            f"stage_digest; r = Reach(); r.root('stages.train'); print(json.dumps([stage_digest('stages.train', "
+            f"Path({str(memo)!r})), legonet_digest(r)]))")
+    remembered, fresh = json.loads(python(show, tmp_path, env))
+    assert remembered == fresh
+    (key,) = json.loads(memo.read_text())
+    memo.write_text(json.dumps({key: {"stages.train": "planted"}}))
+    assert json.loads(python(show, tmp_path, env)) == ["planted", fresh]  # the memo answers for the same source
+    app = tmp_path / "code/pipeline/serve/app.py"  # a file the train stage does not reach
+    app.write_text(app.read_text() + "# a comment\n")
+    assert json.loads(python(show, tmp_path, env)) == [fresh, fresh]
+    assert list(json.loads(memo.read_text())) != [key]
+    memo.write_text('{"torn')
+    assert json.loads(python(show, tmp_path, env)) == [fresh, fresh]

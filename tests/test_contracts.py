@@ -40,7 +40,7 @@ DOWNSTREAM = {
 }
 # What the stage writes. The encoded tables, the shard folder and routing index (assign) and train's block folders
 # persist between runs (the stages build on them incrementally): a failing stage must leave them unchanged, which
-# the test checks for every case.
+# the test checks for every case (the quality stage's per-shard partials too).
 OUTPUTS = {
     "encode@part-0001": [],
     "encode@test": [],
@@ -49,7 +49,7 @@ OUTPUTS = {
     "train@0000": [],
     "quality": ["reports/quality/result.json", "reports/quality/tables", "reports/quality/data_docs"],
     "baseline": ["metrics/baseline.json"],
-    "evaluate": ["metrics/evaluate.json", "metrics/per_class.csv", "metrics/adapter_load.csv"],
+    "evaluate": ["metrics/evaluate.json", "metrics/per_class.csv", "reports/evaluate/adapter_load.csv"],
 }
 
 
@@ -150,7 +150,7 @@ def test_a_stage_refuses_a_file_that_breaks_its_contract(built_project: Path, tm
     root = copy_project(built_project, tmp_path / "project")
     named, rule, sample = spoil(root)
     subprocess.run([sys.executable, "-m", "dvc", *tell_dvc, "-q"], cwd=root, check=True, capture_output=True)
-    persisted = ["models/adapters", "data/shards", "data/routing.parquet", "data/encoded"]
+    persisted = ["models/adapters", "data/shards", "data/routing.parquet", "data/encoded", "reports/quality/partials"]
     persisted_before = {rel: _tree(root, rel) for rel in persisted}
     lineage_before = set((root / ".legonet/lineage").glob("*.json")) if (root / ".legonet/lineage").is_dir() else set()
 

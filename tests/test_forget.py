@@ -39,21 +39,23 @@ import pytest
 import yaml
 from conftest import TINY, copy_project, init_args, legonet
 
+from pipeline.audit.disclosure import names_adapter, root_problems
 from pipeline.data.dataset import SplitFractions, read_embeddings, read_table, split_of, write_table
+from pipeline.data.salt import secret_path
 from pipeline.forget.flow import project_lock
 from pipeline.forget.manifest import load_manifest
 from pipeline.model.ensemble import load_ensemble
 from pipeline.model.keys import project as project_points
-from pipeline.project.layout import adapter_info_path, adapter_path, block_of, shard_path
+from pipeline.project.layout import adapter_index, adapter_info_path, adapter_path, block_of, shard_path
 from pipeline.tracking.lineage import file_md5
 
-STATES = ("data-removed", "rebuilt", "registered", "purged", "audited", "committed")
+STATES = ("quarantined", "data-removed", "rebuilt", "registered", "purged", "audited", "committed")
 RECEIVED = "2024-05-01T09:30:00Z"
 # Raw inputs: what the user gave (a from-scratch project is initialised from D \ M instead of forgetting).
 RAW_INPUTS = ("data/raw/", "data/reference/", "data/test/")
 # What MLflow writes into the package that is not a function of the model: MLmodel holds a fresh model_uuid, the
 # save time and the absolute path of the package stage's temporary staging folder. Every other package file
-# (weights, keys, projection, encoder, config, code, python_model.pkl, environment files) must be identical.
+# (weights, keys, projection, encoder, config, code, served.py, input example, environment files) must be identical.
 PACKAGE_VOLATILE = ("models/package/MLmodel",)
 ADAPTERS = int(TINY["adapters.n"])
 BLOCKS = int(TINY["adapters.blocks"])
@@ -356,7 +358,7 @@ def exactness(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> dict
 
     def build_scratch() -> None:
         try:
-            legonet(*init_args(work / "retained.parquet", ORACLE), cwd=oracle)
+            legonet(*init_args(work / "retained.parquet", ORACLE), "--data-secret", str(secret_path(root)), cwd=oracle)
             add_stage(oracle, SUMMARY)
             legonet("build", cwd=oracle)
         except BaseException as exc:  # re-raised in the main thread
@@ -437,7 +439,11 @@ def test_only_the_activated_adapters_are_retrained(exactness: dict[str, Any]) ->
         assert predicate["affected"]["adapters"] == step["adapters"]
         assert all(check["passed"] for check in predicate["checks"]) and len(predicate["checks"]) == 3
         assert predicate["status"] == "forgotten" and len(predicate["forgotten_ids"]) == len(step["ids"])
-        assert len(predicate["untouched_adapters"]) == 2 * (ORACLE_N - len(step["adapters"]))  # weights + json
+        # the sealed fields, opened by `audit show`: the retrained adapters' files changed, and their audit paths
+        # take the published before root to the after root, so no other adapter file did
+        changed = sorted(p for p in predicate["artifacts"] if names_adapter(p))
+        assert sorted(predicate["opened_adapter_proofs"]) == changed and not root_problems({"predicate": predicate})
+        assert {adapter_index(Path(p)) for p in changed if p.startswith("models/adapters/")} == set(step["adapters"])
     emptying = exactness["steps"][-1]
     assert exactness["emptied"] in emptying["adapters"]
 

@@ -9,6 +9,7 @@ state is deleted runs the same stages from scratch: every file they write must b
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from conftest import TINY_STRIDE, copy_project
 
 from pipeline.data.dataset import bundled_mnist, read_embeddings, read_table, write_embeddings, write_table
@@ -27,7 +29,8 @@ RAW = [f"data/raw/part-{p:04d}.parquet" for p in range(PARTITIONS)]
 TEST = "data/test/test.parquet"
 # every file an incremental stage writes (the persisted state and the results)
 WRITTEN = ("data/encoded", "data/shards", "data/routing.parquet", "reports/probe", "reports/evaluate",
-           "metrics/evaluate.json", "metrics/baseline.json", "metrics/per_class.csv", "metrics/adapter_load.csv")
+           "metrics/evaluate.json", "metrics/baseline.json", "metrics/per_class.csv",
+           "reports/quality/result.json", "reports/quality/tables", "reports/quality/partials")
 ENCODED = re.compile(r"encode (\S+): encoded (\d+) of (\d+) samples")
 
 
@@ -72,7 +75,7 @@ def incremental(built_project: Path, tmp_path_factory: pytest.TempPathFactory) -
     log = run("dvc", "repro", cwd=root)
     scratch = copy_project(root, tmp_path_factory.mktemp("scratch") / "p")
     for top in ("data/encoded/train", "data/encoded/test.parquet", "data/shards", "data/routing.parquet",
-                "reports/probe", "reports/evaluate"):
+                "reports/probe", "reports/evaluate", "reports/quality/partials"):
         path = scratch / top
         for file in (path.rglob("*.parquet") if path.is_dir() else [path]):
             file.unlink()
@@ -82,8 +85,8 @@ def incremental(built_project: Path, tmp_path_factory: pytest.TempPathFactory) -
     full = "".join(run("stages.encode", name, src, f"data/encoded/{dst}", cwd=scratch) for name, src, dst in
                    [*((f"part-{p:04d}", RAW[p], f"train/part-{p:04d}.parquet") for p in range(PARTITIONS)),
                     ("test", TEST, "test.parquet")])
-    for stage in ("stages.assign", "stages.evaluate", "stages.baseline"):
-        run(stage, cwd=scratch)
+    for stage in ("stages.assign", "stages.evaluate", "stages.baseline", "stages.quality"):
+        full += run(stage, cwd=scratch)
     return {"root": root, "scratch": scratch, "log": log, "full": full}
 
 
@@ -164,3 +167,33 @@ def test_the_digests_a_forget_takes_from_dvc_are_the_files_own(incremental: dict
         listing.unlink()
     assert not set(hashed) <= set(_recorded_digests(copy))
     assert artifact_digests(copy, clean=True) == hashed
+
+
+def test_a_forget_reads_only_its_partition_and_shards_and_writes_a_full_runs_bytes(incremental: dict,
+                                                                                   tmp_path: Path) -> None:
+    """One train sample removed: `assign` reads only its partition, the quality stage only the k shards it sat in
+    (the others' values come from their partials), and the routing index, the shards and the quality result,
+    tables and partials are those of a run without any kept state, byte for byte."""
+    root = copy_project(incremental["root"], tmp_path / "p")
+    n = int(yaml.safe_load((root / "params.yaml").read_text())["adapters"]["n"])
+    row = read_table(root / "data/routing.parquet").iloc[0]
+    rel = RAW[int(row["partition"])]
+    frame = read_table(root / rel)
+    write_table(frame[frame["sample_id"] != row["sample_id"]], root / rel)
+    run("dvc", "add", "-q", rel, cwd=root)
+    assert f"quality: read {len(row['adapters'])} of {n} shards" in run("dvc", "repro", cwd=root)
+    assert len(row["adapters"]) < n
+    scratch = copy_project(root, tmp_path / "scratch")
+    for top in ("data/shards", "reports/quality/partials"):
+        shutil.rmtree(scratch / top)
+    (scratch / "data/routing.parquet").unlink()
+    run("stages.assign", cwd=scratch)
+    assert f"quality: read {n} of {n} shards" in run("stages.quality", cwd=scratch)
+    written = ("data/shards", "data/routing.parquet", "reports/quality/result.json", "reports/quality/tables",
+               "reports/quality/partials")
+    ours, theirs = ({p: b for p, b in files(r).items() if p.startswith(written)} for r in (root, scratch))
+    assert sum(p.startswith("reports/quality") for p in ours) == 1 + 3 + n
+    assert sorted(ours) == sorted(theirs)
+    assert not sorted(p for p in ours if ours[p] != theirs[p])
+    partials = sorted((root / "reports/quality/partials").glob("*.parquet"))
+    assert not any(row["sample_id"] in set(read_table(path)["sample_id"]) for path in partials)

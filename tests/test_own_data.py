@@ -30,8 +30,10 @@ from conftest import legonet
 from test_forget import artifacts_md5, lock_without_package_listing
 from test_serving import _free_port, _wait_for_ping
 
+import pipeline
 from pipeline.data.dataset import read_table
 from pipeline.data.quality import QualityParams, held_out_features, norm_bounds, norm_range, read_norm_bounds
+from pipeline.data.salt import secret_path
 from pipeline.errors import DataError
 from pipeline.model.keys import fit_projection, project
 from pipeline.project.init import KEYS_PER_REFERENCE, ROWS_PER_PARTITION, defaults_from_data
@@ -89,7 +91,8 @@ def wine(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
     def build_scratch() -> None:
         try:
-            legonet("init", str(scratch), "--data", str(retained), *FAST, cwd=work)
+            legonet("init", str(scratch), "--data", str(retained), "--data-secret", str(secret_path(root)), *FAST,
+                    cwd=work)
             legonet("build", cwd=scratch)
         except BaseException as exc:  # re-raised in the test thread
             errors.append(exc)
@@ -244,7 +247,12 @@ def test_mlmodel_names_no_temporary_folder(wine: dict[str, Any]) -> None:
     doc = yaml.safe_load(text)
     uris = {name: a["uri"] for name, a in doc["flavors"]["python_function"]["artifacts"].items()}
     assert uris["keys"] == "artifacts/keys.npy" and uris["config"] == "artifacts/config.json", uris
-    assert "/tmp" not in text and str(Path(os.environ.get("TMPDIR", "/tmp"))) not in text
+    # MLflow records the model code's source as an absolute path (it loads only its name): the installed served.py,
+    # which may itself sit under /tmp (a checkout there); no other path may name a temporary folder
+    served = doc["flavors"]["python_function"]["model_code_path"]
+    assert Path(served) == Path(pipeline.__file__).resolve().parent / "model" / "served.py", served
+    rest = text.replace(served, "")
+    assert "/tmp" not in rest and str(Path(os.environ.get("TMPDIR", "/tmp"))) not in rest
 
 
 def test_named_classes_in_predictions_metrics_data_docs_and_serving(wine: dict[str, Any], tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ import yaml
 from conftest import TINY, init_args, legonet
 
 from pipeline.data.dataset import read_table, write_table
+from pipeline.data.salt import secret_path
 from pipeline.project.layout import adapter_path, block_of, shard_path
 from pipeline.tracking.lineage import file_md5
 
@@ -81,11 +82,12 @@ def mlmodel_without_volatile(path: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def second_build(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> dict:
-    """A second fresh init + build of the same data in another folder, with its output and digests recorded
-    right after the build (test_incremental_rebuild changes this project later; the snapshot does not move)."""
+def second_build(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path, built_project: Path) -> dict:
+    """A second fresh init + build of the same data in another folder, with the first's data secret (the salt of
+    every data artifact, pipeline.data.salt), its output and digests recorded right after the build
+    (test_incremental_rebuild changes this project later; the snapshot does not move)."""
     root = tmp_path_factory.mktemp("second")
-    legonet(*init_args(tiny_data), cwd=root)
+    legonet(*init_args(tiny_data), "--data-secret", str(secret_path(built_project)), cwd=root)
     build = legonet("build", cwd=root)
     return {"root": root, "stdout": build.stdout, "digests": digests(root, "data", "models", "metrics"),
             "dvc.lock": yaml.safe_load((root / "dvc.lock").read_text()),

@@ -299,3 +299,35 @@ def test_an_object_only_on_an_s3_remote_is_read_there_and_purged_by_provenance(t
         assert result["remote:s3"]["deleted_objects"] == 1 and result["remote:s3"]["history"]["objects"] == 1
     finally:
         server.stop()
+
+
+def test_the_final_scan_is_exact_and_reads_each_table_once_per_digest(tmp_path: Path) -> None:
+    """The forget's "no forgotten ID in any data artifact" check finds exactly the tables holding an ID, and
+    reads a table's IDs once per md5 (kept in the object memo): a later forget, in another process, reads only
+    the file the first one rewrote."""
+    from pipeline.data.dataset import write_table
+    from pipeline.forget.flow import forgotten_ids_in
+    from pipeline.purge.history import ObjectIndex
+    from pipeline.tracking.lineage import file_md5
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, ids in {"a": ["s-1", "s-2"], "b": ["s-3"], "c": ["s-4", "s-5"],
+                      "d": [f"d-{i}" for i in range(1000)]}.items():
+        write_table(pd.DataFrame({"sample_id": ids, "label": range(len(ids))}), data / f"{name}.parquet")
+    write_table(pd.DataFrame({"label": [0, 1], "samples": [5, 7]}), data / "classes.parquet")  # no sample IDs
+    (data / "keys.npy").write_bytes(b"not a table")
+
+    def digests() -> dict[str, str]:
+        return {p.relative_to(tmp_path).as_posix(): file_md5(p) for p in sorted(data.iterdir())}
+
+    index = ObjectIndex(tmp_path, None)
+    assert forgotten_ids_in(tmp_path, digests(), {"s-3"}, index) == ["data/b.parquet"]
+    assert forgotten_ids_in(tmp_path, digests(), {"d-500"}, index) == ["data/d.parquet"]
+    assert index.tables_read == 4
+    write_table(pd.DataFrame({"sample_id": ["s-6"], "label": [0]}), data / "b.parquet")  # the forget rewrote b
+    index = ObjectIndex(tmp_path, None)  # the next forget's process: only the memo carries over
+    assert forgotten_ids_in(tmp_path, digests(), {"s-3"}, index) == []
+    assert forgotten_ids_in(tmp_path, digests(), {"s-5", "s-9"}, index) == ["data/c.parquet"]
+    assert forgotten_ids_in(tmp_path, digests(), set(), index) == []
+    assert index.tables_read == 1

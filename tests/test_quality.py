@@ -144,7 +144,7 @@ def test_a_forget_that_breaks_the_checkpoint_holds_promotion(held_back: dict) ->
     assert str(candidate.version) == str(summary["model_version"]) == "3"
     # the audit record links the checkpoint result of the build it produced and says it failed
     quality = predicate["quality"]
-    assert quality["passed"] is False and quality["failed_expectations"] == result["failed"]
+    assert quality["passed"] is False and quality["failed_expectations"] == result["failed"]  # opened by the key
     assert quality["result_sha256"] == sha256(root / "reports/quality/result.json")
     assert predicate["registry"]["aliases"] == ["candidate"] and predicate["registry"]["quality"] == "failed"
     # `quality` ran exactly once in the forget, and is not rerun afterwards

@@ -49,6 +49,7 @@ from test_forget import (
 )
 
 from pipeline.data.dataset import read_table, write_table
+from pipeline.data.salt import secret_path
 from pipeline.project.layout import encoded_path, raw_path
 from pipeline.tracking.lineage import file_md5
 
@@ -137,7 +138,8 @@ def remote_forget(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path, sto
     mlflow, env = stores["mlflow"], stores["env"]
     legonet(*init_args(work / "d.parquet", {"mlflow.tracking_uri": mlflow["uri"],
                                              "mlflow.backend_store_uri": mlflow["backend"],
-                                             "mlflow.artifacts_destination": DESTINATION}), cwd=root, env=env)
+                                             "mlflow.artifacts_destination": DESTINATION}),
+            "--data-secret", str(secret_path(built_project)), cwd=root, env=env)  # compared with built_project
     legonet("build", cwd=root, env=env)
     for name in ("plain", "versioned"):  # the URL in .dvc/config (git), the credentials in config.local
         dvc(root, "remote", "add", name, f"s3://dvc-{name}/store")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -13,10 +14,12 @@ from pipeline.audit.transparency import (
     Checkpoint,
     consistency_proof,
     inclusion_proof,
+    inclusion_proofs,
     leaf_hash,
     open_note,
     root_hash,
     sign_note,
+    updated_root,
     verifier_key,
     verify_consistency,
     verify_inclusion,
@@ -123,3 +126,36 @@ def test_checkpoint_round_trip_and_refusals() -> None:
     for bad in ("x\n08\nAA==\n", "x\n1\nAA==\n", "x\n1\n"):
         with pytest.raises(TransparencyError, match="checkpoint"):
             Checkpoint.parse(bad)
+
+
+# --- the root of a tree with a few leaves replaced, from their audit paths ---
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 7, 8, 13, 32, 33])
+def test_the_audit_paths_of_replaced_leaves_give_the_new_root(size: int) -> None:
+    """One, several and every leaf replaced, at sizes on and off a power of two: the old tree's audit paths of
+    the replaced leaves and their new values give the new tree's root."""
+    rng = random.Random(size)
+    old = [leaf_hash(f"old {i}".encode()) for i in range(size)]
+    for changed in [[0], [size - 1], sorted(rng.sample(range(size), min(3, size))), list(range(size))]:
+        new = [leaf_hash(f"new {i}".encode()) if i in changed else leaf for i, leaf in enumerate(old)]
+        paths = inclusion_proofs(old, changed)
+        assert paths == [inclusion_proof(old, i) for i in changed]
+        updates = {i: (old[i], new[i], path) for i, path in zip(changed, paths, strict=True)}
+        assert updated_root(size, root_hash(old), updates) == root_hash(new)
+    assert updated_root(size, root_hash(old), {}) == root_hash(old)
+
+
+def test_a_replaced_leaf_not_in_the_old_tree_or_one_more_change_is_caught() -> None:
+    old = [leaf_hash(bytes([i])) for i in range(13)]
+    new = [leaf_hash(b"x") if i in (2, 9) else leaf for i, leaf in enumerate(old)]
+    two, nine = inclusion_proofs(old, [2, 9])
+    assert updated_root(13, root_hash(old), {2: (old[2], new[2], two), 9: (old[9], new[9], nine)}) == root_hash(new)
+    assert updated_root(13, root_hash(old), {2: (leaf_hash(b"y"), new[2], two), 9: (old[9], new[9], nine)}) is None
+    assert updated_root(13, root_hash(old), {2: (old[2], new[2], nine)}) is None  # another leaf's path
+    assert updated_root(4, root_hash(old), {2: (old[2], new[2], two)}) is None  # a tree of another shape
+    # leaf 5 changed too, but no update names it: the new root is not the one the replaced leaves give
+    also = [leaf_hash(b"y") if i == 5 else leaf for i, leaf in enumerate(new)]
+    assert updated_root(13, root_hash(old), {2: (old[2], new[2], two), 9: (old[9], new[9], nine)}) != root_hash(also)
+    with pytest.raises(TransparencyError, match="leaf 13 is not in a tree of 13 leaves"):
+        inclusion_proofs(old, [2, 13])

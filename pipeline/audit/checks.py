@@ -7,6 +7,7 @@ has not verified before, and refuses the log if any returns a problem.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,12 @@ from pipeline.audit.envelope import (
 from pipeline.audit.secrets import load_public_key
 from pipeline.audit.transparency import Checkpoint, consistency_proof, root_hash, verify_consistency
 from pipeline.errors import AuditError, TransparencyError
+
+FORGET = "forget"
+KEY_ROTATION = "key-rotation"  # the signing key: the record names the new public key, signed by the old one
+AUDIT_KEY_ROTATION = "audit-key-rotation"  # the HMAC key: later records are keyed with the new one
+KINDS = (FORGET, KEY_ROTATION, AUDIT_KEY_ROTATION)
+_KEY_ID = re.compile(r"[0-9a-f]{16}")
 
 
 @dataclass(frozen=True)
@@ -142,3 +149,69 @@ def chain_problems(entry: Entry, predicate: dict[str, Any], before: Entry | None
 def as_list(value: object) -> list[Any]:
     """A list field of an unverified record, else empty (``in`` on a string would match substrings)."""
     return value if isinstance(value, list) else []
+
+
+def keying_problems(predicate: dict[str, Any], in_force: str | None) -> list[str]:
+    """Where a record breaks the succession of audit (HMAC) keys: a forget is keyed with the key in force (the
+    first forget's, or the one the last audit-key rotation introduced); a rotation replaces the key in force."""
+    kind = predicate.get("kind")
+    if kind not in KINDS:
+        return [f"record of unknown kind {str(kind)[:40]!r}: no reader knows what it claims"]
+    if kind == FORGET and in_force is not None and predicate.get("audit_key_id") != in_force:
+        return [f"keyed with audit key {str(predicate.get('audit_key_id'))[:16]}, but the key in force is "
+                f"{in_force} (the first forget's, or the last audit-key rotation's)"]
+    if kind != AUDIT_KEY_ROTATION:
+        return []
+    old, new = predicate.get("old_audit_key_id"), predicate.get("new_audit_key_id")
+    if not isinstance(new, str) or not _KEY_ID.fullmatch(new) or new == old:
+        return [f"audit-key rotation names no new key id (16 hex digits, not the old one): {str(new)[:40]!r}"]
+    if old != in_force:
+        return [f"audit-key rotation replaces key {str(old)[:16]}, but the key in force is {in_force}"]
+    return []
+
+
+def in_force(summaries: list[dict[str, Any]]) -> str | None:
+    """The audit key id that keys the next record: the last one a forget or an audit-key rotation named."""
+    return next((s["audit_key_id"] for s in reversed(summaries)
+                 if s.get("kind") in (FORGET, AUDIT_KEY_ROTATION) and s.get("audit_key_id")), None)
+
+
+ADAPTER_ROOT = "adapter files (Merkle root)"  # how the chain names the adapter files a record publishes as one root
+
+
+def artifact_chain_problems(predicates: list[dict[str, Any]]) -> list[str]:
+    """Where a forget record's ``before`` artifact digests are not what the forgets before it left.
+
+    The records of one batch share their artifacts (one rebuild). Each batch must start from the digests the
+    previous one left (its ``after``, and its untouched adapters) for every path both name, unless a build ran
+    in between: then the batch's ``dvc_lock.before`` is not the previous ``dvc_lock.after``, the build's changes
+    are in git's dvc.lock history, not in the log, and the chain starts again from this batch's state.
+    """
+    problems: list[str] = []
+    state: dict[str, Any] = {}  # path -> digest, as the forgets so far left it (the paths they name)
+    last: tuple[Any, ...] | None = None
+    left_by = ""
+    for predicate in predicates:
+        name = str(predicate.get("request_id"))
+        lock = predicate.get("dvc_lock") if isinstance(predicate.get("dvc_lock"), dict) else {}
+        artifacts = predicate.get("artifacts") if isinstance(predicate.get("artifacts"), dict) else {}
+        untouched = predicate.get("untouched_adapters") if isinstance(predicate.get("untouched_adapters"), dict) else {}
+        if isinstance(predicate.get("adapter_files"), dict):  # the adapter files, published as one root
+            artifacts = {**artifacts, ADAPTER_ROOT: predicate["adapter_files"]}
+        batch = (as_list(predicate.get("batch_request_ids")), lock, artifacts, untouched)
+        if last is not None and batch[0] == last[0]:
+            if batch != last:
+                problems.append(f"record of request {name!r}: its batch's other record {left_by!r} states other "
+                                "artifacts or dvc.lock digests (one batch is one rebuild)")
+            continue
+        if last is not None and lock.get("before") != last[1].get("after"):
+            state = {}  # a build ran in between (dvc.lock changed): the log does not follow it
+        starts = {path: entry.get("before") for path, entry in artifacts.items() if isinstance(entry, dict)}
+        starts.update(untouched)
+        problems += [f"record of request {name!r}: {path} starts from {str(digest)[:16]}, but request "
+                     f"{left_by!r} left it at {str(state[path])[:16]} (and dvc.lock did not change in between)"
+                     for path, digest in sorted(starts.items()) if path in state and state[path] != digest]
+        state.update({path: entry.get("after") for path, entry in artifacts.items() if isinstance(entry, dict)})
+        state.update(untouched)
+        last, left_by = batch, name
+    return problems

@@ -7,8 +7,13 @@ against, so the trusted fingerprints come from outside it, first source found wi
 2. ``LEGONET_TRUSTED_KEYS`` (fingerprints or PEM files, separated by commas or spaces);
 3. ``<key dir>/trusted-keys`` (one fingerprint a line), written when the project's signing key is created.
 
-The key dir (``audit.key_dir`` or ``LEGONET_KEY_DIR``) holds the two secrets and the last checkpoint the
-operator signed; it must not be inside ``audit/`` or anywhere git would commit.
+The key dir holds the secrets, the pins and the last checkpoint the operator signed. It is outside the project
+folder by default (``$XDG_DATA_HOME/legonet/keys/<project id>``, else ``~/.local/share/...``), so a tarball, an
+rsync or a container build context of the project carries no key; ``LEGONET_KEY_DIR`` or ``audit.key_dir``
+override it. A project made before that default keeps its keys in ``.legonet/keys`` (`legonet forget` and
+`legonet audit verify` say so) until `legonet audit move-keys` moves them. ``key_dir`` is the one resolver of
+that folder: every key file is found through it. The key dir must not be inside ``audit/`` or anywhere git
+would commit.
 """
 
 from __future__ import annotations
@@ -27,31 +32,63 @@ from pipeline.audit.log import TRUSTED_KEYS_ENV, AuditLog
 from pipeline.audit.secrets import audit_key_id, load_or_create_audit_key, load_or_create_signing_key, read_public_keys
 from pipeline.data.dataset import write_bytes_atomic
 from pipeline.errors import AuditError
+from pipeline.tracking.identity import project_id
 
 AUDIT_DIR = Path("audit")
 RECORDS = AUDIT_DIR / "records"
 PUBLIC_KEY = AUDIT_DIR / "signing-key.pub"
 KEY_DIR_ENV = "LEGONET_KEY_DIR"
+IN_PROJECT = Path(".legonet/keys")  # the key dir of projects made before the per-user default (and of copies)
 TRUSTED_KEYS = "trusted-keys"
+SIGNING_KEY = "signing.key"
+AUDIT_KEY = "audit.key"
+RETIRED = "retired"  # keys a rotation replaced: audit-<key id>.key (still checks its records), signing-<fp>.key
+NEXT = ".next"  # suffix of the new key of a rotation in progress (it finishes the rotation when re-run)
 CHECKPOINT = "checkpoint"
 VERIFIED = "verified-log.json"  # AuditLog's memo of its last clean pass
 _FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 
 
 def key_dir(root: Path, params: dict[str, Any]) -> Path:
-    """The folder of the audit secrets; refused inside ``audit/`` or anywhere in the project git would commit."""
-    configured = os.environ.get(KEY_DIR_ENV) or params.get("audit", {}).get("key_dir", ".legonet/keys")
-    path = Path(configured).expanduser()
-    path = path if path.is_absolute() else root / path
+    """The folder of the audit secrets: ``LEGONET_KEY_DIR``, else ``audit.key_dir``, else a project's
+    ``.legonet/keys`` that exists (a project made before the per-user default), else ``default_key_dir``.
+    Refused inside ``audit/`` or anywhere in the project git would commit; inside the project folder, said once."""
+    configured = os.environ.get(KEY_DIR_ENV) or params.get("audit", {}).get("key_dir")
+    if configured:
+        path = Path(configured).expanduser()
+        path = path if path.is_absolute() else root / path
+    elif (root / IN_PROJECT).is_dir():
+        path = root / IN_PROJECT
+    else:
+        return default_key_dir(params)
     resolved, project = path.resolve(), root.resolve()
     if resolved.is_relative_to(project / AUDIT_DIR):
         raise AuditError(f"audit.key_dir {configured!r} is inside {AUDIT_DIR}/, which is committed to git: the "
-                         "private keys would be published; use a folder outside the repository (or .legonet/keys)")
+                         "private keys would be published; use a folder outside the repository")
     if resolved.is_relative_to(project) and (root / ".git").exists() and subprocess.run(
-            ["git", "check-ignore", "-q", "--no-index", str(resolved / "audit.key")], cwd=root).returncode != 0:
+            ["git", "check-ignore", "-q", "--no-index", str(resolved / AUDIT_KEY)], cwd=root).returncode != 0:
         raise AuditError(f"audit.key_dir {configured!r} is inside the project and not ignored by git, so "
-                         "`git add` would commit the private keys; use .legonet/keys or a folder outside it")
+                         "`git add` would commit the private keys; use a folder outside it")
     return path
+
+
+def default_key_dir(params: dict[str, Any]) -> Path:
+    """The per-user key dir of a project, named by its ID (a path would change when the folder moves):
+    ``$XDG_DATA_HOME/legonet/keys/<id>``, else ``~/.local/share/legonet/keys/<id>`` (XDG: a relative
+    ``XDG_DATA_HOME`` is ignored)."""
+    data_home = os.environ.get("XDG_DATA_HOME", "")
+    base = Path(data_home) if Path(data_home).is_absolute() else Path.home() / ".local" / "share"
+    return base / "legonet" / "keys" / project_id(params)
+
+
+def in_project_note(root: Path, params: dict[str, Any]) -> str | None:
+    """Why and how to move the keys, when the key dir is inside the project folder (a project made before the
+    per-user default): a copy or an archive of the folder carries them."""
+    path = key_dir(root, params)
+    if not path.resolve().is_relative_to(root.resolve()):
+        return None
+    return (f"note: the audit keys are in {path}, inside the project folder, so a copy or an archive of the folder "
+            "carries them; `legonet audit move-keys` moves them to the per-user key dir")
 
 
 def trusted_fingerprints(root: Path, params: dict[str, Any], given: Sequence[str] = ()) -> frozenset[str]:
@@ -102,25 +139,43 @@ def _read_checkpoint(path: Path) -> str:
 
 
 def audit_key(root: Path, params: dict[str, Any], log: AuditLog) -> bytes:
-    """The HMAC audit key. Created only for an empty log; must be the key every record names."""
-    has_records = log.size() > 0
-    key = load_or_create_audit_key(key_dir(root, params) / "audit.key", create=not has_records)
-    if has_records:
-        expected = audit_key_id(key)
-        for record in log.summaries():
-            named = record["audit_key_id"]
-            if named != expected:
-                raise AuditError(f"record of request {record['request_id']!r} was keyed with audit key "
-                                 f"{named}, but {key_dir(root, params) / 'audit.key'} is key {expected}; restore "
-                                 "the right key (a different key cannot check the record's IDs)")
+    """The HMAC audit key in force. Created only for an empty log; must be the key the log says keys the next
+    record (the first forget's, or the one the last audit-key rotation introduced)."""
+    keys = key_dir(root, params)
+    key = load_or_create_audit_key(keys / AUDIT_KEY, create=log.size() == 0)
+    named = log.audit_key_ids()
+    if named and audit_key_id(key) != named[-1]:
+        fix = ("an audit-key rotation was interrupted: run `legonet audit rotate-key --hmac` again to finish it"
+               if (keys / f"{AUDIT_KEY}{NEXT}").exists() else
+               "restore the right key (`legonet audit restore-keys`): a different key cannot check the records")
+        raise AuditError(f"the audit log's records are keyed with audit key {named[-1]}, but "
+                         f"{keys / AUDIT_KEY} is key {audit_key_id(key)}; {fix}")
     return key
+
+
+def audit_keys(root: Path, params: dict[str, Any], log: AuditLog) -> list[bytes]:
+    """Every audit key the log names: the one in force and those retired by rotations (``retired/``), each
+    checked against its id. A lost one is an error: the IDs its records forgot could no longer be recognised."""
+    current = audit_key(root, params, log)
+    keys = [current]
+    for named in log.audit_key_ids()[:-1]:
+        path = key_dir(root, params) / RETIRED / f"audit-{named}.key"
+        key = load_or_create_audit_key(path, create=False)
+        if audit_key_id(key) != named:
+            raise AuditError(f"{path} is audit key {audit_key_id(key)}, not {named}; restore the right key "
+                             "(`legonet audit restore-keys`)")
+        keys.append(key)
+    return keys
 
 
 def signing_key(root: Path, params: dict[str, Any], log: AuditLog) -> Ed25519PrivateKey:
     """The Ed25519 signing key; created (and its fingerprint pinned in the key dir) only for an empty log."""
     keys = key_dir(root, params)
+    if (keys / f"{SIGNING_KEY}{NEXT}").exists():
+        raise AuditError(f"{keys / (SIGNING_KEY + NEXT)}: a signing-key rotation was interrupted; run `legonet "
+                         "audit rotate-key --signing` again to finish it")
     empty = log.size() == 0
-    key = load_or_create_signing_key(keys / "signing.key", create=empty)
+    key = load_or_create_signing_key(keys / SIGNING_KEY, create=empty)
     pins = keys / TRUSTED_KEYS
     if empty and not pins.exists():
         write_bytes_atomic(pins, f"{key_id(key.public_key())}  # legonet audit signing key\n".encode())
@@ -128,15 +183,18 @@ def signing_key(root: Path, params: dict[str, Any], log: AuditLog) -> Ed25519Pri
 
 
 def pin(root: Path, params: dict[str, Any], fingerprint: str, note: str) -> None:
-    """Add a fingerprint to the key dir's trusted-keys file (after a rotation)."""
+    """Add a fingerprint to the key dir's trusted-keys file (after a rotation), once."""
     path = key_dir(root, params) / TRUSTED_KEYS
     existing = path.read_text() if path.exists() else ""
+    if fingerprint in {line.split("#")[0].strip() for line in existing.splitlines()}:
+        return
     write_bytes_atomic(path, f"{existing}{fingerprint}  # {note}\n".encode())
 
 
-def origin(audit_key: bytes) -> str:
-    """The checkpoint origin (the log's name): fixed for a project's life by its audit key."""
-    return f"legonet.local/audit/{audit_key_id(audit_key)}"
+def origin(log: AuditLog, audit_key: bytes) -> str:
+    """The checkpoint origin (the log's name): fixed for a project's life by its first audit key (an audit-key
+    rotation does not rename the log a kept checkpoint names)."""
+    return f"legonet.local/audit/{next(iter(log.audit_key_ids()), audit_key_id(audit_key))}"
 
 
 def anchor(root: Path, params: dict[str, Any], note: str) -> None:

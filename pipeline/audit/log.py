@@ -30,16 +30,22 @@ import json
 import re
 from collections.abc import Collection
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from pipeline.audit.checks import (
+    AUDIT_KEY_ROTATION,
+    FORGET,
+    KEY_ROTATION,
     Entry,
     as_list,
     chain_problems,
     extension_problems,
+    in_force,
+    keying_problems,
     order_problems,
     rotate,
     short_fingerprints,
@@ -56,7 +62,7 @@ from pipeline.audit.envelope import (
     statement,
 )
 from pipeline.audit.folder import RECORD_NAME, listing, read_record, stray_reason
-from pipeline.audit.secrets import id_digest, load_public_key, public_key_pem, read_public_keys
+from pipeline.audit.secrets import audit_key_id, forgotten_by, load_public_key, public_key_pem, read_public_keys
 from pipeline.audit.transparency import (
     Checkpoint,
     root_hash,
@@ -70,12 +76,11 @@ _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
 
 # --- the log ---
 
-FORGET = "forget"
-KEY_ROTATION = "key-rotation"
 TRUSTED_KEYS_ENV = "LEGONET_TRUSTED_KEYS"
 
 
 # What a forget reads of each forget record; ``summaries`` hands these out without parsing every record again.
+# (An audit-key rotation's ``audit_key_id`` is the key it introduces: the summaries say which key is in force.)
 SUMMARY_FIELDS = ("request_id", "forgotten_ids", "audit_key_id")
 _MEMO_FORMAT = 1
 
@@ -94,6 +99,10 @@ class _Scan:
     keys: dict[str, Ed25519PublicKey]  # public keys known: the published file plus rotation records
     trusted: frozenset[str]  # the reader's trust the pass started from
     public_key_file: str | None  # sha256 of the published key file the pass read (None: missing)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 # log folder -> (the state of its files and the reader's trust, the verified scan of that state)
@@ -160,10 +169,29 @@ class AuditLog:
         """Append a key-rotation record, signed by ``old_key``, after which ``new_key`` signs in its place."""
         sequence = self.size() + 1
         predicate = {"kind": KEY_ROTATION, "request_id": f"{KEY_ROTATION}-{sequence:06d}",
-                     "new_key_id": key_id(new_key), "new_public_key": public_key_pem(new_key).decode("ascii")}
+                     "new_key_id": key_id(new_key), "new_public_key": public_key_pem(new_key).decode("ascii"),
+                     "recorded_at": _now()}
         path = self.append(predicate, {"audit/signing-key.pub": key_id(new_key)}, old_key)
         self._publish(new_key, read_public_keys(self.public_key_path))
         return path
+
+    def rotate_audit_key(self, old_key: bytes, new_key: bytes, signing: Ed25519PrivateKey) -> Path:
+        """Append an audit-key rotation record: the forgets after it are keyed with ``new_key`` (by key id only:
+        the record reveals neither key)."""
+        sequence = self.size() + 1
+        new_id = audit_key_id(new_key)
+        predicate = {"kind": AUDIT_KEY_ROTATION, "request_id": f"{AUDIT_KEY_ROTATION}-{sequence:06d}",
+                     "old_audit_key_id": audit_key_id(old_key), "new_audit_key_id": new_id, "recorded_at": _now()}
+        return self.append(predicate, {"audit-key": sha256_hex(new_id.encode("ascii"))}, signing)
+
+    def audit_key_ids(self) -> list[str]:
+        """The audit key ids the verified log names, oldest first; the last keys the next record."""
+        ids: list[str] = []
+        for summary in self._checked().summaries:
+            named = summary.get("audit_key_id")
+            if summary.get("kind") in (FORGET, AUDIT_KEY_ROTATION) and named and named not in ids:
+                ids.append(named)
+        return ids
 
     def size(self) -> int:
         """How many record files the log holds (not verified: for "is this log empty" before any key exists)."""
@@ -185,14 +213,15 @@ class AuditLog:
         """The statement recorded for ``request_id``, if any."""
         return next((s for s in self.records() if s["predicate"].get("request_id") == request_id), None)
 
-    def find_id(self, audit_key: bytes, sample_id: str) -> list[str]:
-        """The request ids whose record lists ``sample_id`` (by its HMAC) among the forgotten IDs."""
-        digest = id_digest(audit_key, sample_id)
-        return [s["request_id"] for s in self.summaries() if digest in s["forgotten_ids"]]
+    def find_id(self, audit_keys: Collection[bytes], sample_id: str) -> list[str]:
+        """The request ids whose record lists ``sample_id`` (by its HMAC under the record's own audit key, one of
+        ``audit_keys``) among the forgotten IDs."""
+        return forgotten_by(self.summaries(), audit_keys)([sample_id]).get(sample_id, [])
 
     def verify(self) -> list[str]:
-        """Every problem found in the log, one line each naming the file(s); empty when the log is intact."""
-        return self._scan().problems
+        """Every problem found in the log, one line each naming the file(s); empty when the log is intact (a copy:
+        a caller that adds its own problems must not make the verified scan fail)."""
+        return list(self._scan().problems)
 
     def active_keys(self) -> set[str]:
         """The fingerprints trusted to sign the next record (the pinned ones, as rotations left them)."""
@@ -304,10 +333,13 @@ class AuditLog:
                 if predicate.get("signing_key_id") not in signers:
                     found.append(f"the record names signing key {str(predicate.get('signing_key_id'))[:16]}, "
                                  f"its signature is by {short_fingerprints(signers)}")
+                found += keying_problems(predicate, in_force(summaries))
                 if predicate.get("kind") == KEY_ROTATION and not found:
                     found += rotate(predicate, keys, active, signers)
                 summary = {"kind": predicate.get("kind"), **{f: predicate.get(f) for f in SUMMARY_FIELDS},
                            "forgotten_ids": as_list(predicate.get("forgotten_ids"))}
+                if predicate.get("kind") == AUDIT_KEY_ROTATION:
+                    summary["audit_key_id"] = predicate.get("new_audit_key_id")
             summaries.append(summary)
             problems += [f"{entry.path.name}: {problem}" for problem in found]
         return _Scan(problems, entries, blobs, digests, leaves, summaries, active, keys, self.trusted, key_file)
@@ -338,9 +370,10 @@ class AuditLog:
             return None
 
     def _write_memo(self, scan: _Scan) -> None:
-        """Keep a clean pass for the next one. Only beside an existing key dir; a memo that cannot be written
-        (a read-only key dir) costs later passes time, never correctness, so the error is not raised."""
-        if self.memo is None or not self.memo.parent.is_dir():
+        """Keep a clean pass for the next one. Only beside an existing key dir, and of a log with records (an empty
+        one costs nothing to verify, and a refused command must leave the key dir as it was); a memo that cannot be
+        written (a read-only key dir) costs later passes time, never correctness, so the error is not raised."""
+        if self.memo is None or not self.memo.parent.is_dir() or not scan.entries:
             return
         memo = {"format": _MEMO_FORMAT, "log": str(self.log_dir.resolve()), "trusted": sorted(scan.trusted),
                 "public_key_file": scan.public_key_file, "active": sorted(scan.active),

@@ -12,8 +12,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline.audit.keyring import anchor, audit_key, audit_log, origin, signing_key
-from pipeline.audit.secrets import audit_key_id, id_digest, seal
+from pipeline.audit.disclosure import changes
+from pipeline.audit.keyring import anchor, audit_key, audit_keys, audit_log, in_project_note, origin, signing_key
+from pipeline.audit.secrets import audit_key_id, forgotten_by, id_digest, seal
 from pipeline.data.quality import RESULT, read_result
 from pipeline.project.params import params_digest
 from pipeline.tracking.lineage import file_sha256, git_revision, platform_tags
@@ -32,12 +33,13 @@ def forgotten_lookup(root: Path, params: dict[str, Any]) -> Forgotten:
     records = log.summaries()  # verified: a forged or planted record must not make an ID look forgotten
     if not records:  # nothing forgotten yet: do not create the audit key just to look (input checks and
         return lambda sample_ids: {}  # --dry-run must leave the project untouched)
-    key = audit_key(root, params, log)
-    owners: dict[str, list[str]] = {}
-    for record in records:
-        for digest in record["forgotten_ids"]:
-            owners.setdefault(digest, []).append(record["request_id"])
-    return lambda sample_ids: {i: found for i in sample_ids if (found := owners.get(id_digest(key, i)))}
+    return forgotten_by(records, audit_keys(root, params, log))  # each record under the audit key it names
+
+
+def keys_note(root: Path, params: dict[str, Any]) -> str | None:
+    """The note a forget ends with while the audit keys sit inside the project folder (a project made before the
+    per-user key dir): how to move them."""
+    return in_project_note(root, params)
 
 
 def write_records(root: Path, journal: Any, plan: Any, measured: dict[str, Any], params: dict[str, Any],
@@ -46,7 +48,8 @@ def write_records(root: Path, journal: Any, plan: Any, measured: dict[str, Any],
     results; ``plan``: what the batch touched) and return the new checkpoint, anchored where params say.
 
     ``measured``: ``before``/``after`` (artifact path -> digest), ``dvc_lock`` before/after, ``completed_purges``
-    (pending purges of earlier requests finished since the last record). ``subjects``: the files the records name
+    (pending purges of earlier requests finished since the last record), ``times`` (request -> received, deadline,
+    quarantined, retrained, purged). ``subjects``: the files the records name
     as their in-toto subjects. A request already in the log (written before a crash that lost the state change) is
     not written again.
     """
@@ -55,24 +58,21 @@ def write_records(root: Path, journal: Any, plan: Any, measured: dict[str, Any],
     signing = signing_key(root, params, log)  # pins its fingerprint in the key dir when it is created
     log = audit_log(root, params, memo=True)  # trust as it stands after a first-use pin
     before, after = measured["before"], measured["after"]
-    touched = {p for p in set(before) | set(after) if before.get(p) != after.get(p)}
     shared = {
         "batch_request_ids": journal.request_ids,
         "audit_key_id": audit_key_id(hmac_key),
         # keyed: an unkeyed digest of a manifest would confirm a guess of its (few, guessable) sample IDs
         "manifest_hmac": {r: id_digest(hmac_key, f"manifest:{d}") for r, d in journal.manifest_digests.items()},
         "status": plan.status,
-        "affected": {"partitions": plan.partitions, "adapters": plan.adapters,
-                     "test_samples": len(plan.test_ids), "train_samples": len(plan.train_ids)},
-        "artifacts": {p: {"before": before.get(p), "after": after.get(p)} for p in sorted(touched)},
-        # per adapter file (weights and summary), not per train block: a block holds retrained and kept adapters
-        "untouched_adapters": {p: d for p, d in after.items()
-                               if p.startswith("models/adapters/") and before.get(p) == d},
+        "affected": {"partitions": plan.partitions, "test_samples": len(plan.test_ids),
+                     "train_samples": len(plan.train_ids)},
+        # changed artifacts; the adapter files only as Merkle roots, the retrained adapters sealed (they would
+        # point at the forgotten sample): pipeline.audit.disclosure
+        **changes(hmac_key, before, after, plan.adapters, _quality(root)),
         "dvc_lock": measured["dvc_lock"],
         "code_revision": git_revision(root),
         "params_sha256": params_digest(root),
         "registry": journal.results.get("registry", {}),
-        "quality": _quality(root),
         "stages_run": journal.results.get("stages_run", []),
         "checks": journal.results.get("checks", []),
         "purge": journal.results.get("purge", {}),
@@ -87,13 +87,13 @@ def write_records(root: Path, journal: Any, plan: Any, measured: dict[str, Any],
         if request_id in recorded:
             continue
         own = set(sample_ids)
-        predicate = {**shared, "request_id": request_id,
-                     "sealed": seal(hmac_key, journal.request_meta[request_id]),  # reason, received_at
+        predicate = {**shared, "request_id": request_id, "times": measured["times"][request_id],
+                     "sealed": seal(hmac_key, journal.request_meta[request_id]),  # reason, received_at, quarantine
                      "forgotten_ids": _digests(hmac_key, own & removed),
                      "already_forgotten_ids": _digests(hmac_key, own & set(plan.already_forgotten)),
                      "not_present_ids": _digests(hmac_key, own & set(plan.unknown_ids))}
         log.append(predicate, subjects, signing)
-    note = log.checkpoint(origin(hmac_key), signing)
+    note = log.checkpoint(origin(log, hmac_key), signing)
     anchor(root, params, note)
     return note
 

@@ -18,16 +18,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
-from safetensors.numpy import save
 
-from pipeline.audit.keyring import audit_key, audit_log, key_dir, origin, signing_key
+from pipeline.audit.checks import artifact_chain_problems
+from pipeline.audit.disclosure import adapter_root, names_adapter, opened, root_problems
+from pipeline.audit.keyring import AUDIT_KEY, audit_key, audit_keys, audit_log, key_dir, origin, signing_key
 from pipeline.audit.log import AuditLog
 from pipeline.audit.receipt import make_receipt, verify_receipt
-from pipeline.audit.secrets import id_digest, read_public_keys, unseal
+from pipeline.audit.secrets import audit_key_id, forgotten_by, read_public_keys, unseal
 from pipeline.data.dataset import read_embeddings, write_embeddings
+from pipeline.data.salt import salt_of
 from pipeline.errors import AuditError, AuditFailed, IdentityError
 from pipeline.forget import flow
-from pipeline.model.adapters import TrainParams, adapter_seed, train_adapter
+from pipeline.model.adapters import TrainParams, adapter_bytes, adapter_seed, train_adapter
 from pipeline.model.keys import project
 from pipeline.model.routing import route, shard
 from pipeline.project.layout import ENCODED_TRAIN, KEYS, PROJECTION, adapter_name, adapter_path, shard_path
@@ -47,32 +49,44 @@ def verify(root: Path, params: dict[str, Any], rebuild: bool = False, trusted: S
     log = audit_log(root, params, trusted, checkpoints)
     problems = log.verify()  # also proves, by consistency proofs, that the log extends every kept checkpoint
     records = [] if problems else log.records()
-    key: bytes | None = None
+    keys: list[bytes] | None = None
     if log.leaf_data() and not problems:
         try:
-            key = audit_key(root, params, log)
+            keys = audit_keys(root, params, log)
         except AuditError as exc:
             problems.append(f"audit key: {exc}")
-    passed = [f"{len(records)} forget record(s): trusted signatures, hash chain and Merkle tree intact"]
+    problems += artifact_chain_problems([r["predicate"] for r in records])
+    passed = [f"{len(records)} forget record(s): trusted signatures, hash chain and Merkle tree intact",
+              "each record starts from the artifacts the one before it left (or from a build recorded between)"]
     passed += [f"the log extends {where} (consistency proof)" for where, _ in log.anchors]
+    if keys is not None:  # the sealed changes, opened: each must give the adapter roots the record published
+        known = {audit_key_id(k) for k in keys}
+        records = [opened(r, _unsealer(_keyed(keys), r) if r["predicate"].get("audit_key_id") in known else None)
+                   for r in records]
+        problems += [p for r in records for p in root_problems(r)]
+        passed.append("each record's sealed adapter digests give its published before and after roots: no other "
+                      "adapter file changed")
     if records:
         last = records[-1]
-        problems += _subject_problems(root, last)
+        problems += _subject_problems(root, last) + _adapter_root_problems(root, last)
         if last["predicate"]["dvc_lock"]["after"] != dvc_lock_digest(root):
             problems.append(f"dvc.lock changed since the last audited request {last['predicate']['request_id']}")
     problems += _workspace_problems(root) + _dvc_status_problems(root)
-    if key is not None:
-        found = _forgotten_present(root, records, key)
+    if keys is not None:
+        found = _forgotten_present(root, log.summaries(), keys)
         problems += [f"forgotten sample of request(s) {', '.join(r)} is present in {p}" for p, r in found]
     problems += pending.outstanding(root, records)  # purges a store refused, not finished since
     problems += remote_residue(root, records)  # superseded objects in any configured DVC remote (S3 included)
     problems += _mlflow_problems(root, params, records)
-    if rebuild and records:
+    if rebuild and records and keys is None:
+        problems.append("--rebuild needs the audit key: the record seals which adapters the last forget retrained")
+    elif rebuild and records:
         problems += rebuild_adapters(root, params, records[-1]["predicate"]["affected"]["adapters"])
         passed.append("affected adapters re-derived from scratch in a temporary directory: bit-identical")
     if problems:
         raise AuditFailed("audit verification failed:\n" + "\n".join(f"  - {p}" for p in problems))
-    return [*passed, "no purge pending", "current model and adapters match the last record",
+    return [*passed, "no purge pending", "current model and adapters match the last record (the adapter files: its "
+            "Merkle root)",
             "workspace matches dvc.lock", "`dvc status`: up to date",
             "no forgotten ID in data, DVC cache or remote tables",
             "no MLflow model version or logged model of this project trained on forgotten data"]
@@ -118,6 +132,21 @@ def _subject_problems(root: Path, record: dict[str, Any]) -> list[str]:
     return problems
 
 
+def _adapter_root_problems(root: Path, record: dict[str, Any]) -> list[str]:
+    """The last record's published after root must be the root over the project's adapter files as they are: the
+    chain of roots ends in the workspace, so each adapter file's digest is stated without a record listing it."""
+    published = record["predicate"].get("adapter_files")
+    if not isinstance(published, dict):
+        return []  # a record made before the adapter files were published as roots
+    files = [f for top in ("data", "models") if (root / top).is_dir() for f in (root / top).rglob("adapter-*")
+             if f.is_file() and names_adapter(f.name)]
+    current = adapter_root({f.relative_to(root).as_posix(): file_md5(f) for f in files})
+    if current == published.get("after"):
+        return []
+    return [f"adapter files: their Merkle root {current[:16]} is not the after root {str(published.get('after'))[:16]} "
+            f"of the last audited request {record['predicate']['request_id']}"]
+
+
 def _workspace_problems(root: Path) -> list[str]:
     """Each DVC-tracked file in the workspace must have the digest dvc.lock / its .dvc file records."""
     cache = dvc_cache(root)
@@ -145,13 +174,11 @@ def _workspace_problems(root: Path) -> list[str]:
     return problems
 
 
-def _forgotten_present(root: Path, records: list[dict[str, Any]], key: bytes) -> list[tuple[str, list[str]]]:
-    owners: dict[str, list[str]] = {}
-    for record in records:
-        for digest in record["predicate"].get("forgotten_ids", []):
-            owners.setdefault(digest, []).append(record["predicate"]["request_id"])
-    if not owners:
+def _forgotten_present(root: Path, summaries: list[dict[str, Any]], keys: list[bytes]
+                       ) -> list[tuple[str, list[str]]]:
+    if not any(summary["forgotten_ids"] for summary in summaries):
         return []
+    owners = forgotten_by(summaries, keys)
     tables = [p for p in (root / "data").rglob("*.parquet")]
     stores = [dvc_cache(root), *local_remotes(root).values()]  # the remotes too, as verify promises
     # only this project's objects: a shared cache or remote holds other projects' tables, whose forgets are theirs
@@ -163,7 +190,7 @@ def _forgotten_present(root: Path, records: list[dict[str, Any]], key: bytes) ->
             ids = pq.read_table(table, columns=["sample_id"]).column(0).to_pylist()
         except (OSError, KeyError, ValueError):
             continue
-        hits = sorted({r for i in ids for r in owners.get(id_digest(key, i), [])})
+        hits = sorted({r for requests in owners(ids).values() for r in requests})
         if hits:
             found.append((table.relative_to(root).as_posix() if table.is_relative_to(root) else str(table), hits))
     return found
@@ -207,7 +234,8 @@ def rebuild_adapters(root: Path, params: dict[str, Any], adapters: list[int]) ->
                                     adapter_seed(int(params["adapters"]["seed"]), j),
                                     TrainParams(**params["adapters"]["train"]))
             stored = adapter_path(j, n, blocks)
-            if save(weights) != (root / stored).read_bytes():
+            salt = salt_of(root / stored, sorted(rows["sample_id"]))
+            if adapter_bytes(weights, salt) != (root / stored).read_bytes():
                 problems.append(f"{stored}: retraining from scratch gives different bits")
     return problems
 
@@ -219,17 +247,33 @@ def show(root: Path, params: dict[str, Any], request_id: str, trusted: Sequence[
     record = log.find(request_id)
     if record is None:
         raise AuditFailed(f"no audit record for request {request_id!r}; `legonet audit report` lists them")
-    opened = _opener(root, params, log)
+    opener = _opener(root, params, log)
     sealed = record["predicate"].get("sealed")
-    return {**record, "opened": opened(sealed)} if opened and isinstance(sealed, str) else record
+    unseal_own = _unsealer(opener, record)
+    if unseal_own is None or not isinstance(sealed, str):
+        return record
+    return {**opened(record, unseal_own), "opened": unseal_own(sealed)}
 
 
 def _opener(root: Path, params: dict[str, Any], log: AuditLog) -> Any:
-    """unseal under the audit key, or None for a reader without it (the record stays opaque to them)."""
-    if not (key_dir(root, params) / "audit.key").exists():
+    """(audit key id, sealed) -> the opened fields, under the audit key the record names; None for a reader
+    without the keys (the records stay opaque to them)."""
+    if not (key_dir(root, params) / AUDIT_KEY).exists():
         return None
-    key = audit_key(root, params, log)
-    return lambda sealed: unseal(key, sealed)
+    return _keyed(audit_keys(root, params, log))
+
+
+def _keyed(keys: Sequence[bytes]) -> Any:
+    """(audit key id, sealed) -> the opened fields, for records keyed with one of ``keys``."""
+    by_id = {audit_key_id(key): key for key in keys}
+    return lambda named, sealed: unseal(by_id[named], sealed)
+
+
+def _unsealer(opener: Any, record: dict[str, Any]) -> Any:
+    """sealed -> opened, under the audit key ``record`` names; None without an opener."""
+    if opener is None:
+        return None
+    return lambda sealed: opener(record["predicate"]["audit_key_id"], sealed)
 
 
 def check_id(root: Path, params: dict[str, Any], sample_id: str, trusted: Sequence[str] = (),
@@ -239,7 +283,7 @@ def check_id(root: Path, params: dict[str, Any], sample_id: str, trusted: Sequen
     records = log.records()
     if not records:  # nothing forgotten: do not create the audit key just to look
         return []
-    found = set(log.find_id(audit_key(root, params, log), sample_id))
+    found = set(log.find_id(audit_keys(root, params, log), sample_id))
     return [{"request_id": r["predicate"]["request_id"], "recorded_at": r["predicate"]["recorded_at"]}
             for r in records if r["predicate"]["request_id"] in found]
 
@@ -248,7 +292,7 @@ def checkpoint(root: Path, params: dict[str, Any], trusted: Sequence[str] = (),
                checkpoints: Sequence[Path] = ()) -> str:
     """The current signed checkpoint (tree size and root of the verified log), signed with the project's key."""
     log = audit_log(root, params, trusted, checkpoints)
-    return log.checkpoint(origin(audit_key(root, params, log)), signing_key(root, params, log))
+    return log.checkpoint(origin(log, audit_key(root, params, log)), signing_key(root, params, log))
 
 
 def receipt(root: Path, params: dict[str, Any], request_id: str, trusted: Sequence[str] = (),
@@ -258,26 +302,30 @@ def receipt(root: Path, params: dict[str, Any], request_id: str, trusted: Sequen
                         checkpoint(root, params, trusted, checkpoints))
 
 
-def check_receipt(path: Path, trusted_key: str) -> list[str]:
-    """Verify a receipt file with no project: KEY is a PEM public key file or a 64-hex fingerprint."""
+def check_receipt(path: Path, trusted_keys: Sequence[str]) -> list[str]:
+    """Verify a receipt file with no project: each KEY is a PEM public key file (every key in it is trusted) or a
+    64-hex fingerprint."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise AuditError(f"{path}: cannot read the receipt ({exc})") from exc
     except RecursionError:
         raise AuditError(f"{path}: not a receipt (JSON nested too deeply)") from None
-    fingerprints = sorted(read_public_keys(Path(trusted_key))) if Path(trusted_key).is_file() else [trusted_key]
-    if len(fingerprints) != 1 or not re.fullmatch(r"[0-9a-f]{64}", fingerprints[0]):
-        raise AuditError(f"--trusted-key {trusted_key!r}: give one PEM public key file or one 64-hex fingerprint")
+    fingerprints = {f for given in trusted_keys
+                    for f in (read_public_keys(Path(given)) if Path(given).is_file() else [given])}
+    if not fingerprints or not all(re.fullmatch(r"[0-9a-f]{64}", f) for f in fingerprints):
+        raise AuditError(f"--trusted-key {', '.join(trusted_keys)!r}: give PEM public key files or 64-hex "
+                         "fingerprints")
     if not isinstance(data, dict):
         raise AuditError(f"{path}: not a receipt (a JSON object)")
-    stmt = verify_receipt(data, fingerprints[0])
+    stmt = verify_receipt(data, fingerprints)
     p = stmt["predicate"]
     return [f"receipt of request {p['request_id']} (record {p['sequence']}, {p['status']}, recorded "
-            f"{p['recorded_at']}): signed by key {fingerprints[0][:16]}",
+            f"{p['recorded_at']}): signed by key {p['signing_key_id'][:16]}",
             f"included in the signed checkpoint of {data['checkpoint'].splitlines()[1]} record(s)",
             f"{len(p.get('forgotten_ids', []))} sample(s) forgotten; model version "
-            f"{p.get('registry', {}).get('model_version', '-')}"]
+            f"{p.get('registry', {}).get('model_version', '-')}",
+            *([" ".join(f"{name} {at or '-'}" for name, at in p["times"].items())] if "times" in p else [])]
 
 
 def report(root: Path, params: dict[str, Any], out: Path, trusted: Sequence[str] = (),
@@ -285,7 +333,7 @@ def report(root: Path, params: dict[str, Any], out: Path, trusted: Sequence[str]
     """A self-contained HTML page for a compliance officer: one section per request, of a verified log only."""
     log = audit_log(root, params, trusted, checkpoints)
     records = log.records()
-    opened = _opener(root, params, log)
+    opener = _opener(root, params, log)
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>legonet audit report</title>",
              "<style>body{font-family:sans-serif;max-width:70em;margin:2em auto}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:.2em .5em;text-align:left}.ok{color:#060}.bad{color:#a00}"
@@ -293,15 +341,16 @@ def report(root: Path, params: dict[str, Any], out: Path, trusted: Sequence[str]
              f"<p>Project: {_h(root.resolve())}. Records: {len(records)}. Log integrity: "
              "<span class='ok'>trusted signatures, hash chain and Merkle tree verified</span></p>"]
     for record in records:
-        p = record["predicate"]
-        meta = opened(p["sealed"]) if opened and isinstance(p.get("sealed"), str) else {}
+        unseal_own = _unsealer(opener, record)
+        p = opened(record, unseal_own)["predicate"]
+        meta = unseal_own(p["sealed"]) if unseal_own and isinstance(p.get("sealed"), str) else {}
         rows = [("request", p["request_id"]), ("reason", meta.get("reason", "(sealed)")),
                 ("received", meta.get("received_at", "(sealed)")), ("recorded", p["recorded_at"]),
                 ("status", p["status"]), ("samples removed", len(p["forgotten_ids"])),
                 ("not present / already forgotten", f"{len(p['not_present_ids'])} / {len(p['already_forgotten_ids'])}"),
                 ("partitions rewritten", p["affected"]["partitions"]),
-                ("adapters retrained", p["affected"]["adapters"]),
-                ("adapters untouched", len(p["untouched_adapters"])),
+                ("adapters retrained", p["affected"].get("adapters", "(sealed)")),
+                ("adapter files (Merkle root after)", f"{p['adapter_files']['files']} ({p['adapter_files']['after']})"),
                 ("model version", f"{p['registry'].get('model_version', '-')} "
                                   f"{p['registry'].get('aliases', '')} {p['registry'].get('gate_reason', '')}"),
                 ("purge", json.dumps(p["purge"], sort_keys=True)),

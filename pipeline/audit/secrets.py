@@ -15,7 +15,7 @@ import json
 import os
 import re
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +37,10 @@ def load_or_create_audit_key(path: Path, create: bool = True) -> bytes:
     ``create=False`` when the log already holds records: a re-created key would silently make every forgotten ID
     look "not forgotten", so a lost key is an error that says to restore it.
     """
-    if not create and _read_secret(path) is None:
+    if not create and read_secret(path) is None:
         raise AuditError(f"{path}: the audit (HMAC) key is missing, but the audit log has records keyed with it; "
                          "restore the key from your backup (a new key cannot check the old records)")
-    key = _load_or_create_secret(path, lambda: os.urandom(AUDIT_KEY_BYTES))
+    key = load_or_create_secret(path, lambda: os.urandom(AUDIT_KEY_BYTES))
     if len(key) != AUDIT_KEY_BYTES:
         raise AuditError(f"{path}: audit key is {len(key)} bytes, not {AUDIT_KEY_BYTES}; restore it")
     return key
@@ -59,10 +59,10 @@ def load_or_create_signing_key(path: Path, create: bool = True) -> Ed25519Privat
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
 
-    if not create and _read_secret(path) is None:
+    if not create and read_secret(path) is None:
         raise AuditError(f"{path}: the signing key is missing, but the audit log has records; restore it from "
                          "your backup (only a record signed by the old key can introduce a new one)")
-    return _private_key(path, _load_or_create_secret(path, generate))
+    return _private_key(path, load_or_create_secret(path, generate))
 
 
 def _private_key(path: Path | str, data: bytes) -> Ed25519PrivateKey:
@@ -104,14 +104,14 @@ def load_public_key(where: Path | str, pem: bytes) -> Ed25519PublicKey:
     return key
 
 
-def _load_or_create_secret(path: Path, generate: Callable[[], bytes]) -> bytes:
+def load_or_create_secret(path: Path, generate: Callable[[], bytes]) -> bytes:
     """Read a secret file, or create it with ``generate()``; never replace one that exists.
 
     Losing a key is unrecoverable (old HMACs become uncheckable), so creation goes through a private temporary
     file (``O_EXCL | O_NOFOLLOW``: never through a planted link) and ``os.link``, which fails instead of
     overwriting when another process created the key first.
     """
-    existing = _read_secret(path)
+    existing = read_secret(path)
     if existing is not None:
         return existing
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -129,10 +129,18 @@ def _load_or_create_secret(path: Path, generate: Callable[[], bytes]) -> bytes:
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
-    created = _read_secret(path)  # ours, or the race winner's
+    created = read_secret(path)  # ours, or the race winner's
     if created is None:
         raise AuditError(f"{path}: key vanished while it was being created; check what else writes there")
     return created
+
+
+def keep_secret(path: Path, data: bytes) -> None:
+    """Write a secret file that must not exist yet (mode 0600, never through a link); one that exists with
+    other bytes is an error, never overwritten: it may be the only copy of a key."""
+    if load_or_create_secret(path, lambda: data) != data:
+        raise AuditError(f"{path}: exists and holds another key; move it aside (it may be the only copy of that "
+                         "key) and run the command again")
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -144,7 +152,7 @@ def _fsync_dir(directory: Path) -> None:
         os.close(descriptor)
 
 
-def _read_secret(path: Path) -> bytes | None:
+def read_secret(path: Path) -> bytes | None:
     """The secret's bytes, ``None`` if absent; refuse a link, a non-file, or a key others can read (as ssh does)."""
     try:
         descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
@@ -194,3 +202,34 @@ def id_digest(audit_key: bytes, sample_id: str) -> str:
     return hmac.digest(audit_key, sample_id.encode("utf-8"), "sha256").hex()
 
 
+def forgotten_by(summaries: list[dict[str, Any]], audit_keys: Collection[bytes]
+                 ) -> Callable[[Iterable[str]], dict[str, list[str]]]:
+    """sample ids -> {id: the requests that forgot it}, each record matched under the audit key it names (a
+    rotated log holds records keyed with several); records keyed with none of ``audit_keys`` match nothing."""
+    by_id = {audit_key_id(key): key for key in audit_keys}
+    owners: dict[str, dict[str, list[str]]] = {}  # audit key id -> HMAC -> requests, in record order
+    for summary in summaries:
+        for digest in summary["forgotten_ids"]:
+            owners.setdefault(summary["audit_key_id"], {}).setdefault(digest, []).append(summary["request_id"])
+    keyed = [(by_id[named], table) for named, table in owners.items() if named in by_id]
+
+    def lookup(sample_ids: Iterable[str]) -> dict[str, list[str]]:
+        found = {}
+        for sample_id in sample_ids:
+            requests = [r for key, table in keyed for r in table.get(id_digest(key, sample_id), [])]
+            if requests:
+                found[sample_id] = requests
+        return found
+
+    return lookup
+
+
+def random_secret(path: Path, size: int, create: bool, value: bytes | None = None) -> bytes | None:
+    """A secret of ``size`` random bytes (or ``value``, a copy of another's) kept at ``path`` (mode 0600): read,
+    else created when ``create``, else None. Created the way the audit keys are (never through a link, never over
+    an existing file)."""
+    secret = (load_or_create_secret(path, lambda: os.urandom(size) if value is None else value) if create
+              else read_secret(path))
+    if secret is not None and len(secret) != size:
+        raise AuditError(f"{path}: holds {len(secret)} bytes, not {size}; restore it from your backup")
+    return secret

@@ -6,6 +6,9 @@ it is a signed note (C2SP signed-note, Ed25519): anyone who kept one can later a
 today's tree extends it, so dropping, rewriting or reordering any record that existed when the checkpoint was
 published is caught, even by a verifier who trusts nothing the operator stores. An inclusion proof shows that one
 record is a leaf of a checkpointed tree (the data subject's receipt).
+The audit paths of a few leaves of a tree also give the root of that tree with those leaves replaced
+(``updated_root``): the new root, if it is the one published, shows that no other leaf changed, in O(changed x
+log n) (the adapter files of an audit record, pipeline.audit.disclosure).
 
 The proof algorithms are RFC 6962 section 2.1 (generation) and RFC 9162 section 2.1.3.2 / 2.1.4.2
 (verification); ``tests/test_transparency.py`` checks them against transparency-dev/merkle's test vectors.
@@ -15,8 +18,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature
@@ -50,22 +54,67 @@ def root_hash(leaves: Sequence[bytes]) -> bytes:
     """MTH(D[n]) over leaf hashes; the empty tree's root is SHA-256 of nothing."""
     if not leaves:
         return hashlib.sha256(b"").digest()
+    return _subtrees(leaves, 0, {})
+
+
+def _subtrees(leaves: Sequence[bytes], first: int, into: dict[tuple[int, int], bytes]) -> bytes:
+    """MTH of ``leaves`` (non-empty; leaves ``first``.. of a larger tree), keeping every node's hash in ``into`` by
+    the range of leaves it covers (first, end)."""
     if len(leaves) == 1:
-        return leaves[0]
-    k = _split(len(leaves))
-    return _node(root_hash(leaves[:k]), root_hash(leaves[k:]))
+        digest = leaves[0]
+    else:
+        k = _split(len(leaves))
+        digest = _node(_subtrees(leaves[:k], first, into), _subtrees(leaves[k:], first + k, into))
+    into[first, first + len(leaves)] = digest
+    return digest
+
+
+def _path_ranges(index: int, size: int) -> list[tuple[int, int]]:
+    """The leaf ranges (first, end) of the subtrees on leaf ``index``'s audit path, bottom-up (PATH's order)."""
+    first, end, ranges = 0, size, []
+    while end - first > 1:
+        middle = first + _split(end - first)
+        ranges.append((middle, end) if index < middle else (first, middle))
+        first, end = (first, middle) if index < middle else (middle, end)
+    return ranges[::-1]
 
 
 def inclusion_proof(leaves: Sequence[bytes], index: int) -> list[bytes]:
     """PATH(m, D[n]): the audit path from leaf ``index`` to the root."""
-    if not 0 <= index < len(leaves):
-        raise TransparencyError(f"leaf {index} is not in a tree of {len(leaves)} leaves")
-    if len(leaves) == 1:
-        return []
-    k = _split(len(leaves))
-    if index < k:
-        return [*inclusion_proof(leaves[:k], index), root_hash(leaves[k:])]
-    return [*inclusion_proof(leaves[k:], index - k), root_hash(leaves[:k])]
+    return inclusion_proofs(leaves, [index])[0]
+
+
+def inclusion_proofs(leaves: Sequence[bytes], indices: Sequence[int]) -> list[list[bytes]]:
+    """The audit paths of several leaves, hashing the tree once."""
+    for index in indices:
+        if not 0 <= index < len(leaves):
+            raise TransparencyError(f"leaf {index} is not in a tree of {len(leaves)} leaves")
+    nodes: dict[tuple[int, int], bytes] = {}
+    if indices:
+        _subtrees(leaves, 0, nodes)
+    return [[nodes[r] for r in _path_ranges(index, len(leaves))] for index in indices]
+
+
+def updated_root(size: int, root: bytes, updates: Mapping[int, tuple[bytes, bytes, Sequence[bytes]]]) -> bytes | None:
+    """The root of the tree (``size``, ``root``) with some leaves replaced, every other leaf kept: ``updates`` maps
+    each replaced leaf's index to its old leaf hash, its new one and its audit path in the old tree. None if a path
+    does not show its old leaf under ``root``. O(replaced x log n): the untouched subtrees' hashes are the paths'."""
+    known = {(0, size): root}
+    for index, (old, _, proof) in updates.items():
+        if not verify_inclusion(index, size, old, proof, root):
+            return None
+        known.update(zip(_path_ranges(index, size), proof, strict=True))
+    replaced = sorted(updates)
+
+    def subtree(first: int, end: int) -> bytes:
+        if bisect.bisect_left(replaced, first) == bisect.bisect_left(replaced, end):
+            return known[first, end]  # no leaf replaced below: a sibling on some replaced leaf's path, or the root
+        if end - first == 1:
+            return updates[first][1]
+        middle = first + _split(end - first)
+        return _node(subtree(first, middle), subtree(middle, end))
+
+    return subtree(0, size)
 
 
 def consistency_proof(leaves: Sequence[bytes], old_size: int) -> list[bytes]:

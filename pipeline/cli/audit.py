@@ -1,10 +1,11 @@
 """`legonet audit ...`: verify the log, show or report records, check an ID, checkpoints and receipts
-(pipeline.audit.review does the work)."""
+(pipeline.audit.review does the work), and the operator's key work (pipeline.audit.keyops)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from pipeline.cli.output import emit
@@ -36,14 +37,24 @@ def add(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--output", type=Path, help="write it to this file instead")
     a = actions.add_parser("verify-receipt", help="check a receipt offline, with no project present")
     a.add_argument("file", type=Path)
-    a.add_argument("--trusted-key", required=True, metavar="KEY",
-                   help="the project's published PEM public key file (audit/signing-key.pub) or its fingerprint")
+    a.add_argument("--trusted-key", required=True, action="append", metavar="KEY",
+                   help="the project's published PEM public key file (audit/signing-key.pub: every key in it) or a "
+                        "fingerprint; repeatable (a receipt made after a key rotation may need the old and new key)")
+    a = actions.add_parser("rotate-key", help="rotate the signing key and/or the audit (HMAC) key; a signed record")
+    a.add_argument("--signing", action="store_true", help="a new Ed25519 signing key (the old one signs the switch)")
+    a.add_argument("--hmac", action="store_true", help="a new audit key for the next records (old ones are kept)")
+    a = actions.add_parser("backup-keys", help="write every file of the key dir to DEST (mode 0600, never replaced)")
+    a.add_argument("dest", type=Path)
+    a = actions.add_parser("restore-keys", help="put a backup's files back into the key dir (never over others)")
+    a.add_argument("src", type=Path)
+    actions.add_parser("move-keys", help="move keys kept inside the project (.legonet/keys) to the per-user key dir")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     # lazy: the log's cryptography, DVC and MLflow load only for `audit`
     from pipeline.audit import review
+    from pipeline.audit.keyring import in_project_note
     from pipeline.audit.receipt import receipt_json
     from pipeline.project.params import load_params
 
@@ -51,10 +62,15 @@ def run(args: argparse.Namespace) -> int:
         for line in review.check_receipt(args.file, args.trusted_key):
             print(f"ok: {line}")
         return 0
-    root, params, reader = Path.cwd(), load_params(), (args.trusted_key, args.checkpoint)
+    root, params = Path.cwd(), load_params()
+    if args.action in ("rotate-key", "backup-keys", "restore-keys", "move-keys"):
+        return _keys(root, params, args)
+    reader = (args.trusted_key, args.checkpoint)
     if args.action == "verify":
         for line in review.verify(root, params, args.rebuild, *reader):
             print(f"ok: {line}")
+        if note := in_project_note(root, params):
+            print(note, file=sys.stderr)
     elif args.action == "show":
         print(json.dumps(review.show(root, params, args.request_id, *reader), indent=1, sort_keys=True))
     elif args.action == "report":
@@ -70,4 +86,33 @@ def run(args: argparse.Namespace) -> int:
             return 1
         for item in found:
             print(f"forgotten by request {item['request_id']} (recorded {item['recorded_at']})")
+    return 0
+
+
+def _keys(root: Path, params: dict[str, object], args: argparse.Namespace) -> int:
+    """The operator's key work, each under the project lock (a forget must not sign or key in between)."""
+    # lazy: as in run()
+    from pipeline.audit import keyops
+    from pipeline.forget.flow import project_lock
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr)
+
+    with project_lock(root, True, say):
+        if args.action == "rotate-key":
+            if not (args.signing or args.hmac):
+                print("legonet audit rotate-key: give --signing, --hmac or both", file=sys.stderr)
+                return 2
+            keyops.rotate(root, params, args.signing, args.hmac, say)
+        elif args.action == "backup-keys":
+            count = keyops.backup(root, params, args.dest)
+            print(f"wrote {count} key dir file(s) to {args.dest} (mode 0600)")
+            say(keyops.LOSS)
+        elif args.action == "restore-keys":
+            restored, kept = keyops.restore(root, params, args.src)
+            print(f"restored {len(restored)} file(s): {', '.join(restored) or 'none (all were already there)'}")
+            if kept:
+                print(f"kept the key dir's own {', '.join(kept)} (the backup's are older or another)")
+        else:
+            print(f"moved the audit keys to {keyops.move(root, params)}")
     return 0

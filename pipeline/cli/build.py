@@ -17,25 +17,34 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # lazy: DVC and MLflow load only for the commands that need them (`legonet --help` stays instant)
-    from pipeline.forget.flow import project_lock
-    from pipeline.project.params import load_params
-    from pipeline.runner.build import commit_project, repro, summary, tag_build
-    from pipeline.tracking.head import check_head
+    from pipeline.forget import deferred
+    from pipeline.forget.flow import Writer, project_lock
+    from pipeline.project.code import sync_code
+    from pipeline.project.params import load_params, sync_generated
+    from pipeline.runner.build import commit_project, dvc_status, repro, summary, tag_build
+    from pipeline.tracking.head import check_head, check_lease
     from pipeline.tracking.registry import project_store
 
     root = Path.cwd()
     started = time.monotonic()
     with project_lock(root, wait=True, notify=lambda m: console.print(m, highlight=False)):  # not under a forget
         params = load_params(root)
-        check_head(root, params, project_store(params["mlflow"]))  # never build on data another clone forgot
-        ran = repro(root, force=args.force, console=console)
-        registered = tag_build(root) if ran else {}
-        metrics = summary(root)
-        built = (f": model version {registered['version']} [{registered['aliases']}], test accuracy "
-                 f"{metrics.get('accuracy', float('nan')):.4f}") if registered else ""
-        # dvc.lock, metrics, regenerated params: git status stays clean; under the lock, so a forget that starts
-        # now sees the build committed, not a work tree between two states
-        commit_project(root, f"legonet build{built}")
+        store = project_store(params["mlflow"])
+        check_head(root, params, store)  # never build on data another clone forgot
+        check_lease(root, store)  # nor while another clone forgets or builds (the lease is taken below, if needed)
+        deferred.check_deadlines(root, lambda m: console.print(m, highlight=False, soft_wrap=True))
+        with Writer(root, params) as writer:
+            # nor while another clone forgets; an up-to-date build writes nothing, the lease included
+            if args.force or sync_generated(root) | sync_code(root) or dvc_status(root):
+                writer.hold()
+            ran = repro(root, force=args.force, console=console)
+            registered = tag_build(root) if ran else {}
+            metrics = summary(root)
+            built = (f": model version {registered['version']} [{registered['aliases']}], test accuracy "
+                     f"{metrics.get('accuracy', float('nan')):.4f}") if registered else ""
+            # dvc.lock, metrics, regenerated params: git status stays clean; under the lock, so a forget that
+            # starts now sees the build committed, not a work tree between two states
+            commit_project(root, f"legonet build{built}")
     elapsed = time.monotonic() - started
     print(f"stages run: {len(ran)} ({elapsed:.1f} s)" if ran else "Data and pipelines are up to date.")
     if "accuracy" in metrics:

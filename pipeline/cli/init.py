@@ -23,6 +23,9 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reference", type=Path, help="non-deletable reference split (else carved by hash)")
     p.add_argument("--test", type=Path, help="test split (else carved by hash)")
     p.add_argument("--force", action="store_true", help="replace the data of an existing project")
+    p.add_argument("--data-secret", type=Path, metavar="FILE",
+                   help="build with another project's data secret (its key dir's data.secret), e.g. a from-scratch "
+                        "rebuild that must equal it bit for bit")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a param")
     p.set_defaults(func=run)
 
@@ -33,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     features = [f.strip() for f in args.features.split(",") if f.strip()] if args.features else None
     summary = init_project(Path(args.project), data=args.data, reference=args.reference, test=args.test,
-                           force=args.force, overrides=parse_set(args.set), features=features)
+                           force=args.force, overrides=parse_set(args.set), features=features,
+                           data_secret=args.data_secret)
     for path, rows in summary.counts.items():
         console.print(f"  {path}: {rows} samples")
     for choice in summary.choices:

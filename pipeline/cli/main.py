@@ -14,11 +14,11 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from pipeline.cli import adopt, audit, build, forget, init, predict, promote, status
+from pipeline.cli import adopt, audit, build, forget, init, predict, promote, requests, serve, status
 from pipeline.cli.output import console
 from pipeline.errors import LegonetError
 
-COMMANDS = (init, build, promote, adopt, predict, forget, audit, status)
+COMMANDS = (init, build, promote, adopt, predict, serve, forget, requests, audit, status)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -131,7 +131,7 @@ def routing_schema(n: int, k: int, partitions: int, classes: Sequence[int | str]
 
 
 def adapter_load_schema(n: int) -> pa.DataFrameSchema:
-    """metrics/adapter_load.csv: one row per adapter with non-negative counts."""
+    """reports/evaluate/adapter_load.csv: one row per adapter with non-negative counts."""
     return pa.DataFrameSchema({
         "adapter": pa.Column("int64", pa.Check.in_range(0, n - 1), unique=True),
         "train_samples": pa.Column("int64", pa.Check.ge(0)),

@@ -23,6 +23,7 @@ import pyarrow.compute
 import pyarrow.parquet as pq
 import yaml
 
+from pipeline.data.salt import SALT_KEY, padded, salt_of
 from pipeline.errors import ContractError, DataError
 from pipeline.project.layout import partition_name
 
@@ -30,7 +31,7 @@ SPLITS = ("reference", "test", "train")
 # image: one column of uint8 pixels; text: one column of strings; table: the numeric columns data.features names
 MODALITIES = ("image", "text", "table")
 PAYLOAD_DIGEST = "payload_sha256"  # encoded tables: sha256 of the payload each embedding was computed from
-METADATA_KEY = "legonet"  # the one Parquet schema-metadata key write_embeddings may set
+METADATA_KEY = "legonet"  # the Parquet schema-metadata key a writer's ``metadata`` goes to (beside the salt's)
 _HASH_BUCKETS = 10_000
 
 
@@ -212,14 +213,13 @@ def write_table(frame: pd.DataFrame, path: Path, metadata: dict[str, object] | N
 
     No pandas index (a filtered frame keeps stale row labels, which would change the bytes), no pandas metadata
     blob, fixed compression; written to a temporary file then renamed, so a crash never leaves a half file.
-    ``metadata``: as for ``write_embeddings``.
+    ``metadata``: as for ``write_embeddings``; inside a project the file is salted (``_schema_metadata``).
     """
     table = pa.Table.from_pandas(frame.reset_index(drop=True), preserve_index=False)
     # pandas hands strings to Arrow as `large_string` or `string` depending on where the column came from (read
     # back from Parquet, or built in Python); the stored Arrow schema records which, so one width is chosen
     table = table.cast(pa.schema([field.with_type(_narrow(field.type)) for field in table.schema]))
-    table = table.replace_schema_metadata(
-        None if metadata is None else {METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+    table = table.replace_schema_metadata(_schema_metadata(path, frame, metadata))
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd", compression_level=3, write_statistics=False,
                    row_group_size=1 << 20)
@@ -235,6 +235,21 @@ def _narrow(kind: pa.DataType) -> pa.DataType:
     if pa.types.is_list(kind) or pa.types.is_large_list(kind):
         return pa.list_(kind.value_field.with_type(_narrow(kind.value_type)))
     return kind
+
+
+def _schema_metadata(path: Path, frame: pd.DataFrame, metadata: dict[str, object] | None) -> dict[str, str] | None:
+    """A table's schema metadata: the writer's ``metadata`` and, inside a project, the salt of the data secret
+    (pipeline.data.salt) over the metadata and the sorted sample IDs (or, for a table without IDs, a digest of its
+    rows): the IDs alone keep the salt cheap on a large table, which is never serialised twice."""
+    stored = {} if metadata is None else {METADATA_KEY: json.dumps(metadata, sort_keys=True)}
+    if "sample_id" in frame.columns:
+        identity = sorted(str(i) for i in frame["sample_id"])
+    else:
+        identity = [hashlib.sha256(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes()).hexdigest()]
+    salt = salt_of(path, [stored.get(METADATA_KEY, ""), *identity])
+    if salt is not None:
+        stored[SALT_KEY] = padded(salt)
+    return stored or None
 
 
 def write_bytes_atomic(path: Path, data: bytes, *, keep_identical: bool = False) -> bool:
@@ -324,7 +339,8 @@ def write_embeddings(path: Path, frame: pd.DataFrame, embeddings: np.ndarray, *,
     """Write ``sample_id``, ``label`` (and any other small columns of ``frame``) plus a fixed-width float32
     ``embedding`` column, sorted by sample_id, byte-deterministically. ``keep_identical``: see
     ``write_bytes_atomic``; returns whether the file was written. ``metadata`` is stored as one Parquet schema key
-    (``legonet``, sorted JSON: one key, so its order cannot vary) that ``read_metadata`` returns."""
+    (``legonet``, sorted JSON: one key, so its order cannot vary) that ``read_metadata`` returns; inside a project
+    the file is salted (``_schema_metadata``)."""
     order = np.argsort(frame["sample_id"].to_numpy(), kind="stable")
     frame = frame.iloc[order].reset_index(drop=True)
     embeddings = np.ascontiguousarray(embeddings[order], dtype=np.float32)
@@ -335,9 +351,7 @@ def write_embeddings(path: Path, frame: pd.DataFrame, embeddings: np.ndarray, *,
     columns = {name: pa.array(frame[name].to_numpy(), type=types.get(name)) for name in frame.columns}
     width = embeddings.shape[1] if embeddings.ndim == 2 else 0
     columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), width)
-    table = pa.table(columns)
-    if metadata is not None:
-        table = table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+    table = pa.table(columns).replace_schema_metadata(_schema_metadata(path, frame, metadata))
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd", compression_level=3, write_statistics=False,
                    row_group_size=1 << 20)

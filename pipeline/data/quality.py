@@ -9,7 +9,10 @@ importing GX, so they can be tested and reused cheaply):
 * ``adapters``: one row per adapter: samples, classes present, the largest class's share.
 
 No table holds a sample ID: the reports are DVC outputs whose old versions must never carry the ID of a sample
-forgotten later (the residue guarantee), and a plain hash of a guessable ID would be no better.
+forgotten later (the residue guarantee), and a plain hash of a guessable ID would be no better. The per-shard
+values the tables are built from (``PARTIALS``) do hold IDs: they are a `persist` output of the stage, sample
+tables like the shards, so the forget's purge by provenance deletes every old version holding a forgotten sample
+(pipeline.purge.history).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ QUALITY_DIR = Path("reports/quality")
 RESULT = QUALITY_DIR / "result.json"
 TABLES = QUALITY_DIR / "tables"
 DATA_DOCS = QUALITY_DIR / "data_docs"
+PARTIALS = QUALITY_DIR / "partials"  # each shard's ``shard_values``, a `persist` output (they hold sample IDs)
 SUITES = ("training_data", "training_classes", "adapters")
 TABLE_OF_SUITE = {"training_data": "samples", "training_classes": "classes", "adapters": "adapters"}
 
@@ -126,16 +130,22 @@ def held_out_features(reference: np.ndarray, projection: np.ndarray) -> np.ndarr
     return out
 
 
-def tables(shards: Sequence[tuple[pd.DataFrame, np.ndarray]], routed_ids: Sequence[str], classes: Sequence[int]
+def shard_values(frame: pd.DataFrame, features: np.ndarray) -> pd.DataFrame:
+    """What the checkpoint needs of one shard (a frame with sample_id and label, its features): each row's
+    sample_id, label and embedding norm (float64). It depends on the shard's bytes alone, so the `quality` stage
+    keeps it per shard (``PARTIALS``) and reads again only the shards a forget rewrote."""
+    norms = np.linalg.norm(features.astype(np.float64), axis=1) if len(frame) else np.zeros(0)
+    return pd.DataFrame({"sample_id": frame["sample_id"].astype(str).to_numpy(), "label": frame["label"].to_numpy(),
+                         "norm": norms})
+
+
+def tables(shards: Sequence[pd.DataFrame], routed_ids: Sequence[str], classes: Sequence[int]
            ) -> dict[str, pd.DataFrame]:
-    """The three tables from the shards (each ``(frame with sample_id and label, features)``, adapter order) and the
-    sample IDs of the routing index."""
-    rows = []
+    """The three tables from each shard's ``shard_values`` (adapter order) and the sample IDs of the routing
+    index."""
+    rows = list(shards)
     adapters = []
-    for j, (frame, features) in enumerate(shards):
-        norms = np.linalg.norm(features.astype(np.float64), axis=1) if len(frame) else np.zeros(0)
-        rows.append(pd.DataFrame({"sample_id": frame["sample_id"].astype(str).to_numpy(),
-                                  "label": frame["label"].to_numpy(), "norm": norms}))
+    for j, frame in enumerate(rows):
         counts = frame["label"].value_counts()
         adapters.append({"adapter": j, "samples": len(frame), "classes_present": int((counts > 0).sum()),
                          "max_class_share": round(float(counts.max() / len(frame)), 6) if len(frame) else 0.0})

@@ -1,7 +1,7 @@
 """The forget flow (docs/design.md section 5): a deletion request in, exactly-unlearned artifacts, a signed record out.
 
-The flow is a journalled state machine, ``received -> data-removed -> rebuilt -> registered -> purged ->
-audited -> committed``. The journal (outside git, in ``.legonet/``) is written before each step's effects are
+The flow is a journalled state machine, ``received -> quarantined -> data-removed -> rebuilt -> registered ->
+purged -> audited -> committed``. The journal (outside git, in ``.legonet/``) is written before each step's effects are
 trusted, so a crash anywhere is finished by re-running the same command; every step is idempotent. One writer at
 a time holds the project lock.
 """
@@ -16,30 +16,31 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
-
+from pipeline.audit import disclosure
 from pipeline.data.dataset import read_table, read_yaml, write_private, write_table
+from pipeline.data.salt import data_secret
 from pipeline.errors import ExactnessError, ForgetError, LockBusy
 from pipeline.forget.manifest import DeletionRequest, merge_requests
 from pipeline.project.code import check_all_code
 from pipeline.project.layout import REFERENCE, ROUTING, TEST, adapter_info_path, adapter_path, raw_path, shard_path
+from pipeline.purge.history import ObjectIndex
 from pipeline.purge.objects import DIR_SUFFIX, dvc_cache, object_path
 from pipeline.runner.build import address, dvc_repo
 from pipeline.runner.worker import entry_point
-from pipeline.tracking.head import check_head
+from pipeline.tracking.head import check_head, check_lease, writer_lease
 from pipeline.tracking.identity import project_id
 from pipeline.tracking.lineage import file_md5, file_sha256
 from pipeline.tracking.registry import project_store
 
-STATES = ("received", "data-removed", "rebuilt", "registered", "purged", "audited", "committed")
-PHASES = {"data-removed": "remove", "rebuilt": "rebuild", "registered": "register", "purged": "purge",
-          "audited": "audit", "committed": "commit"}
+STATES = ("received", "quarantined", "data-removed", "rebuilt", "registered", "purged", "audited", "committed")
+PHASES = {"quarantined": "quarantine", "data-removed": "remove", "rebuilt": "rebuild", "registered": "register",
+          "purged": "purge", "audited": "audit", "committed": "commit"}
 STATE_DIR = Path(".legonet")
 JOURNAL = STATE_DIR / "journal.json"
 LOCK = STATE_DIR / "lock"
@@ -204,23 +205,24 @@ def plan_batch(root: Path, sample_ids: Sequence[str], reference_ids: set[str],
     routing_path = root / ROUTING
     if not routing_path.is_file():
         raise ForgetError(f"{routing_path}: missing; build the project (`legonet build`) before forgetting")
-    routing = read_table(routing_path).set_index("sample_id")
-    test_ids = set(read_table(root / TEST)["sample_id"])
+    # the columns the look-up needs, not the label and payload digest of every row
+    routing = read_table(routing_path, ["sample_id", "partition", "adapters"]).set_index("sample_id")
+    test_ids = set(read_table(root / TEST, ["sample_id"])["sample_id"])
     refused = sorted(set(sample_ids) & reference_ids)
     if refused:
         raise ForgetError(f"{len(refused)} ID(s) belong to the reference split, which keys and projection are "
                           f"fitted on and which is not deletable: {refused[:5]}; remove them from the manifest")
-    back = forgotten(sorted((set(routing.index) | test_ids) - set(sample_ids)))
+    back = forgotten((set(routing.index) | test_ids) - set(sample_ids))
     if back:
         owners = sorted({r for found in back.values() for r in found})
         raise ForgetError(f"{len(back)} sample(s) that request(s) {', '.join(owners)} forgot are back in "
                           f"{ROUTING} or {TEST}: {sorted(back)[:5]}; add them to this request's manifest to forget "
                           "them again")
-    train = sorted(i for i in sample_ids if i in routing.index)
+    rows = routing[routing.index.isin(set(sample_ids))]
+    train = sorted(rows.index)
     test = sorted(i for i in sample_ids if i in test_ids)
     rest = sorted(set(sample_ids) - set(train) - set(test))
     earlier = forgotten(rest)
-    rows = routing.loc[train]
     adapters = sorted({int(a) for row in rows["adapters"] for a in row})
     return Plan(train, test, sorted(set(rest) - set(earlier)), earlier,
                 sorted({int(p) for p in rows["partition"]}), adapters, n, blocks)
@@ -228,9 +230,41 @@ def plan_batch(root: Path, sample_ids: Sequence[str], reference_ids: set[str],
 
 def preconditions(root: Path, params: dict[str, Any]) -> None:
     """Refuse before any change, under the project lock: a project without its ID could not purge its MLflow
-    objects, and a clone behind the registry's audit head would rebuild on data another clone forgot."""
+    objects, a clone behind the registry's audit head would rebuild on data another clone forgot, and one whose
+    peer holds the writer lease would write beside it."""
     project_id(params)
-    check_head(root, params, project_store(params["mlflow"]))
+    data_secret(root)  # nor could one without its data secret write its tables (pipeline.data.salt)
+    store = project_store(params["mlflow"])
+    check_head(root, params, store)
+    check_lease(root, store)
+
+
+class Writer:
+    """The shared registry's writer lease (pipeline.tracking.head), taken by ``hold`` before a command's first
+    write, so that no other clone starts a forget or build until this one is committed; a request refused before
+    that writes nothing, the lease included. Released when the block ends."""
+
+    def __init__(self, root: Path, params: dict[str, Any]) -> None:
+        self.root, self.store, self.held, self.taken = root, project_store(params["mlflow"]), ExitStack(), False
+
+    def hold(self) -> None:
+        if not self.taken:
+            self.held.enter_context(writer_lease(self.root, self.store))
+            self.taken = True
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.held.close()
+
+
+def rows_plan(root: Path, requests: Sequence[DeletionRequest], params: dict[str, Any],
+              forgotten: Callable[[Iterable[str]], dict[str, list[str]]]) -> Plan:
+    """The rows a batch touches and the adapters they activate (``plan_batch``), before any stage is planned."""
+    reference = set(read_table(root / REFERENCE, ["sample_id"])["sample_id"])
+    return plan_batch(root, merge_requests(requests), reference, forgotten, int(params["adapters"]["n"]),
+                      int(params["adapters"]["blocks"]))
 
 
 def plan_requests(root: Path, requests: Sequence[DeletionRequest], params: dict[str, Any],
@@ -239,9 +273,7 @@ def plan_requests(root: Path, requests: Sequence[DeletionRequest], params: dict[
     """The plan of a batch: its rows (``plan_batch``), then, if it changes data, the stages DVC's graph puts
     downstream of them. Refuses unknown IDs (unless ``allow_unknown``), code that is not this build's and a project
     with changes not built yet (a forget reruns only what its rows reach: the rest must be this build)."""
-    reference = set(read_table(root / REFERENCE)["sample_id"])
-    plan = plan_batch(root, merge_requests(requests), reference, forgotten, int(params["adapters"]["n"]),
-                      int(params["adapters"]["blocks"]))
+    plan = rows_plan(root, requests, params, forgotten)
     if not dry_run and plan.unknown_ids and not allow_unknown:
         raise ForgetError(f"{len(plan.unknown_ids)} sample ID(s) are not in this project: {plan.unknown_ids[:5]}; "
                           "check the manifest, or pass --allow-unknown to record them as 'not present'")
@@ -249,7 +281,7 @@ def plan_requests(root: Path, requests: Sequence[DeletionRequest], params: dict[
         check_all_code(root)
     if not plan.changes_data:
         return plan
-    with dvc_repo(root) as repo:
+    with dvc_repo(root, reading=not dry_run) as repo:  # a dry run reads the graph only, taking no DVC lock
         if not dry_run and repo.status():
             raise ForgetError("the project has changes that are not built yet (`dvc status` is not clean): run "
                               "`legonet build` first, so the forget rebuilds only what the request touches")
@@ -279,7 +311,12 @@ def advance(journal: Journal, root: Path, state: str, started: float) -> None:
     journal.timings[phase] = round(journal.timings.get(phase, 0.0) + time.monotonic() - started, 3)
     journal.state = state
     journal.save(root)
-    if os.environ.get(CRASH_ENV) == state:
+    crash_point(state)
+
+
+def crash_point(name: str) -> None:
+    """The fault-injection hook: SIGKILL this process here when ``LEGONET_CRASH_AFTER`` names this point."""
+    if os.environ.get(CRASH_ENV) == name:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -366,7 +403,7 @@ def check_rebuild(root: Path, plan: Plan, before: dict[str, str], ran: list[str]
     problems += [f"still stale: {sorted(stale)[:10]}"] if stale else []
     checks.append({"name": "exactly the planned stages were stale", "passed": not problems,
                    "detail": "; ".join(problems) or f"{len(plan.stages)} stages rebuilt, `dvc status` clean"})
-    residue = [p for p in after if p.endswith(".parquet") and _holds_ids(root / p, sample_ids)]
+    residue = forgotten_ids_in(root, after, sample_ids)
     checks.append({"name": "no forgotten ID in any data artifact", "passed": not residue,
                    "detail": f"{sum(p.endswith('.parquet') for p in after)} tables scanned" if not residue
                    else f"found in {residue}"})
@@ -376,14 +413,20 @@ def check_rebuild(root: Path, plan: Plan, before: dict[str, str], ran: list[str]
     return checks
 
 
-def _holds_ids(path: Path, sample_ids: set[str]) -> bool:
-    names = pq.read_schema(path).names
-    if "sample_id" not in names:
-        return False
-    return bool(sample_ids.intersection(pq.read_table(path, columns=["sample_id"]).column(0).to_pylist()))
+def forgotten_ids_in(root: Path, digests: dict[str, str], sample_ids: set[str],
+                     index: ObjectIndex | None = None) -> list[str]:
+    """The Parquet artifacts among ``digests`` (path -> md5, ``artifact_digests``) that hold one of ``sample_ids``.
+
+    Complete and exact, yet in proportion to the change: the IDs of a table are read once per md5 and kept in the
+    object memo (``pipeline.purge.history.ObjectIndex``, the purge's own index), so only the files the forget
+    wrote are read; every other answer is a lookup of keyed digests."""
+    index = index or ObjectIndex(root, None)
+    keyed = index.id_digests(sample_ids)
+    return [p for p, md5 in digests.items() if p.endswith(".parquet") and index.holds(md5, keyed, root / p)]
 
 
 def subjects(root: Path) -> dict[str, str]:
-    """The in-toto subjects: every file of the packaged model and every adapter, by sha256."""
+    """The in-toto subjects: every file of the packaged model and every adapter, by sha256 (the adapter files as
+    one Merkle root: ``disclosure.subjects``)."""
     files = sorted(p for d in ("models/package", "models/adapters") for p in (root / d).rglob("*") if p.is_file())
-    return {p.relative_to(root).as_posix(): file_sha256(p) for p in files}
+    return disclosure.subjects({p.relative_to(root).as_posix(): file_sha256(p) for p in files})

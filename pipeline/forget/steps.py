@@ -1,6 +1,7 @@
 """`legonet forget MANIFEST...`: apply deletion requests through the journalled flow of pipeline.forget.flow.
 
-Steps (docs/design.md section 5), one per state of the journal (``_run`` holds the table): remove the rows -> rebuild
+Steps (docs/design.md section 5), one per state of the journal (``_run`` holds the table): quarantine the adapters
+the requests activate (pipeline.forget.deferred) -> remove the rows -> rebuild
 the stages DVC's graph puts downstream of them -> register -> purge -> write the signed audit record -> commit to
 git. Re-running the same command after a crash finishes the job. A purge a store refuses does not stop the forget:
 it is kept as pending (pipeline.purge.pending), which every later forget retries first.
@@ -16,7 +17,7 @@ from typing import Any
 
 from pipeline.audit.record import forgotten_lookup, recorded_requests, write_records
 from pipeline.errors import StoreError
-from pipeline.forget import flow
+from pipeline.forget import deferred, flow
 from pipeline.forget.manifest import DeletionRequest, load_manifest
 from pipeline.purge import pending
 from pipeline.runner.build import (
@@ -32,11 +33,15 @@ from pipeline.runner.build import (
 )
 from pipeline.runner.worker import StageWorker, call, stage_worker, worker_modules
 
+TIMED = ("rebuilt", "purged")  # states whose time the record carries (as "retrained", "purged")
+
 
 def forget(root: Path, manifests: Sequence[Path], params: dict[str, Any], *, dry_run: bool = False,
-           wait: bool = True, allow_unknown: bool | None = None, say: Callable[[str], None] = print
-           ) -> dict[str, Any]:
-    """Apply the requests in ``manifests`` as one batch (one rebuild for the union); return a summary."""
+           wait: bool = True, allow_unknown: bool | None = None, say: Callable[[str], None] = print,
+           skip_recorded: bool = False) -> dict[str, Any]:
+    """Apply the requests in ``manifests`` as one batch (one rebuild for the union); return a summary.
+    ``skip_recorded``: leave out requests the audit log already records (a batch of deferred requests, some of
+    which a plain `legonet forget` has done since) instead of refusing the batch."""
     started = time.monotonic()
     requests = [load_manifest(m) for m in manifests]  # all parsing errors surface before anything else
     if allow_unknown is None:
@@ -49,19 +54,22 @@ def forget(root: Path, manifests: Sequence[Path], params: dict[str, Any], *, dry
     # checkpoint tag) run in a second process that imports GX and MLflow meanwhile; with Ray there is no worker:
     # `dvc repro` runs every stage, and the MLflow steps run here
     modules = worker_modules(root)
-    with flow.project_lock(root, wait, say), \
+    with flow.project_lock(root, wait, say), flow.Writer(root, params) as writer, \
             stage_worker(root, params, modules, preload=["pipeline.purge.models"]) as worker:
         timings["lock"] = round(time.monotonic() - lock_started, 3)
         flow.preconditions(root, params)
         interrupted = flow.Journal.load(root)
+        if interrupted is not None or pending.load(root)["pending"]:
+            writer.hold()  # finishing an earlier forget or purge writes to the shared stores
         pending.retry(root, params, worker, say, skip=interrupted.request_ids if interrupted else ())
+        deferred.check_deadlines(root, say)
         if interrupted is not None and interrupted.batch != flow.batch_id(requests):
             say(f"finishing the interrupted forget of {', '.join(interrupted.request_ids)} first")
             _run(root, interrupted, params, worker, say, resumed=True)  # a refused purge stays pending
             interrupted = None
         if interrupted is None:
             plan_started = time.monotonic()
-            journal = _start(root, requests, params, allow_unknown, modules, say)
+            journal = _start(root, requests, params, allow_unknown, modules, say, skip_recorded)
             if journal is None:
                 return {"status": "already-forgotten", "request_ids": [r.request_id for r in requests]}
             journal.timings.update(timings, plan=round(time.monotonic() - plan_started, 3))
@@ -69,6 +77,7 @@ def forget(root: Path, manifests: Sequence[Path], params: dict[str, Any], *, dry
         else:
             say(f"resuming the forget of {', '.join(interrupted.request_ids)} from state '{interrupted.state}'")
             journal, resumed = interrupted, True
+        writer.hold()  # the request is valid: from here on the forget writes
         summary = _run(root, journal, params, worker, say, resumed)
     if "purge_pending" in summary:
         raise StoreError(f"the forget of {', '.join(summary['request_ids'])} is done and recorded, but its purge is "
@@ -83,6 +92,7 @@ def _run(root: Path, journal: flow.Journal, params: dict[str, Any], worker: Stag
     plan = flow.plan_of(journal)
     ids = set(journal.sample_ids)
     steps: dict[str, Callable[[], None]] = {  # the state a step reaches -> the step
+        "quarantined": lambda: deferred.quarantine(root, journal, params, say),
         "data-removed": lambda: remove(root, plan, ids, say),
         "rebuilt": lambda: rebuild(root, journal, plan, ids, worker, say, resumed),
         "registered": lambda: register(root, journal, plan, params["mlflow"], worker, say),
@@ -93,18 +103,23 @@ def _run(root: Path, journal: flow.Journal, params: dict[str, Any], worker: Stag
     for state in flow.STATES[flow.STATES.index(journal.state) + 1:]:
         started = time.monotonic()
         steps[state]()
+        if state in TIMED and plan.changes_data:  # when the request was retrained, purged: for the record
+            journal.results.setdefault("times", {})[state] = deferred.stamp(deferred.now())
         flow.advance(journal, root, state, started)
     refused = journal.results.get("purge", {}).get("status") == "pending"
     summary = {"status": plan.status, **({"purge_pending": journal.results["purge"]["reason"]} if refused else {}),
                "request_ids": journal.request_ids, "retrained_adapters": plan.adapters,
                "timings": journal.timings, **journal.results.get("registry", {})}
-    (root / flow.JOURNAL).unlink()  # holds raw IDs: gone once the record is written
+    deferred.drop(root, journal.request_ids)  # their stored manifests hold raw IDs too; before the journal goes,
+    (root / flow.JOURNAL).unlink()  # so a crash between the two is finished by re-running (the record is written)
     return summary
 
 
 def _start(root: Path, requests: Sequence[DeletionRequest], params: dict[str, Any], allow_unknown: bool,
-           modules: frozenset[str], say: Callable[[str], None]) -> flow.Journal | None:
+           modules: frozenset[str], say: Callable[[str], None], skip_recorded: bool = False) -> flow.Journal | None:
     recorded = recorded_requests(root, params)  # verified first
+    if skip_recorded and any(r.request_id not in recorded for r in requests):
+        requests = [r for r in requests if r.request_id not in recorded]
     done = [r.request_id for r in requests if r.request_id in recorded]
     if done and len(done) == len(requests):
         say(f"request(s) {', '.join(done)} already forgotten (see `legonet audit show {done[0]}`); nothing to do")
@@ -178,7 +193,8 @@ def audit(root: Path, journal: flow.Journal, plan: flow.Plan, params: dict[str, 
                 # clean, which a resumed forget cannot vouch for
                 "after": flow.artifact_digests(root, clean=plan.changes_data and not resumed),
                 "dvc_lock": {"before": journal.before["dvc_lock"], "after": dvc_lock_digest(root)},
-                "completed_purges": completed}
+                "completed_purges": completed,
+                "times": {r: deferred.times(journal, r, params) for r in journal.request_ids}}
     note = write_records(root, journal, plan, measured, params, flow.subjects(root))
     pending.recorded(root, completed)
     version = journal.results.get("registry", {}).get("model_version")

@@ -27,6 +27,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from safetensors.numpy import save
+
+from pipeline.data.salt import SALT_KEY
 
 OPTIMIZERS = ("lbfgs", "adam")
 HISTORY = 10  # L-BFGS curvature pairs kept
@@ -63,6 +66,12 @@ def adapter_seed(global_seed: int, index: int) -> int:
     """seed_j: a 63-bit seed from sha256(global seed, j), so adapters never share a random stream."""
     digest = hashlib.sha256(f"legonet-adapter:{global_seed}:{index}".encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1
+
+
+def adapter_bytes(weights: dict[str, np.ndarray], salt: str | None) -> bytes:
+    """An adapter's file: safetensors of its weights, with the data salt (pipeline.data.salt) in the header inside a
+    project, since the weights alone are recomputable by anyone who holds the shard (seeded training)."""
+    return save(weights, metadata=None if salt is None else {SALT_KEY: salt})
 
 
 def train_adapter(

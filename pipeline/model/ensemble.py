@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -42,12 +42,30 @@ class Ensemble:
         self.classes = classes
         self.usable = np.array([bool(adapters.get(j)) for j in range(keys.shape[0])])
 
-    def predict_proba(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Mean probabilities (N, C) and the adapters consulted (N, k') for encoder embeddings (N, d)."""
+    def predict_proba(self, embeddings: np.ndarray, quarantine: Collection[int] = ()
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """Mean probabilities (N, C) and the adapters consulted (N, k') for encoder embeddings (N, d).
+
+        ``quarantine``: adapters never consulted (their shards held a sample a pending request forgets); each
+        sample takes its next nearest usable adapters instead, so the answer is a function of the embedding,
+        the kept adapters and the quarantine alone."""
         points = project(embeddings, self.projection)
-        activated = route(points, self.keys, self.k, self.usable)
+        activated = route(points, self.keys, self.k, self.allowed(quarantine))
         return mean_proba(activated, len(self.classes),
                           lambda j, rows: adapter_proba(self.adapters[j], points[rows])), activated
+
+    def allowed(self, quarantine: Collection[int]) -> np.ndarray:
+        """The usable adapters outside ``quarantine``; an error names what is wrong with the quarantine."""
+        n = self.keys.shape[0]
+        outside = sorted(int(j) for j in quarantine if not 0 <= int(j) < n)
+        if outside:
+            raise ValueError(f"quarantine names adapter(s) {outside[:5]}, but the model has adapters 0..{n - 1}")
+        mask = self.usable.copy()
+        mask[[int(j) for j in quarantine]] = False
+        if not mask.any():
+            raise ValueError(f"the quarantine {sorted(set(quarantine))[:10]} leaves no trained adapter to consult; "
+                             "retrain (`legonet requests run`) before predicting")
+        return mask
 
     def predict(self, embeddings: np.ndarray) -> np.ndarray:
         proba, _ = self.predict_proba(embeddings)

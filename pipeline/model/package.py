@@ -27,7 +27,8 @@ class LegoNetModel(PythonModel):
     """pyfunc model. Input: a DataFrame with an ``image`` column (raw uint8 bytes, or a list of pixel values,
     row-major ``image_shape``), a ``text`` column, or a table's feature columns. Output: ``prediction`` (the class
     name or index of ``data.classes``) plus ``proba_<class>`` columns and ``adapters`` (the adapters each sample
-    consulted)."""
+    consulted). ``params={"quarantine": [adapter numbers]}``: adapters never consulted (the registry's
+    ``legonet.quarantine`` tag of the version, pipeline.tracking.quarantine)."""
 
     def load_context(self, context: Any) -> None:
         # lazy: MLflow unpickles this class to log and register it; ONNX Runtime loads only when it is served
@@ -44,7 +45,19 @@ class LegoNetModel(PythonModel):
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
                 ) -> pd.DataFrame:
-        return predict_frame(self.encoder, self.ensemble, self.config, model_input)
+        return predict_frame(self.encoder, self.ensemble, self.config, model_input, quarantine_param(params))
+
+
+def quarantine_param(params: dict[str, Any] | None) -> list[int]:
+    """The ``quarantine`` param as adapter numbers, with a clear error for anything else."""
+    value = (params or {}).get("quarantine")
+    if value is None:
+        return []
+    items = value.tolist() if isinstance(value, np.ndarray) else value
+    if not isinstance(items, list | tuple) or not all(
+            isinstance(a, int | np.integer) and not isinstance(a, bool) for a in items):
+        raise ValueError(f"params quarantine must be a list of adapter numbers, not {value!r}")
+    return sorted({int(a) for a in items})
 
 
 def payloads(frame: pd.DataFrame, config: dict[str, Any]) -> list[Any]:
@@ -74,8 +87,9 @@ def payloads(frame: pd.DataFrame, config: dict[str, Any]) -> list[Any]:
     return images
 
 
-def predict_frame(encoder: Any, ensemble: Any, config: dict[str, Any], frame: pd.DataFrame) -> pd.DataFrame:
-    proba, activated = ensemble.predict_proba(encoder.encode(payloads(frame, config)))
+def predict_frame(encoder: Any, ensemble: Any, config: dict[str, Any], frame: pd.DataFrame,
+                  quarantine: list[int] | None = None) -> pd.DataFrame:
+    proba, activated = ensemble.predict_proba(encoder.encode(payloads(frame, config)), quarantine or [])
     classes = list(config["classes"])
     out = pd.DataFrame({"prediction": np.asarray(classes)[proba.argmax(axis=1)]})
     for i, c in enumerate(classes):

@@ -22,8 +22,8 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedSeq
 from ruamel.yaml.scalarstring import DoubleQuotedScalarString
 
-from pipeline.audit.keyring import audit_key, audit_log
-from pipeline.audit.secrets import id_digest
+from pipeline.audit.keyring import audit_keys, audit_log
+from pipeline.audit.secrets import forgotten_by
 from pipeline.data.dataset import (
     SplitFractions,
     bundled_mnist,
@@ -33,6 +33,7 @@ from pipeline.data.dataset import (
     read_samples,
     write_table,
 )
+from pipeline.data.salt import create_secret
 from pipeline.errors import DataError, ForgetError, InitError
 from pipeline.forget.flow import JOURNAL, Journal, project_lock
 from pipeline.project.code import sync_code
@@ -110,10 +111,13 @@ def init_project(
     force: bool = False,
     overrides: dict[str, Any] | None = None,
     features: list[str] | None = None,
+    data_secret: Path | None = None,
 ) -> InitSummary:
     """Create (or, with ``force``, reset) a project at ``root``; returns row counts per split and the choices made.
 
     ``features`` names the payload columns of a table (default: every column but sample_id and label).
+    ``data_secret``: another project's data secret to build with (pipeline.data.salt), so that this build can equal
+    that project's bit for bit (a from-scratch build on its retained data); default: the project's own, else new.
 
     Everything is checked before anything is written: params (with the ``--set`` overrides) are staged in a
     temporary file and the data fully validated and carved first, so bad input leaves the folder untouched (no
@@ -137,7 +141,7 @@ def init_project(
     with project_lock(root, wait=False, notify=print) if existing else nullcontext():  # never under a forget
         if existing:
             _refuse_unfinished_and_forgotten(root, files)
-        _write_project(root, params_text, files, force)
+        _write_project(root, params_text, files, force, data_secret)
         commit_project(root, "legonet init" + (f" from {data.name}" if data is not None else " (bundled MNIST)"))
     return InitSummary({path.as_posix(): len(frame) for path, frame in files.items()}, choices)
 
@@ -152,19 +156,19 @@ def _refuse_unfinished_and_forgotten(root: Path, files: dict[Path, pd.DataFrame]
                           "finish it (re-run the same `legonet forget`) before replacing the data")
     params = load_params(root)
     log = audit_log(root, params)
-    forgotten = {digest for record in log.summaries() for digest in record["forgotten_ids"]}
-    if not forgotten:
+    summaries = log.summaries()
+    if not any(record["forgotten_ids"] for record in summaries):
         return
-    key = audit_key(root, params, log)
-    back = sorted(sample_id for path, frame in files.items() for sample_id in frame["sample_id"]
-                  if id_digest(key, sample_id) in forgotten)
+    back = sorted(forgotten_by(summaries, audit_keys(root, params, log))(
+        sample_id for frame in files.values() for sample_id in frame["sample_id"]))
     if back:
         shown = ", ".join(repr(i) for i in back[:5]) + (f" (and {len(back) - 5} more)" if len(back) > 5 else "")
         raise DataError(f"{len(back)} sample(s) of the new data were forgotten by an earlier request (the audit "
                         f"log lists them): {shown}; remove them from the data before `legonet init --force`")
 
 
-def _write_project(root: Path, params_text: str, files: dict[Path, pd.DataFrame], force: bool) -> None:
+def _write_project(root: Path, params_text: str, files: dict[Path, pd.DataFrame], force: bool,
+                   data_secret: Path | None) -> None:
     root.mkdir(parents=True, exist_ok=True)
     if force:
         for stale in ("data", "models", "metrics", "dvc.lock"):
@@ -186,6 +190,7 @@ def _write_project(root: Path, params_text: str, files: dict[Path, pd.DataFrame]
         if missing:
             path.write_text(existing + ("" if existing.endswith("\n") or not existing else "\n")
                             + "\n".join(missing) + "\n")
+    create_secret(root, data_secret)  # before the first table: each is salted with it
     for path, frame in files.items():
         write_table(frame, root / path)
     sync_generated(root)

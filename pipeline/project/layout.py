@@ -29,6 +29,9 @@ METRICS = Path("metrics")
 PROBE = Path("reports/probe")  # the baseline probe's per-shard sufficient statistics
 EVALUATION = Path("reports/evaluate")  # the evaluate stage's per-adapter test outputs
 TEST_POINTS = EVALUATION / "test-points.parquet"  # the test split's projected features (evaluate, baseline)
+# train and test samples per adapter: a DVC output, not a git metric (its diff would name the adapters a forget
+# retrained, docs/audit.md)
+ADAPTER_LOAD = EVALUATION / "adapter_load.csv"
 
 
 def partition_name(index: int) -> str:

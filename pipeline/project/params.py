@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -45,11 +46,37 @@ def load_params(root: Path = Path()) -> dict[str, Any]:
         raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(params, dict):
         raise ParamsError(f"{path}: must be a mapping of sections")
+    refuse_secrets(params)
     return params
+
+
+def refuse_secrets(params: dict[str, Any], where: str = "") -> None:
+    """params.yaml is committed to git by every command: a URI with a password in any value is refused, with
+    where the credentials belong instead (the password is never repeated in the message)."""
+    for key, value in params.items():
+        name = f"{where}.{key}" if where else str(key)
+        if isinstance(value, dict | list):
+            refuse_secrets(value if isinstance(value, dict) else dict(enumerate(value)), name)
+        elif isinstance(value, str) and "://" in value:
+            try:
+                parts = urlsplit(value)
+                password = parts.password
+            except ValueError:
+                continue
+            if password is not None:
+                shown = parts._replace(netloc=f"{parts.username}:***@{parts.hostname or ''}"
+                                       + (f":{parts.port}" if parts.port else "")).geturl()
+                raise ParamsError(
+                    f"params.yaml: {name} holds a password ({shown}); params.yaml is committed to git, so "
+                    "no secret may be in it: remove the password and give it where the tool reads it (PostgreSQL: "
+                    "~/.pgpass or PGPASSWORD; an MLflow server: MLFLOW_TRACKING_USERNAME and "
+                    "MLFLOW_TRACKING_PASSWORD; S3: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or ~/.aws; a DVC "
+                    "remote: `dvc remote modify --local`)")
 
 
 def check_params(params: dict[str, Any]) -> None:
     """Catch impossible settings before any stage runs, with the key and the fix in the message."""
+    refuse_secrets(params)
     from pipeline.model.encoder import ENCODERS  # lazy: it loads ONNX Runtime, and every command reads params
 
     try:

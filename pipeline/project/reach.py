@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import json
 import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib.util import find_spec
 from pathlib import Path
 
+from pipeline.data.dataset import write_bytes_atomic
 from pipeline.project.params import ParamsError
 from pipeline.tracking.lineage import file_sha256
 
@@ -313,3 +315,36 @@ def legonet_digest(reach: Reach) -> str:
         files.update(_package_files(package))
     listing = "".join(f"{relpath} {file_sha256(path)}\n" for relpath, path in sorted(files.items()))
     return hashlib.sha256(listing.encode()).hexdigest()
+
+
+@lru_cache(maxsize=1)
+def source_key() -> str:
+    """A digest of every file of the legonet packages (path and bytes): a reach reads nothing else (``_locate``
+    looks only there), so two equal keys give every stage the same digest. Once per process: the process runs the
+    code it imported then."""
+    listing = [f"{relpath} {file_sha256(path)}\n" for top in LEGONET_PACKAGES if _locate(top) is not None
+               for relpath, path in sorted(_package_files(top).items())]
+    return hashlib.sha256("".join(listing).encode()).hexdigest()
+
+
+def stage_digest(module: str, memo: Path | None = None) -> str:
+    """``legonet_digest`` of what ``python -m MODULE`` reaches; remembered in the JSON file ``memo`` under
+    ``source_key()``, so that the forget's check of every stage and each stage's own check parse no source that
+    has not changed since the last one (the memo is dropped whenever any legonet file changes)."""
+    key = source_key()
+    known: dict[str, dict[str, str]] = {}
+    if memo is not None and memo.is_file():
+        try:
+            known = json.loads(memo.read_text())
+        except ValueError:
+            known = {}  # a torn or hand-edited memo: computed again and rewritten
+    digests = known.get(key) if isinstance(known.get(key), dict) else None
+    if digests is not None and isinstance(digests.get(module), str):
+        return digests[module]
+    reach = Reach()
+    reach.root(module)
+    digests = {**(digests or {}), module: legonet_digest(reach)}
+    if memo is not None:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(memo, (json.dumps({key: digests}, sort_keys=True) + "\n").encode())
+    return digests[module]

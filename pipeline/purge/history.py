@@ -31,6 +31,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
@@ -51,6 +52,7 @@ from pipeline.purge.objects import (
 
 MEMO = Path(".legonet/objects")
 Run = tuple[frozenset[str], frozenset[str]]  # the file objects a stage run read, and the objects it wrote
+ID_DIGEST = np.dtype(np.uint64)  # one keyed 64-bit ID digest (``ObjectIndex.id_digests``) as an integer
 
 
 class ObjectIndex:
@@ -64,6 +66,7 @@ class ObjectIndex:
         self.stores = stores
         self._entries: dict[str, dict[str, Any] | None] = {}
         self._key: bytes | None = None
+        self.tables_read = 0  # sample tables whose IDs this index read (every other answer came from the memo)
 
     def key(self) -> bytes:
         """The memo's own secret: a memo copied off the machine does not confirm a guessed ID."""
@@ -77,9 +80,12 @@ class ObjectIndex:
     def id_digests(self, sample_ids: Iterable[str]) -> set[bytes]:
         return {hashlib.blake2b(str(i).encode(), key=self.key(), digest_size=8).digest() for i in sample_ids}
 
-    def entry(self, md5: str) -> dict[str, Any] | None:
-        if md5 in self._entries:
-            return self._entries[md5]
+    def entry(self, md5: str, source: Path | None = None) -> dict[str, Any] | None:
+        """What object ``md5`` holds; ``source``: a file known to have that digest (a workspace file whose md5 DVC
+        recorded), read when the memo does not know the object and before any store."""
+        known = self._entries.get(md5)
+        if known is not None or (md5 in self._entries and source is None):
+            return known
         memo = self.folder / md5 if valid_digest(md5) else None
         found: dict[str, Any] | None = None
         if memo is not None and memo.is_file():
@@ -87,11 +93,16 @@ class ObjectIndex:
                 found = json.loads(memo.read_bytes())
             except ValueError:  # a torn or damaged memo entry is read again from the stores
                 found = None
-        if found is None and memo is not None and self.stores and (content := self.stores.read(md5)) is not None:
+        if found is None and memo is not None and (content := self._content(md5, source)) is not None:
             found = self._describe(md5, content)
             self.write(memo, json.dumps(found).encode())
         self._entries[md5] = found
         return found
+
+    def _content(self, md5: str, source: Path | None) -> Path | bytes | None:
+        if source is not None and source.is_file():
+            return source
+        return self.stores.read(md5) if self.stores else None
 
     def write(self, path: Path, data: bytes) -> None:
         self.folder.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -123,20 +134,27 @@ class ObjectIndex:
         entry = self.entry(md5)
         return bool(entry and entry["kind"] == "table")
 
-    def holds(self, md5: str, digests: set[bytes]) -> bool:
-        """Whether the object is a sample table holding one of the IDs ``digests`` name (``id_digests``)."""
-        entry = self.entry(md5)
+    def holds(self, md5: str, digests: set[bytes], source: Path | None = None) -> bool:
+        """Whether the object is a sample table holding one of the IDs ``digests`` name (``id_digests``).
+
+        A table's IDs are read once per digest (``source`` as in ``entry``) and kept in the memo: a table whose
+        bytes did not change is never read again, whoever asks."""
+        entry = self.entry(md5, source)
         if not entry or entry["kind"] != "table":
             return False
         if "ids" not in entry:
-            content = self.stores.read(md5) if self.stores else None
+            content = self._content(md5, source)
             if content is None:  # gone from every store since it was classified: nothing left to delete
                 return False
             ids = pq.read_table(_source(content), columns=["sample_id"]).column(0).to_pylist()
+            self.tables_read += 1
             entry["ids"] = base64.b64encode(b"".join(sorted(self.id_digests(ids)))).decode()
             self.write(self.folder / md5, json.dumps(entry).encode())
-        raw = base64.b64decode(entry["ids"])
-        return any(raw[i:i + 8] in digests for i in range(0, len(raw), 8))
+        if not digests:
+            return False
+        held = np.frombuffer(base64.b64decode(entry["ids"]), dtype=ID_DIGEST)
+        # kind="sort": the digests span all 64 bits, too wide for numpy's lookup-table method
+        return bool(np.isin(held, np.frombuffer(b"".join(digests), dtype=ID_DIGEST), kind="sort").any())
 
     def drop(self, digests: Iterable[str]) -> None:
         """Forget what purged sample tables held (their IDs leave the memo with them); listings stay, so a later

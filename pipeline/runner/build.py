@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -194,14 +194,15 @@ def _stages(repo: Any, names: Sequence[str]) -> list[Any]:
 
 
 @contextmanager
-def dvc_repo(root: Path) -> Iterator[Any]:
+def dvc_repo(root: Path, reading: bool = False) -> Iterator[Any]:
     """DVC's Repo of the project, in this process (the CLI costs a Python start-up and DVC's imports): its
     ``status()`` is `dvc status` ({} when up to date), its ``index.graph`` the stage graph of dvc.yaml and the .dvc
-    files, built once for both."""
+    files. ``reading``: a block that only reads holds DVC's repo lock throughout, so that ``status()`` and the
+    graph share one index (DVC drops its index when a locked call ends, unless an outer lock holds it)."""
     # lazy: DVC imported only where needed (seconds), not by every command and stage
-    from dvc.repo import Repo
+    from dvc.repo import Repo, lock_repo
 
-    with Repo(str(root)) as repo:
+    with Repo(str(root)) as repo, lock_repo(repo) if reading else nullcontext():
         yield repo
 
 

@@ -30,10 +30,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import save
 
 from pipeline.errors import ExecutorError
-from pipeline.model.adapters import TrainParams, train_adapter
+from pipeline.model.adapters import TrainParams, adapter_bytes, train_adapter
 
 EXECUTORS = ("local", "ray")
 # Top-level params that choose where work runs; they must never change an artifact or a digest.
@@ -134,11 +133,12 @@ def _task_tags(started: float) -> tuple[dict[str, str], int, int]:
 # -- the units of work: pure functions of their arguments ------------------------------------------------------
 
 def train_task(adapter: int, features: np.ndarray, labels: np.ndarray, n_classes: int, seed: int,
-               train: Mapping[str, Any]) -> tuple[bytes, dict[str, Any]]:
-    """Train adapter j; return its safetensors bytes (no metadata: byte-stable) and a small lineage record."""
+               train: Mapping[str, Any], salt: str | None) -> tuple[bytes, dict[str, Any]]:
+    """Train adapter j; return its safetensors bytes (byte-stable: the only metadata is the data salt the stage
+    computed) and a small lineage record."""
     started, clock = time.time(), time.monotonic()
     weights = train_adapter(features, labels, n_classes, seed, TrainParams(**train))
-    blob = save(weights)
+    blob = adapter_bytes(weights, salt)
     tags, start_ms, end_ms = _task_tags(started)
     return blob, {"name": f"adapter-{adapter:04d}", "start_ms": start_ms, "end_ms": end_ms,
                   "params": {"adapter": adapter, "seed": seed},
