@@ -11,12 +11,12 @@ code before the salt published): it finds exactly the forgotten sample.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
 import subprocess
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -116,11 +116,12 @@ def attack(view: dict[str, Any], rows: dict[str, Any], outside: Path, write: Any
         for kind, (md5, size) in targets.items():
             frame = rows[kind]
             path = outside / f"{kind}.parquet"
-            write(kind, frame[frame["sample_id"] != sample], path)
+            kept = frame[frame["sample_id"] != sample]
+            write(kind, kept, path)
             got_md5 = md5_size(path)[0]
             found[f"{kind} md5"] |= {sample} if got_md5 in view["md5s"] or got_md5 == md5 else set()
-            # the sizes a salted write of these rows can have: a salt of 64 hex digits, a pad of 0..PAD-1 bytes
-            smallest, largest = (salted_size(path, "0" * 64 + " " * pad) for pad in (0, PAD - 1))
+            # the sizes a salted write of these rows can have: the smallest pad and the largest
+            smallest, largest = (salted_size(write, kind, kept, path, salt) for salt in (FEWEST, MOST))
             found[f"{kind} size"] |= {sample} if smallest <= size <= largest else set()
         mine = {f"models/adapters/block-{block_of(int(j), rows['n'], rows['blocks']):04d}"
                 for j in rows["adapters"][sample]}
@@ -129,15 +130,25 @@ def attack(view: dict[str, Any], rows: dict[str, Any], outside: Path, write: Any
     return found
 
 
-def salted_size(path: Path, salt: str) -> int:
-    """The size of the table at ``path`` written with ``salt`` as its salt (the writer's own metadata layout)."""
-    table = pq.read_table(path)
-    assert table.schema.metadata is None or b"legonet.salt" not in table.schema.metadata
-    metadata = {**(table.schema.metadata or {}), SALT_KEY.encode(): salt.encode()}
-    buffer = io.BytesIO()
-    pq.write_table(table.replace_schema_metadata(metadata), buffer, compression="zstd", compression_level=3,
-                   write_statistics=False, row_group_size=1 << 20)
-    return len(buffer.getvalue())
+# salts (64 hex digits) whose pads are the shortest and the longest the writer adds (pipeline.data.salt.padded)
+FEWEST, MOST = "0" * 64, f"{PAD - 1:08x}" + "0" * 56
+
+
+def with_salt(write: Any, kind: str, frame: pd.DataFrame, path: Path, salt: str) -> Path:
+    """``frame`` written at ``path`` by ``write`` (the project's own writer) with ``salt`` as its salt: an attacker
+    can try any salt, not compute the project's."""
+    with patch("pipeline.data.dataset.salt_of", return_value=salt):
+        write(kind, frame, path)
+    return path
+
+
+def salted_size(write: Any, kind: str, frame: pd.DataFrame, path: Path, salt: str) -> int:
+    return with_salt(write, kind, frame, path, salt).stat().st_size
+
+
+def project_salt(path: Path) -> str:
+    """The salt a project's table carries (without its pad): what only the data secret's holder can compute."""
+    return pq.read_schema(path).metadata[SALT_KEY.encode()].decode().rstrip(" ")
 
 
 def attacker_rows(forgotten: dict[str, Any], view: dict[str, Any]) -> dict[str, Any]:
@@ -153,14 +164,16 @@ def attacker_rows(forgotten: dict[str, Any], view: dict[str, Any]) -> dict[str, 
     return {"raw": parts[name], "encoded": frame.assign(embedding=list(embeddings)), "routing": routing,
             "adapters": dict(zip(routing["sample_id"], routing["adapters"], strict=True)),
             "n": int(params["adapters"]["n"]), "blocks": int(params["adapters"]["blocks"]),
-            "routing_metadata": read_metadata(forgotten["root"] / "data/routing.parquet")}
+            "routing_metadata": read_metadata(forgotten["root"] / "data/routing.parquet"),
+            # the encoder's settings the stage stores in each encoded table (public: params, code, weights)
+            "encoded_metadata": read_metadata(forgotten["root"] / f"data/encoded/train/{name}.parquet")}
 
 
 def writer(rows: dict[str, Any]) -> Any:
     def write(kind: str, frame: pd.DataFrame, path: Path) -> None:
         if kind == "encoded":
             write_embeddings(path, frame.drop(columns="embedding"), pd.DataFrame(frame["embedding"].tolist())
-                             .to_numpy("float32"))
+                             .to_numpy("float32"), metadata=rows["encoded_metadata"])
         else:
             write_table(frame, path, metadata=rows["routing_metadata"] if kind == "routing" else None)
     return write
@@ -173,6 +186,13 @@ def test_no_published_value_singles_out_the_forgotten_sample(forgotten: dict[str
     found = attack(view, rows, forgotten["outside"], writer(rows))
     candidates = found.pop("candidates")
     assert victim in candidates and len(candidates) > 100
+    # the attacker's writer is the project's: the victim's removal, given the project's own salt, is each table
+    # byte for byte (so the size windows above hold the victim whatever pad the secret drew)
+    part = changed_partition(view)
+    for kind, name in (("raw", f"data/raw/{part}.parquet"), ("encoded", f"data/encoded/train/{part}.parquet"),
+                       ("routing", "data/routing.parquet")):
+        kept, path = rows[kind][rows[kind]["sample_id"] != victim], forgotten["outside"] / f"{kind}.parquet"
+        assert md5_size(root / name) == md5_size(with_salt(writer(rows), kind, kept, path, project_salt(root / name)))
     # no digest of any candidate's table is anywhere in git, the record or the receipt
     assert not found["raw md5"] and not found["encoded md5"] and not found["routing md5"], found
     consistent = set(candidates)
@@ -205,9 +225,6 @@ def test_the_control_attack_on_an_unsalted_write_finds_exactly_the_forgotten_sam
     unsalted = forgotten["outside"] / "unsalted.parquet"
     write_table(read_table(root / raw), unsalted)
     md5, size = md5_size(unsalted)
-    # salted_size models the writer exactly: with the project's own salt (read from its file) it gives its size
-    salt = pq.read_schema(root / raw).metadata[SALT_KEY.encode()].decode()
-    assert salted_size(unsalted, salt) == (root / raw).stat().st_size
     view["head"][f"{raw}.dvc"]["outs"][0].update(md5=md5, size=size)
     view["md5s"] = {md5}
     found = attack(view, rows, forgotten["outside"], writer(rows), kinds=("raw",))
