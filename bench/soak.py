@@ -26,7 +26,7 @@ from pathlib import Path
 from bench.scale import _setting, build, dataset_frame, forget, train_ids
 from pipeline.data.dataset import read_table, write_table
 from pipeline.data.salt import secret_path
-from pipeline.forget.flow import artifact_digests
+from pipeline.runner.outputs import artifact_digests
 
 WINDOW = 20
 # Raw inputs are compared too (hash-carved, byte-deterministic); MLmodel carries MLflow's uuid and creation time.

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pipeline
 from pipeline.data.quality import RESULT, read_result
-from pipeline.forget import deferred
+from pipeline.forget.requests import now, stamp
 from pipeline.model.package import SERVING_REQUIREMENTS, stage_artifacts
 from pipeline.model.signature import input_example, model_signature
 from pipeline.project.code import check_code
@@ -122,8 +122,8 @@ def main() -> None:
         client.set_model_version_tag(name, version, tag, value)
     # before an alias can point at it: the requests whose samples are still in the data keep their adapters
     # quarantined in this version too (a forget's batch is no longer held once its rows are removed)
-    held, requests = deferred.held(project_root())
-    quarantine.tag_version(client, name, version, held, requests, deferred.stamp(deferred.now()))
+    adapters, requests = held(project_root())
+    quarantine.tag_version(client, name, version, adapters, requests, stamp(now()))
     alias, reason = promote(name, version, result, owner[PROJECT_TAG], dvc_experiment())
     print(f"registered {name} version {version} as @{alias}: {reason}")
 

@@ -833,7 +833,7 @@ def test_a_key_dir_git_would_commit_is_refused(tmp_path: Path, configured: str, 
 
 
 def test_the_journal_of_raw_ids_is_private(tmp_path: Path) -> None:
-    from pipeline.forget.flow import JOURNAL, Journal
+    from pipeline.forget.requests import JOURNAL, Journal
 
     Journal("b", ["r"], {}, ["mnist-00001"], {}, {}, {}).save(tmp_path)
     assert stat.S_IMODE((tmp_path / JOURNAL).stat().st_mode) == 0o600

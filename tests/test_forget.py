@@ -43,7 +43,7 @@ from pipeline.audit.disclosure import names_adapter, root_problems
 from pipeline.data.dataset import SplitFractions, read_embeddings, read_table, split_of, write_table
 from pipeline.data.salt import secret_path
 from pipeline.forget.flow import project_lock
-from pipeline.forget.manifest import load_manifest
+from pipeline.forget.requests import load_manifest
 from pipeline.model.ensemble import load_ensemble
 from pipeline.model.keys import project as project_points
 from pipeline.project.layout import adapter_index, adapter_info_path, adapter_path, block_of, shard_path

@@ -153,7 +153,7 @@ def test_probe_statistics_add_up_and_fit_a_linear_rule() -> None:
 def test_the_digests_a_forget_takes_from_dvc_are_the_files_own(incremental: dict, tmp_path: Path) -> None:
     """With `dvc status` clean, the md5 of each file under data/ and models/ comes from dvc.lock and the cache's
     .dir listings (no file read) and equals hashing the file; an output whose listing is missing is hashed."""
-    from pipeline.forget.flow import _recorded_digests, artifact_digests
+    from pipeline.runner.outputs import _recorded_digests, artifact_digests
 
     root = incremental["root"]
     assert "up to date" in run("dvc", "status", cwd=root)

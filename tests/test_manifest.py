@@ -16,7 +16,8 @@ import yaml
 import pipeline.forget.manifest as manifest_module
 from pipeline.data.ids import REQUEST_ID_PATTERN, SAMPLE_ID_PATTERN, sample_id_problem
 from pipeline.errors import ManifestError
-from pipeline.forget.manifest import FIELDS, MAX_SAMPLE_IDS, DeletionRequest, load_manifest, merge_requests
+from pipeline.forget.manifest import FIELDS, MAX_SAMPLE_IDS
+from pipeline.forget.requests import DeletionRequest, load_manifest, merge_requests
 
 GOOD = {
     "request_id": "req-2024.05_01",

@@ -24,7 +24,7 @@ from pipeline.audit.secrets import load_or_create_signing_key
 from pipeline.data.dataset import read_table, write_table
 from pipeline.data.salt import secret_path
 from pipeline.errors import ParamsError
-from pipeline.forget import deferred
+from pipeline.forget import requests
 from pipeline.model.ensemble import Ensemble
 from pipeline.model.keys import squared_distances
 from pipeline.model.package import quarantine_param
@@ -36,7 +36,7 @@ BATCH_AT = "2026-01-30T00:00:00+00:00"
 
 
 def clock(at: str) -> dict[str, str]:
-    return {deferred.CLOCK_ENV: at}
+    return {requests.CLOCK_ENV: at}
 
 
 def manifest(path: Path, request_id: str, sample_ids: list[str], received_at: str = RECEIVED) -> Path:
@@ -120,23 +120,23 @@ def test_a_quarantine_that_is_malformed_or_leaves_nothing_is_a_clear_error() -> 
 
 def test_deadlines_follow_the_fake_clock_and_the_sla(monkeypatch: pytest.MonkeyPatch) -> None:
     params = {"requests": {"sla_days": 30}}
-    assert deferred.deadline("2026-01-01", params) == datetime(2026, 1, 31, tzinfo=UTC)
-    assert deferred.deadline("2026-01-01T10:00:00+02:00", params) == datetime(2026, 1, 31, 8, tzinfo=UTC)
-    assert deferred.deadline("2026-01-01T10:00:00", {}) == datetime(2026, 1, 31, 10, tzinfo=UTC)  # default 30
-    monkeypatch.setenv(deferred.CLOCK_ENV, "2026-01-29T12:00:00+00:00")
-    at = deferred.now()
+    assert requests.deadline("2026-01-01", params) == datetime(2026, 1, 31, tzinfo=UTC)
+    assert requests.deadline("2026-01-01T10:00:00+02:00", params) == datetime(2026, 1, 31, 8, tzinfo=UTC)
+    assert requests.deadline("2026-01-01T10:00:00", {}) == datetime(2026, 1, 31, 10, tzinfo=UTC)  # default 30
+    monkeypatch.setenv(requests.CLOCK_ENV, "2026-01-29T12:00:00+00:00")
+    at = requests.now()
     assert at == datetime(2026, 1, 29, 12, tzinfo=UTC)
-    item = deferred.Deferred("r", "m.json", "d", RECEIVED, deferred.stamp(deferred.deadline(RECEIVED, params)),
+    item = requests.Deferred("r", "m.json", "d", RECEIVED, requests.stamp(requests.deadline(RECEIVED, params)),
                              DEFERRED_AT, [1])
     assert not item.due(at) and item.due(at, timedelta(days=2)) and not item.due(at, timedelta(days=1))
-    monkeypatch.setenv(deferred.CLOCK_ENV, "2026-01-31T00:00:00+00:00")
-    assert item.due(deferred.now())  # the deadline itself is too late
+    monkeypatch.setenv(requests.CLOCK_ENV, "2026-01-31T00:00:00+00:00")
+    assert item.due(requests.now())  # the deadline itself is too late
     for bad in (0, -3, "30", True):
         with pytest.raises(ParamsError, match=r"requests\.sla_days"):
-            deferred.sla_days({"requests": {"sla_days": bad}})
-    monkeypatch.setenv(deferred.CLOCK_ENV, "2026-01-31T00:00:00")
+            requests.sla_days({"requests": {"sla_days": bad}})
+    monkeypatch.setenv(requests.CLOCK_ENV, "2026-01-31T00:00:00")
     with pytest.raises(ParamsError, match="no UTC offset"):
-        deferred.now()
+        requests.now()
 
 
 # --- the whole flow on a real project ---
@@ -269,7 +269,7 @@ def test_the_batch_runs_before_the_deadline_and_only_its_version_lifts_the_quara
     lifted = champion_of(deferred_run["after_batch"])
     assert lifted["quarantine"] == {"adapters": [], "requests": []}  # no tag: the version that retrained them
     assert deferred_run["left"] == []
-    assert not (deferred_run["root"] / deferred.REQUESTS / "req-defer-1").exists()  # raw IDs gone
+    assert not (deferred_run["root"] / requests.REQUESTS / "req-defer-1").exists()  # raw IDs gone
 
 
 def test_the_receipt_carries_the_times_and_verifies_offline(deferred_run: dict[str, Any], tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pipeline.audit import disclosure
 from pipeline.audit.disclosure import changes
 from pipeline.audit.keyring import anchor, audit_key, audit_keys, audit_log, in_project_note, origin, signing_key
 from pipeline.audit.secrets import audit_key_id, forgotten_by, id_digest, seal
@@ -42,15 +43,14 @@ def keys_note(root: Path, params: dict[str, Any]) -> str | None:
     return in_project_note(root, params)
 
 
-def write_records(root: Path, journal: Any, plan: Any, measured: dict[str, Any], params: dict[str, Any],
-                  subjects: dict[str, str]) -> str:
+def write_records(root: Path, journal: Any, plan: Any, measured: dict[str, Any], params: dict[str, Any]) -> str:
     """Append one signed record per request of the batch ``journal`` (a forget's journal: its requests and
     results; ``plan``: what the batch touched) and return the new checkpoint, anchored where params say.
 
     ``measured``: ``before``/``after`` (artifact path -> digest), ``dvc_lock`` before/after, ``completed_purges``
     (pending purges of earlier requests finished since the last record), ``times`` (request -> received, deadline,
-    quarantined, retrained, purged). ``subjects``: the files the records name
-    as their in-toto subjects. A request already in the log (written before a crash that lost the state change) is
+    quarantined, retrained, purged). The records name the packaged model and the adapters as their in-toto
+    subjects (``subjects``). A request already in the log (written before a crash that lost the state change) is
     not written again.
     """
     log = audit_log(root, params, memo=True)
@@ -83,6 +83,7 @@ def write_records(root: Path, journal: Any, plan: Any, measured: dict[str, Any],
     }
     removed = set(plan.train_ids) | set(plan.test_ids)
     recorded = recorded_requests(root, params)
+    named = subjects(root)
     for request_id, sample_ids in journal.request_samples.items():
         if request_id in recorded:
             continue
@@ -92,7 +93,7 @@ def write_records(root: Path, journal: Any, plan: Any, measured: dict[str, Any],
                      "forgotten_ids": _digests(hmac_key, own & removed),
                      "already_forgotten_ids": _digests(hmac_key, own & set(plan.already_forgotten)),
                      "not_present_ids": _digests(hmac_key, own & set(plan.unknown_ids))}
-        log.append(predicate, subjects, signing)
+        log.append(predicate, named, signing)
     note = log.checkpoint(origin(log, hmac_key), signing)
     anchor(root, params, note)
     return note
@@ -108,3 +109,10 @@ def _quality(root: Path) -> dict[str, Any]:
 
 def _digests(key: bytes, sample_ids: set[str]) -> list[str]:
     return sorted(id_digest(key, i) for i in sample_ids)
+
+
+def subjects(root: Path) -> dict[str, str]:
+    """The in-toto subjects: every file of the packaged model and every adapter, by sha256 (the adapter files as
+    one Merkle root: ``disclosure.subjects``)."""
+    files = sorted(p for d in ("models/package", "models/adapters") for p in (root / d).rglob("*") if p.is_file())
+    return disclosure.subjects({p.relative_to(root).as_posix(): file_sha256(p) for p in files})

@@ -24,11 +24,11 @@ from pipeline.audit.disclosure import adapter_root, names_adapter, opened, root_
 from pipeline.audit.keyring import AUDIT_KEY, audit_key, audit_keys, audit_log, key_dir, origin, signing_key
 from pipeline.audit.log import AuditLog
 from pipeline.audit.receipt import make_receipt, verify_receipt
+from pipeline.audit.record import subjects
 from pipeline.audit.secrets import audit_key_id, forgotten_by, read_public_keys, unseal
 from pipeline.data.dataset import read_embeddings, write_embeddings
 from pipeline.data.salt import salt_of
 from pipeline.errors import AuditError, AuditFailed, IdentityError
-from pipeline.forget import flow
 from pipeline.model.adapters import TrainParams, adapter_bytes, adapter_seed, train_adapter
 from pipeline.model.keys import project
 from pipeline.model.routing import route, shard
@@ -39,6 +39,7 @@ from pipeline.purge.history import history_objects
 from pipeline.purge.models import residue
 from pipeline.purge.objects import DIGEST, dvc_cache, local_remotes, object_path, remote_residue
 from pipeline.runner.build import dvc_lock_digest
+from pipeline.runner.outputs import lock_outputs
 from pipeline.tracking.identity import project_id
 from pipeline.tracking.lineage import absolute_store, file_md5
 
@@ -123,7 +124,7 @@ def _dvc_status_problems(root: Path) -> list[str]:
 
 def _subject_problems(root: Path, record: dict[str, Any]) -> list[str]:
     expected = {s["name"]: s["digest"]["sha256"] for s in record["subject"]}
-    current = flow.subjects(root)
+    current = subjects(root)
     problems = [f"{name}: changed since the last record" for name in sorted(expected)
                 if name in current and current[name] != expected[name]]
     problems += [f"{name}: missing (recorded in the last audit record)"
@@ -151,7 +152,7 @@ def _workspace_problems(root: Path) -> list[str]:
     """Each DVC-tracked file in the workspace must have the digest dvc.lock / its .dvc file records."""
     cache = dvc_cache(root)
     problems = []
-    for path, md5 in flow.lock_outputs(root).items():
+    for path, md5 in lock_outputs(root).items():
         target = root / path
         if not DIGEST.fullmatch(str(md5)):
             problems.append(f"{path}: recorded md5 {str(md5)[:40]!r} is not an md5 hash")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
 from pipeline.cli.output import console
+from pipeline.project.layout import METRICS
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -17,11 +19,11 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # lazy: DVC and MLflow load only for the commands that need them (`legonet --help` stays instant)
-    from pipeline.forget import deferred
     from pipeline.forget.flow import Writer, project_lock
+    from pipeline.forget.requests import check_deadlines
     from pipeline.project.code import sync_code
     from pipeline.project.params import load_params, sync_generated
-    from pipeline.runner.build import commit_project, dvc_status, repro, summary, tag_build
+    from pipeline.runner.build import commit_project, dvc_status, repro, tag_build
     from pipeline.tracking.head import check_head, check_lease
     from pipeline.tracking.registry import project_store
 
@@ -32,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         store = project_store(params["mlflow"])
         check_head(root, params, store)  # never build on data another clone forgot
         check_lease(root, store)  # nor while another clone forgets or builds (the lease is taken below, if needed)
-        deferred.check_deadlines(root, lambda m: console.print(m, highlight=False, soft_wrap=True))
+        check_deadlines(root, lambda m: console.print(m, highlight=False, soft_wrap=True))
         with Writer(root, params) as writer:
             # nor while another clone forgets; an up-to-date build writes nothing, the lease included
             if args.force or sync_generated(root) | sync_code(root) or dvc_status(root):
@@ -56,3 +58,13 @@ def run(args: argparse.Namespace) -> int:
               f"{registered['gate_reason']}")
     print("look: `dvc metrics show`, `dvc plots show`, `mlflow ui --backend-store-uri sqlite:///mlflow.db`")
     return 0
+
+
+def summary(root: Path) -> dict[str, float]:
+    """Metrics of the last build, as `dvc metrics show` reads them."""
+    out: dict[str, float] = {}
+    for name in ("evaluate.json", "baseline.json"):
+        path = root / METRICS / name
+        if path.is_file():
+            out.update(json.loads(path.read_text()))
+    return out

@@ -34,11 +34,11 @@ def _days(text: str) -> timedelta:
 
 def run(args: argparse.Namespace) -> int:
     # lazy: DVC, MLflow and the audit log load only for `requests run`
-    from pipeline.forget import deferred
+    from pipeline.forget import requests
     from pipeline.project.params import load_params
 
     root, params = Path.cwd(), load_params()
-    deferred.sla_days(params)  # a bad setting is reported before anything runs
+    requests.sla_days(params)  # a bad setting is reported before anything runs
     if args.action == "run":
         from pipeline.forget.defer import run_pending  # lazy: the forget flow (DVC, MLflow) only to run
 
@@ -46,9 +46,9 @@ def run(args: argparse.Namespace) -> int:
                               say=lambda m: console.print(m, highlight=False, soft_wrap=True))
         print(json.dumps({k: v for k, v in summary.items() if k != "timings"}, sort_keys=True))
         return 0
-    at = deferred.now()
-    items = deferred.pending(root)
-    deferred.check_deadlines(root, lambda m: console.print(m, highlight=False, soft_wrap=True), at)
+    at = requests.now()
+    items = requests.pending(root)
+    requests.check_deadlines(root, lambda m: console.print(m, highlight=False, soft_wrap=True), at)
     if args.json:
         print(json.dumps([{"request_id": d.request_id, "received_at": d.received_at, "deadline": d.deadline,
                            "state": d.state, "quarantined_at": d.quarantined_at, "overdue": d.due(at)}
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"{'request':<32} {'received':<26} {'deadline':<26} {'state':<12} left")
     for d in items:
-        left = (deferred.received_time(d.deadline) - at).total_seconds() / 86400
+        left = (requests.received_time(d.deadline) - at).total_seconds() / 86400
         print(f"{d.request_id:<32} {d.received_at:<26} {d.deadline:<26} {d.state:<12} "
               f"{'OVERDUE' if left <= 0 else f'{left:.1f} days'}")
     return 0

@@ -75,13 +75,8 @@ def bundled_mnist() -> pd.DataFrame:
 
     images, labels = mnist_data()
     pixels = images.astype(np.uint8)
-    return pd.DataFrame(
-        {
-            "sample_id": [f"mnist-{i:05d}" for i in range(len(labels))],
-            "label": labels.astype(np.int64),
-            "image": [row.tobytes() for row in pixels],
-        }
-    )
+    return pd.DataFrame({"sample_id": [f"mnist-{i:05d}" for i in range(len(labels))],
+                         "label": labels.astype(np.int64), "image": [row.tobytes() for row in pixels]})
 
 
 def read_samples(path: Path) -> pd.DataFrame:
@@ -269,27 +264,6 @@ def write_bytes_atomic(path: Path, data: bytes, *, keep_identical: bool = False)
         os.fsync(handle.fileno())
     os.replace(tmp, path)
     return True
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Owner-only state (the journal, pending purges, the object memo: they hold what a forget still needs):
-    atomic replace through an owner-only temporary file (never through a planted link), then fsync the folder so
-    the new entry survives a crash."""
-    path.parent.mkdir(mode=0o700, exist_ok=True)
-    path.parent.chmod(0o700)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(descriptor, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
 
 
 def read_yaml(path: Path) -> Any:

@@ -15,8 +15,20 @@ from typing import Any
 
 from pipeline.audit.record import forgotten_lookup, recorded_requests
 from pipeline.errors import ForgetError
-from pipeline.forget import deferred, flow
-from pipeline.forget.manifest import load_manifest
+from pipeline.forget import flow
+from pipeline.forget.requests import (
+    Journal,
+    check_deadlines,
+    drop,
+    held,
+    load_manifest,
+    now,
+    pending,
+    refuse_late,
+    save,
+    stamp,
+    store,
+)
 from pipeline.forget.steps import forget
 from pipeline.tracking.quarantine import publish
 
@@ -29,15 +41,15 @@ def defer(root: Path, manifests: Sequence[Path], params: dict[str, Any], *, wait
     requests = [load_manifest(m) for m in manifests]  # all parsing errors surface before anything else
     if allow_unknown is None:
         allow_unknown = bool(params.get("audit", {}).get("allow_unknown_ids", False))
-    at = deferred.now()
+    at = now()
     with flow.project_lock(root, wait, say), flow.Writer(root, params) as writer:
         flow.preconditions(root, params)
-        journal = flow.Journal.load(root)
+        journal = Journal.load(root)
         if journal is not None:  # its rows may be half removed: plans made now would not hold
             raise ForgetError(f"the forget of {', '.join(journal.request_ids)} was interrupted; finish it first "
                               "(re-run that `legonet forget`, or `legonet requests run`), then defer")
         recorded = recorded_requests(root, params)
-        kept = {d.request_id: d for d in deferred.pending(root, clean=True)}
+        kept = {d.request_id: d for d in pending(root, clean=True)}
         items, new = [], []
         for request in requests:
             if request.request_id in recorded:
@@ -48,7 +60,7 @@ def defer(root: Path, manifests: Sequence[Path], params: dict[str, Any], *, wait
                                       "another manifest; give this one another request_id")
                 items.append(known)  # re-run after a crash, or a repeat: finish its quarantine
             else:
-                deferred.refuse_late(request, params, at)
+                refuse_late(request, params, at)
                 new.append(request)
         forgotten = forgotten_lookup(root, params)
         plans = [flow.rows_plan(root, [r], params, forgotten) for r in new]  # every check before anything is kept
@@ -57,16 +69,15 @@ def defer(root: Path, manifests: Sequence[Path], params: dict[str, Any], *, wait
             raise ForgetError(f"{len(unknown)} sample ID(s) are not in this project: {unknown[:5]}; check the "
                               "manifest, or pass --allow-unknown to record them as 'not present'")
         writer.hold()  # every request is valid: from here on the command writes
-        items += [deferred.store(root, r, p.adapters, params, allow_unknown) for r, p in zip(new, plans, strict=True)]
+        items += [store(root, r, p.adapters, params, allow_unknown) for r, p in zip(new, plans, strict=True)]
         flow.crash_point(STORED)
-        adapters, held = deferred.held(root)
-        stamp = deferred.stamp(at)
-        versions = publish(root, params["mlflow"], adapters, held, stamp) if adapters else {}
+        adapters, holding = held(root)
+        versions = publish(root, params["mlflow"], adapters, holding, stamp(at)) if adapters else {}
         for item in items:
             if item.state == "received":
-                item.state, item.quarantined_at = "quarantined", deferred.stamp(deferred.now())
-                deferred.save(root, item)
-        deferred.check_deadlines(root, say)
+                item.state, item.quarantined_at = "quarantined", stamp(now())
+                save(root, item)
+        check_deadlines(root, say)
     if versions:
         say(f"quarantined adapters {adapters} in model version(s) {', '.join(versions)}")
     return {"status": "deferred", "request_ids": [i.request_id for i in items], "quarantined_adapters": adapters,
@@ -78,13 +89,13 @@ def run_pending(root: Path, params: dict[str, Any], *, due_within: timedelta | N
     """Forget every deferred request in one rebuild (``due_within``: only when one is due within that time; then
     all of them, since the rebuild costs little more). A request the audit log records already is dropped."""
     recorded = recorded_requests(root, params)
-    items = deferred.pending(root)
-    deferred.drop(root, [d.request_id for d in items if d.request_id in recorded])
+    items = pending(root)
+    drop(root, [d.request_id for d in items if d.request_id in recorded])
     items = [d for d in items if d.request_id not in recorded]
     if not items:
         say("no deferred request is pending")
         return {"status": "nothing-pending", "request_ids": []}
-    at = deferred.now()
+    at = now()
     if due_within is not None and not any(d.due(at, due_within) for d in items):
         say(f"{len(items)} deferred request(s) pending, none due within {due_within}: nothing to run yet "
             f"(the first is due {items[0].deadline})")

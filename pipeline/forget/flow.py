@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
-import json
 import os
 import signal
 import time
@@ -22,27 +21,23 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline.audit import disclosure
-from pipeline.data.dataset import read_table, read_yaml, write_private, write_table
+from pipeline.data.dataset import read_table, write_table
 from pipeline.data.salt import data_secret
 from pipeline.errors import ExactnessError, ForgetError, LockBusy
-from pipeline.forget.manifest import DeletionRequest, merge_requests
+from pipeline.forget.requests import STATE_DIR, DeletionRequest, Journal, merge_requests
 from pipeline.project.code import check_all_code
 from pipeline.project.layout import REFERENCE, ROUTING, TEST, adapter_info_path, adapter_path, raw_path, shard_path
 from pipeline.purge.history import ObjectIndex
-from pipeline.purge.objects import DIR_SUFFIX, dvc_cache, object_path
-from pipeline.runner.build import address, dvc_repo
+from pipeline.runner.build import address, dvc_lock_digest, dvc_repo
+from pipeline.runner.outputs import artifact_digests, lock_outputs
 from pipeline.runner.worker import entry_point
 from pipeline.tracking.head import check_head, check_lease, writer_lease
 from pipeline.tracking.identity import project_id
-from pipeline.tracking.lineage import file_md5, file_sha256
 from pipeline.tracking.registry import project_store
 
 STATES = ("received", "quarantined", "data-removed", "rebuilt", "registered", "purged", "audited", "committed")
 PHASES = {"quarantined": "quarantine", "data-removed": "remove", "rebuilt": "rebuild", "registered": "register",
           "purged": "purge", "audited": "audit", "committed": "commit"}
-STATE_DIR = Path(".legonet")
-JOURNAL = STATE_DIR / "journal.json"
 LOCK = STATE_DIR / "lock"
 CRASH_ENV = "LEGONET_CRASH_AFTER"  # fault injection: SIGKILL this process right after the named state
 
@@ -134,30 +129,6 @@ def rebuild_plan(plan: Plan, index: Any, worker_modules: frozenset[str]) -> Plan
 def _overlaps(path: str, paths: Sequence[str]) -> bool:
     """Whether ``path`` is one of ``paths``, inside one, or holds one."""
     return any(p == path or p.startswith(f"{path}/") or path.startswith(f"{p}/") for p in paths)
-
-
-@dataclass
-class Journal:
-    batch: str
-    request_ids: list[str]
-    manifest_digests: dict[str, str]
-    sample_ids: list[str]
-    request_samples: dict[str, list[str]]
-    request_meta: dict[str, dict[str, str]]
-    plan: dict[str, Any]
-    state: str = "received"
-    before: dict[str, Any] = field(default_factory=dict)
-    results: dict[str, Any] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def save(self, root: Path) -> None:
-        """Durably and privately: the journal holds raw sample IDs, so it is 0600 in a 0700 folder."""
-        write_private(root / JOURNAL, (json.dumps(asdict(self), indent=1, sort_keys=True) + "\n").encode())
-
-    @classmethod
-    def load(cls, root: Path) -> Journal | None:
-        path = root / JOURNAL
-        return cls(**json.loads(path.read_text())) if path.is_file() else None
 
 
 @contextmanager
@@ -335,45 +306,11 @@ def remove_rows(root: Path, plan: Plan, sample_ids: set[str]) -> list[str]:
     return [f.as_posix() for f in files]
 
 
-def lock_outputs(root: Path) -> dict[str, str]:
-    """path -> md5 of every output recorded in dvc.lock and in the .dvc files (directory outputs as .dir)."""
-    out: dict[str, str] = {}
-    lock = root / "dvc.lock"
-    if lock.is_file():
-        for stage in (read_yaml(lock) or {}).get("stages", {}).values():
-            out.update({o["path"]: o["md5"] for o in stage.get("outs", []) if "md5" in o})
-    for dvc_file in sorted((root / "data").rglob("*.dvc")):
-        for o in (read_yaml(dvc_file) or {}).get("outs", []):
-            out[(dvc_file.parent.relative_to(root) / o["path"]).as_posix()] = o["md5"]
-    return dict(sorted(out.items()))
-
-
-def artifact_digests(root: Path, clean: bool = False) -> dict[str, str]:
-    """md5 of every file under data/ and models/ (the artifacts that decide a prediction), without DVC's own
-    ``.dvc`` pointer files and ``.gitignore`` files.
-
-    ``clean``: `dvc status` has just reported nothing, so every DVC output holds exactly what dvc.lock and the
-    .dvc files record (DVC checked each one, by the same stat-keyed trust ``file_digest`` uses); a file inside an
-    output then takes the md5 DVC recorded (from the cache's ``.dir`` listing for a directory output) and only
-    files outside every output, or in an output whose listing is not in the cache, are hashed. Hashing all of
-    data/ and models/ would make a forget's cost grow with the data (docs/design.md section 4, cost rule).
-    """
-    files = sorted(f for top in ("data", "models") if (root / top).is_dir()
-                   for f in (root / top).rglob("*") if f.is_file() and not f.name.endswith((".dvc", ".gitignore")))
-    recorded = _recorded_digests(root) if clean else {}
-    return {rel: recorded.get(rel) or file_md5(f) for f in files for rel in [f.relative_to(root).as_posix()]}
-
-
-def _recorded_digests(root: Path) -> dict[str, str]:
-    """path -> md5 of every file inside a DVC output, as dvc.lock, the .dvc files and the cache's listings say."""
-    cache = dvc_cache(root)
-    out: dict[str, str] = {}
-    for path, md5 in lock_outputs(root).items():
-        if not md5.endswith(DIR_SUFFIX):
-            out[path] = md5
-        elif (listing := object_path(cache, md5)).is_file():
-            out.update({f"{path}/{item['relpath']}": item["md5"] for item in json.loads(listing.read_bytes())})
-    return out
+def measure(root: Path, clean: bool = False) -> dict[str, Any]:
+    """The project's state a forget records before and after: every artifact's md5 (``artifact_digests``;
+    ``clean``: `dvc status` just reported nothing), every DVC output's recorded md5 and dvc.lock's sha256."""
+    return {"artifacts": artifact_digests(root, clean), "outputs": lock_outputs(root),
+            "dvc_lock": dvc_lock_digest(root)}
 
 
 def expected_changes(plan: Plan) -> Callable[[str], bool]:
@@ -423,10 +360,3 @@ def forgotten_ids_in(root: Path, digests: dict[str, str], sample_ids: set[str],
     index = index or ObjectIndex(root, None)
     keyed = index.id_digests(sample_ids)
     return [p for p, md5 in digests.items() if p.endswith(".parquet") and index.holds(md5, keyed, root / p)]
-
-
-def subjects(root: Path) -> dict[str, str]:
-    """The in-toto subjects: every file of the packaged model and every adapter, by sha256 (the adapter files as
-    one Merkle root: ``disclosure.subjects``)."""
-    files = sorted(p for d in ("models/package", "models/adapters") for p in (root / d).rglob("*") if p.is_file())
-    return disclosure.subjects({p.relative_to(root).as_posix(): file_sha256(p) for p in files})

@@ -1,4 +1,5 @@
-"""Deletion-request manifests: load one file, validate all of it, return an immutable request.
+"""Deletion-request manifests: read one file, validate all of it, return its fields (pipeline.forget.requests
+makes them a request).
 
 ``legonet forget`` must not touch a single artifact before the whole request is known to be well formed
 (docs/design.md section 5, step 1), so every rule is checked here, at the boundary, and the first failure raises
@@ -64,18 +65,6 @@ _SHOWN = 5  # how many offending IDs an error message names
 
 
 @dataclass(frozen=True)
-class DeletionRequest:
-    """A validated deletion request; ``digest`` is the SHA-256 of the manifest file's bytes, for the audit."""
-
-    request_id: str
-    sample_ids: tuple[str, ...]
-    reason: str
-    received_at: str
-    source: Path
-    digest: str
-
-
-@dataclass(frozen=True)
 class _Parsed:
     """What a format parser hands to the common validation: the fields, and where each sample ID came from."""
 
@@ -83,8 +72,9 @@ class _Parsed:
     id_locations: Sequence[str] | None  # e.g. "line 7" for CSV; None means "sample_ids[i]"
 
 
-def load_manifest(path: Path) -> DeletionRequest:
-    """Read and fully validate one manifest; raise ``ManifestError`` on the first problem."""
+def read_manifest(path: Path) -> dict[str, Any]:
+    """Read and fully validate one manifest: its four fields (``sample_ids`` a tuple) and ``digest``, the SHA-256
+    of the file's bytes, for the audit; raise ``ManifestError`` on the first problem."""
     path = Path(path)
     parser = _PARSERS.get(path.suffix.lower())
     if parser is None:
@@ -117,27 +107,6 @@ def _read_regular(path: Path) -> bytes:
         if info.st_size > MAX_MANIFEST_BYTES:
             _fail(path, f"is {info.st_size:,} bytes, more than {MAX_MANIFEST_BYTES:,}; split it into more files")
         return handle.read(MAX_MANIFEST_BYTES + 1)
-
-
-def merge_requests(requests: Sequence[DeletionRequest]) -> tuple[str, ...]:
-    """The sorted union of the requests' sample IDs.
-
-    The same ``request_id`` may appear twice (e.g. a retried request saved as JSON and as CSV) only with the
-    same content; otherwise one of them is wrong, and guessing which would forget the wrong samples.
-    """
-    seen: dict[str, DeletionRequest] = {}
-    for request in requests:
-        earlier = seen.setdefault(request.request_id, request)
-        if _content(earlier) != _content(request):
-            raise ManifestError(
-                f"{request.source}: request_id {request.request_id!r} is also used by {earlier.source} with "
-                "different content; give each request its own request_id"
-            )
-    return tuple(sorted({sample_id for request in requests for sample_id in request.sample_ids}))
-
-
-def _content(request: DeletionRequest) -> tuple[object, ...]:
-    return frozenset(request.sample_ids), request.reason, request.received_at
 
 
 def _fail(path: Path, message: str) -> NoReturn:
@@ -288,7 +257,7 @@ _PARSERS: dict[str, Callable[[Path, str], _Parsed]] = {
 # --- validation common to all formats ---
 
 
-def _validate(path: Path, parsed: _Parsed, digest: str) -> DeletionRequest:
+def _validate(path: Path, parsed: _Parsed, digest: str) -> dict[str, Any]:
     fields = parsed.fields
     unknown = sorted(str(key) for key in fields if key not in FIELDS)
     if unknown:
@@ -310,7 +279,8 @@ def _validate(path: Path, parsed: _Parsed, digest: str) -> DeletionRequest:
         _fail(path, f"received_at {show(received_at)} is not an ISO 8601 date or date-time; "
                     "write e.g. '2024-05-01T09:30:00Z'")
     sample_ids = _sample_ids(path, fields["sample_ids"], parsed.id_locations)
-    return DeletionRequest(request_id, sample_ids, reason, received_at, path, digest)
+    return {"request_id": request_id, "sample_ids": sample_ids, "reason": reason, "received_at": received_at,
+            "digest": digest}
 
 
 def _string(path: Path, fields: dict[Any, Any], key: str) -> str:

@@ -1,7 +1,7 @@
 """`legonet forget MANIFEST...`: apply deletion requests through the journalled flow of pipeline.forget.flow.
 
 Steps (docs/design.md section 5), one per state of the journal (``_run`` holds the table): quarantine the adapters
-the requests activate (pipeline.forget.deferred) -> remove the rows -> rebuild
+the requests activate (pipeline.forget.requests) -> remove the rows -> rebuild
 the stages DVC's graph puts downstream of them -> register -> purge -> write the signed audit record -> commit to
 git. Re-running the same command after a crash finishes the job. A purge a store refuses does not stop the forget:
 it is kept as pending (pipeline.purge.pending), which every later forget retries first.
@@ -17,13 +17,23 @@ from typing import Any
 
 from pipeline.audit.record import forgotten_lookup, recorded_requests, write_records
 from pipeline.errors import StoreError
-from pipeline.forget import deferred, flow
-from pipeline.forget.manifest import DeletionRequest, load_manifest
+from pipeline.forget import flow
+from pipeline.forget.requests import (
+    JOURNAL,
+    DeletionRequest,
+    Journal,
+    check_deadlines,
+    drop,
+    load_manifest,
+    now,
+    quarantine,
+    stamp,
+    times,
+)
 from pipeline.purge import pending
 from pipeline.runner.build import (
     commit_project,
     dvc_add,
-    dvc_lock_digest,
     dvc_status,
     estimate_seconds,
     repro,
@@ -58,11 +68,11 @@ def forget(root: Path, manifests: Sequence[Path], params: dict[str, Any], *, dry
             stage_worker(root, params, modules, preload=["pipeline.purge.models"]) as worker:
         timings["lock"] = round(time.monotonic() - lock_started, 3)
         flow.preconditions(root, params)
-        interrupted = flow.Journal.load(root)
+        interrupted = Journal.load(root)
         if interrupted is not None or pending.load(root)["pending"]:
             writer.hold()  # finishing an earlier forget or purge writes to the shared stores
         pending.retry(root, params, worker, say, skip=interrupted.request_ids if interrupted else ())
-        deferred.check_deadlines(root, say)
+        check_deadlines(root, say)
         if interrupted is not None and interrupted.batch != flow.batch_id(requests):
             say(f"finishing the interrupted forget of {', '.join(interrupted.request_ids)} first")
             _run(root, interrupted, params, worker, say, resumed=True)  # a refused purge stays pending
@@ -86,13 +96,13 @@ def forget(root: Path, manifests: Sequence[Path], params: dict[str, Any], *, dry
     return summary
 
 
-def _run(root: Path, journal: flow.Journal, params: dict[str, Any], worker: StageWorker | None,
+def _run(root: Path, journal: Journal, params: dict[str, Any], worker: StageWorker | None,
          say: Callable[[str], None], resumed: bool) -> dict[str, Any]:
     """Take the journal from its state to the last one, one step per state, each recorded durably when done."""
     plan = flow.plan_of(journal)
     ids = set(journal.sample_ids)
     steps: dict[str, Callable[[], None]] = {  # the state a step reaches -> the step
-        "quarantined": lambda: deferred.quarantine(root, journal, params, say),
+        "quarantined": lambda: quarantine(root, journal, params, say),
         "data-removed": lambda: remove(root, plan, ids, say),
         "rebuilt": lambda: rebuild(root, journal, plan, ids, worker, say, resumed),
         "registered": lambda: register(root, journal, plan, params["mlflow"], worker, say),
@@ -104,19 +114,19 @@ def _run(root: Path, journal: flow.Journal, params: dict[str, Any], worker: Stag
         started = time.monotonic()
         steps[state]()
         if state in TIMED and plan.changes_data:  # when the request was retrained, purged: for the record
-            journal.results.setdefault("times", {})[state] = deferred.stamp(deferred.now())
+            journal.results.setdefault("times", {})[state] = stamp(now())
         flow.advance(journal, root, state, started)
     refused = journal.results.get("purge", {}).get("status") == "pending"
     summary = {"status": plan.status, **({"purge_pending": journal.results["purge"]["reason"]} if refused else {}),
                "request_ids": journal.request_ids, "retrained_adapters": plan.adapters,
                "timings": journal.timings, **journal.results.get("registry", {})}
-    deferred.drop(root, journal.request_ids)  # their stored manifests hold raw IDs too; before the journal goes,
-    (root / flow.JOURNAL).unlink()  # so a crash between the two is finished by re-running (the record is written)
+    drop(root, journal.request_ids)  # their stored manifests hold raw IDs too; before the journal goes,
+    (root / JOURNAL).unlink()  # so a crash between the two is finished by re-running (the record is written)
     return summary
 
 
 def _start(root: Path, requests: Sequence[DeletionRequest], params: dict[str, Any], allow_unknown: bool,
-           modules: frozenset[str], say: Callable[[str], None], skip_recorded: bool = False) -> flow.Journal | None:
+           modules: frozenset[str], say: Callable[[str], None], skip_recorded: bool = False) -> Journal | None:
     recorded = recorded_requests(root, params)  # verified first
     if skip_recorded and any(r.request_id not in recorded for r in requests):
         requests = [r for r in requests if r.request_id not in recorded]
@@ -129,9 +139,7 @@ def _start(root: Path, requests: Sequence[DeletionRequest], params: dict[str, An
                                "run them separately from the new requests")
     plan = flow.plan_requests(root, requests, params, forgotten_lookup(root, params), modules, allow_unknown)
     journal = flow.new_journal(requests, plan)
-    journal.before = {"artifacts": flow.artifact_digests(root, clean=plan.changes_data),  # status just checked
-                      "outputs": flow.lock_outputs(root),
-                      "dvc_lock": dvc_lock_digest(root)}
+    journal.before = flow.measure(root, clean=plan.changes_data)  # `dvc status` just checked
     journal.save(root)
     return journal
 
@@ -143,7 +151,7 @@ def remove(root: Path, plan: flow.Plan, ids: set[str], say: Callable[[str], None
     say(f"removed {len(plan.train_ids)} train and {len(plan.test_ids)} test samples from {len(files)} file(s)")
 
 
-def rebuild(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str], worker: StageWorker | None,
+def rebuild(root: Path, journal: Journal, plan: flow.Plan, ids: set[str], worker: StageWorker | None,
             say: Callable[[str], None], resumed: bool) -> None:
     if not plan.changes_data:
         journal.results["checks"] = []
@@ -159,7 +167,7 @@ def rebuild(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str], w
     journal.results["checks"] = flow.check_rebuild(root, plan, journal.before["artifacts"], checked, ids, stale)
 
 
-def register(root: Path, journal: flow.Journal, plan: flow.Plan, settings: dict[str, Any],
+def register(root: Path, journal: Journal, plan: flow.Plan, settings: dict[str, Any],
              worker: StageWorker | None, say: Callable[[str], None]) -> None:
     if not plan.changes_data:
         return
@@ -169,7 +177,7 @@ def register(root: Path, journal: flow.Journal, plan: flow.Plan, settings: dict[
         f"{registry['gate_reason']}")
 
 
-def purge(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str], params: dict[str, Any],
+def purge(root: Path, journal: Journal, plan: flow.Plan, ids: set[str], params: dict[str, Any],
           worker: StageWorker | None, say: Callable[[str], None]) -> None:
     if not plan.changes_data:
         journal.results["purge"] = {}
@@ -185,17 +193,17 @@ def purge(root: Path, journal: flow.Journal, plan: flow.Plan, ids: set[str], par
         journal.results.get("registry", {}), progress, ids, params, worker, saved, say)
 
 
-def audit(root: Path, journal: flow.Journal, plan: flow.Plan, params: dict[str, Any], worker: StageWorker | None,
+def audit(root: Path, journal: Journal, plan: flow.Plan, params: dict[str, Any], worker: StageWorker | None,
           say: Callable[[str], None], resumed: bool) -> None:
     completed = pending.completed(root)
-    measured = {"before": journal.before["artifacts"],
-                # per file (an adapter block is one directory output in dvc.lock); the rebuild left `dvc status`
-                # clean, which a resumed forget cannot vouch for
-                "after": flow.artifact_digests(root, clean=plan.changes_data and not resumed),
-                "dvc_lock": {"before": journal.before["dvc_lock"], "after": dvc_lock_digest(root)},
+    # per file (an adapter block is one directory output in dvc.lock); the rebuild left `dvc status` clean, which
+    # a resumed forget cannot vouch for
+    after = flow.measure(root, clean=plan.changes_data and not resumed)
+    measured = {"before": journal.before["artifacts"], "after": after["artifacts"],
+                "dvc_lock": {"before": journal.before["dvc_lock"], "after": after["dvc_lock"]},
                 "completed_purges": completed,
-                "times": {r: deferred.times(journal, r, params) for r in journal.request_ids}}
-    note = write_records(root, journal, plan, measured, params, flow.subjects(root))
+                "times": {r: times(journal, r, params) for r in journal.request_ids}}
+    note = write_records(root, journal, plan, measured, params)
     pending.recorded(root, completed)
     version = journal.results.get("registry", {}).get("model_version")
     if version is not None:

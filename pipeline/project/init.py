@@ -35,7 +35,8 @@ from pipeline.data.dataset import (
 )
 from pipeline.data.salt import create_secret
 from pipeline.errors import DataError, ForgetError, InitError
-from pipeline.forget.flow import JOURNAL, Journal, project_lock
+from pipeline.forget.flow import project_lock
+from pipeline.forget.requests import JOURNAL, Journal
 from pipeline.project.code import sync_code
 from pipeline.project.layout import REFERENCE, TEST, raw_path
 from pipeline.project.params import PARAMS, check_params, load_params, sync_generated

@@ -1,5 +1,6 @@
-"""Scratch folders for files that hold sample data or weights while a command works (a package being staged, a
-shard re-derived by `audit verify --rebuild`).
+"""The project's private folder ``.legonet/``: owner-only state files (``write_private``: the journal, pending
+purges, the object memo), and scratch folders for files that hold sample data or weights while a command works (a
+package being staged, a shard re-derived by `audit verify --rebuild`).
 
 They live in the project's ``.legonet/tmp/`` (owner-only, never in git), named for the process that made them, and
 not in the system's temporary folder: a process killed mid-way (SIGKILL, OOM, a lost machine) cannot remove its own,
@@ -57,3 +58,24 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # another user's live process
         return True
     return True
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Owner-only state (the journal, pending purges, the object memo: they hold what a forget still needs):
+    atomic replace through an owner-only temporary file (never through a planted link), then fsync the folder so
+    the new entry survives a crash."""
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    path.parent.chmod(0o700)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)

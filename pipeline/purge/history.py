@@ -36,7 +36,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from pipeline.data.dataset import read_yaml, write_private
+from pipeline.data.dataset import read_yaml
+from pipeline.project.scratch import write_private
 from pipeline.purge.objects import (
     DIR_SUFFIX,
     Stores,

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.audit.transparency import leaf_hash, root_hash
-from pipeline.data.dataset import read_yaml, write_private
+from pipeline.data.dataset import read_yaml
 from pipeline.errors import StoreError
+from pipeline.project.scratch import write_private
 from pipeline.purge.s3 import Bucket, artifact_bucket, remote_bucket
 
 DIR_SUFFIX = ".dir"

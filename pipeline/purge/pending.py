@@ -19,8 +19,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from pipeline.data.dataset import write_private
 from pipeline.errors import StoreError
+from pipeline.project.scratch import write_private
 from pipeline.purge import history
 from pipeline.purge import models as model_purge
 from pipeline.purge import objects as purge

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import json
 import os
 import re
 import subprocess
@@ -22,7 +21,6 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from pipeline.data.dataset import read_yaml
 from pipeline.errors import BuildError, StageFailed, WorkerFailed
 from pipeline.project.code import sync_code
-from pipeline.project.layout import METRICS
 from pipeline.project.params import load_params, sync_generated
 from pipeline.runner import executor
 from pipeline.runner.worker import StageWorker, entry_point
@@ -298,16 +296,6 @@ def tag_checkpoint(root: Path, settings: Mapping[str, Any], version: str, note: 
     client.set_model_version_tag(settings["registered_model"], version, CHECKPOINT_TAG, note)
     # the head every clone's next forget or build must extend (pipeline.tracking.head)
     client.set_registered_model_tag(settings["registered_model"], HEAD_TAG, note)
-
-
-def summary(root: Path) -> dict[str, float]:
-    """Metrics of the last build, as `dvc metrics show` reads them."""
-    out: dict[str, float] = {}
-    for name in ("evaluate.json", "baseline.json"):
-        path = root / METRICS / name
-        if path.is_file():
-            out.update(json.loads(path.read_text()))
-    return out
 
 
 def estimate_seconds(root: Path, params: dict[str, Any], stages: Sequence[str]) -> float:

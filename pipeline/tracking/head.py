@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.audit.keyring import audit_log
-from pipeline.data.dataset import write_private
 from pipeline.errors import ForgetError, LockBusy, StoreError
+from pipeline.project.scratch import write_private
 
 HEAD_TAG = "legonet.audit_head"
 LEASE_TAG = "legonet.writer_lease"

@@ -5,7 +5,7 @@ The tag is JSON, ``{"adapters": [sorted ints], "requests": [sorted request IDs],
 no tag or an empty list is no quarantine. A version's quarantine only grows: every pending request's adapters are
 added to each version a server may load (the versions an alias points at, and the newest, which `legonet predict`
 falls back to). Only a new version lifts it: the package stage tags the version it registers with what is still
-held (``pipeline.forget.deferred.held``), so a version whose rebuild retrained a request's adapters is born without
+held (``pipeline.forget.requests.held``), so a version whose rebuild retrained a request's adapters is born without
 that request's quarantine. The adapter list is in clear: whoever can read the registry can read it
 (docs/requests.md).
 """

@@ -1,12 +1,16 @@
-"""Deferred deletion requests (`legonet forget --defer`, `legonet requests`): accepted and quarantined at once,
-retrained later in one batch, each before its deadline (``received_at`` + ``requests.sla_days``).
+"""Deletion requests as legonet keeps them, from the manifest to the record: the validated request, the journal of
+the batch being applied, and the requests deferred to a later batch.
 
-A deferred request lives in ``.legonet/requests/<request_id>/`` (outside git: ``.legonet/`` is in the project's
-.gitignore and .dvcignore), owner-only like the journal, because its manifest holds raw sample IDs: the manifest
-as received (the batch run reads it like any manifest) and ``state.json`` (times, the adapters its samples
-activate, ``received`` or ``quarantined``). The folder is deleted as soon as the forget that retrained it has
-written its audit record. ``held`` is what the quarantine must cover at any moment: every request whose samples are
-still in the project's data.
+A request comes from a manifest (pipeline.forget.manifest reads and validates the file). A batch of requests being
+applied is journalled in ``.legonet/journal.json`` (the forget's state machine, pipeline.forget.steps, writes it
+after each step). A request deferred by `legonet forget --defer` waits in ``.legonet/requests/<request_id>/``
+until `legonet requests run` (or any forget) retrains it, each before its deadline (``received_at`` +
+``requests.sla_days``). All of ``.legonet/`` is outside git (the project's .gitignore and .dvcignore) and
+owner-only, because journal and stored manifests hold raw sample IDs; a deferred request's folder holds the
+manifest as received (the batch reads it like any manifest) and ``state.json`` (times, the adapters its samples
+activate, ``received`` or ``quarantined``), and is deleted as soon as the forget that retrained it has written its
+audit record. ``held`` is what the quarantine must cover at any moment: every request whose samples are still in
+the project's data.
 
 Every time legonet writes about a request comes from ``now``, so that tests drive deadlines with a fake clock
 (``LEGONET_NOW``, an ISO time with its offset: a test hook, never set in production).
@@ -17,22 +21,88 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from pipeline.data.dataset import write_private
-from pipeline.errors import ForgetError, ParamsError
-from pipeline.forget import flow
-from pipeline.forget.manifest import DeletionRequest
+from pipeline.errors import ForgetError, ManifestError, ParamsError
+from pipeline.forget.manifest import read_manifest
+from pipeline.project.scratch import write_private
 from pipeline.tracking.quarantine import publish
 
-REQUESTS = flow.STATE_DIR / "requests"
+STATE_DIR = Path(".legonet")
+JOURNAL = STATE_DIR / "journal.json"
+REQUESTS = STATE_DIR / "requests"
 CLOCK_ENV = "LEGONET_NOW"
 DEFAULT_SLA_DAYS = 30
 QUARANTINING = ("received", "quarantined")  # journal states in which the batch's rows are still in the data
+
+
+@dataclass(frozen=True)
+class DeletionRequest:
+    """A validated deletion request; ``digest`` is the SHA-256 of the manifest file's bytes, for the audit."""
+
+    request_id: str
+    sample_ids: tuple[str, ...]
+    reason: str
+    received_at: str
+    source: Path
+    digest: str
+
+
+def load_manifest(path: Path) -> DeletionRequest:
+    """Read and fully validate one manifest (pipeline.forget.manifest); ``ManifestError`` on the first problem."""
+    return DeletionRequest(source=Path(path), **read_manifest(path))
+
+
+def merge_requests(requests: Sequence[DeletionRequest]) -> tuple[str, ...]:
+    """The sorted union of the requests' sample IDs.
+
+    The same ``request_id`` may appear twice (e.g. a retried request saved as JSON and as CSV) only with the
+    same content; otherwise one of them is wrong, and guessing which would forget the wrong samples.
+    """
+    seen: dict[str, DeletionRequest] = {}
+    for request in requests:
+        earlier = seen.setdefault(request.request_id, request)
+        if _content(earlier) != _content(request):
+            raise ManifestError(
+                f"{request.source}: request_id {request.request_id!r} is also used by {earlier.source} with "
+                "different content; give each request its own request_id"
+            )
+    return tuple(sorted({sample_id for request in requests for sample_id in request.sample_ids}))
+
+
+def _content(request: DeletionRequest) -> tuple[object, ...]:
+    return frozenset(request.sample_ids), request.reason, request.received_at
+
+
+@dataclass
+class Journal:
+    """The batch being applied: its requests, its plan (``pipeline.forget.flow.Plan`` as a dict), the state it
+    reached and what each step measured."""
+
+    batch: str
+    request_ids: list[str]
+    manifest_digests: dict[str, str]
+    sample_ids: list[str]
+    request_samples: dict[str, list[str]]
+    request_meta: dict[str, dict[str, str]]
+    plan: dict[str, Any]
+    state: str = "received"
+    before: dict[str, Any] = field(default_factory=dict)
+    results: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def save(self, root: Path) -> None:
+        """Durably and privately: the journal holds raw sample IDs, so it is 0600 in a 0700 folder."""
+        write_private(root / JOURNAL, (json.dumps(asdict(self), indent=1, sort_keys=True) + "\n").encode())
+
+    @classmethod
+    def load(cls, root: Path) -> Journal | None:
+        path = root / JOURNAL
+        return cls(**json.loads(path.read_text())) if path.is_file() else None
 
 
 def now() -> datetime:
@@ -137,7 +207,7 @@ def held(root: Path) -> tuple[list[int], list[str]]:
     """(adapters, request IDs) the quarantine must cover now: the deferred requests and a journalled forget whose
     samples are still in the data (its rows not yet removed); a batch past removal is left out, so the version its
     rebuild registers lifts exactly what it retrained."""
-    journal = flow.Journal.load(root)
+    journal = Journal.load(root)
     removed = set(journal.request_ids) if journal is not None and journal.state not in QUARANTINING else set()
     adapters: set[int] = set()
     requests: set[str] = set()
@@ -175,7 +245,7 @@ def refuse_late(request: DeletionRequest, params: dict[str, Any], at: datetime) 
                           "`legonet forget` on it now, without --defer")
 
 
-def times(journal: flow.Journal, request_id: str, params: dict[str, Any]) -> dict[str, str | None]:
+def times(journal: Journal, request_id: str, params: dict[str, Any]) -> dict[str, str | None]:
     """The times the audit record and the receipt carry for one request of a batch."""
     received = journal.request_meta[request_id]["received_at"]
     recorded = journal.results.get("times", {})
@@ -184,7 +254,7 @@ def times(journal: flow.Journal, request_id: str, params: dict[str, Any]) -> dic
             "retrained": recorded.get("rebuilt"), "purged": recorded.get("purged")}
 
 
-def quarantine(root: Path, journal: flow.Journal, params: dict[str, Any], say: Callable[[str], None]) -> None:
+def quarantine(root: Path, journal: Journal, params: dict[str, Any], say: Callable[[str], None]) -> None:
     """Before any retraining: switch off, in every version a server may load, the adapters whose shards hold a
     sample of this batch or of a deferred request (the quarantine accumulates; only a new version lifts it). The
     record names it in its sealed part (which adapters a forget touched is for audit-key holders only)."""
