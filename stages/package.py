@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pipeline
 from pipeline.data.quality import RESULT, read_result
-from pipeline.forget.requests import now, stamp
+from pipeline.forget.requests import held, now, stamp
 from pipeline.model.package import SERVING_REQUIREMENTS, stage_artifacts
 from pipeline.model.signature import input_example, model_signature
 from pipeline.project.code import check_code
@@ -102,8 +102,8 @@ def main() -> None:
             with contextlib.chdir(staging):
                 mlflow.pyfunc.save_model(path=str(package), **model)
             quality = read_result(RESULT)
-            held = [] if quality["success"] else [f"quality checkpoint failed: {line}" for line in quality["failed"]]
-            result = gate(accuracy, previous, params["gate"], held)
+            holds = [] if quality["success"] else [f"quality checkpoint failed: {line}" for line in quality["failed"]]
+            result = gate(accuracy, previous, params["gate"], holds)
             run.update({"accuracy": accuracy})
         runs = flush(Path(), store)
         # registered once the stage's run exists: the version (and its logged model) link to the run that made it
