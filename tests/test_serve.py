@@ -152,13 +152,14 @@ def test_serve_follows_the_quarantine_and_the_champion_under_load(served: dict[s
         manifest = tmp_path / "req-serve.json"
         manifest.write_text(json.dumps({"request_id": "req-serve", "sample_ids": [forgotten], "reason": "test",
                                         "received_at": datetime.now(UTC).isoformat(timespec="seconds")}))
-        loaded_at = {_get(f"{url}/version")[1]["loaded_at"] for _ in range(6)}
+        deferred_at = datetime.now(UTC)
         legonet("forget", "--defer", str(manifest), cwd=root)
         published = time.monotonic()  # the command returns once the quarantine is published
         took_quarantine = _until(lambda: set(_get(f"{url}/version")[1]["quarantine"]["adapters"]) == affected, 2,
                                  f"the quarantine of adapters {sorted(affected)} on the server")
         time.sleep(3)
-        assert {_get(f"{url}/version")[1]["loaded_at"] for _ in range(6)} == loaded_at  # applied without a reload
+        # applied without a reload: whichever worker answers still serves what it loaded before the request
+        assert all(datetime.fromisoformat(_get(f"{url}/version")[1]["loaded_at"]) < deferred_at for _ in range(12))
         retrain = time.monotonic()
         result = legonet("requests", "run", cwd=root)
         assert "WARNING" not in result.stderr, result.stderr  # MLflow's cloudpickle and signature warnings are gone
