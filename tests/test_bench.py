@@ -154,6 +154,28 @@ def test_the_copies_of_a_scale_dataset_have_new_ids_and_with_pixel_new_payloads(
     assert changed["label"].tolist() == [0, 1] * 3
 
 
+def test_a_table_point_pools_the_images_and_grows_against_its_own_modality() -> None:
+    import numpy as np
+    import pandas as pd
+
+    from bench.scale import pooled, verdicts
+
+    image = np.arange(784, dtype=np.uint8).reshape(28, 28)
+    table = pooled(pd.DataFrame({"sample_id": ["a"], "label": [3], "image": [image.tobytes()]}))
+    assert table.columns.tolist() == ["sample_id", "label", *[f"p{i:02d}" for i in range(49)]]
+    assert table["p08"].iloc[0] == image[4:8, 4:8].mean() and table["label"].iloc[0] == 3
+
+    def row(data: str, modality: str, samples: int, non_training: float) -> dict:
+        return {"data": data, "modality": modality, "samples": samples, "n": 32, "build_seconds": 100.0,
+                "forget_seconds": non_training + 1, "forget_batch_seconds": 10.0,
+                "forget_non_training_seconds": non_training}
+
+    growth = verdicts([row("table5k", "table", 5000, 2.0), row("mnist5k", "image", 5000, 8.0),
+                       row("fashion280k", "image", 280000, 12.0), row("table1m", "table", 10**6, 5.0)])
+    assert {d: g["non_training_growth"] for d, g in growth["data_axis"]["n=32"].items()} == \
+        {"mnist5k": 1.0, "fashion280k": 1.5, "table5k": 1.0, "table1m": 2.5}
+
+
 def _forget(data: str, code: str, samples: int, seconds: float, train: float, plan: float) -> dict:
     return {"data": data, "code": code, "samples": samples, "seconds": seconds, "non_training_seconds": seconds - train,
             "phases": {"plan": plan, "repro:train@1": train / 2, "repro:train@2": train / 2}}
