@@ -274,6 +274,12 @@ def reinsert_row(root: Path, ctx: dict[str, Any]) -> None:
     subprocess.run([sys.executable, "-m", "dvc", "add", "-q", part.as_posix()], cwd=root, check=True)
 
 
+def export_row(root: Path, ctx: dict[str, Any]) -> None:
+    """A forgotten row in a table under reports/ that no stage wrote (someone's export next to the checkpoint's)."""
+    original = read_table(ctx["original"] / "data/raw/part-0000.parquet")
+    write_table(original[original["sample_id"] == ctx["ids"]["req-1"][0]], root / "reports/quality/export.parquet")
+
+
 @dataclass(frozen=True)
 class Tamper:
     what: str
@@ -308,6 +314,8 @@ TAMPERS = [
     Tamper("change dvc.lock", change_dvc_lock, "dvc.lock changed since the last audited request", GENUINE_LOG),
     Tamper("re-insert a forgotten row, its .dvc file fixed", reinsert_row,
            "forgotten sample of request(s) req-1 is present in data/raw/part-0000.parquet", GENUINE_LOG),
+    Tamper("write a forgotten row to a table under reports/", export_row,
+           "forgotten sample of request(s) req-1 is present in reports/quality/export.parquet", GENUINE_LOG),
     Tamper("re-sign a record whose `before` is not what the forget before it left, re-anchor", rewrite_a_before,
            "but request 'req-1' left it at", GENUINE_LOG,
            readers_say="each record verifies on its own: they answer from it; the chain of states is "

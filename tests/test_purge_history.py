@@ -331,3 +331,27 @@ def test_the_final_scan_is_exact_and_reads_each_table_once_per_digest(tmp_path: 
     assert forgotten_ids_in(tmp_path, digests(), {"s-5", "s-9"}, index) == ["data/c.parquet"]
     assert forgotten_ids_in(tmp_path, digests(), set(), index) == []
     assert index.tables_read == 1
+
+
+def test_the_forget_checks_the_tables_under_reports_too(built_project: Path, tmp_path: Path) -> None:
+    """The quality checkpoint's partials and tables and evaluate's test points hold sample IDs under reports/: the
+    forget's last check reads those tables as well, so an ID a report still holds stops the forget."""
+    from conftest import copy_project
+
+    from pipeline.data.dataset import write_table
+    from pipeline.errors import ExactnessError
+    from pipeline.forget.flow import Plan, check_rebuild
+    from pipeline.runner.outputs import artifact_digests
+
+    root = copy_project(built_project, tmp_path / "project")
+    assert sorted((root / "reports/quality/partials").glob("*.parquet")), "no partials: nothing under reports to scan"
+    plan = Plan(train_ids=[], test_ids=[], unknown_ids=[], already_forgotten={}, partitions=[], adapters=[], n=1,
+                blocks=1)
+    before = artifact_digests(root)
+    checks = check_rebuild(root, plan, before, [], {"ghost-1"}, {})
+    scanned = next(c["detail"] for c in checks if c["name"].startswith("no forgotten ID"))
+    partials = len(list((root / "reports").rglob("*.parquet")))
+    assert scanned == f"{sum(p.endswith('.parquet') for p in before) + partials} tables scanned"
+    write_table(pd.DataFrame({"sample_id": ["ghost-1"], "label": [0]}), root / "reports/quality/export.parquet")
+    with pytest.raises(ExactnessError, match=r"found in \['reports/quality/export.parquet'\]"):
+        check_rebuild(root, plan, before, [], {"ghost-1"}, {})

@@ -39,7 +39,7 @@ from pipeline.purge.history import history_objects
 from pipeline.purge.models import residue
 from pipeline.purge.objects import DIGEST, dvc_cache, local_remotes, object_path, remote_residue
 from pipeline.runner.build import dvc_lock_digest
-from pipeline.runner.outputs import lock_outputs
+from pipeline.runner.outputs import ID_TABLES, lock_outputs
 from pipeline.tracking.identity import project_id
 from pipeline.tracking.lineage import absolute_store, file_md5
 
@@ -180,7 +180,7 @@ def _forgotten_present(root: Path, summaries: list[dict[str, Any]], keys: list[b
     if not any(summary["forgotten_ids"] for summary in summaries):
         return []
     owners = forgotten_by(summaries, keys)
-    tables = [p for p in (root / "data").rglob("*.parquet")]
+    tables = [p for top in ID_TABLES if (root / top).is_dir() for p in sorted((root / top).rglob("*.parquet"))]
     stores = [dvc_cache(root), *local_remotes(root).values()]  # the remotes too, as verify promises
     # only this project's objects: a shared cache or remote holds other projects' tables, whose forgets are theirs
     objects = sorted(d for d in history_objects(root) if not d.endswith(".dir"))

@@ -24,9 +24,18 @@ from typing import Any
 from pipeline.data.dataset import read_table, write_table
 from pipeline.data.salt import data_secret
 from pipeline.errors import ExactnessError, ForgetError, LockBusy
-from pipeline.forget.requests import STATE_DIR, DeletionRequest, Journal, merge_requests
+from pipeline.forget.requests import DeletionRequest, Journal, merge_requests
 from pipeline.project.code import check_all_code
-from pipeline.project.layout import REFERENCE, ROUTING, TEST, adapter_info_path, adapter_path, raw_path, shard_path
+from pipeline.project.layout import (
+    REFERENCE,
+    ROUTING,
+    STATE_DIR,
+    TEST,
+    adapter_info_path,
+    adapter_path,
+    raw_path,
+    shard_path,
+)
 from pipeline.purge.history import ObjectIndex
 from pipeline.runner.build import address, dvc_lock_digest, dvc_repo
 from pipeline.runner.outputs import artifact_digests, lock_outputs
@@ -340,9 +349,10 @@ def check_rebuild(root: Path, plan: Plan, before: dict[str, str], ran: list[str]
     problems += [f"still stale: {sorted(stale)[:10]}"] if stale else []
     checks.append({"name": "exactly the planned stages were stale", "passed": not problems,
                    "detail": "; ".join(problems) or f"{len(plan.stages)} stages rebuilt, `dvc status` clean"})
-    residue = forgotten_ids_in(root, after, sample_ids)
-    checks.append({"name": "no forgotten ID in any data artifact", "passed": not residue,
-                   "detail": f"{sum(p.endswith('.parquet') for p in after)} tables scanned" if not residue
+    tables = after | artifact_digests(root, not stale, ("reports",))
+    residue = forgotten_ids_in(root, tables, sample_ids)
+    checks.append({"name": "no forgotten ID in any data artifact or report table", "passed": not residue,
+                   "detail": f"{sum(p.endswith('.parquet') for p in tables)} tables scanned" if not residue
                    else f"found in {residue}"})
     failed = [c for c in checks if not c["passed"]]
     if failed:

@@ -25,9 +25,15 @@ def lock_outputs(root: Path) -> dict[str, str]:
     return dict(sorted(out.items()))
 
 
-def artifact_digests(root: Path, clean: bool = False) -> dict[str, str]:
-    """md5 of every file under data/ and models/ (the artifacts that decide a prediction), without DVC's own
-    ``.dvc`` pointer files and ``.gitignore`` files.
+# where the artifacts that decide a prediction live; reports/ holds tables of sample IDs too (the quality
+# checkpoint's partials and tables, the test points evaluate keeps), which a forget must clear but which decide nothing
+ARTIFACTS = ("data", "models")
+ID_TABLES = (*ARTIFACTS, "reports")
+
+
+def artifact_digests(root: Path, clean: bool = False, tops: tuple[str, ...] = ARTIFACTS) -> dict[str, str]:
+    """md5 of every file under ``tops`` (data/ and models/: the artifacts that decide a prediction), without DVC's
+    own ``.dvc`` pointer files and ``.gitignore`` files.
 
     ``clean``: `dvc status` has just reported nothing, so every DVC output holds exactly what dvc.lock and the
     .dvc files record (DVC checked each one, by the same stat-keyed trust ``file_digest`` uses); a file inside an
@@ -35,7 +41,7 @@ def artifact_digests(root: Path, clean: bool = False) -> dict[str, str]:
     files outside every output, or in an output whose listing is not in the cache, are hashed. Hashing all of
     data/ and models/ would make a forget's cost grow with the data (docs/design.md section 4, cost rule).
     """
-    files = sorted(f for top in ("data", "models") if (root / top).is_dir()
+    files = sorted(f for top in tops if (root / top).is_dir()
                    for f in (root / top).rglob("*") if f.is_file() and not f.name.endswith((".dvc", ".gitignore")))
     recorded = _recorded_digests(root) if clean else {}
     return {rel: recorded.get(rel) or file_md5(f) for f in files for rel in [f.relative_to(root).as_posix()]}
