@@ -32,13 +32,14 @@ from pipeline.audit.log import TRUSTED_KEYS_ENV, AuditLog
 from pipeline.audit.secrets import audit_key_id, load_or_create_audit_key, load_or_create_signing_key, read_public_keys
 from pipeline.data.dataset import write_bytes_atomic
 from pipeline.errors import AuditError
+from pipeline.project.layout import STATE_DIR
 from pipeline.tracking.identity import project_id
 
 AUDIT_DIR = Path("audit")
 RECORDS = AUDIT_DIR / "records"
 PUBLIC_KEY = AUDIT_DIR / "signing-key.pub"
 KEY_DIR_ENV = "LEGONET_KEY_DIR"
-IN_PROJECT = Path(".legonet/keys")  # the key dir of projects made before the per-user default (and of copies)
+IN_PROJECT = STATE_DIR / "keys"  # the key dir of projects made before the per-user default (and of copies)
 TRUSTED_KEYS = "trusted-keys"
 SIGNING_KEY = "signing.key"
 AUDIT_KEY = "audit.key"

@@ -29,10 +29,10 @@ from typing import Any
 
 from pipeline.errors import ForgetError, ManifestError, ParamsError
 from pipeline.forget.manifest import read_manifest
+from pipeline.project.layout import STATE_DIR
 from pipeline.project.scratch import write_private
 from pipeline.tracking.quarantine import publish
 
-STATE_DIR = Path(".legonet")
 JOURNAL = STATE_DIR / "journal.json"
 REQUESTS = STATE_DIR / "requests"
 CLOCK_ENV = "LEGONET_NOW"

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# the project's own state, never DVC-tracked nor committed (journal, lock, memos, scratch, pending purges, lineage)
+STATE_DIR = Path(".legonet")
 RAW = Path("data/raw")
 REFERENCE = Path("data/reference/reference.parquet")
 TEST = Path("data/test/test.parquet")

@@ -18,7 +18,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-SCRATCH = Path(".legonet") / "tmp"
+from pipeline.project.layout import STATE_DIR
+
+SCRATCH = STATE_DIR / "tmp"
 
 
 @contextmanager

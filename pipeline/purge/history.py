@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from pipeline.data.dataset import read_yaml
+from pipeline.project.layout import STATE_DIR
 from pipeline.project.scratch import write_private
 from pipeline.purge.objects import (
     DIR_SUFFIX,
@@ -51,7 +52,7 @@ from pipeline.purge.objects import (
     workspace_outputs,
 )
 
-MEMO = Path(".legonet/objects")
+MEMO = STATE_DIR / "objects"
 Run = tuple[frozenset[str], frozenset[str]]  # the file objects a stage run read, and the objects it wrote
 ID_DIGEST = np.dtype(np.uint64)  # one keyed 64-bit ID digest (``ObjectIndex.id_digests``) as an integer
 

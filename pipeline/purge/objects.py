@@ -23,6 +23,7 @@ from typing import Any
 from pipeline.audit.transparency import leaf_hash, root_hash
 from pipeline.data.dataset import read_yaml
 from pipeline.errors import StoreError
+from pipeline.project.layout import STATE_DIR
 from pipeline.project.scratch import write_private
 from pipeline.purge.s3 import Bucket, artifact_bucket, remote_bucket
 
@@ -236,7 +237,7 @@ def push_remotes(root: Path) -> list[str]:
 
 
 
-PURGED = Path(".legonet/purged.json")  # digest -> the requests whose forget purged it (no sample data)
+PURGED = STATE_DIR / "purged.json"  # digest -> the requests whose forget purged it (no sample data)
 
 
 def purged_map(root: Path) -> dict[str, list[str]]:

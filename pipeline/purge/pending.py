@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import StoreError
+from pipeline.project.layout import STATE_DIR
 from pipeline.project.scratch import write_private
 from pipeline.purge import history
 from pipeline.purge import models as model_purge
@@ -27,7 +28,7 @@ from pipeline.purge import objects as purge
 from pipeline.runner.worker import call
 from pipeline.tracking.identity import project_id
 
-PENDING = Path(".legonet/pending-purges.json")
+PENDING = STATE_DIR / "pending-purges.json"
 Say = Callable[[str], None]
 # what a purge needs besides the project: fixed when the forget first tries it
 TASK_FIELDS = ("request_ids", "before", "keep_version", "retain_until")

@@ -34,11 +34,12 @@ from typing import Any
 
 from pipeline.audit.keyring import audit_log
 from pipeline.errors import ForgetError, LockBusy, StoreError
+from pipeline.project.layout import STATE_DIR
 from pipeline.project.scratch import write_private
 
 HEAD_TAG = "legonet.audit_head"
 LEASE_TAG = "legonet.writer_lease"
-CLONE_ID = Path(".legonet/clone-id")
+CLONE_ID = STATE_DIR / "clone-id"
 LEASE_HOURS = 6  # a forget or build that died keeps its lease this long, unless its own clone runs it again
 SETTLE_SECONDS = 1.0  # an `mlflow server` has no compare-and-set: write, let a concurrent writer land, read back
 

@@ -19,6 +19,8 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pipeline.project.layout import STATE_DIR
+
 T = TypeVar("T")
 
 # (absolute path, what was computed) -> ((inode, size, mtime_ns, ctime_ns), when computed (ns), value)
@@ -129,7 +131,7 @@ def platform_tags() -> dict[str, str]:
     }
 
 
-PENDING = Path(".legonet/lineage")
+PENDING = STATE_DIR / "lineage"
 
 
 class StageMetrics(dict):
