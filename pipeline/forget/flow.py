@@ -315,11 +315,12 @@ def remove_rows(root: Path, plan: Plan, sample_ids: set[str]) -> list[str]:
     return [f.as_posix() for f in files]
 
 
-def measure(root: Path, clean: bool = False) -> dict[str, Any]:
+def measure(root: Path, clean: bool = False, outputs: bool = False) -> dict[str, Any]:
     """The project's state a forget records before and after: every artifact's md5 (``artifact_digests``;
-    ``clean``: `dvc status` just reported nothing), every DVC output's recorded md5 and dvc.lock's sha256."""
-    return {"artifacts": artifact_digests(root, clean), "outputs": lock_outputs(root),
-            "dvc_lock": dvc_lock_digest(root)}
+    ``clean``: `dvc status` just reported nothing) and dvc.lock's sha256; with ``outputs`` (before the change: what
+    the purge supersedes) every DVC output's recorded md5."""
+    state = {"artifacts": artifact_digests(root, clean), "dvc_lock": dvc_lock_digest(root)}
+    return state | {"outputs": lock_outputs(root)} if outputs else state
 
 
 def expected_changes(plan: Plan) -> Callable[[str], bool]:

@@ -139,7 +139,7 @@ def _start(root: Path, requests: Sequence[DeletionRequest], params: dict[str, An
                                "run them separately from the new requests")
     plan = flow.plan_requests(root, requests, params, forgotten_lookup(root, params), modules, allow_unknown)
     journal = flow.new_journal(requests, plan)
-    journal.before = flow.measure(root, clean=plan.changes_data)  # `dvc status` just checked
+    journal.before = flow.measure(root, clean=plan.changes_data, outputs=True)  # `dvc status` just checked
     journal.save(root)
     return journal
 
