@@ -2,10 +2,11 @@
 
 ``legonet init --data`` on the default 5k digits, ``legonet build``, then ``--requests`` forgets of one random train
 sample each (``legonet forget``, one manifest per request, in sequence). Checks that the time per request does not
-grow over the run (median of the first 20 against the last 20) and that, at the end, every artifact that decides a
-prediction is bit-identical to a fresh ``legonet init`` + ``legonet build`` on the retained samples (docs/design.md
-section 2; the package's MLmodel differs only in MLflow's own metadata and is left out). Not run in CI: about an
-hour on 2 cores. Writes ``bench/results/soak.json``.
+grow over the run (median of the first 20 against the last 20), shows the size of the audit record each forget
+writes (first, last, largest), and that, at the end, every artifact that decides a prediction is bit-identical to a
+fresh ``legonet init`` + ``legonet build`` on the retained samples (docs/design.md section 2; the package's MLmodel
+differs only in MLflow's own metadata and is left out). Not run in CI: about 35 minutes on 2 cores.
+Writes ``bench/results/soak.json``.
 
     python -m bench.soak [--requests 200] [--data mnist5k] [--set KEY=VALUE ...]
 """
@@ -24,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.scale import _setting, build, dataset_frame, forget, train_ids
+from pipeline.audit.keyring import RECORDS
 from pipeline.data.dataset import read_table, write_table
 from pipeline.data.salt import secret_path
 from pipeline.runner.outputs import artifact_digests
@@ -58,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         forgets = []
         for request in range(args.requests):
             forgets.append(forget(root, rng.sample(train_ids(root), 1), f"soak-{request:04d}"))
+            forgets[-1]["record_bytes"] = (root / RECORDS / f"{request + 1:06d}-soak-{request:04d}.json").stat().st_size
             if request % 10 == 9:
                 print(f"{request + 1}/{args.requests}: last {forgets[-1]['seconds']} s", flush=True)
         retained = read_table(root / "data/routing.parquet")["sample_id"]
@@ -75,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                   build_seconds, 2), "fresh_build_seconds": round(fresh_seconds, 2),
               f"median_first_{WINDOW}_seconds": round(first, 2), f"median_last_{WINDOW}_seconds": round(last, 2),
               "growth": round(last / first, 3), "artifacts_compared": len(soaked),
+              "record_bytes_first": forgets[0]["record_bytes"], "record_bytes_last": forgets[-1]["record_bytes"],
+              "record_bytes_max": max(f["record_bytes"] for f in forgets),
               "bit_identical_to_fresh_build": not differ, "differing_artifacts": differ[:50], "forgets": forgets}
     print(json.dumps({k: v for k, v in result.items() if k != "forgets"}, indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
