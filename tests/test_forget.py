@@ -476,6 +476,18 @@ def test_no_residue_of_canaries_anywhere(exactness: dict[str, Any]) -> None:
     assert not leftovers, f"canary residue after forgetting: {leftovers}"
 
 
+def test_a_forget_marks_the_state_it_leaves_clean(exactness: dict[str, Any]) -> None:
+    """The mark that lets the next plan skip hashing every ID names the data and log this forget left."""
+    from pipeline.audit.record import forgotten_lookup
+    from pipeline.forget import flow
+    from pipeline.project.params import load_params
+
+    root = exactness["root"]
+    head = forgotten_lookup(root, load_params(root)).head
+    assert (root / flow.CLEAN).read_text() == flow.clean_key(root, head)
+    assert flow.clean_key(root, head) != flow.clean_key(root, "another log")
+
+
 def test_tampering_is_detected(exactness: dict[str, Any], tmp_path: Path) -> None:
     """One changed byte of an adapter, a shard or a record, a missing middle record, or a forgotten sample back in
     the DVC remote: `legonet audit verify` fails naming it."""

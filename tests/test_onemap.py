@@ -24,12 +24,14 @@ import pytest
 from conftest import copy_project
 from dvc.repo import Repo
 
-from pipeline.data.dataset import read_table
+from pipeline.audit.record import Forgotten
+from pipeline.data.dataset import read_table, write_table
 from pipeline.forget import flow
-from pipeline.project.layout import block_of
+from pipeline.project.layout import ROUTING, block_of
 from pipeline.project.params import load_params
 from pipeline.runner.build import address, stage_total
 from pipeline.runner.worker import worker_modules
+from pipeline.tracking.lineage import file_md5
 
 
 def plan_for(root: Path, sample_ids: list[str]) -> tuple[flow.Plan, Any]:
@@ -147,10 +149,39 @@ def test_a_forgotten_sample_back_in_the_data_is_refused_before_anything_changes(
     params = load_params(built_project)
     n, blocks = int(params["adapters"]["n"]), int(params["adapters"]["blocks"])
 
-    def forgotten(ids: Any) -> dict[str, list[str]]:  # what the audit log says of these IDs
-        return {i: ["req-old"] for i in ids if i == back}
+    # what the audit log says of these IDs
+    forgotten = Forgotten(lambda ids: {i: ["req-old"] for i in ids if i == back}, "log-with-req-old")
 
     with pytest.raises(flow.ForgetError, match=rf"request\(s\) req-old forgot are back in .*'{back}'"):
         flow.plan_batch(built_project, [requested], set(), forgotten, n, blocks)
     plan = flow.plan_batch(built_project, [requested, back], set(), forgotten, n, blocks)  # forgotten again
     assert plan.train_ids == sorted([requested, back]) and not plan.already_forgotten
+
+
+def test_the_back_check_trusts_a_clean_mark_only_for_the_same_data_and_log(built_project: Path,
+                                                                          tmp_path: Path) -> None:
+    """A forget marks the state it leaves clean (``flow.mark_clean``), so the next plan need not hash every ID;
+    the mark answers only for the routing index, test split and log it names: another of any is checked in full."""
+    root = copy_project(built_project, tmp_path / "project")
+    routing = read_table(root / ROUTING)
+    back, requested, other = sorted(routing["sample_id"])[:3]
+    params = load_params(root)
+    n, blocks = int(params["adapters"]["n"]), int(params["adapters"]["blocks"])
+    asked: list[str] = []
+
+    def lookup(ids: Any) -> dict[str, list[str]]:
+        asked.extend(ids)
+        return {i: ["req-old"] for i in ids if i == back}
+
+    digests = {p: file_md5(root / p) for p in ("data/routing.parquet", "data/test/test.parquet")}
+    flow.mark_clean(root, "log-before-req-old", digests)  # a mark made before req-old was in the log
+    with pytest.raises(flow.ForgetError, match="forgot are back"):
+        flow.plan_batch(root, [requested], set(), Forgotten(lookup, "log-with-req-old"), n, blocks)
+    assert len(asked) > len(routing)  # every training and test ID was looked up
+    flow.mark_clean(root, "log-with-req-old", digests)  # (a test's mark: the data does hold `back`)
+    asked.clear()
+    plan = flow.plan_batch(root, [requested], set(), Forgotten(lookup, "log-with-req-old"), n, blocks)
+    assert plan.train_ids == [requested] and len(asked) == 0  # trusted: nothing hashed
+    write_table(routing[routing["sample_id"] != other].reset_index(drop=True), root / ROUTING)  # other data
+    with pytest.raises(flow.ForgetError, match="forgot are back"):
+        flow.plan_batch(root, [requested], set(), Forgotten(lookup, "log-with-req-old"), n, blocks)

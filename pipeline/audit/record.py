@@ -7,7 +7,10 @@ envelopes and the transparency log stay behind this module.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,19 @@ from pipeline.data.quality import RESULT, read_result
 from pipeline.project.params import params_digest
 from pipeline.tracking.lineage import file_sha256, git_revision, platform_tags
 
-Forgotten = Callable[[Iterable[str]], dict[str, list[str]]]
+
+@dataclass(frozen=True)
+class Forgotten:
+    """ids -> {id: the requests that forgot it} for the IDs the audit log lists as forgotten (``forgotten_by``), and
+    ``head``: a digest of which IDs those are (each record's request, audit key and keyed IDs, and the audit keys at
+    hand), for a mark that the data held none of them (pipeline.forget.flow.CLEAN) to name the log it was made
+    against."""
+
+    lookup: Callable[[Iterable[str]], dict[str, list[str]]]
+    head: str
+
+    def __call__(self, sample_ids: Iterable[str]) -> dict[str, list[str]]:
+        return self.lookup(sample_ids)
 
 
 def recorded_requests(root: Path, params: dict[str, Any]) -> set[str]:
@@ -32,9 +47,14 @@ def forgotten_lookup(root: Path, params: dict[str, Any]) -> Forgotten:
     """ids -> {id: the requests that forgot it} for the IDs the audit log lists as forgotten."""
     log = audit_log(root, params, memo=True)
     records = log.summaries()  # verified: a forged or planted record must not make an ID look forgotten
-    if not records:  # nothing forgotten yet: do not create the audit key just to look (input checks and
-        return lambda sample_ids: {}  # --dry-run must leave the project untouched)
-    return forgotten_by(records, audit_keys(root, params, log))  # each record under the audit key it names
+    # nothing forgotten yet: do not create the audit key just to look (input checks and --dry-run must leave the
+    # project untouched)
+    keys = audit_keys(root, params, log) if records else []
+    listed = [[r["request_id"], r["audit_key_id"], r["forgotten_ids"]] for r in records]
+    head = hashlib.sha256(json.dumps([listed, sorted(map(audit_key_id, keys))]).encode()).hexdigest()
+    if not records:
+        return Forgotten(lambda sample_ids: {}, head)
+    return Forgotten(forgotten_by(records, keys), head)  # each record under the audit key it names
 
 
 def keys_note(root: Path, params: dict[str, Any]) -> str | None:

@@ -14,12 +14,12 @@ import hashlib
 import os
 import signal
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.data.dataset import read_table, write_table
 from pipeline.data.salt import data_secret
@@ -36,18 +36,24 @@ from pipeline.project.layout import (
     raw_path,
     shard_path,
 )
+from pipeline.project.scratch import write_private
 from pipeline.purge.history import ObjectIndex
 from pipeline.runner.build import address, dvc_lock_digest, dvc_repo
 from pipeline.runner.outputs import artifact_digests, lock_outputs
 from pipeline.runner.worker import entry_point
 from pipeline.tracking.head import check_head, check_lease, writer_lease
 from pipeline.tracking.identity import project_id
+from pipeline.tracking.lineage import file_md5
 from pipeline.tracking.registry import project_store
+
+if TYPE_CHECKING:
+    from pipeline.audit.record import Forgotten
 
 STATES = ("received", "quarantined", "data-removed", "rebuilt", "registered", "purged", "audited", "committed")
 PHASES = {"quarantined": "quarantine", "data-removed": "remove", "rebuilt": "rebuild", "registered": "register",
           "purged": "purge", "audited": "audit", "committed": "commit"}
 LOCK = STATE_DIR / "lock"
+CLEAN = STATE_DIR / "clean"  # the data state last shown to hold no ID the audit log forgot (``clean_key``)
 CRASH_ENV = "LEGONET_CRASH_AFTER"  # fault injection: SIGKILL this process right after the named state
 
 
@@ -174,13 +180,30 @@ def project_lock(root: Path, wait: bool, notify: Callable[[str], None]) -> Itera
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def plan_batch(root: Path, sample_ids: Sequence[str], reference_ids: set[str],
-               forgotten: Callable[[Iterable[str]], dict[str, list[str]]], n: int, blocks: int) -> Plan:
+def clean_key(root: Path, head: str, digests: Mapping[str, str] | None = None) -> str:
+    """The state the check that no forgotten sample is back answers for: the audit log's forgotten IDs (``head``,
+    ``Forgotten.head``) and the bytes of the routing index and the test split (md5, from ``digests`` if measured)."""
+    found = digests or {}
+    md5s = [found.get(path.as_posix()) or file_md5(root / path) for path in (ROUTING, TEST)]
+    return hashlib.sha256("\n".join([head, *md5s]).encode()).hexdigest()
+
+
+def mark_clean(root: Path, head: str, digests: Mapping[str, str]) -> None:
+    """Mark the state a forget leaves (``digests``: its artifacts, measured) as holding no forgotten sample under
+    the log it has just extended (``head``). True by construction: the plan checked the data against the log
+    before, a forget only removes rows, and its last check found none of its own IDs; so the next plan on this
+    state skips hashing every training and test ID (the check grew with N). `audit verify` never relies on it."""
+    write_private(root / CLEAN, clean_key(root, head, digests).encode())
+
+
+def plan_batch(root: Path, sample_ids: Sequence[str], reference_ids: set[str], forgotten: Forgotten, n: int,
+               blocks: int) -> Plan:
     """Look up each ID: train (routing index), test, reference (refused), forgotten earlier, or unknown.
 
     ``forgotten(ids)`` names the requests that forgot each of ``ids`` earlier (the audit log). The project's
     training and test data must hold none of them but those requested now: a sample a request forgot that is back
-    (a dataset re-imported with it, then built) is refused here, before anything changes.
+    (a dataset re-imported with it, then built) is refused here, before anything changes; unless the last forget
+    left this very routing index and test split under this very log (``mark_clean``).
     """
     routing_path = root / ROUTING
     if not routing_path.is_file():
@@ -192,7 +215,8 @@ def plan_batch(root: Path, sample_ids: Sequence[str], reference_ids: set[str],
     if refused:
         raise ForgetError(f"{len(refused)} ID(s) belong to the reference split, which keys and projection are "
                           f"fitted on and which is not deletable: {refused[:5]}; remove them from the manifest")
-    back = forgotten((set(routing.index) | test_ids) - set(sample_ids))
+    marked = (root / CLEAN).is_file() and (root / CLEAN).read_text() == clean_key(root, forgotten.head)
+    back = {} if marked else forgotten((set(routing.index) | test_ids) - set(sample_ids))
     if back:
         owners = sorted({r for found in back.values() for r in found})
         raise ForgetError(f"{len(back)} sample(s) that request(s) {', '.join(owners)} forgot are back in "
@@ -240,7 +264,7 @@ class Writer:
 
 
 def rows_plan(root: Path, requests: Sequence[DeletionRequest], params: dict[str, Any],
-              forgotten: Callable[[Iterable[str]], dict[str, list[str]]]) -> Plan:
+              forgotten: Forgotten) -> Plan:
     """The rows a batch touches and the adapters they activate (``plan_batch``), before any stage is planned."""
     reference = set(read_table(root / REFERENCE, ["sample_id"])["sample_id"])
     return plan_batch(root, merge_requests(requests), reference, forgotten, int(params["adapters"]["n"]),
@@ -248,7 +272,7 @@ def rows_plan(root: Path, requests: Sequence[DeletionRequest], params: dict[str,
 
 
 def plan_requests(root: Path, requests: Sequence[DeletionRequest], params: dict[str, Any],
-                  forgotten: Callable[[Iterable[str]], dict[str, list[str]]], worker_modules: frozenset[str],
+                  forgotten: Forgotten, worker_modules: frozenset[str],
                   allow_unknown: bool, dry_run: bool = False) -> Plan:
     """The plan of a batch: its rows (``plan_batch``), then, if it changes data, the stages DVC's graph puts
     downstream of them. Refuses unknown IDs (unless ``allow_unknown``), code that is not this build's and a project

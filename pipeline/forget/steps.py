@@ -204,6 +204,7 @@ def audit(root: Path, journal: Journal, plan: flow.Plan, params: dict[str, Any],
                 "completed_purges": completed,
                 "times": {r: times(journal, r, params) for r in journal.request_ids}}
     note = write_records(root, journal, plan, measured, params)
+    flow.mark_clean(root, forgotten_lookup(root, params).head, after["artifacts"])
     pending.recorded(root, completed)
     version = journal.results.get("registry", {}).get("model_version")
     if version is not None:
