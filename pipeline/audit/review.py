@@ -89,7 +89,7 @@ def verify(root: Path, params: dict[str, Any], rebuild: bool = False, trusted: S
     return [*passed, "no purge pending", "current model and adapters match the last record (the adapter files: its "
             "Merkle root)",
             "workspace matches dvc.lock", "`dvc status`: up to date",
-            "no forgotten ID in data, DVC cache or remote tables",
+            "no forgotten ID in the tables under data/, models/ and reports/, the DVC cache or a local remote",
             "no MLflow model version or logged model of this project trained on forgotten data"]
 
 
