@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
               "requests": args.requests, "forgotten_train_samples": len(removed), "build_seconds": round(
                   build_seconds, 2), "fresh_build_seconds": round(fresh_seconds, 2),
               f"median_first_{WINDOW}_seconds": round(first, 2), f"median_last_{WINDOW}_seconds": round(last, 2),
-              "growth": round(last / first, 3), "artifacts_compared": len(soaked),
+              "growth": round(last / first, 3), "phase_growth": phase_growth(forgets),
+              "artifacts_compared": len(soaked),
               "record_bytes_first": forgets[0]["record_bytes"], "record_bytes_last": forgets[-1]["record_bytes"],
               "record_bytes_max": max(f["record_bytes"] for f in forgets),
               "bit_identical_to_fresh_build": not differ, "differing_artifacts": differ[:50], "forgets": forgets}
@@ -86,6 +87,15 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
     print(f"wrote {args.out}")
     return 0 if not differ else 1
+
+
+def phase_growth(forgets: list[dict[str, object]], top: int = 6) -> dict[str, list[float]]:
+    """Where the time per request went from the first to the last ``WINDOW`` requests: the median seconds of each
+    phase every request ran, in both windows, the ``top`` that grew most first (a flat soak shows none growing)."""
+    shared = set.intersection(*(set(f["phases"]) for f in forgets))
+    medians = {phase: [round(statistics.median(f["phases"][phase] for f in window), 3)
+                       for window in (forgets[:WINDOW], forgets[-WINDOW:])] for phase in shared}
+    return dict(sorted(medians.items(), key=lambda item: item[1][0] - item[1][1])[:top])
 
 
 if __name__ == "__main__":

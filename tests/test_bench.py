@@ -176,6 +176,16 @@ def test_a_table_point_pools_the_images_and_grows_against_its_own_modality() -> 
         {"mnist5k": 1.0, "fashion280k": 1.5, "table5k": 1.0, "table1m": 2.5}
 
 
+def test_the_soak_names_the_phases_that_grew_between_its_first_and_last_requests() -> None:
+    from bench.soak import WINDOW, phase_growth
+
+    forgets = [{"phases": {"plan": 1.0, "purge": 0.1 + 0.01 * i, f"repro:train@{i % 3}": 2.0}} for i in range(60)]
+    growth = phase_growth(forgets)
+    assert list(growth) == ["purge", "plan"], "a phase only some requests ran is left out; the grown one first"
+    assert growth["purge"] == [round(0.1 + 0.01 * (WINDOW - 1) / 2, 3), round(0.1 + 0.01 * (119 - WINDOW) / 2, 3)]
+    assert growth["plan"] == [1.0, 1.0]
+
+
 def _forget(data: str, code: str, samples: int, seconds: float, train: float, plan: float) -> dict:
     return {"data": data, "code": code, "samples": samples, "seconds": seconds, "non_training_seconds": seconds - train,
             "phases": {"plan": plan, "repro:train@1": train / 2, "repro:train@2": train / 2}}

@@ -39,8 +39,10 @@ from conftest import init_args, legonet
 from test_forget import CANARIES, canary_frame, canary_needles, dvc, forget, parquet_plain, record, write_manifest
 
 from pipeline.data.dataset import read_table, write_table
-from pipeline.purge.history import plan_purge
-from pipeline.purge.objects import dvc_cache, object_path, purge_objects, referenced_objects
+from pipeline.purge import history as history_module
+from pipeline.purge.history import ObjectIndex, plan_purge
+from pipeline.purge.objects import Stores, dvc_cache, object_path, purge_objects, referenced_objects
+from pipeline.runner.outputs import lock_outputs
 
 BUILDS = {"side": "0.001", "v3": "0.01"}  # the later builds' refs -> their weight_decay (the first: the default)
 
@@ -214,6 +216,45 @@ def test_audit_verify_passes_after_the_forget(history: dict[str, Any]) -> None:
     """verify scans only this project's objects: the other project's table in the shared stores is not residue."""
     result = legonet("audit", "verify", cwd=history["root"], check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_later_forget_reads_only_the_history_added_since(history: dict[str, Any],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The purge's history memo (issue 24: the soak's purge grew with every forget). After the forget, a plan
+    for more samples reads no git document again, and the runs it remembers doom exactly what the whole history's
+    runs doom (with nothing kept by the workspace, so that there is something to doom); it leaves out the runs
+    whose every output the forget purged, and keeps what kind each purged table was without its IDs. A memo naming
+    a document the history no longer has is not trusted."""
+    root = history["root"]
+    stores = Stores(root)
+    index = ObjectIndex(root, stores)
+    full = history_module.history_runs(root, stores.cache, index, remembered=False)
+    remembered = history_module.history_runs(root, stores.cache, index)
+    assert index.gone and remembered == {run for run in full if not run[1] <= index.gone}
+    assert len(remembered) < len(full), "the forget purged every output of some runs"
+    tombstones = [json.loads((index.folder / md5).read_bytes()) for md5 in index.gone
+                  if (index.folder / md5).is_file() and not md5.endswith(".dir")]
+    assert tombstones and all(t == {"kind": t["kind"]} for t in tombstones)
+    assert {"kind": "table"} in tombstones
+
+    ids = sorted(read_table(root / "data/routing.parquet")["sample_id"])[:3]
+    keyed = index.id_digests(ids)
+    doomed = history_module.doomed_objects(index, remembered, keyed, set(), set(), index.gone)
+    assert doomed and doomed == history_module.doomed_objects(index, full, keyed, set(), set(), index.gone)
+
+    read: list[str] = []
+    real = history_module._git_stages
+    monkeypatch.setattr(history_module, "_git_stages", lambda at, blobs: read.extend(blobs) or real(at, blobs))
+    before = sorted(set(lock_outputs(root).values()))
+    planned = plan_purge(root, ids, before)
+    assert read == []
+    memo = index.folder / history_module.MEMO_FILE
+    data = json.loads(memo.read_bytes())
+    memo.write_text(json.dumps({**data, "documents": [*data["documents"], "0" * 40]}))
+    assert plan_purge(root, ids, before) == planned
+    assert len(read) == len(history_module._git_blobs(root)) > 0, "a rewritten history is read whole"
+    memo.unlink()
+    assert plan_purge(root, ids, before) == planned
 
 
 def test_a_crafted_listing_or_planted_link_deletes_nothing_outside_the_store(tmp_path: Path) -> None:

@@ -39,7 +39,7 @@ from pipeline.project.layout import (
 from pipeline.project.scratch import write_private
 from pipeline.purge.history import ObjectIndex
 from pipeline.runner.build import address, dvc_lock_digest, dvc_repo
-from pipeline.runner.outputs import artifact_digests, lock_outputs
+from pipeline.runner.outputs import ARTIFACTS, ID_TABLES, artifact_digests, lock_outputs
 from pipeline.runner.worker import entry_point
 from pipeline.tracking.head import check_head, check_lease, writer_lease
 from pipeline.tracking.identity import project_id
@@ -362,7 +362,8 @@ def check_rebuild(root: Path, plan: Plan, before: dict[str, str], ran: list[str]
     when a `dvc repro` was resumed after a crash and DVC's record of it is lost); ``stale`` is what `dvc status`
     reports afterwards, which must be nothing: no stage outside the plan was affected.
     """
-    after = artifact_digests(root, clean=not stale)
+    tables = artifact_digests(root, not stale, ID_TABLES)  # dvc.lock and the listings read once for both checks
+    after = {path: md5 for path, md5 in tables.items() if path.split("/", 1)[0] in ARTIFACTS}
     may_change = expected_changes(plan)
     moved = sorted(p for p in set(before) | set(after) if not may_change(p) and before.get(p) != after.get(p))
     checks = [{"name": "unaffected artifacts kept their digests", "passed": not moved,
@@ -374,7 +375,6 @@ def check_rebuild(root: Path, plan: Plan, before: dict[str, str], ran: list[str]
     problems += [f"still stale: {sorted(stale)[:10]}"] if stale else []
     checks.append({"name": "exactly the planned stages were stale", "passed": not problems,
                    "detail": "; ".join(problems) or f"{len(plan.stages)} stages rebuilt, `dvc status` clean"})
-    tables = after | artifact_digests(root, not stale, ("reports",))
     residue = forgotten_ids_in(root, tables, sample_ids)
     checks.append({"name": "no forgotten ID in any data artifact or report table", "passed": not residue,
                    "detail": f"{sum(p.endswith('.parquet') for p in tables)} tables scanned" if not residue

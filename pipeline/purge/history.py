@@ -61,11 +61,14 @@ class ObjectIndex:
     """What each object holds, by digest: a directory listing, a sample table's IDs (keyed digests), or other.
 
     Read from the memo, else from the first store that has the object (none given: the memo only); an object
-    no store has and the memo does not know is unknown (None)."""
+    no store has and the memo does not know is unknown (None). An object a forget purged (``gone``, the purged
+    map) is not looked for again: the purge deleted it from every store, and `legonet audit verify` reports one
+    that comes back."""
 
     def __init__(self, root: Path, stores: Stores | None) -> None:
         self.folder = root / MEMO
         self.stores = stores
+        self.gone = frozenset(purged_map(root))
         self._entries: dict[str, dict[str, Any] | None] = {}
         self._key: bytes | None = None
         self.tables_read = 0  # sample tables whose IDs this index read (every other answer came from the memo)
@@ -95,7 +98,8 @@ class ObjectIndex:
                 found = json.loads(memo.read_bytes())
             except ValueError:  # a torn or damaged memo entry is read again from the stores
                 found = None
-        if found is None and memo is not None and (content := self._content(md5, source)) is not None:
+        if found is None and memo is not None and (source is not None or md5 not in self.gone) \
+                and (content := self._content(md5, source)) is not None:
             found = self._describe(md5, content)
             self.write(memo, json.dumps(found).encode())
         self._entries[md5] = found
@@ -159,12 +163,17 @@ class ObjectIndex:
         return bool(np.isin(held, np.frombuffer(b"".join(digests), dtype=ID_DIGEST), kind="sort").any())
 
     def drop(self, digests: Iterable[str]) -> None:
-        """Forget what purged sample tables held (their IDs leave the memo with them); listings stay, so a later
-        forget still knows the files of a directory whose listing is gone."""
+        """Forget what purged sample tables held (their IDs leave the memo with them); what kind of object each
+        was stays (a run that read a purged table read a table), and listings stay, so a later forget still knows
+        the files of a directory whose listing is gone."""
         for md5 in digests:
-            if valid_digest(md5) and not md5.endswith(DIR_SUFFIX):
-                (self.folder / md5).unlink(missing_ok=True)
+            if valid_digest(md5) and not md5.endswith(DIR_SUFFIX) and (self.folder / md5).is_file():
+                kind = (self.entry(md5) or {}).get("kind")
                 self._entries.pop(md5, None)
+                if kind is None:
+                    (self.folder / md5).unlink(missing_ok=True)
+                else:
+                    self.write(self.folder / md5, json.dumps({"kind": kind}).encode())
 
 
 def _source(content: Path | bytes) -> Any:
@@ -186,7 +195,8 @@ def plan_keyed_purge(root: Path, keyed_ids: set[bytes], before: Iterable[str]) -
     index = ObjectIndex(root, stores)
     keep = referenced_objects(root, stores.cache)
     superseded = expand_dirs(stores.cache, set(before)) - keep  # before the purge: their listings are there
-    history = doomed_objects(index, history_runs(root, stores.cache, index), keyed_ids, keep, superseded)
+    history = doomed_objects(index, history_runs(root, stores.cache, index), keyed_ids, keep, superseded,
+                             index.gone)
     return {"superseded": sorted(superseded), "history": sorted(history)}
 
 
@@ -195,7 +205,7 @@ def history_objects(root: Path) -> set[str]:
     `legonet audit verify` scans for forgotten IDs in a store other projects may share."""
     stores = Stores(root)
     index = ObjectIndex(root, stores)
-    written = {o for _, outs in history_runs(root, stores.cache, index) for o in outs}
+    written = {o for _, outs in history_runs(root, stores.cache, index, remembered=False) for o in outs}
     return written | referenced_objects(root, stores.cache)
 
 
@@ -207,96 +217,161 @@ def purged(root: Path, doomed: dict[str, list[str]], request_ids: list[str]) -> 
     ObjectIndex(root, None).drop(digests)
 
 
-def doomed_objects(index: ObjectIndex, runs: set[Run], keyed_ids: set[bytes], keep: set[str], superseded: set[str]
-                   ) -> set[str]:
-    """The objects the ``runs`` wrote, beyond ``superseded`` (doomed already), derived from a forgotten sample by
-    the rule of this module; never one of ``keep``.
+def doomed_objects(index: ObjectIndex, runs: set[Run], keyed_ids: set[bytes], keep: set[str], superseded: set[str],
+                   gone: frozenset[str] = frozenset()) -> set[str]:
+    """The objects the ``runs`` wrote, beyond ``superseded`` (doomed already) and ``gone`` (purged by an earlier
+    forget: doomed for good), derived from a forgotten sample by the rule of this module; never one of ``keep``.
 
     An object is derived through its runs only when every run that wrote it read a doomed object: the same bytes
     written by a run that never saw the sample carry nothing of it (the package's copy of the encoder, the
-    keys, or of an adapter a forget did not touch; the code files every package holds)."""
-    ordered = sorted(runs, key=lambda run: (sorted(run[0]), sorted(run[1])))
-    producers: dict[str, list[int]] = {}
-    for at, (_, outs) in enumerate(ordered):
-        for out in outs:
-            producers.setdefault(out, []).append(at)
-    files = {o for o in producers if not o.endswith(DIR_SUFFIX)} - keep
-    doomed = {o for o in files - superseded if index.holds(o, keyed_ids)} | superseded
+    keys, or of an adapter a forget did not touch; the code files every package holds). Only the objects still
+    undecided are looked at, and only the runs that wrote one: the work follows what is left, not the history."""
+    producers: dict[str, list[Run]] = {}
+    for run in runs:
+        for out in run[1]:
+            producers.setdefault(out, []).append(run)
+    doomed = set(superseded) | gone
+    open_files = {o for o in producers if not o.endswith(DIR_SUFFIX)} - keep - doomed
+    doomed |= {o for o in open_files if index.holds(o, keyed_ids)}
+    relevant = {run for out in open_files for run in producers[out]}
     changed = True
     while changed:  # to a fixpoint: the doomed set only grows, so which runs read a doomed object only grows
         changed = False
-        tainted = {at: any(not index.is_table(d) for d in read) for at, (deps, _) in enumerate(ordered)
-                   if (read := deps & doomed)}  # run -> whether a doomed input was not a sample table
-        for out in files - doomed:
+        tainted = {run: any(not index.is_table(d) for d in read) for run in relevant
+                   if (read := run[0] & doomed)}  # run -> whether a doomed input was not a sample table
+        for out in open_files - doomed:
             made = producers[out]
-            if all(at in tainted for at in made) and (not index.is_table(out) or all(tainted[at] for at in made)):
+            if all(run in tainted for run in made) and (not index.is_table(out) or all(tainted[run] for run in made)):
                 doomed.add(out)
                 changed = True
-    for listing in {o for o in producers if o.endswith(DIR_SUFFIX)} - keep:
+    for listing in {o for o in producers if o.endswith(DIR_SUFFIX)} - keep - doomed:
         if any(md5 in doomed for _, md5 in index.listing(listing) or []):
             doomed.add(listing)
-    return doomed - superseded - keep
+    return doomed - superseded - gone - keep
 
 
-def history_runs(root: Path, cache: Path, index: ObjectIndex) -> set[Run]:
+def history_runs(root: Path, cache: Path, index: ObjectIndex, remembered: bool = True) -> set[Run]:
     """Every distinct stage run the history records (git, then the run-cache), its objects resolved to files.
-    A run-cache entry names its folder deps by digests no store holds; the git history resolved them."""
-    runs: set[Run] = set()
-    composed: dict[str, frozenset[str]] = {}  # digest of a folder dep -> its files, as the outputs wrote them
-    for stages in [*_git_documents(root, index), *_run_cache(cache)]:
-        runs |= _document_runs(stages, index, composed)
-    return runs
+    A run-cache entry names its folder deps by digests no store holds; the git history resolved them.
+
+    ``remembered``: documents (a git blob, a run-cache entry: neither ever changes) whose runs the memo holds are
+    not read again, and runs that wrote only objects a forget purged are dropped from it (a purged object stays
+    doomed, and such a run produces nothing left to decide), so a forget reads only the history added since the
+    last one. `legonet audit verify` passes False: it trusts no memo and reads the whole history."""
+    memo = _HistoryMemo.load(index) if remembered else _HistoryMemo()
+    blobs, entries = _git_blobs(root), _run_cache_entries(cache)
+    documents = [*blobs, *(f"runs/{entry.relative_to(cache / 'runs').as_posix()}" for entry in entries)]
+    if not memo.documents <= set(documents):  # history was rewritten (a branch deleted, commits dropped): read it all
+        memo = _HistoryMemo()
+    new = [d for d in documents if d not in memo.documents]
+    unresolved: set[Run] = set()  # runs of documents read again next time: not kept
+    if new:
+        fresh = set(new)
+        stages = _git_stages(root, [b for b in blobs if b in fresh])
+        stages.update({d: _stages(read_yaml(path)) for d, path in zip(documents[len(blobs):], entries, strict=True)
+                       if d in fresh})
+        for document in new:
+            runs, resolved = _document_runs(stages.get(document, []), index, memo.composed)
+            if resolved:
+                memo.runs |= runs
+                memo.documents.add(document)
+            else:  # a folder or listing not yet known (the run-cache entry of a run not yet committed)
+                unresolved |= runs
+    if remembered:
+        memo.settle(index)
+    return memo.runs | unresolved
+
+
+MEMO_FILE = "history.json"  # the runs of the documents read so far (``_HistoryMemo``)
+
+
+class _HistoryMemo:
+    """What the history read so far holds: the documents read (git blob ids, run-cache entry paths), the distinct
+    runs they record, and the files of each folder digest a dep names (``_document_runs``). Kept in the object
+    memo; a torn or unknown file is read as empty (the history is read again)."""
+
+    VERSION = 1
+
+    def __init__(self, documents: set[str] | None = None, runs: set[Run] | None = None,
+                 composed: dict[str, frozenset[str]] | None = None) -> None:
+        self.documents = documents or set()
+        self.runs = runs or set()
+        self.composed = composed or {}
+        self._saved: bytes | None = None
+
+    @classmethod
+    def load(cls, index: ObjectIndex) -> _HistoryMemo:
+        path = index.folder / MEMO_FILE
+        try:
+            data = json.loads(path.read_bytes()) if path.is_file() else {}
+        except ValueError:
+            data = {}
+        if data.get("version") != cls.VERSION:
+            return cls()
+        memo = cls(set(data["documents"]), {(frozenset(r), frozenset(w)) for r, w in data["runs"]},
+                   {md5: frozenset(files) for md5, files in data["composed"].items()})
+        memo._saved = path.read_bytes()
+        return memo
+
+    def settle(self, index: ObjectIndex) -> None:
+        """Drop what a purge left decided (runs whose every output is purged, folders whose every file is), and
+        write the memo if it changed."""
+        self.runs = {run for run in self.runs if not run[1] <= index.gone}
+        self.composed = {md5: files for md5, files in self.composed.items() if not files <= index.gone}
+        data = json.dumps({"version": self.VERSION, "documents": sorted(self.documents),
+                           "runs": sorted([sorted(r), sorted(w)] for r, w in self.runs),
+                           "composed": {md5: sorted(files) for md5, files in sorted(self.composed.items())}}).encode()
+        if data != self._saved:
+            index.write(index.folder / MEMO_FILE, data)
+            self._saved = data
 
 
 Stage = tuple[list[tuple[str, str]], list[tuple[str, str]]]  # the (path, md5) deps and outs of one stage entry
-GIT_MEMO = "git-stages.json"  # git blob id -> its stage entries: a blob never changes, and YAML is slow to parse
 
 
-def _git_documents(root: Path, index: ObjectIndex) -> list[list[Stage]]:
-    """The stage entries of the ``dvc.lock`` and ``.dvc`` blobs of every commit reachable from any ref, each
-    blob once, parsed once per blob id (kept in the memo)."""
+def _git_blobs(root: Path) -> list[str]:
+    """The ids of the ``dvc.lock`` and ``.dvc`` blobs of every commit reachable from any ref, each once."""
     listed = subprocess.run(["git", "rev-list", "--all", "--objects"], cwd=root, capture_output=True)
     if listed.returncode != 0:  # not a git repository, or no commit yet: no history beyond the workspace
         return []
-    blobs = []
+    blobs: dict[str, None] = {}
     for line in listed.stdout.decode(errors="replace").splitlines():
         sha, _, path = line.partition(" ")
         name = path.rsplit("/", 1)[-1]
         if name == "dvc.lock" or (name.endswith(".dvc") and name != ".dvc" and ".dvc" not in path.split("/")[:-1]):
-            blobs.append(sha)
-    memo_path = index.folder / GIT_MEMO
-    try:
-        memo = json.loads(memo_path.read_bytes()) if memo_path.is_file() else {}
-    except ValueError:
-        memo = {}
-    missing = [sha for sha in blobs if sha not in memo]
-    if missing:
-        batch = subprocess.run(["git", "cat-file", "--batch"], cwd=root, input="\n".join(missing).encode() + b"\n",
-                               capture_output=True, check=True).stdout
-        at, loader = 0, getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-        while at < len(batch):
-            end = batch.index(b"\n", at)
-            header = batch[at:end].split()
-            if len(header) < 3:  # "<sha> missing"
-                at = end + 1
-                continue
-            size = int(header[2])
-            body = batch[end + 1:end + 1 + size]
-            at = end + 1 + size + 1
-            try:
-                memo[header[0].decode()] = _stages(yaml.load(body, Loader=loader)) if header[1] == b"blob" else []
-            except yaml.YAMLError:  # a broken file in an old commit: DVC could not use it either
-                memo[header[0].decode()] = []
-        index.write(memo_path, json.dumps(memo).encode())
-    return [[(list(map(tuple, deps)), list(map(tuple, outs))) for deps, outs in memo[sha]] for sha in blobs
-            if sha in memo]
+            blobs[sha] = None
+    return list(blobs)
 
 
-def _run_cache(cache: Path) -> list[list[Stage]]:
-    """DVC's run-cache entries (``<cache>/runs/ab/<key>/<value>``), each the lock entry of one stage run."""
+def _git_stages(root: Path, blobs: list[str]) -> dict[str, list[Stage]]:
+    """The stage entries of each git blob, read with one `git cat-file --batch`."""
+    if not blobs:
+        return {}
+    batch = subprocess.run(["git", "cat-file", "--batch"], cwd=root, input="\n".join(blobs).encode() + b"\n",
+                           capture_output=True, check=True).stdout
+    parsed: dict[str, list[Stage]] = {}
+    at, loader = 0, getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    while at < len(batch):
+        end = batch.index(b"\n", at)
+        header = batch[at:end].split()
+        if len(header) < 3:  # "<sha> missing"
+            at = end + 1
+            continue
+        size = int(header[2])
+        body = batch[end + 1:end + 1 + size]
+        at = end + 1 + size + 1
+        try:
+            parsed[header[0].decode()] = _stages(yaml.load(body, Loader=loader)) if header[1] == b"blob" else []
+        except yaml.YAMLError:  # a broken file in an old commit: DVC could not use it either
+            parsed[header[0].decode()] = []
+    return parsed
+
+
+def _run_cache_entries(cache: Path) -> list[Path]:
+    """DVC's run-cache entries (``<cache>/runs/ab/<key>/<value>``), each the lock entry of one stage run; an entry
+    is named by the hash of its content, so it never changes."""
     folder = cache / "runs"
-    return [_stages(read_yaml(path)) for path in sorted(folder.glob("*/*/*")) if path.is_file()] \
-        if folder.is_dir() else []
+    return [path for path in sorted(folder.glob("*/*/*")) if path.is_file()] if folder.is_dir() else []
 
 
 def _stages(document: Any) -> list[Stage]:
@@ -317,17 +392,23 @@ def _entries(stage: dict[str, Any], field: str) -> list[tuple[str, str]]:
             if isinstance(e, dict) and valid_digest(e.get("md5"))]
 
 
-def _document_runs(stages: list[Stage], index: ObjectIndex, composed: dict[str, frozenset[str]]) -> set[Run]:
+def _document_runs(stages: list[Stage], index: ObjectIndex, composed: dict[str, frozenset[str]]
+                   ) -> tuple[set[Run], bool]:
     """The runs of one document, each dep resolved to the file objects under its path: a dep on a folder inside
     a directory output (``data/shards/block-0000``) or on a folder made of several outputs (``models/adapters``)
-    has a digest DVC computes but never stores, so its files come from the outputs that wrote them."""
+    has a digest DVC computes but never stores, so its files come from the outputs that wrote them (``composed``:
+    by that digest, from this document or one read before). Also whether every folder was resolved to its files
+    or was purged (a listing no store holds yet, a folder no document read so far wrote, is not)."""
     files: dict[str, str] = {}  # path -> file md5 of everything this document's runs wrote
     outputs: list[tuple[list[tuple[str, str]], set[str]]] = []
+    resolved = True
     for deps, outs in stages:
         written: set[str] = set()
         for path, md5 in outs:
             written.add(md5)
-            for rel, digest in _expand(path, md5, index):
+            expanded = _expand(path, md5, index)
+            resolved &= expanded is not None or md5 in index.gone
+            for rel, digest in expanded or [(path, md5)]:
                 files[rel] = digest
                 written.add(digest)
         outputs.append((deps, written))
@@ -343,17 +424,19 @@ def _document_runs(stages: list[Stage], index: ObjectIndex, composed: dict[str, 
                 at += 1
             if inside:
                 composed[md5] = frozenset(inside)
-            read.update(inside or composed.get(md5) or {digest for _, digest in _expand(path, md5, index)})
+            found = inside or composed.get(md5) or {digest for _, digest in _expand(path, md5, index) or []}
+            resolved &= bool(found) or md5 in index.gone
+            read.update(found or {md5})
         runs.add((frozenset(read), frozenset(written)))
-    return runs
+    return runs, resolved
 
 
-def _expand(path: str, md5: str, index: ObjectIndex) -> list[tuple[str, str]]:
-    """(path, md5) of the files an output or dep names: the listing's files for a directory, else itself."""
+def _expand(path: str, md5: str, index: ObjectIndex) -> list[tuple[str, str]] | None:
+    """(path, md5) of the files an output or dep names: the listing's files for a directory, else itself; None
+    for a directory whose listing no store holds."""
     if md5.endswith(DIR_SUFFIX):
         listing = index.listing(md5)
-        if listing is not None:
-            return [(f"{path}/{rel}", digest) for rel, digest in listing]
+        return None if listing is None else [(f"{path}/{rel}", digest) for rel, digest in listing]
     return [(path, md5)]
 
 
@@ -367,7 +450,8 @@ def purged_outputs(root: Path) -> list[str]:
     index = ObjectIndex(root, stores)
     lines = []
     for path, md5 in sorted(set(workspace_outputs(root))):
-        gone = sorted({r for _, digest in [(path, md5), *_expand(path, md5, index)] for r in known.get(digest, [])
+        files = [(path, md5), *(_expand(path, md5, index) or [])]
+        gone = sorted({r for _, digest in files for r in known.get(digest, [])
                        if not object_path(stores.cache, digest).exists()})
         if gone:
             lines.append(f"{path}: purged by request {', '.join(gone)} (its data held or was derived from a "
