@@ -16,7 +16,9 @@ by md5, files inside directory outputs included. Within a run:
 
 An object the workspace references is never doomed, and an object no part of the history references is never
 looked at, whatever it holds. What an object holds is read once per digest (an object's content never changes)
-and kept in ``.legonet/objects/``: sample IDs as keyed 64-bit digests, directory listings as they are.
+and kept in ``.legonet/objects/``: sample IDs as keyed 64-bit digests, directory listings as they are. So are the
+runs of each document read (``history_runs``), and an object an earlier forget purged is decided for good: a forget
+reads only the history added since the last one, and its work does not grow with the forgets before it.
 """
 
 from __future__ import annotations
@@ -61,9 +63,10 @@ class ObjectIndex:
     """What each object holds, by digest: a directory listing, a sample table's IDs (keyed digests), or other.
 
     Read from the memo, else from the first store that has the object (none given: the memo only); an object
-    no store has and the memo does not know is unknown (None). An object a forget purged (``gone``, the purged
-    map) is not looked for again: the purge deleted it from every store, and `legonet audit verify` reports one
-    that comes back."""
+    no store has and the memo does not know is unknown (None). A file object a forget purged (``gone``, the
+    purged map) is unknown without a look: the purge deleted it from every store and dropped it from the memo
+    (``drop``), and `legonet audit verify` reports one that comes back. So each forget's cost does not grow
+    with the objects earlier forgets purged."""
 
     def __init__(self, root: Path, stores: Stores | None) -> None:
         self.folder = root / MEMO
@@ -89,7 +92,8 @@ class ObjectIndex:
         """What object ``md5`` holds; ``source``: a file known to have that digest (a workspace file whose md5 DVC
         recorded), read when the memo does not know the object and before any store."""
         known = self._entries.get(md5)
-        if known is not None or (md5 in self._entries and source is None):
+        if known is not None or (source is None and (md5 in self._entries or (
+                md5 in self.gone and not md5.endswith(DIR_SUFFIX)))):
             return known
         memo = self.folder / md5 if valid_digest(md5) else None
         found: dict[str, Any] | None = None
@@ -98,8 +102,7 @@ class ObjectIndex:
                 found = json.loads(memo.read_bytes())
             except ValueError:  # a torn or damaged memo entry is read again from the stores
                 found = None
-        if found is None and memo is not None and (source is not None or md5 not in self.gone) \
-                and (content := self._content(md5, source)) is not None:
+        if found is None and memo is not None and (content := self._content(md5, source)) is not None:
             found = self._describe(md5, content)
             self.write(memo, json.dumps(found).encode())
         self._entries[md5] = found
@@ -163,17 +166,12 @@ class ObjectIndex:
         return bool(np.isin(held, np.frombuffer(b"".join(digests), dtype=ID_DIGEST), kind="sort").any())
 
     def drop(self, digests: Iterable[str]) -> None:
-        """Forget what purged sample tables held (their IDs leave the memo with them); what kind of object each
-        was stays (a run that read a purged table read a table), and listings stay, so a later forget still knows
-        the files of a directory whose listing is gone."""
+        """Forget what purged sample tables held (their IDs leave the memo with them); listings stay, so a later
+        forget still knows the files of a directory whose listing is gone."""
         for md5 in digests:
-            if valid_digest(md5) and not md5.endswith(DIR_SUFFIX) and (self.folder / md5).is_file():
-                kind = (self.entry(md5) or {}).get("kind")
+            if valid_digest(md5) and not md5.endswith(DIR_SUFFIX):
+                (self.folder / md5).unlink(missing_ok=True)
                 self._entries.pop(md5, None)
-                if kind is None:
-                    (self.folder / md5).unlink(missing_ok=True)
-                else:
-                    self.write(self.folder / md5, json.dumps({"kind": kind}).encode())
 
 
 def _source(content: Path | bytes) -> Any:
@@ -195,8 +193,7 @@ def plan_keyed_purge(root: Path, keyed_ids: set[bytes], before: Iterable[str]) -
     index = ObjectIndex(root, stores)
     keep = referenced_objects(root, stores.cache)
     superseded = expand_dirs(stores.cache, set(before)) - keep  # before the purge: their listings are there
-    history = doomed_objects(index, history_runs(root, stores.cache, index), keyed_ids, keep, superseded,
-                             index.gone)
+    history = doomed_objects(index, history_runs(root, stores.cache, index), keyed_ids, keep, superseded)
     return {"superseded": sorted(superseded), "history": sorted(history)}
 
 
@@ -217,21 +214,24 @@ def purged(root: Path, doomed: dict[str, list[str]], request_ids: list[str]) -> 
     ObjectIndex(root, None).drop(digests)
 
 
-def doomed_objects(index: ObjectIndex, runs: set[Run], keyed_ids: set[bytes], keep: set[str], superseded: set[str],
-                   gone: frozenset[str] = frozenset()) -> set[str]:
-    """The objects the ``runs`` wrote, beyond ``superseded`` (doomed already) and ``gone`` (purged by an earlier
-    forget: doomed for good), derived from a forgotten sample by the rule of this module; never one of ``keep``.
+def doomed_objects(index: ObjectIndex, runs: set[Run], keyed_ids: set[bytes], keep: set[str], superseded: set[str]
+                   ) -> set[str]:
+    """The objects the ``runs`` wrote, beyond ``superseded`` (doomed already), derived from a forgotten sample by
+    the rule of this module; never one of ``keep``.
 
     An object is derived through its runs only when every run that wrote it read a doomed object: the same bytes
     written by a run that never saw the sample carry nothing of it (the package's copy of the encoder, the
-    keys, or of an adapter a forget did not touch; the code files every package holds). Only the objects still
-    undecided are looked at, and only the runs that wrote one: the work follows what is left, not the history."""
+    keys, or of an adapter a forget did not touch; the code files every package holds).
+
+    An object an earlier forget purged (``index.gone``) is decided: it is neither doomed nor counted again (its
+    request is on record in the purged map), and it dooms nothing further (what was derived from it alone was
+    purged with it). Only the runs that wrote an undecided object enter the fixpoint."""
     producers: dict[str, list[Run]] = {}
     for run in runs:
         for out in run[1]:
             producers.setdefault(out, []).append(run)
-    doomed = set(superseded) | gone
-    open_files = {o for o in producers if not o.endswith(DIR_SUFFIX)} - keep - doomed
+    doomed = set(superseded)
+    open_files = {o for o in producers if not o.endswith(DIR_SUFFIX)} - keep - doomed - index.gone
     doomed |= {o for o in open_files if index.holds(o, keyed_ids)}
     relevant = {run for out in open_files for run in producers[out]}
     changed = True
@@ -244,10 +244,10 @@ def doomed_objects(index: ObjectIndex, runs: set[Run], keyed_ids: set[bytes], ke
             if all(run in tainted for run in made) and (not index.is_table(out) or all(tainted[run] for run in made)):
                 doomed.add(out)
                 changed = True
-    for listing in {o for o in producers if o.endswith(DIR_SUFFIX)} - keep - doomed:
+    for listing in {o for o in producers if o.endswith(DIR_SUFFIX)} - keep - doomed - index.gone:
         if any(md5 in doomed for _, md5 in index.listing(listing) or []):
             doomed.add(listing)
-    return doomed - superseded - gone - keep
+    return doomed - superseded - keep
 
 
 def history_runs(root: Path, cache: Path, index: ObjectIndex, remembered: bool = True) -> set[Run]:
@@ -314,10 +314,9 @@ class _HistoryMemo:
         return memo
 
     def settle(self, index: ObjectIndex) -> None:
-        """Drop what a purge left decided (runs whose every output is purged, folders whose every file is), and
-        write the memo if it changed."""
+        """Drop the runs whose every output a forget purged, and write the memo if it changed. Such a run wrote
+        nothing left to delete; were its bytes written again, their newer run decides (``doomed_objects``)."""
         self.runs = {run for run in self.runs if not run[1] <= index.gone}
-        self.composed = {md5: files for md5, files in self.composed.items() if not files <= index.gone}
         data = json.dumps({"version": self.VERSION, "documents": sorted(self.documents),
                            "runs": sorted([sorted(r), sorted(w)] for r, w in self.runs),
                            "composed": {md5: sorted(files) for md5, files in sorted(self.composed.items())}}).encode()
