@@ -254,6 +254,11 @@ def test_a_later_forget_reads_only_the_history_added_since(history: dict[str, An
     memo.write_text(json.dumps({**data, "documents": [*data["documents"], "0" * 40]}))
     assert plan_purge(root, ids, before) == planned
     assert len(read) == len(history_module._git_blobs(root)) > 0, "a rewritten history is read whole"
+    for damaged in (b'{"version": 1, "documents": 3}', b'{"version": 1}', b"[]", b"{torn"):
+        memo.write_bytes(damaged)
+        read.clear()
+        assert plan_purge(root, ids, before) == planned
+        assert len(read) == len(history_module._git_blobs(root)), f"{damaged!r} is not trusted"
     memo.unlink()
     assert plan_purge(root, ids, before) == planned
 

@@ -255,9 +255,9 @@ def history_runs(root: Path, cache: Path, index: ObjectIndex, remembered: bool =
     A run-cache entry names its folder deps by digests no store holds; the git history resolved them.
 
     ``remembered``: documents (a git blob, a run-cache entry: neither ever changes) whose runs the memo holds are
-    not read again, and runs that wrote only objects a forget purged are dropped from it (a purged object stays
-    doomed, and such a run produces nothing left to decide), so a forget reads only the history added since the
-    last one. `legonet audit verify` passes False: it trusts no memo and reads the whole history."""
+    not read again, and runs that wrote only objects a forget purged are dropped from it (a purged object is
+    decided, so such a run has nothing left to decide), so a forget reads only the history added since the last
+    one. `legonet audit verify` passes False: it trusts no memo and reads the whole history."""
     memo = _HistoryMemo.load(index) if remembered else _HistoryMemo()
     blobs, entries = _git_blobs(root), _run_cache_entries(cache)
     documents = [*blobs, *(f"runs/{entry.relative_to(cache / 'runs').as_posix()}" for entry in entries)]
@@ -288,7 +288,7 @@ MEMO_FILE = "history.json"  # the runs of the documents read so far (``_HistoryM
 class _HistoryMemo:
     """What the history read so far holds: the documents read (git blob ids, run-cache entry paths), the distinct
     runs they record, and the files of each folder digest a dep names (``_document_runs``). Kept in the object
-    memo; a torn or unknown file is read as empty (the history is read again)."""
+    memo; a torn, damaged or older file is read as empty (the history is read again)."""
 
     VERSION = 1
 
@@ -303,14 +303,15 @@ class _HistoryMemo:
     def load(cls, index: ObjectIndex) -> _HistoryMemo:
         path = index.folder / MEMO_FILE
         try:
-            data = json.loads(path.read_bytes()) if path.is_file() else {}
-        except ValueError:
-            data = {}
-        if data.get("version") != cls.VERSION:
+            saved = path.read_bytes() if path.is_file() else b"{}"
+            data = json.loads(saved)
+            if data.get("version") != cls.VERSION:
+                return cls()
+            memo = cls(set(data["documents"]), {(frozenset(r), frozenset(w)) for r, w in data["runs"]},
+                       {md5: frozenset(files) for md5, files in data["composed"].items()})
+        except (ValueError, KeyError, TypeError, AttributeError):  # not the memo this code writes
             return cls()
-        memo = cls(set(data["documents"]), {(frozenset(r), frozenset(w)) for r, w in data["runs"]},
-                   {md5: frozenset(files) for md5, files in data["composed"].items()})
-        memo._saved = path.read_bytes()
+        memo._saved = saved
         return memo
 
     def settle(self, index: ObjectIndex) -> None:
