@@ -18,7 +18,8 @@ An object the workspace references is never doomed, and an object no part of the
 looked at, whatever it holds. What an object holds is read once per digest (an object's content never changes)
 and kept in ``.legonet/objects/``: sample IDs as keyed 64-bit digests, directory listings as they are. So are the
 runs of each document read (``history_runs``), and an object an earlier forget purged is decided for good: a forget
-reads only the history added since the last one, and its work does not grow with the forgets before it.
+reads only the history added since the last one. What still grows with history is small: the `git rev-list` walk
+and the memo file (docs/benchmarks.md, "Soak").
 """
 
 from __future__ import annotations
