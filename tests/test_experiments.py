@@ -20,8 +20,17 @@ from typing import Any
 import pytest
 from conftest import TINY, copy_project, legonet
 
+from pipeline.data.dataset import read_yaml
 from pipeline.project.init import defaults_from_data
-from pipeline.project.params import ParamsError, check_generated, generated_lists
+from pipeline.project.params import (
+    FOREACH,
+    PARAMS,
+    ParamsError,
+    check_generated,
+    generated_lists,
+    load_params,
+    sync_generated,
+)
 
 
 def dvc(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -71,6 +80,37 @@ def test_the_generated_lists_do_not_depend_on_n_and_a_changed_block_count_names_
         check_generated({**params, **lists, "adapters": {**params["adapters"], "blocks": 3}})
     with pytest.raises(ParamsError, match=r"data.partitions=3.*legonet init --force"):
         check_generated({**params, **lists, "data": {"partitions": 3}})
+
+
+def test_the_lists_live_apart_from_the_params_and_a_project_of_either_layout_stays_built(built_project: Path,
+                                                                                          tmp_path: Path) -> None:
+    """The generated lists sit in foreach.yaml (dvc.yaml's `vars`), committed, and params.yaml holds none (DVC
+    parses params.yaml again for every stage it checks); a dvc.yaml without the `vars` entry (a project made
+    before) reads them from params.yaml again, and putting the entry back moves them out; DVC sees the same
+    stages throughout: `dvc status` stays clean."""
+    lists = generated_lists(load_params(built_project))
+    assert {key: read_yaml(built_project / FOREACH)[key] for key in lists} == lists
+    assert not set(lists) & set(read_yaml(built_project / PARAMS))
+    tracked = subprocess.run(["git", "ls-files", FOREACH.as_posix()], cwd=built_project, capture_output=True,
+                             text=True, check=True).stdout.split()
+    assert tracked == [FOREACH.as_posix()]
+    root = copy_project(built_project, tmp_path / "p")
+    hand_written = (root / PARAMS).read_bytes()
+    pipeline = (root / "dvc.yaml").read_text()
+    older = pipeline.replace("vars:\n", "", 1).replace("  - foreach.yaml\n", "", 1)
+    assert "vars:" not in older and "  - foreach.yaml" not in older
+    (root / "dvc.yaml").write_text(older)
+    assert sync_generated(root)
+    assert not (root / FOREACH).exists()
+    assert {key: read_yaml(root / PARAMS)[key] for key in lists} == lists
+    assert dvc("status", "--json", cwd=root).stdout.strip() == "{}"
+    assert not sync_generated(root)
+    (root / "dvc.yaml").write_text(pipeline)
+    assert sync_generated(root)
+    assert (root / PARAMS).read_bytes() == hand_written
+    assert (root / FOREACH).read_bytes() == (built_project / FOREACH).read_bytes()
+    assert dvc("status", "--json", cwd=root).stdout.strip() == "{}"
+    assert not sync_generated(root)
 
 
 def test_init_chooses_no_more_blocks_than_adapters() -> None:

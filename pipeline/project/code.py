@@ -109,8 +109,8 @@ def code_params(root: Path = Path()) -> dict[str, dict[str, str]]:
 def sync_code(root: Path = Path()) -> bool:
     """Rewrite the generated ``code`` section of params.yaml when it differs; True when the file changed.
 
-    The section sits just above the generated foreach lists (``GENERATED_NOTE``), which are rewritten from their
-    marker to the end of the file; the rest of the file is kept byte for byte. The write is an atomic replace.
+    The section ends the file, or sits just above the generated foreach lists (``GENERATED_NOTE``) where a project
+    keeps them in params.yaml; the rest of the file is kept byte for byte. The write is an atomic replace.
     """
     path = root / PARAMS
     code = code_params(root)

@@ -321,8 +321,8 @@ def estimate_seconds(root: Path, params: dict[str, Any], stages: Sequence[str]) 
 # files next to DVC's outputs), metrics and the audit log. Named by pattern rather than `git add -A`: a file the
 # user drops into the folder (a deletion manifest holds raw sample IDs) or a data file must never reach git history,
 # which no forget can purge.
-GIT_PATHS = ("dvc.yaml", "dvc.lock", "params.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore", "metrics",
-             "audit", ":(glob)**/.gitignore", ":(glob)data/**/*.dvc")
+GIT_PATHS = ("dvc.yaml", "dvc.lock", "params.yaml", "foreach.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore",
+             "metrics", "audit", ":(glob)**/.gitignore", ":(glob)data/**/*.dvc")
 
 
 def commit_project(root: Path, message: str) -> bool:
