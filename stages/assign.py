@@ -21,12 +21,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.data.contracts import check_encoded, check_shards, routing_schema, validate
+from pipeline.data.contracts import check_encoded, check_shards, check_unique_ids, routing_schema, validate
 from pipeline.data.dataset import (
     PAYLOAD_DIGEST,
     read_embeddings,
     read_metadata,
     read_table,
+    row_count,
     write_embeddings,
     write_table,
 )
@@ -145,9 +146,12 @@ def main() -> None:
         new_index = routing_index(rows, assignment)
         index = new_index if kept is None else pd.concat([kept, new_index]).sort_values(
             "sample_id", kind="stable").reset_index(drop=True)
-        # every output checked before the first is written: a broken contract leaves nothing behind
+        # every output checked before the first is written: a broken contract leaves nothing behind. The kept rows
+        # are the previous index's, which passed this very contract (same params and code: its identity), so only
+        # the new rows are checked row by row, and the rule across rows (each ID once) over the whole index
         check_shards(shards, classes, keys.shape[1])
-        validate(index, routing_schema(n, k, partitions, classes), ROUTING)
+        validate(index if kept is None else new_index, routing_schema(n, k, partitions, classes), ROUTING)
+        check_unique_ids(index["sample_id"], ROUTING)
         written = sum(write_embeddings(path, frame, shard_features, keep_identical=True)
                       for path, frame, shard_features in shards)
         expected = {shard_path(j, n, blocks) for j in range(n)} | mark_empty_blocks(n, blocks)
@@ -160,7 +164,9 @@ def main() -> None:
         run["shards_written"] = written
         run["routed_samples"] = len(rows)
         run["train_samples"] = len(index)
-        run["empty_adapters"] = int(n - len({int(j) for a in index["adapters"] for j in a}))
+        sizes = {path: len(frame) for path, frame, _ in shards}  # the shards written; the others from their footers
+        paths = [shard_path(j, n, blocks) for j in range(n)]
+        run["empty_adapters"] = sum((sizes[p] if p in sizes else row_count(p)) == 0 for p in paths)
 
 
 if __name__ == "__main__":

@@ -130,6 +130,17 @@ def routing_schema(n: int, k: int, partitions: int, classes: Sequence[int | str]
     }, strict=True, name="routing")
 
 
+def check_unique_ids(sample_ids: pd.Series, path: Path | str) -> None:
+    """Each sample ID once in a table sorted by sample_id (the routing index): the one rule across rows, checked
+    over the whole table when only its new rows went through the schema."""
+    ids = sample_ids.to_numpy(dtype=object)
+    repeated = sorted(set(ids[1:][ids[1:] == ids[:-1]]))
+    if repeated:
+        raise ContractError(f"{path}: {len(repeated)} sample ID(s) routed twice: {repeated[:5]}; a sample must be "
+                            "in one raw partition only (data/raw): remove the duplicate rows, or re-carve the data "
+                            "with `legonet init --force --data FILE`")
+
+
 def adapter_load_schema(n: int) -> pa.DataFrameSchema:
     """reports/evaluate/adapter_load.csv: one row per adapter with non-negative counts."""
     return pa.DataFrameSchema({
