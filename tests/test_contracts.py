@@ -128,6 +128,27 @@ def duplicate_id(root: Path) -> tuple[str, str, str]:
     return "data/shards/block-0000/adapter-0000.parquet", "field_uniqueness", str(table.column("sample_id")[0])
 
 
+def routed_twice(root: Path) -> tuple[str, str, str]:
+    """An encoded partition given a row whose ID another partition holds -> assign, which checks the new rows of
+    the routing index only, and each ID once over the whole index."""
+    theirs, ours = (pq.read_table(root / f"data/encoded/train/part-000{i}.parquet") for i in (0, 1))
+    twin = theirs.slice(0, 1).replace_schema_metadata(ours.schema.metadata)
+    pq.write_table(pa.concat_tables([ours, twin]), root / "data/encoded/train/part-0001.parquet")
+    return "data/routing.parquet", "in more than one raw partition", str(twin.column("sample_id")[0])
+
+
+def routing_from_elsewhere(root: Path) -> tuple[str, str, str]:
+    """A routing index that `assign` did not write (no metadata) with a partition out of range -> quality, which
+    checks in full an index that does not say assign made it under these params."""
+    path = root / "data/routing.parquet"
+    table = pq.read_table(path)
+    partitions = table.column("partition").to_numpy().copy()
+    partitions[2] = 99
+    table = table.set_column(table.column_names.index("partition"), "partition", pa.array(partitions, pa.int32()))
+    pq.write_table(table.replace_schema_metadata(None), path)
+    return "data/routing.parquet", "in_range", str(table.column("sample_id")[2])
+
+
 CASES = {
     # name: (spoil, how DVC is told the file is the stage's input, the stages that may be the one to refuse it)
     "wrong-dtype": (wrong_dtype, ["add", "data/raw/part-0001.parquet"], {"encode@part-0001"}),
@@ -135,6 +156,8 @@ CASES = {
     "nan-embedding": (nan_embedding, ["commit", "-f", "encode@reference"], {"keys"}),
     "wrong-embedding-width": (wrong_width, ["commit", "-f", "encode@part-0000"], {"assign", "baseline"}),
     "duplicate-sample-id": (duplicate_id, ["commit", "-f", "assign"], {"train@0000", "quality"}),
+    "routed-twice": (routed_twice, ["commit", "-f", "encode@part-0001"], {"assign"}),
+    "routing-not-from-assign": (routing_from_elsewhere, ["commit", "-f", "assign"], {"quality"}),
 }
 
 

@@ -136,9 +136,9 @@ def check_unique_ids(sample_ids: pd.Series, path: Path | str) -> None:
     ids = sample_ids.to_numpy(dtype=object)
     repeated = sorted(set(ids[1:][ids[1:] == ids[:-1]]))
     if repeated:
-        raise ContractError(f"{path}: {len(repeated)} sample ID(s) routed twice: {repeated[:5]}; a sample must be "
-                            "in one raw partition only (data/raw): remove the duplicate rows, or re-carve the data "
-                            "with `legonet init --force --data FILE`")
+        raise ContractError(f"{path}: breaks the routing contract: {len(repeated)} sample ID(s) in more than one "
+                            f"raw partition: {repeated[:5]}; a sample must be in one partition only (data/raw): "
+                            "remove the duplicate rows, or re-carve the data with `legonet init --force --data FILE`")
 
 
 def adapter_load_schema(n: int) -> pa.DataFrameSchema:
