@@ -380,6 +380,24 @@ def test_the_final_scan_is_exact_and_reads_each_table_once_per_digest(tmp_path: 
     assert index.tables_read == 1
 
 
+def test_a_build_reads_its_tables_ids_so_the_first_forget_reads_none(built_project: Path) -> None:
+    """`legonet build` ends by reading the IDs of the tables it wrote into the object memo: the forget's final scan
+    on the built workspace then reads no table (the first forget after a build reads only what it rewrites), and
+    still finds a table that holds an ID."""
+    from pipeline.forget.flow import forgotten_ids_in
+    from pipeline.purge.history import ObjectIndex
+    from pipeline.runner.outputs import ID_TABLES, artifact_digests
+
+    digests = artifact_digests(built_project, False, ID_TABLES)
+    index = ObjectIndex(built_project, None)
+    sample = read_table(built_project / "data/routing.parquet", ["sample_id"])["sample_id"].iloc[0]
+    found = forgotten_ids_in(built_project, digests, {sample}, index)
+    assert "data/routing.parquet" in found and any(p.startswith("data/shards/") for p in found), found
+    assert forgotten_ids_in(built_project, digests, {"no-such-sample"}, index) == []
+    assert index.tables_read == 0
+    assert sum(p.endswith(".parquet") for p in digests) >= 10
+
+
 def test_the_forget_checks_the_tables_under_reports_too(built_project: Path, tmp_path: Path) -> None:
     """The quality checkpoint's partials and tables and evaluate's test points hold sample IDs under reports/: the
     forget's last check reads those tables as well, so an ID a report still holds stops the forget."""

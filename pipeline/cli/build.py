@@ -19,7 +19,7 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # lazy: DVC and MLflow load only for the commands that need them (`legonet --help` stays instant)
-    from pipeline.forget.flow import Writer, project_lock
+    from pipeline.forget.flow import Writer, index_tables, project_lock
     from pipeline.forget.requests import check_deadlines
     from pipeline.project.code import sync_code
     from pipeline.project.params import load_params, sync_generated
@@ -40,6 +40,9 @@ def run(args: argparse.Namespace) -> int:
             if args.force or sync_generated(root) | sync_code(root) or dvc_status(root):
                 writer.hold()
             ran = repro(root, force=args.force, console=console)
+            if ran:  # the build pays for reading what it wrote, not the first forget after it
+                console.print(f"indexed the IDs of {index_tables(root)} new sample table(s) for the forget's checks",
+                              highlight=False)
             registered = tag_build(root) if ran else {}
             metrics = summary(root)
             built = (f": model version {registered['version']} [{registered['aliases']}], test accuracy "

@@ -385,6 +385,16 @@ def check_rebuild(root: Path, plan: Plan, before: dict[str, str], ran: list[str]
     return checks
 
 
+def index_tables(root: Path) -> int:
+    """Read the IDs of every sample table in the workspace into the object memo (``forgotten_ids_in``), as a build
+    ends: the tables it wrote are read once here, so the first forget after it reads only the tables it writes
+    itself. Every file is hashed (not taken from dvc.lock): the memo keys what it read by the bytes it read.
+    Returns how many tables were read."""
+    index = ObjectIndex(root, None)
+    forgotten_ids_in(root, artifact_digests(root, False, ID_TABLES), set(), index)
+    return index.tables_read
+
+
 def forgotten_ids_in(root: Path, digests: dict[str, str], sample_ids: set[str],
                      index: ObjectIndex | None = None) -> list[str]:
     """The Parquet artifacts among ``digests`` (path -> md5, ``artifact_digests``) that hold one of ``sample_ids``.

@@ -87,7 +87,14 @@ class ObjectIndex:
         return self._key
 
     def id_digests(self, sample_ids: Iterable[str]) -> set[bytes]:
-        return {hashlib.blake2b(str(i).encode(), key=self.key(), digest_size=8).digest() for i in sample_ids}
+        keyed = hashlib.blake2b(key=self.key(), digest_size=8)  # the key's block compressed once, not per ID
+
+        def digest(sample_id: str) -> bytes:
+            one = keyed.copy()
+            one.update(sample_id.encode())
+            return one.digest()
+
+        return {digest(str(i)) for i in sample_ids}
 
     def entry(self, md5: str, source: Path | None = None) -> dict[str, Any] | None:
         """What object ``md5`` holds; ``source``: a file known to have that digest (a workspace file whose md5 DVC
