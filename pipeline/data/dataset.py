@@ -238,7 +238,7 @@ def _schema_metadata(path: Path, frame: pd.DataFrame, metadata: dict[str, object
     rows): the IDs alone keep the salt cheap on a large table, which is never serialised twice."""
     stored = {} if metadata is None else {METADATA_KEY: json.dumps(metadata, sort_keys=True)}
     if "sample_id" in frame.columns:
-        identity = sorted(str(i) for i in frame["sample_id"])
+        identity = sorted(frame["sample_id"].astype(str).tolist())
     else:
         identity = [hashlib.sha256(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes()).hexdigest()]
     salt = salt_of(path, [stored.get(METADATA_KEY, ""), *identity])

@@ -38,6 +38,7 @@ from pipeline.project.layout import (
 )
 from pipeline.project.scratch import write_private
 from pipeline.purge.history import ObjectIndex
+from pipeline.runner import uptodate
 from pipeline.runner.build import address, dvc_lock_digest, dvc_repo
 from pipeline.runner.outputs import ARTIFACTS, ID_TABLES, artifact_digests, lock_outputs
 from pipeline.runner.worker import entry_point
@@ -286,10 +287,11 @@ def plan_requests(root: Path, requests: Sequence[DeletionRequest], params: dict[
     if not plan.changes_data:
         return plan
     with dvc_repo(root, reading=not dry_run) as repo:  # a dry run reads the graph only, taking no DVC lock
-        if not dry_run and repo.status():
+        # the status is DVC's own unless nothing it reads changed since it last came back empty
+        if not dry_run and not uptodate.still_up_to_date(root) and uptodate.status(repo):
             raise ForgetError("the project has changes that are not built yet (`dvc status` is not clean): run "
                               "`legonet build` first, so the forget rebuilds only what the request touches")
-        return rebuild_plan(plan, repo.index, worker_modules)  # the index `dvc status` just built
+        return rebuild_plan(plan, repo.index, worker_modules)  # the index `dvc status` built, if it ran
 
 
 def batch_id(requests: Sequence[DeletionRequest]) -> str:

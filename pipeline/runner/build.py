@@ -22,7 +22,7 @@ from pipeline.data.dataset import read_yaml
 from pipeline.errors import BuildError, StageFailed, WorkerFailed
 from pipeline.project.code import sync_code
 from pipeline.project.params import load_params, sync_generated
-from pipeline.runner import executor
+from pipeline.runner import executor, uptodate
 from pipeline.runner.worker import StageWorker, entry_point
 from pipeline.tracking.head import HEAD_TAG
 
@@ -149,7 +149,7 @@ def rerun(root: Path, stages: Sequence[str], worker: StageWorker | None = None, 
                     stage.commit()
                 chosen[0].dvcfile.dump_stages(chosen, update_pipeline=False)
         mark_status = time.monotonic()
-        stale = repo.status()
+        stale = uptodate.status(repo)
         timings["repro:dvc-commit"] = round(mark_status - mark, 3)
         timings["repro:dvc-status"] = round(time.monotonic() - mark_status, 3)
     return stale
@@ -205,9 +205,9 @@ def dvc_repo(root: Path, reading: bool = False) -> Iterator[Any]:
 
 
 def dvc_status(root: Path) -> dict[str, Any]:
-    """`dvc status` in this process: {} when up to date."""
+    """`dvc status` in this process: {} when up to date (then stamped: ``pipeline.runner.uptodate``)."""
     with dvc_repo(root) as repo:
-        return repo.status()
+        return uptodate.status(repo)
 
 
 def dvc_add(root: Path, paths: Sequence[str]) -> None:

@@ -1,0 +1,74 @@
+"""The stamp of the state `dvc status` last found up to date (pipeline.runner.uptodate): a forget skips that
+status only while nothing DVC reads has changed, and still refuses a change that is not built.
+
+Runtime: copies of the session's `built_project`; a few `dvc status` calls and one refused forget.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from conftest import copy_project, legonet
+
+from pipeline.data.dataset import read_table
+from pipeline.purge.objects import dvc_cache, object_path
+from pipeline.runner.build import dvc_status
+from pipeline.runner.outputs import lock_outputs
+from pipeline.runner.uptodate import STAMP, still_up_to_date
+
+
+def test_the_stamp_changes_with_whatever_dvc_status_reads(built_project: Path, tmp_path: Path) -> None:
+    """Touched bytes, a removed cache object, an edited param, a new .dvc file: each breaks the stamp, so the
+    real `dvc status` runs (and stamps again when it finds the project up to date)."""
+    root = copy_project(built_project, tmp_path / "p")
+    (root / STAMP).unlink(missing_ok=True)
+    assert not still_up_to_date(root)
+    assert dvc_status(root) == {}
+    assert still_up_to_date(root)
+
+    shard = sorted((root / "data/shards").rglob("*.parquet"))[0]
+    info = shard.stat()
+    os.utime(shard, ns=(info.st_atime_ns, info.st_mtime_ns + 1_000_000))  # the same bytes, touched
+    assert not still_up_to_date(root)
+    assert dvc_status(root) == {}  # DVC hashes it again and finds the bytes it recorded
+    assert still_up_to_date(root)
+
+    cached = object_path(dvc_cache(root), lock_outputs(root)["models/keys.npy"])
+    kept = cached.read_bytes()
+    cached.unlink()
+    assert not still_up_to_date(root)
+    assert dvc_status(root) != {}  # "not in cache"
+    cached.write_bytes(kept)
+    assert still_up_to_date(root)  # the state the stamp was taken in, again
+
+    extra = root / "data/extra.parquet.dvc"
+    extra.write_text("outs:\n- md5: 0123456789abcdef0123456789abcdef\n  size: 1\n  hash: md5\n  path: extra.parquet\n")
+    assert not still_up_to_date(root)
+    extra.unlink()
+    assert still_up_to_date(root)
+
+    params = root / "params.yaml"
+    text = params.read_text()
+    params.write_text(text.replace("weight_decay: 0.0001", "weight_decay: 0.001", 1))
+    assert params.read_text() != text
+    assert not still_up_to_date(root)
+    assert dvc_status(root) != {}
+    params.write_text(text)
+
+
+def test_a_forget_refuses_a_change_not_built_though_the_last_status_was_clean(built_project: Path,
+                                                                            tmp_path: Path) -> None:
+    root = copy_project(built_project, tmp_path / "p")
+    assert dvc_status(root) == {} and still_up_to_date(root)
+    params = root / "params.yaml"
+    params.write_text(params.read_text().replace("weight_decay: 0.0001", "weight_decay: 0.001", 1))
+    sample = read_table(root / "data/routing.parquet", ["sample_id"])["sample_id"].iloc[0]
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps({"request_id": "req-1", "sample_ids": [sample], "reason": "GDPR Art. 17",
+                                    "received_at": "2024-05-01T09:30:00Z"}))
+    result = legonet("forget", str(manifest), cwd=root, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "changes that are not built yet" in output, output
+    assert not (root / "audit/records").is_dir() or not list((root / "audit/records").glob("*req-1*"))
