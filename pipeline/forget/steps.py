@@ -161,7 +161,7 @@ def rebuild(root: Path, journal: Journal, plan: flow.Plan, ids: set[str], worker
         ran, checked = list(plan.stages), None
     else:  # Ray: `dvc repro`, which starts one local Ray for all its stage processes
         ran = repro(root, timings=journal.timings, total=len(plan.stages))
-        stale, checked = dvc_status(root), None if resumed else ran
+        stale, checked = dvc_status(root, stamp=True), None if resumed else ran
     journal.results["stages_run"] = ran
     say(f"retrained adapters {plan.adapters} ({len(ran)} stages)")
     journal.results["checks"] = flow.check_rebuild(root, plan, journal.before["artifacts"], checked, ids, stale)

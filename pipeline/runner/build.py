@@ -204,10 +204,11 @@ def dvc_repo(root: Path, reading: bool = False) -> Iterator[Any]:
         yield repo
 
 
-def dvc_status(root: Path) -> dict[str, Any]:
-    """`dvc status` in this process: {} when up to date (then stamped: ``pipeline.runner.uptodate``)."""
+def dvc_status(root: Path, stamp: bool = False) -> dict[str, Any]:
+    """`dvc status` in this process: {} when up to date (``stamp``: then stamped, ``pipeline.runner.uptodate``; a
+    forget's own checks stamp, so that an up-to-date `legonet build` writes nothing)."""
     with dvc_repo(root) as repo:
-        return uptodate.status(repo)
+        return uptodate.status(repo) if stamp else repo.status()
 
 
 def dvc_add(root: Path, paths: Sequence[str]) -> None:

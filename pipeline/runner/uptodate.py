@@ -93,8 +93,10 @@ def _files(path: Path) -> list[Path]:
 def status(repo: Any) -> dict[str, Any]:
     """`dvc status` of DVC's ``repo`` ({} when up to date), stamping the project when it is."""
     found = repo.status()
-    if not found:
-        write_private(Path(repo.root_dir) / STAMP, stamp(Path(repo.root_dir)).encode())
+    path = Path(repo.root_dir) / STAMP
+    current = b"" if found else stamp(Path(repo.root_dir)).encode()
+    if current and not (path.is_file() and path.read_bytes() == current):  # written only when it changes
+        write_private(path, current)
     return found
 
 
