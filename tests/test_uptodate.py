@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 from conftest import copy_project, legonet
 
 from pipeline.data.dataset import read_table
-from pipeline.purge.objects import dvc_cache, object_path
+from pipeline.purge.objects import dvc_cache, listing_entries, object_path
 from pipeline.runner.build import dvc_status
 from pipeline.runner.outputs import lock_outputs
 from pipeline.runner.uptodate import STAMP, still_up_to_date
@@ -42,6 +43,16 @@ def test_the_stamp_changes_with_whatever_dvc_status_reads(built_project: Path, t
     assert dvc_status(root, stamp=True) != {}  # "not in cache"
     cached.write_bytes(kept)
     assert still_up_to_date(root)  # the state the stamp was taken in, again
+
+    listing = next(md5 for md5 in lock_outputs(root).values() if md5.endswith(".dir"))
+    entry = listing_entries(object_path(dvc_cache(root), listing).read_bytes(), listing)[0][1]
+    cached = object_path(dvc_cache(root), entry)  # one file of a folder output: DVC finds it "not in cache" too
+    kept = cached.read_bytes()
+    cached.unlink()
+    assert not still_up_to_date(root)
+    assert dvc_status(root, stamp=True) != {}
+    cached.write_bytes(kept)
+    assert still_up_to_date(root)
 
     extra = root / "data/extra.parquet.dvc"
     extra.write_text("outs:\n- md5: 0123456789abcdef0123456789abcdef\n  size: 1\n  hash: md5\n  path: extra.parquet\n")
@@ -72,3 +83,21 @@ def test_a_forget_refuses_a_change_not_built_though_the_last_status_was_clean(bu
     output = result.stdout + result.stderr
     assert result.returncode != 0 and "changes that are not built yet" in output, output
     assert not (root / "audit/records").is_dir() or not list((root / "audit/records").glob("*req-1*"))
+
+
+def test_a_params_file_of_a_stage_the_team_added_is_part_of_the_stamp(built_project: Path, tmp_path: Path) -> None:
+    """A stage a team adds may read its own params file (`params: - custom.yaml: [...]`): DVC records it in
+    dvc.lock beside params.yaml, so an edit to it must break the stamp as an edit to params.yaml does."""
+    root = copy_project(built_project, tmp_path / "p")
+    (root / "custom.yaml").write_text("threshold: 1\n")
+    with (root / "dvc.yaml").open("a") as pipeline:  # `stages:` is the file's last key
+        pipeline.write("  note:\n    cmd: python -c \"open('reports/note.txt', 'w').write('x')\"\n"
+                       "    params:\n      - custom.yaml:\n          - threshold\n"
+                       "    outs:\n      - reports/note.txt\n")
+    subprocess.run(["dvc", "repro", "note"], cwd=root, check=True, capture_output=True)
+    assert dvc_status(root, stamp=True) == {} and still_up_to_date(root)
+    (root / "custom.yaml").write_text("threshold: 2\n")
+    assert not still_up_to_date(root)
+    assert any(name.endswith(":note") for name in dvc_status(root, stamp=True))  # the real status: changed param
+    (root / "custom.yaml").write_text("threshold: 1\n")
+    assert dvc_status(root, stamp=True) == {} and still_up_to_date(root)

@@ -2,15 +2,15 @@
 cannot have changed.
 
 A forget needs the project up to date before it starts (it reruns only what its rows reach), and checks the same
-after its rebuild. `dvc status` answers from what DVC reads: the pipeline files (dvc.yaml, dvc.lock, params.yaml,
-the files dvc.yaml reads as `vars`, the .dvc files), each tracked file's size, mtime and inode (its state database
-trusts an unchanged stat, as ``artifact_digests`` does) and whether each recorded object is in the cache. The stamp
-is a digest of exactly those, taken right after a status came back empty; while the project still gives the same
-digest, the status would come back empty again, and the check costs a walk of the tracked files instead of DVC's
-per-stage work, which grows with the number of stages (one `encode` stage per partition; docs/design.md section
-4). Any change to what DVC reads (a file edited, added, removed or touched, a param, a cache object deleted) gives
-another digest, and the forget runs the real `dvc status`. `legonet audit verify` never relies on it.
-"""
+after its rebuild. `dvc status` answers from what DVC reads: the pipeline files (dvc.yaml, dvc.lock, params.yaml, the
+files dvc.yaml reads as `vars`, any other params file a stage declares, the .dvc files), each tracked file's size,
+mtime and inode (its state database trusts an unchanged stat, as ``artifact_digests`` does) and whether each recorded
+object (a folder's listing and each file object it names) is in the cache. The stamp is a digest of exactly those,
+taken right after a status came back empty; while the project still gives the same digest, the status would come back
+empty again, and the check costs a walk of the tracked files instead of DVC's per-stage work, which grows with the
+number of stages (one `encode` stage per partition; docs/design.md section 4). Any change to what DVC reads (a file
+edited, added, removed or touched, a param, a cache object deleted) gives another digest, and the forget runs the
+real `dvc status`. `legonet audit verify` never relies on it."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from typing import Any
 from pipeline.data.dataset import read_yaml
 from pipeline.project.layout import STATE_DIR
 from pipeline.project.scratch import write_private
-from pipeline.purge.objects import dvc_cache, object_path, valid_digest
+from pipeline.purge.objects import dvc_cache, expand_dirs, object_path, valid_digest
 
 STAMP = STATE_DIR / "up-to-date"
 PIPELINE_FILES = ("dvc.yaml", "dvc.lock", "params.yaml", ".dvcignore")
@@ -33,12 +33,15 @@ def stamp(root: Path) -> str:
     """The digest of what `dvc status` reads in ``root`` (see the module docstring)."""
     digest = hashlib.sha256()
     pipeline = read_yaml(root / "dvc.yaml") if (root / "dvc.yaml").is_file() else {}
+    lock = read_yaml(root / "dvc.lock") if (root / "dvc.lock").is_file() else {}
+    stages = list(((lock or {}).get("stages") or {}).values())
     named = [*PIPELINE_FILES, *(v for v in (pipeline or {}).get("vars") or [] if isinstance(v, str))]
+    named += sorted({f for stage in stages for f in stage.get("params") or {}} - set(named))  # a stage's own file
     dvc_files = _dvc_files(root)
     for rel in [*named, *dvc_files]:
         path = root / rel
         digest.update(f"{rel}\0".encode() + (hashlib.sha256(path.read_bytes()).digest() if path.is_file() else b"-"))
-    tracked, objects = _tracked(root, dvc_files)
+    tracked, objects = _tracked(root, stages, dvc_files)
     for rel in sorted(tracked):
         for path in _files(root / rel):
             try:
@@ -49,7 +52,7 @@ def stamp(root: Path) -> str:
             digest.update(f"{path.relative_to(root).as_posix()}\0{info.st_size}\0{info.st_mtime_ns}\0"
                           f"{info.st_ino}\n".encode())
     cache = dvc_cache(root)
-    for md5 in sorted(objects):
+    for md5 in sorted(expand_dirs(cache, objects)):  # a folder's listing and each file object it names
         digest.update(f"{md5}\0{object_path(cache, md5).is_file()}\n".encode())
     return digest.hexdigest()
 
@@ -65,13 +68,12 @@ def _dvc_files(root: Path) -> list[str]:
     return sorted(found)
 
 
-def _tracked(root: Path, dvc_files: list[str]) -> tuple[set[str], set[str]]:
-    """The paths DVC tracks (every stage's deps and outs in dvc.lock, the .dvc files' outs) and the digests of the
+def _tracked(root: Path, stages: list[dict[str, Any]], dvc_files: list[str]) -> tuple[set[str], set[str]]:
+    """The paths DVC tracks (every dvc.lock stage's deps and outs, the .dvc files' outs) and the digests of the
     outputs it keeps in the cache."""
     paths: set[str] = set()
     objects: set[str] = set()
-    lock = read_yaml(root / "dvc.lock") if (root / "dvc.lock").is_file() else {}
-    for stage in ((lock or {}).get("stages") or {}).values():
+    for stage in stages:
         for item in [*(stage.get("deps") or []), *(stage.get("outs") or [])]:
             paths.add(item["path"])
         objects.update(o["md5"] for o in stage.get("outs") or [] if valid_digest(o.get("md5")))
