@@ -181,7 +181,7 @@ def report(result: dict) -> list[str]:
              f"{base['revision'][:12]} (`{base['cli']}`), head: {head['revision'][:12]} (`{head['cli']}`). Each round "
              "forgot the same random train sample(s) in the base and the head project, the code going first "
              "alternating by round; figures are medians over the rounds of the wall time of `legonet forget "
-             "--profile`, *outside training* is that minus the `repro:train@*` stages.", "",
+             "--profile`, *outside training* is that minus the wall time during which a `repro:train@*` stage ran.", "",
              f"| data | forget | base s | head s | head / base | outside training: base s, head s, head / base | "
              f"within {round((TOLERANCE - 1) * 100)} % |", "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:

@@ -162,7 +162,9 @@ def forget(root: Path, sample_ids: list[str], request_id: str, cli: Cli = HEAD) 
     seconds, out = timed(cli("forget", "--profile", str(manifest)), root, cli.env)
     phases = {m.group(1): float(m.group(2)) for m in map(PROFILE_LINE.match, out.splitlines()) if m}
     summary = json.loads(out.strip().splitlines()[-1])
-    training = sum(v for k, v in phases.items() if k.startswith("repro:train@"))
+    # the wall time during which a train stage ran: the two processes of a forget may train at once, so the stages'
+    # summed seconds would overstate it (older code, without the figure: the sum, its stages ran one at a time)
+    training = phases.get("repro:train-wall", sum(v for k, v in phases.items() if k.startswith("repro:train@")))
     return {"samples": len(sample_ids), "seconds": round(seconds, 2),
             "retrained_adapters": summary.get("retrained_adapters"),
             "train_stage_seconds": round(training, 2), "non_training_seconds": round(seconds - training, 2),

@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -740,6 +741,35 @@ def test_the_stage_worker_reports_a_failing_stage_and_a_dead_worker(tmp_path: Pa
     finally:
         worker.close()
     assert not worker._process.is_alive()
+
+
+def test_the_stage_worker_is_idle_only_after_its_imports_and_between_stages(tmp_path: Path) -> None:
+    """``rerun`` hands the worker a stage that any process could run only while it is idle: its imports done and no
+    stage running; the span it reports is on the clock of this process, so overlapping train stages of both
+    processes count once in the training time (``_covered``)."""
+    from pipeline.data.quality import norm_range
+    from pipeline.runner.build import _covered
+    from pipeline.runner.worker import StageWorker
+
+    worker = StageWorker(tmp_path, [], ["pipeline.data.quality"])
+    try:
+        deadline = time.monotonic() + 120
+        while not worker.idle():
+            assert time.monotonic() < deadline, "the worker never finished its imports"
+            time.sleep(0.05)
+        assert not worker.finished()  # nothing sent
+        sent = time.monotonic()
+        worker.start(norm_range.__module__, [{"samples": 2, "min": 1.0, "max": 3.0}], "norm_range", margin=0.25)
+        assert not worker.idle()
+        while not worker.finished():
+            time.sleep(0.01)
+        value, (start, end), _ = worker.result()
+        assert value == (0.5, 3.5) and sent <= start <= end <= time.monotonic()
+        assert worker.idle() and not worker.finished()
+    finally:
+        worker.close()
+    assert _covered([(0.0, 2.0), (1.0, 3.0), (5.0, 6.0), (5.5, 5.7)]) == 4.0
+    assert _covered([]) == 0.0
 
 
 def test_rerunning_is_idempotent(clone_runs: dict[str, Any], tmp_path: Path) -> None:

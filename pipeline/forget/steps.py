@@ -41,7 +41,7 @@ from pipeline.runner.build import (
     tag_checkpoint,
     tag_forget,
 )
-from pipeline.runner.worker import StageWorker, call, stage_worker, worker_modules
+from pipeline.runner.worker import StageWorker, call, entry_modules, stage_worker, worker_modules
 
 TIMED = ("rebuilt", "purged")  # states whose time the record carries (as "retrained", "purged")
 
@@ -61,11 +61,13 @@ def forget(root: Path, manifests: Sequence[Path], params: dict[str, Any], *, dry
         return _dry_run(root, requests, params, say)
     lock_started = time.monotonic()
     # the stages that declare a preload (quality, package) and the MLflow steps (registry, purge of model versions,
-    # checkpoint tag) run in a second process that imports GX and MLflow meanwhile; with Ray there is no worker:
-    # `dvc repro` runs every stage, and the MLflow steps run here
+    # checkpoint tag) run in a second process that imports GX and MLflow meanwhile, then every other stage module
+    # (torch for training), so that it can take any stage while idle; with Ray there is no worker: `dvc repro` runs
+    # every stage, and the MLflow steps run here
     modules = worker_modules(root)
+    preload = ["pipeline.purge.models", *sorted(entry_modules(root) - modules)]
     with flow.project_lock(root, wait, say), flow.Writer(root, params) as writer, \
-            stage_worker(root, params, modules, preload=["pipeline.purge.models"]) as worker:
+            stage_worker(root, params, modules, preload=preload) as worker:
         timings["lock"] = round(time.monotonic() - lock_started, 3)
         flow.preconditions(root, params)
         interrupted = Journal.load(root)

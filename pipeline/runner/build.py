@@ -112,19 +112,21 @@ def rerun(root: Path, stages: Sequence[str], worker: StageWorker | None = None, 
                     TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                     TimeElapsedColumn(), console=console, transient=True) as progress:
                 task = progress.add_task("rerun", total=len(chosen) + 1)
+                spans: dict[str, tuple[float, float]] = {}  # when each stage ran
                 away = None  # the stage the worker runs now
                 for stage in chosen:
-                    if away is not None and _feeds(away, stage):
-                        _finish(worker, away, timings)
+                    if away is not None and (_feeds(away, stage) or worker.finished()):
+                        _finish(worker, away, spans, timings)
                         progress.advance(task)
                         away = None
                     mark = time.monotonic()
                     progress.update(task, description=f"stage {stage.addressing}")
                     stage.remove_outs(ignore_remove=False, force=False)
                     entry = entry_point(stage.cmd)
-                    if worker is not None and entry is not None and entry[0] in worker.modules:
+                    if worker is not None and entry is not None and (
+                            entry[0] in worker.modules or (away is None and worker.idle())):
                         if away is not None:  # one stage at a time in the worker
-                            _finish(worker, away, timings)
+                            _finish(worker, away, spans, timings)
                             progress.advance(task)
                         worker.start(*entry)
                         away = stage
@@ -136,12 +138,15 @@ def rerun(root: Path, stages: Sequence[str], worker: StageWorker | None = None, 
                             importlib.import_module(entry[0]).main(*entry[1])
                     except (DataError, ParamsError, StageCmdFailedError) as exc:
                         raise BuildError(f"stage {stage.addressing} failed: {exc}") from exc
-                    timings[f"repro:{stage.addressing}"] = round(time.monotonic() - mark, 3)
+                    spans[stage.addressing] = (mark, time.monotonic())
+                    timings[f"repro:{stage.addressing}"] = round(spans[stage.addressing][1] - mark, 3)
                     progress.advance(task)
                 if away is not None:
                     assert worker is not None
-                    _finish(worker, away, timings)
+                    _finish(worker, away, spans, timings)
                     progress.advance(task)
+                timings["repro:train-wall"] = round(_covered(
+                    [span for name, span in spans.items() if name.startswith("train@")]), 3)
                 mark = time.monotonic()
                 progress.update(task, description="dvc commit")
                 for stage in chosen:
@@ -162,15 +167,26 @@ def _feeds(stage: Any, later: Any) -> bool:
     return any(o == d or o in d.parents or d in o.parents for o in outs for d in deps)
 
 
-def _finish(worker: StageWorker, stage: Any, timings: dict[str, float]) -> None:
+def _finish(worker: StageWorker, stage: Any, spans: dict[str, tuple[float, float]],
+            timings: dict[str, float]) -> None:
     """Wait for the stage the worker runs; its failure is the rerun's."""
     try:
-        _, seconds, imports = worker.result()
+        _, spans[stage.addressing], imports = worker.result()
     except (StageFailed, WorkerFailed) as exc:
         raise BuildError(f"stage {stage.addressing} failed: {exc}") from exc
-    timings[f"repro:{stage.addressing}"] = seconds
+    timings[f"repro:{stage.addressing}"] = round(spans[stage.addressing][1] - spans[stage.addressing][0], 3)
     if imports is not None:
         timings["worker:imports"] = imports
+
+
+def _covered(spans: Sequence[tuple[float, float]]) -> float:
+    """The seconds during which at least one of ``spans`` ran: the wall time of stages that may overlap (the train
+    stages of both processes), which their summed seconds would overstate."""
+    total, reached = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        total += max(0.0, end - max(start, reached))
+        reached = max(reached, end)
+    return total
 
 
 def address(stage: Any, root: Path) -> str:

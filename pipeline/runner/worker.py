@@ -1,5 +1,6 @@
 """The stage worker: a warm second Python process that runs the stages whose imports cost seconds (Great
-Expectations, MLflow) and the forget's MLflow steps, beside the forget's own process."""
+Expectations, MLflow) and the forget's MLflow steps, beside the forget's own process, and any other stage it is
+idle for."""
 
 from __future__ import annotations
 
@@ -33,17 +34,21 @@ def entry_point(cmd: Any) -> tuple[str, list[str]] | None:
     return None
 
 
-def worker_modules(root: Path) -> frozenset[str]:
-    """The entry-point modules of dvc.yaml's stages that run in the stage worker: those that declare a
-    ``preload()``, the imports that cost seconds (Great Expectations, MLflow), made ahead in the worker while this
-    process plans and trains. Read from the source, not imported: importing them here is the cost the worker
-    exists to keep off the forget's path."""
+def entry_modules(root: Path) -> frozenset[str]:
+    """The entry-point modules of dvc.yaml's stages (``python -m stages.X``)."""
     dvc_yaml = root / "dvc.yaml"
     stages = (read_yaml(dvc_yaml) or {}).get("stages", {}) if dvc_yaml.is_file() else {}  # not a project: none
     commands = [(stage.get("do") or stage).get("cmd") for stage in stages.values()]
-    modules = {entry[0] for cmd in commands if (entry := entry_point(cmd)) is not None}
+    return frozenset(entry[0] for cmd in commands if (entry := entry_point(cmd)) is not None)
+
+
+def worker_modules(root: Path) -> frozenset[str]:
+    """The entry-point modules whose stages always run in the stage worker: those that declare a ``preload()``, the
+    imports that cost seconds (Great Expectations, MLflow), made ahead in the worker while this process plans and
+    trains. Read from the source, not imported: importing them here is the cost the worker exists to keep off the
+    forget's path."""
     declared = set()
-    for module in modules:
+    for module in entry_modules(root):
         spec = importlib.util.find_spec(module)
         source = Path(spec.origin).read_text() if spec is not None and spec.origin else ""
         if any(isinstance(node, ast.FunctionDef) and node.name == "preload" for node in ast.parse(source).body):
@@ -59,19 +64,32 @@ class StageWorker:
     quality checkpoint's Great Expectations and the package's MLflow cost seconds more, on a path where the other
     core sits idle. Started when the forget starts, this process imports them while the first one plans, removes
     the rows and retrains; then runs those stages with the project as working directory, and the forget's own
-    MLflow steps (``call``), so that MLflow is imported and its store opened once per forget, here. Spawned, not
-    forked: a fork of a process that holds DVC's repo lock, threads and open SQLite handles is not safe.
+    MLflow steps (``call``), so that MLflow is imported and its store opened once per forget, here. Once its imports
+    are done it also takes any other stage while it is idle (``idle``), so two independent stages (two train
+    blocks, two encode partitions) run at once on the two cores; where a stage runs never changes its bytes. Spawned,
+    not forked: a fork of a process that holds DVC's repo lock, threads and open SQLite handles is not safe.
     """
 
     def __init__(self, root: Path, modules: Sequence[str], preload: Sequence[str] = ()) -> None:
         context = multiprocessing.get_context("spawn")
         self.modules = frozenset(modules)
         self._conn, child = context.Pipe()
-        self._process = context.Process(target=_serve, args=(child, str(root.resolve()), [*modules, *preload]),
+        self._ready = context.Event()  # set once the imports are done
+        self._process = context.Process(target=_serve, args=(child, str(root.resolve()), [*modules, *preload],
+                                                             self._ready),
                                         name="legonet-stage-worker", daemon=True)
         self._process.start()
         child.close()
         self._imports_reported = False
+        self._running = 0  # requests sent whose reply is not read yet
+
+    def idle(self) -> bool:
+        """Whether the worker has done its imports and runs nothing: a stage sent now starts at once."""
+        return self._running == 0 and self._ready.is_set()
+
+    def finished(self) -> bool:
+        """Whether the request it runs has ended (its reply waits to be read)."""
+        return self._running > 0 and self._conn.poll()
 
     def start(self, module: str, args: Sequence[Any], function: str = "main", **kwargs: Any) -> None:
         """Ask the worker to run ``module.function(*args, **kwargs)`` (a stage's entry point by default)."""
@@ -79,14 +97,17 @@ class StageWorker:
             self._conn.send((module, function, list(args), kwargs))
         except OSError:
             raise self._ended() from None
+        self._running += 1
 
-    def result(self) -> tuple[Any, float, float | None]:
-        """(what the function returned, the seconds it took, the seconds the worker spent importing: reported
-        once); raises ``StageFailed`` for bad data or params, ``WorkerFailed`` for anything else."""
+    def result(self) -> tuple[Any, tuple[float, float], float | None]:
+        """(what the function returned, when it started and ended (``time.monotonic``, one clock for every process
+        of the machine), the seconds the worker spent importing: reported once); raises ``StageFailed`` for bad
+        data or params, ``WorkerFailed`` for anything else."""
         try:
             kind, value, imports = self._conn.recv()
         except (EOFError, OSError):
             raise self._ended() from None
+        self._running -= 1
         if kind != "ok":
             error, text = value
             if kind == "failed":
@@ -122,15 +143,16 @@ class StageWorker:
         self._conn.close()
 
 
-def _serve(conn: Any, root: str, modules: list[str]) -> None:
+def _serve(conn: Any, root: str, modules: list[str], ready: Any) -> None:
     """The worker's loop: in the project ``root``, import ``modules`` and call each one's ``preload()`` (what its
-    entry point would import or open late), then run one function per request."""
+    entry point would import or open late), set ``ready``, then run one function per request."""
     started = time.monotonic()
     os.chdir(root)
     for name in modules:
         with suppress(Exception):  # only a head start: the stage itself meets and reports the same error
             getattr(importlib.import_module(name), "preload", lambda: None)()
     imports = round(time.monotonic() - started, 3)
+    ready.set()
     while True:
         try:
             request = conn.recv()
@@ -154,7 +176,7 @@ def _serve(conn: Any, root: str, modules: list[str]) -> None:
             reply: tuple[str, Any, float] = ("failed" if expected else "crashed",
                                              (error, str(exc) if expected else traceback.format_exc()), imports)
         else:
-            reply = ("ok", (value, round(time.monotonic() - mark, 3)), imports)
+            reply = ("ok", (value, (mark, time.monotonic())), imports)
         sys.stdout.flush()  # what the stage printed is out before the forget goes on (or stops this process)
         sys.stderr.flush()
         conn.send(reply)
