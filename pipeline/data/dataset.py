@@ -269,7 +269,12 @@ def write_bytes_atomic(path: Path, data: bytes, *, keep_identical: bool = False)
 def read_yaml(path: Path) -> Any:
     """A YAML file (dvc.yaml, dvc.lock, a .dvc pointer) with libyaml's C parser when PyYAML has it: the forget
     path reads dvc.lock several times, and the pure-Python parser is slow on a lock file that grows with n."""
-    return yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    return parse_yaml(path.read_bytes())
+
+
+def parse_yaml(data: bytes) -> Any:
+    """YAML bytes, parsed as ``read_yaml`` parses a file."""
+    return yaml.load(data, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
 
 def read_table(path: Path, columns: Sequence[str] | None = None) -> pd.DataFrame:

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from pipeline.data.dataset import read_yaml, write_bytes_atomic
+from pipeline.data.dataset import parse_yaml, read_yaml, write_bytes_atomic
 from pipeline.errors import DataError, ParamsError
 from pipeline.model.adapters import TrainParams
 from pipeline.project.layout import (
@@ -254,10 +254,27 @@ def recorded_md5(path: Path, root: Path = Path()) -> str | None:
     wrote last time (an edited or half-written file is recomputed from scratch), so a persisted output can
     never carry a change DVC did not see.
     """
+    return lock_md5s(root).get(path.as_posix())
+
+
+_LOCK_MD5S: dict[bytes, dict[str, str]] = {}  # the last dvc.lock parsed, by the sha256 of its bytes
+
+
+def lock_md5s(root: Path = Path()) -> dict[str, str]:
+    """path -> md5 of every output ``dvc.lock`` records ({} without one).
+
+    Parsed once per content, not once per call: every stage of a forget's rerun looks its previous output up (one
+    `encode` per partition the forget touches), and dvc.lock, which grows with the partitions (~0.1 s to parse at
+    a million samples), does not change until the rerun records them all. Keyed by the bytes' digest, so an edit
+    is never answered from the memo."""
     lock = root / "dvc.lock"
     if not lock.is_file():
-        return None
-    stages = (read_yaml(lock) or {}).get("stages", {})
-    wanted = path.as_posix()
-    return next((out.get("md5") for stage in stages.values() for out in stage.get("outs", [])
-                 if out.get("path") == wanted), None)
+        return {}
+    data = lock.read_bytes()
+    key = hashlib.sha256(data).digest()
+    if key not in _LOCK_MD5S:
+        stages = (parse_yaml(data) or {}).get("stages", {})
+        _LOCK_MD5S.clear()
+        _LOCK_MD5S[key] = {out["path"]: out["md5"] for stage in stages.values() for out in stage.get("outs", [])
+                           if "md5" in out}
+    return dict(_LOCK_MD5S[key])

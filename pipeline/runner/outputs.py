@@ -8,17 +8,14 @@ import json
 from pathlib import Path
 
 from pipeline.data.dataset import read_yaml
+from pipeline.project.params import lock_md5s
 from pipeline.purge.objects import DIR_SUFFIX, dvc_cache, object_path
 from pipeline.tracking.lineage import file_md5
 
 
 def lock_outputs(root: Path) -> dict[str, str]:
     """path -> md5 of every output recorded in dvc.lock and in the .dvc files (directory outputs as .dir)."""
-    out: dict[str, str] = {}
-    lock = root / "dvc.lock"
-    if lock.is_file():
-        for stage in (read_yaml(lock) or {}).get("stages", {}).values():
-            out.update({o["path"]: o["md5"] for o in stage.get("outs", []) if "md5" in o})
+    out = lock_md5s(root)
     for dvc_file in sorted((root / "data").rglob("*.dvc")):
         for o in (read_yaml(dvc_file) or {}).get("outs", []):
             out[(dvc_file.parent.relative_to(root) / o["path"]).as_posix()] = o["md5"]
