@@ -208,6 +208,26 @@ def test_an_empty_shard_keeps_its_contract(tmp_path: Path) -> None:
     check_encoded(frame, embeddings, path, [0, 1], 8)
 
 
+def test_embeddings_judged_as_one_array_break_the_same_rules_row_by_row() -> None:
+    """A clean 2-D float32 array passes the embedding rules at once; any array that breaks one (a NaN, float64, the
+    wrong width) is judged row by row, so the message still names the rule and the samples."""
+    from pipeline.data.contracts import check_encoded, check_shards
+
+    frame = pd.DataFrame({"sample_id": ["x-1", "x-2", "x-3"], "label": np.array([0, 1, 0], dtype=np.int64)})
+    clean = np.ones((3, 4), np.float32)
+    check_encoded(frame, clean, "e.parquet", [0, 1], 4)
+    with_nan = clean.copy()
+    with_nan[1, 2] = np.nan
+    broken = {"finite": (with_nan, r"finite \(no NaN or inf\) fails for 1 sample\(s\) 'x-2'"),
+              "dtype": (clean.astype(np.float64), r"float32 vector fails for 3 sample\(s\) 'x-1', 'x-2', 'x-3'"),
+              "width": (np.ones((3, 5), np.float32), r"embedding width is 4 fails for 3 sample\(s\)")}
+    for embeddings, message in broken.values():
+        with pytest.raises(ContractError, match=message):
+            check_encoded(frame, embeddings, "e.parquet", [0, 1], 4)
+    with pytest.raises(ContractError, match=r"s/a\.parquet: .*finite \(no NaN or inf\) fails for 1 sample"):
+        check_shards([(Path("s/a.parquet"), frame, with_nan)], [0, 1], 4)
+
+
 def test_shards_are_checked_together_and_a_broken_one_is_named(tmp_path: Path) -> None:
     """`assign`, `quality` and `train` check all their shards in one pandera call (a sample may sit in several
     shards, never twice in one); a broken shard is still named by file, rule and sample."""
