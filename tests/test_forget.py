@@ -772,27 +772,6 @@ def test_the_stage_worker_is_idle_only_after_its_imports_and_between_stages(tmp_
     assert _covered([]) == 0.0
 
 
-def test_the_rerun_starts_the_quality_checkpoint_before_training(built_project: Path) -> None:
-    """With a stage worker, ``rerun`` moves the worker's stages as early as what they read allows (the quality
-    checkpoint reads shards, not adapters: it runs in the worker while this process trains), and every stage still
-    comes after each stage it reads from."""
-    from pipeline.runner.build import _feeds, _stages, _worker_first, address, dvc_repo
-
-    lock = yaml.safe_load((built_project / "dvc.lock").read_text())["stages"]
-    trains = [name for name in lock if name.startswith("train@")][:2]
-    names = [next(n for n in lock if n.startswith("encode@part")), "assign", *trains, "evaluate", "quality",
-             "baseline", "package"]
-    with dvc_repo(built_project, reading=True) as repo:
-        stages = _stages(repo, names)
-        order = _worker_first(stages, frozenset({"stages.quality", "stages.package"}))
-        # the package reads the evaluation, not the baseline: it too is started in the worker as soon as it can
-        assert [address(s, built_project) for s in order] == [names[0], "assign", "quality", *trains, "evaluate",
-                                                              "package", "baseline"]
-        for i, stage in enumerate(order):
-            assert not any(_feeds(later, stage) for later in order[i + 1:]), stage.addressing
-        assert _worker_first(stages, frozenset()) == stages  # no worker stage: the order given
-
-
 def test_rerunning_is_idempotent(clone_runs: dict[str, Any], tmp_path: Path) -> None:
     root, manifest = clone_runs["projects"]["plain"], clone_runs["manifest"]
     lock = (root / "dvc.lock").read_bytes()

@@ -108,8 +108,6 @@ def rerun(root: Path, stages: Sequence[str], worker: StageWorker | None = None, 
     with Repo(str(root)) as repo:
         with lock_repo(repo):
             chosen = _stages(repo, stages)
-            if worker is not None:
-                chosen = _worker_first(chosen, worker.modules)
             with _working_directory(root), Progress(
                     TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                     TimeElapsedColumn(), console=console, transient=True) as progress:
@@ -160,21 +158,6 @@ def rerun(root: Path, stages: Sequence[str], worker: StageWorker | None = None, 
         timings["repro:dvc-commit"] = round(mark_status - mark, 3)
         timings["repro:dvc-status"] = round(time.monotonic() - mark_status, 3)
     return stale
-
-
-def _worker_first(stages: Sequence[Any], modules: frozenset[str]) -> list[Any]:
-    """``stages`` in an order DVC could run them that starts each stage of the worker's ``modules`` as soon as the
-    stages it reads from have run: the quality checkpoint, which reads the shards and not the adapters, then runs in
-    the worker while this process trains, instead of after the last train stage. Otherwise the given order."""
-    needs = {i: {j for j in range(i) if _feeds(stages[j], stages[i])} for i in range(len(stages))}
-    first = {i for i, stage in enumerate(stages) if (entry := entry_point(stage.cmd)) and entry[0] in modules}
-    order: list[int] = []
-    done: set[int] = set()
-    while len(order) < len(stages):
-        ready = [i for i in range(len(stages)) if i not in done and needs[i] <= done]
-        order.append(min(ready, key=lambda i: (i not in first, i)))
-        done.add(order[-1])
-    return [stages[i] for i in order]
 
 
 def _feeds(stage: Any, later: Any) -> bool:
