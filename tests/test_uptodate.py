@@ -20,6 +20,11 @@ from pipeline.runner.outputs import lock_outputs
 from pipeline.runner.uptodate import STAMP, still_up_to_date
 
 
+def test_a_build_that_ran_stages_stamps_the_project(built_project: Path) -> None:
+    """The first forget after `legonet build` skips its `dvc status` too: the build stamped what it built."""
+    assert still_up_to_date(built_project)
+
+
 def test_the_stamp_changes_with_whatever_dvc_status_reads(built_project: Path, tmp_path: Path) -> None:
     """Touched bytes, a removed cache object, an edited param, a new .dvc file: each breaks the stamp, so the
     real `dvc status` runs (and stamps again when it finds the project up to date)."""

@@ -43,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
             if ran:  # the build pays for reading what it wrote, not the first forget after it
                 console.print(f"indexed the IDs of {index_tables(root)} new sample table(s) for the forget's checks",
                               highlight=False)
+                dvc_status(root, stamp=True)  # and for the `dvc status` that forget would start with
             registered = tag_build(root) if ran else {}
             metrics = summary(root)
             built = (f": model version {registered['version']} [{registered['aliases']}], test accuracy "

@@ -222,7 +222,8 @@ def dvc_repo(root: Path, reading: bool = False) -> Iterator[Any]:
 
 def dvc_status(root: Path, stamp: bool = False) -> dict[str, Any]:
     """`dvc status` in this process: {} when up to date (``stamp``: then stamped, ``pipeline.runner.uptodate``; a
-    forget's own checks stamp, so that an up-to-date `legonet build` writes nothing)."""
+    forget's own checks and a build that ran stages stamp; the check before a build does not, so that an
+    up-to-date `legonet build` writes nothing)."""
     with dvc_repo(root) as repo:
         return uptodate.status(repo) if stamp else repo.status()
 
