@@ -11,8 +11,10 @@ import json
 import os
 import re
 import shutil
+import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ from conftest import copy_project, legonet
 
 import pipeline
 from pipeline.data.dataset import read_table
-from pipeline.tracking import lineage
+from pipeline.tracking import digeststore, lineage
 
 RUNNING = re.compile(r"^Running stage '([^']+)':", re.MULTILINE)
 SOURCE = Path(pipeline.__file__).resolve().parents[1]  # the folder holding `pipeline` and `stages`
@@ -177,10 +179,47 @@ def test_the_file_cache_follows_the_racy_clean_rule(tmp_path: Path, monkeypatch:
 
     assert lineage.remembered(path, "count", count) == 1
     assert lineage.remembered(path, "count", count) == 2  # changed within RACY_NS of being read: read again
-    monkeypatch.setattr(lineage, "RACY_NS", 0)  # as if the file had settled long before it was read
+    monkeypatch.setattr(digeststore, "RACY_NS", 0)  # as if the file had settled long before it was read
     assert lineage.remembered(path, "count", count) == 2  # trusted: not read again
     path.write_bytes(b"label,recall\n0,0.9\n")  # any later write changes ctime
     assert lineage.remembered(path, "count", count) == 3
+
+
+def test_a_digest_is_computed_once_for_all_processes_of_a_project_until_the_file_changes(tmp_path: Path) -> None:
+    """The project's digest store: a file hashed by one process is not hashed again by the next while its stat holds
+    (a planted value in the store comes back, in a second process), a rewrite is hashed again, the store keeps no
+    row of a file that is gone, and a file outside any DVC project is simply hashed."""
+    root = tmp_path / "project"
+    root.mkdir()
+    run("git", "init", "-q", cwd=root, env={})
+    run(sys.executable, "-m", "dvc", "init", "-q", cwd=root, env={})
+    (root / "data").mkdir()
+    kept, gone = root / "data/kept.parquet", root / "data/gone.parquet"
+    kept.write_bytes(b"kept bytes")
+    gone.write_bytes(b"gone bytes")
+    time.sleep(digeststore.RACY_NS / 1e9 + 0.1)  # both settle before they are read: their digests may be kept
+    show = ("import json, sys; from pathlib import Path; from pipeline.tracking.lineage import file_md5; "
+            "print(json.dumps([file_md5(Path(p)) for p in sys.argv[1:]]))")
+
+    def digests(*paths: Path) -> list[str]:
+        return json.loads(run(sys.executable, "-c", show, *map(str, paths), cwd=root, env={}).stdout)
+
+    assert digests(kept, gone) == [lineage._hash_file(kept, "md5"), lineage._hash_file(gone, "md5")]
+    with sqlite3.connect(root / digeststore.STORE) as db:
+        assert sorted(db.execute("SELECT path, kind FROM digests")) == [("data/gone.parquet", "md5"),
+                                                                         ("data/kept.parquet", "md5")]
+        db.execute("UPDATE digests SET value = 'planted' WHERE path = 'data/kept.parquet'")
+    assert digests(kept) == ["planted"]  # another process took it from the store, without reading the file
+    kept.write_bytes(b"kept bytes")  # the same bytes rewritten: a new ctime, so read again
+    gone.unlink()
+    time.sleep(digeststore.RACY_NS / 1e9 + 0.1)
+    assert digests(kept) == [lineage._hash_file(kept, "md5")]
+    with sqlite3.connect(root / digeststore.STORE) as db:  # the row of the deleted file went when the store opened
+        assert sorted(db.execute("SELECT path FROM digests")) == [("data/kept.parquet",)]
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"no project")
+    assert digests(outside) == [lineage._hash_file(outside, "md5")]
+    assert oct((root / digeststore.STORE).stat().st_mode & 0o777) == "0o600"
 
 
 def test_the_digest_memo_answers_only_for_the_source_it_was_made_from(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ original); `clone_runs` runs their forgets two at a time.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -114,9 +115,10 @@ def audit_records(root: Path) -> list[str]:
 
 
 def tree_md5(root: Path, skip: Iterable[str] = (".legonet/lock",)) -> dict[str, str]:
-    """md5 of every file under ``root`` (git, DVC cache, MLflow store and all), except the ``skip`` paths."""
+    """md5 of every file under ``root`` (git, DVC cache, MLflow store and all), except the ``skip`` paths; hashed
+    here, not through the project's digest store, which a look must not change."""
     skipped = set(skip)
-    return {rel: file_md5(p) for p in sorted(root.rglob("*"))
+    return {rel: hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
             if p.is_file() and not p.is_symlink() and (rel := p.relative_to(root).as_posix()) not in skipped}
 
 

@@ -60,8 +60,9 @@ def digests(root: Path, *tops: str) -> dict[str, str]:
 
 
 def project_digests(root: Path) -> dict[str, str]:
-    """Every file of a project except git's and DVC's own bookkeeping (.git, .dvc/tmp, the cache)."""
-    return {p.relative_to(root).as_posix(): file_md5(p) for p in sorted(root.rglob("*"))
+    """Every file of a project except git's and DVC's own bookkeeping (.git, .dvc/tmp, the cache); hashed here, not
+    through the project's digest store, which a look must not change."""
+    return {p.relative_to(root).as_posix(): hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
             if p.is_file() and p.relative_to(root).parts[0] not in (".git", ".dvc")}
 
 

@@ -15,7 +15,8 @@ from conftest import copy_project, legonet
 
 from pipeline.data.dataset import read_table
 from pipeline.purge.objects import dvc_cache, listing_entries, object_path
-from pipeline.runner.build import dvc_status
+from pipeline.runner.build import _stages, dvc_status
+from pipeline.runner.lockfile import write_lock
 from pipeline.runner.outputs import lock_outputs
 from pipeline.runner.uptodate import STAMP, still_up_to_date
 
@@ -106,3 +107,32 @@ def test_a_params_file_of_a_stage_the_team_added_is_part_of_the_stamp(built_proj
     assert any(name.endswith(":note") for name in dvc_status(root, stamp=True))  # the real status: changed param
     (root / "custom.yaml").write_text("threshold: 1\n")
     assert dvc_status(root, stamp=True) == {} and still_up_to_date(root)
+
+
+def test_a_rerun_writes_dvc_lock_byte_for_byte_as_dvc_does(built_project: Path, tmp_path: Path) -> None:
+    """`write_lock` rewrites only the blocks of the stages that ran, yet gives DVC's own bytes: a lock whose entry
+    of `assign` is missing and whose entry of `quality` is stale comes back as DVC's `dump_stages` writes it (the
+    original), and a lock DVC's round trip must handle (a comment) is left to DVC."""
+    from dvc.repo import Repo, lock_repo
+
+    root = copy_project(built_project, tmp_path / "p")
+    lock = root / "dvc.lock"
+    original = lock.read_text()
+    assign = original[original.index("\n  assign:\n") + 1:original.index("\n  train@0000:\n") + 1]
+    quality_at = original.index("\n  quality:\n")
+    md5_at = original.index("md5: ", quality_at) + len("md5: ")
+    damaged = (original[:md5_at] + "f" * 32 + original[md5_at + 32:]).replace(assign, "")
+    commented = original.replace("stages:\n", "stages:\n  # kept by DVC's round trip\n", 1)
+    with Repo(str(root)) as repo, lock_repo(repo):
+        stages = _stages(repo, ["assign", "train@0000", "quality"])
+        for start in (damaged, commented):
+            lock.write_text(start)
+            stages[0].dvcfile.dump_stages(stages, update_pipeline=False)
+            by_dvc = lock.read_text()
+            lock.write_text(start)
+            write_lock(stages)
+            assert lock.read_text() == by_dvc
+        assert by_dvc.startswith("schema: '2.0'\nstages:\n  # kept by DVC's round trip\n")
+        lock.write_text(damaged)
+        write_lock([stages[0], stages[2]])
+    assert lock.read_text() == original.replace(assign, "") + assign  # a stage new to the lock goes last

@@ -21,6 +21,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
 from pipeline.data.dataset import read_table, write_table
 from pipeline.data.salt import data_secret
 from pipeline.errors import ExactnessError, ForgetError, LockBusy
@@ -209,28 +213,33 @@ def plan_batch(root: Path, sample_ids: Sequence[str], reference_ids: set[str], f
     routing_path = root / ROUTING
     if not routing_path.is_file():
         raise ForgetError(f"{routing_path}: missing; build the project (`legonet build`) before forgetting")
-    # the columns the look-up needs, not the label and payload digest of every row
-    routing = read_table(routing_path, ["sample_id", "partition", "adapters"]).set_index("sample_id")
+    # the columns the look-up needs, not the label and payload digest of every row; the requested rows are picked
+    # in Arrow, so no Python object is made for the other rows (a forget's look-up must not grow with N)
+    try:
+        routing = pq.read_table(routing_path, columns=["sample_id", "partition", "adapters"])
+    except (OSError, pa.ArrowException) as exc:
+        raise ForgetError(f"{routing_path}: not a readable routing index ({exc}); run `legonet build`") from exc
+    ids = routing.column("sample_id")
     test_ids = set(read_table(root / TEST, ["sample_id"])["sample_id"])
     refused = sorted(set(sample_ids) & reference_ids)
     if refused:
         raise ForgetError(f"{len(refused)} ID(s) belong to the reference split, which keys and projection are "
                           f"fitted on and which is not deletable: {refused[:5]}; remove them from the manifest")
     marked = (root / CLEAN).is_file() and (root / CLEAN).read_text() == clean_key(root, forgotten.head)
-    back = {} if marked else forgotten((set(routing.index) | test_ids) - set(sample_ids))
+    back = {} if marked else forgotten((set(ids.to_pylist()) | test_ids) - set(sample_ids))
     if back:
         owners = sorted({r for found in back.values() for r in found})
         raise ForgetError(f"{len(back)} sample(s) that request(s) {', '.join(owners)} forgot are back in "
                           f"{ROUTING} or {TEST}: {sorted(back)[:5]}; add them to this request's manifest to forget "
                           "them again")
-    rows = routing[routing.index.isin(set(sample_ids))]
-    train = sorted(rows.index)
+    rows = routing.filter(pc.is_in(ids, value_set=pa.array(sorted(set(sample_ids)), type=ids.type)))
+    train = sorted(rows.column("sample_id").to_pylist())
     test = sorted(i for i in sample_ids if i in test_ids)
     rest = sorted(set(sample_ids) - set(train) - set(test))
     earlier = forgotten(rest)
-    adapters = sorted({int(a) for row in rows["adapters"] for a in row})
+    adapters = sorted({int(a) for a in pc.list_flatten(rows.column("adapters")).to_pylist()})
     return Plan(train, test, sorted(set(rest) - set(earlier)), earlier,
-                sorted({int(p) for p in rows["partition"]}), adapters, n, blocks)
+                sorted({int(p) for p in rows.column("partition").to_pylist()}), adapters, n, blocks)
 
 
 def preconditions(root: Path, params: dict[str, Any]) -> None:

@@ -23,6 +23,7 @@ from pipeline.errors import BuildError, StageFailed, WorkerFailed
 from pipeline.project.code import sync_code
 from pipeline.project.params import load_params, sync_generated
 from pipeline.runner import executor, uptodate
+from pipeline.runner.lockfile import write_lock
 from pipeline.runner.worker import StageWorker, entry_point
 from pipeline.tracking.head import HEAD_TAG
 
@@ -152,7 +153,7 @@ def rerun(root: Path, stages: Sequence[str], worker: StageWorker | None = None, 
                 for stage in chosen:
                     stage.save()
                     stage.commit()
-                chosen[0].dvcfile.dump_stages(chosen, update_pipeline=False)
+                write_lock(chosen)
         mark_status = time.monotonic()
         stale = uptodate.status(repo)
         timings["repro:dvc-commit"] = round(mark_status - mark, 3)

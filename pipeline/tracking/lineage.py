@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pipeline.project.layout import STATE_DIR
+from pipeline.tracking.digeststore import Stat, stat_of, store_for, trusted
 
 T = TypeVar("T")
 
 # (absolute path, what was computed) -> ((inode, size, mtime_ns, ctime_ns), when computed (ns), value)
-_REMEMBERED: dict[tuple[str, str], tuple[tuple[int, int, int, int], int, Any]] = {}
-RACY_NS = 2_000_000_000  # a file changed this close before it was read may change again and keep its stat
+_REMEMBERED: dict[tuple[str, str], tuple[Stat, int, Any]] = {}
 
 
 def remembered(path: Path, kind: str, compute: Callable[[Path], T]) -> T:
@@ -39,14 +39,31 @@ def remembered(path: Path, kind: str, compute: Callable[[Path], T]) -> T:
     changing when read can be caught so, so such a file is read again each time until it has settled. Nobody can
     set ctime (``utime`` sets it to now), so a later change always shows.
     """
-    key, found = (os.path.abspath(path), kind), os.stat(path)
-    state = (found.st_ino, found.st_size, found.st_mtime_ns, found.st_ctime_ns)
+    key, state = (os.path.abspath(path), kind), stat_of(os.stat(path))
     known = _REMEMBERED.get(key)
-    if known is not None and known[0] == state and found.st_ctime_ns < known[1] - RACY_NS:
+    if known is not None and trusted(state, *known[:2]):
         return known[2]
     started = time.time_ns()
     value = compute(path)
     _REMEMBERED[key] = (state, started, value)
+    return value
+
+
+def _stored_digest(path: Path, algorithm: str) -> str:
+    """A file's digest from the project's digest store (``pipeline.tracking.digeststore``: the processes of a
+    forget share it, so a file none of them rewrote is hashed once, not once per process), else hashed and stored."""
+    absolute = os.path.abspath(path)
+    found = store_for(absolute)
+    if found is None:
+        return _hash_file(path, algorithm)
+    store, rel = found
+    state = stat_of(os.stat(absolute))
+    value = store.get(rel, algorithm, state)
+    if value is None:
+        started = time.time_ns()
+        value = _hash_file(path, algorithm)
+        if trusted(state, state, started):  # a file still settling is read again anyway: not worth a row
+            store.put(rel, algorithm, state, started, value)
     return value
 
 
@@ -59,8 +76,9 @@ def _hash_file(path: Path, algorithm: str) -> str:
 
 
 def file_digest(path: Path, algorithm: str = "md5") -> str:
-    """Hex digest of a file's bytes, read in 1 MiB blocks (``remembered``)."""
-    return remembered(path, algorithm, lambda p: _hash_file(p, algorithm))
+    """Hex digest of a file's bytes, read in 1 MiB blocks (``remembered`` in this process, and in the project's
+    digest store across processes)."""
+    return remembered(path, algorithm, lambda p: _stored_digest(p, algorithm))
 
 
 def file_md5(path: Path) -> str:
