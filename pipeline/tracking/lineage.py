@@ -62,8 +62,7 @@ def _stored_digest(path: Path, algorithm: str) -> str:
     if value is None:
         started = time.time_ns()
         value = _hash_file(path, algorithm)
-        if trusted(state, state, started):  # a file still settling is read again anyway: not worth a row
-            store.put(rel, algorithm, state, started, value)
+        store.put(rel, algorithm, state, started, value)
     return value
 
 
