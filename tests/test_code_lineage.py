@@ -221,6 +221,15 @@ def test_a_digest_is_computed_once_for_all_processes_of_a_project_until_the_file
     assert digests(outside) == [lineage._hash_file(outside, "md5")]
     assert oct((root / digeststore.STORE).stat().st_mode & 0o777) == "0o600"
 
+    (root / digeststore.STORE).write_bytes(b"not a database")  # torn: started again, empty
+    assert digests(kept) == [lineage._hash_file(kept, "md5")]
+    with sqlite3.connect(root / digeststore.STORE) as db:
+        assert sorted(db.execute("SELECT path FROM digests")) == [("data/kept.parquet",)]
+    (root / digeststore.STORE).unlink()
+    (root / digeststore.STORE).symlink_to(outside)  # a planted link is not followed
+    assert digests(kept) == [lineage._hash_file(kept, "md5")]
+    assert outside.read_bytes() == b"no project"
+
 
 def test_the_digest_memo_answers_only_for_the_source_it_was_made_from(tmp_path: Path) -> None:
     """`check_code` remembers each stage's legonet digest under a digest of every legonet file: the memo gives

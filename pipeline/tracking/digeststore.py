@@ -54,7 +54,9 @@ class DigestStore:
         self.db: sqlite3.Connection | None = None
         try:
             self._open()
-        except sqlite3.Error:  # unreadable (a crash, a copy mid-write): start again empty
+        except sqlite3.OperationalError:  # busy past the timeout, read-only: this process works without it
+            self._close()
+        except sqlite3.DatabaseError:  # not a database (a crash, a copy mid-write): start again empty
             self._close()
             (root / STORE).unlink(missing_ok=True)
             try:
@@ -65,14 +67,15 @@ class DigestStore:
     def _open(self) -> None:
         path = self.root / STORE
         path.parent.mkdir(mode=0o700, exist_ok=True)
-        new = not path.is_file()
+        if path.is_symlink():  # never through a planted link (as every file of .legonet/)
+            return
+        with contextlib.suppress(FileExistsError):  # owner-only from its first byte
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
         # a rollback journal, not WAL: a process that only reads leaves the file as it was (no -wal, -shm files)
         self.db = sqlite3.connect(path, timeout=30, isolation_level=None)
         self.db.execute("PRAGMA synchronous=OFF")  # a cache: a write lost in a crash costs one hash
-        if new:
-            os.chmod(path, 0o600)
-            self.db.execute("CREATE TABLE IF NOT EXISTS digests (path TEXT, kind TEXT, ino INTEGER, size INTEGER, "
-                            "mtime INTEGER, ctime INTEGER, computed INTEGER, value TEXT, PRIMARY KEY (path, kind))")
+        self.db.execute("CREATE TABLE IF NOT EXISTS digests (path TEXT, kind TEXT, ino INTEGER, size INTEGER, "
+                        "mtime INTEGER, ctime INTEGER, computed INTEGER, value TEXT, PRIMARY KEY (path, kind))")
         stale = []
         for rel, kind, ino, size, mtime, ctime, computed, value in self.db.execute("SELECT * FROM digests"):
             try:
