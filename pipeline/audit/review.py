@@ -41,7 +41,7 @@ from pipeline.purge.objects import DIGEST, dvc_cache, local_remotes, object_path
 from pipeline.runner.build import dvc_lock_digest
 from pipeline.runner.outputs import ID_TABLES, lock_outputs
 from pipeline.tracking.identity import project_id
-from pipeline.tracking.lineage import absolute_store, file_md5
+from pipeline.tracking.lineage import absolute_store, fresh_md5
 
 
 def verify(root: Path, params: dict[str, Any], rebuild: bool = False, trusted: Sequence[str] = (),
@@ -141,7 +141,7 @@ def _adapter_root_problems(root: Path, record: dict[str, Any]) -> list[str]:
         return []  # a record made before the adapter files were published as roots
     files = [f for top in ("data", "models") if (root / top).is_dir() for f in (root / top).rglob("adapter-*")
              if f.is_file() and names_adapter(f.name)]
-    current = adapter_root({f.relative_to(root).as_posix(): file_md5(f) for f in files})
+    current = adapter_root({f.relative_to(root).as_posix(): fresh_md5(f) for f in files})
     if current == published.get("after"):
         return []
     return [f"adapter files: their Merkle root {current[:16]} is not the after root {str(published.get('after'))[:16]} "
@@ -168,9 +168,9 @@ def _workspace_problems(root: Path) -> list[str]:
                     problems.append(f"{path}: directory listing {md5} holds a bad entry {str(item)[:80]}")
                     continue
                 file = target / relpath
-                if not file.is_file() or file_md5(file) != item["md5"]:
+                if not file.is_file() or fresh_md5(file) != item["md5"]:
                     problems.append(f"{path}/{item['relpath']}: differs from dvc.lock")
-        elif not target.is_file() or file_md5(target) != md5:
+        elif not target.is_file() or fresh_md5(target) != md5:
             problems.append(f"{path}: differs from dvc.lock")
     return problems
 

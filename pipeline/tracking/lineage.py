@@ -85,6 +85,12 @@ def file_md5(path: Path) -> str:
     return file_digest(path, "md5")
 
 
+def fresh_md5(path: Path) -> str:
+    """md5 of a file's bytes read now, from no memo: for `legonet audit verify`, whose answer must not rest on a file
+    the operator can edit (the digest store is one; a row could pair a rewritten file's stat with the old digest)."""
+    return _hash_file(path, "md5")
+
+
 def file_sha256(path: Path) -> str:
     """sha256 of a file's bytes: the digest in-toto subjects and the audit record use."""
     return file_digest(path, "sha256")
