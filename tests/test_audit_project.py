@@ -34,6 +34,7 @@ from pipeline.audit.secrets import load_or_create_audit_key, load_or_create_sign
 from pipeline.audit.transparency import Checkpoint, leaf_hash, root_hash
 from pipeline.cli import main as cli
 from pipeline.data.dataset import read_table, write_table
+from pipeline.tracking.digeststore import RACY_NS, DigestStore, stat_of
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "audit.md"
 TABLE_START, TABLE_END = "<!-- tamper-table:start -->", "<!-- tamper-table:end -->"
@@ -258,6 +259,15 @@ def change_adapter(root: Path, ctx: dict[str, Any]) -> None:
     path.write_bytes(bytes(data))
 
 
+def change_adapter_and_its_stored_digest(root: Path, ctx: dict[str, Any]) -> None:
+    """The adapter changed, and the project's digest store made to give its old digest for the new bytes."""
+    path = sorted((root / "models/adapters").rglob("*.safetensors"))[0]
+    old = hashlib.md5(path.read_bytes()).hexdigest()
+    change_adapter(root, ctx)
+    stat = stat_of(path.stat())
+    DigestStore(root).put(path.relative_to(root).as_posix(), "md5", stat, stat[3] + 10 * RACY_NS, old)
+
+
 def change_dvc_lock(root: Path, ctx: dict[str, Any]) -> None:
     lock = root / "dvc.lock"
     text = lock.read_text()
@@ -311,6 +321,8 @@ TAMPERS = [
     Tamper("... and roll the key dir's checkpoint back too", rollback_log_and_anchor, "the log has 2 record(s)",
            OPERATOR, "checkpoint"),
     Tamper("change an adapter", change_adapter, "changed since the last record", GENUINE_LOG),
+    Tamper("... and plant its old digest in the project's digest store", change_adapter_and_its_stored_digest,
+           "changed since the last record", GENUINE_LOG),
     Tamper("change dvc.lock", change_dvc_lock, "dvc.lock changed since the last audited request", GENUINE_LOG),
     Tamper("re-insert a forgotten row, its .dvc file fixed", reinsert_row,
            "forgotten sample of request(s) req-1 is present in data/raw/part-0000.parquet", GENUINE_LOG),
