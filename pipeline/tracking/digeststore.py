@@ -13,7 +13,9 @@ The store lives in the DVC project that holds the file (the nearest folder with 
 path inside it, so a copy of the project (new inodes) starts from nothing and a moved file is hashed again. When a
 process first opens it, rows whose file is gone or changed are dropped: the store holds digests of the project's
 current files only, never of a file a forget deleted. Only digests are kept, never file contents. A store that
-cannot be read is recreated empty: it is a cache, and nothing proves anything from it (`audit verify` recomputes).
+cannot be read is recreated empty. What trusts it: the stages' reuse decisions and the forget's own checks, as DVC
+trusts its state database (a row could only mislead them for a file whose stat it matches, and nobody but root can
+forge a ctime); `audit verify` does not, it hashes every file it checks (``lineage.fresh_md5``).
 """
 
 from __future__ import annotations
