@@ -11,11 +11,11 @@ filesystem clock's tick is caught by the racy rule. DVC's own state database tru
 
 The store lives in the DVC project that holds the file (the nearest folder with a ``.dvc`` folder), keyed by the
 path inside it, so a copy of the project (new inodes) starts from nothing and a moved file is hashed again. When a
-process first opens it, rows whose file is gone or changed are dropped: the store holds digests of the project's
-current files only, never of a file a forget deleted. Only digests are kept, never file contents. A store that
-cannot be read is recreated empty. What trusts it: the stages' reuse decisions and the forget's own checks, as DVC
-trusts its state database (a row could only mislead them for a file whose stat it matches, and nobody but root can
-forge a ctime); `audit verify` does not, it hashes every file it checks (``lineage.fresh_md5``).
+process first opens it, rows whose file is gone or changed are dropped: a file a forget deleted or rewrote keeps
+its row (a digest, never contents) only until the next command that hashes a file of the project opens the store.
+A store that cannot be read is recreated empty. What trusts it: the stages' reuse decisions and the forget's own
+checks, as DVC trusts its state database (a row could only mislead them for a file whose stat it matches, and
+nobody but root can forge a ctime); `audit verify` does not, it hashes every file it checks (``lineage.fresh_md5``).
 """
 
 from __future__ import annotations
