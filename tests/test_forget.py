@@ -745,10 +745,10 @@ def test_the_stage_worker_reports_a_failing_stage_and_a_dead_worker(tmp_path: Pa
     assert not worker._process.is_alive()
 
 
-def test_the_stage_worker_is_idle_only_after_its_imports_and_between_stages(tmp_path: Path) -> None:
-    """``rerun`` hands the worker a stage that any process could run only while it is idle: its imports done and no
-    stage running; the span it reports is on the clock of this process, so overlapping train stages of both
-    processes count once in the training time (``_covered``)."""
+def test_the_stage_worker_is_ready_after_its_imports_and_reports_spans_on_this_clock(tmp_path: Path) -> None:
+    """The worker says when its imports are done (``pipeline.runner.lanes`` hands it other stages only then); the
+    span it reports is on the clock of this process, so overlapping train stages of both processes count once in
+    the training time (``_covered``)."""
     from pipeline.data.quality import norm_range
     from pipeline.runner.build import _covered
     from pipeline.runner.worker import StageWorker
@@ -756,18 +756,14 @@ def test_the_stage_worker_is_idle_only_after_its_imports_and_between_stages(tmp_
     worker = StageWorker(tmp_path, [], ["pipeline.data.quality"])
     try:
         deadline = time.monotonic() + 120
-        while not worker.idle():
+        while not worker.ready():
             assert time.monotonic() < deadline, "the worker never finished its imports"
             time.sleep(0.05)
-        assert not worker.finished()  # nothing sent
         sent = time.monotonic()
         worker.start(norm_range.__module__, [{"samples": 2, "min": 1.0, "max": 3.0}], "norm_range", margin=0.25)
-        assert not worker.idle()
-        while not worker.finished():
-            time.sleep(0.01)
-        value, (start, end), _ = worker.result()
-        assert value == (0.5, 3.5) and sent <= start <= end <= time.monotonic()
-        assert worker.idle() and not worker.finished()
+        value, (start, end), imports = worker.result()
+        assert value == (0.5, 3.5) and sent <= start <= end <= time.monotonic() and imports is not None
+        assert worker.call(norm_range, {"samples": 2, "min": 1.0, "max": 3.0}, margin=0.0) == (1.0, 3.0)
     finally:
         worker.close()
     assert _covered([(0.0, 2.0), (1.0, 3.0), (5.0, 6.0), (5.5, 5.7)]) == 4.0

@@ -19,10 +19,11 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pipeline.data.dataset import read_yaml
-from pipeline.errors import BuildError, StageFailed, WorkerFailed
+from pipeline.errors import BuildError
 from pipeline.project.code import sync_code
 from pipeline.project.params import load_params, sync_generated
 from pipeline.runner import executor, uptodate
+from pipeline.runner.lanes import Lanes
 from pipeline.runner.lockfile import write_lock
 from pipeline.runner.worker import StageWorker, entry_point
 from pipeline.tracking.head import HEAD_TAG
@@ -93,9 +94,10 @@ def rerun(root: Path, stages: Sequence[str], worker: StageWorker | None = None, 
     point runs as DVC runs it (its command in a shell, in the stage's folder).
 
     With a ``worker`` (``stage_worker``), the stages of the modules it imported run in that warm second process,
-    beside this one's next stages that do not read their outputs; this process waits for them only where a later
-    stage reads what they write. (A worker started at the quality stage itself would spend longer importing than
-    the overlap saves; started with the forget, it imports while this process plans, removes rows and trains.)
+    and each of the two processes takes the next stage whose inputs are written as soon as it is free
+    (``pipeline.runner.lanes``): a stage waits only for the earlier stages that write what it reads. (A worker
+    started at the quality stage itself would spend longer importing than the overlap saves; started with the
+    forget, it imports while this process plans, removes rows and trains.)
     """
     # lazy: DVC imported only where needed (seconds), not by every command and stage
     from dvc.repo import Repo, lock_repo
@@ -113,39 +115,28 @@ def rerun(root: Path, stages: Sequence[str], worker: StageWorker | None = None, 
                     TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                     TimeElapsedColumn(), console=console, transient=True) as progress:
                 task = progress.add_task("rerun", total=len(chosen) + 1)
-                spans: dict[str, tuple[float, float]] = {}  # when each stage ran
-                away = None  # the stage the worker runs now
-                for stage in chosen:
-                    if away is not None and (_feeds(away, stage) or worker.finished()):
-                        _finish(worker, away, spans, timings)
-                        progress.advance(task)
-                        away = None
-                    mark = time.monotonic()
-                    progress.update(task, description=f"stage {stage.addressing}")
-                    stage.remove_outs(ignore_remove=False, force=False)
-                    entry = entry_point(stage.cmd)
-                    if worker is not None and entry is not None and (
-                            entry[0] in worker.modules or (away is None and worker.idle())):
-                        if away is not None:  # one stage at a time in the worker
-                            _finish(worker, away, spans, timings)
-                            progress.advance(task)
-                        worker.start(*entry)
-                        away = stage
-                        continue
+                by_name = {address(stage, root): stage for stage in chosen}
+                entries = {name: entry_point(stage.cmd) for name, stage in by_name.items()}
+
+                def prepare(name: str) -> None:
+                    progress.update(task, description=f"stage {name}")
+                    by_name[name].remove_outs(ignore_remove=False, force=False)
+
+                def run_here(name: str) -> None:
                     try:
-                        if entry is None:
-                            cmd_run(stage)
+                        if entries[name] is None:
+                            cmd_run(by_name[name])
                         else:
-                            importlib.import_module(entry[0]).main(*entry[1])
+                            importlib.import_module(entries[name][0]).main(*entries[name][1])
                     except (DataError, ParamsError, StageCmdFailedError) as exc:
-                        raise BuildError(f"stage {stage.addressing} failed: {exc}") from exc
-                    spans[stage.addressing] = (mark, time.monotonic())
-                    timings[f"repro:{stage.addressing}"] = round(spans[stage.addressing][1] - mark, 3)
-                    progress.advance(task)
-                if away is not None:
-                    assert worker is not None
-                    _finish(worker, away, spans, timings)
-                    progress.advance(task)
+                        raise BuildError(f"stage {name} failed: {exc}") from exc
+
+                lanes = Lanes(list(by_name), _needs(root, chosen), entries, worker)
+                spans = lanes.run(prepare, run_here, ended=lambda _: progress.advance(task))
+                for name, (start, end) in spans.items():
+                    timings[f"repro:{name}"] = round(end - start, 3)
+                if lanes.imports is not None:
+                    timings["worker:imports"] = lanes.imports
                 timings["repro:train-wall"] = round(_covered(
                     [span for name, span in spans.items() if name.startswith("train@")]), 3)
                 mark = time.monotonic()
@@ -161,23 +152,16 @@ def rerun(root: Path, stages: Sequence[str], worker: StageWorker | None = None, 
     return stale
 
 
-def _feeds(stage: Any, later: Any) -> bool:
-    """Whether ``later`` reads a file or folder ``stage`` writes (or one inside it, or one that holds it)."""
-    outs = [Path(out.fs_path) for out in stage.outs]
-    deps = [Path(dep.fs_path) for dep in later.deps]
-    return any(o == d or o in d.parents or d in o.parents for o in outs for d in deps)
-
-
-def _finish(worker: StageWorker, stage: Any, spans: dict[str, tuple[float, float]],
-            timings: dict[str, float]) -> None:
-    """Wait for the stage the worker runs; its failure is the rerun's."""
-    try:
-        _, spans[stage.addressing], imports = worker.result()
-    except (StageFailed, WorkerFailed) as exc:
-        raise BuildError(f"stage {stage.addressing} failed: {exc}") from exc
-    timings[f"repro:{stage.addressing}"] = round(spans[stage.addressing][1] - spans[stage.addressing][0], 3)
-    if imports is not None:
-        timings["worker:imports"] = imports
+def _needs(root: Path, stages: Sequence[Any]) -> dict[str, list[str]]:
+    """Each stage's earlier stages (in ``stages``' order) that write a file or folder it reads (or one inside it,
+    or one that holds it): what must end before it starts."""
+    outs = [(address(stage, root), [Path(out.fs_path) for out in stage.outs]) for stage in stages]
+    needs = {}
+    for i, stage in enumerate(stages):
+        deps = [Path(dep.fs_path) for dep in stage.deps]
+        needs[address(stage, root)] = [name for name, written in outs[:i] if any(
+            o == d or o in d.parents or d in o.parents for o in written for d in deps)]
+    return needs
 
 
 def _covered(spans: Sequence[tuple[float, float]]) -> float:

@@ -1,6 +1,6 @@
 """The stage worker: a warm second Python process that runs the stages whose imports cost seconds (Great
-Expectations, MLflow) and the forget's MLflow steps, beside the forget's own process, and any other stage it is
-idle for."""
+Expectations, MLflow) and the forget's MLflow steps, beside the forget's own process, and any other stage when it is
+free."""
 
 from __future__ import annotations
 
@@ -65,9 +65,10 @@ class StageWorker:
     core sits idle. Started when the forget starts, this process imports them while the first one plans, removes
     the rows and retrains; then runs those stages with the project as working directory, and the forget's own
     MLflow steps (``call``), so that MLflow is imported and its store opened once per forget, here. Once its imports
-    are done it also takes any other stage while it is idle (``idle``), so two independent stages (two train
-    blocks, two encode partitions) run at once on the two cores; where a stage runs never changes its bytes. Spawned,
-    not forked: a fork of a process that holds DVC's repo lock, threads and open SQLite handles is not safe.
+    are done it also takes any other stage when it is free (``pipeline.runner.lanes``), so two independent stages
+    (two train blocks, two encode partitions) run at once on the two cores; where a stage runs never changes its
+    bytes. Spawned, not forked: a fork of a process that holds DVC's repo lock, threads and open SQLite handles is
+    not safe.
     """
 
     def __init__(self, root: Path, modules: Sequence[str], preload: Sequence[str] = ()) -> None:
@@ -81,15 +82,10 @@ class StageWorker:
         self._process.start()
         child.close()
         self._imports_reported = False
-        self._running = 0  # requests sent whose reply is not read yet
 
-    def idle(self) -> bool:
-        """Whether the worker has done its imports and runs nothing: a stage sent now starts at once."""
-        return self._running == 0 and self._ready.is_set()
-
-    def finished(self) -> bool:
-        """Whether the request it runs has ended (its reply waits to be read)."""
-        return self._running > 0 and self._conn.poll()
+    def ready(self) -> bool:
+        """Whether the worker has done its imports: a stage sent now starts as soon as the one it runs ends."""
+        return self._ready.is_set()
 
     def start(self, module: str, args: Sequence[Any], function: str = "main", **kwargs: Any) -> None:
         """Ask the worker to run ``module.function(*args, **kwargs)`` (a stage's entry point by default)."""
@@ -97,7 +93,6 @@ class StageWorker:
             self._conn.send((module, function, list(args), kwargs))
         except OSError:
             raise self._ended() from None
-        self._running += 1
 
     def result(self) -> tuple[Any, tuple[float, float], float | None]:
         """(what the function returned, when it started and ended (``time.monotonic``, one clock for every process
@@ -107,7 +102,6 @@ class StageWorker:
             kind, value, imports = self._conn.recv()
         except (EOFError, OSError):
             raise self._ended() from None
-        self._running -= 1
         if kind != "ok":
             error, text = value
             if kind == "failed":
