@@ -103,8 +103,9 @@ def test_points(test: pd.DataFrame, projection: np.ndarray, width: int, classes:
 
 
 def test_routing(rows: pd.DataFrame, points: np.ndarray, keys: np.ndarray, k: int, usable: np.ndarray,
-                 trusted: bool, identity: dict[str, Any]) -> np.ndarray:
-    """The adapters each test sample activates (N, k'), nearest first: kept rows reused, the others routed.
+                 trusted: bool, identity: dict[str, Any]) -> tuple[np.ndarray, int]:
+    """The adapters each test sample activates (N, k'), nearest first, and how many samples were routed: kept rows
+    reused, the others routed.
 
     Routing is per sample (its point, the keys, k and the usable adapters, which ``identity`` holds), so a kept
     row's adapters are what routing it again gives. Why kept: routing every test point again on each rerun cost
@@ -117,14 +118,14 @@ def test_routing(rows: pd.DataFrame, points: np.ndarray, keys: np.ndarray, k: in
         found = reusable_rows(table.select(["sample_id", PAYLOAD_DIGEST]).to_pandas(),
                               rows["sample_id"].to_numpy(), rows[PAYLOAD_DIGEST].to_numpy())
         if len(table) == len(rows) and (found == np.arange(len(rows))).all():
-            return previous.astype(np.int64)  # exactly these rows: nothing to route, nothing to write
+            return previous.astype(np.int64), 0  # exactly these rows: nothing to route, nothing to write
     activated = np.zeros((len(rows), width), dtype=np.int64)
     if (found >= 0).any():
         activated[found >= 0] = previous[found[found >= 0]]
     todo = np.flatnonzero(found < 0)
     activated[todo] = route(points[todo], keys, k, usable)
     write_table(rows.assign(adapters=[row.astype(np.int32) for row in activated]), TEST_ROUTING, metadata=identity)
-    return activated
+    return activated, len(todo)
 
 
 def main() -> None:
@@ -146,7 +147,7 @@ def main() -> None:
         if missing:
             raise FileNotFoundError(f"{ADAPTERS}: no summary for adapter(s) {missing[:5]}; run `dvc repro`")
         usable = np.array([infos[j]["train_samples"] > 0 for j in range(len(keys))])
-        activated = test_routing(frame[["sample_id", PAYLOAD_DIGEST]], points, keys, k, usable, trusted,
+        activated, routed = test_routing(frame[["sample_id", PAYLOAD_DIGEST]], points, keys, k, usable, trusted,
                                  {"projection_md5": projection_md5, "keys_md5": file_md5(KEYS), "k": k,
                                   "usable": usable.tolist(), "code": code})
         scored, written = {}, set()
@@ -195,6 +196,8 @@ def main() -> None:
                     "max_adapter_load": int(load["train_samples"].max()),
                     "train_samples_routed": int(load["train_samples"].sum())})
         run["test_outputs_scored"] = sum(scored.values())
+        run["test_samples_routed"] = routed
+        print(f"evaluate: routed {routed} of {len(frame)} test samples, scored {sum(scored.values())} adapter outputs")
 
 
 if __name__ == "__main__":

@@ -105,6 +105,10 @@ def test_a_changed_partition_encodes_only_its_new_rows(incremental: dict) -> Non
     assert {name: done for name, (done, _) in counts.items()} == {"part-0000": 3, "part-0001": 3, "test": 2}
     full = {name: int(done) for name, done, _ in ENCODED.findall(incremental["full"])}
     assert full == {name: total for name, (_, total) in counts.items()}
+    # the test split's kept routing: only the added row and the one whose payload changed are routed again
+    test = counts["test"][1]
+    assert f"evaluate: routed 2 of {test} test samples" in incremental["log"]
+    assert f"evaluate: routed {test} of {test} test samples" in incremental["full"]
 
 
 def test_another_encoding_or_an_edited_output_is_encoded_again(incremental: dict, tmp_path: Path) -> None:
@@ -172,8 +176,9 @@ def test_the_digests_a_forget_takes_from_dvc_are_the_files_own(incremental: dict
 def test_a_forget_reads_only_its_partition_and_shards_and_writes_a_full_runs_bytes(incremental: dict,
                                                                                    tmp_path: Path) -> None:
     """One train sample removed: `assign` reads only its partition, the quality stage only the k shards it sat in
-    (the others' values come from their partials), and the routing index, the shards and the quality result,
-    tables and partials are those of a run without any kept state, byte for byte."""
+    (the others' values come from their partials), `evaluate` routes no test sample again, and the routing index,
+    the shards and the quality result, tables and partials are those of a run without any kept state, byte for
+    byte."""
     root = copy_project(incremental["root"], tmp_path / "p")
     n = int(yaml.safe_load((root / "params.yaml").read_text())["adapters"]["n"])
     row = read_table(root / "data/routing.parquet").iloc[0]
@@ -181,7 +186,9 @@ def test_a_forget_reads_only_its_partition_and_shards_and_writes_a_full_runs_byt
     frame = read_table(root / rel)
     write_table(frame[frame["sample_id"] != row["sample_id"]], root / rel)
     run("dvc", "add", "-q", rel, cwd=root)
-    assert f"quality: read {len(row['adapters'])} of {n} shards" in run("dvc", "repro", cwd=root)
+    log = run("dvc", "repro", cwd=root)
+    assert f"quality: read {len(row['adapters'])} of {n} shards" in log
+    assert re.search(r"evaluate: routed 0 of \d+ test samples", log)  # the test split did not change
     assert len(row["adapters"]) < n
     scratch = copy_project(root, tmp_path / "scratch")
     for top in ("data/shards", "reports/quality/partials"):
