@@ -104,6 +104,32 @@ def test_the_plan_is_dvcs_graph_downstream_of_the_rewritten_files(built_project:
     assert not any(p.startswith(("data/shards", "models/adapters")) for p in test_only.changes)
 
 
+def test_of_the_train_blocks_ready_together_the_largest_retraining_goes_first(built_project: Path,
+                                                                              tmp_path: Path) -> None:
+    """Samples whose adapters lie in both train blocks: both retrain, and the plan lists first the block whose
+    changed shards hold more bytes (the longest-first rule that lets the two processes end closer together), not
+    the first in dvc.yaml: a copy whose second block's shard is made the larger puts that block first."""
+    root = copy_project(built_project, tmp_path / "project")
+    params = load_params(root)
+    n, blocks = int(params["adapters"]["n"]), int(params["adapters"]["blocks"])
+    routing = read_table(root / "data/routing.parquet")
+    chosen, covered = [], set()
+    for sample_id, adapters in zip(routing["sample_id"], routing["adapters"], strict=True):
+        touched = {block_of(int(j), n, blocks) for j in adapters}
+        if not touched <= covered:
+            chosen.append(sample_id)
+            covered |= touched
+    plan, _ = plan_for(root, chosen)
+    shards = {block: [root / path for path in plan.known_changes if path.startswith(f"data/shards/block-{block:04d}/")]
+              for block in range(blocks)}
+    assert blocks == 2 and all(shards.values())
+    size = {block: sum(path.stat().st_size for path in paths) for block, paths in shards.items()}
+    with shards[1][0].open("ab") as grown:  # only the plan reads it here: its size decides, not its rows
+        grown.write(bytes(size[0] - size[1] + 1) if size[0] >= size[1] else b"")
+    plan, _ = plan_for(root, chosen)
+    assert [stage for stage in plan.stages if stage.startswith("train@")] == ["train@0001", "train@0000"]
+
+
 def test_the_worker_stages_and_the_progress_total_come_from_dvc_yaml(built_project: Path) -> None:
     """The stage worker runs the stages whose module declares a ``preload()``; the build's progress bar counts
     the stages DVC lists for dvc.yaml."""
