@@ -111,12 +111,10 @@ def rebuild_plan(plan: Plan, index: Any, worker_modules: frozenset[str]) -> Plan
     the files inside it the plan knows change (``Plan.known_changes``: a train block whose adapters keep their shards
     does not rerun); every other downstream stage runs whole. Among the stages ready to run, those the stage worker
     runs (their entry point is one of ``worker_modules``) go first, so that it works beside this process (the
-    quality checkpoint right after `assign`, while the adapters train), then the one with more planned stages
-    downstream of it (a train block before `baseline`, which nothing waits for: measured at 280k, `baseline` taken
-    first delayed the training by its 1.6 s), then the one that reads the most bytes the forget rewrites (the
-    largest shard first: the longest-first rule, so that the two processes that take the train blocks end closer
-    together; at 280k a forget's three retrained blocks took 1.5 to 6.3 s, about in proportion to their shards'
-    bytes), then dvc.yaml's order. The paths a forget may change are the rewritten files and the
+    quality checkpoint right after `assign`, while the adapters train), then the one that reads the most bytes the
+    forget rewrites (the largest shard first: the longest-first rule, so that the two processes that take the train
+    blocks end closer together; at 280k a forget's three retrained blocks took 3.1 to 6.0 s, about in proportion to
+    their shards' bytes), then dvc.yaml's order. The paths a forget may change are the rewritten files and the
     (narrowed) outputs of those stages.
     """
     import networkx as nx  # DVC's graph library: a few tenths of a second to import, paid where DVC builds a graph
@@ -145,11 +143,9 @@ def rebuild_plan(plan: Plan, index: Any, worker_modules: frozenset[str]) -> Plan
     reads = {stage: sum(sizes.get(dep, 0) + sum(size for folder, size in folders.items()
                                                 if folder == dep or folder.startswith(f"{dep}/"))
                         for dep in map(rel, stage.deps)) for stage in downstream}
-    planned = graph.subgraph(downstream)
-    waiting = {stage: len(nx.ancestors(planned, stage)) for stage in downstream}  # the stages downstream of it
     stages = []
-    for stage in nx.lexicographical_topological_sort(planned.reverse(copy=False), key=lambda s: (
-            not in_worker[s], -waiting[s], -reads[s], position[s])):
+    for stage in nx.lexicographical_topological_sort(graph.subgraph(downstream).reverse(copy=False),
+                                                     key=lambda s: (not in_worker[s], -reads[s], position[s])):
         name = address(stage, root)
         if "@" in name and not any(_overlaps(rel(dep), changed) for dep in stage.deps):  # "@": a foreach item
             continue
