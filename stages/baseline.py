@@ -6,10 +6,8 @@ shards is k times the statistics of the train set, and the ridge penalty scales 
 probe is the one fitted on each sample once. The shards already hold projected features, and a forget rewrites
 only the k shards of the adapters it retrains, so a rerun recomputes the statistics of those shards only (kept
 in ``reports/probe/``, a `persist` output, with the md5 of the shard they came from and the stage's code entry,
-``pipeline.project.code``). The test split is scored on its
-projected features, kept in ``reports/probe/test-points.parquet`` as `evaluate` keeps its own (the same function):
-reading them here rather than from `evaluate`'s output lets this stage run while the adapters train (it reads
-neither the adapters nor anything made from them). ``metrics/baseline.json`` is byte-identical to a from-scratch
+``pipeline.project.code``). The test split is scored on
+the projected features the `evaluate` stage keeps. ``metrics/baseline.json`` is byte-identical to a from-scratch
 run; the statistics of a shard are rewritten whenever the shard changes, so none derived from a forgotten sample
 survives (and the forget's purge deletes their old versions from the DVC cache). The statistics are built on
 only when the directory is exactly what ``dvc.lock`` records.
@@ -25,17 +23,13 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save
 
 from pipeline.data.contracts import check_encoded
-from pipeline.data.dataset import PAYLOAD_DIGEST, read_embeddings, read_table, write_bytes_atomic
+from pipeline.data.dataset import read_embeddings, write_bytes_atomic
 from pipeline.model.probe import fit_probe, probe_predict, probe_statistics
 from pipeline.project.code import check_code
-from pipeline.project.layout import ENCODED_TEST, METRICS, PROBE, PROJECTION, SHARDS, probe_path, shard_path
+from pipeline.project.layout import METRICS, PROBE, SHARDS, TEST_POINTS, probe_path, shard_path
 from pipeline.project.params import load_params, recorded_md5, run_stage
 from pipeline.tracking.lineage import dvc_digest, file_md5, stage_run
-from stages.evaluate import test_points, write_json
-
-# the test split's projected features, as this stage keeps them (declared here, not in the layout that every
-# stage's code digest covers)
-PROBE_POINTS = PROBE / "test-points.parquet"
+from stages.evaluate import write_json
 
 
 def shard_statistics(adapter: int, shard: Path, classes: list[int], code: dict[str, str], trusted: bool
@@ -63,17 +57,13 @@ def main() -> None:
     n, k, blocks = int(params["adapters"]["n"]), int(params["adapters"]["k"]), int(params["adapters"]["blocks"])
     used = {"baseline": params["baseline"], "data.classes": classes, "adapters.n": n, "adapters.k": k,
             "adapters.blocks": blocks, "code": code}
-    with stage_run("baseline", Path(), used, [SHARDS, ENCODED_TEST, PROJECTION],
-                   [METRICS / "baseline.json", PROBE]) as run:
+    with stage_run("baseline", Path(), used, [SHARDS, TEST_POINTS], [METRICS / "baseline.json", PROBE]) as run:
         trusted = PROBE.is_dir() and recorded_md5(PROBE) == dvc_digest(PROBE, Path())
         statistics = [shard_statistics(j, shard_path(j, n, blocks), classes, code, trusted) for j in range(n)]
-        for stray in sorted(set(PROBE.iterdir()) - {probe_path(j) for j in range(n)} - {PROBE_POINTS}):
+        for stray in sorted(set(PROBE.iterdir()) - {probe_path(j) for j in range(n)}):
             stray.unlink()  # adapters that no longer exist, stale temp files
-        projection = np.load(PROJECTION)
-        test = read_table(ENCODED_TEST, ["sample_id", "label", PAYLOAD_DIGEST])
-        width = len(projection) - 1 if len(projection) else projection.shape[1]  # an empty projection keeps the width
-        points = test_points(PROBE_POINTS, test, projection, width, classes, trusted,
-                             {"projection_md5": file_md5(PROJECTION), "code": code})
+        test, points = read_embeddings(TEST_POINTS)
+        check_encoded(test, points, TEST_POINTS, classes, None)
         predicted = np.asarray(classes)[probe_predict(fit_probe(statistics, ridge), points)]
         accuracy = float((predicted == test["label"].to_numpy()).mean()) if len(predicted) else float("nan")
         train_samples = sum(int(s["count"][0]) for s in statistics) // k  # each sample sits in k shards

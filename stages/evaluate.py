@@ -83,13 +83,11 @@ def kept(path: Path, trusted: bool, identity: dict[str, Any], rows: pd.DataFrame
     return found, values, same
 
 
-def test_points(path: Path, test: pd.DataFrame, projection: np.ndarray, width: int, classes: list[int],
-                trusted: bool, identity: dict[str, Any]) -> np.ndarray:
-    """Projected features of every test sample (``test``: sample_id, label and payload digest of the encoded test
-    split), kept at ``path`` (this stage's, and the baseline stage's own): kept ones reused, the others read and
-    projected."""
-    rows = test[["sample_id", "label", PAYLOAD_DIGEST]]
-    found, previous, same = kept(path, trusted, identity, rows)
+def test_points(test: pd.DataFrame, projection: np.ndarray, width: int, classes: list[int], trusted: bool,
+                identity: dict[str, Any]) -> np.ndarray:
+    """Projected features of every test sample: kept ones reused, the others read and projected."""
+    rows = test[["sample_id", "label", PAYLOAD_DIGEST]]  # with labels: the baseline probe is scored on these points
+    found, previous, same = kept(TEST_POINTS, trusted, identity, rows)
     if same:
         return previous
     points = np.zeros((len(test), width), dtype=np.float32)
@@ -100,7 +98,7 @@ def test_points(path: Path, test: pd.DataFrame, projection: np.ndarray, width: i
         frame, embeddings = read_embeddings(ENCODED_TEST)
         check_encoded(frame, embeddings, ENCODED_TEST, classes, projection.shape[1])
         points[todo] = project(embeddings[todo], projection)
-    write_embeddings(path, rows, points, keep_identical=True, metadata=identity)
+    write_embeddings(TEST_POINTS, rows, points, keep_identical=True, metadata=identity)
     return points
 
 
@@ -142,7 +140,7 @@ def main() -> None:
         frame = read_table(test, ["sample_id", "label", PAYLOAD_DIGEST])
         trusted = EVALUATION.is_dir() and recorded_md5(EVALUATION) == dvc_digest(EVALUATION, Path())
         projection_md5 = file_md5(PROJECTION)
-        points = test_points(TEST_POINTS, frame, projection, keys.shape[1], classes, trusted,
+        points = test_points(frame, projection, keys.shape[1], classes, trusted,
                              {"projection_md5": projection_md5, "code": code})
         infos = {adapter_index(p): json.loads(p.read_text()) for p in sorted(ADAPTERS.rglob("adapter-*.json"))}
         missing = sorted(set(range(len(keys))) - set(infos))
