@@ -137,6 +137,15 @@ def routed_twice(root: Path) -> tuple[str, str, str]:
     return "data/routing.parquet", "in more than one raw partition", str(twin.column("sample_id")[0])
 
 
+def repeated_row(root: Path) -> tuple[str, str, str]:
+    """An encoded partition holding one of its rows twice, embedding and all -> assign, which reads the rows of a
+    changed partition even when none is new and leaves its embeddings unread."""
+    path = root / "data/encoded/train/part-0001.parquet"
+    table = pq.read_table(path)
+    pq.write_table(pa.concat_tables([table, table.slice(0, 1)]), path)
+    return "data/encoded/train/part-0001.parquet", "field_uniqueness", str(table.column("sample_id")[0])
+
+
 def routing_from_elsewhere(root: Path) -> tuple[str, str, str]:
     """A routing index that `assign` did not write (no metadata) with a partition out of range -> quality, which
     checks in full an index that does not say assign made it under these params."""
@@ -157,6 +166,7 @@ CASES = {
     "wrong-embedding-width": (wrong_width, ["commit", "-f", "encode@part-0000"], {"assign", "baseline"}),
     "duplicate-sample-id": (duplicate_id, ["commit", "-f", "assign"], {"train@0000", "quality"}),
     "routed-twice": (routed_twice, ["commit", "-f", "encode@part-0001"], {"assign"}),
+    "repeated-row": (repeated_row, ["commit", "-f", "encode@part-0001"], {"assign"}),
     "routing-not-from-assign": (routing_from_elsewhere, ["commit", "-f", "assign"], {"quality"}),
 }
 
