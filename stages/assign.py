@@ -21,11 +21,8 @@ and checked in full, so the error names the rule and the samples.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -49,6 +46,7 @@ from pipeline.data.dataset import (
     write_embeddings,
     write_table,
 )
+from pipeline.data.threads import each
 from pipeline.errors import ContractError
 from pipeline.model.keys import project
 from pipeline.model.routing import route, routing_changes, routing_index, shard
@@ -69,7 +67,6 @@ from pipeline.project.layout import (
 from pipeline.project.params import check_generated, load_params, recorded_md5, run_stage
 from pipeline.tracking.lineage import file_md5, stage_run
 
-T, R = TypeVar("T"), TypeVar("R")
 ROW_COLUMNS = ["sample_id", "label", PAYLOAD_DIGEST]
 EMPTY_BLOCK = "EMPTY"
 EMPTY_NOTE = b"no adapter: this block starts at or after adapters.n\n"
@@ -138,16 +135,6 @@ def new_rows(rows: pd.DataFrame, current: pd.DataFrame, checked: set[int], proje
     return pd.concat(frames, ignore_index=True) if frames else rows.iloc[:0], np.concatenate(points)
 
 
-def parallel(work: Callable[[T], R], items: Iterable[T]) -> list[R]:
-    """``[work(item) for item in items]`` on one thread per core. Reading and writing a shard is mostly Parquet's
-    zstd and the md5, which release the GIL, and nothing else can run while `assign` does (every later stage reads
-    the shards): a 100-sample forget at 280k samples rewrites all 32 shards, and the stage worker's core sat idle.
-    Which thread writes a file never changes its bytes."""
-    todo = list(items)
-    with ThreadPoolExecutor(max_workers=max(1, min(len(todo), os.cpu_count() or 1))) as pool:
-        return list(pool.map(work, todo))
-
-
 def mark_empty_blocks(n: int, blocks: int) -> set[Path]:
     """Give each block without adapters (adapters.n below adapters.blocks) a marker file; return their paths.
 
@@ -205,7 +192,7 @@ def main() -> None:
                                     ignore_index=True),
                     np.concatenate([base_features[stays], features[added[j]["row"].to_numpy()]]))
 
-        shards = parallel(updated, touched)
+        shards = each(updated, touched)
         new_index = routing_index(rows, assignment)
         index = new_index if kept is None else pd.concat([kept, new_index]).sort_values(
             "sample_id", kind="stable").reset_index(drop=True)
@@ -216,7 +203,7 @@ def main() -> None:
         if kept is not None:  # a full index went through the contract whole, its uniqueness check included
             check_unique_ids(index["sample_id"], ROUTING)
         check_shards(shards, classes, keys.shape[1])  # after the index: an ID in two partitions is named as such
-        written = sum(parallel(lambda item: write_embeddings(*item, keep_identical=True), shards))
+        written = sum(each(lambda item: write_embeddings(*item, keep_identical=True), shards))
         expected = {shard_path(j, n, blocks) for j in range(n)} | mark_empty_blocks(n, blocks)
         for stray in sorted(p for p in SHARDS.rglob("*") if p.is_file() and p not in expected):
             stray.unlink()  # shards of adapters that left (adapters.n or adapters.blocks changed), stale temp files
