@@ -24,7 +24,6 @@ from safetensors.numpy import load_file, save
 
 from pipeline.data.contracts import check_encoded
 from pipeline.data.dataset import read_embeddings, write_bytes_atomic
-from pipeline.data.threads import each
 from pipeline.model.probe import fit_probe, probe_predict, probe_statistics
 from pipeline.project.code import check_code
 from pipeline.project.layout import METRICS, PROBE, SHARDS, TEST_POINTS, probe_path, shard_path
@@ -60,7 +59,7 @@ def main() -> None:
             "adapters.blocks": blocks, "code": code}
     with stage_run("baseline", Path(), used, [SHARDS, TEST_POINTS], [METRICS / "baseline.json", PROBE]) as run:
         trusted = PROBE.is_dir() and recorded_md5(PROBE) == dvc_digest(PROBE, Path())
-        statistics = each(lambda j: shard_statistics(j, shard_path(j, n, blocks), classes, code, trusted), range(n))
+        statistics = [shard_statistics(j, shard_path(j, n, blocks), classes, code, trusted) for j in range(n)]
         for stray in sorted(set(PROBE.iterdir()) - {probe_path(j) for j in range(n)}):
             stray.unlink()  # adapters that no longer exist, stale temp files
         test, points = read_embeddings(TEST_POINTS)

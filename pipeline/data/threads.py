@@ -1,9 +1,10 @@
-"""Per-file work on one thread per core, for the stages that read or write every shard a forget changed.
+"""Per-file work on one thread per core, for `assign`, which reads and writes every shard a forget changed.
 
-A 100-sample forget at 280k samples changes all 32 shards; `assign` rewrites them and `baseline` recomputes their
-probe statistics, while the second core has little else to do (no stage can run beside `assign`: every later one
-reads the shards; only `package` runs beside `baseline`, and ends sooner). The work is Parquet's zstd, md5 and numpy's einsum loops, which release the GIL, so
-threads share it out without a process per file. Which thread handles a file never changes its bytes.
+A 100-sample forget at 280k samples changes all 32 shards, and no other stage can run beside `assign` (every later
+one reads the shards), so one core idled through seconds of it. The work is Parquet's zstd and md5, which release the
+GIL, so threads share it out without a process per file. Which thread handles a file never changes its bytes.
+(`baseline`, which recomputes the changed shards' probe statistics, gained nothing from it: it runs beside
+`package`, which then took as long as `baseline` saved; docs/benchmarks.md.)
 """
 
 from __future__ import annotations
