@@ -9,7 +9,6 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
@@ -88,12 +87,9 @@ def rerun(root: Path, stages: Sequence[str], worker: StageWorker | None = None, 
     What `dvc repro` does for each stale stage, without a process per stage and a dvc.lock rewrite per stage (at a
     forget those cost more than the work: torch, Great Expectations and MLflow take seconds to import in each
     stage process): DVC's own Stage objects remove the stage's non-persistent outputs, the stage's entry point
-    (``python -m stages.X ARGS`` in dvc.yaml) runs in this process with the project as working directory, DVC
-    saves and commits the stage's deps and outs (run cache included) as soon as it ends, beside the other lane's
-    stage rather than all at the end (a 100-sample forget at 280k commits 1.4 GB of encoded partitions), and
-    dvc.lock is written once, after the last stage. A stage that fails stops the run before dvc.lock is written:
-    the stages that ended before it have their outputs in the DVC cache (made from retained data only, as every
-    output of the run), and a rerun runs them again. The stages are pure functions of their files and params, so
+    (``python -m stages.X ARGS`` in dvc.yaml) runs in this process with the project as working directory, then
+    DVC saves and commits every stage's deps and outs, run cache included, and writes dvc.lock once; a stage that
+    fails stops the run before anything is committed. The stages are pure functions of their files and params, so
     the bytes are those `dvc repro` gives (the oracle tests hold it). A stage whose command is not a legonet entry
     point runs as DVC runs it (its command in a shell, in the stage's folder).
 
@@ -122,18 +118,9 @@ def rerun(root: Path, stages: Sequence[str], worker: StageWorker | None = None, 
                 by_name = {address(stage, root): stage for stage in chosen}
                 entries = {name: entry_point(stage.cmd) for name, stage in by_name.items()}
 
-                dvc_calls = threading.Lock()  # one DVC call at a time, whichever lane makes it
-
                 def prepare(name: str) -> None:
-                    with dvc_calls:
-                        progress.update(task, description=f"stage {name}")
-                        by_name[name].remove_outs(ignore_remove=False, force=False)
-
-                def commit(name: str) -> None:
-                    with dvc_calls:
-                        by_name[name].save()
-                        by_name[name].commit()
-                        progress.advance(task)
+                    progress.update(task, description=f"stage {name}")
+                    by_name[name].remove_outs(ignore_remove=False, force=False)
 
                 def run_here(name: str) -> None:
                     try:
@@ -145,7 +132,7 @@ def rerun(root: Path, stages: Sequence[str], worker: StageWorker | None = None, 
                         raise BuildError(f"stage {name} failed: {exc}") from exc
 
                 lanes = Lanes(list(by_name), _needs(root, chosen), entries, worker)
-                spans = lanes.run(prepare, run_here, ended=commit)
+                spans = lanes.run(prepare, run_here, ended=lambda _: progress.advance(task))
                 for name, (start, end) in spans.items():
                     timings[f"repro:{name}"] = round(end - start, 3)
                 if lanes.imports is not None:
@@ -153,7 +140,10 @@ def rerun(root: Path, stages: Sequence[str], worker: StageWorker | None = None, 
                 timings["repro:train-wall"] = round(_covered(
                     [span for name, span in spans.items() if name.startswith("train@")]), 3)
                 mark = time.monotonic()
-                progress.update(task, description="dvc.lock")
+                progress.update(task, description="dvc commit")
+                for stage in chosen:
+                    stage.save()
+                    stage.commit()
                 write_lock(chosen)
         mark_status = time.monotonic()
         stale = uptodate.status(repo)

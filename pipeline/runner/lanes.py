@@ -42,9 +42,7 @@ class Lanes:
             ended: Callable[[str], None]) -> dict[str, Span]:
         """Run every stage: ``prepare(name)`` (under the lanes' lock: DVC's removal of its outputs, the progress
         line) by the lane that takes it, then ``run_here(name)`` in this thread or the entry point in the worker,
-        then ``ended(name)`` in the same lane once the stage counts as ended (not under the lanes' lock: it may
-        take a while, DVC's commit of the stage's outputs, and the stages that need this one may start
-        meanwhile); return the stages' spans."""
+        then ``ended(name)`` (under the lock); return the stages' spans."""
         away = None
         if self._worker is not None:
             away = threading.Thread(target=self._lane, args=(False, prepare, self._send, ended), daemon=True,
@@ -75,8 +73,8 @@ class Lanes:
                 with self._changed:
                     self.spans[name] = span
                     self._ended.add(name)
+                    ended(name)
                     self._changed.notify_all()
-                ended(name)  # outside the lock: the other lane takes its next stage meanwhile
         except BaseException as exc:  # raised by ``run`` in the calling thread
             with self._changed:
                 self._failure = self._failure or exc
