@@ -24,6 +24,7 @@ Runtime (2 cores): one build, two adapter-only rebuilds, one forget.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -378,6 +379,33 @@ def test_the_final_scan_is_exact_and_reads_each_table_once_per_digest(tmp_path: 
     assert forgotten_ids_in(tmp_path, digests(), {"s-5", "s-9"}, index) == ["data/c.parquet"]
     assert forgotten_ids_in(tmp_path, digests(), set(), index) == []
     assert index.tables_read == 1
+
+
+def test_tables_read_together_hold_each_ids_own_keyed_digest(tmp_path: Path) -> None:
+    """Tables whose IDs are read in one pass (each distinct ID hashed once) keep in the memo exactly the sorted
+    keyed digests of their own IDs, as computed one ID at a time from the memo's key: shared IDs, numeric IDs, an
+    empty table and two paths with the same bytes included."""
+    from pipeline.tracking.lineage import file_md5
+
+    tables: dict[str, list[Any]] = {"a": ["s-1", "s-2", "s-3"], "b": ["s-3", "s-2", "s-9"],
+                                    "same-as-a": ["s-1", "s-2", "s-3"], "numeric": [7, 3, 11], "empty": []}
+    paths = {}
+    for name, ids in tables.items():
+        paths[name] = tmp_path / f"{name}.parquet"
+        frame = pd.DataFrame({"sample_id": pd.Series(ids, dtype=object if ids and isinstance(ids[0], str) else None),
+                              "label": range(len(ids))})
+        write_table(frame if ids else frame.astype({"sample_id": str}), paths[name])
+    index = ObjectIndex(tmp_path, None)
+    index.read_ids([(file_md5(path), path) for path in paths.values()])
+    assert index.tables_read == 4, "the two identical files are one object, read once"
+    key = (index.folder / "key").read_bytes()
+    for name, ids in tables.items():
+        expected = b"".join(sorted({hashlib.blake2b(str(i).encode(), key=key, digest_size=8).digest() for i in ids}))
+        entry = json.loads((index.folder / file_md5(paths[name])).read_bytes())
+        assert base64.b64decode(entry["ids"]) == expected, name
+        assert index.holds(file_md5(paths[name]), index.id_digests([ids[-1]]) if ids else set()) == bool(ids)
+    assert not index.holds(file_md5(paths["b"]), index.id_digests(["s-1", "3"]))
+    assert index.holds(file_md5(paths["numeric"]), index.id_digests(["3"]))
 
 
 def test_a_build_reads_its_tables_ids_so_the_first_forget_reads_none(built_project: Path) -> None:

@@ -425,4 +425,6 @@ def forgotten_ids_in(root: Path, digests: dict[str, str], sample_ids: set[str],
     wrote are read; every other answer is a lookup of keyed digests."""
     index = index or ObjectIndex(root, None)
     keyed = index.id_digests(sample_ids)
-    return [p for p, md5 in digests.items() if p.endswith(".parquet") and index.holds(md5, keyed, root / p)]
+    tables = {p: md5 for p, md5 in digests.items() if p.endswith(".parquet")}
+    index.read_ids((md5, root / p) for p, md5 in tables.items())  # the new ones in one pass
+    return [p for p, md5 in tables.items() if index.holds(md5, keyed, root / p)]
