@@ -231,6 +231,39 @@ def test_a_digest_is_computed_once_for_all_processes_of_a_project_until_the_file
     assert outside.read_bytes() == b"no project"
 
 
+def test_dvc_saves_an_output_with_the_digest_its_stage_computed_only_under_the_same_stat(tmp_path: Path) -> None:
+    """A forget's `dvc commit` takes each output's md5 from the digest store (the stage's lineage computed it)
+    instead of reading the file again, but only while the file's stat is the one it was computed under: a planted
+    digest is what DVC saves (so it was not hashed again), and a file rewritten since is hashed by DVC."""
+    from dvc.repo import Repo, lock_repo
+
+    from pipeline.runner.build import lend_digests
+
+    root = tmp_path / "project"
+    (root / "out").mkdir(parents=True)
+    run("git", "init", "-q", cwd=root, env={})
+    run(sys.executable, "-m", "dvc", "init", "-q", cwd=root, env={})
+    (root / "dvc.yaml").write_text("stages:\n  make:\n    cmd: python -c pass\n    outs:\n      - out/kept.bin\n"
+                                   "      - out/rewritten.bin\n")
+    kept, rewritten = root / "out/kept.bin", root / "out/rewritten.bin"
+    kept.write_bytes(b"kept bytes")
+    rewritten.write_bytes(b"first bytes")
+    time.sleep(0.05)  # hashed after the files' last change, as a stage hashes its outputs when it ends
+    assert lineage.file_md5(kept) and lineage.file_md5(rewritten)
+    with sqlite3.connect(root / digeststore.STORE) as db:
+        db.execute("UPDATE digests SET value = ? WHERE path = 'out/kept.bin'", ("0" * 32,))
+    rewritten.write_bytes(b"other bytes")  # the same size, rewritten after it was hashed
+    found = digeststore.store_for(str(kept))
+    assert found is not None
+    found[0].rows.clear()  # what this process remembers goes: the rows come from the store (the worker's too)
+    with Repo(str(root)) as repo, lock_repo(repo):
+        (stage,) = [s for s in repo.index.stages if getattr(s, "name", None) == "make"]
+        assert lend_digests(repo, [stage]) == 1
+        stage.save()
+        saved = {Path(out.fs_path).name: out.hash_info.value for out in stage.outs}
+    assert saved == {"kept.bin": "0" * 32, "rewritten.bin": lineage._hash_file(rewritten, "md5")}
+
+
 def test_the_digest_memo_answers_only_for_the_source_it_was_made_from(tmp_path: Path) -> None:
     """`check_code` remembers each stage's legonet digest under a digest of every legonet file: the memo gives
     what a fresh reach gives, is used while no file changed, and is not after any file changed (one the stage does
