@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 from conftest import copy_project, legonet
@@ -136,3 +137,26 @@ def test_a_rerun_writes_dvc_lock_byte_for_byte_as_dvc_does(built_project: Path, 
         lock.write_text(damaged)
         write_lock([stages[0], stages[2]])
     assert lock.read_text() == original.replace(assign, "") + assign  # a stage new to the lock goes last
+
+
+def test_dvc_add_through_a_files_own_pointer_writes_what_dvc_add_writes(built_project: Path, tmp_path: Path) -> None:
+    """A forget's `dvc add` of the files it rewrote: a file its own .dvc pointer tracks is saved through that
+    pointer, without DVC's index; the pointer, the cache and `dvc status` end as after `dvc add` itself, and a
+    file no pointer tracks yet goes to `dvc add` (the same pointer as DVC's command line writes)."""
+    from pipeline.data.dataset import write_table
+    from pipeline.runner.build import dvc_add
+
+    roots = [copy_project(built_project, tmp_path / name) for name in ("by-dvc", "by-legonet")]
+    raw, new = "data/raw/part-0000.parquet", "data/new.bin"
+    for root in roots:
+        frame = read_table(root / raw)
+        write_table(frame.iloc[1:], root / raw)  # a forget removed a row
+        (root / new).write_bytes(b"not tracked yet")
+    subprocess.run([sys.executable, "-m", "dvc", "add", "-q", raw, new], cwd=roots[0], check=True)
+    dvc_add(roots[1], [raw, new])
+    for pointer in (f"{raw}.dvc", f"{new}.dvc"):
+        assert (roots[1] / pointer).read_bytes() == (roots[0] / pointer).read_bytes(), pointer
+    md5 = (roots[1] / f"{raw}.dvc").read_text().split("md5: ")[1].split()[0]
+    assert object_path(dvc_cache(roots[1]), md5).read_bytes() == (roots[1] / raw).read_bytes()
+    statuses = [{name.rsplit(":", 1)[-1]: found for name, found in dvc_status(root).items()} for root in roots]
+    assert statuses[0] == statuses[1] == {"encode@part-0000": [{"changed deps": {raw: "modified"}}]}

@@ -259,12 +259,38 @@ def dvc_status(root: Path, stamp: bool = False) -> dict[str, Any]:
 
 
 def dvc_add(root: Path, paths: Sequence[str]) -> None:
-    """`dvc add PATHS` in this process: cache the files and rewrite their .dvc pointers."""
+    """`dvc add PATHS` in this process: cache the files and rewrite their .dvc pointers.
+
+    A file that its own pointer (``PATH.dvc``) already tracks, as a forget's raw partitions and test split, is
+    saved through that pointer's stage, as `dvc add` does once it has found it; `dvc add` finds it by building the
+    project's index and looking each path up among every stage's outputs (at 280k images, 0.8 s and 1.2 s for a
+    100-sample forget's 43 files: in proportion to partitions times stages). Any other path goes to `dvc add`."""
     # lazy: DVC imported only where needed (seconds), not by every command and stage
-    from dvc.repo import Repo
+    from dvc.repo import Repo, lock_repo
 
     with Repo(str(root)) as repo:
-        repo.add(list(paths))
+        rest = []
+        with lock_repo(repo):
+            for path in paths:
+                stage = _pointer_stage(repo, root / f"{path}.dvc", root / path)
+                if stage is None:
+                    rest.append(path)
+                    continue
+                stage.add_outs(stage.outs[0].fs_path, no_commit=False, relink=True)
+                stage.dump()
+        if rest:
+            repo.add([str((root / path).absolute()) for path in rest])
+
+
+def _pointer_stage(repo: Any, pointer: Path, path: Path) -> Any:
+    """The stage of the .dvc file ``pointer`` when it tracks exactly the file ``path`` and nothing else, else None."""
+    if not pointer.is_file():
+        return None
+    stage = repo.stage.load_one(path=str(pointer))
+    outs = stage.outs
+    if not stage.is_data_source or len(outs) != 1 or os.path.realpath(outs[0].fs_path) != os.path.realpath(path):
+        return None
+    return stage
 
 
 @contextmanager
