@@ -381,10 +381,13 @@ def test_the_final_scan_is_exact_and_reads_each_table_once_per_digest(tmp_path: 
     assert index.tables_read == 1
 
 
-def test_tables_read_together_hold_each_ids_own_keyed_digest(tmp_path: Path) -> None:
+@pytest.mark.parametrize("batch", [history_module.BATCH_IDS, 2])
+def test_tables_read_together_hold_each_ids_own_keyed_digest(tmp_path: Path, batch: int,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Tables whose IDs are read in one pass (each distinct ID hashed once) keep in the memo exactly the sorted
     keyed digests of their own IDs, as computed one ID at a time from the memo's key: shared IDs, numeric IDs, an
-    empty table and two paths with the same bytes included."""
+    empty table and two paths with the same bytes included; so do tables read in several bounded passes."""
+    monkeypatch.setattr(history_module, "BATCH_IDS", batch)
     from pipeline.tracking.lineage import file_md5
 
     tables: dict[str, list[Any]] = {"a": ["s-1", "s-2", "s-3"], "b": ["s-3", "s-2", "s-9"],

@@ -58,6 +58,7 @@ from pipeline.purge.objects import (
 MEMO = STATE_DIR / "objects"
 Run = tuple[frozenset[str], frozenset[str]]  # the file objects a stage run read, and the objects it wrote
 ID_DIGEST = np.dtype(np.uint64)  # one keyed 64-bit ID digest (``ObjectIndex.id_digests``) as an integer
+BATCH_IDS = 4_000_000  # IDs digested in one pass of ``ObjectIndex.read_ids`` (about 0.3 GB of Arrow text at most)
 
 
 class ObjectIndex:
@@ -176,29 +177,38 @@ class ObjectIndex:
 
     def read_ids(self, objects: Iterable[tuple[str, Path | None]]) -> None:
         """Read and keep the IDs of every sample table among ``objects`` (md5, ``source`` as in ``entry``) whose IDs
-        the memo does not hold yet, all in one pass: an ID found in several of them is hashed once. (A forget's
-        tables repeat their IDs: each kept sample of a changed partition is in its encoded partition, k shards and
-        the routing index; at 100 samples of 280k that is 1.9 M IDs, 0.2 M distinct.)"""
-        pending, seen = [], set()
+        the memo does not hold yet, in passes of up to ``BATCH_IDS`` IDs: within a pass an ID found in several tables
+        is hashed once. (A forget's tables repeat their IDs: each kept sample of a changed partition is in its encoded
+        partition, k shards and the routing index; at 100 samples of 280k that is 1.9 M IDs, 0.2 M distinct.) The
+        bound keeps memory flat when the memo is cold and the purge meets a long history's tables."""
+        pending: list[tuple[str, dict[str, Any], pa.ChunkedArray]] = []
+        seen: set[str] = set()
+        count = 0
         for md5, source in objects:
             entry = self.entry(md5, source)
             if md5 not in seen and entry and entry["kind"] == "table" and "ids" not in entry \
                     and (content := self._content(md5, source)) is not None:
                 seen.add(md5)
-                pending.append((md5, entry, pq.read_table(_source(content), columns=["sample_id"]).column(0)))
-        if not pending:
-            return
-        # each distinct ID once (Arrow's dictionary encoding, in C), then each table's digests by position
-        columns = [_text(ids) for _, _, ids in pending]
-        encoded = pa.chunked_array([c for column in columns for c in column.chunks], pa.large_string())
+                pending.append((md5, entry, _text(pq.read_table(_source(content), columns=["sample_id"]).column(0))))
+                count += len(pending[-1][2])
+                if count >= BATCH_IDS:
+                    self._keep(pending)
+                    pending, count = [], 0
+        if pending:
+            self._keep(pending)
+
+    def _keep(self, tables: list[tuple[str, dict[str, Any], pa.ChunkedArray]]) -> None:
+        """Digest the ID columns of ``tables`` (md5, memo entry, IDs as text), each distinct ID once (Arrow's
+        dictionary encoding, in C), and write each table's sorted digests to its memo entry."""
+        encoded = pa.chunked_array([c for *_, ids in tables for c in ids.chunks], pa.large_string())
         encoded = encoded.dictionary_encode().combine_chunks()
         digests = np.frombuffer(b"".join(self._digests(encoded.dictionary.to_pylist())), dtype=">u8")
         positions = encoded.indices.to_numpy()
         start = 0
-        for (md5, entry, _), column in zip(pending, columns, strict=True):
+        for md5, entry, ids in tables:
             # sorted unique big-endian integers: the bytes of the sorted digests, as the memo has always held them
-            held = np.unique(digests[positions[start:start + len(column)]])
-            start += len(column)
+            held = np.unique(digests[positions[start:start + len(ids)]])
+            start += len(ids)
             entry["ids"] = base64.b64encode(held.tobytes()).decode()
             self.write(self.folder / md5, json.dumps(entry).encode())
             self.tables_read += 1
