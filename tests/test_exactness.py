@@ -87,7 +87,9 @@ def _train_digests(threads: int) -> list[str]:
     """Train in a fresh process with the given torch thread count; the weights' sha256 per optimiser and head.
 
     L-BFGS: a linear head to convergence and a hidden-layer head for a fixed number of steps; Adam: a hidden-layer
-    head (its minibatch weight-gradient matmuls are where 1 and 2 threads differed without MKL_CBWR).
+    head (its minibatch weight-gradient matmuls are where 1 and 2 threads differed without MKL_CBWR). The last
+    shard has enough rows (4,000 x 10 classes, 4,000 x 32 hidden units) that torch splits the objective's
+    elementwise steps between threads (above 32,768 elements), as it does for the shards of real data.
     """
     code = (
         "import sys, hashlib, numpy as np\n"
@@ -95,9 +97,12 @@ def _train_digests(threads: int) -> list[str]:
         "from pipeline.model.adapters import TrainParams, train_adapter\n"
         "rng = np.random.default_rng(0)\n"
         "x = rng.normal(size=(600, 128)).astype(np.float32); y = rng.integers(0, 10, 600)\n"
-        f"for p in [TrainParams(optimizer='lbfgs', iterations=200, weight_decay=1e-3, threads={threads}),\n"
-        f"          TrainParams(optimizer='lbfgs', iterations=20, weight_decay=1e-3, hidden=32, threads={threads}),\n"
-        f"          TrainParams(epochs=4, lr=0.01, weight_decay=1e-4, batch_size=64, hidden=32, threads={threads})]:\n"
+        "wide = rng.normal(size=(4000, 128)).astype(np.float32); z = rng.integers(0, 10, 4000)\n"
+        f"kw = dict(threads={threads})\n"
+        "for x, y, p in [(x, y, TrainParams(optimizer='lbfgs', iterations=200, weight_decay=1e-3, **kw)),\n"
+        "          (x, y, TrainParams(optimizer='lbfgs', iterations=20, weight_decay=1e-3, hidden=32, **kw)),\n"
+        "          (x, y, TrainParams(epochs=4, lr=0.01, weight_decay=1e-4, batch_size=64, hidden=32, **kw)),\n"
+        "          (wide, z, TrainParams(optimizer='lbfgs', iterations=15, weight_decay=1e-3, hidden=32, **kw))]:\n"
         "    print(hashlib.sha256(save(train_adapter(x, y, 10, 12345, p))).hexdigest())\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -106,7 +111,7 @@ def _train_digests(threads: int) -> list[str]:
 
 def test_training_is_seeded_and_independent_of_the_thread_count() -> None:
     one, again, two = _train_digests(1), _train_digests(1), _train_digests(2)
-    assert len(set(one)) == 3, "three different trainings must give three different weights"
+    assert len(set(one)) == 4, "four different trainings must give four different weights"
     assert one == again, "two runs in two processes must give the same weights"
     assert one == two, "1 and 2 threads must give the same weights (MKL_CBWR=AVX2,STRICT)"
 
