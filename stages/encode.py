@@ -3,7 +3,9 @@
 Incremental (docs/design.md section 4, cost rule): the output is a `persist` output, and an embedding depends on its
 payload alone (the encoder is batch-invariant), so the stage keeps every row its previous output already holds
 for the same sample_id and payload digest under the same encoding (encoder digest, thread count, modality, image
-shape, and the stage's code entry: legonet's source and the library versions, ``pipeline.project.code``), drops
+shape, features, and the code that computes an embedding from a payload with the libraries it calls:
+``code.embedding``, ``pipeline.project.code.embedding_code``; not the stage's whole code entry, so a change to how
+the table is written or checked reruns the stage without encoding again), drops
 rows that left the input and encodes only the rest. A forget therefore calls the encoder zero
 times. Each row carries its payload's sha256 and the file its encoding in Parquet metadata, so the table built
 incrementally is byte-identical to a from-scratch one. The previous output is used only when its md5 is the one
@@ -34,7 +36,7 @@ from pipeline.data.dataset import (
     reusable_rows,
     write_embeddings,
 )
-from pipeline.project.code import check_code
+from pipeline.project.code import check_code, check_embedding_code
 from pipeline.project.layout import ENCODER, ENCODER_INFO
 from pipeline.project.params import load_params, recorded_md5, run_stage
 from pipeline.runner.executor import executor_of, run_encode
@@ -66,7 +68,7 @@ def main(name: str, src_path: str | Path, dst_path: str | Path) -> None:
     tags["legonet.executor"] = executor_of(params)
     encoding = {"encoder_sha256": info["sha256"], "threads": threads, "modality": data["modality"],
                 "image_shape": list(data["image_shape"]) if data["modality"] == "image" else None,
-                "features": list(data.get("features") or []), "code": code}
+                "features": list(data.get("features") or []), "code": check_embedding_code(params)}
     with stage_run(f"encode@{name}", Path(), used, [ENCODER, ENCODER_INFO, src], [dst],
                    tags) as run:
         digests = payload_digests(samples, data)

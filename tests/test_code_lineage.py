@@ -79,7 +79,8 @@ def test_code_entries_follow_the_code_each_stage_runs(tmp_path: Path) -> None:
     env = code_copy(tmp_path / "code")
     assert json.loads(python(show, tmp_path, env)) == here  # same source bytes elsewhere: same entries
     assert set(here) == {"encoder", "encode", "keys", "assign", "train", "quality", "baseline", "evaluate",
-                         "package"}
+                         "package", "embedding"}
+    assert {"onnxruntime", "numpy"} <= set(here["embedding"]) and "pyarrow" not in here["embedding"]
     assert "onnxruntime" in here["encode"] and "torch" not in here["encode"]
     assert {"torch", "safetensors"} <= set(here["train"]) and "onnxruntime" not in here["train"]
     assert {"torch", "onnx", "protobuf"} <= set(here["encoder"])
@@ -91,6 +92,23 @@ def test_code_entries_follow_the_code_each_stage_runs(tmp_path: Path) -> None:
     after = json.loads(python(show, tmp_path, env))
     assert {stage for stage in here if after[stage] != here[stage]} == {"train", "evaluate", "package"}
     assert all(after[stage]["legonet"] != here[stage]["legonet"] for stage in ("train", "evaluate", "package"))
+
+    # the embedding entry follows the definitions that compute an embedding, not their files: a comment in the
+    # dataset module, or a change to how a table is written, reruns `encode` but keeps the rows it encoded
+    dataset = tmp_path / "code/pipeline/data/dataset.py"
+    text = dataset.read_text()
+    dataset.write_text(text + "# a comment\n")
+    commented = json.loads(python(show, tmp_path, env))
+    assert commented["encode"] != after["encode"] and commented["embedding"] == here["embedding"]
+    writer = '    """Write ``sample_id``, ``label`` (and any'  # write_embeddings' docstring: in its syntax tree
+    assert text.count(writer) == 1
+    dataset.write_text(text.replace(writer, writer.replace("Write", "Write (another way)")))
+    rewritten = json.loads(python(show, tmp_path, env))
+    assert rewritten["encode"] != after["encode"] and rewritten["embedding"] == here["embedding"]
+    reader = '    """What the encoder reads from a validated sample table'  # encoder_inputs' docstring
+    assert text.count(reader) == 1
+    dataset.write_text(text.replace(reader, reader.replace("reads", "reads (another way)")))
+    assert json.loads(python(show, tmp_path, env))["embedding"]["legonet"] != here["embedding"]["legonet"]
 
 
 @pytest.fixture()
@@ -138,6 +156,34 @@ def test_a_comment_in_a_stage_reruns_it_and_its_dependants_only(project: tuple[P
     assert all(now[p] != adapters[p] for p in now if p.endswith(".json"))
     assert stale(root, env) == set()
     assert "up to date" in legonet("build", cwd=root, env=env).stdout
+
+
+def test_encode_keeps_its_rows_until_the_code_that_computes_an_embedding_changes(
+        project: tuple[Path, dict[str, str]]) -> None:
+    """A change to the `encode` stage's code reruns it, but it encodes no sample again and writes the same tables
+    (nothing downstream reruns); a change to the payload preparation encodes every sample again."""
+    root, env = project
+    encoded = files(root, "data/encoded")
+    stage = Path(env["PYTHONPATH"]) / "stages/encode.py"
+    stage.write_text(stage.read_text() + "# other code, the same embeddings\n")
+    assert sync(root, env)
+    encode_stages = stale(root, env)
+    assert encode_stages and all(name.startswith("encode@") for name in encode_stages)
+    ran, log = repro(root, env)
+    assert ran == encode_stages, log
+    assert "encoded 0 of" in log and not re.search(r"encoded [1-9]", log), log
+    assert files(root, "data/encoded") == encoded
+    assert stale(root, env) == set()
+
+    dataset = Path(env["PYTHONPATH"]) / "pipeline/data/dataset.py"
+    reader = '    """What the encoder reads from a validated sample table'
+    dataset.write_text(dataset.read_text().replace(reader, reader.replace("reads", "reads (another way)")))
+    assert sync(root, env)
+    ran, log = repro(root, env)
+    assert encode_stages <= ran, log
+    counts = re.findall(r"encode (\S+): encoded (\d+) of (\d+) samples", log)
+    assert counts and all(done == total for _, done, total in counts), log
+    assert stale(root, env) == set()
 
 
 def test_a_library_version_reruns_the_stages_that_call_it(project: tuple[Path, dict[str, str]],

@@ -12,6 +12,7 @@ import ast
 import hashlib
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib.util import find_spec
@@ -35,11 +36,12 @@ class _Target:
 @dataclass(frozen=True)
 class _Statement:
     """What one top-level statement reads: the names its own imports bind, the modules they import, and the dotted
-    names it uses (``np.load`` -> ("np", "load"))."""
+    names it uses (``np.load`` -> ("np", "load")); and the sha256 of its syntax tree (``definitions_digest``)."""
 
     imports: dict[str, _Target]
     imported: tuple[str, ...]
     chains: tuple[tuple[str, ...], ...]
+    digest: str = ""
 
 
 @dataclass
@@ -158,7 +160,7 @@ def _statement(node: ast.stmt, package: str) -> _Statement:
             imported += _imported_modules(inner, package)
     refs = _References()
     refs.visit(node)
-    return _Statement(imports, tuple(imported), tuple(refs.chains))
+    return _Statement(imports, tuple(imported), tuple(refs.chains), hashlib.sha256(ast.dump(node).encode()).hexdigest())
 
 
 class _References(ast.NodeVisitor):
@@ -205,6 +207,7 @@ class Reach:
 
     def __init__(self) -> None:
         self.files: dict[str, Path] = {}  # path below the packages' folder -> file
+        self.statements: set[tuple[str, str, str]] = set()  # (module, what: a name or "import", statement digest)
         self.libraries: set[str] = set()  # top-level import names
         self.trees: set[str] = set()  # packages whose every file is read as data
         self._imported: set[str] = set()
@@ -239,6 +242,7 @@ class Reach:
             return
         if found.effects:
             self.files[found.relpath] = found.path
+            self.statements |= {(name, "import", node.digest) for node in found.effects}
             for node in found.effects:
                 self.visit(found, node)
         for other in found.imports:
@@ -255,6 +259,7 @@ class Reach:
             return
         if name in found.definitions:
             self.files[found.relpath] = found.path
+            self.statements |= {(module, name, node.digest) for node in found.definitions[name]}
             for node in found.definitions[name]:
                 self.visit(found, node)
         elif name in found.bindings:  # a name the module imports and others import from it
@@ -317,6 +322,17 @@ def legonet_digest(reach: Reach) -> str:
     return hashlib.sha256(listing.encode()).hexdigest()
 
 
+def definitions_digest(reach: Reach) -> str:
+    """A digest of the definitions a reach followed, not of their files: the syntax tree of each statement that
+    binds a reached name, and of each import-time statement of a module it imports (comments and layout left out).
+    For a key narrower than a stage's: code elsewhere in the same files, which the stage's entry covers, does not
+    change it. Packages read as files count with every file."""
+    lines = [f"{module} {what} {digest}\n" for module, what, digest in sorted(reach.statements)]
+    lines += [f"{relpath} file {file_sha256(path)}\n" for package in sorted(reach.trees)
+              for relpath, path in sorted(_package_files(package).items())]
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
 @lru_cache(maxsize=1)
 def source_key() -> str:
     """A digest of every file of the legonet packages (path and bytes): a reach reads nothing else (``_locate``
@@ -331,20 +347,29 @@ def stage_digest(module: str, memo: Path | None = None) -> str:
     """``legonet_digest`` of what ``python -m MODULE`` reaches; remembered in the JSON file ``memo`` under
     ``source_key()``, so that the forget's check of every stage and each stage's own check parse no source that
     has not changed since the last one (the memo is dropped whenever any legonet file changes)."""
-    key = source_key()
+    def compute() -> str:
+        reach = Reach()
+        reach.root(module)
+        return legonet_digest(reach)
+
+    return remembered(module, compute, memo)
+
+
+def remembered(key: str, compute: Callable[[], str], memo: Path | None) -> str:
+    """``compute()``, remembered in the JSON file ``memo`` under ``key`` for the source as it stands
+    (``source_key()``): the memo holds digests of one source only."""
+    source = source_key()
     known: dict[str, dict[str, str]] = {}
     if memo is not None and memo.is_file():
         try:
             known = json.loads(memo.read_text())
         except ValueError:
             known = {}  # a torn or hand-edited memo: computed again and rewritten
-    digests = known.get(key) if isinstance(known.get(key), dict) else None
-    if digests is not None and isinstance(digests.get(module), str):
-        return digests[module]
-    reach = Reach()
-    reach.root(module)
-    digests = {**(digests or {}), module: legonet_digest(reach)}
+    digests = known.get(source) if isinstance(known.get(source), dict) else None
+    if digests is not None and isinstance(digests.get(key), str):
+        return digests[key]
+    digests = {**(digests or {}), key: compute()}
     if memo is not None:
         memo.parent.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(memo, (json.dumps({key: digests}, sort_keys=True) + "\n").encode())
-    return digests[module]
+        write_bytes_atomic(memo, (json.dumps({source: digests}, sort_keys=True) + "\n").encode())
+    return digests[key]

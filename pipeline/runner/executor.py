@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -121,10 +122,9 @@ def cluster(params: Mapping[str, Any]) -> Iterator[dict[str, str]]:
 
 def _task_tags(started: float) -> tuple[dict[str, str], int, int]:
     tags = {"task.host": socket.gethostname(), "task.pid": str(os.getpid())}
+    ray = sys.modules.get("ray")  # a Ray worker has imported it; importing it here would cost a second per process
     with contextlib.suppress(Exception):  # inside a Ray worker: where it ran
-        import ray  # lazy: Ray is an optional extra
-
-        if ray.is_initialized():
+        if ray is not None and ray.is_initialized():
             context = ray.get_runtime_context()
             tags |= {"ray.node_id": context.get_node_id(), "ray.task_id": context.get_task_id() or ""}
     return tags, int(started * 1000), int(time.time() * 1000)
