@@ -20,12 +20,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from conftest import copy_project, legonet
 from test_forget import record, write_manifest
 
 from pipeline.data.dataset import read_table
+from pipeline.data.quality import samples_by_id, samples_of_routing, tables
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SUITES = ("training_data", "training_classes", "adapters")
@@ -152,3 +155,37 @@ def test_a_forget_that_breaks_the_checkpoint_holds_promotion(held_back: dict) ->
     assert legonet("audit", "verify", cwd=root).returncode == 0
     repro = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=root, capture_output=True, text=True)
     assert repro.returncode == 0 and "Running stage" not in repro.stdout, repro.stdout
+
+
+def _shard(ids: list[str], labels: list, norms: list[float]) -> pd.DataFrame:
+    return pd.DataFrame({"sample_id": ids, "label": labels, "norm": norms})
+
+
+@pytest.mark.parametrize("labels", [[3, 7, 3, 7], ["cat", "dog", "cat", "dog"]], ids=["int", "str"])
+def test_the_samples_table_by_routing_position_is_the_one_grouping_by_id_gives(labels: list) -> None:
+    """The quality stage's look-up of each shard row in the routing index (``samples_of_routing``) gives the table
+    grouping by ID gives, types included; on any input `assign` would not write it declines, and the grouping
+    (which takes any input) decides."""
+    a, b, c, d = labels
+    shards = [_shard(["s03", "s01", "s07"], [b, a, c], [0.5, 1.5, 2.5]),
+              _shard(["s01", "s09"], [a, d], [1.5, 3.0]),
+              _shard(["s03", "s07", "s09"], [b, c, d], [0.5, 2.5, 3.0])]
+    every = pd.concat(shards, ignore_index=True)
+    routed = np.array(["s01", "s03", "s07", "s09"], dtype=object)
+    found = samples_of_routing(every, routed)
+    assert found is not None and found["shards"].tolist() == [2, 2, 2, 2]
+    pd.testing.assert_frame_equal(found, samples_by_id(every, routed))
+    broken = {"an ID in a shard but not in the index": (every, routed[1:]),
+              "an ID in the index but in no shard": (every, np.append(routed, "s10")),
+              "an index out of order": (every, routed[::-1].copy()),
+              "an ID twice in the index": (every, np.insert(routed, 1, "s01")),
+              "no sample": (every.iloc[:0], routed[:0])}
+    for case, (rows, ids) in broken.items():
+        assert samples_of_routing(rows, ids) is None, case
+    for rows, ids in [(every, routed), *broken.values()]:
+        expected = samples_by_id(rows, ids)
+        if pd.api.types.is_numeric_dtype(expected["label"]):
+            expected["label"] = expected["label"].astype("Int64")
+        split = [rows.iloc[:3], rows.iloc[3:]]
+        pd.testing.assert_frame_equal(tables(split, ids, [a, b])["samples"],
+                                      expected[["label", "shards", "in_routing", "norm"]])

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.errors import DataError
 from pipeline.model.keys import fit_projection, project
@@ -139,6 +141,42 @@ def shard_values(frame: pd.DataFrame, features: np.ndarray) -> pd.DataFrame:
                          "norm": norms})
 
 
+def samples_by_id(every: pd.DataFrame, routed_ids: Sequence[str]) -> pd.DataFrame:
+    """The ``samples`` table (before its label type is settled) from all shards' rows (``every``) and the routing
+    index's IDs, for any input: one row per ID found in a shard or the index, in sample_id order."""
+    per_sample = every.groupby("sample_id", sort=True).agg(label=("label", "first"), shards=("label", "size"),
+                                                          norm=("norm", "first"))
+    # plain Python strings: pandas' Arrow-backed string index answers `isin` one value at a time (seconds at 1M)
+    routed = pd.Index(np.unique(np.asarray(routed_ids, dtype=object).astype(str)).astype(object), name="sample_id")
+    per_sample.index = per_sample.index.astype(object)
+    per_sample = per_sample.reindex(per_sample.index.union(routed))
+    per_sample["in_routing"] = per_sample.index.isin(routed)
+    per_sample["shards"] = per_sample["shards"].fillna(0).astype(np.int64)
+    return per_sample.reset_index(drop=True)  # no IDs leave this function
+
+
+def samples_of_routing(every: pd.DataFrame, routed_ids: Sequence[str]) -> pd.DataFrame | None:
+    """``samples_by_id`` in the case `assign` writes, without grouping by a string: the index's IDs strictly
+    increasing, every shard row's ID among them, every one of them in a shard. Then the table's rows are the
+    index's, in its order, and each shard row is matched to its sample by a hash look-up in Arrow (grouping
+    millions of string IDs took seconds at a million samples, on every forget). None in any other case (a
+    contract broken upstream), which ``samples_by_id`` handles: the same table either way."""
+    routed = pa.array(np.asarray(routed_ids, dtype=object), type=pa.string())
+    if not len(routed) or routed.null_count or not pc.all(pc.less(routed[:-1], routed[1:])).as_py():
+        return None
+    position = pc.index_in(pa.array(every["sample_id"].array, type=pa.string()), value_set=routed)
+    if position.null_count:
+        return None
+    position = position.to_numpy(zero_copy_only=False)
+    shards = np.bincount(position, minlength=len(routed)).astype(np.int64)
+    if not shards.all():
+        return None
+    _, first = np.unique(position, return_index=True)  # a stable sort: the first row of each sample, as `first`
+    return pd.DataFrame({"label": every["label"].iloc[first].reset_index(drop=True), "shards": shards,
+                         "norm": every["norm"].to_numpy()[first],
+                         "in_routing": np.ones(len(routed), dtype=bool)})
+
+
 def tables(shards: Sequence[pd.DataFrame], routed_ids: Sequence[str], classes: Sequence[int]
            ) -> dict[str, pd.DataFrame]:
     """The three tables from each shard's ``shard_values`` (adapter order) and the sample IDs of the routing
@@ -151,15 +189,8 @@ def tables(shards: Sequence[pd.DataFrame], routed_ids: Sequence[str], classes: S
                          "max_class_share": round(float(counts.max() / len(frame)), 6) if len(frame) else 0.0})
     every = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(
         {"sample_id": pd.Series(dtype=str), "label": pd.Series(dtype="int64"), "norm": pd.Series(dtype=float)})
-    per_sample = every.groupby("sample_id", sort=True).agg(label=("label", "first"), shards=("label", "size"),
-                                                          norm=("norm", "first"))
-    # plain Python strings: pandas' Arrow-backed string index answers `isin` one value at a time (seconds at 1M)
-    routed = pd.Index(np.unique(np.asarray(routed_ids, dtype=object).astype(str)).astype(object), name="sample_id")
-    per_sample.index = per_sample.index.astype(object)
-    per_sample = per_sample.reindex(per_sample.index.union(routed))
-    per_sample["in_routing"] = per_sample.index.isin(routed)
-    per_sample["shards"] = per_sample["shards"].fillna(0).astype(np.int64)
-    samples = per_sample.reset_index(drop=True)  # no IDs leave this function
+    found = samples_of_routing(every, routed_ids)
+    samples = samples_by_id(every, routed_ids) if found is None else found
     if pd.api.types.is_numeric_dtype(samples["label"]):  # integer classes: reindexing made them floats
         samples["label"] = samples["label"].astype("Int64")
     counts = samples["label"].value_counts()
