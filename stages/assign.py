@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.data.contracts import (
@@ -44,7 +45,7 @@ from pipeline.data.dataset import (
     read_table,
     row_count,
     write_embeddings,
-    write_table,
+    write_rows,
 )
 from pipeline.data.threads import each
 from pipeline.errors import ContractError
@@ -72,14 +73,18 @@ EMPTY_BLOCK = "EMPTY"
 EMPTY_NOTE = b"no adapter: this block starts at or after adapters.n\n"
 
 
-def previous_index(identity: dict[str, Any]) -> tuple[pd.DataFrame | None, dict[str, str]]:
-    """The routing index of the last run and the md5 of each encoded partition it was made from, when it can be
-    built on (see the module docstring), else (None, {})."""
+def previous_index(identity: dict[str, Any]) -> tuple[pa.Table | None, dict[str, str]]:
+    """The routing index of the last run (in Arrow: its rows are kept, filtered and written back without becoming
+    Python objects) and the md5 of each encoded partition it was made from, when it can be built on (see the
+    module docstring), else (None, {})."""
     stored = read_metadata(ROUTING) if ROUTING.is_file() else None
     if (stored is None or {key: stored.get(key) for key in identity} != identity
             or recorded_md5(ROUTING) != file_md5(ROUTING)):
         return None, {}
-    return read_table(ROUTING), dict(stored.get("encoded_md5", {}))
+    try:
+        return pq.read_table(ROUTING).replace_schema_metadata(None), dict(stored.get("encoded_md5", {}))
+    except (OSError, pa.ArrowException):
+        return None, {}  # unreadable: every sample is routed again
 
 
 def partition_rows(indices: list[int]) -> pd.DataFrame:
@@ -169,17 +174,17 @@ def main() -> None:
         # are read and compared (a forget: the partitions of its samples)
         current = partition_rows(sorted(checked))
         if previous is None:
-            kept, fresh = previous, np.ones(len(current), dtype=bool)
+            kept, left, fresh = previous, previous, np.ones(len(current), dtype=bool)
         else:
-            moving = previous["partition"].isin(checked).to_numpy()
+            moving = np.isin(previous.column("partition").to_numpy(), sorted(checked))
             still = ~moving
-            still[moving], fresh = routing_changes(previous[moving], current)
-            kept = previous[still]
+            still[moving], fresh = routing_changes(previous.filter(pa.array(moving)).to_pandas(), current)
+            kept, left = previous.filter(pa.array(still)), previous.filter(pa.array(~still))
         rows, features = new_rows(current[fresh], current, checked, projection, keys.shape[1], classes)
         assignment = route(features, keys, k)
-        gone = set() if previous is None else set(previous["sample_id"][~still])
-        touched = range(n) if previous is None else sorted(
-            {int(j) for a in previous["adapters"][~still] for j in a} | {int(j) for j in assignment.ravel()})
+        gone = set() if left is None else set(left.column("sample_id").to_pylist())
+        touched = range(n) if left is None else sorted(
+            set(pc.list_flatten(left.column("adapters")).to_pylist()) | {int(j) for j in assignment.ravel()})
         added = shard(rows.assign(row=np.arange(len(rows))), assignment, n)
 
         def updated(j: int) -> tuple[Path, pd.DataFrame, np.ndarray]:
@@ -194,14 +199,18 @@ def main() -> None:
 
         shards = each(updated, touched)
         new_index = routing_index(rows, assignment)
-        index = new_index if kept is None else pd.concat([kept, new_index]).sort_values(
-            "sample_id", kind="stable").reset_index(drop=True)
         # every output checked before the first is written: a broken contract leaves nothing behind. The kept rows
         # are the previous index's, which passed this very contract (same params and code: its identity), so only
         # the new rows are checked row by row, and the rule across rows (each ID once) over the whole index
-        validate(index if kept is None else new_index, routing_schema(n, k, partitions, classes), ROUTING)
+        validate(new_index, routing_schema(n, k, partitions, classes), ROUTING)
+        index = pa.Table.from_pandas(new_index, preserve_index=False)
         if kept is not None:  # a full index went through the contract whole, its uniqueness check included
-            check_unique_ids(index["sample_id"], ROUTING)
+            if len(index):  # (with no row routed, the new rows' columns have no type to cast from)
+                index = pa.concat_tables([kept, index.cast(kept.schema)])
+                index = index.take(pc.sort_indices(index, [("sample_id", "ascending")]))
+            else:
+                index = kept  # in sample_id order: the previous index's rows less those that left
+            check_unique_ids(index.column("sample_id"), ROUTING)
         check_shards(shards, classes, keys.shape[1])  # after the index: an ID in two partitions is named as such
         written = sum(each(lambda item: write_embeddings(*item, keep_identical=True), shards))
         expected = {shard_path(j, n, blocks) for j in range(n)} | mark_empty_blocks(n, blocks)
@@ -210,7 +219,7 @@ def main() -> None:
         for folder in sorted((p for p in SHARDS.rglob("*") if p.is_dir()), reverse=True):
             if not any(folder.iterdir()):
                 folder.rmdir()
-        write_table(index, ROUTING, metadata={**identity, "encoded_md5": encoded_md5})
+        write_rows(index, ROUTING, metadata={**identity, "encoded_md5": encoded_md5})
         run["shards_written"] = written
         run["routed_samples"] = len(rows)
         run["train_samples"] = len(index)

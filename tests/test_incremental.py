@@ -16,11 +16,20 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import TINY_STRIDE, copy_project
 
-from pipeline.data.dataset import bundled_mnist, read_embeddings, read_table, write_embeddings, write_table
+from pipeline.data.dataset import (
+    bundled_mnist,
+    read_embeddings,
+    read_metadata,
+    read_table,
+    write_embeddings,
+    write_rows,
+    write_table,
+)
 from pipeline.model.probe import fit_probe, probe_predict, probe_statistics
 from pipeline.model.routing import routing_changes
 
@@ -139,6 +148,23 @@ def test_routing_changes_name_the_rows_to_route_again() -> None:
     still, fresh = routing_changes(previous, current)
     assert still.tolist() == [False, True, False] and fresh.tolist() == [False, True, True]
 
+
+
+def test_an_index_kept_in_arrow_is_written_with_the_bytes_of_the_same_rows_as_a_data_frame(incremental: dict) -> None:
+    """`assign` keeps the routing index in Arrow (``write_rows``); the file is the one ``write_table`` writes from
+    the same rows as a DataFrame, salt included (inside a project), so the upgrade changed no routing index."""
+    index = incremental["root"] / "data/routing.parquet"
+    metadata = read_metadata(index)
+    frame, table = read_table(index), pq.read_table(index).replace_schema_metadata(None)
+    assert frame["adapters"].map(len).min() >= 1 and len(frame) > 100  # a list column, rows of every partition
+    written = {}
+    for name, write in (("frame", lambda path: write_table(frame, path, metadata=metadata)),
+                        ("arrow", lambda path: write_rows(table, path, metadata=metadata))):
+        path = incremental["root"] / "data" / f"check-{name}" / "routing.parquet"  # same name: same salt label
+        write(path)
+        written[name] = path.read_bytes()
+        shutil.rmtree(path.parent)
+    assert written["frame"] == written["arrow"] == index.read_bytes()
 
 def test_probe_statistics_add_up_and_fit_a_linear_rule() -> None:
     rng = np.random.default_rng(0)

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pandera.pandas as pa
+import pyarrow
+import pyarrow.compute as pc
 
 from pipeline.data.ids import sample_ids_valid
 from pipeline.errors import ContractError
@@ -143,11 +145,11 @@ def routing_schema(n: int, k: int, partitions: int, classes: Sequence[int | str]
     }, strict=True, name="routing")
 
 
-def check_unique_ids(sample_ids: pd.Series, path: Path | str) -> None:
+def check_unique_ids(sample_ids: pyarrow.ChunkedArray, path: Path | str) -> None:
     """Each sample ID once in a table sorted by sample_id (the routing index): the one rule across rows, checked
-    over the whole table when only its new rows went through the schema."""
-    ids = sample_ids.to_numpy(dtype=object)
-    repeated = sorted(set(ids[1:][ids[1:] == ids[:-1]]))
+    over the whole table when only its new rows went through the schema (in Arrow: no Python object per row)."""
+    ids = sample_ids.combine_chunks()
+    repeated = sorted(set(ids[1:].filter(pc.equal(ids[1:], ids[:-1])).to_pylist()))
     if repeated:
         raise ContractError(f"{path}: breaks the routing contract: {len(repeated)} sample ID(s) in more than one "
                             f"raw partition: {repeated[:5]}; a sample must be in one partition only (data/raw): "

@@ -210,11 +210,23 @@ def write_table(frame: pd.DataFrame, path: Path, metadata: dict[str, object] | N
     blob, fixed compression; written to a temporary file then renamed, so a crash never leaves a half file.
     ``metadata``: as for ``write_embeddings``; inside a project the file is salted (``_schema_metadata``).
     """
-    table = pa.Table.from_pandas(frame.reset_index(drop=True), preserve_index=False)
+    _write_parquet(pa.Table.from_pandas(frame.reset_index(drop=True), preserve_index=False), path,
+                   _schema_metadata(path, frame, metadata))
+
+
+def write_rows(table: pa.Table, path: Path, metadata: dict[str, object] | None = None) -> None:
+    """``write_table`` for an Arrow table with a ``sample_id`` column: the bytes writing it as a DataFrame gives.
+    Why: `assign` keeps the routing index in Arrow, since a million rows with a list column took seconds to turn
+    into Python objects and back on every forget."""
+    identity = sorted(table.column("sample_id").cast(pa.string()).to_pylist())
+    _write_parquet(table, path, _salted(path, metadata, identity))
+
+
+def _write_parquet(table: pa.Table, path: Path, stored: dict[str, str] | None) -> None:
     # pandas hands strings to Arrow as `large_string` or `string` depending on where the column came from (read
     # back from Parquet, or built in Python); the stored Arrow schema records which, so one width is chosen
     table = table.cast(pa.schema([field.with_type(_narrow(field.type)) for field in table.schema]))
-    table = table.replace_schema_metadata(_schema_metadata(path, frame, metadata))
+    table = table.replace_schema_metadata(stored)
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd", compression_level=3, write_statistics=False,
                    row_group_size=1 << 20)
@@ -222,13 +234,14 @@ def write_table(frame: pd.DataFrame, path: Path, metadata: dict[str, object] | N
 
 
 def _narrow(kind: pa.DataType) -> pa.DataType:
-    """The 32-bit-offset twin of a large string/binary type (lists of them included); any other type as is."""
+    """The 32-bit-offset twin of a large string/binary type (lists of them included, their item named as pandas
+    names it, whatever a Parquet reader named it); any other type as is."""
     if pa.types.is_large_string(kind):
         return pa.string()
     if pa.types.is_large_binary(kind):
         return pa.binary()
     if pa.types.is_list(kind) or pa.types.is_large_list(kind):
-        return pa.list_(kind.value_field.with_type(_narrow(kind.value_type)))
+        return pa.list_(kind.value_field.with_type(_narrow(kind.value_type)).with_name("item"))
     return kind
 
 
@@ -236,11 +249,15 @@ def _schema_metadata(path: Path, frame: pd.DataFrame, metadata: dict[str, object
     """A table's schema metadata: the writer's ``metadata`` and, inside a project, the salt of the data secret
     (pipeline.data.salt) over the metadata and the sorted sample IDs (or, for a table without IDs, a digest of its
     rows): the IDs alone keep the salt cheap on a large table, which is never serialised twice."""
-    stored = {} if metadata is None else {METADATA_KEY: json.dumps(metadata, sort_keys=True)}
     if "sample_id" in frame.columns:
         identity = sorted(frame["sample_id"].astype(str).tolist())
     else:
         identity = [hashlib.sha256(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes()).hexdigest()]
+    return _salted(path, metadata, identity)
+
+
+def _salted(path: Path, metadata: dict[str, object] | None, identity: list[str]) -> dict[str, str] | None:
+    stored = {} if metadata is None else {METADATA_KEY: json.dumps(metadata, sort_keys=True)}
     salt = salt_of(path, [stored.get(METADATA_KEY, ""), *identity])
     if salt is not None:
         stored[SALT_KEY] = padded(salt)
