@@ -6,7 +6,8 @@ entry point (``python -m MODULE``), a generated entry ``code.<stage>`` into para
 under ``params:``. The entry maps ``legonet`` to a digest of the legonet source the stage runs, ``python`` to the
 interpreter's version, and each library distribution the stage's code calls to its installed version. A change of
 any of them changes the entry, DVC reruns the stage (and, through its outputs, what follows it), and every stage
-puts its entry into the reuse key of what it persists, so nothing built by other code is kept.
+puts its entry (or, for `encode`, ``code.embedding`` below) into the reuse key of what it persists, so nothing
+built by other code is kept.
 
 What counts, found statically from the source (``pipeline.project.reach``; deterministic: the same source bytes and
 installed versions give the same entry on any machine, wherever the code is installed):
