@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.audit.transparency import leaf_hash, root_hash
-from pipeline.data.dataset import read_yaml
 from pipeline.errors import StoreError
 from pipeline.project.layout import STATE_DIR
 from pipeline.project.scratch import write_private
 from pipeline.purge.s3 import Bucket, artifact_bucket, remote_bucket
+from pipeline.runner.parsed import read_yaml_once
 
 DIR_SUFFIX = ".dir"
 DIGEST = re.compile(r"[0-9a-f]{32}(\.dir)?")  # DVC 3's md5 object id; a directory listing keeps ``.dir``
@@ -91,11 +91,11 @@ def workspace_outputs(root: Path) -> Iterator[tuple[str, str]]:
 
     lock = root / "dvc.lock"
     if lock.is_file():
-        for stage in (read_yaml(lock) or {}).get("stages", {}).values():
+        for stage in (read_yaml_once(lock) or {}).get("stages", {}).values():
             yield from outs(stage.get("outs", []))
     for dvc_file in root.rglob("*.dvc"):
         if dvc_file.is_file() and not {".dvc", ".git"} & set(dvc_file.relative_to(root).parts[:-1]):
-            yield from outs((read_yaml(dvc_file) or {}).get("outs", []))
+            yield from outs((read_yaml_once(dvc_file) or {}).get("outs", []))
 
 
 def referenced_objects(root: Path, cache: Path) -> set[str]:

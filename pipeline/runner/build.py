@@ -19,13 +19,13 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pipeline.data.dataset import read_yaml
 from pipeline.errors import BuildError
 from pipeline.project.code import sync_code
 from pipeline.project.params import load_params, sync_generated
 from pipeline.runner import executor, uptodate
 from pipeline.runner.lanes import Lanes
 from pipeline.runner.lockfile import write_lock
+from pipeline.runner.parsed import dvc_parses_once, read_yaml_once
 from pipeline.runner.worker import StageWorker, entry_point
 from pipeline.tracking.digeststore import stat_of, store_for
 from pipeline.tracking.head import HEAD_TAG
@@ -110,6 +110,7 @@ def rerun(root: Path, stages: Sequence[str], worker: StageWorker | None = None, 
 
     console = console or Console(stderr=True)
     timings = {} if timings is None else timings
+    dvc_parses_once()
     with Repo(str(root)) as repo:
         with lock_repo(repo):
             chosen = _stages(repo, stages)
@@ -246,6 +247,7 @@ def dvc_repo(root: Path, reading: bool = False) -> Iterator[Any]:
     # lazy: DVC imported only where needed (seconds), not by every command and stage
     from dvc.repo import Repo, lock_repo
 
+    dvc_parses_once()
     with Repo(str(root)) as repo, lock_repo(repo) if reading else nullcontext():
         yield repo
 
@@ -268,6 +270,7 @@ def dvc_add(root: Path, paths: Sequence[str]) -> None:
     # lazy: DVC imported only where needed (seconds), not by every command and stage
     from dvc.repo import Repo, lock_repo
 
+    dvc_parses_once()
     with Repo(str(root)) as repo:
         rest = []
         with lock_repo(repo):
@@ -432,13 +435,13 @@ def ignore_outputs(root: Path) -> list[str]:
     outputs = []
     lock = root / "dvc.lock"
     if lock.is_file():
-        stages = (read_yaml(lock) or {}).get("stages", {})
+        stages = (read_yaml_once(lock) or {}).get("stages", {})
         uncached = _uncached(root)  # in git by design (metrics, plots)
         outputs += [out["path"] for stage in stages.values() for out in stage.get("outs", [])
                     if out["path"] not in uncached]
     for pointer in (root / "data").rglob("*.dvc"):
         base = pointer.parent.relative_to(root)
-        outputs += [(base / out["path"]).as_posix() for out in (read_yaml(pointer) or {})
+        outputs += [(base / out["path"]).as_posix() for out in (read_yaml_once(pointer) or {})
                     .get("outs", [])]
     if not outputs:
         return []
@@ -455,7 +458,7 @@ def ignore_outputs(root: Path) -> list[str]:
 
 def _uncached(root: Path) -> set[str]:
     """Outputs dvc.yaml marks `cache: false` (metrics and plots): git, not DVC, holds them."""
-    pipeline = read_yaml(root / "dvc.yaml") or {}
+    pipeline = read_yaml_once(root / "dvc.yaml") or {}
     found = set()
     for stage in pipeline.get("stages", {}).values():
         for kind in ("outs", "metrics", "plots"):

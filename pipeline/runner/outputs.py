@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.data.dataset import read_yaml
 from pipeline.project.params import lock_md5s
 from pipeline.purge.objects import DIR_SUFFIX, dvc_cache, object_path
+from pipeline.runner.parsed import read_yaml_once
 from pipeline.tracking.lineage import file_md5
 
 
@@ -17,7 +17,7 @@ def lock_outputs(root: Path) -> dict[str, str]:
     """path -> md5 of every output recorded in dvc.lock and in the .dvc files (directory outputs as .dir)."""
     out = lock_md5s(root)
     for dvc_file in sorted((root / "data").rglob("*.dvc")):
-        for o in (read_yaml(dvc_file) or {}).get("outs", []):
+        for o in (read_yaml_once(dvc_file) or {}).get("outs", []):
             out[(dvc_file.parent.relative_to(root) / o["path"]).as_posix()] = o["md5"]
     return dict(sorted(out.items()))
 

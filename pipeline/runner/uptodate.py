@@ -19,10 +19,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipeline.data.dataset import read_yaml
 from pipeline.project.layout import STATE_DIR
 from pipeline.project.scratch import write_private
 from pipeline.purge.objects import dvc_cache, expand_dirs, object_path, valid_digest
+from pipeline.runner.parsed import read_yaml_once
 
 STAMP = STATE_DIR / "up-to-date"
 PIPELINE_FILES = ("dvc.yaml", "dvc.lock", "params.yaml", ".dvcignore")
@@ -32,8 +32,8 @@ SKIPPED = {".git", ".dvc", STATE_DIR.name, "mlartifacts"}
 def stamp(root: Path) -> str:
     """The digest of what `dvc status` reads in ``root`` (see the module docstring)."""
     digest = hashlib.sha256()
-    pipeline = read_yaml(root / "dvc.yaml") if (root / "dvc.yaml").is_file() else {}
-    lock = read_yaml(root / "dvc.lock") if (root / "dvc.lock").is_file() else {}
+    pipeline = read_yaml_once(root / "dvc.yaml") if (root / "dvc.yaml").is_file() else {}
+    lock = read_yaml_once(root / "dvc.lock") if (root / "dvc.lock").is_file() else {}
     stages = list(((lock or {}).get("stages") or {}).values())
     named = [*PIPELINE_FILES, *(v for v in (pipeline or {}).get("vars") or [] if isinstance(v, str))]
     named += sorted({f for stage in stages for f in stage.get("params") or {}} - set(named))  # a stage's own file
@@ -79,7 +79,7 @@ def _tracked(root: Path, stages: list[dict[str, Any]], dvc_files: list[str]) -> 
         objects.update(o["md5"] for o in stage.get("outs") or [] if valid_digest(o.get("md5")))
     for rel in dvc_files:
         folder = Path(rel).parent
-        for out in (read_yaml(root / rel) or {}).get("outs") or []:
+        for out in (read_yaml_once(root / rel) or {}).get("outs") or []:
             paths.add((folder / out["path"]).as_posix())
             objects.update([out["md5"]] if valid_digest(out.get("md5")) else [])
     return paths, objects
