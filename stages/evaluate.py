@@ -10,7 +10,9 @@ digest, and the adapters each test sample activates (``test-routing.parquet``), 
 adapters; all under the stage's code entry (``pipeline.project.code``). A rerun projects and routes only new test
 samples and scores again only the samples whose adapter was retrained (or that newly activate an adapter);
 ``metrics/*`` are byte-identical to a full evaluation. The kept outputs are used only when the directory is exactly
-what ``dvc.lock`` records; test samples that leave the test split leave these tables too.
+what ``dvc.lock`` records; test samples that leave the test split leave these tables too. Each kept table also names
+its source (the test split's md5, and for the adapters' tables how the split was routed): one made from the same
+source is reused without comparing its rows (``kept``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 from safetensors.numpy import load_file
 
@@ -64,7 +67,7 @@ def write_json(path: Path, payload: dict) -> None:
     write_bytes_atomic(path, (json.dumps(payload, indent=1, sort_keys=True) + "\n").encode())
 
 
-def kept(path: Path, trusted: bool, identity: dict[str, Any], rows: pd.DataFrame
+def kept(path: Path, trusted: bool, identity: dict[str, Any], rows: pd.DataFrame, source: dict[str, Any]
          ) -> tuple[np.ndarray, np.ndarray, bool]:
     """(row of each of ``rows`` (sample_id, payload digest) in the kept table at ``path`` or -1, its values, and
     whether the table holds exactly ``rows``, in order and with the same values in every column of ``rows``);
@@ -72,22 +75,42 @@ def kept(path: Path, trusted: bool, identity: dict[str, Any], rows: pd.DataFrame
 
     A table that holds exactly ``rows`` is what writing them again would give, byte for byte (the same rows,
     values and metadata through the same code: its identity says so): the stage leaves it as it is, so an
-    unchanged test split costs a read per table, not a rewrite."""
-    if not trusted or not path.is_file() or read_metadata(path) != identity:
+    unchanged test split costs a read per table, not a rewrite. ``source`` names what decided the rows (the test
+    split's md5, and how its samples were routed); the table stores it beside its identity, and a table made from
+    the same source holds exactly ``rows`` by construction (``rows`` are that split's, in its sample_id order, as
+    the table's), so only its values are read: at a million samples, comparing and converting the kept tables'
+    keys was a quarter of the stage."""
+    stored = read_metadata(path) if trusted and path.is_file() else None
+    if stored is None or {key: value for key, value in stored.items() if key != "source"} != identity:
         return np.full(len(rows), -1, dtype=np.int64), np.zeros((0, 0), np.float32), False
+    if stored.get("source") == source:
+        values = _values(path)
+        if values is not None and len(values) == len(rows):
+            return np.arange(len(rows), dtype=np.int64), values, True
     frame, values = read_embeddings(path, digests=True)
     found = reusable_rows(frame, rows["sample_id"].to_numpy(), rows[PAYLOAD_DIGEST].to_numpy())
-    same = len(frame) == len(rows) and bool((found == np.arange(len(rows))).all()) and all(
+    same = stored.get("source") == source and len(frame) == len(rows) and bool(
+        (found == np.arange(len(rows))).all()) and all(
         c in frame.columns and np.array_equal(frame[c].to_numpy(dtype=object), rows[c].to_numpy(dtype=object))
         for c in rows.columns)
     return found, values, same
 
 
+def _values(path: Path) -> np.ndarray | None:
+    """The ``embedding`` column of a table ``write_embeddings`` wrote, without its other columns (None for any
+    other layout: the caller then reads the whole table, which names what is wrong)."""
+    column = pq.read_table(path, columns=["embedding"]).column("embedding").combine_chunks()
+    if not pa.types.is_fixed_size_list(column.type):
+        return None
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), column.type.list_size)
+
+
 def test_points(test: pd.DataFrame, projection: np.ndarray, width: int, classes: list[int], trusted: bool,
-                identity: dict[str, Any]) -> np.ndarray:
-    """Projected features of every test sample: kept ones reused, the others read and projected."""
+                identity: dict[str, Any], source: dict[str, Any]) -> np.ndarray:
+    """Projected features of every test sample: kept ones reused, the others read and projected (``source``:
+    the test split's md5, ``kept``)."""
     rows = test[["sample_id", "label", PAYLOAD_DIGEST]]  # with labels: the baseline probe is scored on these points
-    found, previous, same = kept(TEST_POINTS, trusted, identity, rows)
+    found, previous, same = kept(TEST_POINTS, trusted, identity, rows, source)
     if same:
         return previous
     points = np.zeros((len(test), width), dtype=np.float32)
@@ -98,12 +121,12 @@ def test_points(test: pd.DataFrame, projection: np.ndarray, width: int, classes:
         frame, embeddings = read_embeddings(ENCODED_TEST)
         check_encoded(frame, embeddings, ENCODED_TEST, classes, projection.shape[1])
         points[todo] = project(embeddings[todo], projection)
-    write_embeddings(TEST_POINTS, rows, points, keep_identical=True, metadata=identity)
+    write_embeddings(TEST_POINTS, rows, points, keep_identical=True, metadata={**identity, "source": source})
     return points
 
 
 def test_routing(rows: pd.DataFrame, points: np.ndarray, keys: np.ndarray, k: int, usable: np.ndarray,
-                 trusted: bool, identity: dict[str, Any]) -> tuple[np.ndarray, int]:
+                 trusted: bool, identity: dict[str, Any], source: dict[str, Any]) -> tuple[np.ndarray, int]:
     """The adapters each test sample activates (N, k'), nearest first, and how many samples were routed: kept rows
     reused, the others routed.
 
@@ -112,19 +135,23 @@ def test_routing(rows: pd.DataFrame, points: np.ndarray, keys: np.ndarray, k: in
     more than the rest of a forget's evaluation (0.4-0.6 s at 56k test samples)."""
     width = min(k, int(usable.sum()))
     found, previous = np.full(len(rows), -1, dtype=np.int64), np.zeros((0, width), dtype=np.int32)
-    if trusted and TEST_ROUTING.is_file() and read_metadata(TEST_ROUTING) == identity:
-        table = pq.read_table(TEST_ROUTING)
+    stored = read_metadata(TEST_ROUTING) if trusted and TEST_ROUTING.is_file() else None
+    if stored is not None and {key: value for key, value in stored.items() if key != "source"} == identity:
+        same = stored.get("source") == source  # made from this very split: its rows, in order (``kept``)
+        table = pq.read_table(TEST_ROUTING, columns=["adapters"] if same else None)
         previous = table.column("adapters").combine_chunks().flatten().to_numpy().reshape(-1, width)
-        found = reusable_rows(table.select(["sample_id", PAYLOAD_DIGEST]).to_pandas(),
-                              rows["sample_id"].to_numpy(), rows[PAYLOAD_DIGEST].to_numpy())
-        if len(table) == len(rows) and (found == np.arange(len(rows))).all():
+        if same and len(table) == len(rows):
             return previous.astype(np.int64), 0  # exactly these rows: nothing to route, nothing to write
+        if not same:
+            found = reusable_rows(table.select(["sample_id", PAYLOAD_DIGEST]).to_pandas(),
+                                  rows["sample_id"].to_numpy(), rows[PAYLOAD_DIGEST].to_numpy())
     activated = np.zeros((len(rows), width), dtype=np.int64)
     if (found >= 0).any():
         activated[found >= 0] = previous[found[found >= 0]]
     todo = np.flatnonzero(found < 0)
     activated[todo] = route(points[todo], keys, k, usable)
-    write_table(rows.assign(adapters=[row.astype(np.int32) for row in activated]), TEST_ROUTING, metadata=identity)
+    write_table(rows.assign(adapters=[row.astype(np.int32) for row in activated]), TEST_ROUTING,
+                metadata={**identity, "source": source})
     return activated, len(todo)
 
 
@@ -139,17 +166,19 @@ def main() -> None:
         projection, keys = np.load(PROJECTION), np.load(KEYS)
         frame = read_table(test, ["sample_id", "label", PAYLOAD_DIGEST])
         trusted = EVALUATION.is_dir() and recorded_md5(EVALUATION) == dvc_digest(EVALUATION, Path())
-        projection_md5 = file_md5(PROJECTION)
+        projection_md5, split = file_md5(PROJECTION), {"test_md5": file_md5(test)}  # split: what decides the rows
         points = test_points(frame, projection, keys.shape[1], classes, trusted,
-                             {"projection_md5": projection_md5, "code": code})
+                             {"projection_md5": projection_md5, "code": code}, split)
         infos = {adapter_index(p): json.loads(p.read_text()) for p in sorted(ADAPTERS.rglob("adapter-*.json"))}
         missing = sorted(set(range(len(keys))) - set(infos))
         if missing:
             raise FileNotFoundError(f"{ADAPTERS}: no summary for adapter(s) {missing[:5]}; run `dvc repro`")
         usable = np.array([infos[j]["train_samples"] > 0 for j in range(len(keys))])
+        routing = {"projection_md5": projection_md5, "keys_md5": file_md5(KEYS), "k": k, "usable": usable.tolist(),
+                   "code": code}
         activated, routed = test_routing(frame[["sample_id", PAYLOAD_DIGEST]], points, keys, k, usable, trusted,
-                                 {"projection_md5": projection_md5, "keys_md5": file_md5(KEYS), "k": k,
-                                  "usable": usable.tolist(), "code": code})
+                                         routing, split)
+        activation = {**split, "routing": routing}  # what decides which test samples activate an adapter
         scored, written = {}, set()
 
         def outputs_of(j: int, rows: np.ndarray) -> np.ndarray:
@@ -157,7 +186,7 @@ def main() -> None:
             path = EVALUATION / f"{adapter_name(j)}.parquet"
             identity = {"weights_md5": infos[j]["weights_md5"], "projection_md5": projection_md5, "code": code}
             keys_of = frame.iloc[rows][["sample_id", PAYLOAD_DIGEST]]
-            found, previous, same = kept(path, trusted, identity, keys_of)
+            found, previous, same = kept(path, trusted, identity, keys_of, activation)
             written.add(path)
             if same:
                 scored[j] = 0
@@ -170,7 +199,7 @@ def main() -> None:
                 weights = load_file(next(ADAPTERS.rglob(f"{adapter_name(j)}.safetensors")))
                 proba[todo] = adapter_proba(weights, points[rows[todo]])
             scored[j] = len(todo)
-            write_embeddings(path, keys_of, proba, keep_identical=True, metadata=identity)
+            write_embeddings(path, keys_of, proba, keep_identical=True, metadata={**identity, "source": activation})
             return proba
 
         proba = mean_proba(activated, len(classes), outputs_of)
