@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import TINY, init_args, legonet
+from conftest import TINY, copy_project, init_args, legonet
 
 from pipeline.data.dataset import read_table, write_table
 from pipeline.data.salt import secret_path
@@ -133,6 +133,22 @@ def test_second_build_and_repro_are_no_ops(built_project: Path) -> None:
     after = project_digests(built_project)
     changed = sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p))
     assert changed == [], f"an up-to-date build changed files: {changed}"
+
+
+def test_a_build_after_a_failed_repro_leaves_the_project_up_to_date(built_project: Path, tmp_path: Path) -> None:
+    """A `dvc repro` that fails takes back the .gitignore entries of the stages it ran, among them the one inside
+    data/encoded/train, a folder `assign` reads; a stage that runs before the entry is back records the folder
+    without it. The next `legonet build` puts the entries back first, so whatever it leaves is up to date (it used
+    to put them back last: the project was stale after a successful build and the next forget refused)."""
+    root = copy_project(built_project, tmp_path / "p")
+    (root / "data/encoded/train/.gitignore").unlink()  # what the failed repro left
+    assert RUNNING.findall(dvc("repro", cwd=root).stdout) == ["assign"]  # records the folder without it
+
+    built = legonet("build", cwd=root)
+    assert (root / "data/encoded/train/.gitignore").is_file()
+    assert UP_TO_DATE in dvc("status", cwd=root).stdout, built.stdout
+    assert subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True,
+                          check=True).stdout == ""
 
 
 # 3. two fresh builds are bit-identical -----------------------------------------------------------------------------

@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.forget.requests import check_deadlines
     from pipeline.project.code import sync_code
     from pipeline.project.params import load_params, sync_generated
-    from pipeline.runner.build import commit_project, dvc_status, repro, tag_build
+    from pipeline.runner.build import commit_project, dvc_status, ignore_outputs, repro, tag_build
     from pipeline.tracking.head import check_head, check_lease
     from pipeline.tracking.registry import project_store
 
@@ -36,6 +36,11 @@ def run(args: argparse.Namespace) -> int:
         check_lease(root, store)  # nor while another clone forgets or builds (the lease is taken below, if needed)
         check_deadlines(root, lambda m: console.print(m, highlight=False, soft_wrap=True))
         with Writer(root, params) as writer:
+            # the .gitignore entries a failed `dvc repro` took back (``ignore_outputs``), restored before DVC hashes
+            # anything: one inside a folder a stage reads (data/encoded/train) is part of that folder's hash, so
+            # restored only at the end it left a stage that ran meanwhile stale and the next forget refused
+            if (root / ".git").exists():
+                ignore_outputs(root)
             # nor while another clone forgets; an up-to-date build writes nothing, the lease included
             if args.force or sync_generated(root) | sync_code(root) or dvc_status(root):
                 writer.hold()
