@@ -14,8 +14,8 @@ round-trip load DVC uses to edit a file) and ``read_param_file`` (the parse plus
 the text read here through a one-file view, so DVC's own code picks the keys from exactly the bytes of the key.
 Errors are never kept: a file that does not parse raises every time, as before.
 
-Only runner-side code uses this module; no stage reaches it, so its code entries (``pipeline.project.code``) do not
-change with it.
+Only runner-side code uses this module; no stage reaches it, so no stage's code entry (``pipeline.project.code``)
+changes with it but `package`'s, which holds the whole source.
 """
 
 from __future__ import annotations
