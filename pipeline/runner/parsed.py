@@ -93,16 +93,18 @@ def dvc_parses_once() -> None:
 
     ruamel_parse, read_param_file = dvc_yaml.parse_yaml, param.read_param_file
 
-    def parse_yaml_once(text: str, path: Any, typ: str = "safe") -> Any:
-        if typ != "safe":  # the round-trip parse DVC edits a file through: its comments and order, not kept
-            return ruamel_parse(text, path, typ=typ)
+    def parse_yaml_once(text: str, path: Any, *args: Any, **kwargs: Any) -> Any:
+        typ = kwargs.get("typ", args[0] if args else "safe")
+        # the round-trip parse DVC edits a file through (its comments and order), or a call of another shape
+        if typ != "safe" or len(args) > 1 or set(kwargs) - {"typ"} or not isinstance(text, str):
+            return ruamel_parse(text, path, *args, **kwargs)
         data = text.encode()
         return _PARSES.get(("ruamel", hashlib.sha256(data).digest()), len(data),
-                           lambda: ruamel_parse(text, path, typ=typ))
+                           lambda: ruamel_parse(text, path, typ="safe"))
 
-    def read_param_file_once(fs: Any, path: str, key_paths: list[str] | None = None, flatten: bool = False,
+    def read_param_file_once(fs: Any, path: Any, key_paths: list[str] | None = None, flatten: bool = False,
                              **load_kwargs: Any) -> Any:
-        if load_kwargs:
+        if load_kwargs:  # a loader option: not a plain read of the text
             return read_param_file(fs, path, key_paths, flatten, **load_kwargs)
         with fs.open(path, encoding="utf-8") as handle:
             data = handle.read().encode()
@@ -110,7 +112,11 @@ def dvc_parses_once() -> None:
         return _PARSES.get(key, len(data), lambda: read_param_file(_OneFile(fs, data.decode()), path, key_paths,
                                                                    flatten))
 
+    # only the names this DVC has (pyproject.toml pins the version it was written against): another version
+    # parses as it always does
     for module in (dvc_yaml, serialize, strictyaml):
-        module.parse_yaml = parse_yaml_once  # type: ignore[attr-defined]
-    param.read_param_file = read_param_file_once  # type: ignore[assignment]
+        if callable(getattr(module, "parse_yaml", None)):
+            module.parse_yaml = parse_yaml_once  # type: ignore[attr-defined]
+    if callable(getattr(param, "read_param_file", None)):
+        param.read_param_file = read_param_file_once  # type: ignore[assignment]
     _INSTALLED.append(True)
